@@ -1,0 +1,20 @@
+"""Datasets and collation for LongLoRA training: pretraining blocks, LongAlpaca SFT, S²-friendly padding."""
+
+from longlora_tune.data.collate import padded_collate_s2
+from longlora_tune.data.longalpaca import (
+    LLAMA2_DEFAULT_SYSTEM_PROMPT,
+    LongAlpacaDataset,
+    longalpaca_dataset,
+    longalpaca_prompt,
+)
+from longlora_tune.data.pretrain import PackedBlocksDataset, packed_blocks_dataset
+
+__all__ = [
+    "LLAMA2_DEFAULT_SYSTEM_PROMPT",
+    "LongAlpacaDataset",
+    "PackedBlocksDataset",
+    "longalpaca_dataset",
+    "longalpaca_prompt",
+    "packed_blocks_dataset",
+    "padded_collate_s2",
+]

@@ -1,0 +1,200 @@
+"""LongLoRA Llama 2 builders: torchtune's LoRA Llama 2 plus position interpolation and S² attention.
+
+The component builder :func:`longlora_llama2` takes every shape as an argument (YAML configs use it for
+tiny models); the model builders fix the Llama 2 7B/13B/70B shapes and keep LongLoRA's defaults
+(LoRA rank 8, alpha 16, no dropout, on q/k/v/o only; group size 1/4 of ``max_seq_len``; RoPE factor
+``ceil(max_seq_len / 4096)``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from torchtune.models.llama2 import lora_llama2
+from torchtune.modules import TransformerDecoder
+
+from longlora_tune.models.longlora import apply_longlora
+from longlora_tune.modules.position_interpolation import position_interpolation_factor
+from longlora_tune.modules.s2_attention import S2AttentionConfig
+
+__all__ = ["longlora_llama2", "longlora_llama2_13b", "longlora_llama2_70b", "longlora_llama2_7b"]
+
+LORA_ATTN_MODULES_DEFAULT = ("q_proj", "k_proj", "v_proj", "output_proj")
+
+
+def longlora_llama2(
+    vocab_size: int,
+    num_layers: int,
+    num_heads: int,
+    num_kv_heads: int,
+    embed_dim: int,
+    max_seq_len: int,
+    *,
+    lora_attn_modules: Sequence[str] = LORA_ATTN_MODULES_DEFAULT,
+    apply_lora_to_mlp: bool = False,
+    apply_lora_to_output: bool = False,
+    lora_rank: int = 8,
+    lora_alpha: float = 16.0,
+    lora_dropout: float = 0.0,
+    intermediate_dim: int | None = None,
+    attn_dropout: float = 0.0,
+    norm_eps: float = 1e-5,
+    rope_base: float = 10_000,
+    rope_scaling_factor: float | None = None,
+    original_max_seq_len: int = 4096,
+    s2_group_size_ratio: float | None = 0.25,
+    s2_group_size: int | None = None,
+    s2_wrap_around: bool = False,
+    s2_backend: str = "auto",
+    use_full_attn: bool = False,
+    use_dora: bool = False,
+    quantize_base: bool = False,
+) -> TransformerDecoder:
+    """Build a LongLoRA Llama 2: torchtune's ``lora_llama2`` with scaled RoPE and S² attention.
+
+    Parameter names are torchtune's, so ``FullModelHFCheckpointer`` (model_type ``LLAMA2``) loads Hugging
+    Face Llama 2 weights into it (load with ``strict=False`` or validate the missing LoRA keys, as
+    torchtune's LoRA recipes do).
+
+    Args:
+        vocab_size: Vocabulary size.
+        num_layers: Decoder layers.
+        num_heads: Query heads (even, for S²).
+        num_kv_heads: Key/value heads (GQA when fewer than ``num_heads``).
+        embed_dim: Hidden size.
+        max_seq_len: Longest sequence the model is trained/run on (the extended context); sizes the
+            RoPE cache and the S² group.
+        lora_attn_modules: Attention projections that get LoRA (LongLoRA: all four).
+        apply_lora_to_mlp: LoRA on the MLP projections (LongLoRA: no).
+        apply_lora_to_output: LoRA on the LM head (LongLoRA: no).
+        lora_rank: LoRA rank.
+        lora_alpha: LoRA alpha.
+        lora_dropout: LoRA dropout.
+        intermediate_dim: MLP hidden size; torchtune's Llama 2 rule when None (11008 for 4096).
+        attn_dropout: Attention dropout.
+        norm_eps: RMSNorm epsilon.
+        rope_base: RoPE base (theta).
+        rope_scaling_factor: Linear position-interpolation factor; None computes
+            ``ceil(max_seq_len / original_max_seq_len)`` (at least 1). Pass an explicit factor when the
+            checkpoint already has one (see ``position_interpolation_factor(..., existing_factor)``).
+        original_max_seq_len: The base model's unscaled context (``max_position_embeddings``).
+        s2_group_size_ratio: S² group size as a fraction of ``max_seq_len``.
+        s2_group_size: Fixed S² group size in tokens (overrides the ratio).
+        s2_wrap_around: Paper Algorithm 1 (roll; leaks G/2 future tokens) instead of the causal form.
+        s2_backend: ``"auto"``, ``"sdpa"``, ``"flash"`` or ``"flex"``.
+        use_full_attn: Train with full attention (S² off).
+        use_dora: DoRA instead of LoRA.
+        quantize_base: QLoRA (NF4 base weights of the LoRA linears).
+
+    Returns:
+        The LongLoRA ``TransformerDecoder``.
+
+    Raises:
+        ValueError: On invalid S², RoPE or LoRA settings.
+    """
+    if isinstance(lora_attn_modules, str) or not lora_attn_modules:
+        raise ValueError(
+            f"lora_attn_modules must be a non-empty list such as {list(LORA_ATTN_MODULES_DEFAULT)}, "
+            f"got {lora_attn_modules!r}"
+        )
+    unknown = set(lora_attn_modules) - set(LORA_ATTN_MODULES_DEFAULT)
+    if unknown:
+        raise ValueError(
+            f"Unknown lora_attn_modules {sorted(unknown)}; choose from {list(LORA_ATTN_MODULES_DEFAULT)}"
+        )
+    s2 = S2AttentionConfig(
+        group_size_ratio=s2_group_size_ratio,
+        group_size=s2_group_size,
+        wrap_around=s2_wrap_around,
+        backend=s2_backend,
+        use_full_attn=use_full_attn,
+    )
+    if rope_scaling_factor is None:
+        rope_scaling_factor = position_interpolation_factor(max_seq_len, original_max_seq_len)
+    model = lora_llama2(
+        lora_attn_modules=list(lora_attn_modules),
+        apply_lora_to_mlp=apply_lora_to_mlp,
+        apply_lora_to_output=apply_lora_to_output,
+        vocab_size=vocab_size,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        embed_dim=embed_dim,
+        max_seq_len=max_seq_len,
+        intermediate_dim=intermediate_dim,
+        attn_dropout=attn_dropout,
+        norm_eps=norm_eps,
+        lora_rank=lora_rank,
+        lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout,
+        use_dora=use_dora,
+        quantize_base=quantize_base,
+    )
+    return apply_longlora(model, s2=s2, rope_scaling_factor=rope_scaling_factor, rope_base=rope_base)
+
+
+# Published Llama 2 shapes (the same numbers torchtune's lora_llama2_{7b,13b,70b} use).
+_LLAMA2_SHAPES: dict[str, dict[str, int]] = {
+    "7b": dict(vocab_size=32_000, num_layers=32, num_heads=32, num_kv_heads=32, embed_dim=4096),
+    "13b": dict(
+        vocab_size=32_000,
+        num_layers=40,
+        num_heads=40,
+        num_kv_heads=40,
+        embed_dim=5120,
+        intermediate_dim=13824,
+    ),
+    "70b": dict(
+        vocab_size=32_000, num_layers=80, num_heads=64, num_kv_heads=8, embed_dim=8192, intermediate_dim=28672
+    ),
+}
+
+
+def _sized(size: str, max_seq_len: int, knobs: dict[str, Any]) -> TransformerDecoder:
+    fixed = set(_LLAMA2_SHAPES[size]) & set(knobs)
+    if fixed:
+        raise ValueError(
+            f"longlora_llama2_{size} fixes {sorted(fixed)}; use longlora_tune.models.longlora_llama2 "
+            "to choose model shapes"
+        )
+    return longlora_llama2(**_LLAMA2_SHAPES[size], max_seq_len=max_seq_len, **knobs)
+
+
+def longlora_llama2_7b(max_seq_len: int = 8192, **knobs: Any) -> TransformerDecoder:
+    """LongLoRA Llama 2 7B (32 layers, 32 heads, dim 4096, vocab 32000).
+
+    Args:
+        max_seq_len: Extended context length (8192, 16384, 32768, 65536, 100000, ...).
+        **knobs: Any keyword of :func:`longlora_llama2` except the shapes (LoRA, RoPE and S² settings).
+
+    Returns:
+        The LongLoRA ``TransformerDecoder``.
+    """
+    return _sized("7b", max_seq_len, knobs)
+
+
+def longlora_llama2_13b(max_seq_len: int = 8192, **knobs: Any) -> TransformerDecoder:
+    """LongLoRA Llama 2 13B (40 layers, 40 heads, dim 5120, MLP 13824, vocab 32000).
+
+    Args:
+        max_seq_len: Extended context length.
+        **knobs: Any keyword of :func:`longlora_llama2` except the shapes.
+
+    Returns:
+        The LongLoRA ``TransformerDecoder``.
+    """
+    return _sized("13b", max_seq_len, knobs)
+
+
+def longlora_llama2_70b(max_seq_len: int = 8192, **knobs: Any) -> TransformerDecoder:
+    """LongLoRA Llama 2 70B (80 layers, 64 heads, 8 KV heads, dim 8192, MLP 28672, vocab 32000).
+
+    Args:
+        max_seq_len: Extended context length.
+        **knobs: Any keyword of :func:`longlora_llama2` except the shapes.
+
+    Returns:
+        The LongLoRA ``TransformerDecoder``.
+    """
+    return _sized("70b", max_seq_len, knobs)

@@ -1,0 +1,161 @@
+"""Linear position interpolation (PI) for rotary position embeddings.
+
+LongLoRA extends a model's context by dividing every position by a factor before the rotary embedding,
+so that a ``factor * L_orig`` token sequence occupies the position range the model was trained on. The
+factor is an integer ``ceil(L / L_orig)`` (8192 -> 2, 32768 -> 8, 100000 -> 25 for ``L_orig`` = 4096),
+the same ``{"type": "linear", "factor": f}`` entry Hugging Face's ``rope_scaling`` uses, so a model trained
+here and exported with that entry reproduces our positions exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torchtune.modules import RotaryPositionalEmbeddings
+
+__all__ = [
+    "LinearScaledRotaryPositionalEmbeddings",
+    "position_interpolation_factor",
+    "rope_scaling_factor_from_hf_config",
+]
+
+
+def _check_positive_int(value: Any, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _check_factor(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number >= 1, got {value!r}")
+    value = float(value)
+    # A linear factor below 1 would stretch positions (extrapolate), which PI never does.
+    if not math.isfinite(value) or value < 1.0:
+        raise ValueError(f"{name} must be a finite number >= 1 (1 = no interpolation), got {value!r}")
+    return value
+
+
+def position_interpolation_factor(
+    target_len: int, original_len: int = 4096, existing_factor: float = 1.0
+) -> float:
+    """Linear RoPE scaling factor for training or evaluating at ``target_len`` tokens.
+
+    The rule is ``max(existing_factor, ceil(target_len / original_len))``, where ``original_len`` is the
+    base model's *unscaled* context (Hugging Face ``max_position_embeddings``, 4096 for Llama 2):
+
+    * a checkpoint whose existing factor already covers ``target_len`` keeps it (a model extended to
+      32k with factor 8 and trained further at 8k stays at 8: lowering the factor would move every
+      position it has learned);
+    * otherwise the factor becomes ``ceil(target_len / original_len)``: it *replaces* the existing factor
+      rather than multiplying it, since both are measured against the same unscaled ``original_len``.
+
+    LongLoRA's own scripts compare against ``original_len * existing_factor`` and then divide by that
+    product, which can lower an existing factor (8 -> 2 when extending a 32k model to 64k); the ``max``
+    form above never does. For evaluation, pass the *training* length, never the evaluation length.
+
+    Args:
+        target_len: Context length to support (training sequence length), e.g. 100_000.
+        original_len: Unscaled context of the base model (``max_position_embeddings``).
+        existing_factor: Linear factor already in the checkpoint's ``rope_scaling`` (1.0 if none).
+
+    Returns:
+        The factor as a float (an integer value unless ``existing_factor`` is fractional and kept).
+
+    Raises:
+        ValueError: If a length is not a positive int or ``existing_factor`` is not a number >= 1.
+    """
+    _check_positive_int(target_len, "target_len")
+    _check_positive_int(original_len, "original_len")
+    existing = _check_factor(existing_factor, "existing_factor")
+    return float(max(existing, math.ceil(target_len / original_len)))
+
+
+def rope_scaling_factor_from_hf_config(config: Mapping[str, Any]) -> float:
+    """Existing linear RoPE factor of a Hugging Face Llama ``config.json`` dict.
+
+    Reads ``rope_scaling`` (transformers 4 spelling) or ``rope_parameters`` (transformers 5 spelling);
+    both use ``{"type" or "rope_type": "linear", "factor": f}``. No entry, ``null`` or type ``"default"``
+    means no scaling.
+
+    Args:
+        config: The parsed ``config.json``.
+
+    Returns:
+        The linear factor, 1.0 when the checkpoint has no RoPE scaling.
+
+    Raises:
+        ValueError: For a non-linear scaling type (dynamic, yarn, llama3, ...), which plain linear
+            interpolation cannot continue from, or a malformed entry.
+    """
+    if not isinstance(config, Mapping):
+        raise ValueError(f"config must be a dict parsed from config.json, got {type(config).__name__}")
+    entries = [(key, config[key]) for key in ("rope_scaling", "rope_parameters") if config.get(key)]
+    factors = []
+    for key, entry in entries:
+        if not isinstance(entry, Mapping):
+            raise ValueError(f"config.json {key} must be a dict or null, got {entry!r}")
+        rope_type = entry.get("rope_type", entry.get("type"))
+        if rope_type in (None, "default") and "factor" not in entry:
+            factors.append(1.0)
+            continue
+        if rope_type != "linear":
+            raise ValueError(
+                f"config.json {key} has RoPE scaling type {rope_type!r}; LongLoRA continues only from "
+                "unscaled or linear ('type': 'linear') RoPE scaling"
+            )
+        if "factor" not in entry:
+            raise ValueError(f"config.json {key} is linear but has no 'factor': {dict(entry)!r}")
+        factors.append(_check_factor(entry["factor"], f"config.json {key}.factor"))
+    if len(set(factors)) > 1:
+        raise ValueError(
+            f"config.json rope_scaling and rope_parameters disagree ({factors}); make them equal"
+        )
+    return factors[0] if factors else 1.0
+
+
+class LinearScaledRotaryPositionalEmbeddings(RotaryPositionalEmbeddings):
+    """torchtune RoPE with every position divided by ``scaling_factor`` (linear position interpolation).
+
+    Token ``m`` is rotated by ``(m / scaling_factor) * theta_i``, as in Hugging Face's ``"linear"``
+    ``rope_scaling``. The cache still holds ``max_seq_len`` positions: set ``max_seq_len`` to the extended
+    (training) length. The factor is a plain attribute set before the parent constructor runs, so a model
+    built on the meta device and later re-initialised with ``rope_init()`` (as torchtune's distributed
+    recipes do after sharding) rebuilds the same scaled cache.
+
+    Args:
+        dim: Per-head embedding dimension.
+        max_seq_len: Number of positions cached (the extended context length).
+        base: RoPE base (theta).
+        scaling_factor: Linear interpolation factor, >= 1 (1 gives plain RoPE).
+
+    Raises:
+        ValueError: If ``scaling_factor`` is not a finite number >= 1.
+    """
+
+    def __init__(
+        self, dim: int, max_seq_len: int = 4096, base: int = 10_000, scaling_factor: float = 1.0
+    ) -> None:
+        factor = _check_factor(scaling_factor, "scaling_factor")
+        # The parent's __init__ calls rope_init() -> build_rope_cache(), which needs the factor already.
+        object.__setattr__(self, "scaling_factor", factor)
+        super().__init__(dim=dim, max_seq_len=max_seq_len, base=base)
+
+    def build_rope_cache(self, max_seq_len: int = 4096) -> None:
+        """Build the cos/sin cache for positions ``0 .. max_seq_len - 1`` divided by the factor.
+
+        Args:
+            max_seq_len: Number of positions to cache.
+        """
+        positions = torch.arange(max_seq_len, dtype=self.theta.dtype, device=self.theta.device)
+        angles = torch.outer(positions / self.scaling_factor, self.theta).float()
+        cache = torch.stack([torch.cos(angles), torch.sin(angles)], dim=-1)
+        self.register_buffer("cache", cache, persistent=False)
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, max_seq_len={self.max_seq_len}, base={self.base}, "
+            f"scaling_factor={self.scaling_factor}"
+        )

@@ -1,0 +1,402 @@
+"""The LongLoRA trainable set (LoRA+): LoRA weights + token embedding + every norm, and its PEFT export.
+
+LongLoRA trains LoRA on the attention projections *and* unfreezes the token embedding and all
+normalisation scales; without them long-context perplexity is much worse (paper Table 2). The LM head
+stays frozen. This module is the one place that decides which parameters that is: the recipe uses it to
+set ``requires_grad``, build the optimizer, save/resume, and export the Hugging Face PEFT adapter.
+
+torchtune's own helpers lose the extras: ``get_adapter_state_dict`` keeps only LoRA keys and the HF
+checkpointer's PEFT conversion raises on anything else, so :func:`save_peft_adapter` converts names
+itself and exports the embedding and norms as PEFT ``modules_to_save``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import save_file
+from torch import Tensor, nn
+from torchtune.models import convert_weights
+from torchtune.modules import RMSNorm
+from torchtune.modules.peft import get_adapter_params
+
+__all__ = [
+    "TRAINABLE_EXTRAS",
+    "TRAINABLE_EXTRAS_DEFAULT",
+    "save_peft_adapter",
+    "set_trainable_params",
+    "trainable_param_names",
+    "trainable_state_dict",
+]
+
+log = logging.getLogger(__name__)
+
+TRAINABLE_EXTRAS = ("embed", "norm")
+TRAINABLE_EXTRAS_DEFAULT = ("embed", "norm")
+
+_NORM_TYPES = (RMSNorm, nn.RMSNorm, nn.LayerNorm)
+# Wrappers (activation checkpointing, torch.compile, FSDP1) insert these into parameter names; state dicts
+# gathered by torch.distributed.checkpoint do not have them, so names are compared without them.
+_WRAPPER_PARTS = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
+_LORA_SUFFIXES = (".lora_a.weight", ".lora_b.weight", ".magnitude")
+# torchtune names of the same modules, for state dicts (no module types available): the token embedding
+# and the ``scale`` of any ``*norm`` module (sa_norm, mlp_norm, the final norm).
+_EMBED_KEY = "tok_embeddings.weight"
+_NORM_KEY = re.compile(r"(?:^|\.)[A-Za-z_]*norm\.scale$")
+
+
+def _clean(name: str) -> str:
+    for part in _WRAPPER_PARTS:
+        name = name.replace(part, "")
+    return name
+
+
+def _check_extras(extras: Iterable[str]) -> tuple[str, ...]:
+    if isinstance(extras, str):
+        raise ValueError(f"extras must be a list such as ['embed', 'norm'], not the string {extras!r}")
+    extras = tuple(extras)
+    unknown = [e for e in extras if e not in TRAINABLE_EXTRAS]
+    if unknown:
+        raise ValueError(
+            f"Unknown trainable extras {unknown}; choose from {list(TRAINABLE_EXTRAS)} (or [] for LoRA only)"
+        )
+    return extras
+
+
+def _groups(model: nn.Module, extras: tuple[str, ...]) -> dict[str, set[str]]:
+    """Trainable parameter names of ``model`` per group: lora, embed, norm (empty when not selected)."""
+    groups: dict[str, set[str]] = {"lora": {_clean(n) for n in get_adapter_params(model)}}
+    embed: set[str] = set()
+    norm: set[str] = set()
+    for name, module in model.named_modules():
+        if (
+            "embed" in extras
+            and isinstance(module, nn.Embedding)
+            and name.rsplit(".", 1)[-1] == "tok_embeddings"
+        ):
+            embed.update(_clean(f"{name}.{p}") for p, _ in module.named_parameters(recurse=False))
+        if "norm" in extras and isinstance(module, _NORM_TYPES):
+            norm.update(
+                _clean(f"{name}.{p}" if name else p) for p, _ in module.named_parameters(recurse=False)
+            )
+    if "embed" in extras and not embed:
+        raise ValueError(
+            f"extras has 'embed' but {type(model).__name__} has no nn.Embedding named tok_embeddings; "
+            "use extras without 'embed' for this model"
+        )
+    if "norm" in extras and not norm:
+        raise ValueError(f"extras has 'norm' but {type(model).__name__} has no RMSNorm/LayerNorm modules")
+    groups["embed"] = embed
+    groups["norm"] = norm
+    return groups
+
+
+def trainable_param_names(model: nn.Module, extras: Iterable[str] = TRAINABLE_EXTRAS_DEFAULT) -> set[str]:
+    """Names of the parameters LongLoRA trains in ``model``: the single source of truth.
+
+    Selected by module type, not by name matching: LoRA/DoRA adapter parameters (torchtune's
+    ``adapter_params``), plus with ``"embed"`` the weight of the ``nn.Embedding`` named ``tok_embeddings``,
+    plus with ``"norm"`` the parameters of every ``RMSNorm``/``LayerNorm`` (each layer's ``sa_norm`` and
+    ``mlp_norm`` and the final ``norm``). The LM head ``output`` is never included (unless it carries LoRA,
+    whose adapter weights are LoRA). Names are given without activation-checkpointing/compile wrapper
+    prefixes, i.e. as in a gathered state dict.
+
+    Args:
+        model: A torchtune decoder with LoRA layers (any device, including meta).
+        extras: Subset of ``("embed", "norm")``; ``()`` trains LoRA only (the paper's ablation).
+
+    Returns:
+        The parameter names.
+
+    Raises:
+        ValueError: On an unknown extra, or an extra the model does not have.
+    """
+    groups = _groups(model, _check_extras(extras))
+    return groups["lora"] | groups["embed"] | groups["norm"]
+
+
+def set_trainable_params(
+    model: nn.Module, extras: Iterable[str] = TRAINABLE_EXTRAS_DEFAULT
+) -> dict[str, int]:
+    """Set ``requires_grad`` on exactly the LongLoRA trainable set and freeze everything else.
+
+    Args:
+        model: A torchtune decoder with LoRA layers.
+        extras: Subset of ``("embed", "norm")`` (see :func:`trainable_param_names`).
+
+    Returns:
+        Parameter counts (elements): ``lora``, ``embed``, ``norm``, ``total_trainable``, ``total``.
+        For Llama 2 7B with the defaults: 8,388,608 + 131,072,000 + 266,240 = 139,726,848 of 6.75B.
+
+    Raises:
+        ValueError: On an unknown extra, or an extra the model does not have.
+    """
+    groups = _groups(model, _check_extras(extras))
+    names = groups["lora"] | groups["embed"] | groups["norm"]
+    counts = dict.fromkeys(("lora", "embed", "norm", "total_trainable", "total"), 0)
+    for name, param in model.named_parameters():
+        name = _clean(name)
+        trainable = name in names
+        param.requires_grad_(trainable)
+        counts["total"] += param.numel()
+        if trainable:
+            counts["total_trainable"] += param.numel()
+            for group in ("lora", "embed", "norm"):
+                if name in groups[group]:
+                    counts[group] += param.numel()
+    log.info(
+        "Trainable parameters: LoRA %s + embedding %s + norms %s = %s of %s (%.2f%%)",
+        f"{counts['lora']:,}",
+        f"{counts['embed']:,}",
+        f"{counts['norm']:,}",
+        f"{counts['total_trainable']:,}",
+        f"{counts['total']:,}",
+        100.0 * counts["total_trainable"] / max(counts["total"], 1),
+    )
+    return counts
+
+
+def _key_is_trainable(key: str, extras: tuple[str, ...]) -> bool:
+    key = _clean(key)
+    if key.endswith(_LORA_SUFFIXES):
+        return True
+    if "embed" in extras and key == _EMBED_KEY:
+        return True
+    return "norm" in extras and _NORM_KEY.search(key) is not None
+
+
+def trainable_state_dict(
+    model_or_state_dict: nn.Module | Mapping[str, Any], extras: Iterable[str] = TRAINABLE_EXTRAS_DEFAULT
+) -> dict[str, Any]:
+    """The trainable subset of a model or of a full state dict, nothing dropped.
+
+    From a model, the names come from :func:`trainable_param_names` (module types) and the values are
+    the detached parameters (DTensors stay DTensors under FSDP2: gather before saving). From a state dict
+    (e.g. one gathered on rank 0) the same set is recognised by torchtune's names for those modules:
+    ``*.lora_a.weight``, ``*.lora_b.weight``, ``*.magnitude``, ``tok_embeddings.weight`` and
+    ``*norm.scale``.
+
+    Args:
+        model_or_state_dict: A torchtune decoder, or its state dict (torchtune names).
+        extras: Subset of ``("embed", "norm")``.
+
+    Returns:
+        ``{torchtune name: tensor}`` for LoRA + the selected extras, keys without wrapper prefixes.
+
+    Raises:
+        ValueError: On an unknown extra, an extra the model does not have, or a state dict without LoRA keys.
+    """
+    extras = _check_extras(extras)
+    if isinstance(model_or_state_dict, nn.Module):
+        names = trainable_param_names(model_or_state_dict, extras)
+        return {
+            _clean(n): p.detach() for n, p in model_or_state_dict.named_parameters() if _clean(n) in names
+        }
+    if not isinstance(model_or_state_dict, Mapping):
+        raise ValueError(f"Expected an nn.Module or a state dict, got {type(model_or_state_dict).__name__}")
+    out = {_clean(k): v for k, v in model_or_state_dict.items() if _key_is_trainable(k, extras)}
+    if not any(k.endswith(_LORA_SUFFIXES) for k in out):
+        raise ValueError(
+            "The state dict has no LoRA keys (*.lora_a.weight / *.lora_b.weight); is it a LoRA model?"
+        )
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# PEFT export
+# ----------------------------------------------------------------------------------------------------
+
+# torchtune -> Hugging Face names of the base weights (torchtune's own table, inverted).
+_TUNE_TO_HF = {tune: hf for hf, tune in convert_weights._FROM_HF.items() if tune is not None}
+# Hugging Face module names of the extras, for PEFT modules_to_save. "model.norm" (not "norm") because
+# PEFT matches modules_to_save by name suffix and "norm" would also match every *_layernorm.
+_TUNE_TO_PEFT_SAVED = {"tok_embeddings": "embed_tokens", "sa_norm": "input_layernorm",
+                       "mlp_norm": "post_attention_layernorm", "norm": "model.norm"}  # fmt: skip
+
+
+def _hf_name(tune_key: str) -> str:
+    return convert_weights.get_mapped_key(tune_key, _TUNE_TO_HF)
+
+
+def _permute_rows_to_hf(t: Tensor, n_heads: int, head_dim: int) -> Tensor:
+    """Apply to the rows (output features) of ``t`` the permutation torchtune applies to q/k weights.
+
+    HF stores q/k rotary halves as [x0..x(d/2-1), x(d/2)..] while torchtune interleaves pairs; torchtune's
+    ``tune_to_hf`` permutes the weight rows: W_hf = P W_tune. With W_tune + B A, the HF equivalent is
+    P W_tune + (P B) A, so LoRA B (and a DoRA magnitude, one value per row) gets the same P. torchtune's
+    function is reused (with ``dim`` = number of columns) so the two permutations cannot drift apart.
+    """
+    matrix = t if t.dim() == 2 else t.unsqueeze(1)
+    key = "layers.0.attn.q_proj.weight"
+    permuted = convert_weights.tune_to_hf(
+        {key: matrix}, num_heads=n_heads, num_kv_heads=n_heads, dim=matrix.shape[1], head_dim=head_dim
+    )
+    out = next(iter(permuted.values()))
+    return out if t.dim() == 2 else out.squeeze(1)
+
+
+def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+            f.write("\n")
+
+    _atomic_write(path, write)
+
+
+def save_peft_adapter(
+    trainable_sd: Mapping[str, Tensor],
+    out_dir: str | Path,
+    *,
+    model_config: Mapping[str, Any],
+    base_model_name_or_path: str,
+    lora_rank: int,
+    lora_alpha: float,
+    target_modules: Iterable[str],
+    rope_scaling_factor: float,
+) -> None:
+    """Write a Hugging Face PEFT LoRA adapter, with the embedding and norms as ``modules_to_save``.
+
+    Files: ``adapter_model.safetensors`` (PEFT names, ``base_model.model.`` + HF Llama names; LoRA
+    ``lora_A``/``lora_B``, DoRA ``lora_magnitude_vector``; q/k LoRA B rows permuted like torchtune's
+    ``tune_to_hf`` permutes the base weights), ``adapter_config.json``, and ``rope_scaling.json`` with the
+    ``rope_scaling`` the base model must be loaded with::
+
+        extra = json.load(open(out_dir / "rope_scaling.json"))
+        base = AutoModelForCausalLM.from_pretrained(base_dir, rope_parameters=extra["rope_parameters"])
+        model = PeftModel.from_pretrained(base, out_dir)
+
+    (``rope_scaling`` in transformers 4; transformers 5 needs the ``rope_parameters`` form, which also
+    carries ``rope_theta``: overriding only ``rope_scaling`` there loses the RoPE base.) PEFT's
+    ``adapter_config.json`` has no field for RoPE scaling, so without it the adapter loads but positions
+    beyond the original context are wrong.
+
+    Args:
+        trainable_sd: torchtune-named trainable tensors (from :func:`trainable_state_dict`): LoRA/DoRA
+            weights, optionally ``tok_embeddings.weight`` and norm scales. Any other key is an error.
+        out_dir: Output folder (created if missing).
+        model_config: ``num_heads``, ``num_kv_heads``, ``embed_dim``; optionally ``head_dim`` and
+            ``rope_base`` (default 10000, written to ``rope_scaling.json``).
+        base_model_name_or_path: The base model PEFT should load (hub id or folder).
+        lora_rank: LoRA rank ``r``.
+        lora_alpha: LoRA alpha.
+        target_modules: torchtune LoRA module names (``q_proj``, ``k_proj``, ``v_proj``, ``output_proj``,
+            ``w1``/``w2``/``w3``, ``output``).
+        rope_scaling_factor: Linear RoPE factor the adapter was trained with (in ``rope_scaling.json``).
+
+    Raises:
+        ValueError: On a key that cannot be exported, a LoRA module outside ``target_modules``, a shape
+            that does not match ``lora_rank``, or a missing ``model_config`` entry.
+    """
+    missing = [k for k in ("num_heads", "num_kv_heads", "embed_dim") if k not in model_config]
+    if missing:
+        raise ValueError(f"model_config lacks {missing}; pass num_heads, num_kv_heads and embed_dim")
+    num_heads, num_kv_heads = int(model_config["num_heads"]), int(model_config["num_kv_heads"])
+    head_dim = int(model_config.get("head_dim") or int(model_config["embed_dim"]) // num_heads)
+    rope_theta = float(model_config.get("rope_base", 10_000))
+    if (
+        isinstance(rope_scaling_factor, bool)
+        or not isinstance(rope_scaling_factor, (int, float))
+        or not (rope_scaling_factor >= 1)
+    ):
+        raise ValueError(f"rope_scaling_factor must be a number >= 1, got {rope_scaling_factor!r}")
+    if not base_model_name_or_path:
+        raise ValueError("base_model_name_or_path is empty; pass the HF base model id or folder")
+    target_modules = list(target_modules)
+    # torchtune's config conversion validates and maps the module names (e.g. output_proj -> o_proj).
+    peft_config = convert_weights.tune_to_peft_adapter_config(
+        {"target_modules": target_modules, "r": lora_rank, "lora_alpha": lora_alpha}, base_model_name_or_path
+    )
+
+    tensors: dict[str, Tensor] = {}
+    saved_modules: set[str] = set()
+    use_dora = False
+    for key, value in trainable_sd.items():
+        key = _clean(key)
+        value = value.detach().to("cpu")
+        if key.endswith(_LORA_SUFFIXES):
+            suffix = next(s for s in _LORA_SUFFIXES if key.endswith(s))
+            module = key[: -len(suffix)]
+            if module.rsplit(".", 1)[-1] not in target_modules:
+                raise ValueError(f"{key} is a LoRA weight of a module not in target_modules {target_modules}")
+            if suffix != ".magnitude" and lora_rank not in value.shape:
+                raise ValueError(
+                    f"{key} has shape {tuple(value.shape)}, which does not match lora_rank {lora_rank}"
+                )
+            hf_module = _hf_name(module + ".weight")[: -len(".weight")]
+            if suffix != ".lora_a.weight" and module.endswith((".q_proj", ".k_proj")):
+                n = num_heads if module.endswith(".q_proj") else num_kv_heads
+                value = _permute_rows_to_hf(value, n, head_dim)
+            peft_suffix = {".lora_a.weight": ".lora_A.weight", ".lora_b.weight": ".lora_B.weight"}.get(
+                suffix, ".lora_magnitude_vector"
+            )
+            use_dora = use_dora or suffix == ".magnitude"
+            tensors[f"base_model.model.{hf_module}{peft_suffix}"] = value
+        elif key == _EMBED_KEY or _NORM_KEY.search(key):
+            try:
+                hf_key = _hf_name(key)
+            except Exception as e:  # torchtune raises a bare Exception for unknown names
+                raise ValueError(f"{key} has no Hugging Face Llama name; cannot export it to PEFT") from e
+            local = key[: -len(".weight" if key == _EMBED_KEY else ".scale")].rsplit(".", 1)[-1]
+            saved_modules.add(_TUNE_TO_PEFT_SAVED[local])
+            tensors[f"base_model.model.{hf_key}"] = value
+        else:
+            raise ValueError(
+                f"Cannot export {key} to a PEFT adapter: only LoRA weights, tok_embeddings and norm scales "
+                "belong to the LongLoRA trainable set"
+            )
+    if not any(".lora_" in k for k in tensors):
+        raise ValueError("trainable_sd has no LoRA weights; pass trainable_state_dict(model)")
+
+    peft_config.update(
+        peft_type="LORA",
+        task_type="CAUSAL_LM",
+        lora_dropout=0.0,
+        bias="none",
+        use_dora=use_dora,
+        modules_to_save=sorted(saved_modules) or None,
+        inference_mode=True,
+    )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_write(
+        out / "adapter_model.safetensors",
+        lambda tmp: save_file(
+            {k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"format": "pt"}
+        ),
+    )
+    _write_json(out / "adapter_config.json", peft_config)
+    factor = float(rope_scaling_factor)
+    _write_json(
+        out / "rope_scaling.json",
+        {
+            "rope_scaling": {"type": "linear", "factor": factor},
+            "rope_parameters": {"rope_type": "linear", "factor": factor, "rope_theta": rope_theta},
+            "note": "Load the base model with this RoPE scaling before PeftModel.from_pretrained: "
+            "from_pretrained(base, rope_parameters=...) on transformers>=5, rope_scaling=... on 4.x.",
+        },
+    )
+    log.info(
+        "Wrote PEFT adapter (%d tensors, modules_to_save=%s) to %s", len(tensors), sorted(saved_modules), out
+    )

@@ -126,6 +126,17 @@ def test_random_dense_mask_is_anded(backend, wrap):
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "flex"])
+def test_batch_one_mask_broadcasts(backend):
+    b, h, n, g = 2, 2, 12, 4
+    mask = torch.rand(1, n, n, generator=torch.Generator().manual_seed(2)) < 0.7
+    q, k, v = (x.detach() for x in rand_qkv(b, h, n))
+    for wrap in (False, True):
+        out = shifted_sparse_attention(q, k, v, g, wrap_around=wrap, mask=mask, backend=backend)
+        ref = dense_attention(q, k, v, s2_allowed(n, g, h, wrap)[None] & mask[:, None])
+        torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "flex"])
 @pytest.mark.parametrize("n,g", [(16, 4), (13, 4), (20, 8)])
 def test_default_form_is_causal(backend, n, g):
     q, k, v = (x.detach() for x in rand_qkv(2, 4, n))

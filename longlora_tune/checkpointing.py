@@ -1,0 +1,389 @@
+"""Reading Hugging Face Llama checkpoints and writing LongLoRA checkpoints safely.
+
+Base weights come from a Hugging Face checkpoint folder (what ``tune download meta-llama/Llama-2-7b-hf``
+writes) and are converted to torchtune parameter names. What LongLoRA trains (LoRA matrices, token
+embeddings, norms) is saved as one safetensors file in torchtune names, used both by resumable checkpoints
+and by the ``adapter/`` export. Checkpoint folders are written through :func:`atomic_directory`, so a crash
+while saving never damages the previous checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from longlora_tune.errors import LongLoRAConfigError
+from longlora_tune.modules.position_interpolation import rope_scaling_factor_from_hf_config
+
+#: Name of the trainable-state file inside a checkpoint or ``adapter/`` folder.
+TRAINABLE_FILE = "trainable.safetensors"
+#: Checkpoint folders are ``step_000100`` etc., so lexical and numeric order agree.
+_STEP_DIR_RE = re.compile(r"^step_(\d+)$")
+
+
+def download_command(repo_id: Optional[str], checkpoint_dir: str | Path) -> str:
+    """Return the ``tune download`` command that fills ``checkpoint_dir`` with a Hugging Face checkpoint.
+
+    Args:
+        repo_id: Hugging Face repository id (e.g. ``meta-llama/Llama-2-7b-hf``); a placeholder when None.
+        checkpoint_dir: the folder the recipe reads.
+
+    Returns:
+        The command line (original ``.pth`` files are skipped: only the HF safetensors are needed).
+    """
+    repo = repo_id or "<hf-repo-id>"
+    return f'tune download {repo} --output-dir {checkpoint_dir} --ignore-patterns "*.pth"'
+
+
+def _missing(what: str, path: Path, repo_id: Optional[str], checkpoint_dir: Path) -> LongLoRAConfigError:
+    return LongLoRAConfigError(
+        f"{what} not found: {path}; download the base model with: {download_command(repo_id, checkpoint_dir)}"
+    )
+
+
+def read_hf_config(checkpoint_dir: str | Path, *, repo_id: Optional[str] = None) -> dict[str, Any]:
+    """Read ``config.json`` of a Hugging Face checkpoint folder.
+
+    Args:
+        checkpoint_dir: the checkpoint folder.
+        repo_id: Hugging Face repository id, only used to print the download command when files are missing.
+
+    Returns:
+        The parsed config.
+
+    Raises:
+        LongLoRAConfigError: if the folder or its ``config.json`` is missing or unreadable.
+    """
+    ckpt = Path(checkpoint_dir).expanduser()
+    path = ckpt / "config.json"
+    if not path.is_file():
+        raise _missing("model config", path, repo_id, ckpt)
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise LongLoRAConfigError(f"cannot read {path}: {e}") from e
+
+
+def hf_weight_files(checkpoint_dir: str | Path, *, repo_id: Optional[str] = None) -> list[Path]:
+    """List the weight files of a Hugging Face checkpoint: safetensors if any, else ``pytorch_model*.bin``.
+
+    Args:
+        checkpoint_dir: the checkpoint folder.
+        repo_id: Hugging Face repository id, only used in the error message.
+
+    Returns:
+        Sorted weight file paths.
+
+    Raises:
+        LongLoRAConfigError: if the folder holds no weight files.
+    """
+    ckpt = Path(checkpoint_dir).expanduser()
+    files = sorted(ckpt.glob("*.safetensors")) or sorted(ckpt.glob("pytorch_model*.bin"))
+    if not files:
+        what = "model weights (*.safetensors or pytorch_model*.bin)"
+        raise _missing(what, ckpt / "*.safetensors", repo_id, ckpt)
+    return files
+
+
+def llama2_kwargs_from_hf_config(config: dict[str, Any]) -> dict[str, Any]:
+    """Translate a Hugging Face Llama ``config.json`` into ``longlora_llama2`` builder arguments.
+
+    Args:
+        config: the parsed ``config.json``.
+
+    Returns:
+        ``vocab_size``, ``num_layers``, ``num_heads``, ``num_kv_heads``, ``embed_dim``, ``intermediate_dim``,
+        ``norm_eps``, ``rope_base``, ``original_max_seq_len`` (= ``max_position_embeddings``) and
+        ``existing_rope_scaling_factor`` (the checkpoint's linear RoPE factor, 1.0 when it has none; not a
+        builder argument: pass it to ``position_interpolation_factor(..., existing_factor=...)``).
+
+    Raises:
+        LongLoRAConfigError: if a required key is missing or the checkpoint uses non-linear RoPE scaling.
+    """
+    required = ("vocab_size", "num_hidden_layers", "num_attention_heads", "hidden_size", "intermediate_size")
+    absent = [k for k in required if k not in config]
+    if absent:
+        raise LongLoRAConfigError(f"config.json lacks {', '.join(absent)}: not a Hugging Face Llama config")
+    try:
+        factor = rope_scaling_factor_from_hf_config(config)
+    except ValueError as exc:
+        raise LongLoRAConfigError(str(exc)) from None
+    # transformers 5 writes the RoPE base only inside rope_parameters.
+    rope_base = (
+        config.get("rope_theta") or (config.get("rope_parameters") or {}).get("rope_theta") or 10_000.0
+    )
+    return {
+        "vocab_size": int(config["vocab_size"]),
+        "num_layers": int(config["num_hidden_layers"]),
+        "num_heads": int(config["num_attention_heads"]),
+        "num_kv_heads": int(config.get("num_key_value_heads", config["num_attention_heads"])),
+        "embed_dim": int(config["hidden_size"]),
+        "intermediate_dim": int(config["intermediate_size"]),
+        "norm_eps": float(config.get("rms_norm_eps", 1e-5)),
+        "rope_base": float(rope_base),
+        "original_max_seq_len": int(config.get("max_position_embeddings", 4096)),
+        "existing_rope_scaling_factor": factor,
+    }
+
+
+def load_hf_model_state(
+    checkpoint_dir: str | Path, *, dtype: Optional[torch.dtype] = None, repo_id: Optional[str] = None
+) -> dict[str, torch.Tensor]:
+    """Load a Hugging Face Llama checkpoint's weights in torchtune parameter names.
+
+    Args:
+        checkpoint_dir: folder with ``config.json`` and ``*.safetensors`` (or ``pytorch_model*.bin``).
+        dtype: cast each tensor to this dtype while loading (halves peak memory for fp32 files);
+            None keeps it.
+        repo_id: Hugging Face repository id, only used in error messages.
+
+    Returns:
+        The state dict in torchtune names (``tok_embeddings.weight``, ``layers.0.attn.q_proj.weight``, ...).
+
+    Raises:
+        LongLoRAConfigError: if files are missing.
+    """
+    from safetensors.torch import load_file
+    from torchtune.models.convert_weights import hf_to_tune
+
+    config = read_hf_config(checkpoint_dir, repo_id=repo_id)
+    kwargs = llama2_kwargs_from_hf_config(config)
+    hf_sd: dict[str, torch.Tensor] = {}
+    for f in hf_weight_files(checkpoint_dir, repo_id=repo_id):
+        if f.suffix == ".safetensors":
+            part = load_file(str(f))
+        else:
+            part = torch.load(f, map_location="cpu", weights_only=True)
+        for k, v in part.items():
+            hf_sd[k] = v.to(dtype) if dtype is not None and v.is_floating_point() else v
+        del part
+    return hf_to_tune(
+        hf_sd,
+        num_heads=kwargs["num_heads"],
+        num_kv_heads=kwargs["num_kv_heads"],
+        dim=kwargs["embed_dim"],
+        head_dim=config.get("head_dim"),
+    )
+
+
+def save_trainable_state(state_dict: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Write trainable tensors (torchtune names) to a safetensors file, atomically.
+
+    Args:
+        state_dict: parameter name -> full (unsharded) tensor.
+        path: output ``.safetensors`` file.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"format": "pt", "names": "torchtune"})
+        os.chmod(tmp, 0o666 & ~_umask())
+        _fsync_file(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+    _fsync_dir(path.parent)
+
+
+def read_trainable_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a file written by :func:`save_trainable_state`.
+
+    Args:
+        path: the ``.safetensors`` file.
+
+    Returns:
+        Parameter name -> tensor (CPU).
+
+    Raises:
+        LongLoRAConfigError: if the file is missing.
+    """
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise LongLoRAConfigError(f"trainable state not found: {path}")
+    return load_file(str(path))
+
+
+def load_trainable_state(model: nn.Module, path: str | Path) -> list[str]:
+    """Load trainable tensors from a file into a plain or FSDP2-sharded model; other weights stay as they are.
+
+    On a sharded model every rank must call this (each reads the file and keeps its shard).
+
+    Args:
+        model: the model (torchtune names).
+        path: file written by :func:`save_trainable_state`.
+
+    Returns:
+        The loaded parameter names.
+
+    Raises:
+        LongLoRAConfigError: if the file holds names the model does not have or tensors of the wrong shape.
+    """
+    sd = read_trainable_state(path)
+    params = dict(model.named_parameters())
+    unknown = sorted(set(sd) - set(params))
+    if unknown:
+        raise LongLoRAConfigError(
+            f"{path} holds {len(unknown)} tensors the model lacks (first: {unknown[0]}); "
+            "it was saved from a different model config"
+        )
+    for name, tensor in sd.items():
+        if tuple(tensor.shape) != tuple(params[name].shape):
+            raise LongLoRAConfigError(
+                f"{path}: {name} has shape {tuple(tensor.shape)}, "
+                f"the model expects {tuple(params[name].shape)}"
+            )
+    if any(hasattr(p, "device_mesh") for p in params.values()):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        sd = {k: v.to(params[k].dtype) for k, v in sd.items()}
+        set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True, strict=False))
+    else:
+        with torch.no_grad():
+            for name, tensor in sd.items():
+                params[name].copy_(tensor)
+    return sorted(sd)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    # Directory fsync makes the rename itself durable; not all platforms allow opening directories.
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_directory(final_path: str | Path) -> Iterator[Path]:
+    """Write a folder all-or-nothing.
+
+    Yields a fresh hidden temporary folder next to ``final_path``. When the block ends normally, every file
+    in it is fsynced and the folder is renamed to ``final_path`` (an existing ``final_path`` is replaced only
+    then). When the block raises, the temporary folder is deleted and ``final_path`` is left untouched.
+
+    Args:
+        final_path: where the finished folder should appear.
+
+    Yields:
+        The temporary folder to write into.
+    """
+    final = Path(final_path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
+    # mkdtemp creates the folder private (0700); give it the permissions a plain mkdir would.
+    os.chmod(tmp, 0o777 & ~_umask())
+    try:
+        yield tmp
+        for root, _, files in os.walk(tmp):
+            for name in files:
+                _fsync_file(Path(root) / name)
+            _fsync_dir(Path(root))
+        if final.exists():
+            # A folder cannot be os.replace'd onto a non-empty one: move the old one aside first, and
+            # delete it only after the new one is in place.
+            old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(final.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def step_dir_name(step: int) -> str:
+    """Return the checkpoint folder name of a training step (``step_000100``).
+
+    Args:
+        step: optimizer steps completed.
+
+    Returns:
+        The folder name.
+    """
+    return f"step_{step:06d}"
+
+
+def list_checkpoints(checkpoints_dir: str | Path) -> list[Path]:
+    """List complete checkpoint folders (``step_N``) under ``checkpoints_dir``, oldest first.
+
+    Temporary folders of interrupted saves are hidden (dot-prefixed) and never listed.
+
+    Args:
+        checkpoints_dir: the ``output_dir/checkpoints`` folder.
+
+    Returns:
+        Folders sorted by step.
+    """
+    root = Path(checkpoints_dir)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_DIR_RE.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(checkpoints_dir: str | Path) -> Optional[Path]:
+    """Return the newest checkpoint folder, or None.
+
+    Args:
+        checkpoints_dir: the ``output_dir/checkpoints`` folder.
+
+    Returns:
+        The folder with the highest step, or None when there is none.
+    """
+    found = list_checkpoints(checkpoints_dir)
+    return found[-1] if found else None
+
+
+def prune_checkpoints(checkpoints_dir: str | Path, keep_last_n: Optional[int]) -> list[Path]:
+    """Delete all but the newest ``keep_last_n`` checkpoint folders.
+
+    Args:
+        checkpoints_dir: the ``output_dir/checkpoints`` folder.
+        keep_last_n: how many to keep; None or <= 0 keeps all.
+
+    Returns:
+        The deleted folders.
+    """
+    if not keep_last_n or keep_last_n <= 0:
+        return []
+    doomed = list_checkpoints(checkpoints_dir)[:-keep_last_n]
+    for p in doomed:
+        shutil.rmtree(p)
+    return doomed

@@ -1,0 +1,325 @@
+"""Exports of a trained LongLoRA model.
+
+Three formats, each written all-or-nothing with :func:`~longlora_tune.checkpointing.atomic_directory`:
+
+* ``hf/``: a merged Hugging Face Llama checkpoint (LoRA folded into the weights, trained embeddings and
+  norms included) whose ``config.json`` carries ``rope_scaling = {"type": "linear", "factor": f}``, so
+  ``LlamaForCausalLM.from_pretrained`` reproduces the positions the model was trained with;
+* ``peft/``: a PEFT LoRA adapter with the embeddings and norms as ``modules_to_save``
+  (:func:`longlora_tune.peft.save_peft_adapter`);
+* ``adapter/``: the trainable tensors in torchtune names plus ``longlora.json`` (the model builder
+  arguments, RoPE factor and S² group size), which our recipes load on top of the base model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from longlora_tune import checkpointing
+
+#: Files copied from the base checkpoint next to the merged weights.
+TOKENIZER_FILES = (
+    "tokenizer.model",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+)
+#: Shard size of the merged safetensors files (Hugging Face's usual 5 GB).
+MAX_SHARD_BYTES = 5 * 1024**3
+
+
+def rope_scaling_entry(factor: float) -> dict[str, Any]:
+    """The ``rope_scaling`` entry of a Hugging Face config for linear position interpolation.
+
+    Both spellings of the type key are written (``type`` for transformers 4, ``rope_type`` for 5).
+
+    Args:
+        factor: the linear factor (>= 1).
+
+    Returns:
+        ``{"type": "linear", "rope_type": "linear", "factor": factor}``.
+    """
+    return {"type": "linear", "rope_type": "linear", "factor": float(factor)}
+
+
+def merged_hf_config(base_config: Mapping[str, Any], rope_scaling_factor: float, dtype: torch.dtype) -> dict:
+    """The base model's ``config.json`` with the trained RoPE factor and the saved dtype.
+
+    Args:
+        base_config: the base checkpoint's parsed ``config.json``.
+        rope_scaling_factor: the factor the model was trained with.
+        dtype: dtype of the saved weights.
+
+    Returns:
+        The new config dict (``max_position_embeddings`` is kept: the factor alone extends the context).
+    """
+    cfg = dict(base_config)
+    cfg["rope_scaling"] = rope_scaling_entry(rope_scaling_factor)
+    if isinstance(cfg.get("rope_parameters"), Mapping):
+        # transformers 5 writes the RoPE settings here and would prefer them over rope_scaling.
+        params = dict(cfg["rope_parameters"])
+        params.update(rope_type="linear", factor=float(rope_scaling_factor))
+        cfg["rope_parameters"] = params
+    name = str(dtype).removeprefix("torch.")
+    for key in ("torch_dtype", "dtype"):
+        if key in cfg or key == "torch_dtype":
+            cfg[key] = name
+    return cfg
+
+
+def model_rope_scaling_factor(model: nn.Module) -> float:
+    """The linear RoPE factor a LongLoRA model was built with (1.0 for plain RoPE).
+
+    Args:
+        model: a model built by :mod:`longlora_tune.models`.
+
+    Returns:
+        The factor.
+
+    Raises:
+        ValueError: if layers disagree.
+    """
+    factors = {float(m.scaling_factor) for m in model.modules() if hasattr(m, "scaling_factor")}
+    if len(factors) > 1:
+        raise ValueError(f"the model's layers use different RoPE factors {sorted(factors)}")
+    return factors.pop() if factors else 1.0
+
+
+def model_lora_rank_alpha(model: nn.Module) -> tuple[int, float]:
+    """LoRA rank and alpha of a model's adapter layers.
+
+    Args:
+        model: a torchtune LoRA model.
+
+    Returns:
+        ``(rank, alpha)``.
+
+    Raises:
+        ValueError: if the model has no LoRA layer or layers disagree.
+    """
+    found = {
+        (int(m.rank), float(m.alpha)) for m in model.modules() if hasattr(m, "lora_a") and hasattr(m, "rank")
+    }
+    if len(found) != 1:
+        raise ValueError(f"expected one LoRA (rank, alpha) in the model, found {sorted(found)}")
+    return found.pop()
+
+
+def model_lora_targets(model: nn.Module) -> list[str]:
+    """torchtune names of the projections that carry LoRA (``q_proj``, ``output_proj``, ...).
+
+    Args:
+        model: a torchtune LoRA model.
+
+    Returns:
+        Sorted module short names.
+    """
+    names = set()
+    for name, m in model.named_modules():
+        if hasattr(m, "lora_a") and hasattr(m, "rank"):
+            names.add(name.split(".")[-1])
+    return sorted(names)
+
+
+def copy_tokenizer_files(src_dir: str | Path, dst_dir: str | Path) -> list[str]:
+    """Copy the tokenizer and generation files of a Hugging Face checkpoint folder.
+
+    Args:
+        src_dir: the base checkpoint folder.
+        dst_dir: the export folder.
+
+    Returns:
+        Names of the copied files.
+    """
+    copied = []
+    for name in TOKENIZER_FILES:
+        src = Path(src_dir) / name
+        if src.is_file():
+            shutil.copyfile(src, Path(dst_dir) / name)
+            copied.append(name)
+    return copied
+
+
+def _save_sharded_safetensors(sd: dict[str, torch.Tensor], out_dir: Path, max_shard_bytes: int) -> None:
+    from safetensors.torch import save_file
+
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k, v in sd.items():
+        n = v.numel() * v.element_size()
+        if shards[-1] and size + n > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = v.contiguous()
+        size += n
+    if len(shards) == 1:
+        save_file(shards[0], str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(out_dir / fname), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, fname))
+    total = sum(v.numel() * v.element_size() for v in sd.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def save_merged_hf_checkpoint(
+    full_state_dict: dict[str, torch.Tensor],
+    out_dir: str | Path,
+    *,
+    base_checkpoint_dir: str | Path,
+    rope_scaling_factor: float,
+    lora_rank: int,
+    lora_alpha: float,
+    dtype: Optional[torch.dtype] = None,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
+) -> Path:
+    """Merge LoRA into the weights and write a Hugging Face Llama checkpoint with ``rope_scaling``.
+
+    Args:
+        full_state_dict: the complete model state in torchtune names, LoRA matrices included (consumed:
+            merged in place).
+        out_dir: the export folder (replaced atomically if it exists).
+        base_checkpoint_dir: the base checkpoint (for ``config.json`` and tokenizer files).
+        rope_scaling_factor: the factor the model was trained with.
+        lora_rank: LoRA rank.
+        lora_alpha: LoRA alpha.
+        dtype: dtype of the written weights; None keeps the state's dtype.
+        max_shard_bytes: largest safetensors file.
+
+    Returns:
+        The export folder.
+    """
+    from torchtune.models.convert_weights import tune_to_hf
+    from torchtune.modules.peft import get_merged_lora_ckpt
+
+    base_config = checkpointing.read_hf_config(base_checkpoint_dir)
+    kw = checkpointing.llama2_kwargs_from_hf_config(base_config)
+    merged = get_merged_lora_ckpt(full_state_dict, rank=lora_rank, alpha=lora_alpha)
+    hf_sd = tune_to_hf(
+        merged,
+        num_heads=kw["num_heads"],
+        num_kv_heads=kw["num_kv_heads"],
+        dim=kw["embed_dim"],
+        head_dim=base_config.get("head_dim"),
+    )
+    if dtype is not None:
+        hf_sd = {k: v.to(dtype) for k, v in hf_sd.items()}
+    saved_dtype = dtype or next(iter(hf_sd.values())).dtype
+    out = Path(out_dir)
+    with checkpointing.atomic_directory(out) as tmp:
+        _save_sharded_safetensors(hf_sd, tmp, max_shard_bytes)
+        config = merged_hf_config(base_config, rope_scaling_factor, saved_dtype)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        copy_tokenizer_files(base_checkpoint_dir, tmp)
+    return out
+
+
+def save_peft(
+    trainable_state_dict: Mapping[str, torch.Tensor],
+    out_dir: str | Path,
+    *,
+    base_config: Mapping[str, Any],
+    base_model_name_or_path: str,
+    lora_rank: int,
+    lora_alpha: float,
+    target_modules: list[str],
+    rope_scaling_factor: float,
+) -> Path:
+    """Write a PEFT adapter (LoRA + embeddings and norms as ``modules_to_save``) atomically.
+
+    Args:
+        trainable_state_dict: trainable tensors in torchtune names.
+        out_dir: the export folder.
+        base_config: the base checkpoint's ``config.json`` (head counts and sizes).
+        base_model_name_or_path: what ``adapter_config.json`` names as the base model.
+        lora_rank: LoRA rank.
+        lora_alpha: LoRA alpha.
+        target_modules: torchtune names of the LoRA projections.
+        rope_scaling_factor: the factor the base model must be loaded with.
+
+    Returns:
+        The export folder.
+    """
+    from longlora_tune.peft import save_peft_adapter
+
+    kw = checkpointing.llama2_kwargs_from_hf_config(dict(base_config))
+    model_config = {k: kw[k] for k in ("num_heads", "num_kv_heads", "embed_dim", "rope_base")}
+    if base_config.get("head_dim"):
+        model_config["head_dim"] = int(base_config["head_dim"])
+    out = Path(out_dir)
+    with checkpointing.atomic_directory(out) as tmp:
+        save_peft_adapter(
+            trainable_state_dict,
+            tmp,
+            model_config=model_config,
+            base_model_name_or_path=base_model_name_or_path,
+            lora_rank=lora_rank,
+            lora_alpha=lora_alpha,
+            target_modules=target_modules,
+            rope_scaling_factor=rope_scaling_factor,
+        )
+    return out
+
+
+@dataclasses.dataclass
+class LongLoRAExportInfo:
+    """What ``adapter/longlora.json`` records about a run.
+
+    Attributes:
+        model_config: the config's ``model`` section (``_component_`` and builder arguments).
+        rope_scaling_factor: linear RoPE factor used in training.
+        group_size: S² group size (None with full attention).
+        trainable_extras: non-LoRA trainable groups (``embed``, ``norm``).
+        base_checkpoint_dir: the base model folder.
+        hf_repo_id: the base model's Hugging Face id, if known.
+        training_length: tokens per training sequence.
+        global_step: optimizer steps done.
+    """
+
+    model_config: dict[str, Any]
+    rope_scaling_factor: float
+    group_size: Optional[int]
+    trainable_extras: list[str]
+    base_checkpoint_dir: str
+    hf_repo_id: Optional[str] = None
+    training_length: Optional[int] = None
+    global_step: int = 0
+
+
+def save_adapter(
+    trainable_state_dict: dict[str, torch.Tensor], out_dir: str | Path, info: LongLoRAExportInfo
+) -> Path:
+    """Write ``trainable.safetensors`` (torchtune names) and ``longlora.json`` atomically.
+
+    ``longlora.json`` holds the builder arguments with the RoPE factor filled in, so
+    ``config.instantiate`` of its ``model`` entry rebuilds the trained architecture exactly.
+
+    Args:
+        trainable_state_dict: trainable tensors in torchtune names.
+        out_dir: the export folder.
+        info: run metadata.
+
+    Returns:
+        The export folder.
+    """
+    meta = dataclasses.asdict(info)
+    meta["model"] = dict(meta.pop("model_config"))
+    meta["model"]["rope_scaling_factor"] = float(info.rope_scaling_factor)
+    meta["rope_scaling"] = rope_scaling_entry(info.rope_scaling_factor)
+    out = Path(out_dir)
+    with checkpointing.atomic_directory(out) as tmp:
+        checkpointing.save_trainable_state(trainable_state_dict, tmp / checkpointing.TRAINABLE_FILE)
+        (tmp / "longlora.json").write_text(json.dumps(meta, indent=2))
+    return out

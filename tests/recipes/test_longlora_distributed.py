@@ -1,0 +1,537 @@
+"""End-to-end tests of the longlora_distributed recipe on a tiny random Llama 2 (CPU, gloo).
+
+The expensive part, four short training runs, happens once per module (``runs`` fixture):
+
+* ``two``: 2 processes under torchrun, 6 steps (crossing an epoch boundary), checkpoint every 3 steps,
+  all exports;
+* ``stop`` + ``resumed``: the same run stopped after 3 steps, then resumed from its checkpoint to 6;
+* ``one``: the same run as a single process without torchrun;
+* ``elastic``: the 2-process step-3 checkpoint resumed by a single process.
+
+Exports are checked against independent implementations: Hugging Face ``LlamaForCausalLM`` for the merged
+checkpoint and PEFT's ``PeftModel`` for the adapter, both compared with the recipe's own model in eval mode.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+from torchtune import config
+
+from longlora_tune import checkpointing, tiny
+from longlora_tune.errors import LongLoRAConfigError
+from longlora_tune.peft import trainable_param_names
+from longlora_tune.recipes import longlora_distributed as recipe
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIGS = REPO / "longlora_tune" / "configs"
+TINY = CONFIGS / "tiny_demo.yaml"
+STEPS = 6
+MODULE = "longlora_tune.recipes.longlora_distributed"
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return env
+
+
+def _overrides(assets: dict[str, Path], out: Path, **extra: object) -> list[str]:
+    values = {
+        "checkpoint_dir": assets["base"],
+        "dataset.data_files": assets["corpus"],
+        "dataset.cache_dir": assets["cache"],
+        "output_dir": out,
+        "max_steps": STEPS,
+        "save_every_n_steps": 3,
+        "keep_last_n": 1,
+        "lr_scheduler.num_warmup_steps": 2,
+        **extra,
+    }
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def _train(assets: dict[str, Path], out: Path, nproc: int, **extra: object) -> dict[int, float]:
+    if nproc > 1:
+        launcher = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+        ]
+    else:
+        launcher = [sys.executable]
+    cmd = [*launcher, "-m", MODULE, "--config", str(TINY), *_overrides(assets, out, **extra)]
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return _losses(out)
+
+
+def _losses(out: Path) -> dict[int, float]:
+    losses = {}
+    for f in sorted((out / "logs").glob("*.txt")):
+        for m in re.finditer(r"^Step (\d+) \| loss:(\S+)", f.read_text(), flags=re.M):
+            losses[int(m.group(1))] = float(m.group(2))
+    return losses
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("assets")
+    base = tiny.make_hf_checkpoint(root / "base")
+    # 24 documents give 22 blocks of 256 tokens: 5 steps of 4 sequences per epoch, so 6 steps cross
+    # an epoch boundary (and the resumed run crosses it after resuming).
+    corpus = tiny.make_text_corpus(root / "corpus.jsonl", n_docs=24)
+    return {"root": root, "base": base, "corpus": corpus, "cache": root / "cache"}
+
+
+@pytest.fixture(scope="module")
+def runs(assets) -> dict[str, object]:
+    root = assets["root"]
+    two = _train(assets, root / "two", nproc=2)
+    stopped = _train(assets, root / "resumed", nproc=2, max_steps=3, export_formats="[]")
+    step3 = root / "resumed" / "checkpoints" / "step_000003"
+    shutil.copytree(step3, root / "step3_copy")
+    resumed = _train(assets, root / "resumed", nproc=2, resume_from_checkpoint="true", export_formats="[]")
+    one = _train(assets, root / "one", nproc=1, export_formats="[]")
+    # The 2-process checkpoint resumed by a single process (the data position is global).
+    elastic = _train(
+        assets, root / "elastic", nproc=1, resume_from_checkpoint=root / "step3_copy", export_formats="[]"
+    )
+    return {
+        "two": two,
+        "stopped": stopped,
+        "resumed": resumed,
+        "one": one,
+        "elastic": elastic,
+        "out": root / "two",
+    }
+
+
+def _cfg(assets: dict[str, Path], out: Path, **extra: object):
+    cfg = OmegaConf.load(TINY)
+    cfg.merge_with_dotlist(_overrides(assets, out, **extra))
+    return cfg
+
+
+def _recipe_model(adapter_dir: Path, base_dir: Path) -> torch.nn.Module:
+    """The recipe's model rebuilt from ``adapter/longlora.json``: base weights, then the trained tensors."""
+    meta = json.loads((adapter_dir / "longlora.json").read_text())
+    model = config.instantiate(OmegaConf.create(meta["model"]))
+    missing, unexpected = model.load_state_dict(checkpointing.load_hf_model_state(base_dir), strict=False)
+    assert not unexpected
+    loaded = checkpointing.load_trainable_state(model, adapter_dir / checkpointing.TRAINABLE_FILE)
+    assert set(missing) <= set(loaded)
+    return model.eval()
+
+
+def _tokens() -> torch.Tensor:
+    # Longer than the base model's 64-token context, so the RoPE factor matters.
+    return torch.randint(0, 512, (2, 200), generator=torch.Generator().manual_seed(1))
+
+
+# ----------------------------------------------------------------------------------------- training runs
+
+
+@pytest.mark.slow
+def test_two_process_run_trains(runs):
+    losses = runs["two"]
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    assert losses[STEPS] < losses[1] - 0.05, losses
+
+
+@pytest.mark.slow
+def test_resume_reproduces_uninterrupted_losses(runs):
+    two, stopped, resumed = runs["two"], runs["stopped"], runs["resumed"]
+    assert sorted(stopped) == [1, 2, 3]
+    assert sorted(resumed) == list(range(1, STEPS + 1))
+    for step in range(1, STEPS + 1):
+        assert resumed[step] == pytest.approx(two[step], rel=1e-6, abs=0), step
+
+
+@pytest.mark.slow
+def test_two_process_checkpoint_resumes_in_one_process(runs):
+    elastic, two = runs["elastic"], runs["two"]
+    assert sorted(elastic) == [4, 5, 6]
+    for step in elastic:
+        assert elastic[step] == pytest.approx(two[step], rel=1e-5), step
+
+
+@pytest.mark.slow
+def test_single_process_matches_two_processes(runs):
+    one, two = runs["one"], runs["two"]
+    assert sorted(one) == sorted(two)
+    for step in two:
+        assert one[step] == pytest.approx(two[step], rel=1e-5), step
+
+
+@pytest.mark.slow
+def test_checkpoints_hold_full_trainable_state(runs, assets):
+    out = runs["out"]
+    ckpts = checkpointing.list_checkpoints(out / "checkpoints")
+    assert [p.name for p in ckpts] == [f"step_{STEPS:06d}"]  # keep_last_n=1 pruned step 3
+    ckpt = ckpts[0]
+    assert {p.name for p in ckpt.iterdir()} == {
+        "trainable.safetensors",
+        "optimizer.pt",
+        "recipe_state.pt",
+        "config.yaml",
+    }
+    state = torch.load(ckpt / "recipe_state.pt", weights_only=True)
+    assert state["global_step"] == STEPS and state["world_size"] == 2 and len(state["rng"]) == 2
+    assert (state["epoch"], state["epoch_position"]) == (1, 4)  # 5 steps per epoch
+    trained = load_file(str(ckpt / "trainable.safetensors"))
+    meta = json.loads((out / "adapter" / "longlora.json").read_text())
+    with torch.device("meta"):
+        model = config.instantiate(OmegaConf.create(meta["model"]))
+    assert set(trained) == trainable_param_names(model, extras=("embed", "norm"))
+    base = checkpointing.load_hf_model_state(assets["base"])
+    # Embeddings and norms were trained (and saved), not just LoRA.
+    assert not torch.equal(trained["tok_embeddings.weight"], base["tok_embeddings.weight"])
+    assert not torch.equal(trained["norm.scale"], base["norm.scale"])
+    opt = torch.load(ckpt / "optimizer.pt", weights_only=True)
+    assert set(opt["state"]) == set(trained)
+    assert opt["state"]["tok_embeddings.weight"]["exp_avg"].shape == trained["tok_embeddings.weight"].shape
+    adapter = load_file(str(out / "adapter" / "trainable.safetensors"))
+    assert set(adapter) == set(trained)
+    for k in trained:
+        torch.testing.assert_close(adapter[k], trained[k], rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_merged_hf_export_matches_recipe_model(runs, assets):
+    from transformers import LlamaForCausalLM
+
+    out = runs["out"]
+    cfg = json.loads((out / "hf" / "config.json").read_text())
+    assert cfg["rope_scaling"]["factor"] == 4.0 and cfg["rope_scaling"]["type"] == "linear"
+    assert cfg["max_position_embeddings"] == 64
+    assert (out / "hf" / "tokenizer.model").read_bytes() == (assets["base"] / "tokenizer.model").read_bytes()
+    ours = _recipe_model(out / "adapter", assets["base"])
+    hf = LlamaForCausalLM.from_pretrained(out / "hf").eval()
+    tokens = _tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(tokens).logits, ours(tokens), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_peft_export_matches_recipe_model(runs, assets):
+    from peft import PeftModel
+    from transformers import AutoConfig, LlamaForCausalLM
+
+    out = runs["out"]
+    rope = {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}
+    base_cfg = AutoConfig.from_pretrained(assets["base"], rope_parameters=rope)
+    base = LlamaForCausalLM.from_pretrained(assets["base"], config=base_cfg)
+    peft_model = PeftModel.from_pretrained(base, out / "peft").eval()
+    ours = _recipe_model(out / "adapter", assets["base"])
+    tokens = _tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(tokens).logits, ours(tokens), rtol=1e-4, atol=1e-4)
+
+
+# --------------------------------------------------------------------------------- bad inputs (fast)
+
+
+def test_group_size_must_divide_training_length(assets, tmp_path):
+    with pytest.raises(
+        LongLoRAConfigError, match="training length 200 is not divisible by the S2 group size 64"
+    ):
+        recipe.run(_cfg(assets, tmp_path / "o", **{"dataset.block_size": 200}))
+    with pytest.raises(LongLoRAConfigError, match="exceeds model.max_seq_len=256"):
+        recipe.check_training_length(512, 256, 64)
+    recipe.check_training_length(256, 256, None)  # full attention: any length up to max_seq_len
+
+
+def test_missing_base_model_names_path_and_download_command(tmp_path, monkeypatch, capsys):
+    missing = tmp_path / "Llama-2-7b-hf"
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        ["x", "--config", str(CONFIGS / "llama2_7b_100k.yaml"), f"checkpoint_dir={missing}", "device=cpu"],
+    )
+    with pytest.raises(SystemExit) as e:
+        recipe.recipe_main()
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0] == (
+        f"longlora_tune: error: model config not found: {missing}/config.json; download the base model with: "
+        f'tune download meta-llama/Llama-2-7b-hf --output-dir {missing} --ignore-patterns "*.pth"'
+    )
+
+
+def test_missing_tokenizer_is_reported(assets, tmp_path):
+    cfg = _cfg(assets, tmp_path / "o", **{"tokenizer.path": tmp_path / "none.model"})
+    with pytest.raises(LongLoRAConfigError, match=r"tokenizer not found: .*none.model.*tune download"):
+        recipe.validate_config(cfg, world_size=1)
+
+
+def test_output_dir_inside_checkpoint_dir_is_refused(assets):
+    cfg = _cfg(assets, assets["base"] / "out")
+    with pytest.raises(LongLoRAConfigError, match="is inside checkpoint_dir"):
+        recipe.validate_config(cfg, world_size=1)
+
+
+def test_world_size_must_divide_global_batch(assets, tmp_path):
+    cfg = _cfg(assets, tmp_path / "o")
+    assert recipe.validate_config(cfg, world_size=2) == 2
+    with pytest.raises(
+        LongLoRAConfigError, match="global_batch_size=4 is not divisible by batch_size=1 x world_size=3"
+    ):
+        recipe.validate_config(cfg, world_size=3)
+
+
+def test_dataset_without_a_full_block_is_refused(assets, tmp_path):
+    short = tmp_path / "short.jsonl"
+    short.write_text(json.dumps({"text": "The cat sees the red ball."}) + "\n")
+    cfg = _cfg(assets, tmp_path / "o", **{"dataset.data_files": short, "dataset.cache_dir": tmp_path / "c"})
+    with pytest.raises(LongLoRAConfigError, match="dataset: .*0 blocks of 256 tokens"):
+        recipe.run(cfg)
+    with pytest.raises(LongLoRAConfigError, match="no full block of 256 tokens"):
+        recipe.check_dataset_size(0, 256, 64, 8)
+    with pytest.raises(LongLoRAConfigError, match="yields 40 blocks .* global_batch_size=64"):
+        recipe.check_dataset_size(40, 256, 64, 8)
+    assert recipe.check_dataset_size(130, 256, 64, 8) == 2
+
+
+def test_nan_stops_run_and_keeps_last_good_checkpoint(assets, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "o"
+    overrides = _overrides(
+        assets, out, **{"optimizer.lr": 1e30, "save_every_n_steps": 1, "keep_last_n": "null"}
+    )
+    monkeypatch.setattr(sys, "argv", ["x", "--config", str(TINY), *overrides])
+    with pytest.raises(SystemExit) as e:
+        recipe.recipe_main()
+    assert e.value.code == 3
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("longlora_tune: error:")]
+    assert len(err) == 1 and "stopped without saving this state (last good checkpoint: " in err[0], err
+    ckpts = checkpointing.list_checkpoints(out / "checkpoints")
+    assert 1 <= len(ckpts) < STEPS
+    assert str(ckpts[-1]) in err[0]
+    for ckpt in ckpts:
+        for name, t in load_file(str(ckpt / "trainable.safetensors")).items():
+            assert torch.isfinite(t).all(), (ckpt, name)
+    assert not (out / "hf").exists() and not (out / "adapter").exists()
+
+
+def test_original_context_must_match_checkpoint(assets, tmp_path):
+    cfg = _cfg(assets, tmp_path / "o", **{"model.original_max_seq_len": 128})
+    with pytest.raises(
+        LongLoRAConfigError, match="max_position_embeddings=64; set model.original_max_seq_len=64"
+    ):
+        recipe.run(cfg)
+
+
+def test_existing_rope_factor_is_kept_and_exported(assets, tmp_path):
+    # A base model already extended with factor 8 (512 tokens) trained further at 256 keeps factor 8.
+    base = tiny.make_hf_checkpoint(tmp_path / "base8", rope_scaling={"type": "linear", "factor": 8.0})
+    cfg = _cfg(assets, tmp_path / "o", checkpoint_dir=base, max_steps=1, export_formats="[adapter]")
+    outputs = recipe.run(cfg)
+    meta = json.loads((outputs["adapter"] / "longlora.json").read_text())
+    assert meta["rope_scaling_factor"] == 8.0 and meta["model"]["rope_scaling_factor"] == 8.0
+    assert set(outputs) == {"adapter"} and not (tmp_path / "o" / "hf").exists()
+
+
+def test_bf16_keeps_fp32_master_copies_of_trainable_params(assets, tmp_path):
+    # At lr 1e-5 a norm scale near 1.0 moves by ~1e-5 per step, far below bf16's step of 2^-7 there:
+    # in pure bf16 the norms (and embeddings) of LoRA+ would never change.
+    extra = {"dtype": "bf16", "optimizer.lr": 1e-5, "max_steps": 2, "export_formats": "[adapter,hf]"}
+    outputs = recipe.run(_cfg(assets, tmp_path / "o", **extra))
+    trained = load_file(str(outputs["adapter"] / checkpointing.TRAINABLE_FILE))
+    base = checkpointing.load_hf_model_state(assets["base"])
+    assert {t.dtype for t in trained.values()} == {torch.float32}
+    for key in ("norm.scale", "layers.1.mlp_norm.scale", "tok_embeddings.weight"):
+        delta = (trained[key] - base[key]).abs().max().item()
+        assert 0 < delta < 1e-4, (key, delta)
+    merged = load_file(str(outputs["hf"] / "model.safetensors"))
+    assert {t.dtype for t in merged.values()} == {torch.bfloat16}
+
+
+def test_resume_needs_a_checkpoint(assets, tmp_path):
+    cfg = _cfg(assets, tmp_path / "o", resume_from_checkpoint="true")
+    with pytest.raises(LongLoRAConfigError, match="holds no checkpoint"):
+        recipe.run(cfg)
+    cfg = _cfg(assets, tmp_path / "o", resume_from_checkpoint=tmp_path)
+    with pytest.raises(LongLoRAConfigError, match="not a checkpoint folder .*missing trainable.safetensors"):
+        recipe.run(cfg)
+
+
+def test_sampler_resumes_mid_epoch_for_any_world_size():
+    data = list(range(22))
+
+    def samplers(world_size: int, epoch: int, start: int):
+        out = []
+        for rank in range(world_size):
+            s = recipe.ResumableDistributedSampler(
+                data, num_replicas=world_size, rank=rank, global_batch_size=4, seed=3
+            )
+            s.set_position(epoch, start)
+            out.append(s)
+        return out
+
+    full = list(samplers(1, epoch=1, start=0)[0])
+    assert len(full) == 20 and len(set(full)) == 20  # whole steps only: 2 sequences wait for the next epoch
+    assert full != list(samplers(1, epoch=0, start=0)[0])  # reshuffled per epoch
+    two = samplers(2, epoch=1, start=8)
+    assert [len(s) for s in two] == [6, 6]
+    # The 2 ranks together cover exactly the sequences after the first 8, interleaved per rank.
+    assert list(two[0]) == full[8::2] and list(two[1]) == full[9::2]
+    # Resuming on 4 ranks after 8 sequences continues with the same unseen sequences.
+    four = samplers(4, epoch=1, start=8)
+    assert sorted(i for s in four for i in s) == sorted(full[8:])
+
+
+# ---------------------------------------------------------------------------------- shipped configs
+
+
+def _expected_base_keys(num_layers: int) -> set[str]:
+    per_layer = [
+        "attn.q_proj.weight",
+        "attn.k_proj.weight",
+        "attn.v_proj.weight",
+        "attn.output_proj.weight",
+        "mlp.w1.weight",
+        "mlp.w2.weight",
+        "mlp.w3.weight",
+        "sa_norm.scale",
+        "mlp_norm.scale",
+    ]
+    keys = {"tok_embeddings.weight", "norm.scale", "output.weight"}
+    keys |= {f"layers.{i}.{k}" for i in range(num_layers) for k in per_layer}
+    return keys
+
+
+def _bind(section, *args) -> None:
+    """What ``tune validate`` checks: the section's keys bind to its component's signature."""
+    import inspect
+
+    target = recipe._import_path(section._component_)
+    kwargs = {k: v for k, v in OmegaConf.to_container(section, resolve=False).items() if k != "_component_"}
+    inspect.signature(target).bind(*args, **kwargs)
+
+
+TRAINING_CONFIGS = sorted(p for p in CONFIGS.glob("*.yaml"))
+
+
+def test_expected_configs_are_shipped():
+    names = {p.stem for p in TRAINING_CONFIGS}
+    assert {
+        "llama2_7b_8k",
+        "llama2_7b_16k",
+        "llama2_7b_32k",
+        "llama2_7b_100k",
+        "llama2_13b_8k",
+        "llama2_13b_16k",
+        "llama2_13b_32k",
+        "llama2_13b_65k",
+        "llama2_70b_32k",
+        "llama2_7b_8k_full_attn",
+        "tiny_demo",
+    } <= names
+
+
+@pytest.mark.parametrize("path", TRAINING_CONFIGS, ids=lambda p: p.stem)
+def test_shipped_config_instantiates_without_weights(path):
+    from longlora_tune.modules.s2_attention import S2Attention
+
+    text = path.read_text()
+    cfg = OmegaConf.load(path)
+    assert f"--config {path.stem}" in text  # the header's tune run command names this config
+    for line in text.splitlines():
+        value = line.split("#", 1)[0]
+        if ":" in value:
+            assert "=" not in value.split(":", 1)[1], line  # overrides split on "="
+    config.validate(cfg)  # what `tune validate` runs
+    with torch.device("meta"):
+        model = config.instantiate(cfg.model)
+    num_layers = len(model.layers)
+    keys = set(model.state_dict())
+    lora = {k for k in keys if ".lora_" in k}
+    assert keys - lora == _expected_base_keys(num_layers)
+    assert len(lora) == 2 * 4 * num_layers  # A and B for q, k, v, output
+    s2 = [m for m in model.modules() if isinstance(m, S2Attention)]
+    assert len(s2) == num_layers
+    length = recipe.training_length(cfg)
+    assert length == cfg.model.max_seq_len == cfg.tokenizer.max_seq_len
+    group = None if cfg.model.get("use_full_attn", False) else s2[0].group_size
+    recipe.check_training_length(length, cfg.model.max_seq_len, group)
+    for section in ("optimizer", "loss", "metric_logger"):
+        _bind(cfg[section], *([[]] if section == "optimizer" else []))
+    _bind(cfg.lr_scheduler, torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0))
+    _bind(cfg.dataset, object())
+    _bind(cfg.tokenizer)
+    recipe._import_path(cfg.collate_fn)
+    if path.stem == "tiny_demo":
+        kw = checkpointing.llama2_kwargs_from_hf_config(json.loads(json.dumps(_tiny_hf_config())))
+        for key in ("vocab_size", "num_layers", "num_heads", "num_kv_heads", "embed_dim", "intermediate_dim"):
+            assert cfg.model[key] == kw[key], key
+        assert cfg.model.original_max_seq_len == kw["original_max_seq_len"]
+        assert cfg.dtype == "fp32" and cfg.device == "cpu"
+        return
+    # The paper's settings (REFERENCE §4).
+    assert recipe.gradient_accumulation_steps(cfg.global_batch_size, cfg.batch_size, 8) == 8
+    assert cfg.max_steps == 1000 and cfg.lr_scheduler.num_warmup_steps == 20
+    assert cfg.optimizer.lr == (1e-5 if "70b" in path.stem else 2e-5)
+    assert list(cfg.optimizer.betas) == [0.9, 0.95] and cfg.optimizer.weight_decay == 0.0
+    assert cfg.dtype == "bf16" and cfg.enable_activation_checkpointing is True
+    assert cfg.model.s2_group_size_ratio == 0.25 and list(cfg.trainable_extras) == ["embed", "norm"]
+    assert cfg.model.get("use_full_attn", False) == path.stem.endswith("_full_attn")
+    assert "--ignore-patterns" in text and cfg.hf_repo_id in text
+
+
+def _tiny_hf_config() -> dict:
+    import inspect
+
+    defaults = {
+        k: v.default
+        for k, v in inspect.signature(tiny.make_hf_checkpoint).parameters.items()
+        if v.default is not v.empty
+    }
+    return tiny.hf_llama_config(
+        vocab_size=defaults["vocab_size"],
+        num_layers=defaults["num_layers"],
+        num_heads=defaults["num_heads"],
+        num_kv_heads=defaults["num_kv_heads"],
+        embed_dim=defaults["embed_dim"],
+        intermediate_dim=defaults["intermediate_dim"],
+        max_position_embeddings=defaults["max_position_embeddings"],
+    )
+
+
+# ---------------------------------------------------------------------------------- demo
+
+
+def test_demo_command_is_the_documented_one(tmp_path):
+    from longlora_tune import demo
+
+    cmd = demo.build_command(tmp_path, 1, ["max_steps=5"], use_tune=True)
+    assert cmd[1:] == [
+        "run",
+        "longlora_distributed",
+        "--config",
+        "tiny_demo",
+        f"checkpoint_dir={tmp_path / 'base'}",
+        f"dataset.data_files={tmp_path / 'corpus.jsonl'}",
+        f"output_dir={tmp_path / 'out'}",
+        "max_steps=5",
+    ]
+    cmd = demo.build_command(tmp_path, 2, [], use_tune=True)
+    assert cmd[1:5] == ["run", "--nproc_per_node", "2", "longlora_distributed"]
+    # Without the tune registry: the same recipe and config by module and path.
+    cmd = demo.build_command(tmp_path, 1, [], use_tune=False)
+    assert cmd[1:5] == ["-m", MODULE, "--config", str(TINY)]
+    with pytest.raises(SystemExit):
+        demo.main(["--workdir", str(tmp_path), "not-an-override"])

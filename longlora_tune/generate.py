@@ -1,0 +1,189 @@
+"""Ask a LongLoRA model a question about a long text file, streaming the answer to stdout.
+
+::
+
+    python -m longlora_tune.generate --checkpoint /path/to/run/hf --file paper.txt \\
+        --question "Summarize the paper in five sentences." \\
+        [--max-new-tokens 512 --temperature 0.6 --top-p 0.9 --template llama2_chat]
+
+The prompt is LongLoRA's inference prompt, ``[INST]{material}\\n{question}[/INST]`` for the default
+``llama2_chat`` template (the same function renders LongAlpaca training prompts); ``alpaca`` and
+``none`` (material, newline, question) are available too. The model uses full attention, a KV cache
+and the RoPE factor of the training length (``--training-length``/``--rope-scaling-factor``, else the
+checkpoint's ``rope_scaling``). ``--adapter`` loads an unmerged ``adapter/`` folder on top of a base
+checkpoint. Defaults follow LongLoRA's ``inference.py`` (temperature 0.6, top-p 0.9); temperature 0 is
+greedy. Missing files end with one ``longlora_tune: error: ...`` line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TextIO
+
+import torch
+
+from longlora_tune.errors import LongLoRAConfigError, report_errors
+
+TEMPLATES = ("llama2_chat", "alpaca", "none")
+
+
+def build_prompt(material: str, question: str, template: str = "llama2_chat") -> str:
+    """Render the inference prompt for a document and a question.
+
+    Args:
+        material: the long text.
+        question: the question about it.
+        template: ``llama2_chat`` (``[INST]{material}\\n{question}[/INST]``), ``alpaca`` or ``none``.
+
+    Returns:
+        The prompt text (without BOS).
+
+    Raises:
+        LongLoRAConfigError: for an unknown template.
+    """
+    if template not in TEMPLATES:
+        raise LongLoRAConfigError(f"--template {template!r} is not one of {', '.join(TEMPLATES)}")
+    instruction = f"{material}\n{question}"
+    if template == "none":
+        return instruction
+    from longlora_tune.data.longalpaca import longalpaca_prompt
+
+    return longalpaca_prompt(instruction, "", template)
+
+
+class _Streamer:
+    """Prints the decoded text as tokens arrive.
+
+    SentencePiece decodes a word-start piece or an incomplete UTF-8 byte sequence differently once the
+    next token is known, so the whole answer is re-decoded and only a stable extension of what was
+    already printed is written.
+    """
+
+    def __init__(self, tokenizer, out: TextIO) -> None:
+        self.tokenizer = tokenizer
+        self.out = out
+        self.ids: list[int] = []
+        self.printed = ""
+
+    def __call__(self, token: int) -> None:
+        self.ids.append(token)
+        self._emit()
+
+    def _emit(self) -> None:
+        text = self.tokenizer.decode(self.ids)
+        if text.startswith(self.printed) and not text.endswith("\ufffd"):
+            self.out.write(text[len(self.printed) :])
+            self.out.flush()
+            self.printed = text
+
+    def finish(self) -> None:
+        text = self.tokenizer.decode(self.ids)
+        if text.startswith(self.printed):
+            self.out.write(text[len(self.printed) :])
+        self.out.write("\n")
+        self.out.flush()
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m longlora_tune.generate",
+        description="Answer a question about a long text file with a LongLoRA model (streams to stdout).",
+    )
+    p.add_argument("--checkpoint", required=True, help="Hugging Face checkpoint folder (merged hf/ output)")
+    p.add_argument("--adapter", default=None, help="unmerged adapter/ folder to load on top of --checkpoint")
+    p.add_argument("--file", required=True, help="text file with the long material")
+    p.add_argument("--question", required=True, help="question about the material")
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--temperature", type=float, default=0.6, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--template", default="llama2_chat", choices=TEMPLATES)
+    p.add_argument(
+        "--training-length", type=int, default=None, help="context length the model was trained at"
+    )
+    p.add_argument("--rope-scaling-factor", type=float, default=None, help="explicit RoPE factor")
+    p.add_argument(
+        "--tokenizer", default=None, help="tokenizer.model (default: <checkpoint>/tokenizer.model)"
+    )
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--prefill-chunk-size", type=int, default=2048)
+    return p
+
+
+@report_errors
+def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
+    """Run the command line.
+
+    Args:
+        argv: arguments (default: ``sys.argv[1:]``).
+        out: stream for the answer (default: stdout).
+
+    Returns:
+        Exit code 0.
+
+    Raises:
+        LongLoRAConfigError: for missing files or bad values (reported as one line, exit code 2).
+    """
+    from torchtune.models.llama2 import llama2_tokenizer
+
+    from longlora_tune.eval.generation import generate
+    from longlora_tune.eval.model_loading import load_eval_model, resolve_device, resolve_dtype
+
+    args = _parser().parse_args(argv)
+    out = sys.stdout if out is None else out
+    material_path = Path(args.file)
+    if not material_path.is_file():
+        raise LongLoRAConfigError(f"--file {args.file} does not exist")
+    tokenizer_path = Path(args.tokenizer) if args.tokenizer else Path(args.checkpoint) / "tokenizer.model"
+    if not tokenizer_path.is_file():
+        raise LongLoRAConfigError(
+            f"tokenizer not found: {tokenizer_path}; pass --tokenizer /path/to/tokenizer.model"
+        )
+    if args.max_new_tokens < 1:
+        raise LongLoRAConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.temperature < 0 or not 0 < args.top_p <= 1:
+        raise LongLoRAConfigError(
+            f"--temperature must be >= 0 and --top-p in (0, 1], got {args.temperature} and {args.top_p}"
+        )
+
+    tokenizer = llama2_tokenizer(str(tokenizer_path), prompt_template=None)
+    prompt = build_prompt(material_path.read_text(), args.question, args.template)
+    ids = tokenizer.encode(prompt, add_bos=True, add_eos=False)
+    device = resolve_device(args.device)
+    model, info = load_eval_model(
+        args.checkpoint,
+        max_seq_len=len(ids) + args.max_new_tokens,
+        adapter_dir=args.adapter,
+        training_length=args.training_length,
+        rope_scaling_factor=args.rope_scaling_factor,
+        device=device,
+        dtype=resolve_dtype(args.dtype, device),
+    )
+    print(
+        f"[prompt: {len(ids)} tokens, RoPE factor {info['rope_scaling_factor']:g}, device {device}]",
+        file=sys.stderr,
+        flush=True,
+    )
+    streamer = _Streamer(tokenizer, out)
+    generate(
+        model,
+        ids,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        stop_tokens=[tokenizer.eos_id],
+        prefill_chunk_size=args.prefill_chunk_size,
+        on_token=streamer,
+        generator=torch.Generator(device=device).manual_seed(args.seed),
+        device=device,
+    )
+    streamer.finish()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""Passkey retrieval accuracy of a LongLoRA model at growing prompt lengths (``passkey_retrivial.py``).
+
+Run with torchtune's CLI (add torchrun flags such as ``--nproc_per_node 8`` to spread trials over GPUs)::
+
+    tune run longlora_tune/recipes/longlora_eval_passkey.py \\
+        --config longlora_tune/configs/eval/llama2_7b_100k_passkey.yaml \\
+        checkpoint_dir=/models/llama2-7b-longlora-100k/hf
+
+Prompts are exactly the reference's five-part text (:mod:`longlora_tune.eval.passkey`); lengths are in
+tokens by default (``length_unit: chars`` gives the reference's filler character counts). ``lengths``
+lists them, or ``interval`` and ``max_length`` give ``interval, 2*interval, ..., max_length``. Each length
+runs ``num_trials`` trials with seeds 0..N-1; greedy decoding with a KV cache; exact token match. Writes
+``<output_dir>/<output_name>.{json,csv,png}`` and prints a table.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+from omegaconf import DictConfig
+from torchtune import config
+
+from longlora_tune.errors import LongLoRAConfigError, report_errors
+from longlora_tune.eval.model_loading import eval_model_from_config, eval_runtime, tokenizer_from_config
+from longlora_tune.eval.passkey import build_prompts, evaluate_passkey
+from longlora_tune.eval.reporting import format_table, write_results
+
+
+def _lengths(cfg: DictConfig) -> list[int]:
+    lengths = cfg.get("lengths")
+    if lengths is None:
+        interval, max_length = cfg.get("interval"), cfg.get("max_length")
+        if not interval or not max_length or int(interval) < 1 or int(max_length) < int(interval):
+            raise LongLoRAConfigError(
+                "set lengths: [...] or both interval and max_length (max_length >= interval >= 1); "
+                f"got interval={interval!r} max_length={max_length!r}"
+            )
+        return list(range(int(interval), int(max_length) + 1, int(interval)))
+    if isinstance(lengths, (int, str)) or len(lengths) == 0:
+        raise LongLoRAConfigError(f"lengths must be a non-empty list such as [1000, 2000], got {lengths!r}")
+    for length in lengths:
+        if isinstance(length, bool) or not isinstance(length, int) or length < 1:
+            raise LongLoRAConfigError(f"lengths entries must be positive ints, got {length!r}")
+    return list(lengths)
+
+
+class PasskeyRecipe:
+    """Build prompts, load the model, run every trial, write the results.
+
+    Args:
+        cfg: the recipe config (keys in ``longlora_tune/configs/eval/*_passkey.yaml``).
+    """
+
+    def __init__(self, cfg: DictConfig) -> None:
+        self.cfg = cfg
+        self.lengths = _lengths(cfg)
+        self.num_trials = int(cfg.get("num_trials", 10))
+        self.length_unit = cfg.get("length_unit", "tokens")
+        if self.length_unit not in ("tokens", "chars"):
+            raise LongLoRAConfigError(f"length_unit must be tokens or chars, got {self.length_unit!r}")
+        if self.num_trials < 1:
+            raise LongLoRAConfigError(f"num_trials must be >= 1, got {self.num_trials}")
+        if not cfg.get("output_dir"):
+            raise LongLoRAConfigError("output_dir is not set; give a folder for the result files")
+        if not cfg.get("tokenizer"):
+            raise LongLoRAConfigError("tokenizer is not set; the passkey prompts are measured in its tokens")
+
+    def setup(self) -> None:
+        """Device, process group, tokenizer, all prompts, then a model sized for the longest prompt."""
+        cfg = self.cfg
+        self.device, self.dtype, self.rank, self.world_size = eval_runtime(cfg)
+        self.tokenizer = tokenizer_from_config(cfg)
+        try:
+            self.prompts = build_prompts(self.tokenizer, self.lengths, self.num_trials, self.length_unit)
+        except ValueError as e:
+            raise LongLoRAConfigError(str(e)) from e
+        longest = max(len(ids) for trials in self.prompts for _, ids in trials)
+        longest_answer = max(
+            len(self.tokenizer.encode(p.answer, add_bos=False, add_eos=False))
+            for trials in self.prompts
+            for p, _ in trials
+        )
+        self.model, self.model_info = eval_model_from_config(
+            cfg, max_seq_len=longest + longest_answer, device=self.device, dtype=self.dtype
+        )
+
+    def evaluate(self) -> list[dict[str, Any]]:
+        """Run all trials; rank 0 writes the files and prints the table.
+
+        Returns:
+            The result rows (one dict per length).
+        """
+        start = time.perf_counter()
+        results = evaluate_passkey(
+            self.model,
+            self.tokenizer,
+            self.lengths,
+            self.prompts,
+            use_cache=bool(self.cfg.get("use_cache", True)),
+            prefill_chunk_size=int(self.cfg.get("prefill_chunk_size", 2048)),
+            device=self.device,
+            rank=self.rank,
+            world_size=self.world_size,
+            progress=bool(self.cfg.get("progress", True)),
+        )
+        rows = [r.to_dict() for r in results]
+        if self.rank == 0:
+            meta = {
+                "recipe": "longlora_eval_passkey",
+                "model": self.model_info,
+                "length_unit": self.length_unit,
+                "num_trials": self.num_trials,
+                "world_size": self.world_size,
+                "seconds": round(time.perf_counter() - start, 3),
+            }
+            files = write_results(
+                self.cfg.output_dir,
+                self.cfg.get("output_name", "passkey"),
+                rows=rows,
+                meta=meta,
+                x_key="mean_prompt_tokens",
+                y_key="accuracy",
+                xlabel="prompt length (tokens)",
+                ylabel="passkey accuracy",
+                title=f"Passkey retrieval (RoPE factor {self.model_info['rope_scaling_factor']:g})",
+                y_limits=(-0.05, 1.05),
+            )
+            columns = ["target_length", "mean_prompt_tokens", "num_trials", "num_passed", "accuracy"]
+            print(format_table(rows, columns), flush=True)
+            print(f"results: {files['json']} {files['csv']} {files['png']}", flush=True)
+        return rows
+
+    def cleanup(self) -> None:
+        """Leave the process group."""
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+@report_errors
+@config.parse
+def recipe_main(cfg: DictConfig) -> None:
+    """Entry point for ``tune run``.
+
+    Args:
+        cfg: the parsed config with command-line overrides applied.
+    """
+    recipe = PasskeyRecipe(cfg)
+    recipe.setup()
+    recipe.evaluate()
+    recipe.cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(recipe_main())

@@ -1,0 +1,150 @@
+"""Sliding-window perplexity of a LongLoRA model at several context lengths (LongLoRA ``eval.py``).
+
+Run with torchtune's CLI, on one process or sharded over GPUs with torchrun flags::
+
+    tune run longlora_tune/recipes/longlora_eval_perplexity.py \\
+        --config longlora_tune/configs/eval/llama2_7b_100k_perplexity.yaml \\
+        checkpoint_dir=/models/llama2-7b-longlora-100k/hf dataset.path=/data/proof-pile/test_sampled_data.bin
+    tune run --nproc_per_node 8 longlora_tune/recipes/longlora_eval_perplexity.py --config ...
+
+The model uses full attention and the RoPE factor of the TRAINING length (``training_length`` or
+``rope_scaling_factor``, else the checkpoint's ``rope_scaling``); see
+:mod:`longlora_tune.eval.model_loading`. The protocol (window starts, scoring, edge cases) is documented
+in :mod:`longlora_tune.eval.perplexity`. Writes ``<output_dir>/<output_name>.{json,csv,png}`` and prints
+a table.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from torchtune import config
+
+from longlora_tune.errors import LongLoRAConfigError, report_errors
+from longlora_tune.eval.model_loading import eval_model_from_config, eval_runtime, tokenizer_from_config
+from longlora_tune.eval.perplexity import evaluate_perplexity, load_token_stream
+from longlora_tune.eval.reporting import format_table, write_results
+
+
+def _eval_lengths(cfg: DictConfig) -> list[int]:
+    lengths = cfg.get("eval_lengths")
+    if lengths is None or isinstance(lengths, (int, str)) or len(lengths) == 0:
+        raise LongLoRAConfigError(
+            f"eval_lengths must be a non-empty list such as [2048, 4096], got {lengths!r}"
+        )
+    out = []
+    for length in lengths:
+        if isinstance(length, bool) or not isinstance(length, int) or length < 2:
+            raise LongLoRAConfigError(f"eval_lengths entries must be ints >= 2, got {length!r}")
+        out.append(length)
+    return out
+
+
+class PerplexityRecipe:
+    """Load model, tokenizer and data from the config, evaluate every length, write the results.
+
+    Args:
+        cfg: the recipe config (keys in ``longlora_tune/configs/eval/*_perplexity.yaml``).
+    """
+
+    def __init__(self, cfg: DictConfig) -> None:
+        self.cfg = cfg
+        self.eval_lengths = _eval_lengths(cfg)
+        self.stride = int(cfg.get("stride", 256))
+        if self.stride < 1:
+            raise LongLoRAConfigError(f"stride must be >= 1, got {self.stride}")
+        self.max_windows = cfg.get("max_windows")
+        if self.max_windows is not None and int(self.max_windows) < 1:
+            raise LongLoRAConfigError(f"max_windows must be >= 1 or null, got {self.max_windows}")
+        if not cfg.get("output_dir"):
+            raise LongLoRAConfigError("output_dir is not set; give a folder for the result files")
+
+    def setup(self) -> None:
+        """Device, process group, tokenizer, token stream and model."""
+        cfg = self.cfg
+        self.device, self.dtype, self.rank, self.world_size = eval_runtime(cfg)
+        tokenizer = tokenizer_from_config(cfg)
+        data_cfg = cfg.get("dataset")
+        if not data_cfg or not data_cfg.get("source"):
+            raise LongLoRAConfigError("dataset.source is not set; use bin, text or hf")
+        data_kwargs = OmegaConf.to_container(data_cfg, resolve=True)
+        self.stream = load_token_stream(tokenizer=tokenizer, **data_kwargs)
+        self.model, self.model_info = eval_model_from_config(
+            cfg, max_seq_len=max(self.eval_lengths), device=self.device, dtype=self.dtype
+        )
+
+    def evaluate(self) -> list[dict[str, Any]]:
+        """Score every evaluation length; rank 0 writes the files and prints the table.
+
+        Returns:
+            The result rows (one dict per length).
+        """
+        start = time.perf_counter()
+        results = evaluate_perplexity(
+            self.model,
+            self.stream,
+            self.eval_lengths,
+            stride=self.stride,
+            max_windows=None if self.max_windows is None else int(self.max_windows),
+            drop_last=bool(self.cfg.get("drop_last", True)),
+            device=self.device,
+            logits_chunks=int(self.cfg.get("logits_chunks", 8)),
+            rank=self.rank,
+            world_size=self.world_size,
+            progress=bool(self.cfg.get("progress", True)),
+        )
+        rows = [r.to_dict() for r in results]
+        if self.rank == 0:
+            meta = {
+                "recipe": "longlora_eval_perplexity",
+                "model": self.model_info,
+                "dataset": OmegaConf.to_container(self.cfg.dataset, resolve=True),
+                "num_stream_tokens": int(self.stream.shape[0]),
+                "stride": self.stride,
+                "max_windows": self.max_windows,
+                "world_size": self.world_size,
+                "seconds": round(time.perf_counter() - start, 3),
+            }
+            files = write_results(
+                self.cfg.output_dir,
+                self.cfg.get("output_name", "perplexity"),
+                rows=rows,
+                meta=meta,
+                x_key="eval_length",
+                y_key="perplexity",
+                xlabel="evaluation context length (tokens)",
+                ylabel="perplexity",
+                title=f"Perplexity (RoPE factor {self.model_info['rope_scaling_factor']:g})",
+            )
+            columns = ["eval_length", "num_windows", "perplexity", "token_perplexity", "loss", "skipped"]
+            print(format_table(rows, columns), flush=True)
+            print(f"results: {files['json']} {files['csv']} {files['png']}", flush=True)
+        return rows
+
+    def cleanup(self) -> None:
+        """Leave the process group."""
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+@report_errors
+@config.parse
+def recipe_main(cfg: DictConfig) -> None:
+    """Entry point for ``tune run``.
+
+    Args:
+        cfg: the parsed config with command-line overrides applied.
+    """
+    recipe = PerplexityRecipe(cfg)
+    recipe.setup()
+    recipe.evaluate()
+    recipe.cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(recipe_main())

@@ -1,0 +1,195 @@
+"""Passkey prompts (exact reference text, token-length targeting), scoring, and KV-cache decoding."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from longlora_tune.eval.generation import generate, sample_next_token
+from longlora_tune.eval.model_loading import load_eval_model
+from longlora_tune.eval.passkey import (
+    build_prompts,
+    evaluate_passkey,
+    make_passkey_prompt,
+    prompt_for_token_length,
+)
+from longlora_tune.eval.perplexity import evaluate_perplexity
+
+REPO = Path(__file__).resolve().parents[2]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _reference_prompt(n_garbage: int, seed: int) -> tuple[str, str]:
+    """The reference's prompt, written out from REFERENCE §5 (numpy legacy seeding, p then k)."""
+    np.random.seed(seed)
+    p = np.random.randint(0, n_garbage)
+    filler = " ".join(
+        ["The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."] * 5000
+    )
+    k = np.random.randint(1, 50000)
+    lines = [
+        "There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
+        "I will quiz you about the important information there.",
+        filler[:p],
+        f"The pass key is {k}. Remember it. {k} is the pass key.",
+        filler[: n_garbage - p],
+        "What is the pass key? The pass key is",
+    ]
+    return "\n".join(lines), str(k)
+
+
+@pytest.mark.parametrize("n_chars,seed", [(1, 0), (500, 3), (3840, 9), (60000, 1)])
+def test_prompt_is_the_reference_text(n_chars: int, seed: int) -> None:
+    prompt = make_passkey_prompt(n_chars, seed)
+    text, answer = _reference_prompt(n_chars, seed)
+    assert prompt.text == text and prompt.answer == answer
+    assert 0 <= prompt.position < n_chars and 1 <= prompt.key < 50000
+    parts = prompt.text.split("\n")
+    assert len(parts) == 5
+    key_line = f"The pass key is {prompt.key}. Remember it. {prompt.key} is the pass key."
+    assert parts[2] == key_line and prompt.text.count(key_line) == 1
+    # The key's digits occur only in the key line (the filler and question hold no digits).
+    assert [m.start() for m in re.finditer(str(prompt.key), prompt.text)] == [
+        prompt.text.index(key_line) + key_line.index(str(prompt.key)),
+        prompt.text.index(key_line) + key_line.rindex(str(prompt.key)),
+    ]
+
+
+def test_prompts_hit_token_targets(tiny_tokenizer) -> None:
+    for target in (150, 333, 1000, 4096):
+        for seed in (0, 1):
+            prompt, ids = prompt_for_token_length(tiny_tokenizer, target, seed)
+            assert ids == tiny_tokenizer.encode(prompt.text, add_bos=True, add_eos=False)
+            assert target - 3 <= len(ids) <= target, (target, seed, len(ids))
+            assert prompt.text.count(f"The pass key is {prompt.key}.") == 1
+    with pytest.raises(ValueError, match="shortest passkey prompt"):
+        prompt_for_token_length(tiny_tokenizer, 20, 0)
+
+
+class KeyOracle(nn.Module):
+    """A stand-in decoder that reads the key from the prompt and puts the answer's tokens next.
+
+    It honours the interface of :func:`generate`: ``forward(tokens, input_pos=None, mask=None)`` returning
+    ``[1, s, vocab]`` logits, plus the KV-cache methods (it tracks the tokens it has seen as its "cache").
+    """
+
+    def __init__(self, tokenizer, vocab_size: int) -> None:
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.anchor = nn.Parameter(torch.zeros(1))  # gives the module a device and dtype
+        self.seen: list[int] = []
+        self.decoder_max_cache_seq_len = None
+
+    def setup_caches(self, batch_size: int, dtype: torch.dtype, *, decoder_max_seq_len: int) -> None:
+        self.decoder_max_cache_seq_len = decoder_max_seq_len
+        self.seen = []
+
+    def caches_are_setup(self) -> bool:
+        return self.decoder_max_cache_seq_len is not None
+
+    def caches_are_enabled(self) -> bool:
+        return self.caches_are_setup()
+
+    def reset_caches(self) -> None:
+        self.seen = []
+
+    def forward(self, tokens: torch.Tensor, input_pos=None, mask=None) -> torch.Tensor:
+        if input_pos is None:  # no cache: the full sequence every time
+            self.seen = []
+        self.seen += tokens[0].tolist()
+        logits = torch.zeros(1, tokens.shape[1], self.vocab_size)
+        text = self.tokenizer.decode(self.seen)
+        key = re.search(r"The pass key is (\d+)\.", text)
+        if key is None or "What is the pass key? The pass key is" not in text:
+            return logits  # still inside the prompt (chunked prefill)
+        answer = self.tokenizer.encode(key.group(1), add_bos=False, add_eos=False)
+        prompt_text = text[: text.rindex("The pass key is") + len("The pass key is")]
+        emitted = len(self.seen) - len(self.tokenizer.encode(prompt_text, add_bos=True, add_eos=False))
+        logits[0, -1, answer[min(emitted, len(answer) - 1)]] = 1.0
+        return logits
+
+
+def test_oracle_scores_full_marks_and_random_model_zero(tiny_ckpt: Path, tiny_tokenizer) -> None:
+    lengths = [160, 300]
+    prompts = build_prompts(tiny_tokenizer, lengths, num_trials=3)
+    oracle = KeyOracle(tiny_tokenizer, vocab_size=512)
+    for use_cache in (True, False):
+        results = evaluate_passkey(
+            oracle, tiny_tokenizer, lengths, prompts, use_cache=use_cache, progress=False
+        )
+        assert [r.accuracy for r in results] == [1.0, 1.0]
+    model, _ = load_eval_model(tiny_ckpt, max_seq_len=320, training_length=320)
+    results = evaluate_passkey(model, tiny_tokenizer, lengths, prompts, prefill_chunk_size=64, progress=False)
+    assert [r.num_passed for r in results] == [0, 0]
+    assert [r.num_trials for r in results] == [3, 3]
+    assert results[1].mean_prompt_tokens == pytest.approx(np.mean([len(ids) for _, ids in prompts[1]]))
+
+
+def test_kv_cache_greedy_equals_full_recompute(tiny_ckpt: Path) -> None:
+    model, _ = load_eval_model(tiny_ckpt, max_seq_len=128, training_length=128)
+    prompt = torch.randint(3, 512, (70,), generator=torch.Generator().manual_seed(0)).tolist()
+    with torch.no_grad():
+        direct_first = int(model(torch.tensor([prompt]))[0, -1].argmax())
+    no_cache = generate(model, prompt, max_new_tokens=16, use_cache=False)
+    assert no_cache[0] == direct_first
+    # Prefill in uneven chunks so chunk boundaries, the cache and the masks are all exercised.
+    cached = generate(model, prompt, max_new_tokens=16, use_cache=True, prefill_chunk_size=23)
+    assert cached == no_cache and len(cached) == 16
+    # The set-up cache is reused for a second, shorter prompt, and the no-cache path still works after it.
+    again = generate(model, prompt[:40], max_new_tokens=8, use_cache=True, prefill_chunk_size=16)
+    assert again == generate(model, prompt[:40], max_new_tokens=8, use_cache=False)
+    # Perplexity after a cached decode is unchanged (a leftover cache would make torchtune non-causal).
+    stream = np.array(prompt * 2)
+    before = evaluate_perplexity(model, stream, [32], stride=16, progress=False)[0].perplexity
+    generate(model, prompt[:10], max_new_tokens=2, use_cache=True)
+    assert evaluate_perplexity(model, stream, [32], stride=16, progress=False)[0].perplexity == before
+
+
+def test_sampling_filters() -> None:
+    logits = torch.tensor([5.0, 4.0, 0.0, -1.0])
+    assert sample_next_token(logits) == 0
+    gen = torch.Generator().manual_seed(0)
+    # top_p=0.5: only the most likely token (p ~ 0.72) survives.
+    assert {sample_next_token(logits, temperature=1.0, top_p=0.5, generator=gen) for _ in range(50)} == {0}
+    # top_k=2: tokens 2 and 3 never appear; both of the top two do.
+    draws = {sample_next_token(logits, temperature=2.0, top_k=2, generator=gen) for _ in range(200)}
+    assert draws == {0, 1}
+    with pytest.raises(ValueError, match="top_p"):
+        sample_next_token(logits, temperature=1.0, top_p=0.0)
+
+
+def test_passkey_recipe_via_tune_run(tmp_path: Path, tiny_ckpt: Path) -> None:
+    out = tmp_path / "out"
+    cmd = [
+        "tune",
+        "run",
+        "longlora_tune/recipes/longlora_eval_passkey.py",
+        "--config",
+        "longlora_tune/configs/eval/tiny_passkey.yaml",
+        f"checkpoint_dir={tiny_ckpt}",
+        "lengths=[160,256]",
+        "num_trials=2",
+        f"output_dir={out}",
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "accuracy" in proc.stdout
+    result = json.loads((out / "passkey.json").read_text())
+    assert result["model"]["rope_scaling_factor"] == 8.0  # ceil(512 / 64) from training_length
+    assert [r["target_length"] for r in result["results"]] == [160, 256]
+    for row in result["results"]:
+        assert row["num_trials"] == 2 and row["num_passed"] == 0
+        assert row["target_length"] - 3 <= row["mean_prompt_tokens"] <= row["target_length"]
+    csv_text = (out / "passkey.csv").read_text().splitlines()
+    assert csv_text[0].startswith("target_length,") and len(csv_text) == 3
+    assert (out / "passkey.png").read_bytes()[:8] == PNG_MAGIC

@@ -1,0 +1,193 @@
+"""Sliding-window perplexity: window rule, edge cases, and the recipe against an independent computation."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from longlora_tune.eval.model_loading import eval_rope_factor, load_eval_model
+from longlora_tune.eval.perplexity import (
+    evaluate_perplexity,
+    load_token_stream,
+    select_windows,
+    window_starts,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _hf_reference_ppl(
+    ckpt: Path, stream: np.ndarray, length: int, stride: int, factor: float, tmp: Path
+) -> float:
+    """PPL by hand: Hugging Face transformers' Llama with linear RoPE scaling, float64 log-softmax."""
+    import transformers
+
+    scaled = tmp / "hf_scaled"
+    scaled.mkdir(exist_ok=True)
+    config = json.loads((ckpt / "config.json").read_text())
+    config["rope_scaling"] = {"type": "linear", "factor": factor}
+    (scaled / "config.json").write_text(json.dumps(config))
+    if not (scaled / "model.safetensors").exists():
+        (scaled / "model.safetensors").symlink_to(ckpt / "model.safetensors")
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(scaled), dtype=torch.float32)
+    model.eval()
+    starts = list(range(0, len(stream) - length, stride))[:-1]
+    losses = []
+    for s in starts:
+        window = torch.tensor(stream[s : s + length].astype(np.int64))[None]
+        with torch.no_grad():
+            logits = model(window).logits[0].double()
+        logp = torch.log_softmax(logits[:-1], dim=-1)
+        target = window[0, 1:]
+        losses.append(-logp[torch.arange(length - 1), target].mean().item())
+    return math.exp(sum(losses) / len(losses))
+
+
+def test_window_starts_follow_reference_rule() -> None:
+    # range(0, 1000 - 300, 256) = [0, 256, 512]; the last start is dropped.
+    assert window_starts(1000, 300, 256) == [0, 256]
+    assert window_starts(1000, 300, 256, drop_last=False) == [0, 256, 512]
+    # Too short for the dropped-last rule: no window at all.
+    assert window_starts(300 + 256, 300, 256) == []
+    assert window_starts(300 + 257, 300, 256) == [0]
+    assert window_starts(100, 300, 256) == []
+
+
+def test_select_windows_spreads_evenly() -> None:
+    starts = list(range(0, 1000, 100))
+    assert select_windows(starts, 4) == [0, 300, 600, 900]
+    assert select_windows(starts, 1) == [0]
+    assert select_windows(starts, 50) == starts
+    assert select_windows(starts, None) == starts
+
+
+def test_factor_comes_from_training_length_not_eval_length(tiny_ckpt: Path) -> None:
+    cfg = json.loads((tiny_ckpt / "config.json").read_text())  # max_position_embeddings 64, no scaling
+    assert eval_rope_factor(cfg) == 1.0
+    assert eval_rope_factor(cfg, training_length=200) == 4.0  # ceil(200 / 64)
+    assert eval_rope_factor(cfg, rope_scaling_factor=3.0) == 3.0
+    scaled = dict(cfg, rope_scaling={"type": "linear", "factor": 8.0})
+    assert eval_rope_factor(scaled) == 8.0
+    assert eval_rope_factor(scaled, training_length=128) == 8.0  # an existing larger factor is kept
+    from longlora_tune.errors import LongLoRAConfigError
+
+    with pytest.raises(LongLoRAConfigError, match="not both"):
+        eval_rope_factor(cfg, training_length=128, rope_scaling_factor=2.0)
+
+
+def test_short_text_is_skipped_and_tail_is_never_scored(tiny_ckpt: Path) -> None:
+    model, _ = load_eval_model(tiny_ckpt, max_seq_len=128, training_length=128)
+    rng = np.random.default_rng(0)
+    length, stride = 32, 16
+    # range(0, 120 - 32, 16) = [0, 16, ..., 80] -> dropped last -> starts up to 64: tokens >= 96 unused.
+    stream = rng.integers(3, 512, size=120)
+    short = evaluate_perplexity(model, stream, [112, length], stride=stride, progress=False)
+    assert short[0].skipped is not None and "120 tokens" in short[0].skipped
+    assert math.isnan(short[0].perplexity) and short[0].num_windows == 0
+    assert short[1].skipped is None and short[1].num_windows == 5
+    assert short[1].num_tokens == 5 * (length - 1)
+    # Equal-length windows: per-window mean and token-weighted mean agree.
+    assert short[1].perplexity == pytest.approx(short[1].token_perplexity, rel=1e-9)
+
+    tail_changed = stream.copy()
+    tail_changed[96:] = (tail_changed[96:] + 7) % 500 + 3
+    same = evaluate_perplexity(model, tail_changed, [length], stride=stride, progress=False)[0]
+    assert same.perplexity == pytest.approx(short[1].perplexity, rel=1e-12)
+    inside_changed = stream.copy()
+    inside_changed[95] = (inside_changed[95] + 7) % 500 + 3
+    other = evaluate_perplexity(model, inside_changed, [length], stride=stride, progress=False)[0]
+    assert other.perplexity != pytest.approx(short[1].perplexity, rel=1e-9)
+
+
+def test_text_source_tokenizes_documents_with_bos_eos(tmp_path: Path, tiny_tokenizer) -> None:
+    path = tmp_path / "docs.jsonl"
+    path.write_text(json.dumps({"text": "The cat sees."}) + "\n" + json.dumps({"text": "A dog."}) + "\n")
+    stream = load_token_stream(source="text", path=str(path), tokenizer=tiny_tokenizer)
+    expected = tiny_tokenizer.encode("The cat sees.") + tiny_tokenizer.encode("A dog.")
+    assert stream.tolist() == expected and expected[0] == 1 and expected[-1] == 2
+    # The hub loader path, offline through the datasets "json" builder, gives the same stream.
+    hub = load_token_stream(
+        source="hf",
+        name="json",
+        data_files=str(path),
+        split="train",
+        tokenizer=tiny_tokenizer,
+        max_documents=1,
+    )
+    assert hub.tolist() == tiny_tokenizer.encode("The cat sees.")
+
+
+@pytest.mark.slow
+def test_recipe_via_torchrun_matches_independent_ppl(tmp_path: Path, tiny_ckpt: Path) -> None:
+    rng = np.random.default_rng(1)
+    stream = rng.integers(3, 512, size=400).astype(np.uint16)
+    data = tmp_path / "val.bin"
+    stream.tofile(data)
+    out = tmp_path / "out"
+    # Two CPU processes (gloo): windows are sharded across ranks and the sums all-reduced, so matching the
+    # single-model reference also checks the sharding (5 windows at L=48: 3 on rank 0, 2 on rank 1).
+    cmd = [
+        "tune",
+        "run",
+        "--nproc_per_node",
+        "2",
+        "longlora_tune/recipes/longlora_eval_perplexity.py",
+        "--config",
+        "longlora_tune/configs/eval/tiny_perplexity.yaml",
+        f"checkpoint_dir={tiny_ckpt}",
+        "dataset.source=bin",
+        f"dataset.path={data}",
+        "eval_lengths=[48,96,512]",
+        "stride=64",
+        "max_windows=null",
+        "training_length=256",
+        f"output_dir={out}",
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "perplexity" in proc.stdout and "eval_length" in proc.stdout  # the printed table
+
+    result = json.loads((out / "perplexity.json").read_text())
+    assert result["model"]["rope_scaling_factor"] == 4.0  # ceil(256 / 64), not from the eval lengths
+    rows = {r["eval_length"]: r for r in result["results"]}
+    for length in (48, 96):
+        expected = _hf_reference_ppl(tiny_ckpt, stream, length, 64, factor=4.0, tmp=tmp_path)
+        assert rows[length]["perplexity"] == pytest.approx(expected, rel=1e-5)
+        assert rows[length]["num_windows"] == len(range(0, 400 - length, 64)) - 1
+    assert rows[512]["skipped"] and rows[512]["perplexity"] is None
+
+    with (out / "perplexity.csv").open() as f:
+        csv_rows = list(csv.DictReader(f))
+    assert [int(r["eval_length"]) for r in csv_rows] == [48, 96, 512]
+    assert (out / "perplexity.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_recipe_config_error_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    from longlora_tune.recipes.longlora_eval_perplexity import recipe_main
+
+    argv = [
+        "longlora_eval_perplexity",
+        "--config",
+        str(REPO / "longlora_tune/configs/eval/tiny_perplexity.yaml"),
+        f"checkpoint_dir={tmp_path / 'missing'}",
+        f"output_dir={tmp_path}",
+    ]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exit_info:
+        recipe_main()
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("longlora_tune: error: ") and "missing" in lines[0]

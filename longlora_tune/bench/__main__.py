@@ -1,0 +1,349 @@
+"""Training-step benchmark: LongLoRA vs the same model with full attention vs plain LoRA.
+
+Run ``python -m longlora_tune.bench --shape 7b-proxy --seq-lens 8192 --repeats 5 --out bench.json``.
+
+Variants (same model, same LoRA on q/k/v/o, same activation checkpointing and chunked loss):
+
+* ``longlora``: S²-Attn, LoRA + trainable embeddings and norms (LoRA+);
+* ``full_attn``: the same with ``use_full_attn=True``;
+* ``lora``: full attention, LoRA-only trainable set.
+
+On CUDA the ``longlora`` variant runs once per S² backend: ``sdpa``, ``flex`` and ``flash`` (when
+flash-attn imports). Every case runs in its own Python process (clean memory peaks), one warm-up step and
+then ``--repeats`` timed steps; ``--rounds`` repeats the whole sweep with the cases interleaved, so that
+load from other processes hits every variant alike. Reported: median step time and the min-max spread,
+tokens/s, peak memory (see ``memory_kind``), model TFLOP/s and, on CUDA, MFU against the chip's dense bf16
+peak (``--peak-tflops``, detected from the device name otherwise), and the ratios full/S² and
+plain-LoRA/LongLoRA. Results are printed as a markdown table and written as JSON with ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from longlora_tune.bench.train_step import BENCH_SHAPES, VARIANTS, Case, resolve_shape, run_case
+from longlora_tune.modules.s2_attention import flash_attn_available
+from longlora_tune.plan import step_flops, write_json_atomic
+
+_WORKER_FLAG = "--worker-case"
+
+
+def _cases(args: argparse.Namespace) -> list[Case]:
+    backends = ["sdpa"]
+    if args.device == "cuda":
+        backends = [b for b in args.backends if b != "flash" or flash_attn_available()]
+    cases = []
+    for seq_len in args.seq_lens:
+        for variant in args.variants:
+            for backend in backends if variant == "longlora" else ["sdpa"]:
+                cases.append(
+                    Case(
+                        shape=args.shape,
+                        layers=args.layers,
+                        seq_len=seq_len,
+                        batch_size=args.batch_size,
+                        variant=variant,
+                        backend=backend,
+                        device=args.device,
+                        dtype=args.dtype,
+                        repeats=args.repeats,
+                        threads=args.threads,
+                        activation_checkpointing=args.activation_checkpointing,
+                        loss_chunks=args.loss_chunks,
+                        peak_tflops=args.peak_tflops,
+                    )
+                )
+    return cases
+
+
+def _run_in_subprocess(case: Case, timeout: float | None) -> dict[str, Any]:
+    env = dict(os.environ)
+    # The worker imports this package by name: make sure it resolves to this copy, installed or not.
+    package_parent = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_parent, env.get("PYTHONPATH", "")) if p)
+    if case.device == "cpu":
+        # Intra-op pools of MKL/OpenMP must match torch's thread count or they oversubscribe the cores.
+        env.update(OMP_NUM_THREADS=str(case.threads), MKL_NUM_THREADS=str(case.threads))
+    cmd = [sys.executable, "-m", "longlora_tune.bench", _WORKER_FLAG, json.dumps(asdict(case))]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        return {**asdict(case), "error": f"timed out after {timeout:.0f} s"}
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        return {**asdict(case), "error": f"worker exited {proc.returncode}: " + " | ".join(tail)}
+    return json.loads(lines[-1])
+
+
+def _run_here(case: Case) -> dict[str, Any]:
+    try:
+        return run_case(case)
+    except ValueError as err:
+        return {**asdict(case), "error": str(err)}
+
+
+def _merge_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Pool the timed steps of one case measured in several rounds (each round a fresh process)."""
+    ok = [r for r in rounds if "error" not in r]
+    if not ok:
+        return rounds[-1]
+    merged = dict(ok[-1])
+    times = [t for r in ok for t in r["step_s"]]
+    cpu_times = [t for r in ok for t in r["cpu_step_s"]]
+    median = statistics.median(times)
+    merged.update(
+        step_s=times,
+        cpu_step_s=cpu_times,
+        median_cpu_s=statistics.median(cpu_times),
+        min_cpu_s=min(cpu_times),
+        max_cpu_s=max(cpu_times),
+        rounds=len(ok),
+        median_s=median,
+        min_s=min(times),
+        max_s=max(times),
+        tokens_per_s=merged["batch_size"] * merged["seq_len"] / median,
+        model_tflops_per_s=merged["model_flops"] / median / 1e12,
+        peak_mem_bytes=max((r["peak_mem_bytes"] or 0) for r in ok) or None,
+        peak_mem_over_model_bytes=max((r["peak_mem_over_model_bytes"] or 0) for r in ok) or None,
+    )
+    if merged.get("peak_tflops"):
+        merged["mfu"] = merged["model_flops"] / median / (merged["peak_tflops"] * 1e12)
+    return merged
+
+
+def _label(result: dict[str, Any]) -> str:
+    return result["variant"] + (f"[{result['backend']}]" if result["variant"] == "longlora" else "")
+
+
+def _ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for seq_len in sorted({r["seq_len"] for r in results}):
+        by = {_label(r): r for r in results if r["seq_len"] == seq_len and "error" not in r}
+        shape = resolve_shape(results[0]["shape"], results[0]["layers"])
+        ideal = step_flops(
+            shape,
+            seq_len,
+            results[0]["batch_size"],
+            group_size=seq_len // 4,
+            activation_checkpointing=results[0]["activation_checkpointing"],
+        ).total
+        full = step_flops(
+            shape,
+            seq_len,
+            results[0]["batch_size"],
+            group_size=None,
+            activation_checkpointing=results[0]["activation_checkpointing"],
+        ).total
+        for label, s2 in by.items():
+            if not label.startswith("longlora"):
+                continue
+            row: dict[str, Any] = {
+                "seq_len": seq_len,
+                "longlora": label,
+                "flop_ideal_full_over_s2": full / ideal,
+            }
+            if "full_attn" in by:
+                f = by["full_attn"]
+                row["full_over_s2"] = f["median_s"] / s2["median_s"]
+                # Most pessimistic and optimistic pairing of the observed extremes.
+                row["full_over_s2_range"] = [f["min_s"] / s2["max_s"], f["max_s"] / s2["min_s"]]
+                row["full_over_s2_cpu"] = f["median_cpu_s"] / s2["median_cpu_s"]
+                row["full_over_s2_cpu_range"] = [
+                    min(f["cpu_step_s"]) / max(s2["cpu_step_s"]),
+                    max(f["cpu_step_s"]) / min(s2["cpu_step_s"]),
+                ]
+            if "lora" in by:
+                row["lora_over_longlora"] = by["lora"]["median_s"] / s2["median_s"]
+                row["lora_over_longlora_cpu"] = by["lora"]["median_cpu_s"] / s2["median_cpu_s"]
+            out.append(row)
+    return out
+
+
+def markdown(results: list[dict[str, Any]], ratios: list[dict[str, Any]]) -> str:
+    """Render results and ratios as markdown tables.
+
+    Args:
+        results: Per-case results (``run_case`` outputs, merged over rounds).
+        ratios: Output of the ratio computation.
+
+    Returns:
+        The tables.
+    """
+    mib = 1024**2
+    lines = [
+        "| variant | seq | median step s (min-max) | median CPU s (min-max) | steps | tokens/s "
+        "| peak mem MiB (over model) | model TFLOP/s | MFU |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {_label(r)} | {r['seq_len']} | error: {r['error']} | | | | | | |")
+            continue
+        over = r.get("peak_mem_over_model_bytes")
+        mem = f"{r['peak_mem_bytes'] / mib:.0f}" if r.get("peak_mem_bytes") else "n/a"
+        mem += f" ({over / mib:.0f})" if over else ""
+        mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "n/a"
+        cpu = r["cpu_step_s"]
+        lines.append(
+            f"| {_label(r)} | {r['seq_len']} | {r['median_s']:.3f} ({r['min_s']:.3f}-{r['max_s']:.3f}) "
+            f"| {r['median_cpu_s']:.3f} ({min(cpu):.3f}-{max(cpu):.3f}) | {len(r['step_s'])} "
+            f"| {r['tokens_per_s']:.0f} | {mem} | {r['model_tflops_per_s']:.3f} | {mfu} |"
+        )
+    if ratios:
+        lines += [
+            "",
+            "| seq | LongLoRA | full/S² wall median (range) | full/S² CPU-time median (range) | FLOP ideal "
+            "| plain-LoRA/LongLoRA wall, CPU |",
+            "|---:|---|---:|---:|---:|---:|",
+        ]
+
+        def fmt(q: dict[str, Any], key: str) -> str:
+            if key not in q:
+                return "n/a"
+            low, high = q[f"{key}_range"]
+            return f"{q[key]:.2f}x ({low:.2f}-{high:.2f})"
+
+        for q in ratios:
+            lora = (
+                f"{q['lora_over_longlora']:.2f}x, {q['lora_over_longlora_cpu']:.2f}x"
+                if "lora_over_longlora" in q
+                else "n/a"
+            )
+            lines.append(
+                f"| {q['seq_len']} | {q['longlora']} | {fmt(q, 'full_over_s2')} "
+                f"| {fmt(q, 'full_over_s2_cpu')} | {q['flop_ideal_full_over_s2']:.2f}x | {lora} |"
+            )
+    return "\n".join(lines)
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m longlora_tune.bench", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--shape", choices=sorted(BENCH_SHAPES), default="7b-proxy")
+    parser.add_argument("--layers", type=int, default=None, help="override the shape's layer count")
+    parser.add_argument(
+        "--seq-lens",
+        type=int,
+        nargs="+",
+        default=None,
+        help="sequence lengths (default: 256 for tiny, 8192 otherwise)",
+    )
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS))
+    parser.add_argument(
+        "--backends",
+        nargs="+",
+        choices=["sdpa", "flash", "flex"],
+        default=["sdpa", "flash", "flex"],
+        help="S² backends on CUDA (flash skipped if absent)",
+    )
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument(
+        "--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="default fp32 on CPU, bf16 on CUDA"
+    )
+    parser.add_argument("--repeats", type=int, default=3, help="timed steps per case and round (median)")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="interleaved sweeps, each case in a fresh process"
+    )
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--loss-chunks", type=int, default=8)
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="bf16 dense peak for MFU (default: from the GPU name, H100/H200 989, A100 312)",
+    )
+    parser.add_argument("--case-timeout", type=float, default=None, help="seconds per case process")
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run every case in this process (faster; memory peaks of earlier cases may hide later ones)",
+    )
+    parser.add_argument("--out", type=Path, default=None, help="write results as JSON here")
+    args = parser.parse_args(argv)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but torch.cuda.is_available() is False; use --device cpu")
+    if args.dtype is None:
+        args.dtype = "bf16" if args.device == "cuda" else "fp32"
+    if args.seq_lens is None:
+        args.seq_lens = [256] if args.shape == "tiny" else [8192]
+    for name in ("repeats", "rounds", "threads", "batch_size", "loss_chunks"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """Run the benchmark sweep.
+
+    Args:
+        argv: Command-line arguments (default ``sys.argv[1:]``).
+
+    Returns:
+        The per-case results.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == [_WORKER_FLAG]:
+        print(json.dumps(_run_here(Case(**json.loads(argv[1])))), flush=True)
+        return []
+    args = _parse(argv)
+    try:
+        cases = _cases(args)
+    except ValueError as err:
+        print(f"longlora_tune.bench: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from err
+    measured: dict[Case, list[dict[str, Any]]] = {case: [] for case in cases}
+
+    def summarise() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        results = [_merge_rounds(rounds) for rounds in measured.values() if rounds]
+        return results, _ratios(results)
+
+    def save() -> None:
+        results, ratios = summarise()
+        payload = {
+            "command": "python -m longlora_tune.bench " + " ".join(argv),
+            "host": platform.node(),
+            "cpu_count": os.cpu_count(),
+            "torch": torch.__version__,
+            "complete": all(len(rounds) == args.rounds for rounds in measured.values()),
+            "results": results,
+            "ratios": ratios,
+        }
+        write_json_atomic(args.out, payload)
+
+    for round_index in range(args.rounds):
+        for case in cases:
+            result = _run_here(case) if args.in_process else _run_in_subprocess(case, args.case_timeout)
+            measured[case].append(result)
+            status = result.get("error") or f"median {result['median_s']:.3f} s"
+            print(
+                f"[round {round_index + 1}/{args.rounds}] {_label(result)} seq {case.seq_len}: {status}",
+                file=sys.stderr,
+                flush=True,
+            )
+            if args.out:
+                save()  # after every case, so a sweep stopped by a time limit keeps what it measured
+    results, ratios = summarise()
+    print(markdown(results, ratios))
+    return results
+
+
+if __name__ == "__main__":
+    sys.exit(1 if any("error" in r for r in main()) else 0)

@@ -1,0 +1,950 @@
+"""Memory and FLOP planner for LongLoRA training runs.
+
+``python -m longlora_tune.plan --config llama2_7b_100k --gpus 8 --gpu-memory 80`` estimates, per GPU, the
+memory of one training step (weights, gradients, optimizer state, saved activations, the chunked-loss
+logits, transient backward buffers and workspace) and the FLOPs of the step with S²-Attn and with full
+attention, says whether it fits and suggests settings that make it fit.
+
+The activation model is written for the code this project actually runs: torchtune's LoRA Llama 2
+(``TransformerSelfAttentionLayer``: RMSNorm computed in float32, LoRA on q/k/v/o with frozen base weights,
+SwiGLU MLP, trainable embeddings and norms) with our S² attention callable and torchtune's
+``CEWithChunkedOutputLoss``. Every term below is the storage that autograd keeps for backward, counted
+once per storage (tensors that share a storage are not double counted). ``tests/test_plan.py`` checks
+the model against the bytes that ``torch.autograd.graph.saved_tensors_hooks`` sees.
+
+FLOPs count multiply-adds as two FLOPs. ``attention="dense"`` counts every score of every attended
+block (torch's FlopCounterMode and the LongLoRA paper's convention); ``attention="causal"`` counts only
+the lower triangle (what a causal kernel needs: the "model FLOPs" used for MFU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "MODEL_SHAPES",
+    "ActivationEstimate",
+    "FlopEstimate",
+    "ModelShape",
+    "Plan",
+    "activation_bytes",
+    "load_config_settings",
+    "main",
+    "plan",
+    "s2_segment_lengths",
+    "step_flops",
+    "write_json_atomic",
+]
+
+GIB = 1024**3
+_DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+_FP32 = 4
+_INT64 = 8
+#: CUDA context, cuBLAS and NCCL workspaces: resident on the GPU but outside the caching allocator.
+_CONTEXT_BYTES = int(1.5 * GIB)
+#: Caching-allocator fragmentation on top of the bytes live at the peak.
+_FRAGMENTATION = 0.05
+# The two phases of a step that do not overlap: only the larger one adds to the peak.
+_LOSS_PHASE = "loss phase: fp32 log-probs + logits (*)"
+_LAYER_PHASE = "layer backward phase: recompute + grads (*)"
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """Sizes of a Llama 2 style decoder.
+
+    Attributes:
+        vocab_size: Vocabulary size.
+        num_layers: Decoder layers.
+        num_heads: Query heads.
+        num_kv_heads: Key/value heads (GQA when fewer than ``num_heads``).
+        embed_dim: Hidden size.
+        intermediate_dim: SwiGLU hidden size.
+    """
+
+    vocab_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    embed_dim: int
+    intermediate_dim: int
+
+    def __post_init__(self) -> None:
+        for name in (
+            "vocab_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "embed_dim",
+            "intermediate_dim",
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"ModelShape.{name} must be a positive int, got {value!r}")
+        if self.embed_dim % self.num_heads or self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"embed_dim {self.embed_dim} must divide by num_heads {self.num_heads} and num_heads by "
+                f"num_kv_heads {self.num_kv_heads}"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        """Per-head dimension."""
+        return self.embed_dim // self.num_heads
+
+    @property
+    def kv_dim(self) -> int:
+        """Width of the key (and value) projection."""
+        return self.num_kv_heads * self.head_dim
+
+    def layer_params(self) -> int:
+        """Base (non-LoRA) parameters of one decoder layer, norms included."""
+        d, i = self.embed_dim, self.intermediate_dim
+        return 2 * d * d + 2 * d * self.kv_dim + 3 * d * i + 2 * d
+
+    def base_params(self) -> int:
+        """All base parameters: embeddings, layers, final norm, untied output projection."""
+        return 2 * self.vocab_size * self.embed_dim + self.num_layers * self.layer_params() + self.embed_dim
+
+    def lora_params(
+        self, rank: int, modules: Sequence[str] = ("q_proj", "k_proj", "v_proj", "output_proj")
+    ) -> int:
+        """LoRA parameters (A and B) over all layers for the given attention projections."""
+        d, kv = self.embed_dim, self.kv_dim
+        out_dims = {"q_proj": d, "k_proj": kv, "v_proj": kv, "output_proj": d}
+        return self.num_layers * sum(rank * (d + out_dims[m]) for m in modules)
+
+
+#: Published Llama 2 shapes.
+MODEL_SHAPES: dict[str, ModelShape] = {
+    "7b": ModelShape(32_000, 32, 32, 32, 4096, 11008),
+    "13b": ModelShape(32_000, 40, 40, 40, 5120, 13824),
+    "70b": ModelShape(32_000, 80, 64, 8, 8192, 28672),
+}
+
+
+def s2_segment_lengths(
+    seq_len: int, group_size: int, *, wrap_around: bool = False
+) -> tuple[list[int], list[int]]:
+    """Lengths of the causal attention segments of the two S² head halves.
+
+    Args:
+        seq_len: Sequence length ``N``.
+        group_size: ``G`` (even).
+        wrap_around: Paper Algorithm 1 (rolled tokens: the shifted half has the same segment lengths as
+            the first half) instead of the no-wrap form (``[0, G/2), [G/2, 3G/2), ...`` clipped at ``N``).
+
+    Returns:
+        ``(first_half, shifted_half)`` lists of segment lengths, each summing to ``seq_len``.
+
+    Raises:
+        ValueError: If ``group_size`` is not an even int >= 2 or ``seq_len`` < 1.
+    """
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 2 or group_size % 2:
+        raise ValueError(f"group_size must be an even int >= 2, got {group_size!r}")
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+
+    def chunks(n: int) -> list[int]:
+        full, rest = divmod(n, group_size)
+        return [group_size] * full + ([rest] if rest else [])
+
+    first = chunks(seq_len)
+    if wrap_around:
+        return first, list(first)
+    head = min(group_size // 2, seq_len)
+    return first, [head, *chunks(seq_len - head)]
+
+
+def _attention_pairs(seq_len: int, group_size: int | None, wrap_around: bool, causal: bool) -> float:
+    """Query-key pairs scored per head (averaged over the two S² head halves)."""
+    segments = (
+        ([seq_len], [seq_len])
+        if group_size is None
+        else s2_segment_lengths(seq_len, group_size, wrap_around=wrap_around)
+    )
+    per_half = [sum(g * (g + 1) / 2 if causal else g * g for g in half) for half in segments]
+    return sum(per_half) / 2
+
+
+@dataclass(frozen=True)
+class FlopEstimate:
+    """FLOPs of one training step (one micro-batch), multiply-add = 2 FLOPs.
+
+    Attributes:
+        forward_matmul: Projections, MLP, LoRA and output head in the forward pass.
+        forward_attention: Score and value products in the forward pass.
+        backward: Input gradients everywhere plus weight gradients of trainable matrices (LoRA).
+        recompute: Forward of the decoder layers again under activation checkpointing (up to the last
+            op whose saved tensors backward needs).
+        attention: ``"dense"`` or ``"causal"`` (see the module docstring).
+    """
+
+    forward_matmul: float
+    forward_attention: float
+    backward: float
+    recompute: float
+    attention: str
+
+    @property
+    def forward(self) -> float:
+        """Forward FLOPs."""
+        return self.forward_matmul + self.forward_attention
+
+    @property
+    def model(self) -> float:
+        """Forward + backward, no recompute (the numerator of model FLOPs utilisation)."""
+        return self.forward + self.backward
+
+    @property
+    def total(self) -> float:
+        """Everything executed, recompute included."""
+        return self.model + self.recompute
+
+    @property
+    def attention_share_forward(self) -> float:
+        """Fraction of forward FLOPs spent in attention (the paper's Table 12 quantity)."""
+        return self.forward_attention / self.forward
+
+
+def step_flops(
+    shape: ModelShape,
+    seq_len: int,
+    batch_size: int = 1,
+    *,
+    group_size: int | None = None,
+    wrap_around: bool = False,
+    activation_checkpointing: bool = True,
+    attention: str = "causal",
+    lora_rank: int = 8,
+    lora_modules: Sequence[str] = ("q_proj", "k_proj", "v_proj", "output_proj"),
+) -> FlopEstimate:
+    """FLOPs of one LongLoRA training step.
+
+    Base weights are frozen, so their backward only computes input gradients (as many FLOPs as their
+    forward); LoRA matrices also get weight gradients (twice their forward). Attention backward is
+    counted as twice its forward (the four products for dQ, dK, dV and dScores); kernels that recompute
+    the scores do half a forward more, which is hardware work, not model FLOPs.
+
+    Args:
+        shape: Model sizes.
+        seq_len: Tokens per sequence.
+        batch_size: Sequences per micro-batch.
+        group_size: S² group size; None means full causal attention.
+        wrap_around: S² Algorithm 1 form (same FLOPs up to the segment clipping).
+        activation_checkpointing: Count the recomputed layer forward.
+        attention: ``"causal"`` or ``"dense"``.
+        lora_rank: LoRA rank.
+        lora_modules: Attention projections with LoRA.
+
+    Returns:
+        The :class:`FlopEstimate`.
+
+    Raises:
+        ValueError: On an unknown ``attention`` mode or bad sizes.
+    """
+    if attention not in ("causal", "dense"):
+        raise ValueError(f"attention must be 'causal' or 'dense', got {attention!r}")
+    if seq_len < 1 or batch_size < 1:
+        raise ValueError(f"seq_len and batch_size must be >= 1, got {seq_len}, {batch_size}")
+    tokens = batch_size * seq_len
+    d, kv, i = shape.embed_dim, shape.kv_dim, shape.intermediate_dim
+    frozen_layer = 2 * tokens * (2 * d * d + 2 * d * kv + 3 * d * i)
+    lora_layer = 2 * tokens * shape.lora_params(lora_rank, lora_modules) / shape.num_layers
+    pairs = _attention_pairs(seq_len, group_size, wrap_around, attention == "causal")
+    attn_layer = 2 * 2 * batch_size * shape.num_heads * shape.head_dim * pairs
+    head = 2 * tokens * d * shape.vocab_size
+    layers = shape.num_layers
+    forward_matmul = layers * (frozen_layer + lora_layer) + head
+    forward_attention = layers * attn_layer
+    backward = layers * (frozen_layer + 2 * lora_layer + 2 * attn_layer) + head
+    # Non-reentrant checkpointing stops recomputing once every saved tensor is rebuilt: the frozen MLP down
+    # projection, the layer's last matmul, feeds nothing that backward needs, so it is not rerun.
+    down_proj = 2 * tokens * i * d
+    recompute = 0.0
+    if activation_checkpointing:
+        recompute = layers * (frozen_layer - down_proj + lora_layer + attn_layer)
+    return FlopEstimate(forward_matmul, forward_attention, backward, recompute, attention)
+
+
+@dataclass(frozen=True)
+class ActivationEstimate:
+    """Activation memory of one micro-batch in bytes.
+
+    Attributes:
+        per_layer_saved: Bytes one decoder layer keeps for backward without checkpointing.
+        layers_saved: Bytes all decoder layers keep (with checkpointing: their inputs only).
+        head_saved: Final norm, token ids and labels.
+        loss_saved: Float32 log-probabilities that the cross entropy keeps for backward.
+        recompute_transient: Extra bytes while one checkpointed layer is recomputed and back-propagated.
+        logits_transient: Extra bytes while the loss runs (low-precision logits, one float32 chunk).
+    """
+
+    per_layer_saved: int
+    layers_saved: int
+    head_saved: int
+    loss_saved: int
+    recompute_transient: int
+    logits_transient: int
+
+    @property
+    def saved(self) -> int:
+        """Everything autograd holds for backward at the end of the forward pass."""
+        return self.layers_saved + self.head_saved + self.loss_saved
+
+    @property
+    def loss_phase(self) -> int:
+        """Bytes beyond the layers' saved activations while the loss runs and starts its backward."""
+        return self.loss_saved + self.logits_transient
+
+    @property
+    def peak(self) -> int:
+        """Peak activation bytes: the layers' saved tensors plus the larger of the two phases.
+
+        Backward frees the loss's log-probabilities before it reaches the decoder layers, so the loss phase
+        and the recompute/backward of a layer do not overlap.
+        """
+        return self.layers_saved + self.head_saved + max(self.loss_phase, self.recompute_transient)
+
+
+def activation_bytes(
+    shape: ModelShape,
+    seq_len: int,
+    batch_size: int = 1,
+    *,
+    dtype: str = "bf16",
+    s2: bool = True,
+    activation_checkpointing: bool = True,
+    loss_chunks: int = 8,
+    lora_rank: int = 8,
+    lora_modules: Sequence[str] = ("q_proj", "k_proj", "v_proj", "output_proj"),
+) -> ActivationEstimate:
+    """Activation bytes of a LongLoRA Llama 2 training step (LoRA on attention, trainable embeddings/norms).
+
+    Per layer, autograd keeps: for each of the two RMSNorms (computed in float32) the float32 input and
+    normalised tensor and the float32 inverse RMS; the normed hidden state that the LoRA A matrices read;
+    each LoRA B input (``rank`` wide); q, k, v (keys and values already expanded to all heads) and the
+    attention output plus a float32 log-sum-exp per head and token; with S² also the output re-assembled
+    from the groups (full attention's output is laid out so that the output projection reads it in
+    place); and three ``intermediate_dim`` tensors of the SwiGLU MLP. The frozen projections keep only their
+    weights. With checkpointing a layer keeps just its input. The head keeps the final norm's float32
+    tensors, the int64 token ids and labels, and the loss keeps float32 log-probabilities for every token
+    (chunking the loss bounds only the float32 upcast, not what backward keeps).
+
+    Args:
+        shape: Model sizes.
+        seq_len: Tokens per sequence.
+        batch_size: Sequences per micro-batch.
+        dtype: Parameter/activation dtype: ``"bf16"``, ``"fp16"`` or ``"fp32"``.
+        s2: S² attention (else full attention).
+        activation_checkpointing: torchtune's per-layer activation checkpointing.
+        loss_chunks: ``CEWithChunkedOutputLoss`` chunks (1 for a plain cross entropy).
+        lora_rank: LoRA rank.
+        lora_modules: Attention projections with LoRA.
+
+    Returns:
+        The :class:`ActivationEstimate`.
+
+    Raises:
+        ValueError: On an unknown dtype or bad sizes.
+    """
+    if dtype not in _DTYPE_BYTES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPE_BYTES)}, got {dtype!r}")
+    if seq_len < 1 or batch_size < 1 or loss_chunks < 1:
+        raise ValueError(
+            f"seq_len, batch_size and loss_chunks must be >= 1, got {seq_len}, {batch_size}, {loss_chunks}"
+        )
+    e = _DTYPE_BYTES[dtype]
+    t = batch_size * seq_len
+    d, i, v = shape.embed_dim, shape.intermediate_dim, shape.vocab_size
+    hidden = t * d
+    norm = 2 * _FP32 * hidden + _FP32 * t
+    lora = e * hidden + len(lora_modules) * e * t * lora_rank
+    attention = 4 * e * hidden + _FP32 * t * shape.num_heads + (e * hidden if s2 else 0)
+    mlp = 3 * e * t * i
+    per_layer = 2 * norm + lora + attention + mlp
+    layers_saved = shape.num_layers * (e * hidden if activation_checkpointing else per_layer)
+    head_saved = norm + 2 * _INT64 * t
+    loss_saved = _FP32 * t * v
+    # Backward of one layer: gradients of its input and output, dq/dk/dv and two MLP-wide gradients; with
+    # checkpointing the layer's own activations are rebuilt first.
+    grads = 5 * e * hidden + 2 * e * t * i
+    recompute_transient = grads + (per_layer if activation_checkpointing else 0)
+    logits_transient = e * t * v + 2 * _FP32 * t * v // loss_chunks
+    return ActivationEstimate(
+        per_layer, layers_saved, head_saved, loss_saved, recompute_transient, logits_transient
+    )
+
+
+@dataclass
+class Plan:
+    """Memory and FLOP plan of one training step per GPU.
+
+    Attributes:
+        model: Model name or ``"custom"``.
+        shape: Model sizes.
+        seq_len: Training length.
+        batch_size: Micro-batch per GPU.
+        gpus: Data-parallel GPUs.
+        gpu_memory_gib: Memory per GPU.
+        dtype: Parameter dtype.
+        activation_checkpointing: Per-layer activation checkpointing.
+        fsdp: Parameters, gradients and optimizer state sharded over ``gpus`` (FSDP2).
+        s2: S² attention (else full).
+        group_size: S² group size used.
+        loss_chunks: Chunks of the cross-entropy loss.
+        lora_rank: LoRA rank.
+        activation_offloading: Saved layer activations kept in host memory.
+        cpu_offload: Sharded parameters, gradients and optimizer state kept in host memory.
+        trainable_params: LoRA + embeddings + norms.
+        total_params: Base + LoRA parameters.
+        memory: Per-GPU bytes by component (frozen weights, trainable parameters, gradients, AdamW state,
+            FSDP buffers, saved activations, the loss phase and the layer-backward phase, overhead).
+        peak_bytes: Estimated peak per GPU: every component, but only the larger of the two phases.
+        fits: ``peak_bytes <= gpu_memory_gib``.
+        flops: FLOPs of the step as configured (causal counting).
+        flops_full_attention: The same step with full attention.
+        max_seq_len_fitting: Longest length (multiple of 1024) that fits with these settings, 0 if none.
+        suggestions: Changes that make the run fit (empty when it fits).
+    """
+
+    model: str
+    shape: ModelShape
+    seq_len: int
+    batch_size: int
+    gpus: int
+    gpu_memory_gib: float
+    dtype: str
+    activation_checkpointing: bool
+    fsdp: bool
+    s2: bool
+    group_size: int | None
+    loss_chunks: int
+    lora_rank: int
+    activation_offloading: bool
+    cpu_offload: bool
+    trainable_params: int
+    total_params: int
+    memory: dict[str, int]
+    peak_bytes: int
+    fits: bool
+    flops: FlopEstimate
+    flops_full_attention: FlopEstimate
+    max_seq_len_fitting: int = 0
+    suggestions: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dictionary (FLOP estimates expanded with their derived totals)."""
+        out = dataclasses.asdict(self)
+        for key in ("flops", "flops_full_attention"):
+            est: FlopEstimate = getattr(self, key)
+            out[key].update(
+                forward=est.forward,
+                model=est.model,
+                total=est.total,
+                attention_share_forward=est.attention_share_forward,
+            )
+        out["peak_gib"] = self.peak_bytes / GIB
+        return out
+
+    def table(self) -> str:
+        """Markdown report: memory breakdown, FLOPs, verdict and suggestions."""
+        lines = [
+            f"## {self.model}: {self.seq_len} tokens x {self.batch_size}/GPU on {self.gpus} GPU(s) "
+            f"of {self.gpu_memory_gib:g} GiB",
+            "",
+            f"dtype {self.dtype}, activation checkpointing {'on' if self.activation_checkpointing else 'off'}"
+            f"{', activation offloading' if self.activation_offloading else ''}"
+            f"{', fsdp_cpu_offload' if self.cpu_offload else ''}, "
+            f"FSDP {'on' if self.fsdp else 'off'}, "
+            f"attention {'S2 G=' + str(self.group_size) if self.s2 else 'full'}"
+            f", loss chunks {self.loss_chunks}, trainable {self.trainable_params / 1e6:.1f}M of "
+            f"{self.total_params / 1e9:.2f}B",
+            "",
+            "| memory per GPU | GiB |",
+            "|---|---:|",
+        ]
+        lines += [f"| {name} | {value / GIB:.2f} |" for name, value in self.memory.items()]
+        lines += [
+            f"| **peak** | **{self.peak_bytes / GIB:.2f}** |",
+            "",
+            "(*) the two phases do not overlap; only the larger adds to the peak.",
+            "",
+        ]
+        lines += [
+            "| FLOPs per step (causal) | S2 / as configured | full attention |",
+            "|---|---:|---:|",
+        ]
+        for label, attr in (
+            ("forward", "forward"),
+            ("model (fwd+bwd)", "model"),
+            ("with recompute", "total"),
+        ):
+            lines.append(
+                f"| {label} | {getattr(self.flops, attr) / 1e12:.1f} T | "
+                f"{getattr(self.flops_full_attention, attr) / 1e12:.1f} T |"
+            )
+        lines.append(
+            f"| attention share of forward | {100 * self.flops.attention_share_forward:.1f}% | "
+            f"{100 * self.flops_full_attention.attention_share_forward:.1f}% |"
+        )
+        verdict = "FITS" if self.fits else "DOES NOT FIT"
+        lines += [
+            "",
+            f"**{verdict}**: peak {self.peak_bytes / GIB:.1f} GiB of {self.gpu_memory_gib:g} GiB; "
+            f"longest length that fits with these settings: {self.max_seq_len_fitting or 'none'}",
+        ]
+        lines += [f"- {s}" for s in self.suggestions]
+        return "\n".join(lines)
+
+
+def _memory(
+    shape: ModelShape,
+    seq_len: int,
+    batch_size: int,
+    gpus: int,
+    dtype: str,
+    activation_checkpointing: bool,
+    fsdp: bool,
+    s2: bool,
+    loss_chunks: int,
+    lora_rank: int,
+    lora_modules: Sequence[str],
+    optimizer_state_dtype: str | None,
+    activation_offloading: bool,
+    cpu_offload: bool,
+) -> tuple[dict[str, int], int, int, int]:
+    e = _DTYPE_BYTES[dtype]
+    shard = gpus if fsdp else 1
+    lora = shape.lora_params(lora_rank, lora_modules)
+    norms = shape.num_layers * 2 * shape.embed_dim + shape.embed_dim
+    trainable = lora + shape.vocab_size * shape.embed_dim + norms
+    frozen = shape.base_params() - shape.vocab_size * shape.embed_dim - norms
+    # torchtune keeps every parameter in the training dtype; AdamW's two moments follow the parameter dtype.
+    opt_e = _DTYPE_BYTES[optimizer_state_dtype or dtype]
+    act = activation_bytes(
+        shape,
+        seq_len,
+        batch_size,
+        dtype=dtype,
+        s2=s2,
+        activation_checkpointing=activation_checkpointing,
+        loss_chunks=loss_chunks,
+        lora_rank=lora_rank,
+        lora_modules=lora_modules,
+    )
+    # FSDP2 all-gathers one layer while prefetching the next, and holds one layer's unsharded gradients
+    # before the reduce-scatter.
+    layer_full = e * (shape.layer_params() + lora // shape.num_layers)
+    fsdp_buffers = 3 * layer_full if fsdp and gpus > 1 else 0
+    # fsdp_cpu_offload keeps the sharded parameters, gradients and optimizer state in host memory.
+    resident = 0 if cpu_offload else 1
+    # Activation offloading moves what the layers keep to host memory, with about two layers in flight.
+    layers_on_gpu = (
+        min(act.layers_saved, 2 * act.layers_saved // shape.num_layers)
+        if activation_offloading
+        else (act.layers_saved)
+    )
+    memory = {
+        "weights (frozen)": resident * e * frozen // shard,
+        "trainable params": resident * e * trainable // shard,
+        "gradients": resident * e * trainable // shard,
+        "optimizer (AdamW)": resident * 2 * opt_e * trainable // shard,
+        "fsdp buffers": fsdp_buffers if not cpu_offload else max(fsdp_buffers, 3 * layer_full),
+        "activations saved": layers_on_gpu + act.head_saved,
+        _LOSS_PHASE: act.loss_phase,
+        _LAYER_PHASE: act.recompute_transient,
+    }
+    live = sum(memory.values()) - min(act.loss_phase, act.recompute_transient)
+    overhead = _CONTEXT_BYTES + int(_FRAGMENTATION * live)
+    memory["overhead (context, fragmentation)"] = overhead
+    return memory, live + overhead, trainable, frozen + trainable
+
+
+def plan(
+    model: str | ModelShape,
+    seq_len: int,
+    *,
+    gpus: int = 8,
+    gpu_memory_gib: float = 80.0,
+    batch_size: int = 1,
+    dtype: str = "bf16",
+    activation_checkpointing: bool = True,
+    fsdp: bool = True,
+    s2: bool = True,
+    group_size: int | None = None,
+    group_size_ratio: float = 0.25,
+    loss_chunks: int = 8,
+    lora_rank: int = 8,
+    lora_modules: Sequence[str] = ("q_proj", "k_proj", "v_proj", "output_proj"),
+    optimizer_state_dtype: str | None = None,
+    activation_offloading: bool = False,
+    cpu_offload: bool = False,
+    suggest: bool = True,
+) -> Plan:
+    """Plan one LongLoRA training step per GPU.
+
+    Args:
+        model: ``"7b"``, ``"13b"``, ``"70b"`` or a :class:`ModelShape`.
+        seq_len: Training length in tokens.
+        gpus: Data-parallel GPUs (FSDP shards over all of them).
+        gpu_memory_gib: Memory per GPU in GiB (an "80 GB" A100 has 80 GiB).
+        batch_size: Micro-batch per GPU.
+        dtype: ``"bf16"``, ``"fp16"`` or ``"fp32"``.
+        activation_checkpointing: Per-layer activation checkpointing.
+        fsdp: Shard parameters, gradients and optimizer state (FSDP2, as torchtune's distributed recipes).
+        s2: S² attention (False = full attention).
+        group_size: S² group size; default ``group_size_ratio * seq_len``.
+        group_size_ratio: Used when ``group_size`` is None.
+        loss_chunks: ``CEWithChunkedOutputLoss`` chunks.
+        lora_rank: LoRA rank.
+        lora_modules: Attention projections with LoRA.
+        optimizer_state_dtype: AdamW state dtype; default the parameter dtype.
+        activation_offloading: torchtune's ``enable_activation_offloading`` (saved layer activations in
+            host memory; needs activation checkpointing to pay off).
+        cpu_offload: torchtune's ``fsdp_cpu_offload`` (parameters, gradients, optimizer state on the host).
+        suggest: Compute suggestions and the longest fitting length.
+
+    Returns:
+        The :class:`Plan`.
+
+    Raises:
+        ValueError: On an unknown model, dtype or a bad number.
+    """
+    if isinstance(model, str):
+        if model not in MODEL_SHAPES:
+            raise ValueError(
+                f"Unknown model {model!r}; choose one of {sorted(MODEL_SHAPES)} or pass a ModelShape"
+            )
+        name, shape = model, MODEL_SHAPES[model]
+    elif isinstance(model, ModelShape):
+        name, shape = "custom", model
+    else:
+        raise ValueError(f"model must be a name or a ModelShape, got {type(model).__name__}")
+    if dtype not in _DTYPE_BYTES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPE_BYTES)}, got {dtype!r}")
+    if optimizer_state_dtype is not None and optimizer_state_dtype not in _DTYPE_BYTES:
+        raise ValueError(
+            f"optimizer_state_dtype must be one of {sorted(_DTYPE_BYTES)}, got {optimizer_state_dtype!r}"
+        )
+    for label, value in (
+        ("seq_len", seq_len),
+        ("gpus", gpus),
+        ("batch_size", batch_size),
+        ("loss_chunks", loss_chunks),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{label} must be a positive int, got {value!r}")
+    if not gpu_memory_gib > 0:
+        raise ValueError(f"gpu_memory_gib must be > 0, got {gpu_memory_gib}")
+    if s2 and group_size is None:
+        exact = group_size_ratio * seq_len
+        group_size = max(2, 2 * round(exact / 2))
+    if s2 and shape.num_heads % 2:
+        raise ValueError(f"S2 needs an even number of heads, the model has {shape.num_heads}")
+
+    def peak_for(length: int, **overrides: Any) -> tuple[dict[str, int], int, int, int]:
+        settings = dict(
+            batch_size=batch_size,
+            gpus=gpus,
+            dtype=dtype,
+            activation_checkpointing=activation_checkpointing,
+            fsdp=fsdp,
+            s2=s2,
+            loss_chunks=loss_chunks,
+            lora_rank=lora_rank,
+            lora_modules=lora_modules,
+            optimizer_state_dtype=optimizer_state_dtype,
+            activation_offloading=activation_offloading,
+            cpu_offload=cpu_offload,
+        )
+        settings.update(overrides)
+        return _memory(shape, length, **settings)
+
+    memory, peak, trainable, total = peak_for(seq_len)
+    capacity = gpu_memory_gib * GIB
+    flops_kwargs = dict(
+        activation_checkpointing=activation_checkpointing, lora_rank=lora_rank, lora_modules=lora_modules
+    )
+    result = Plan(
+        model=name,
+        shape=shape,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        gpus=gpus,
+        gpu_memory_gib=gpu_memory_gib,
+        dtype=dtype,
+        activation_checkpointing=activation_checkpointing,
+        fsdp=fsdp,
+        s2=s2,
+        group_size=group_size if s2 else None,
+        loss_chunks=loss_chunks,
+        lora_rank=lora_rank,
+        activation_offloading=activation_offloading,
+        cpu_offload=cpu_offload,
+        trainable_params=trainable,
+        total_params=total,
+        memory=memory,
+        peak_bytes=peak,
+        fits=peak <= capacity,
+        flops=step_flops(shape, seq_len, batch_size, group_size=group_size if s2 else None, **flops_kwargs),
+        flops_full_attention=step_flops(shape, seq_len, batch_size, group_size=None, **flops_kwargs),
+    )
+    if not suggest:
+        return result
+
+    def longest(**overrides: Any) -> int:
+        lo, hi = 0, max(seq_len, 1024) * 64 // 1024
+        while lo < hi:  # activation memory grows monotonically with length
+            mid = (lo + hi + 1) // 2
+            if peak_for(mid * 1024, **overrides)[1] <= capacity:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo * 1024
+
+    result.max_seq_len_fitting = longest()
+    if result.fits:
+        return result
+    candidates: list[tuple[str, dict[str, Any]]] = []
+    if not activation_checkpointing:
+        candidates.append(("enable_activation_checkpointing=True", {"activation_checkpointing": True}))
+    if not fsdp and gpus > 1:
+        candidates.append(("shard with FSDP (torchtune distributed recipe)", {"fsdp": True}))
+    if batch_size > 1:
+        candidates.append(
+            ("batch_size=1 with gradient_accumulation_steps x" + str(batch_size), {"batch_size": 1})
+        )
+    if dtype == "fp32":
+        candidates.append(("dtype=bf16", {"dtype": "bf16"}))
+    if not activation_offloading:
+        candidates.append(
+            ("enable_activation_offloading=True (host RAM, PCIe traffic)", {"activation_offloading": True})
+        )
+    if not cpu_offload and fsdp:
+        candidates.append(("fsdp_cpu_offload=True (slower optimizer step)", {"cpu_offload": True}))
+    combined: dict[str, Any] = {}
+    for text, override in candidates:
+        combined.update(override)
+        fits_alone = peak_for(seq_len, **override)[1] <= capacity
+        result.suggestions.append(f"{text}: {'fits' if fits_alone else 'not enough alone'}")
+    if combined and len(candidates) > 1:
+        _, peak_all, _, _ = peak_for(seq_len, **combined)
+        result.suggestions.append(
+            f"all of the above together: peak {peak_all / GIB:.1f} GiB "
+            f"({'fits' if peak_all <= capacity else 'still too big'})"
+        )
+    reach = longest(**combined)
+    result.suggestions.append(
+        f"longest length that fits{' with the changes above' if combined else ''}: "
+        + (f"{reach} tokens" if reach else "none")
+    )
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------
+# Configs and CLI
+# ----------------------------------------------------------------------------------------------------
+
+_BUILDER_SIZES = {
+    "longlora_tune.models.longlora_llama2_7b": "7b",
+    "longlora_tune.models.longlora_llama2_13b": "13b",
+    "longlora_tune.models.longlora_llama2_70b": "70b",
+}
+
+
+def _config_path(name: str) -> Path:
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        return path
+    shipped = Path(__file__).resolve().parent / "configs"
+    candidate = shipped / (name if name.endswith((".yaml", ".yml")) else f"{name}.yaml")
+    if candidate.is_file():
+        return candidate
+    available = sorted(p.stem for p in shipped.glob("*.yaml")) if shipped.is_dir() else []
+    raise ValueError(f"Config {name!r} not found: pass a YAML path or one of {available}")
+
+
+def load_config_settings(name: str) -> dict[str, Any]:
+    """Planner arguments read from a shipped config name or a YAML file.
+
+    Reads ``model`` (a sized builder with ``max_seq_len`` or ``longlora_llama2`` with explicit sizes),
+    ``batch_size``, ``dtype``, ``enable_activation_checkpointing``, ``loss.num_output_chunks`` and the
+    S² group settings.
+
+    Args:
+        name: Config name in ``longlora_tune/configs`` (without ``.yaml``) or a path.
+
+    Returns:
+        Keyword arguments for :func:`plan` (``model`` and ``seq_len`` included).
+
+    Raises:
+        ValueError: If the config is missing or its model section cannot be read.
+    """
+    from omegaconf import OmegaConf  # torchtune's config library; only the CLI needs it
+
+    cfg = OmegaConf.to_container(OmegaConf.load(_config_path(name)), resolve=True)
+    model = cfg.get("model") or {}
+    component = model.get("_component_", "")
+    if "max_seq_len" not in model:
+        raise ValueError(
+            f"Config {name!r}: model.max_seq_len is missing; the planner needs the training length"
+        )
+    settings: dict[str, Any] = {"seq_len": int(model["max_seq_len"])}
+    if component in _BUILDER_SIZES:
+        settings["model"] = _BUILDER_SIZES[component]
+    elif component.endswith("longlora_llama2"):
+        intermediate = model.get("intermediate_dim") or _llama2_intermediate(int(model["embed_dim"]))
+        settings["model"] = ModelShape(
+            int(model["vocab_size"]),
+            int(model["num_layers"]),
+            int(model["num_heads"]),
+            int(model["num_kv_heads"]),
+            int(model["embed_dim"]),
+            int(intermediate),
+        )
+    else:
+        raise ValueError(
+            f"Config {name!r}: model._component_ {component!r} is not a longlora_tune Llama 2 builder"
+        )
+    if model.get("use_full_attn"):
+        settings["s2"] = False
+    if model.get("s2_group_size"):
+        settings["group_size"] = int(model["s2_group_size"])
+    elif model.get("s2_group_size_ratio"):
+        settings["group_size_ratio"] = float(model["s2_group_size_ratio"])
+    if "lora_rank" in model:
+        settings["lora_rank"] = int(model["lora_rank"])
+    if "lora_attn_modules" in model:
+        settings["lora_modules"] = tuple(model["lora_attn_modules"])
+    if "batch_size" in cfg:
+        settings["batch_size"] = int(cfg["batch_size"])
+    if cfg.get("dtype") in _DTYPE_BYTES:
+        settings["dtype"] = cfg["dtype"]
+    if "enable_activation_checkpointing" in cfg:
+        settings["activation_checkpointing"] = bool(cfg["enable_activation_checkpointing"])
+    if "enable_activation_offloading" in cfg:
+        settings["activation_offloading"] = bool(cfg["enable_activation_offloading"])
+    if "fsdp_cpu_offload" in cfg:
+        settings["cpu_offload"] = bool(cfg["fsdp_cpu_offload"])
+    loss = cfg.get("loss") or {}
+    if "ChunkedOutput" in str(loss.get("_component_", "")):
+        settings["loss_chunks"] = int(loss.get("num_output_chunks", 8))
+    elif loss:
+        settings["loss_chunks"] = 1
+    return settings
+
+
+def _llama2_intermediate(embed_dim: int) -> int:
+    # Llama 2's SwiGLU width rule: 2/3 of 4*d rounded up to a multiple of 256 (11008 for 4096).
+    hidden = int(8 * embed_dim / 3)
+    return 256 * ((hidden + 255) // 256)
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m longlora_tune.plan",
+        description="Estimate per-GPU memory and FLOPs of a LongLoRA training step and whether it fits.",
+        epilog="Exit status: 0 fits, 1 does not fit, 2 usage or config error.",
+    )
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", help="shipped config name (e.g. llama2_7b_100k) or a YAML path")
+    source.add_argument("--model", choices=sorted(MODEL_SHAPES), help="model size (with --seq-len)")
+    parser.add_argument(
+        "--seq-len", type=int, help="training length (required with --model; overrides a config)"
+    )
+    parser.add_argument("--gpus", type=int, default=8, help="data-parallel GPUs (default 8)")
+    parser.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU (default 80)")
+    parser.add_argument("--batch-size", type=int, help="micro-batch per GPU (default: config or 1)")
+    parser.add_argument("--dtype", choices=sorted(_DTYPE_BYTES), help="default: config or bf16")
+    parser.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--fsdp", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--activation-offloading", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument(
+        "--cpu-offload",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="fsdp_cpu_offload: parameters, gradients and optimizer state on the host",
+    )
+    parser.add_argument("--full-attn", action="store_true", help="plan full attention instead of S2")
+    parser.add_argument(
+        "--loss-chunks", type=int, help="CEWithChunkedOutputLoss chunks (default: config or 8)"
+    )
+    parser.add_argument("--json", nargs="?", const="-", metavar="PATH", help="write JSON to PATH (or stdout)")
+    args = parser.parse_args(argv)
+    if args.model and args.seq_len is None:
+        parser.error("--model needs --seq-len")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point.
+
+    Args:
+        argv: Arguments (default ``sys.argv[1:]``).
+
+    Returns:
+        0 when the plan fits, 1 when it does not, 2 on a usage error.
+    """
+    args = _parse_args(argv)
+    try:
+        settings = load_config_settings(args.config) if args.config else {"model": args.model}
+        for key, value in (
+            ("seq_len", args.seq_len),
+            ("batch_size", args.batch_size),
+            ("dtype", args.dtype),
+            ("activation_checkpointing", args.activation_checkpointing),
+            ("loss_chunks", args.loss_chunks),
+            ("activation_offloading", args.activation_offloading),
+            ("cpu_offload", args.cpu_offload),
+        ):
+            if value is not None:
+                settings[key] = value
+        if args.full_attn:
+            settings["s2"] = False
+        result = plan(gpus=args.gpus, gpu_memory_gib=args.gpu_memory, fsdp=args.fsdp, **settings)
+    except ValueError as err:
+        print(f"longlora_tune.plan: error: {err}", file=sys.stderr)
+        return 2
+    if args.config:
+        result.model = Path(args.config).stem
+    if args.json == "-":
+        print(json.dumps(result.to_dict(), indent=2, default=str))
+    else:
+        print(result.table())
+        if args.json:
+            write_json_atomic(Path(args.json), result.to_dict())
+    return 0 if result.fits else 1
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    """Write ``payload`` as indented JSON: temp file in the same folder, fsync, then rename over ``path``.
+
+    Args:
+        path: Destination file (parent folders are created).
+        payload: JSON-serialisable object (other values are written with ``str``).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(payload, handle, indent=2, default=str)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

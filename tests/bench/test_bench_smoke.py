@@ -1,0 +1,116 @@
+"""Smoke tests of the benchmark harness, the S² backend check and the GPU check script (no timing asserts)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from longlora_tune.bench.__main__ import main as bench_main
+from longlora_tune.bench.backend_check import main as backend_check_main
+from longlora_tune.bench.train_step import Case, detect_peak_tflops, resolve_shape, run_case
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "scripts" / "gpu_check.sh"
+
+
+def test_run_case_one_step_each_variant():
+    results = {}
+    for variant in ("longlora", "full_attn", "lora"):
+        case = Case(shape="tiny", seq_len=32, variant=variant, repeats=1, loss_chunks=2)
+        results[variant] = run_case(case)
+    for variant, result in results.items():
+        assert len(result["step_s"]) == 1 and result["median_s"] > 0, variant
+        assert len(result["cpu_step_s"]) == 1 and result["median_cpu_s"] > 0, variant
+        assert result["tokens_per_s"] == pytest.approx(32 / result["median_s"])
+        assert result["model_flops"] > 0 and result["mfu"] is None  # CPU: no MFU without a peak
+        assert result["memory_kind"].startswith("cpu peak RSS") or result["memory_kind"] == "unavailable"
+    # The variants differ in the trainable set and attention FLOPs exactly as documented.
+    assert results["longlora"]["trainable"] == results["full_attn"]["trainable"]
+    assert results["lora"]["trainable"]["embed"] == 0 and results["lora"]["trainable"]["norm"] == 0
+    assert results["lora"]["trainable"]["lora"] == results["longlora"]["trainable"]["lora"] > 0
+    assert results["longlora"]["model_flops"] < results["full_attn"]["model_flops"]
+
+
+def test_cli_in_process_writes_table_and_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    results = bench_main(
+        [
+            "--shape",
+            "tiny",
+            "--seq-lens",
+            "32",
+            "--repeats",
+            "1",
+            "--device",
+            "cpu",
+            "--in-process",
+            "--loss-chunks",
+            "2",
+            "--out",
+            str(out),
+        ]
+    )
+    table = capsys.readouterr().out
+    assert [r["variant"] for r in results] == ["longlora", "full_attn", "lora"]
+    assert "| longlora[sdpa] | 32 |" in table and "full/S²" in table
+    payload = json.loads(out.read_text())
+    assert len(payload["results"]) == 3 and len(payload["ratios"]) == 1
+    ratio = payload["ratios"][0]
+    full = next(r for r in payload["results"] if r["variant"] == "full_attn")
+    s2 = next(r for r in payload["results"] if r["variant"] == "longlora")
+    assert ratio["full_over_s2"] == pytest.approx(full["median_s"] / s2["median_s"])
+    assert ratio["full_over_s2_cpu"] == pytest.approx(full["median_cpu_s"] / s2["median_cpu_s"])
+    assert payload["complete"] is True
+
+
+def test_cli_rejects_unavailable_backend_on_cpu():
+    with pytest.raises(ValueError, match="flex"):
+        run_case(Case(shape="tiny", seq_len=32, variant="longlora", backend="flex", repeats=1))
+    with pytest.raises(ValueError, match="seq_len"):
+        Case(shape="tiny", seq_len=30, variant="longlora")
+
+
+def test_shapes_and_peaks():
+    proxy = resolve_shape("7b-proxy")
+    assert (proxy.num_layers, proxy.embed_dim, proxy.num_heads, proxy.head_dim) == (2, 512, 4, 128)
+    assert proxy.intermediate_dim / proxy.embed_dim == pytest.approx(11008 / 4096, rel=0.01)
+    assert resolve_shape("7b", layers=2).num_layers == 2 and resolve_shape("7b", 2).embed_dim == 4096
+    assert detect_peak_tflops("NVIDIA H200") == 989.0 and detect_peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert detect_peak_tflops("NVIDIA H100 PCIe") == 756.0 and detect_peak_tflops("Quadro") is None
+
+
+def test_backend_check_cpu(tmp_path):
+    out = tmp_path / "check.json"
+    assert backend_check_main(["--device", "cpu", "--small", "--out", str(out)]) == 0
+    results = json.loads(out.read_text())["results"]
+    assert {r["dtype"] for r in results} == {"float32", "bfloat16"} and all(r["ok"] for r in results)
+
+
+def test_gpu_check_script_is_valid_bash():
+    subprocess.run(["bash", "-n", str(SCRIPT)], check=True)
+    if shutil.which("shellcheck"):
+        subprocess.run(["shellcheck", str(SCRIPT)], check=True)
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run(tmp_path):
+    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        ["bash", str(SCRIPT), str(tmp_path), "--dry-run"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    summary = (tmp_path / "summary.txt").read_text().split("\n")
+    assert "info 0" in summary and "backend_check 0" in summary and "bench_64 0" in summary
+    bench = json.loads((tmp_path / "bench_64.json").read_text())
+    assert {r["variant"] for r in bench["results"]} == {"longlora", "full_attn", "lora"}
+    assert "PASS sdpa" in (tmp_path / "backend_check.log").read_text()

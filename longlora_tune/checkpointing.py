@@ -23,6 +23,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from longlora_tune._io import atomic_path, current_umask, fsync_dir, fsync_file
 from longlora_tune.errors import LongLoRAConfigError
 from longlora_tune.modules.position_interpolation import rope_scaling_factor_from_hf_config
 
@@ -186,20 +187,9 @@ def save_trainable_state(state_dict: dict[str, torch.Tensor], path: str | Path) 
     """
     from safetensors.torch import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata={"format": "pt", "names": "torchtune"})
-        os.chmod(tmp, 0o666 & ~_umask())
-        _fsync_file(Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-    _fsync_dir(path.parent)
 
 
 def read_trainable_state(path: str | Path) -> dict[str, torch.Tensor]:
@@ -263,31 +253,6 @@ def load_trainable_state(model: nn.Module, path: str | Path) -> list[str]:
     return sorted(sd)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    # Directory fsync makes the rename itself durable; not all platforms allow opening directories.
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 @contextlib.contextmanager
 def atomic_directory(final_path: str | Path) -> Iterator[Path]:
     """Write a folder all-or-nothing.
@@ -306,13 +271,13 @@ def atomic_directory(final_path: str | Path) -> Iterator[Path]:
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
     # mkdtemp creates the folder private (0700); give it the permissions a plain mkdir would.
-    os.chmod(tmp, 0o777 & ~_umask())
+    os.chmod(tmp, 0o777 & ~current_umask())
     try:
         yield tmp
         for root, _, files in os.walk(tmp):
             for name in files:
-                _fsync_file(Path(root) / name)
-            _fsync_dir(Path(root))
+                fsync_file(Path(root) / name)
+            fsync_dir(Path(root))
         if final.exists():
             # A folder cannot be os.replace'd onto a non-empty one: move the old one aside first, and
             # delete it only after the new one is in place.
@@ -322,7 +287,7 @@ def atomic_directory(final_path: str | Path) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

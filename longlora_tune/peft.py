@@ -12,12 +12,9 @@ itself and exports the embedding and norms as PEFT ``modules_to_save``.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import re
-import tempfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +23,9 @@ from torch import Tensor, nn
 from torchtune.models import convert_weights
 from torchtune.modules import RMSNorm
 from torchtune.modules.peft import get_adapter_params
+
+from longlora_tune._io import atomic_path, atomic_write_json
+from longlora_tune.modules.position_interpolation import check_rope_factor
 
 __all__ = [
     "TRAINABLE_EXTRAS",
@@ -242,29 +242,6 @@ def _permute_rows_to_hf(t: Tensor, n_heads: int, head_dim: int) -> Tensor:
     return out if t.dim() == 2 else out.squeeze(1)
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-
-    _atomic_write(path, write)
-
-
 def save_peft_adapter(
     trainable_sd: Mapping[str, Tensor],
     out_dir: str | Path,
@@ -315,12 +292,7 @@ def save_peft_adapter(
     num_heads, num_kv_heads = int(model_config["num_heads"]), int(model_config["num_kv_heads"])
     head_dim = int(model_config.get("head_dim") or int(model_config["embed_dim"]) // num_heads)
     rope_theta = float(model_config.get("rope_base", 10_000))
-    if (
-        isinstance(rope_scaling_factor, bool)
-        or not isinstance(rope_scaling_factor, (int, float))
-        or not (rope_scaling_factor >= 1)
-    ):
-        raise ValueError(f"rope_scaling_factor must be a number >= 1, got {rope_scaling_factor!r}")
+    factor = check_rope_factor(rope_scaling_factor, "rope_scaling_factor")
     if not base_model_name_or_path:
         raise ValueError("base_model_name_or_path is empty; pass the HF base model id or folder")
     target_modules = list(target_modules)
@@ -380,15 +352,10 @@ def save_peft_adapter(
     )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(
-        out / "adapter_model.safetensors",
-        lambda tmp: save_file(
-            {k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"format": "pt"}
-        ),
-    )
-    _write_json(out / "adapter_config.json", peft_config)
-    factor = float(rope_scaling_factor)
-    _write_json(
+    with atomic_path(out / "adapter_model.safetensors") as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"format": "pt"})
+    atomic_write_json(out / "adapter_config.json", peft_config)
+    atomic_write_json(
         out / "rope_scaling.json",
         {
             "rope_scaling": {"type": "linear", "factor": factor},

@@ -22,13 +22,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from longlora_tune._io import atomic_write_json
 
 __all__ = [
     "MODEL_SHAPES",
@@ -42,7 +42,6 @@ __all__ = [
     "plan",
     "s2_segment_lengths",
     "step_flops",
-    "write_json_atomic",
 ]
 
 GIB = 1024**3
@@ -79,14 +78,7 @@ class ModelShape:
     intermediate_dim: int
 
     def __post_init__(self) -> None:
-        for name in (
-            "vocab_size",
-            "num_layers",
-            "num_heads",
-            "num_kv_heads",
-            "embed_dim",
-            "intermediate_dim",
-        ):
+        for name in (f.name for f in dataclasses.fields(self)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"ModelShape.{name} must be a positive int, got {value!r}")
@@ -922,28 +914,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         print(result.table())
         if args.json:
-            write_json_atomic(Path(args.json), result.to_dict())
+            atomic_write_json(args.json, result.to_dict(), default=str)
     return 0 if result.fits else 1
-
-
-def write_json_atomic(path: Path, payload: Any) -> None:
-    """Write ``payload`` as indented JSON: temp file in the same folder, fsync, then rename over ``path``.
-
-    Args:
-        path: Destination file (parent folders are created).
-        payload: JSON-serialisable object (other values are written with ``str``).
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(payload, handle, indent=2, default=str)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 if __name__ == "__main__":

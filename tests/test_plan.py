@@ -12,6 +12,7 @@ forced to the math kernel (whose matmuls the counter sees; it counts every score
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -49,12 +50,7 @@ def _build(shape: ModelShape, seq_len: int, *, dtype: torch.dtype, s2: bool, che
     torch.manual_seed(0)
     with training.set_default_dtype(dtype):
         model = longlora_llama2(
-            vocab_size=shape.vocab_size,
-            num_layers=shape.num_layers,
-            num_heads=shape.num_heads,
-            num_kv_heads=shape.num_kv_heads,
-            embed_dim=shape.embed_dim,
-            intermediate_dim=shape.intermediate_dim,
+            **dataclasses.asdict(shape),
             max_seq_len=seq_len,
             s2_backend="sdpa",
             use_full_attn=not s2,

@@ -33,9 +33,10 @@ from typing import Any
 
 import torch
 
+from longlora_tune._io import atomic_write_json
 from longlora_tune.bench.train_step import BENCH_SHAPES, VARIANTS, Case, resolve_shape, run_case
 from longlora_tune.modules.s2_attention import flash_attn_available
-from longlora_tune.plan import step_flops, write_json_atomic
+from longlora_tune.plan import step_flops
 
 _WORKER_FLAG = "--worker-case"
 
@@ -326,7 +327,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
             "results": results,
             "ratios": ratios,
         }
-        write_json_atomic(args.out, payload)
+        atomic_write_json(args.out, payload, default=str)
 
     for round_index in range(args.rounds):
         for case in cases:

@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
+from longlora_tune._io import atomic_write_json
 from longlora_tune.modules.s2_attention import flash_attn_available, shifted_sparse_attention
-from longlora_tune.plan import write_json_atomic
 
 __all__ = ["check_backend", "main", "reference_s2_attention"]
 
@@ -162,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     flush=True,
                 )
     if args.out:
-        write_json_atomic(args.out, {"device": str(device), "results": results})
+        atomic_write_json(args.out, {"device": str(device), "results": results}, default=str)
     return 0 if all(r["ok"] for r in results) else 1
 
 

@@ -9,11 +9,8 @@ machines with different core counts (and less disturbed by other processes).
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import platform
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from longlora_tune._io import atomic_write_json
 from longlora_tune.modules.s2_attention import shifted_sparse_attention
 
 
@@ -146,20 +144,6 @@ def markdown_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _write_json_atomic(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def main(argv: list[str] | None = None) -> list[dict]:
     """Command-line entry point.
 
@@ -227,7 +211,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             "batch": 1,
             "repeats": args.repeats,
         }
-        _write_json_atomic(args.out, {"meta": meta, "results": results})
+        atomic_write_json(args.out, {"meta": meta, "results": results})
     return results
 
 

@@ -35,7 +35,7 @@ from torchtune.modules.loss import CEWithChunkedOutputLoss
 from longlora_tune.models import longlora_llama2
 from longlora_tune.modules.s2_attention import flash_attn_available
 from longlora_tune.peft import TRAINABLE_EXTRAS_DEFAULT, set_trainable_params
-from longlora_tune.plan import ModelShape, step_flops
+from longlora_tune.plan import MODEL_SHAPES, ModelShape, step_flops
 
 __all__ = ["BENCH_SHAPES", "VARIANTS", "Case", "detect_peak_tflops", "resolve_shape", "run_case"]
 
@@ -48,14 +48,7 @@ BENCH_SHAPES: dict[str, ModelShape] = {
     "7b-proxy": ModelShape(
         vocab_size=4000, num_layers=2, num_heads=4, num_kv_heads=4, embed_dim=512, intermediate_dim=1376
     ),
-    "7b": ModelShape(
-        vocab_size=32_000,
-        num_layers=32,
-        num_heads=32,
-        num_kv_heads=32,
-        embed_dim=4096,
-        intermediate_dim=11008,
-    ),
+    "7b": MODEL_SHAPES["7b"],
 }
 
 #: variant -> (S² on, trainable extras). All variants use the same LoRA (q, k, v, o; rank 8) and memory
@@ -231,12 +224,7 @@ def run_case(case: Case) -> dict[str, Any]:
     torch.manual_seed(0)
     with training.set_default_dtype(dtype), device:
         model = longlora_llama2(
-            vocab_size=shape.vocab_size,
-            num_layers=shape.num_layers,
-            num_heads=shape.num_heads,
-            num_kv_heads=shape.num_kv_heads,
-            embed_dim=shape.embed_dim,
-            intermediate_dim=shape.intermediate_dim,
+            **asdict(shape),
             max_seq_len=case.seq_len,
             s2_backend=case.backend,
             use_full_attn=not s2,

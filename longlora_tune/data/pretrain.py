@@ -35,7 +35,6 @@ import json
 import logging
 import multiprocessing
 import os
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,6 +43,7 @@ from typing import Any, Optional
 import numpy as np
 from torch.utils.data import Dataset
 
+from longlora_tune._io import atomic_open, atomic_write_json
 from longlora_tune.data._load import REDPAJAMA_SAMPLE, DataFiles, describe_data_files, load_records
 
 log = logging.getLogger(__name__)
@@ -79,19 +79,6 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
         ids = tokenizer.encode(probe, add_bos=True, add_eos=True)
         h.update(repr((type(tokenizer).__qualname__, tokenizer.bos_id, tokenizer.eos_id, ids)).encode())
     return h.hexdigest()
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 _WORKER_TOKENIZER: Any = None
@@ -276,10 +263,9 @@ def _tokenize_to_stream(
     np_dtype = np.dtype(dtype)
     limit = np.iinfo(np_dtype).max
     n_docs = n_tokens = 0
-    fd, tmp = tempfile.mkstemp(dir=stream_path.parent, prefix=stream_path.name + ".", suffix=".tmp")
     pool = None
     try:
-        with os.fdopen(fd, "wb") as f:
+        with atomic_open(stream_path, "wb") as f:
             chunks = _doc_chunks(records, column)
             if num_proc > 1:
                 pool = multiprocessing.Pool(num_proc, initializer=_init_worker, initargs=(tokenizer,))
@@ -295,15 +281,9 @@ def _tokenize_to_stream(
                     n_tokens += flat.size
                     n_docs += len(encoded)
                     bar.update(min(_CHUNK_DOCS, bar.total - bar.n))
-            f.flush()
-            os.fsync(f.fileno())
-        meta = dict(key, dtype=dtype, num_documents=n_docs, num_tokens=n_tokens)
-        # The sidecar is for people; the token file's rename is what commits the entry.
-        _atomic_write_text(stream_path.with_suffix(".json"), json.dumps(meta, indent=1, sort_keys=True))
-        os.replace(tmp, stream_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+            meta = dict(key, dtype=dtype, num_documents=n_docs, num_tokens=n_tokens)
+            # The sidecar is for people; the token file's rename (when this block ends) commits the entry.
+            atomic_write_json(stream_path.with_suffix(".json"), meta, indent=1, sort_keys=True)
     finally:
         if pool is not None:
             pool.terminate()

@@ -40,10 +40,11 @@ from longlora_tune.checkpointing import (
 )
 from longlora_tune.errors import LongLoRAConfigError
 from longlora_tune.models import apply_longlora
-from longlora_tune.modules.position_interpolation import position_interpolation_factor
+from longlora_tune.modules.position_interpolation import check_rope_factor, position_interpolation_factor
 from longlora_tune.modules.s2_attention import S2AttentionConfig
 
 __all__ = [
+    "close_eval_runtime",
     "eval_model_from_config",
     "eval_rope_factor",
     "eval_runtime",
@@ -178,8 +179,7 @@ def eval_rope_factor(
     existing = arch["existing_rope_scaling_factor"]
     try:
         if rope_scaling_factor is not None:
-            # The rule with target 1 returns the explicit factor itself after validating it (>= 1).
-            return position_interpolation_factor(1, 1, existing_factor=rope_scaling_factor)
+            return check_rope_factor(rope_scaling_factor, "rope_scaling_factor")
         if training_length is not None:
             return position_interpolation_factor(
                 int(training_length), arch["original_max_seq_len"], existing_factor=existing
@@ -331,6 +331,12 @@ def eval_runtime(cfg: Any) -> tuple[torch.device, torch.dtype, int, int]:
     dtype = resolve_dtype(cfg.get("dtype"), device)
     rank, world_size = init_distributed(device)
     return device, dtype, rank, world_size
+
+
+def close_eval_runtime() -> None:
+    """Leave the process group :func:`eval_runtime` joined under torchrun; do nothing otherwise."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def eval_model_from_config(

@@ -9,34 +9,14 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from longlora_tune._io import atomic_write_bytes, atomic_write_json, atomic_write_text
+
 __all__ = ["format_table", "plot_series", "write_csv", "write_json", "write_results"]
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        # mkstemp creates 0600 files; result files get the usual permissions (0666 minus the umask).
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _json_safe(value: Any) -> Any:
@@ -60,9 +40,7 @@ def write_json(path: str | Path, payload: Mapping[str, Any]) -> Path:
     Returns:
         The path.
     """
-    path = Path(path)
-    _atomic_write(path, (json.dumps(_json_safe(payload), indent=2) + "\n").encode())
-    return path
+    return atomic_write_json(path, _json_safe(payload))
 
 
 def write_csv(path: str | Path, rows: Sequence[Mapping[str, Any]]) -> Path:
@@ -85,9 +63,7 @@ def write_csv(path: str | Path, rows: Sequence[Mapping[str, Any]]) -> Path:
     writer.writeheader()
     for row in rows:
         writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
-    path = Path(path)
-    _atomic_write(path, buf.getvalue().encode())
-    return path
+    return atomic_write_text(path, buf.getvalue())
 
 
 def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], *, precision: int = 4) -> str:
@@ -165,9 +141,7 @@ def plot_series(
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    path = Path(path)
-    _atomic_write(path, buf.getvalue())
-    return path
+    return atomic_write_bytes(path, buf.getvalue())
 
 
 def write_results(
@@ -182,6 +156,7 @@ def write_results(
     ylabel: str,
     title: str,
     y_limits: tuple[float, float] | None = None,
+    print_columns: Sequence[str] | None = None,
 ) -> dict[str, Path]:
     """Write ``<stem>.json`` (meta + rows), ``<stem>.csv`` (rows) and ``<stem>.png`` (``y_key`` vs ``x_key``).
 
@@ -196,12 +171,13 @@ def write_results(
         ylabel: y axis label.
         title: plot title.
         y_limits: fixed y range of the plot.
+        print_columns: when given, also print the rows as a table of these columns and the written paths.
 
     Returns:
         ``{"json": path, "csv": path, "png": path}``.
     """
     out = Path(output_dir)
-    return {
+    files = {
         "json": write_json(out / f"{stem}.json", {**meta, "results": list(rows)}),
         "csv": write_csv(out / f"{stem}.csv", rows),
         "png": plot_series(
@@ -215,3 +191,7 @@ def write_results(
             y_limits=y_limits,
         ),
     }
+    if print_columns is not None:
+        print(format_table(rows, print_columns), flush=True)
+        print(f"results: {files['json']} {files['csv']} {files['png']}", flush=True)
+    return files

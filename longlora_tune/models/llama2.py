@@ -8,6 +8,7 @@ tiny models); the model builders fix the Llama 2 7B/13B/70B shapes and keep Long
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,6 +18,7 @@ from torchtune.modules import TransformerDecoder
 from longlora_tune.models.longlora import apply_longlora
 from longlora_tune.modules.position_interpolation import position_interpolation_factor
 from longlora_tune.modules.s2_attention import S2AttentionConfig
+from longlora_tune.plan import MODEL_SHAPES
 
 __all__ = ["longlora_llama2", "longlora_llama2_13b", "longlora_llama2_70b", "longlora_llama2_7b"]
 
@@ -134,31 +136,15 @@ def longlora_llama2(
     return apply_longlora(model, s2=s2, rope_scaling_factor=rope_scaling_factor, rope_base=rope_base)
 
 
-# Published Llama 2 shapes (the same numbers torchtune's lora_llama2_{7b,13b,70b} use).
-_LLAMA2_SHAPES: dict[str, dict[str, int]] = {
-    "7b": dict(vocab_size=32_000, num_layers=32, num_heads=32, num_kv_heads=32, embed_dim=4096),
-    "13b": dict(
-        vocab_size=32_000,
-        num_layers=40,
-        num_heads=40,
-        num_kv_heads=40,
-        embed_dim=5120,
-        intermediate_dim=13824,
-    ),
-    "70b": dict(
-        vocab_size=32_000, num_layers=80, num_heads=64, num_kv_heads=8, embed_dim=8192, intermediate_dim=28672
-    ),
-}
-
-
 def _sized(size: str, max_seq_len: int, knobs: dict[str, Any]) -> TransformerDecoder:
-    fixed = set(_LLAMA2_SHAPES[size]) & set(knobs)
+    shape = dataclasses.asdict(MODEL_SHAPES[size])
+    fixed = set(shape) & set(knobs)
     if fixed:
         raise ValueError(
             f"longlora_llama2_{size} fixes {sorted(fixed)}; use longlora_tune.models.longlora_llama2 "
             "to choose model shapes"
         )
-    return longlora_llama2(**_LLAMA2_SHAPES[size], max_seq_len=max_seq_len, **knobs)
+    return longlora_llama2(**shape, max_seq_len=max_seq_len, **knobs)
 
 
 def longlora_llama2_7b(max_seq_len: int = 8192, **knobs: Any) -> TransformerDecoder:

@@ -18,6 +18,7 @@ from torchtune.modules import RotaryPositionalEmbeddings
 
 __all__ = [
     "LinearScaledRotaryPositionalEmbeddings",
+    "check_rope_factor",
     "position_interpolation_factor",
     "rope_scaling_factor_from_hf_config",
 ]
@@ -28,7 +29,19 @@ def _check_positive_int(value: Any, name: str) -> None:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
-def _check_factor(value: Any, name: str) -> float:
+def check_rope_factor(value: Any, name: str) -> float:
+    """Validate a linear RoPE factor: a finite number >= 1 (1 = no interpolation).
+
+    Args:
+        value: the factor to check.
+        name: the setting's name, used in the error message.
+
+    Returns:
+        The factor as a float.
+
+    Raises:
+        ValueError: if ``value`` is not a finite number >= 1.
+    """
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{name} must be a number >= 1, got {value!r}")
     value = float(value)
@@ -69,7 +82,7 @@ def position_interpolation_factor(
     """
     _check_positive_int(target_len, "target_len")
     _check_positive_int(original_len, "original_len")
-    existing = _check_factor(existing_factor, "existing_factor")
+    existing = check_rope_factor(existing_factor, "existing_factor")
     return float(max(existing, math.ceil(target_len / original_len)))
 
 
@@ -108,7 +121,7 @@ def rope_scaling_factor_from_hf_config(config: Mapping[str, Any]) -> float:
             )
         if "factor" not in entry:
             raise ValueError(f"config.json {key} is linear but has no 'factor': {dict(entry)!r}")
-        factors.append(_check_factor(entry["factor"], f"config.json {key}.factor"))
+        factors.append(check_rope_factor(entry["factor"], f"config.json {key}.factor"))
     if len(set(factors)) > 1:
         raise ValueError(
             f"config.json rope_scaling and rope_parameters disagree ({factors}); make them equal"
@@ -138,7 +151,7 @@ class LinearScaledRotaryPositionalEmbeddings(RotaryPositionalEmbeddings):
     def __init__(
         self, dim: int, max_seq_len: int = 4096, base: int = 10_000, scaling_factor: float = 1.0
     ) -> None:
-        factor = _check_factor(scaling_factor, "scaling_factor")
+        factor = check_rope_factor(scaling_factor, "scaling_factor")
         # The parent's __init__ calls rope_init() -> build_rope_cache(), which needs the factor already.
         object.__setattr__(self, "scaling_factor", factor)
         super().__init__(dim=dim, max_seq_len=max_seq_len, base=base)

@@ -23,9 +23,14 @@ from omegaconf import DictConfig
 from torchtune import config
 
 from longlora_tune.errors import LongLoRAConfigError, report_errors
-from longlora_tune.eval.model_loading import eval_model_from_config, eval_runtime, tokenizer_from_config
+from longlora_tune.eval.model_loading import (
+    close_eval_runtime,
+    eval_model_from_config,
+    eval_runtime,
+    tokenizer_from_config,
+)
 from longlora_tune.eval.passkey import build_prompts, evaluate_passkey
-from longlora_tune.eval.reporting import format_table, write_results
+from longlora_tune.eval.reporting import write_results
 
 
 def _lengths(cfg: DictConfig) -> list[int]:
@@ -115,7 +120,7 @@ class PasskeyRecipe:
                 "world_size": self.world_size,
                 "seconds": round(time.perf_counter() - start, 3),
             }
-            files = write_results(
+            write_results(
                 self.cfg.output_dir,
                 self.cfg.get("output_name", "passkey"),
                 rows=rows,
@@ -126,18 +131,13 @@ class PasskeyRecipe:
                 ylabel="passkey accuracy",
                 title=f"Passkey retrieval (RoPE factor {self.model_info['rope_scaling_factor']:g})",
                 y_limits=(-0.05, 1.05),
+                print_columns=["target_length", "mean_prompt_tokens", "num_trials", "num_passed", "accuracy"],
             )
-            columns = ["target_length", "mean_prompt_tokens", "num_trials", "num_passed", "accuracy"]
-            print(format_table(rows, columns), flush=True)
-            print(f"results: {files['json']} {files['csv']} {files['png']}", flush=True)
         return rows
 
     def cleanup(self) -> None:
         """Leave the process group."""
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+        close_eval_runtime()
 
 
 @report_errors

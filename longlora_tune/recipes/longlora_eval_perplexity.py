@@ -24,9 +24,14 @@ from omegaconf import DictConfig, OmegaConf
 from torchtune import config
 
 from longlora_tune.errors import LongLoRAConfigError, report_errors
-from longlora_tune.eval.model_loading import eval_model_from_config, eval_runtime, tokenizer_from_config
+from longlora_tune.eval.model_loading import (
+    close_eval_runtime,
+    eval_model_from_config,
+    eval_runtime,
+    tokenizer_from_config,
+)
 from longlora_tune.eval.perplexity import evaluate_perplexity, load_token_stream
-from longlora_tune.eval.reporting import format_table, write_results
+from longlora_tune.eval.reporting import write_results
 
 
 def _eval_lengths(cfg: DictConfig) -> list[int]:
@@ -108,7 +113,8 @@ class PerplexityRecipe:
                 "world_size": self.world_size,
                 "seconds": round(time.perf_counter() - start, 3),
             }
-            files = write_results(
+            columns = ["eval_length", "num_windows", "perplexity", "token_perplexity", "loss", "skipped"]
+            write_results(
                 self.cfg.output_dir,
                 self.cfg.get("output_name", "perplexity"),
                 rows=rows,
@@ -118,18 +124,13 @@ class PerplexityRecipe:
                 xlabel="evaluation context length (tokens)",
                 ylabel="perplexity",
                 title=f"Perplexity (RoPE factor {self.model_info['rope_scaling_factor']:g})",
+                print_columns=columns,
             )
-            columns = ["eval_length", "num_windows", "perplexity", "token_perplexity", "loss", "skipped"]
-            print(format_table(rows, columns), flush=True)
-            print(f"results: {files['json']} {files['csv']} {files['png']}", flush=True)
         return rows
 
     def cleanup(self) -> None:
         """Leave the process group."""
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+        close_eval_runtime()
 
 
 @report_errors

@@ -1,0 +1,162 @@
+"""Atomic file writing: the one implementation every module that writes files uses.
+
+A file is written under a hidden temporary name in its destination folder, fsynced, given the permissions
+a plain ``open`` would give it (0666 minus the umask; ``mkstemp`` makes 0600 files) and renamed over the
+destination with ``os.replace``; the folder is then fsynced so the rename itself survives a crash. If
+writing fails the temporary file is removed and the destination is left as it was, so a reader never sees
+a half-written file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+__all__ = [
+    "atomic_open",
+    "atomic_path",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "atomic_write_text",
+    "current_umask",
+    "fsync_dir",
+    "fsync_file",
+]
+
+
+def current_umask() -> int:
+    """Return the process umask (reading it means setting it, so it is set straight back).
+
+    Returns:
+        The umask bits.
+    """
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def fsync_file(path: str | Path) -> None:
+    """Flush a closed file's contents to disk.
+
+    Args:
+        path: the file.
+    """
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Flush a folder's entries (renames, new files) to disk, where the platform allows it.
+
+    Args:
+        path: the folder.
+    """
+    # Not all platforms allow opening or fsyncing a directory; durability of the rename is then best effort.
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path to write ``path``'s new contents to by name; commit it when the block ends.
+
+    For writers that take a file name (``safetensors.torch.save_file``). Parent folders are created.
+
+    Args:
+        path: the destination file.
+
+    Yields:
+        An empty temporary file next to ``path``; on normal exit it is fsynced and renamed to ``path``,
+        on an exception it is deleted and ``path`` is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o666 & ~current_umask())
+        fsync_file(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
+    """Open ``path`` for writing so that it appears only complete, when the block ends without an error.
+
+    For writers that stream into a file handle. Parent folders are created.
+
+    Args:
+        path: the destination file.
+        mode: ``"wb"`` (bytes) or ``"w"`` (UTF-8 text).
+
+    Yields:
+        A file object writing to a temporary file next to ``path``.
+
+    Raises:
+        ValueError: if ``mode`` is not ``"w"`` or ``"wb"``.
+    """
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_open mode must be 'w' or 'wb', got {mode!r}")
+    with atomic_path(path) as tmp, open(tmp, mode, encoding=None if "b" in mode else "utf-8") as f:
+        yield f
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (parent folders are created).
+
+    Args:
+        path: the destination file.
+        data: the complete contents.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+    """
+    with atomic_open(path, "wb") as f:
+        f.write(data)
+    return Path(path)
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically as UTF-8 (parent folders are created).
+
+    Args:
+        path: the destination file.
+        text: the complete contents.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+    """
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, obj: Any, **json_kwargs: Any) -> Path:
+    """Write ``obj`` as JSON plus a final newline to ``path`` atomically (parent folders are created).
+
+    Args:
+        path: the destination file.
+        obj: a JSON-serialisable object.
+        **json_kwargs: passed to :func:`json.dumps`; ``indent`` defaults to 2.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+    """
+    json_kwargs.setdefault("indent", 2)
+    return atomic_write_text(path, json.dumps(obj, **json_kwargs) + "\n")

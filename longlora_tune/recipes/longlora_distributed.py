@@ -13,6 +13,9 @@ attention and position interpolation with it); what it adds is the LongLoRA trai
   FSDP2-sharded model together with a seeded LoRA initialisation (identical for every world size);
 * token-weighted loss over gradient accumulation and ranks (a step's gradient does not depend on how the
   global batch is split), chunked cross-entropy, gradient clipping, warm-up + constant LR;
+* supervised fine-tuning (``longlora_tune.data.longalpaca_dataset``): samples right-padded to a multiple of
+  the S² group size (``pad_to_multiple_of``), or packed (``dataset.packed``) with per-document positions
+  and a document mask that S² ANDs with its groups; ``epochs`` may replace ``max_steps``;
 * resumable checkpoints (trainable weights, optimizer, schedule, data position, RNG) written atomically;
 * exports: merged Hugging Face model with ``rope_scaling``, PEFT adapter, and our own adapter format.
 """
@@ -44,6 +47,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchtune import config, modules, training, utils
+from torchtune.data import padded_collate_packed
 from torchtune.training.metric_logging import DiskLogger
 from tqdm import tqdm
 
@@ -202,6 +206,41 @@ def training_length(cfg: DictConfig) -> Optional[int]:
     return None
 
 
+def check_sft_batching(cfg: DictConfig) -> None:
+    """Check the batching settings of variable-length (SFT) data against the S² attention settings.
+
+    Args:
+        cfg: the recipe config.
+
+    Raises:
+        LongLoRAConfigError: for a bad ``pad_to_multiple_of``, packing with an S² backend that cannot take
+            the document mask, or wrap-around S² on right-padded batches.
+    """
+    multiple = cfg.get("pad_to_multiple_of", None)
+    if multiple is not None and (not isinstance(multiple, int) or isinstance(multiple, bool) or multiple < 1):
+        raise LongLoRAConfigError(
+            f"pad_to_multiple_of={multiple!r} must be a positive integer or null (= the S2 group size)"
+        )
+    model = cfg.model
+    if model.get("use_full_attn", False):
+        return  # torchtune's own attention takes dense and flex masks alike
+    backend = model.get("s2_backend", "auto")
+    if cfg.dataset.get("packed", False):
+        from torchtune.modules.attention_utils import _SUPPORTS_FLEX_ATTENTION
+
+        # padded_collate_packed builds a flex BlockMask where flex attention is supported, else a dense mask.
+        if backend == "flash" or (backend == "sdpa" and _SUPPORTS_FLEX_ATTENTION):
+            raise LongLoRAConfigError(
+                f"dataset.packed=true needs an S2 backend that takes the document mask, not "
+                f"model.s2_backend={backend}; set model.s2_backend=auto"
+            )
+    elif model.get("s2_wrap_around", False) and cfg.dataset.get("block_size", None) is None:
+        raise LongLoRAConfigError(
+            "model.s2_wrap_around=true lets the first tokens attend the padding at the end of right-padded "
+            "samples; set model.s2_wrap_around=false or dataset.packed=true"
+        )
+
+
 def validate_config(cfg: DictConfig, world_size: int) -> int:
     """Checks that need neither a process group nor a model; run before any heavy work.
 
@@ -216,11 +255,19 @@ def validate_config(cfg: DictConfig, world_size: int) -> int:
         LongLoRAConfigError: on the first problem found, as one line naming the value and the fix.
     """
     required = ("output_dir", "checkpoint_dir", "model", "tokenizer", "dataset", "optimizer", "loss")
-    for key in (*required, "max_steps", "batch_size", "global_batch_size"):
+    for key in (*required, "batch_size", "global_batch_size"):
         if cfg.get(key, None) is None:
             raise LongLoRAConfigError(f"config key {key!r} is missing")
-    if int(cfg.max_steps) < 1:
-        raise LongLoRAConfigError(f"max_steps={cfg.max_steps} must be >= 1")
+    max_steps, epochs = cfg.get("max_steps", None), cfg.get("epochs", None)
+    if (max_steps is None) == (epochs is None):
+        raise LongLoRAConfigError(
+            f"set exactly one of max_steps and epochs (got max_steps={max_steps}, epochs={epochs}); "
+            "set the other to null"
+        )
+    for name, value in (("max_steps", max_steps), ("epochs", epochs)):
+        if value is not None and int(value) < 1:
+            raise LongLoRAConfigError(f"{name}={value} must be >= 1")
+    check_sft_batching(cfg)
     ga = gradient_accumulation_steps(int(cfg.global_batch_size), int(cfg.batch_size), world_size)
     check_output_dir(cfg.output_dir, cfg.checkpoint_dir)
     for key in ("use_dora", "quantize_base"):
@@ -377,7 +424,8 @@ class LongLoRARecipeDistributed:
         self.checkpoint_dir = Path(cfg.checkpoint_dir).expanduser()
         self.repo_id = cfg.get("hf_repo_id", None) or _DEFAULT_REPO_HINT
         self.seed = int(cfg.get("seed", 0))
-        self.max_steps = int(cfg.max_steps)
+        # With ``epochs`` instead, set from the dataset's size in ``_setup_data``.
+        self.max_steps = int(cfg.max_steps) if cfg.get("max_steps", None) is not None else 0
         self.batch_size = int(cfg.batch_size)
         self.global_batch_size = int(cfg.global_batch_size)
         self.grad_accum = gradient_accumulation_steps(
@@ -627,6 +675,16 @@ class LongLoRARecipeDistributed:
         self.steps_per_epoch = check_dataset_size(
             len(dataset), train_len, self.global_batch_size, self.world_size
         )
+        if cfg.get("epochs", None) is not None:
+            self.max_steps = int(cfg.epochs) * self.steps_per_epoch
+        # SFT datasets count samples trimmed or dropped to fit; a PackedDataset keeps its samples in ``ds``.
+        samples = getattr(dataset, "ds", dataset)
+        if hasattr(samples, "num_trimmed") or hasattr(samples, "num_skipped"):
+            utils.log_rank_zero(
+                log,
+                f"Dataset: {getattr(samples, 'num_trimmed', 0)} samples trimmed to fit {train_len} tokens "
+                f"(num_trimmed), {getattr(samples, 'num_skipped', 0)} skipped (num_skipped)",
+            )
         self.sampler = ResumableDistributedSampler(
             dataset,
             num_replicas=self.world_size,
@@ -635,15 +693,23 @@ class LongLoRARecipeDistributed:
             shuffle=bool(cfg.get("shuffle", True)),
             seed=self.seed,
         )
-        collate = _import_path(cfg.get("collate_fn", "longlora_tune.data.padded_collate_s2"))
-        collate_kwargs = {"ignore_idx": self.ignore_index}
-        if "pad_id" in inspect.signature(collate).parameters:
-            collate_kwargs["pad_id"] = int(getattr(self.tokenizer, "pad_id", 0) or 0)
+        if cfg.dataset.get("packed", False):
+            # Rows are already max_seq_len long; the collate adds per-document input_pos and a document mask.
+            collate_fn: Callable = padded_collate_packed
+        else:
+            collate = _import_path(cfg.get("collate_fn", "longlora_tune.data.padded_collate_s2"))
+            params = inspect.signature(collate).parameters
+            collate_kwargs: dict[str, Any] = {"ignore_idx": self.ignore_index}
+            if "pad_id" in params:
+                collate_kwargs["pad_id"] = int(getattr(self.tokenizer, "pad_id", 0) or 0)
+            if "pad_to_multiple_of" in params:
+                collate_kwargs["pad_to_multiple_of"] = self._pad_to_multiple_of(train_len)
+            collate_fn = partial(collate, **collate_kwargs)
         self.dataloader = DataLoader(
             dataset,
             batch_size=self.batch_size,
             sampler=self.sampler,
-            collate_fn=partial(collate, **collate_kwargs),
+            collate_fn=collate_fn,
             drop_last=True,
             num_workers=int(cfg.get("num_workers", 0)),
         )
@@ -652,6 +718,19 @@ class LongLoRARecipeDistributed:
             f"Dataset: {len(dataset)} sequences of {train_len} tokens, "
             f"{self.steps_per_epoch} steps per epoch",
         )
+
+    def _pad_to_multiple_of(self, train_len: int) -> Optional[int]:
+        """Padded batch lengths are multiples of this: ``pad_to_multiple_of``, by default the S² group size
+        (full groups; None with full attention). It must divide the training length, so that padding never
+        makes a batch longer than the model accepts."""
+        multiple = self.cfg.get("pad_to_multiple_of", None)
+        multiple = self.group_size if multiple is None else int(multiple)
+        if multiple is not None and train_len and train_len % multiple:
+            raise LongLoRAConfigError(
+                f"pad_to_multiple_of={multiple} does not divide the training length {train_len}; "
+                "use a divisor of it (null = the S2 group size)"
+            )
+        return multiple
 
     def _make_scheduler(self) -> Optional[torch.optim.lr_scheduler.LRScheduler]:
         cfg_sched = self.cfg.get("lr_scheduler", None)
@@ -823,8 +902,10 @@ class LongLoRARecipeDistributed:
         # torchtune 0.6.1 datasets keep labels aligned with tokens; the recipe shifts them by one.
         labels = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], self.ignore_index)], dim=1)
         n_tokens = (labels != self.ignore_index).sum()
+        # Packed batches: positions restart per document, and the document mask is ANDed with S².
+        extra = {k: batch[k].to(self.device) for k in ("mask", "input_pos") if k in batch}
         with self.act_ctx:
-            logits = self.model(tokens)
+            logits = self.model(tokens, **extra)
         # Sum of token losses, so accumulation and ranks can be normalised by the global token count.
         loss = self.loss_fn(logits, labels) * n_tokens
         del logits

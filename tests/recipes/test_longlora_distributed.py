@@ -423,7 +423,8 @@ def _bind(section, *args) -> None:
     inspect.signature(target).bind(*args, **kwargs)
 
 
-TRAINING_CONFIGS = sorted(p for p in CONFIGS.glob("*.yaml"))
+# Pretraining configs; the LongAlpaca SFT configs are checked in test_longalpaca_sft.py.
+TRAINING_CONFIGS = sorted(p for p in CONFIGS.glob("*.yaml") if "longalpaca" not in p.stem)
 
 
 def test_expected_configs_are_shipped():

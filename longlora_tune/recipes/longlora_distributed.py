@@ -289,6 +289,11 @@ def validate_config(cfg: DictConfig, world_size: int) -> int:
         raise LongLoRAConfigError(
             "enable_activation_offloading=true needs device=cuda; set it to false on CPU"
         )
+    if device == "cpu" and cfg.model.get("s2_backend", "auto") == "flex":
+        # torch refuses FlexAttention's backward on CPU; fail here rather than at the first step.
+        raise LongLoRAConfigError(
+            "model.s2_backend=flex cannot train on CPU (no FlexAttention backward there); use sdpa or auto"
+        )
     return ga
 
 
@@ -505,10 +510,18 @@ class LongLoRARecipeDistributed:
 
     def _resume_dir(self) -> Optional[Path]:
         resume = self.cfg.get("resume_from_checkpoint", False)
-        if resume in (False, None):
-            return None
 
-        def find() -> Path:
+        def find() -> Optional[Path]:
+            if resume in (False, None):
+                # An earlier run's checkpoints would outrank (and prune) this run's and be what a later
+                # resume_from_checkpoint=true picks up.
+                stale = checkpointing.latest_checkpoint(self.checkpoints_dir)
+                if stale is not None:
+                    raise LongLoRAConfigError(
+                        f"{self.checkpoints_dir} holds checkpoints of an earlier run (newest: {stale.name}); "
+                        "set resume_from_checkpoint=true to continue it, or use a new output_dir"
+                    )
+                return None
             if resume is True:
                 found = checkpointing.latest_checkpoint(self.checkpoints_dir)
                 if found is None:
@@ -548,7 +561,8 @@ class LongLoRARecipeDistributed:
         group_sizes = {
             m.group_size for m in model.modules() if isinstance(m, S2Attention) and not m.config.use_full_attn
         }
-        max_seq_len = int(cfg.model.get("max_seq_len", train_len or 0))
+        # The built model's own length: a builder default (8192 for longlora_llama2_7b) counts too.
+        max_seq_len = int(getattr(model, "max_seq_len", None) or cfg.model.get("max_seq_len", train_len or 0))
         if train_len is not None:
             for g in sorted(group_sizes) or [None]:
                 check_training_length(train_len, max_seq_len, g)
@@ -712,10 +726,13 @@ class LongLoRARecipeDistributed:
             collate_fn=collate_fn,
             drop_last=True,
             num_workers=int(cfg.get("num_workers", 0)),
+            # Its own generator: each new iterator draws a worker seed, which from the global RNG would
+            # shift the dropout stream of a run resumed mid-epoch.
+            generator=torch.Generator().manual_seed(self.seed + self.rank),
         )
         utils.log_rank_zero(
             log,
-            f"Dataset: {len(dataset)} sequences of {train_len} tokens, "
+            f"Dataset: {len(dataset)} sequences of up to {train_len} tokens, "
             f"{self.steps_per_epoch} steps per epoch",
         )
 
@@ -906,6 +923,9 @@ class LongLoRARecipeDistributed:
         extra = {k: batch[k].to(self.device) for k in ("mask", "input_pos") if k in batch}
         with self.act_ctx:
             logits = self.model(tokens, **extra)
+        if isinstance(logits, torch.Tensor):
+            # An unchunked loss (e.g. torch.nn.CrossEntropyLoss) takes [tokens, vocab] logits.
+            logits, labels = logits.reshape(-1, logits.size(-1)), labels.reshape(-1)
         # Sum of token losses, so accumulation and ranks can be normalised by the global token count.
         loss = self.loss_fn(logits, labels) * n_tokens
         del logits

@@ -285,6 +285,16 @@ def test_output_dir_inside_checkpoint_dir_is_refused(assets):
         recipe.validate_config(cfg, world_size=1)
 
 
+def test_flex_backend_is_refused_for_cpu_training(assets, tmp_path):
+    cfg = _cfg(assets, tmp_path / "o")
+    cfg.device = "cpu"
+    cfg.model.s2_backend = "flex"
+    with pytest.raises(LongLoRAConfigError, match="s2_backend=flex cannot train on CPU"):
+        recipe.validate_config(cfg, world_size=1)
+    cfg.model.s2_backend = "sdpa"
+    recipe.validate_config(cfg, world_size=1)
+
+
 def test_world_size_must_divide_global_batch(assets, tmp_path):
     cfg = _cfg(assets, tmp_path / "o")
     assert recipe.validate_config(cfg, world_size=2) == 2
@@ -366,6 +376,47 @@ def test_resume_needs_a_checkpoint(assets, tmp_path):
         recipe.run(cfg)
     cfg = _cfg(assets, tmp_path / "o", resume_from_checkpoint=tmp_path)
     with pytest.raises(LongLoRAConfigError, match="not a checkpoint folder .*missing trainable.safetensors"):
+        recipe.run(cfg)
+
+
+def test_fresh_run_refuses_an_earlier_runs_checkpoints(assets, tmp_path):
+    # Otherwise the new run's step_000001 is pruned at once in favour of the old step_000002 (keep_last_n=1)
+    # and a later resume_from_checkpoint=true continues the old run.
+    out = tmp_path / "o"
+    recipe.run(_cfg(assets, out, max_steps=2, save_every_n_steps=1, export_formats="[]"))
+    assert [p.name for p in checkpointing.list_checkpoints(out / "checkpoints")] == ["step_000002"]
+    with pytest.raises(LongLoRAConfigError, match=r"checkpoints of an earlier run \(newest: step_000002\)"):
+        recipe.run(_cfg(assets, out, max_steps=1, save_every_n_steps=1, export_formats="[]"))
+
+
+def test_resume_is_exact_with_lora_dropout(assets, tmp_path):
+    # Dropout draws from the global RNG; resuming mid-epoch must continue the same stream.
+    extra = {"model.lora_dropout": 0.1, "save_every_n_steps": 2, "export_formats": "[]"}
+    recipe.run(_cfg(assets, tmp_path / "full", **extra, max_steps=4))
+    recipe.run(_cfg(assets, tmp_path / "res", **extra, max_steps=2))
+    recipe.run(_cfg(assets, tmp_path / "res", **extra, max_steps=4, resume_from_checkpoint="true"))
+    full, resumed = _losses(tmp_path / "full"), _losses(tmp_path / "res")
+    assert sorted(full) == [1, 2, 3, 4]
+    assert resumed == full
+
+
+def test_unchunked_loss_gives_the_chunked_losses(assets, tmp_path):
+    extra = {"max_steps": 2, "export_formats": "[]"}
+    recipe.run(_cfg(assets, tmp_path / "chunked", **extra))
+    cfg = _cfg(assets, tmp_path / "plain", **extra)
+    cfg.loss = OmegaConf.create({"_component_": "torch.nn.CrossEntropyLoss"})
+    recipe.run(cfg)
+    chunked, plain = _losses(tmp_path / "chunked"), _losses(tmp_path / "plain")
+    assert sorted(plain) == [1, 2]
+    for step, loss in chunked.items():
+        assert plain[step] == pytest.approx(loss, rel=1e-5)
+
+
+def test_training_length_is_checked_against_a_builder_default_max_seq_len(assets, tmp_path):
+    # longlora_llama2_7b defaults to max_seq_len 8192; the model is only built on the meta device here.
+    cfg = _cfg(assets, tmp_path / "o", **{"dataset.block_size": 16384, "tokenizer.max_seq_len": 16384})
+    cfg.model = OmegaConf.create({"_component_": "longlora_tune.models.longlora_llama2_7b"})
+    with pytest.raises(LongLoRAConfigError, match="training length 16384 exceeds model.max_seq_len=8192"):
         recipe.run(cfg)
 
 

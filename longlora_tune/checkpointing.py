@@ -350,5 +350,9 @@ def prune_checkpoints(checkpoints_dir: str | Path, keep_last_n: Optional[int]) -
         return []
     doomed = list_checkpoints(checkpoints_dir)[:-keep_last_n]
     for p in doomed:
-        shutil.rmtree(p)
+        # Hide the folder first (one atomic rename) so a crash mid-delete never leaves a partial step_N
+        # that looks like a checkpoint.
+        hidden = p.with_name(f".deleting-{p.name}-{uuid.uuid4().hex[:8]}")
+        os.replace(p, hidden)
+        shutil.rmtree(hidden)
     return doomed

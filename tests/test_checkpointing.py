@@ -232,3 +232,20 @@ def test_llama2_kwargs_read_transformers5_rope_parameters():
     assert kw["existing_rope_scaling_factor"] == 4.0
     with pytest.raises(LongLoRAConfigError, match="yarn"):
         llama2_kwargs_from_hf_config({**base, "rope_scaling": {"type": "yarn", "factor": 4.0}})
+
+
+def test_prune_crash_mid_delete_leaves_no_partial_checkpoint(tmp_path, monkeypatch):
+    """A crash while deleting an old checkpoint must not leave a half-deleted ``step_N`` behind."""
+    for step in (10, 20, 30):
+        with checkpointing.atomic_directory(tmp_path / checkpointing.step_dir_name(step)) as tmp:
+            (tmp / "a.txt").write_text(str(step))
+            (tmp / "b.txt").write_text(str(step))
+
+    def crash_after_first_file(path, *args, **kwargs):
+        next(p for p in sorted(path.iterdir())).unlink()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpointing.shutil, "rmtree", crash_after_first_file)
+    with pytest.raises(KeyboardInterrupt):
+        checkpointing.prune_checkpoints(tmp_path, keep_last_n=2)
+    assert [p.name for p in checkpointing.list_checkpoints(tmp_path)] == ["step_000020", "step_000030"]

@@ -485,7 +485,7 @@ class LongLoRARecipeDistributed:
         )
 
     def _on_rank_zero(self, fn: Callable[[], Any], *, share_result: bool = True) -> Any:
-        """Run ``fn`` on rank 0 only; every rank raises its LongLoRAConfigError, so none waits forever.
+        """Run ``fn`` on rank 0 only; if it fails, every rank raises, so none waits forever in a collective.
 
         Checkpoint folders then need to be visible to rank 0 only (no shared file system across nodes).
 
@@ -495,17 +495,28 @@ class LongLoRARecipeDistributed:
 
         Returns:
             ``fn``'s result.
+
+        Raises:
+            LongLoRAConfigError: on every rank when ``fn`` raised one on rank 0.
+            RuntimeError: on the other ranks when ``fn`` raised anything else on rank 0 (rank 0 re-raises
+                the original exception).
         """
-        result, payload = None, [None, None]
+        result, payload, error = None, [None, None], None
         if self.is_rank_zero:
             try:
                 result = fn()
                 payload = [result if share_result else None, None]
-            except LongLoRAConfigError as e:
-                payload = [None, str(e)]
+            except Exception as e:
+                error = e
+                payload = [None, (isinstance(e, LongLoRAConfigError), f"{type(e).__name__}: {e}")]
         dist.broadcast_object_list(payload, src=0)
+        if error is not None:
+            raise error
         if payload[1] is not None:
-            raise LongLoRAConfigError(payload[1])
+            is_config_error, message = payload[1]
+            if is_config_error:
+                raise LongLoRAConfigError(message.split(": ", 1)[1])
+            raise RuntimeError(f"rank 0 failed, stopping this rank too: {message}")
         return payload[0] if share_result else result
 
     def _resume_dir(self) -> Optional[Path]:

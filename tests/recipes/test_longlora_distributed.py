@@ -587,3 +587,26 @@ def test_demo_command_is_the_documented_one(tmp_path):
     assert cmd[1:5] == ["-m", MODULE, "--config", str(TINY)]
     with pytest.raises(SystemExit):
         demo.main(["--workdir", str(tmp_path), "not-an-override"])
+
+
+@pytest.mark.slow
+def test_rank_zero_failure_stops_every_rank(assets, runs, tmp_path):
+    """A non-config failure on rank 0 (a corrupt checkpoint file) ends all ranks instead of a hang."""
+    corrupt = tmp_path / "step_000003"
+    shutil.copytree(assets["root"] / "step3_copy", corrupt)
+    (corrupt / checkpointing.TRAINABLE_FILE).write_bytes(b"not a safetensors file")
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        MODULE,
+        "--config",
+        str(TINY),
+        *_overrides(assets, tmp_path / "out", resume_from_checkpoint=corrupt),
+    ]
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode != 0
+    assert "rank 0 failed, stopping this rank too" in proc.stderr, proc.stderr[-3000:]

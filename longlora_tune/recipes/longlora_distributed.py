@@ -53,6 +53,8 @@ from tqdm import tqdm
 
 from longlora_tune import checkpointing, export
 from longlora_tune.errors import LongLoRAConfigError, TrainingDivergedError, report_errors
+from longlora_tune.modules.s2_attention import S2Attention, flash_attn_available
+from longlora_tune.peft import set_trainable_params, trainable_param_names
 
 log = utils.get_logger("INFO")
 
@@ -556,8 +558,6 @@ class LongLoRARecipeDistributed:
         return self._on_rank_zero(find)
 
     def _setup_model(self, resume_dir: Optional[Path]) -> torch.nn.Module:
-        from longlora_tune.modules.s2_attention import S2Attention
-        from longlora_tune.peft import set_trainable_params, trainable_param_names
 
         cfg = self.cfg
         overrides = self._rope_override()
@@ -624,10 +624,22 @@ class LongLoRARecipeDistributed:
         model.train()
         if self.is_rank_zero:
             log.info(
-                f"Model ready: S2 group size {self.group_size}, RoPE factor {self.rope_scaling_factor}, "
-                f"{self.world_size} rank(s), gradient accumulation {self.grad_accum}"
+                f"Model ready: S2 group size {self.group_size} ({self._s2_backend_description()}), "
+                f"RoPE factor {self.rope_scaling_factor}, {self.world_size} rank(s), "
+                f"gradient accumulation {self.grad_accum}"
             )
         return model
+
+    def _s2_backend_description(self) -> str:
+        """Which S² kernel training will use, so a silent fallback from flash-attn is visible in the log."""
+        backend = self.cfg.model.get("s2_backend", "auto")
+        if self.group_size is None or backend != "auto":
+            return f"backend {backend}"
+        if self.device.type == "cuda" and self.dtype in (torch.float16, torch.bfloat16):
+            if flash_attn_available():
+                return "backend auto: flash-attn varlen"
+            return "backend auto: SDPA, flash-attn not importable (pip install longlora-tune[flash])"
+        return "backend auto: SDPA"
 
     def _initial_state(
         self, specs: dict[str, tuple[tuple[int, ...], torch.dtype]], resume_dir: Optional[Path]

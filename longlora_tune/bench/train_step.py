@@ -35,7 +35,8 @@ from torchtune.modules.loss import CEWithChunkedOutputLoss
 from longlora_tune.models import longlora_llama2
 from longlora_tune.modules.s2_attention import flash_attn_available
 from longlora_tune.peft import TRAINABLE_EXTRAS_DEFAULT, set_trainable_params
-from longlora_tune.plan import MODEL_SHAPES, ModelShape, step_flops
+from longlora_tune.plan import step_flops
+from longlora_tune.shapes import MODEL_SHAPES, ModelShape
 
 __all__ = ["BENCH_SHAPES", "VARIANTS", "Case", "detect_peak_tflops", "resolve_shape", "run_case"]
 

@@ -18,7 +18,7 @@ from torchtune.modules import TransformerDecoder
 from longlora_tune.models.longlora import apply_longlora
 from longlora_tune.modules.position_interpolation import position_interpolation_factor
 from longlora_tune.modules.s2_attention import S2AttentionConfig
-from longlora_tune.plan import MODEL_SHAPES
+from longlora_tune.shapes import MODEL_SHAPES
 
 __all__ = ["longlora_llama2", "longlora_llama2_13b", "longlora_llama2_70b", "longlora_llama2_7b"]
 

@@ -32,7 +32,9 @@ PROBE_CONFIG = "packaging_probe/tiny"
 PROBE_SOURCE = """import os
 import sys
 
-print("PROBE", os.path.abspath(__file__), os.environ.get("RANK", "-"), *sys.argv[1:])
+# One write() per line: two ranks share the pipe, and a single write below PIPE_BUF is never interleaved.
+line = " ".join(["PROBE", os.path.abspath(__file__), os.environ.get("RANK", "-"), *sys.argv[1:]])
+os.write(1, (line + "\\n").encode())
 """
 
 

@@ -14,14 +14,13 @@ from __future__ import annotations
 import math
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
-from test_longlora_distributed import _bind, _env, _expected_base_keys, _losses
+from test_longlora_distributed import _bind, _env, _expected_base_keys, _losses, _recipe_cmd
 from torchtune import config
 
 from longlora_tune import export, tiny
@@ -85,18 +84,7 @@ def _setup(cfg) -> recipe.LongLoRARecipeDistributed:
 @pytest.mark.slow
 def test_two_process_sft_run_trains_and_exports(assets):
     out = assets["root"] / "two"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "-m",
-        MODULE,
-        "--config",
-        str(TINY),
-        *_overrides(assets, out, max_steps=STEPS, save_every_n_steps=4),
-    ]
+    cmd = _recipe_cmd(TINY, _overrides(assets, out, max_steps=STEPS, save_every_n_steps=4), nproc=2)
     proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     losses = _losses(out)

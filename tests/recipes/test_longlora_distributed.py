@@ -62,18 +62,16 @@ def _overrides(assets: dict[str, Path], out: Path, **extra: object) -> list[str]
     return [f"{k}={v}" for k, v in values.items()]
 
 
-def _train(assets: dict[str, Path], out: Path, nproc: int, **extra: object) -> dict[int, float]:
+def _recipe_cmd(config: Path, overrides: list[str], nproc: int) -> list[str]:
+    """The recipe as a module, under torchrun when ``nproc`` > 1 (the path every multi-process test takes)."""
+    launcher = [sys.executable]
     if nproc > 1:
-        launcher = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={nproc}",
-        ]
-    else:
-        launcher = [sys.executable]
-    cmd = [*launcher, "-m", MODULE, "--config", str(TINY), *_overrides(assets, out, **extra)]
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    return [*launcher, "-m", MODULE, "--config", str(config), *overrides]
+
+
+def _train(assets: dict[str, Path], out: Path, nproc: int, **extra: object) -> dict[int, float]:
+    cmd = _recipe_cmd(TINY, _overrides(assets, out, **extra), nproc)
     proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return _losses(out)
@@ -595,18 +593,7 @@ def test_rank_zero_failure_stops_every_rank(assets, runs, tmp_path):
     corrupt = tmp_path / "step_000003"
     shutil.copytree(assets["root"] / "step3_copy", corrupt)
     (corrupt / checkpointing.TRAINABLE_FILE).write_bytes(b"not a safetensors file")
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "-m",
-        MODULE,
-        "--config",
-        str(TINY),
-        *_overrides(assets, tmp_path / "out", resume_from_checkpoint=corrupt),
-    ]
+    cmd = _recipe_cmd(TINY, _overrides(assets, tmp_path / "out", resume_from_checkpoint=corrupt), nproc=2)
     proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=240)
     assert proc.returncode != 0
     assert "rank 0 failed, stopping this rank too" in proc.stderr, proc.stderr[-3000:]

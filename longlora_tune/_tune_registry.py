@@ -12,11 +12,12 @@ file and then runs exactly like a built-in recipe (``runpy.run_path``, or torchr
 
 Discovery rules (files are found by scanning the installed package, nothing is listed by hand):
 
-- Recipes: every ``longlora_tune/recipes/<name>.py`` except ``__init__.py`` and ``_private.py`` files.
+- Recipes: every ``recipes/<name>.py`` except ``_private.py`` files (installed: inside the package, see
+  :mod:`longlora_tune.resources`).
   The recipe name is the file stem. Every recipe is registered with ``supports_distributed=True``
   (torchtune only uses the flag to refuse torchrun flags): the training recipe and both eval recipes
   run on one process or under torchrun.
-- Configs: every ``longlora_tune/configs/**/*.yaml``. The config name is its path relative to
+- Configs: every ``configs/**/*.yaml``. The config name is its path relative to
   ``configs/`` without ``.yaml`` (``llama2_7b_100k``, ``eval/llama2_7b_passkey``). Its recipe is, first
   match wins:
 
@@ -41,9 +42,9 @@ import warnings
 from pathlib import Path
 from types import ModuleType
 
-PACKAGE_DIR = Path(__file__).resolve().parent
-RECIPES_DIR = PACKAGE_DIR / "recipes"
-CONFIGS_DIR = PACKAGE_DIR / "configs"
+from longlora_tune import resources
+from longlora_tune._compat import recipe_list
+
 DEFAULT_RECIPE = "longlora_distributed"
 
 _RECIPE_COMMENT = re.compile(r"#\s*recipe\s*:\s*([A-Za-z0-9_.-]+)\s*$")
@@ -133,8 +134,9 @@ def register(
     Args:
         registry: The ``torchtune._recipe_registry`` module; imported when None. The import hook passes
             the module it has just executed.
-        recipes_dir: Folder scanned for recipes; None means :data:`RECIPES_DIR` (the installed package's).
-        configs_dir: Folder scanned for configs; None means :data:`CONFIGS_DIR`.
+        recipes_dir: Folder scanned for recipes; None means the installed ones
+            (:func:`longlora_tune.resources.recipes_dir`).
+        configs_dir: Folder scanned for configs; None means :func:`longlora_tune.resources.configs_dir`.
         default_recipe: Recipe that owns configs declaring none; None means :data:`DEFAULT_RECIPE`.
 
     Returns:
@@ -143,11 +145,11 @@ def register(
     if registry is None:
         from torchtune import _recipe_registry as registry
 
-    all_recipes = registry._ALL_RECIPES
-    recipes = discover_recipes(RECIPES_DIR if recipes_dir is None else recipes_dir)
+    all_recipes = recipe_list(registry)
+    recipes = discover_recipes(resources.recipes_dir() if recipes_dir is None else recipes_dir)
     configs = discover_configs(
         set(recipes),
-        CONFIGS_DIR if configs_dir is None else configs_dir,
+        resources.configs_dir() if configs_dir is None else configs_dir,
         DEFAULT_RECIPE if default_recipe is None else default_recipe,
     )
     existing = {r.name: r for r in all_recipes}

@@ -1,16 +1,14 @@
-"""Reading Hugging Face Llama checkpoints and writing LongLoRA checkpoints safely.
+"""Our checkpoint folders: their file format, writers and readers, listing and pruning.
 
-Base weights come from a Hugging Face checkpoint folder (what ``tune download meta-llama/Llama-2-7b-hf``
-writes) and are converted to torchtune parameter names. What LongLoRA trains (LoRA matrices, token
-embeddings, norms) is saved as one safetensors file in torchtune names, used both by resumable checkpoints
-and by the ``adapter/`` export. Checkpoint folders are written through :func:`atomic_directory`, so a crash
-while saving never damages the previous checkpoint.
+Base weights are read from Hugging Face folders by :mod:`longlora_tune.hf`. What LongLoRA trains (LoRA
+matrices, token embeddings, norms) is saved as one safetensors file in torchtune names, used both by
+resumable checkpoints and by the ``adapter/`` export. Checkpoint folders are written through
+:func:`atomic_directory`, so a crash while saving never damages the previous checkpoint.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import shutil
@@ -18,164 +16,18 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 from torch import nn
 
 from longlora_tune._io import atomic_path, current_umask, fsync_dir, fsync_file
 from longlora_tune.errors import LongLoRAConfigError
-from longlora_tune.modules.position_interpolation import rope_scaling_factor_from_hf_config
 
 #: Name of the trainable-state file inside a checkpoint or ``adapter/`` folder.
 TRAINABLE_FILE = "trainable.safetensors"
 #: Checkpoint folders are ``step_000100`` etc., so lexical and numeric order agree.
 _STEP_DIR_RE = re.compile(r"^step_(\d+)$")
-
-
-def download_command(repo_id: Optional[str], checkpoint_dir: str | Path) -> str:
-    """Return the ``tune download`` command that fills ``checkpoint_dir`` with a Hugging Face checkpoint.
-
-    Args:
-        repo_id: Hugging Face repository id (e.g. ``meta-llama/Llama-2-7b-hf``); a placeholder when None.
-        checkpoint_dir: the folder the recipe reads.
-
-    Returns:
-        The command line (original ``.pth`` files are skipped: only the HF safetensors are needed).
-    """
-    repo = repo_id or "<hf-repo-id>"
-    return f'tune download {repo} --output-dir {checkpoint_dir} --ignore-patterns "*.pth"'
-
-
-def _missing(what: str, path: Path, repo_id: Optional[str], checkpoint_dir: Path) -> LongLoRAConfigError:
-    return LongLoRAConfigError(
-        f"{what} not found: {path}; download the base model with: {download_command(repo_id, checkpoint_dir)}"
-    )
-
-
-def read_hf_config(checkpoint_dir: str | Path, *, repo_id: Optional[str] = None) -> dict[str, Any]:
-    """Read ``config.json`` of a Hugging Face checkpoint folder.
-
-    Args:
-        checkpoint_dir: the checkpoint folder.
-        repo_id: Hugging Face repository id, only used to print the download command when files are missing.
-
-    Returns:
-        The parsed config.
-
-    Raises:
-        LongLoRAConfigError: if the folder or its ``config.json`` is missing or unreadable.
-    """
-    ckpt = Path(checkpoint_dir).expanduser()
-    path = ckpt / "config.json"
-    if not path.is_file():
-        raise _missing("model config", path, repo_id, ckpt)
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise LongLoRAConfigError(f"cannot read {path}: {e}") from e
-
-
-def hf_weight_files(checkpoint_dir: str | Path, *, repo_id: Optional[str] = None) -> list[Path]:
-    """List the weight files of a Hugging Face checkpoint: safetensors if any, else ``pytorch_model*.bin``.
-
-    Args:
-        checkpoint_dir: the checkpoint folder.
-        repo_id: Hugging Face repository id, only used in the error message.
-
-    Returns:
-        Sorted weight file paths.
-
-    Raises:
-        LongLoRAConfigError: if the folder holds no weight files.
-    """
-    ckpt = Path(checkpoint_dir).expanduser()
-    files = sorted(ckpt.glob("*.safetensors")) or sorted(ckpt.glob("pytorch_model*.bin"))
-    if not files:
-        what = "model weights (*.safetensors or pytorch_model*.bin)"
-        raise _missing(what, ckpt / "*.safetensors", repo_id, ckpt)
-    return files
-
-
-def llama2_kwargs_from_hf_config(config: dict[str, Any]) -> dict[str, Any]:
-    """Translate a Hugging Face Llama ``config.json`` into ``longlora_llama2`` builder arguments.
-
-    Args:
-        config: the parsed ``config.json``.
-
-    Returns:
-        ``vocab_size``, ``num_layers``, ``num_heads``, ``num_kv_heads``, ``embed_dim``, ``intermediate_dim``,
-        ``norm_eps``, ``rope_base``, ``original_max_seq_len`` (= ``max_position_embeddings``) and
-        ``existing_rope_scaling_factor`` (the checkpoint's linear RoPE factor, 1.0 when it has none; not a
-        builder argument: pass it to ``position_interpolation_factor(..., existing_factor=...)``).
-
-    Raises:
-        LongLoRAConfigError: if a required key is missing or the checkpoint uses non-linear RoPE scaling.
-    """
-    required = ("vocab_size", "num_hidden_layers", "num_attention_heads", "hidden_size", "intermediate_size")
-    absent = [k for k in required if k not in config]
-    if absent:
-        raise LongLoRAConfigError(f"config.json lacks {', '.join(absent)}: not a Hugging Face Llama config")
-    try:
-        factor = rope_scaling_factor_from_hf_config(config)
-    except ValueError as exc:
-        raise LongLoRAConfigError(str(exc)) from None
-    # transformers 5 writes the RoPE base only inside rope_parameters.
-    rope_base = (
-        config.get("rope_theta") or (config.get("rope_parameters") or {}).get("rope_theta") or 10_000.0
-    )
-    return {
-        "vocab_size": int(config["vocab_size"]),
-        "num_layers": int(config["num_hidden_layers"]),
-        "num_heads": int(config["num_attention_heads"]),
-        "num_kv_heads": int(config.get("num_key_value_heads", config["num_attention_heads"])),
-        "embed_dim": int(config["hidden_size"]),
-        "intermediate_dim": int(config["intermediate_size"]),
-        "norm_eps": float(config.get("rms_norm_eps", 1e-5)),
-        "rope_base": float(rope_base),
-        "original_max_seq_len": int(config.get("max_position_embeddings", 4096)),
-        "existing_rope_scaling_factor": factor,
-    }
-
-
-def load_hf_model_state(
-    checkpoint_dir: str | Path, *, dtype: Optional[torch.dtype] = None, repo_id: Optional[str] = None
-) -> dict[str, torch.Tensor]:
-    """Load a Hugging Face Llama checkpoint's weights in torchtune parameter names.
-
-    Args:
-        checkpoint_dir: folder with ``config.json`` and ``*.safetensors`` (or ``pytorch_model*.bin``).
-        dtype: cast each tensor to this dtype while loading (halves peak memory for fp32 files);
-            None keeps it.
-        repo_id: Hugging Face repository id, only used in error messages.
-
-    Returns:
-        The state dict in torchtune names (``tok_embeddings.weight``, ``layers.0.attn.q_proj.weight``, ...).
-
-    Raises:
-        LongLoRAConfigError: if files are missing.
-    """
-    from safetensors.torch import load_file
-    from torchtune.models.convert_weights import hf_to_tune
-
-    config = read_hf_config(checkpoint_dir, repo_id=repo_id)
-    kwargs = llama2_kwargs_from_hf_config(config)
-    hf_sd: dict[str, torch.Tensor] = {}
-    for f in hf_weight_files(checkpoint_dir, repo_id=repo_id):
-        if f.suffix == ".safetensors":
-            part = load_file(str(f))
-        else:
-            part = torch.load(f, map_location="cpu", weights_only=True)
-        for k, v in part.items():
-            hf_sd[k] = v.to(dtype) if dtype is not None and v.is_floating_point() else v
-        del part
-    return hf_to_tune(
-        hf_sd,
-        num_heads=kwargs["num_heads"],
-        num_kv_heads=kwargs["num_kv_heads"],
-        dim=kwargs["embed_dim"],
-        head_dim=config.get("head_dim"),
-    )
 
 
 def save_trainable_state(state_dict: dict[str, torch.Tensor], path: str | Path) -> None:

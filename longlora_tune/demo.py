@@ -10,8 +10,8 @@ text corpus into ``DIR``, then runs the real training command on them::
 
 (``--nproc 2`` adds ``--nproc_per_node 2``: two CPU processes over gloo). Extra ``key=value`` arguments
 are passed on as config overrides. When the ``tune`` CLI does not know ``longlora_distributed`` (the
-package is not installed, so its registry hook is absent) the same recipe runs as
-``python -m longlora_tune.recipes.longlora_distributed`` with the config file's path.
+package is not installed, so its registry hook is absent) the same recipe script runs with ``python``
+(or torchrun) and the config file's path.
 """
 
 from __future__ import annotations
@@ -25,20 +25,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from longlora_tune import tiny
+from longlora_tune import resources, tiny
+from longlora_tune._compat import registered_recipe_names
 
 _RECIPE = "longlora_distributed"
 _CONFIG = "tiny_demo"
-_PACKAGE_DIR = Path(__file__).resolve().parent
-
-
-def _tune_knows_recipe() -> bool:
-    # The package's start-up hook registers our recipes when torchtune's registry is imported.
-    try:
-        from torchtune._recipe_registry import get_all_recipes
-    except ImportError:
-        return False
-    return any(r.name == _RECIPE for r in get_all_recipes())
 
 
 def build_command(workdir: Path, nproc: int, overrides: list[str], use_tune: bool) -> list[str]:
@@ -48,8 +39,8 @@ def build_command(workdir: Path, nproc: int, overrides: list[str], use_tune: boo
         workdir: folder holding ``base/`` and ``corpus.jsonl``; outputs go to ``workdir/out``.
         nproc: processes (1 runs without torchrun).
         overrides: extra ``key=value`` config overrides.
-        use_tune: run through the ``tune`` CLI by recipe and config name; otherwise through
-            ``python -m`` (or torchrun ``-m``) with the config file path.
+        use_tune: run through the ``tune`` CLI by recipe and config name; otherwise the recipe script
+            with ``python`` (or torchrun) and the config file path.
 
     Returns:
         The argument list.
@@ -64,11 +55,11 @@ def build_command(workdir: Path, nproc: int, overrides: list[str], use_tune: boo
     if use_tune:
         tune = shutil.which("tune") or str(Path(sys.executable).with_name("tune"))
         return [tune, "run", *dist, _RECIPE, "--config", _CONFIG, *args]
-    config = str(_PACKAGE_DIR / "configs" / f"{_CONFIG}.yaml")
+    config = str(resources.config_path(_CONFIG))
     launcher = (
         [sys.executable, "-m", "torch.distributed.run", "--standalone", *dist] if dist else [sys.executable]
     )
-    return [*launcher, "-m", f"longlora_tune.recipes.{_RECIPE}", "--config", config, *args]
+    return [*launcher, str(resources.recipe_path(_RECIPE)), "--config", config, *args]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (workdir / "corpus.jsonl").is_file():
         tiny.make_text_corpus(workdir / "corpus.jsonl", n_docs=200)
 
-    cmd = build_command(workdir, args.nproc, args.overrides, use_tune=_tune_knows_recipe())
+    cmd = build_command(workdir, args.nproc, args.overrides, use_tune=_RECIPE in registered_recipe_names())
     print("[demo] running:\n  " + " ".join(cmd), flush=True)
     env = dict(os.environ)
     env.setdefault("HF_HUB_OFFLINE", "1")

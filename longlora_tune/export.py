@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from torch import nn
 
 from longlora_tune import checkpointing
+from longlora_tune.hf import HFBaseModel
+from longlora_tune.models.longlora import LongLoRAModelInfo
 
 #: Files copied from the base checkpoint next to the merged weights.
 TOKENIZER_FILES = (
@@ -76,60 +77,6 @@ def merged_hf_config(base_config: Mapping[str, Any], rope_scaling_factor: float,
     return cfg
 
 
-def model_rope_scaling_factor(model: nn.Module) -> float:
-    """The linear RoPE factor a LongLoRA model was built with (1.0 for plain RoPE).
-
-    Args:
-        model: a model built by :mod:`longlora_tune.models`.
-
-    Returns:
-        The factor.
-
-    Raises:
-        ValueError: if layers disagree.
-    """
-    factors = {float(m.scaling_factor) for m in model.modules() if hasattr(m, "scaling_factor")}
-    if len(factors) > 1:
-        raise ValueError(f"the model's layers use different RoPE factors {sorted(factors)}")
-    return factors.pop() if factors else 1.0
-
-
-def model_lora_rank_alpha(model: nn.Module) -> tuple[int, float]:
-    """LoRA rank and alpha of a model's adapter layers.
-
-    Args:
-        model: a torchtune LoRA model.
-
-    Returns:
-        ``(rank, alpha)``.
-
-    Raises:
-        ValueError: if the model has no LoRA layer or layers disagree.
-    """
-    found = {
-        (int(m.rank), float(m.alpha)) for m in model.modules() if hasattr(m, "lora_a") and hasattr(m, "rank")
-    }
-    if len(found) != 1:
-        raise ValueError(f"expected one LoRA (rank, alpha) in the model, found {sorted(found)}")
-    return found.pop()
-
-
-def model_lora_targets(model: nn.Module) -> list[str]:
-    """torchtune names of the projections that carry LoRA (``q_proj``, ``output_proj``, ...).
-
-    Args:
-        model: a torchtune LoRA model.
-
-    Returns:
-        Sorted module short names.
-    """
-    names = set()
-    for name, m in model.named_modules():
-        if hasattr(m, "lora_a") and hasattr(m, "rank"):
-            names.add(name.split(".")[-1])
-    return sorted(names)
-
-
 def copy_tokenizer_files(src_dir: str | Path, dst_dir: str | Path) -> list[str]:
     """Copy the tokenizer and generation files of a Hugging Face checkpoint folder.
 
@@ -178,10 +125,8 @@ def save_merged_hf_checkpoint(
     full_state_dict: dict[str, torch.Tensor],
     out_dir: str | Path,
     *,
-    base_checkpoint_dir: str | Path,
-    rope_scaling_factor: float,
-    lora_rank: int,
-    lora_alpha: float,
+    base: HFBaseModel,
+    model_info: LongLoRAModelInfo,
     dtype: Optional[torch.dtype] = None,
     max_shard_bytes: int = MAX_SHARD_BYTES,
 ) -> Path:
@@ -191,10 +136,8 @@ def save_merged_hf_checkpoint(
         full_state_dict: the complete model state in torchtune names, LoRA matrices included (consumed:
             merged in place).
         out_dir: the export folder (replaced atomically if it exists).
-        base_checkpoint_dir: the base checkpoint (for ``config.json`` and tokenizer files).
-        rope_scaling_factor: the factor the model was trained with.
-        lora_rank: LoRA rank.
-        lora_alpha: LoRA alpha.
+        base: the base checkpoint (its ``config.json`` and tokenizer files are carried over).
+        model_info: the trained model's description (RoPE factor, LoRA rank and alpha).
         dtype: dtype of the written weights; None keeps the state's dtype.
         max_shard_bytes: largest safetensors file.
 
@@ -204,15 +147,14 @@ def save_merged_hf_checkpoint(
     from torchtune.models.convert_weights import tune_to_hf
     from torchtune.modules.peft import get_merged_lora_ckpt
 
-    base_config = checkpointing.read_hf_config(base_checkpoint_dir)
-    kw = checkpointing.llama2_kwargs_from_hf_config(base_config)
-    merged = get_merged_lora_ckpt(full_state_dict, rank=lora_rank, alpha=lora_alpha)
+    kw = base.builder_kwargs
+    merged = get_merged_lora_ckpt(full_state_dict, rank=model_info.lora_rank, alpha=model_info.lora_alpha)
     hf_sd = tune_to_hf(
         merged,
         num_heads=kw["num_heads"],
         num_kv_heads=kw["num_kv_heads"],
         dim=kw["embed_dim"],
-        head_dim=base_config.get("head_dim"),
+        head_dim=base.head_dim,
     )
     if dtype is not None:
         hf_sd = {k: v.to(dtype) for k, v in hf_sd.items()}
@@ -220,9 +162,9 @@ def save_merged_hf_checkpoint(
     out = Path(out_dir)
     with checkpointing.atomic_directory(out) as tmp:
         _save_sharded_safetensors(hf_sd, tmp, max_shard_bytes)
-        config = merged_hf_config(base_config, rope_scaling_factor, saved_dtype)
+        config = merged_hf_config(base.config, model_info.rope_scaling_factor, saved_dtype)
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        copy_tokenizer_files(base_checkpoint_dir, tmp)
+        copy_tokenizer_files(base.path, tmp)
     return out
 
 
@@ -230,34 +172,28 @@ def save_peft(
     trainable_state_dict: Mapping[str, torch.Tensor],
     out_dir: str | Path,
     *,
-    base_config: Mapping[str, Any],
+    base: HFBaseModel,
+    model_info: LongLoRAModelInfo,
     base_model_name_or_path: str,
-    lora_rank: int,
-    lora_alpha: float,
-    target_modules: list[str],
-    rope_scaling_factor: float,
 ) -> Path:
     """Write a PEFT adapter (LoRA + embeddings and norms as ``modules_to_save``) atomically.
 
     Args:
         trainable_state_dict: trainable tensors in torchtune names.
         out_dir: the export folder.
-        base_config: the base checkpoint's ``config.json`` (head counts and sizes).
+        base: the base checkpoint (head counts and sizes, RoPE base).
+        model_info: the trained model's description (LoRA rank, alpha and targets, RoPE factor).
         base_model_name_or_path: what ``adapter_config.json`` names as the base model.
-        lora_rank: LoRA rank.
-        lora_alpha: LoRA alpha.
-        target_modules: torchtune names of the LoRA projections.
-        rope_scaling_factor: the factor the base model must be loaded with.
 
     Returns:
         The export folder.
     """
     from longlora_tune.peft import save_peft_adapter
 
-    kw = checkpointing.llama2_kwargs_from_hf_config(dict(base_config))
+    kw = base.builder_kwargs
     model_config = {k: kw[k] for k in ("num_heads", "num_kv_heads", "embed_dim", "rope_base")}
-    if base_config.get("head_dim"):
-        model_config["head_dim"] = int(base_config["head_dim"])
+    if base.head_dim:
+        model_config["head_dim"] = base.head_dim
     out = Path(out_dir)
     with checkpointing.atomic_directory(out) as tmp:
         save_peft_adapter(
@@ -265,10 +201,10 @@ def save_peft(
             tmp,
             model_config=model_config,
             base_model_name_or_path=base_model_name_or_path,
-            lora_rank=lora_rank,
-            lora_alpha=lora_alpha,
-            target_modules=target_modules,
-            rope_scaling_factor=rope_scaling_factor,
+            lora_rank=model_info.lora_rank,
+            lora_alpha=model_info.lora_alpha,
+            target_modules=list(model_info.lora_targets),
+            rope_scaling_factor=model_info.rope_scaling_factor,
         )
     return out
 

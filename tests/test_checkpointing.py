@@ -96,47 +96,6 @@ def test_load_trainable_state_rejects_foreign_names_and_shapes(tmp_path):
         checkpointing.load_trainable_state(model, path)
 
 
-def test_load_hf_model_state_converts_names_and_permutes_qk(tmp_path):
-    from torchtune.models.convert_weights import tune_to_hf
-
-    ckpt = tiny.make_hf_checkpoint(tmp_path / "base", num_kv_heads=2, with_tokenizer=False)
-    hf = load_file(str(ckpt / "model.safetensors"))
-    sd = checkpointing.load_hf_model_state(ckpt)
-    assert "tok_embeddings.weight" in sd and "layers.1.attn.q_proj.weight" in sd and "norm.scale" in sd
-    # The conversion is torchtune's: converting back gives the original tensors.
-    back = tune_to_hf(sd, num_heads=4, num_kv_heads=2, dim=64)
-    assert set(back) == set(hf)
-    for k in hf:
-        torch.testing.assert_close(back[k], hf[k], rtol=0, atol=0)
-    kw = checkpointing.llama2_kwargs_from_hf_config(checkpointing.read_hf_config(ckpt))
-    assert kw["num_kv_heads"] == 2 and kw["original_max_seq_len"] == 64
-    assert kw["existing_rope_scaling_factor"] == 1.0
-
-
-def test_missing_checkpoint_names_path_and_download_command(tmp_path):
-    with pytest.raises(LongLoRAConfigError) as e:
-        checkpointing.read_hf_config(tmp_path / "nope", repo_id="meta-llama/Llama-2-13b-hf")
-    msg = str(e.value)
-    assert str(tmp_path / "nope" / "config.json") in msg
-    assert f"tune download meta-llama/Llama-2-13b-hf --output-dir {tmp_path / 'nope'}" in msg
-    (tmp_path / "cfg_only").mkdir()
-    (tmp_path / "cfg_only" / "config.json").write_text("{}")
-    with pytest.raises(LongLoRAConfigError, match=r"model weights .*tune download"):
-        checkpointing.hf_weight_files(tmp_path / "cfg_only")
-
-
-def test_existing_rope_factor_is_read(tmp_path):
-    ckpt = tiny.make_hf_checkpoint(
-        tmp_path / "b", rope_scaling={"type": "linear", "factor": 8.0}, with_tokenizer=False
-    )
-    kw = checkpointing.llama2_kwargs_from_hf_config(checkpointing.read_hf_config(ckpt))
-    assert kw["existing_rope_scaling_factor"] == 8.0
-    with pytest.raises(LongLoRAConfigError, match="dynamic"):
-        checkpointing.llama2_kwargs_from_hf_config(
-            {**checkpointing.read_hf_config(ckpt), "rope_scaling": {"type": "dynamic", "factor": 2.0}}
-        )
-
-
 def test_merged_hf_config_sets_rope_scaling_in_both_spellings():
     base = tiny.hf_llama_config(
         vocab_size=8,
@@ -173,65 +132,6 @@ def test_constant_schedule_with_warmup():
     assert sched2.get_last_lr() == sched.get_last_lr()
     with pytest.raises(ValueError, match="num_warmup_steps"):
         get_constant_schedule_with_warmup(opt, num_warmup_steps=-1)
-
-
-def test_merged_hf_checkpoint_is_sharded_and_folds_lora(tmp_path):
-    from torchtune.models.convert_weights import tune_to_hf
-
-    base = tiny.make_hf_checkpoint(tmp_path / "base", with_tokenizer=False)
-    (base / "tokenizer.model").write_bytes(b"sp")
-    sd = checkpointing.load_hf_model_state(base)
-    gen = torch.Generator().manual_seed(0)
-    a = torch.randn(8, 64, generator=gen)
-    b = torch.randn(64, 8, generator=gen)
-    expected_q = sd["layers.0.attn.q_proj.weight"] + (16.0 / 8) * b @ a
-    sd["layers.0.attn.q_proj.lora_a.weight"] = a
-    sd["layers.0.attn.q_proj.lora_b.weight"] = b
-    expected = dict(sd, **{"layers.0.attn.q_proj.weight": expected_q})
-    del expected["layers.0.attn.q_proj.lora_a.weight"], expected["layers.0.attn.q_proj.lora_b.weight"]
-    expected = tune_to_hf(expected, num_heads=4, num_kv_heads=4, dim=64)
-
-    out = export.save_merged_hf_checkpoint(
-        sd,
-        tmp_path / "hf",
-        base_checkpoint_dir=base,
-        rope_scaling_factor=4,
-        lora_rank=8,
-        lora_alpha=16.0,
-        dtype=torch.float32,
-        max_shard_bytes=100_000,
-    )
-    index = json.loads((out / "model.safetensors.index.json").read_text())
-    shards = sorted(set(index["weight_map"].values()))
-    assert len(shards) > 1 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
-    loaded = {}
-    for name in shards:
-        loaded.update(load_file(str(out / name)))
-    assert set(loaded) == set(expected) == set(index["weight_map"])
-    for k in expected:
-        torch.testing.assert_close(loaded[k], expected[k], rtol=1e-6, atol=1e-6)
-    assert json.loads((out / "config.json").read_text())["rope_scaling"]["factor"] == 4.0
-    assert (out / "tokenizer.model").read_bytes() == b"sp"
-
-
-def test_llama2_kwargs_read_transformers5_rope_parameters():
-    """transformers 5 writes the RoPE base and factor only inside ``rope_parameters``."""
-    from longlora_tune.checkpointing import llama2_kwargs_from_hf_config
-
-    base = {
-        "vocab_size": 32,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "hidden_size": 64,
-        "intermediate_size": 128,
-    }
-    kw = llama2_kwargs_from_hf_config(
-        {**base, "rope_parameters": {"rope_type": "linear", "factor": 4.0, "rope_theta": 500000.0}}
-    )
-    assert kw["rope_base"] == 500000.0
-    assert kw["existing_rope_scaling_factor"] == 4.0
-    with pytest.raises(LongLoRAConfigError, match="yarn"):
-        llama2_kwargs_from_hf_config({**base, "rope_scaling": {"type": "yarn", "factor": 4.0}})
 
 
 def test_prune_crash_mid_delete_leaves_no_partial_checkpoint(tmp_path, monkeypatch):

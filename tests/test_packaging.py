@@ -39,14 +39,13 @@ os.write(1, (line + "\\n").encode())
 
 
 def _copy_sources(dest: Path) -> None:
-    """Copy what a source distribution holds: the top-level files and the package (no venvs, no tests)."""
+    """Copy what a source distribution holds: top-level files, the package, recipes/ and configs/."""
     dest.mkdir()
     for entry in REPO.iterdir():
         if entry.is_file():
             shutil.copy2(entry, dest / entry.name)
-    shutil.copytree(
-        REPO / "longlora_tune", dest / "longlora_tune", ignore=shutil.ignore_patterns("__pycache__")
-    )
+    for folder in ("longlora_tune", "recipes", "configs"):
+        shutil.copytree(REPO / folder, dest / folder, ignore=shutil.ignore_patterns("__pycache__"))
 
 
 def _make_venv(venv: Path, env: dict[str, str], parent_site_packages: bool) -> tuple[Path, Path]:
@@ -72,8 +71,8 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     root = tmp_path_factory.mktemp("packaging")
     src = root / "src"
     _copy_sources(src)
-    (src / "longlora_tune" / "recipes" / f"{PROBE}.py").write_text(PROBE_SOURCE, encoding="utf-8")
-    probe_cfg = src / "longlora_tune" / "configs" / f"{PROBE_CONFIG}.yaml"
+    (src / "recipes" / f"{PROBE}.py").write_text(PROBE_SOURCE, encoding="utf-8")
+    probe_cfg = src / "configs" / f"{PROBE_CONFIG}.yaml"
     probe_cfg.parent.mkdir(parents=True, exist_ok=True)
     probe_cfg.write_text(f"# recipe: {PROBE}\nvalue: 1\n", encoding="utf-8")
 
@@ -121,6 +120,10 @@ def test_wheel_contents_and_installed_copy(installed: SimpleNamespace) -> None:
     assert not any(n.split("/")[0] in ("recipes", "configs", "tests") for n in names)
     packaged = [p.relative_to(installed.src).as_posix() for p in (installed.src / "longlora_tune").rglob("*")]
     packaged = [p for p in packaged if p.endswith((".py", ".yaml"))]
+    # The top-level recipes/ and configs/ travel inside the package.
+    for folder in ("recipes", "configs"):
+        files = (installed.src / folder).rglob("*")
+        packaged += [f"longlora_tune/{p.relative_to(installed.src).as_posix()}" for p in files if p.is_file()]
     assert set(packaged) <= names, sorted(set(packaged) - names)
 
     code = (
@@ -226,11 +229,10 @@ def test_editable_install_registers_from_the_source_tree(installed: SimpleNamesp
         "print(probe.file_path); print(probe.configs[0].file_path)\n"
     )
     out = _run([str(python), "-c", code], installed.work, installed.env).stdout.split()
-    src = installed.src / "longlora_tune"
     assert out == [
         "False",
-        str(src / "recipes" / f"{PROBE}.py"),
-        str(src / "configs" / f"{PROBE_CONFIG}.yaml"),
+        str(installed.src / "recipes" / f"{PROBE}.py"),
+        str(installed.src / "configs" / f"{PROBE_CONFIG}.yaml"),
     ]
 
 
@@ -248,3 +250,22 @@ def test_training_recipe_by_name_fails_cleanly_without_weights(installed: Simple
     errors = [line for line in out.stderr.splitlines() if line.startswith("longlora_tune: error:")]
     assert len(errors) == 1, out.stderr
     assert str(missing / "config.json") in errors[0] and "tune download" in errors[0]
+
+
+def test_copied_recipe_trains_from_an_unrelated_folder(installed: SimpleNamespace) -> None:
+    # The torchtune workflow: copy the recipe and a config, edit them, run the copy by path.
+    from longlora_tune import tiny
+
+    work = installed.root / "my_project"
+    work.mkdir()
+    _tune(installed, "cp", "longlora_distributed", ".", cwd=work)
+    _tune(installed, "cp", "tiny_demo", "my_config.yaml", cwd=work)
+    base = tiny.make_hf_checkpoint(installed.root / "copied_base")
+    corpus = tiny.make_text_corpus(installed.root / "copied_corpus.jsonl", n_docs=24)
+    out = _tune(
+        installed, "run", "longlora_distributed.py", "--config", "my_config.yaml",
+        f"checkpoint_dir={base}", f"dataset.data_files={corpus}", f"output_dir={work / 'out'}",
+        "max_steps=2", "global_batch_size=2", "export_formats=[adapter]", cwd=work, timeout=300,
+    )  # fmt: skip
+    assert (work / "out" / "adapter" / "trainable.safetensors").is_file(), out.stderr[-3000:]
+    assert "Step 2 | loss:" in next((work / "out" / "logs").glob("*.txt")).read_text()

@@ -14,7 +14,7 @@ import torchtune
 from torchtune import _recipe_registry
 
 import _longlora_tune_hook as hook
-from longlora_tune import _tune_registry
+from longlora_tune import _tune_registry, resources
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -134,9 +134,9 @@ def test_package_recipes_and_configs_register_without_clashes() -> None:
     registry = _builtin_registry()
     builtin_recipes = {r.name for r in registry._ALL_RECIPES}
     builtin_configs = {c.name for r in registry._ALL_RECIPES for c in r.configs}
-    on_disk = {
-        p.stem for p in (REPO / "longlora_tune" / "recipes").glob("*.py") if not p.name.startswith("_")
-    }
+    # The repository keeps recipes/ and configs/ at the top level, as torchtune does.
+    assert resources.recipes_dir() == REPO / "recipes" and resources.configs_dir() == REPO / "configs"
+    on_disk = {p.stem for p in (REPO / "recipes").glob("*.py") if not p.name.startswith("_")}
 
     added = _tune_registry.register(registry)
 
@@ -148,14 +148,14 @@ def test_package_recipes_and_configs_register_without_clashes() -> None:
     ours = [r for r in registry._ALL_RECIPES if r.name in added]
     for recipe in ours:
         assert Path(recipe.file_path).is_file()
-        assert Path(recipe.file_path).is_relative_to(_tune_registry.PACKAGE_DIR)
+        assert Path(recipe.file_path).is_relative_to(resources.recipes_dir())
         for config in recipe.configs:
             assert config.name not in builtin_configs
             assert Path(config.file_path).is_file()
     # Every packaged config is reachable by name once its owner recipe exists.
     packaged = {
-        p.relative_to(_tune_registry.CONFIGS_DIR).with_suffix("").as_posix()
-        for p in _tune_registry.CONFIGS_DIR.rglob("*.yaml")
+        p.relative_to(resources.configs_dir()).with_suffix("").as_posix()
+        for p in resources.configs_dir().rglob("*.yaml")
     }
     if _tune_registry.DEFAULT_RECIPE in added:
         assert packaged == {c.name for r in ours for c in r.configs}
@@ -165,8 +165,8 @@ def test_hook_wraps_only_the_registry_module_and_registers(
     plugin_tree: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     recipes_dir, configs_dir = plugin_tree
-    monkeypatch.setattr(_tune_registry, "RECIPES_DIR", recipes_dir)
-    monkeypatch.setattr(_tune_registry, "CONFIGS_DIR", configs_dir)
+    monkeypatch.setattr(resources, "recipes_dir", lambda: recipes_dir)
+    monkeypatch.setattr(resources, "configs_dir", lambda: configs_dir)
     monkeypatch.setattr(_tune_registry, "DEFAULT_RECIPE", "alpha_distributed")
     finder = hook._RegistryHookFinder()
 

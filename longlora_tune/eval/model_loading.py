@@ -9,18 +9,17 @@ Two layouts are supported:
   adapter's ``longlora.json`` keyword arguments, the base weights (``strict=False``: LoRA weights are not in
   the base), then ``adapter/trainable.safetensors`` (LoRA + embeddings + norms).
 
-RoPE factor rule (REFERENCE §3: evaluation takes the factor from the TRAINING length, never from the
-evaluation length): an explicit ``rope_scaling_factor`` wins; else ``training_length`` gives
-``position_interpolation_factor(training_length, max_position_embeddings, existing_factor)``; else the
-adapter's recorded factor; else the checkpoint's own ``rope_scaling`` (1 when it has none).
-
-Also here: device/dtype resolution and the optional ``torch.distributed`` set-up the eval recipes share.
+RoPE factor rule: evaluation uses the factor the model was TRAINED with, never one derived from the
+evaluation length. An explicit ``rope_scaling_factor`` wins; otherwise the checkpoint's own factor (the
+merged ``config.json``'s ``rope_scaling``, or the adapter's ``longlora.json``); ``training_length`` only
+supplies ``ceil(training_length / max_position_embeddings)`` when the checkpoint records no factor, and a
+disagreement between the two is a warning naming both.
 """
 
 from __future__ import annotations
 
 import json
-import os
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -31,137 +30,47 @@ from torchtune import config as tt_config
 from torchtune import training
 from torchtune.models.llama2 import llama2
 
-from longlora_tune.checkpointing import (
-    TRAINABLE_FILE,
-    llama2_kwargs_from_hf_config,
-    load_hf_model_state,
-    load_trainable_state,
-    read_hf_config,
+from longlora_tune.checkpointing import TRAINABLE_FILE, load_trainable_state
+from longlora_tune.distributed import (
+    close_process_group,
+    init_process_group,
+    rank_and_world_size,
+    resolve_device,
+    resolve_dtype,
 )
 from longlora_tune.errors import LongLoRAConfigError
+from longlora_tune.hf import HFBaseModel
 from longlora_tune.models import apply_longlora
 from longlora_tune.modules.position_interpolation import check_rope_factor, position_interpolation_factor
-from longlora_tune.modules.s2_attention import S2AttentionConfig
 
 __all__ = [
     "close_eval_runtime",
     "eval_model_from_config",
     "eval_rope_factor",
     "eval_runtime",
-    "init_distributed",
     "load_eval_model",
-    "resolve_device",
-    "resolve_dtype",
     "tokenizer_from_config",
 ]
 
-# Arguments of torchtune's llama2() component builder that a Hugging Face config determines.
-_LLAMA2_ARGS = (
-    "vocab_size",
-    "num_layers",
-    "num_heads",
-    "num_kv_heads",
-    "embed_dim",
-    "intermediate_dim",
-    "norm_eps",
-    "rope_base",
-)
-# S² is never used at evaluation; a fixed, always-valid group size avoids ratio checks against whatever
-# max_seq_len the evaluation needs.
-_FULL_ATTENTION = S2AttentionConfig(group_size=2, group_size_ratio=None, use_full_attn=True)
-_DTYPES = {
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-    "fp32": torch.float32,
-    "float32": torch.float32,
-}
-
-
-def resolve_device(device: str | None = None) -> torch.device:
-    """The evaluation device.
-
-    Args:
-        device: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or None/``"auto"`` (CUDA when available). Under torchrun
-            a bare ``"cuda"`` becomes ``cuda:$LOCAL_RANK``.
-
-    Returns:
-        The device.
-
-    Raises:
-        LongLoRAConfigError: if CUDA is requested but not available, or the name is invalid.
-    """
-    name = "auto" if device is None else str(device)
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(name)
-    except RuntimeError as e:
-        raise LongLoRAConfigError(
-            f"device={device!r} is not a valid device name (use cpu, cuda or auto)"
-        ) from e
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise LongLoRAConfigError(f"device={device!r} but CUDA is not available; set device=cpu")
-        if dev.index is None:
-            dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(dev)
-    return dev
-
-
-def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
-    """The model dtype.
-
-    Args:
-        dtype: ``bf16``, ``fp16``, ``fp32`` (or the long names); None means bf16 on CUDA, fp32 on CPU.
-        device: the evaluation device.
-
-    Returns:
-        The torch dtype.
-
-    Raises:
-        LongLoRAConfigError: for an unknown name.
-    """
-    if dtype is None:
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    key = str(dtype).lower()
-    if key not in _DTYPES:
-        raise LongLoRAConfigError(f"dtype={dtype!r} is not supported; use one of bf16, fp16, fp32")
-    return _DTYPES[key]
-
-
-def init_distributed(device: torch.device) -> tuple[int, int]:
-    """Join the process group when launched by torchrun; do nothing in a plain single process.
-
-    Args:
-        device: this rank's device (selects nccl for CUDA, gloo for CPU).
-
-    Returns:
-        ``(rank, world_size)``; ``(0, 1)`` without torchrun.
-    """
-    if not training.is_distributed():
-        return 0, 1
-    if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+log = logging.getLogger(__name__)
 
 
 def eval_rope_factor(
-    hf_config: dict[str, Any],
+    base: HFBaseModel,
     *,
     training_length: int | None = None,
     rope_scaling_factor: float | None = None,
-    adapter_factor: float | None = None,
+    checkpoint_factor: float | None = None,
 ) -> float:
-    """RoPE linear factor for evaluation, from the training length (never the evaluation length).
+    """RoPE linear factor for evaluation: the one the model was trained with.
 
     Args:
-        hf_config: the checkpoint's ``config.json``.
-        training_length: the context length the model was trained at (e.g. 100000 -> factor 25 for a
-            4096-token base).
+        base: the checkpoint the weights come from (its ``rope_scaling`` and ``max_position_embeddings``).
+        training_length: the context length the model was trained at; supplies
+            ``ceil(training_length / max_position_embeddings)`` only when the checkpoint records no factor.
         rope_scaling_factor: an explicit factor; overrides everything else.
-        adapter_factor: the factor recorded in an unmerged adapter's ``longlora.json``.
+        checkpoint_factor: the factor recorded with unmerged weights (``longlora.json``); None to use the
+            checkpoint's own ``rope_scaling``.
 
     Returns:
         The factor (>= 1).
@@ -175,20 +84,30 @@ def eval_rope_factor(
             f"give either training_length={training_length} or rope_scaling_factor={rope_scaling_factor}, "
             "not both (the factor follows from the training length)"
         )
-    arch = llama2_kwargs_from_hf_config(hf_config)
-    existing = arch["existing_rope_scaling_factor"]
     try:
         if rope_scaling_factor is not None:
             return check_rope_factor(rope_scaling_factor, "rope_scaling_factor")
-        if training_length is not None:
-            return position_interpolation_factor(
-                int(training_length), arch["original_max_seq_len"], existing_factor=existing
-            )
+        recorded = checkpoint_factor if checkpoint_factor is not None else base.rope_scaling_factor
+        has_record = checkpoint_factor is not None or recorded != 1.0
+        if training_length is None:
+            return float(recorded)
+        derived = position_interpolation_factor(
+            int(training_length), base.original_max_seq_len, existing_factor=base.rope_scaling_factor
+        )
     except ValueError as e:
         raise LongLoRAConfigError(str(e)) from e
-    if adapter_factor is not None:
-        return float(adapter_factor)
-    return existing
+    if not has_record:
+        return derived
+    if derived != recorded:
+        log.warning(
+            "RoPE factor: the checkpoint was trained with factor %g, training_length=%d would give %g; "
+            "using the checkpoint's %g (set rope_scaling_factor to override)",
+            recorded,
+            int(training_length),
+            derived,
+            recorded,
+        )
+    return float(recorded)
 
 
 def _read_adapter_meta(adapter_dir: Path) -> dict[str, Any]:
@@ -254,17 +173,16 @@ def load_eval_model(
             "checkpoint_dir is not set; point it at a Hugging Face Llama checkpoint folder"
         )
     checkpoint_dir = Path(checkpoint_dir)
-    hf_config = read_hf_config(checkpoint_dir)
-    arch = llama2_kwargs_from_hf_config(hf_config)
-    weights = load_hf_model_state(checkpoint_dir, dtype=dtype)
+    base = HFBaseModel.read(checkpoint_dir)
+    weights = base.load_state_dict(dtype=dtype)
 
     if meta is None:
         factor = eval_rope_factor(
-            hf_config, training_length=training_length, rope_scaling_factor=rope_scaling_factor
+            base, training_length=training_length, rope_scaling_factor=rope_scaling_factor
         )
         with training.set_default_dtype(dtype), device:
-            model = llama2(**{k: arch[k] for k in _LLAMA2_ARGS}, max_seq_len=max_seq_len)
-            apply_longlora(model, s2=_FULL_ATTENTION, rope_scaling_factor=factor)
+            model = llama2(**base.builder_kwargs, max_seq_len=max_seq_len)
+            apply_longlora(model, s2=None, rope_scaling_factor=factor)
         missing, unexpected = model.load_state_dict(weights, strict=False)
         if missing or unexpected:
             raise LongLoRAConfigError(
@@ -276,10 +194,10 @@ def load_eval_model(
         if not trainable.is_file():
             raise LongLoRAConfigError(f"adapter_dir={str(adapter_dir)!r} has no {TRAINABLE_FILE}")
         factor = eval_rope_factor(
-            hf_config,
+            base,
             training_length=training_length,
             rope_scaling_factor=rope_scaling_factor,
-            adapter_factor=meta.get("rope_scaling_factor"),
+            checkpoint_factor=meta.get("rope_scaling_factor"),
         )
         # The trained architecture, with full attention and this evaluation's length; S² settings are
         # irrelevant at evaluation, so a fixed valid group size replaces the trained one.
@@ -329,14 +247,14 @@ def eval_runtime(cfg: Any) -> tuple[torch.device, torch.dtype, int, int]:
     """
     device = resolve_device(cfg.get("device", "auto"))
     dtype = resolve_dtype(cfg.get("dtype"), device)
-    rank, world_size = init_distributed(device)
+    init_process_group(device, solo_group=False)
+    rank, world_size = rank_and_world_size()
     return device, dtype, rank, world_size
 
 
 def close_eval_runtime() -> None:
     """Leave the process group :func:`eval_runtime` joined under torchrun; do nothing otherwise."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    close_process_group()
 
 
 def eval_model_from_config(

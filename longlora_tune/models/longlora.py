@@ -8,20 +8,24 @@ LoRA layers, checkpoint conversion, FSDP sharding and activation checkpointing a
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Optional
+
 import torch
 from torch import nn
 from torchtune.modules import MultiHeadAttention, RotaryPositionalEmbeddings
 
+from longlora_tune._compat import attention_call, set_attention_call
 from longlora_tune.modules.position_interpolation import LinearScaledRotaryPositionalEmbeddings
 from longlora_tune.modules.s2_attention import S2Attention, S2AttentionConfig
 
-__all__ = ["apply_longlora"]
+__all__ = ["LongLoRAModelInfo", "apply_longlora", "describe"]
 
 
 def apply_longlora(
     model: nn.Module,
     *,
-    s2: S2AttentionConfig,
+    s2: Optional[S2AttentionConfig],
     rope_scaling_factor: float,
     rope_base: float | None = None,
 ) -> nn.Module:
@@ -33,7 +37,8 @@ def apply_longlora(
       :class:`LinearScaledRotaryPositionalEmbeddings` with the same ``dim``, ``max_seq_len`` and ``base``
       (or ``rope_base``) and ``rope_scaling_factor``. A RoPE module shared by several layers stays shared.
     * ``_attention_call`` becomes an :class:`S2Attention` child module wrapping the original call, with
-      ``G = s2.resolve_group_size(mha.max_seq_len)``. It uses S² only in training mode.
+      ``G = s2.resolve_group_size(mha.max_seq_len)``. It uses S² only in training mode. With ``s2=None``
+      (evaluation and generation: always full attention) the attention call is left as it is.
 
     Neither replacement has parameters or persistent buffers, so ``state_dict`` keys are unchanged and
     torchtune's checkpointers load and save the model as before. The new RoPE is created on the device of
@@ -42,7 +47,7 @@ def apply_longlora(
 
     Args:
         model: A torchtune ``TransformerDecoder`` (or any module containing ``MultiHeadAttention``).
-        s2: S² settings.
+        s2: S² settings, or None for position interpolation only.
         rope_scaling_factor: Linear position-interpolation factor (>= 1), e.g. from
             :func:`~longlora_tune.modules.position_interpolation.position_interpolation_factor`.
         rope_base: RoPE base to use instead of the original module's (torchtune's ``lora_llama2``
@@ -56,8 +61,8 @@ def apply_longlora(
             positional embedding is not plain RoPE, its head count is odd while S² is enabled, or a
             setting is invalid.
     """
-    if not isinstance(s2, S2AttentionConfig):
-        raise ValueError(f"s2 must be an S2AttentionConfig, got {type(s2).__name__}")
+    if s2 is not None and not isinstance(s2, S2AttentionConfig):
+        raise ValueError(f"s2 must be an S2AttentionConfig or None, got {type(s2).__name__}")
     if rope_base is not None and (
         isinstance(rope_base, bool) or not isinstance(rope_base, (int, float)) or not rope_base > 0
     ):
@@ -74,7 +79,7 @@ def apply_longlora(
     # Check every layer before changing any, so a failure leaves the model as it was.
     group_sizes = {}
     for name, mha in attentions:
-        if isinstance(mha._attention_call, S2Attention) or isinstance(
+        if isinstance(attention_call(mha), S2Attention) or isinstance(
             mha.pos_embeddings, LinearScaledRotaryPositionalEmbeddings
         ):
             raise ValueError(f"apply_longlora was already applied to this model ({name} is converted)")
@@ -83,6 +88,8 @@ def apply_longlora(
                 f"{name}.pos_embeddings is {type(mha.pos_embeddings).__name__}; apply_longlora needs plain "
                 "torchtune RotaryPositionalEmbeddings to add linear position interpolation"
             )
+        if s2 is None:
+            continue
         if mha.num_heads % 2 and not s2.use_full_attn:
             raise ValueError(
                 f"{name} has {mha.num_heads} heads; S2 attention splits heads in two halves and needs an "
@@ -102,5 +109,66 @@ def apply_longlora(
                     scaling_factor=rope_scaling_factor,
                 )
         mha.pos_embeddings = scaled[id(rope)]
-        mha._attention_call = S2Attention(group_sizes[name], s2, mha._attention_call)
+        if s2 is not None:
+            set_attention_call(mha, S2Attention(group_sizes[name], s2, attention_call(mha)))
     return model
+
+
+@dataclasses.dataclass(frozen=True)
+class LongLoRAModelInfo:
+    """What a built LongLoRA model is, read from its modules (never from the config that built it).
+
+    Attributes:
+        group_size: S² group size in tokens; None when every layer trains with full attention.
+        rope_scaling_factor: linear position-interpolation factor (1.0 for plain RoPE).
+        lora_rank: LoRA rank; None without LoRA layers.
+        lora_alpha: LoRA alpha; None without LoRA layers.
+        lora_targets: torchtune short names of the projections that carry LoRA (``q_proj``, ...).
+        max_seq_len: the model's longest accepted sequence (None if the model does not say).
+    """
+
+    group_size: Optional[int]
+    rope_scaling_factor: float
+    lora_rank: Optional[int]
+    lora_alpha: Optional[float]
+    lora_targets: tuple[str, ...]
+    max_seq_len: Optional[int]
+
+
+def _one(values: set, what: str) -> object:
+    if len(values) > 1:
+        raise ValueError(f"the model's layers use different {what}: {sorted(values)}")
+    return values.pop() if values else None
+
+
+def describe(model: nn.Module) -> LongLoRAModelInfo:
+    """Describe a LongLoRA model: S² group size, RoPE factor, LoRA rank/alpha/targets, length.
+
+    Args:
+        model: a model built by :mod:`longlora_tune.models` (or any torchtune decoder).
+
+    Returns:
+        The description.
+
+    Raises:
+        ValueError: if layers disagree on a setting that must be uniform.
+    """
+    groups = {
+        m.group_size for m in model.modules() if isinstance(m, S2Attention) and not m.config.use_full_attn
+    }
+    factors = {
+        float(m.scaling_factor)
+        for m in model.modules()
+        if isinstance(m, LinearScaledRotaryPositionalEmbeddings)
+    }
+    lora = [(name, m) for name, m in model.named_modules() if hasattr(m, "lora_a") and hasattr(m, "rank")]
+    rank_alpha = _one({(int(m.rank), float(m.alpha)) for _, m in lora}, "LoRA (rank, alpha)")
+    max_seq_len = getattr(model, "max_seq_len", None)
+    return LongLoRAModelInfo(
+        group_size=_one(groups, "S2 group sizes"),  # type: ignore[arg-type]
+        rope_scaling_factor=_one(factors, "RoPE factors") or 1.0,  # type: ignore[arg-type]
+        lora_rank=rank_alpha[0] if rank_alpha else None,  # type: ignore[index]
+        lora_alpha=rank_alpha[1] if rank_alpha else None,  # type: ignore[index]
+        lora_targets=tuple(sorted({name.rsplit(".", 1)[-1] for name, _ in lora})),
+        max_seq_len=int(max_seq_len) if max_seq_len is not None else None,
+    )

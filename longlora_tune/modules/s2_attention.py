@@ -44,6 +44,7 @@ __all__ = [
     "BACKENDS",
     "S2Attention",
     "S2AttentionConfig",
+    "describe_backend",
     "flash_attn_available",
     "shifted_sparse_attention",
 ]
@@ -69,6 +70,26 @@ def flash_attn_available() -> bool:
     except Exception:  # a broken build raises ImportError, OSError or RuntimeError on import
         return False
     return hasattr(module, "flash_attn_varlen_func")
+
+
+def describe_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    """Which S² kernel training will use, for the log (a silent fall-back from flash-attn is a surprise).
+
+    Args:
+        backend: the configured backend (``auto``, ``sdpa``, ``flash``, ``flex``).
+        device: the training device.
+        dtype: the compute dtype.
+
+    Returns:
+        A short description such as ``"backend auto: SDPA"``.
+    """
+    if backend != "auto":
+        return f"backend {backend}"
+    if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
+        if flash_attn_available():
+            return "backend auto: flash-attn varlen"
+        return "backend auto: SDPA, flash-attn not importable (pip install longlora-tune[flash])"
+    return "backend auto: SDPA"
 
 
 @dataclass(frozen=True)

@@ -29,9 +29,10 @@ def test_hf_checkpoint_matches_transformers_with_its_rope_scaling(tmp_path: Path
 
 
 def test_adapter_on_base_equals_trained_model_and_merged_export(tmp_path: Path, tiny_ckpt: Path) -> None:
-    from longlora_tune.checkpointing import load_hf_model_state
     from longlora_tune.export import LongLoRAExportInfo, save_adapter, save_merged_hf_checkpoint
+    from longlora_tune.hf import HFBaseModel
     from longlora_tune.models import longlora_llama2
+    from longlora_tune.models.longlora import describe
     from longlora_tune.peft import trainable_state_dict
 
     kwargs = dict(
@@ -40,7 +41,8 @@ def test_adapter_on_base_equals_trained_model_and_merged_export(tmp_path: Path, 
     model_cfg = {"_component_": "longlora_tune.models.longlora_llama2", **kwargs, "max_seq_len": 256}
     torch.manual_seed(0)
     trained = longlora_llama2(**kwargs, max_seq_len=256, original_max_seq_len=64)  # factor 4
-    trained.load_state_dict(load_hf_model_state(tiny_ckpt), strict=False)
+    base = HFBaseModel.read(tiny_ckpt)
+    trained.load_state_dict(base.load_state_dict(), strict=False)
     with torch.no_grad():  # stand-in for training: LoRA B, embeddings and norms move away from the base
         for name, p in trained.named_parameters():
             if "lora_b" in name or "norm" in name or "tok_embeddings" in name:
@@ -61,10 +63,8 @@ def test_adapter_on_base_equals_trained_model_and_merged_export(tmp_path: Path, 
     merged = save_merged_hf_checkpoint(
         {k: v.clone() for k, v in trained.state_dict().items()},
         tmp_path / "merged",
-        base_checkpoint_dir=tiny_ckpt,
-        rope_scaling_factor=4.0,
-        lora_rank=8,
-        lora_alpha=16.0,
+        base=base,
+        model_info=describe(trained),
     )
     tokens = torch.randint(0, 512, (1, 200), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -76,8 +76,12 @@ def test_adapter_on_base_equals_trained_model_and_merged_export(tmp_path: Path, 
         from_merged, info = load_eval_model(merged, max_seq_len=224)
         assert info["rope_scaling_factor"] == 4.0  # from the merged config.json's rope_scaling
         torch.testing.assert_close(from_merged(tokens), expected, atol=1e-4, rtol=1e-4)
-        # A wrong training length changes the factor, and the outputs.
-        wrong, info = load_eval_model(merged, max_seq_len=224, training_length=1024)
+        # A disagreeing training length does not override the checkpoint's own factor...
+        same, info = load_eval_model(merged, max_seq_len=224, training_length=1024)
+        assert info["rope_scaling_factor"] == 4.0
+        torch.testing.assert_close(same(tokens), expected, atol=1e-4, rtol=1e-4)
+        # ...an explicit factor does, and changes the outputs.
+        wrong, info = load_eval_model(merged, max_seq_len=224, rope_scaling_factor=16.0)
         assert info["rope_scaling_factor"] == 16.0
         assert not torch.allclose(wrong(tokens), expected, atol=1e-3)
 

@@ -172,10 +172,11 @@ def test_passkey_recipe_via_tune_run(tmp_path: Path, tiny_ckpt: Path) -> None:
     cmd = [
         "tune",
         "run",
-        "longlora_tune/recipes/longlora_eval_passkey.py",
+        "longlora_eval_passkey",
         "--config",
-        "longlora_tune/configs/eval/tiny_passkey.yaml",
+        "eval/tiny_passkey",
         f"checkpoint_dir={tiny_ckpt}",
+        "training_length=512",
         "lengths=[160,256]",
         "num_trials=2",
         f"output_dir={out}",

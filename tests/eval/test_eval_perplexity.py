@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -71,18 +72,30 @@ def test_select_windows_spreads_evenly() -> None:
     assert select_windows(starts, None) == starts
 
 
-def test_factor_comes_from_training_length_not_eval_length(tiny_ckpt: Path) -> None:
-    cfg = json.loads((tiny_ckpt / "config.json").read_text())  # max_position_embeddings 64, no scaling
-    assert eval_rope_factor(cfg) == 1.0
-    assert eval_rope_factor(cfg, training_length=200) == 4.0  # ceil(200 / 64)
-    assert eval_rope_factor(cfg, rope_scaling_factor=3.0) == 3.0
-    scaled = dict(cfg, rope_scaling={"type": "linear", "factor": 8.0})
+def test_factor_is_the_checkpoints_own_and_training_length_only_fills_a_gap(tiny_ckpt: Path, caplog) -> None:
+    from longlora_tune.errors import LongLoRAConfigError
+    from longlora_tune.hf import HFBaseModel
+
+    base = HFBaseModel.read(tiny_ckpt)  # max_position_embeddings 64, no scaling
+    assert eval_rope_factor(base) == 1.0
+    assert eval_rope_factor(base, training_length=200) == 4.0  # ceil(200 / 64): the checkpoint has none
+    assert eval_rope_factor(base, rope_scaling_factor=3.0) == 3.0
+    scaled = dataclasses.replace(
+        base, config=dict(base.config, rope_scaling={"type": "linear", "factor": 8.0})
+    )
     assert eval_rope_factor(scaled) == 8.0
     assert eval_rope_factor(scaled, training_length=128) == 8.0  # an existing larger factor is kept
-    from longlora_tune.errors import LongLoRAConfigError
-
+    # The checkpoint's own factor wins over a disagreeing training length, with a warning naming both.
+    merged = dataclasses.replace(
+        base, config=dict(base.config, rope_scaling={"type": "linear", "factor": 4.0})
+    )
+    with caplog.at_level("WARNING"):
+        assert eval_rope_factor(merged, training_length=512) == 4.0
+    assert "trained with factor 4, training_length=512 would give 8" in caplog.text
+    # An adapter's recorded factor is the checkpoint's factor for unmerged weights.
+    assert eval_rope_factor(base, training_length=128, checkpoint_factor=4.0) == 4.0
     with pytest.raises(LongLoRAConfigError, match="not both"):
-        eval_rope_factor(cfg, training_length=128, rope_scaling_factor=2.0)
+        eval_rope_factor(base, training_length=128, rope_scaling_factor=2.0)
 
 
 def test_short_text_is_skipped_and_tail_is_never_scored(tiny_ckpt: Path) -> None:
@@ -141,9 +154,9 @@ def test_recipe_via_torchrun_matches_independent_ppl(tmp_path: Path, tiny_ckpt: 
         "run",
         "--nproc_per_node",
         "2",
-        "longlora_tune/recipes/longlora_eval_perplexity.py",
+        "longlora_eval_perplexity",
         "--config",
-        "longlora_tune/configs/eval/tiny_perplexity.yaml",
+        "eval/tiny_perplexity",
         f"checkpoint_dir={tiny_ckpt}",
         "dataset.source=bin",
         f"dataset.path={data}",
@@ -176,18 +189,21 @@ def test_recipe_via_torchrun_matches_independent_ppl(tmp_path: Path, tiny_ckpt: 
 def test_recipe_config_error_is_one_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
-    from longlora_tune.recipes.longlora_eval_perplexity import recipe_main
+    import runpy
 
+    from longlora_tune import resources
+
+    script = resources.recipe_path("longlora_eval_perplexity")
     argv = [
-        "longlora_eval_perplexity",
+        str(script),
         "--config",
-        str(REPO / "longlora_tune/configs/eval/tiny_perplexity.yaml"),
+        str(resources.config_path("eval/tiny_perplexity")),
         f"checkpoint_dir={tmp_path / 'missing'}",
         f"output_dir={tmp_path}",
     ]
     monkeypatch.setattr(sys, "argv", argv)
     with pytest.raises(SystemExit) as exit_info:
-        recipe_main()
+        runpy.run_path(str(script), run_name="__main__")
     assert exit_info.value.code == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("longlora_tune: error: ") and "missing" in lines[0]

@@ -18,21 +18,22 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 from omegaconf import OmegaConf
+from recipe_runner import CONFIGS, run_recipe, training_parts
 from test_longlora_distributed import _bind, _env, _expected_base_keys, _losses, _recipe_cmd
 from torchtune import config
 
-from longlora_tune import export, tiny
+from longlora_tune import config_checks, tiny
+from longlora_tune.components import import_object
 from longlora_tune.data import padded_collate_s2
+from longlora_tune.data.loader import pad_multiple
 from longlora_tune.errors import LongLoRAConfigError
-from longlora_tune.recipes import longlora_distributed as recipe
+from longlora_tune.loss import summed_token_loss
+from longlora_tune.models.longlora import describe
 
 REPO = Path(__file__).resolve().parents[2]
-CONFIGS = REPO / "longlora_tune" / "configs"
 TINY = CONFIGS / "tiny_longalpaca.yaml"
 SFT_CONFIGS = sorted(CONFIGS.glob("llama2_*_longalpaca_*.yaml"))
-MODULE = "longlora_tune.recipes.longlora_distributed"
 GROUP = 64  # tiny_longalpaca: max_seq_len 256, S2 ratio 1/4
 STEPS = 8
 
@@ -62,20 +63,6 @@ def _cfg(assets: dict[str, Path], out: Path, data: str = "mixed", **extra: objec
     cfg = OmegaConf.load(TINY)
     cfg.merge_with_dotlist(_overrides(assets, out, data, **extra))
     return cfg
-
-
-@pytest.fixture
-def process_group():
-    created = recipe._init_process_group("cpu")
-    yield
-    if created:
-        dist.destroy_process_group()
-
-
-def _setup(cfg) -> recipe.LongLoRARecipeDistributed:
-    r = recipe.LongLoRARecipeDistributed(cfg)
-    r.setup()
-    return r
 
 
 # ----------------------------------------------------------------------------------------- 2-process run
@@ -113,13 +100,13 @@ def test_two_process_sft_run_trains_and_exports(assets):
 # ----------------------------------------------------------------------------------------- padded batches
 
 
-def _expected_lengths(r: recipe.LongLoRARecipeDistributed, multiple: int | None) -> list[int]:
+def _expected_lengths(r: dict, multiple: int | None) -> list[int]:
     """Padded length of each batch, from the sampler's order and the samples' own lengths."""
-    order = list(r.sampler)
-    ds = r.dataloader.dataset
+    order = list(r["sampler"])
+    ds = r["dataset"]
     out = []
-    for i in range(0, len(order), r.batch_size):
-        n = max(len(ds[j]["tokens"]) for j in order[i : i + r.batch_size])
+    for i in range(0, len(order), r["batch_size"]):
+        n = max(len(ds[j]["tokens"]) for j in order[i : i + r["batch_size"]])
         out.append(n if multiple is None else -(-n // multiple) * multiple)
     return out
 
@@ -129,24 +116,22 @@ def _expected_lengths(r: recipe.LongLoRARecipeDistributed, multiple: int | None)
     [({}, GROUP), ({"pad_to_multiple_of": 128}, 128), ({"model.use_full_attn": "true"}, None)],
     ids=["group_size", "explicit", "full_attention"],
 )
-def test_padded_batches_round_up_to_group_size(assets, tmp_path, process_group, extra, multiple):
-    r = _setup(_cfg(assets, tmp_path / "o", **extra))
-    try:
-        lengths = [b["tokens"].shape[1] for b in r.dataloader]
-        assert lengths == _expected_lengths(r, multiple)
-        if multiple is not None:
-            assert all(n % multiple == 0 for n in lengths)
-        assert min(lengths) < 256 and max(lengths) <= 256  # real variable-length batches
-        assert set(next(iter(r.dataloader))) == {"tokens", "labels"}
-    finally:
-        r.cleanup()
+def test_padded_batches_round_up_to_group_size(assets, tmp_path, extra, multiple):
+    r = training_parts(_cfg(assets, tmp_path / "o", **extra))
+    lengths = [b["tokens"].shape[1] for b in r["loader"]]
+    assert lengths == _expected_lengths(r, multiple)
+    if multiple is not None:
+        assert all(n % multiple == 0 for n in lengths)
+    assert min(lengths) < 256 and max(lengths) <= 256  # real variable-length batches
+    assert set(next(iter(r["loader"]))) == {"tokens", "labels"}
 
 
-def test_pad_multiple_must_divide_training_length(assets, tmp_path, process_group):
+def test_pad_multiple_must_divide_training_length():
     with pytest.raises(
         LongLoRAConfigError, match="pad_to_multiple_of=96 does not divide the training length 256"
     ):
-        _setup(_cfg(assets, tmp_path / "o", pad_to_multiple_of=96))
+        pad_multiple(96, GROUP, 256)
+    assert pad_multiple(None, GROUP, 256) == GROUP and pad_multiple(None, None, 256) is None
 
 
 # ----------------------------------------------------------------------------------------- packed batches
@@ -167,7 +152,7 @@ def test_packed_run_with_epochs_has_finite_falling_loss(assets, tmp_path):
         },
         export_formats="[]",
     )
-    recipe.run(cfg)
+    run_recipe(cfg)
     losses = _losses(out)
     packed = config.instantiate(cfg.dataset, config.instantiate(cfg.tokenizer))
     assert len(packed.ds) > len(packed) > 2  # several samples per pack
@@ -177,10 +162,10 @@ def test_packed_run_with_epochs_has_finite_falling_loss(assets, tmp_path):
     assert losses[len(losses)] < losses[1]
 
 
-def _first_pack(r: recipe.LongLoRARecipeDistributed) -> tuple[dict, list[dict]]:
+def _first_pack(r: dict) -> tuple[dict, list[dict]]:
     """The first packed batch and the samples it holds (PackedDataset packs greedily in order)."""
-    packed = r.dataloader.dataset
-    batch = next(iter(r.dataloader))
+    packed = r["dataset"]
+    batch = next(iter(r["loader"]))
     seq_lens = packed[0]["seq_lens"].tolist()
     docs = []
     for i, n in enumerate(seq_lens):
@@ -194,51 +179,48 @@ def _first_pack(r: recipe.LongLoRARecipeDistributed) -> tuple[dict, list[dict]]:
     return batch, docs
 
 
-def _loss_sum(r: recipe.LongLoRARecipeDistributed, batch: dict) -> float:
-    loss, n_tokens, _ = r._forward_backward(batch)
+def _loss_sum(r: dict, batch: dict) -> float:
+    with torch.no_grad():
+        loss, n_tokens = summed_token_loss(
+            r["model"], r["loss_fn"], batch, device=r["device"], ignore_index=-100
+        )
     assert n_tokens > 0
     return float(loss)
 
 
-def test_packed_loss_equals_documents_alone_with_full_attention(assets, tmp_path, process_group):
+def test_packed_loss_equals_documents_alone_with_full_attention(assets, tmp_path):
     extra = {"dataset.packed": "true", "batch_size": 1, "global_batch_size": 1, "shuffle": "false"}
-    r = _setup(_cfg(assets, tmp_path / "o", "short", **{**extra, "model.use_full_attn": "true"}))
-    try:
-        batch, docs = _first_pack(r)
-        assert set(batch) == {"tokens", "labels", "input_pos", "mask"}
-        alone = sum(_loss_sum(r, padded_collate_s2([d])) for d in docs)
-        packed = _loss_sum(r, batch)
-        plain = _loss_sum(r, {"tokens": batch["tokens"], "labels": batch["labels"]})
-        # Measured: agreement ~1e-7; the control below differs by ~2e-4 (only answers are scored).
-        assert packed == pytest.approx(alone, rel=1e-6)
-        # Control: the same tokens without document mask and positions give another loss.
-        assert plain != pytest.approx(alone, rel=1e-5)
-    finally:
-        r.cleanup()
+    r = training_parts(_cfg(assets, tmp_path / "o", "short", **{**extra, "model.use_full_attn": "true"}))
+    batch, docs = _first_pack(r)
+    assert set(batch) == {"tokens", "labels", "input_pos", "mask"}
+    alone = sum(_loss_sum(r, padded_collate_s2([d])) for d in docs)
+    packed = _loss_sum(r, batch)
+    plain = _loss_sum(r, {"tokens": batch["tokens"], "labels": batch["labels"]})
+    # Measured: agreement ~1e-7; the control below differs by ~2e-4 (only answers are scored).
+    assert packed == pytest.approx(alone, rel=1e-6)
+    # Control: the same tokens without document mask and positions give another loss.
+    assert plain != pytest.approx(alone, rel=1e-5)
 
 
-def test_packed_s2_documents_do_not_see_each_other(assets, tmp_path, process_group):
+def test_packed_s2_documents_do_not_see_each_other(assets, tmp_path):
     extra = {"dataset.packed": "true", "batch_size": 1, "global_batch_size": 1, "shuffle": "false"}
-    r = _setup(_cfg(assets, tmp_path / "o", "short", **extra))
-    try:
-        batch, docs = _first_pack(r)
-        n1 = len(docs[0]["tokens"])
-        end = sum(len(d["tokens"]) for d in docs)
-        # Score every token of the later documents (the first ones share S2 groups with the first
-        # document), none of the first document and not the next document's BOS it would predict.
-        batch["labels"][0] = -100
-        batch["labels"][0, n1 + 1 : end] = batch["tokens"][0, n1 + 1 : end]
-        other = {k: v.clone() for k, v in batch.items()}
-        gen = torch.Generator().manual_seed(0)
-        other["tokens"][0, 1:n1] = torch.randint(3, 512, (n1 - 1,), generator=gen)
-        same, changed = _loss_sum(r, batch), _loss_sum(r, other)
-        plain = _loss_sum(r, {k: batch[k] for k in ("tokens", "labels")})
-        plain_other = _loss_sum(r, {k: other[k] for k in ("tokens", "labels")})
-        assert changed == pytest.approx(same, rel=1e-6)  # measured: equal to the last bit
-        # Control: without the document mask the later documents read the first one (measured ~3e-3).
-        assert plain_other != pytest.approx(plain, rel=1e-5)
-    finally:
-        r.cleanup()
+    r = training_parts(_cfg(assets, tmp_path / "o", "short", **extra))
+    batch, docs = _first_pack(r)
+    n1 = len(docs[0]["tokens"])
+    end = sum(len(d["tokens"]) for d in docs)
+    # Score every token of the later documents (the first ones share S2 groups with the first
+    # document), none of the first document and not the next document's BOS it would predict.
+    batch["labels"][0] = -100
+    batch["labels"][0, n1 + 1 : end] = batch["tokens"][0, n1 + 1 : end]
+    other = {k: v.clone() for k, v in batch.items()}
+    gen = torch.Generator().manual_seed(0)
+    other["tokens"][0, 1:n1] = torch.randint(3, 512, (n1 - 1,), generator=gen)
+    same, changed = _loss_sum(r, batch), _loss_sum(r, other)
+    plain = _loss_sum(r, {k: batch[k] for k in ("tokens", "labels")})
+    plain_other = _loss_sum(r, {k: other[k] for k in ("tokens", "labels")})
+    assert changed == pytest.approx(same, rel=1e-6)  # measured: equal to the last bit
+    # Control: without the document mask the later documents read the first one (measured ~3e-3).
+    assert plain_other != pytest.approx(plain, rel=1e-5)
 
 
 # ----------------------------------------------------------------------------------------- validation
@@ -257,7 +239,7 @@ def test_packed_s2_documents_do_not_see_each_other(assets, tmp_path, process_gro
 )
 def test_bad_sft_settings_are_refused(assets, tmp_path, extra, message):
     with pytest.raises(LongLoRAConfigError, match=re.escape(message)):
-        recipe.validate_config(_cfg(assets, tmp_path / "o", **extra), world_size=1)
+        config_checks.validate_config(_cfg(assets, tmp_path / "o", **extra), world_size=1)
 
 
 def test_packing_with_full_attention_or_wrap_around_is_accepted(assets, tmp_path):
@@ -265,7 +247,7 @@ def test_packing_with_full_attention_or_wrap_around_is_accepted(assets, tmp_path
         {"dataset.packed": "true", "model.s2_wrap_around": "true"},
         {"dataset.packed": "true", "model.s2_backend": "flash", "model.use_full_attn": "true"},
     ):
-        assert recipe.validate_config(_cfg(assets, tmp_path / "o", **extra), world_size=1) == 2
+        assert config_checks.validate_config(_cfg(assets, tmp_path / "o", **extra), world_size=1) == 2
 
 
 # ----------------------------------------------------------------------------------------- shipped configs
@@ -301,17 +283,17 @@ def test_sft_config_instantiates_without_weights(path):
     assert len(lora) == 2 * 4 * num_layers
     s2 = [m for m in model.modules() if isinstance(m, S2Attention)]
     assert len(s2) == num_layers
-    length = recipe.training_length(cfg)
+    length = config_checks.training_length(cfg)
     assert length == cfg.model.max_seq_len == cfg.tokenizer.max_seq_len == cfg.dataset.max_seq_len
     assert {m.group_size for m in s2} == {length // 4}
-    recipe.check_training_length(length, cfg.model.max_seq_len, length // 4)
-    recipe.check_sft_batching(cfg)
+    config_checks.check_training_length(length, cfg.model.max_seq_len, length // 4)
+    config_checks.check_sft_batching(cfg)
     for section in ("optimizer", "loss", "metric_logger"):
         _bind(cfg[section], *([[]] if section == "optimizer" else []))
     _bind(cfg.lr_scheduler, torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0))
     _bind(cfg.dataset, object())
     _bind(cfg.tokenizer)
-    assert recipe._import_path(cfg.collate_fn) is padded_collate_s2
+    assert import_object(cfg.collate_fn) is padded_collate_s2
     assert cfg.dataset._component_ == "longlora_tune.data.longalpaca_dataset"
     assert (cfg.dataset.template, cfg.dataset.truncation, cfg.dataset.packed) == (
         "llama2_chat",
@@ -327,13 +309,13 @@ def test_sft_config_instantiates_without_weights(path):
     size = re.search(r"llama2_(\d+)b_", path.stem).group(1)
     assert cfg.hf_repo_id == f"meta-llama/Llama-2-{size}b-chat-hf" and cfg.hf_repo_id in text
     assert "--ignore-patterns" in text
-    assert export.model_rope_scaling_factor(model) == length / 4096
+    assert describe(model).rope_scaling_factor == length / 4096
     if path.stem.endswith("_16k"):
         assert length == 16384 and cfg.dataset.source == "Yukang/LongAlpaca-16k-length" and cfg.epochs == 5
     else:
         # October 2023 README: 32768, LongAlpaca-12k, 3 epochs (with the current README's batch).
         assert length == 32768 and cfg.dataset.source == "Yukang/LongAlpaca-12k" and cfg.epochs == 3
-    assert recipe.gradient_accumulation_steps(cfg.global_batch_size, cfg.batch_size, 8) == 8
+    assert config_checks.gradient_accumulation_steps(cfg.global_batch_size, cfg.batch_size, 8) == 8
     assert cfg.batch_size == 1 and cfg.max_steps is None
     assert cfg.optimizer.lr == 2e-5 and cfg.optimizer.weight_decay == 0.0
     assert cfg.lr_scheduler._component_ == "longlora_tune.schedulers.get_constant_schedule_with_warmup"

@@ -25,19 +25,20 @@ from pathlib import Path
 import pytest
 import torch
 from omegaconf import OmegaConf
+from recipe_runner import CONFIGS, RECIPE, RecipeFailed, run_recipe, run_recipe_argv
 from safetensors.torch import load_file
 from torchtune import config
 
-from longlora_tune import checkpointing, tiny
+from longlora_tune import checkpointing, config_checks, tiny
+from longlora_tune.components import import_object
+from longlora_tune.data.sampler import ResumableDistributedSampler
 from longlora_tune.errors import LongLoRAConfigError
+from longlora_tune.hf import HFBaseModel
 from longlora_tune.peft import trainable_param_names
-from longlora_tune.recipes import longlora_distributed as recipe
 
 REPO = Path(__file__).resolve().parents[2]
-CONFIGS = REPO / "longlora_tune" / "configs"
 TINY = CONFIGS / "tiny_demo.yaml"
 STEPS = 6
-MODULE = "longlora_tune.recipes.longlora_distributed"
 
 
 def _env() -> dict[str, str]:
@@ -63,11 +64,11 @@ def _overrides(assets: dict[str, Path], out: Path, **extra: object) -> list[str]
 
 
 def _recipe_cmd(config: Path, overrides: list[str], nproc: int) -> list[str]:
-    """The recipe as a module, under torchrun when ``nproc`` > 1 (the path every multi-process test takes)."""
+    """The recipe script, under torchrun when ``nproc`` > 1 (the path every multi-process test takes)."""
     launcher = [sys.executable]
     if nproc > 1:
         launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    return [*launcher, "-m", MODULE, "--config", str(config), *overrides]
+    return [*launcher, str(RECIPE), "--config", str(config), *overrides]
 
 
 def _train(assets: dict[str, Path], out: Path, nproc: int, **extra: object) -> dict[int, float]:
@@ -128,7 +129,7 @@ def _recipe_model(adapter_dir: Path, base_dir: Path) -> torch.nn.Module:
     """The recipe's model rebuilt from ``adapter/longlora.json``: base weights, then the trained tensors."""
     meta = json.loads((adapter_dir / "longlora.json").read_text())
     model = config.instantiate(OmegaConf.create(meta["model"]))
-    missing, unexpected = model.load_state_dict(checkpointing.load_hf_model_state(base_dir), strict=False)
+    missing, unexpected = model.load_state_dict(HFBaseModel.read(base_dir).load_state_dict(), strict=False)
     assert not unexpected
     loaded = checkpointing.load_trainable_state(model, adapter_dir / checkpointing.TRAINABLE_FILE)
     assert set(missing) <= set(loaded)
@@ -195,7 +196,7 @@ def test_checkpoints_hold_full_trainable_state(runs, assets):
     with torch.device("meta"):
         model = config.instantiate(OmegaConf.create(meta["model"]))
     assert set(trained) == trainable_param_names(model, extras=("embed", "norm"))
-    base = checkpointing.load_hf_model_state(assets["base"])
+    base = HFBaseModel.read(assets["base"]).load_state_dict()
     # Embeddings and norms were trained (and saved), not just LoRA.
     assert not torch.equal(trained["tok_embeddings.weight"], base["tok_embeddings.weight"])
     assert not torch.equal(trained["norm.scale"], base["norm.scale"])
@@ -244,26 +245,20 @@ def test_peft_export_matches_recipe_model(runs, assets):
 
 
 def test_group_size_must_divide_training_length(assets, tmp_path):
-    with pytest.raises(
-        LongLoRAConfigError, match="training length 200 is not divisible by the S2 group size 64"
-    ):
-        recipe.run(_cfg(assets, tmp_path / "o", **{"dataset.block_size": 200}))
+    with pytest.raises(RecipeFailed, match="training length 200 is not divisible by the S2 group size 64"):
+        run_recipe(_cfg(assets, tmp_path / "o", **{"dataset.block_size": 200}))
     with pytest.raises(LongLoRAConfigError, match="exceeds model.max_seq_len=256"):
-        recipe.check_training_length(512, 256, 64)
-    recipe.check_training_length(256, 256, None)  # full attention: any length up to max_seq_len
+        config_checks.check_training_length(512, 256, 64)
+    config_checks.check_training_length(256, 256, None)  # full attention: any length up to max_seq_len
 
 
-def test_missing_base_model_names_path_and_download_command(tmp_path, monkeypatch, capsys):
+def test_missing_base_model_names_path_and_download_command(tmp_path):
     missing = tmp_path / "Llama-2-7b-hf"
-    monkeypatch.setattr(
-        sys,
-        "argv",
-        ["x", "--config", str(CONFIGS / "llama2_7b_100k.yaml"), f"checkpoint_dir={missing}", "device=cpu"],
-    )
-    with pytest.raises(SystemExit) as e:
-        recipe.recipe_main()
+    argv = ["--config", CONFIGS / "llama2_7b_100k.yaml", f"checkpoint_dir={missing}", "device=cpu"]
+    with pytest.raises(RecipeFailed) as e:
+        run_recipe_argv(argv)
     assert e.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    err = e.value.stderr.strip().splitlines()
     assert len(err) == 1, err
     assert err[0] == (
         f"longlora_tune: error: model config not found: {missing}/config.json; download the base model with: "
@@ -274,13 +269,13 @@ def test_missing_base_model_names_path_and_download_command(tmp_path, monkeypatc
 def test_missing_tokenizer_is_reported(assets, tmp_path):
     cfg = _cfg(assets, tmp_path / "o", **{"tokenizer.path": tmp_path / "none.model"})
     with pytest.raises(LongLoRAConfigError, match=r"tokenizer not found: .*none.model.*tune download"):
-        recipe.validate_config(cfg, world_size=1)
+        config_checks.validate_config(cfg, world_size=1)
 
 
 def test_output_dir_inside_checkpoint_dir_is_refused(assets):
     cfg = _cfg(assets, assets["base"] / "out")
     with pytest.raises(LongLoRAConfigError, match="is inside checkpoint_dir"):
-        recipe.validate_config(cfg, world_size=1)
+        config_checks.validate_config(cfg, world_size=1)
 
 
 def test_flex_backend_is_refused_for_cpu_training(assets, tmp_path):
@@ -288,43 +283,42 @@ def test_flex_backend_is_refused_for_cpu_training(assets, tmp_path):
     cfg.device = "cpu"
     cfg.model.s2_backend = "flex"
     with pytest.raises(LongLoRAConfigError, match="s2_backend=flex cannot train on CPU"):
-        recipe.validate_config(cfg, world_size=1)
+        config_checks.validate_config(cfg, world_size=1)
     cfg.model.s2_backend = "sdpa"
-    recipe.validate_config(cfg, world_size=1)
+    config_checks.validate_config(cfg, world_size=1)
 
 
 def test_world_size_must_divide_global_batch(assets, tmp_path):
     cfg = _cfg(assets, tmp_path / "o")
-    assert recipe.validate_config(cfg, world_size=2) == 2
+    assert config_checks.validate_config(cfg, world_size=2) == 2
     with pytest.raises(
         LongLoRAConfigError, match="global_batch_size=4 is not divisible by batch_size=1 x world_size=3"
     ):
-        recipe.validate_config(cfg, world_size=3)
+        config_checks.validate_config(cfg, world_size=3)
 
 
 def test_dataset_without_a_full_block_is_refused(assets, tmp_path):
     short = tmp_path / "short.jsonl"
     short.write_text(json.dumps({"text": "The cat sees the red ball."}) + "\n")
     cfg = _cfg(assets, tmp_path / "o", **{"dataset.data_files": short, "dataset.cache_dir": tmp_path / "c"})
-    with pytest.raises(LongLoRAConfigError, match="dataset: .*0 blocks of 256 tokens"):
-        recipe.run(cfg)
+    with pytest.raises(RecipeFailed, match="dataset: .*0 blocks of 256 tokens"):
+        run_recipe(cfg)
     with pytest.raises(LongLoRAConfigError, match="no full block of 256 tokens"):
-        recipe.check_dataset_size(0, 256, 64, 8)
+        config_checks.check_dataset_size(0, 256, 64, 8)
     with pytest.raises(LongLoRAConfigError, match="yields 40 blocks .* global_batch_size=64"):
-        recipe.check_dataset_size(40, 256, 64, 8)
-    assert recipe.check_dataset_size(130, 256, 64, 8) == 2
+        config_checks.check_dataset_size(40, 256, 64, 8)
+    assert config_checks.check_dataset_size(130, 256, 64, 8) == 2
 
 
-def test_nan_stops_run_and_keeps_last_good_checkpoint(assets, tmp_path, monkeypatch, capsys):
+def test_nan_stops_run_and_keeps_last_good_checkpoint(assets, tmp_path):
     out = tmp_path / "o"
     overrides = _overrides(
         assets, out, **{"optimizer.lr": 1e30, "save_every_n_steps": 1, "keep_last_n": "null"}
     )
-    monkeypatch.setattr(sys, "argv", ["x", "--config", str(TINY), *overrides])
-    with pytest.raises(SystemExit) as e:
-        recipe.recipe_main()
+    with pytest.raises(RecipeFailed) as e:
+        run_recipe_argv(["--config", TINY, *overrides])
     assert e.value.code == 3
-    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("longlora_tune: error:")]
+    err = [line for line in e.value.stderr.splitlines() if line.startswith("longlora_tune: error:")]
     assert len(err) == 1 and "stopped without saving this state (last good checkpoint: " in err[0], err
     ckpts = checkpointing.list_checkpoints(out / "checkpoints")
     assert 1 <= len(ckpts) < STEPS
@@ -337,29 +331,28 @@ def test_nan_stops_run_and_keeps_last_good_checkpoint(assets, tmp_path, monkeypa
 
 def test_original_context_must_match_checkpoint(assets, tmp_path):
     cfg = _cfg(assets, tmp_path / "o", **{"model.original_max_seq_len": 128})
-    with pytest.raises(
-        LongLoRAConfigError, match="max_position_embeddings=64; set model.original_max_seq_len=64"
-    ):
-        recipe.run(cfg)
+    with pytest.raises(RecipeFailed, match="max_position_embeddings=64; set model.original_max_seq_len=64"):
+        run_recipe(cfg)
 
 
 def test_existing_rope_factor_is_kept_and_exported(assets, tmp_path):
     # A base model already extended with factor 8 (512 tokens) trained further at 256 keeps factor 8.
     base = tiny.make_hf_checkpoint(tmp_path / "base8", rope_scaling={"type": "linear", "factor": 8.0})
     cfg = _cfg(assets, tmp_path / "o", checkpoint_dir=base, max_steps=1, export_formats="[adapter]")
-    outputs = recipe.run(cfg)
-    meta = json.loads((outputs["adapter"] / "longlora.json").read_text())
+    run_recipe(cfg)
+    meta = json.loads((tmp_path / "o" / "adapter" / "longlora.json").read_text())
     assert meta["rope_scaling_factor"] == 8.0 and meta["model"]["rope_scaling_factor"] == 8.0
-    assert set(outputs) == {"adapter"} and not (tmp_path / "o" / "hf").exists()
+    assert not (tmp_path / "o" / "hf").exists() and not (tmp_path / "o" / "peft").exists()
 
 
 def test_bf16_keeps_fp32_master_copies_of_trainable_params(assets, tmp_path):
     # At lr 1e-5 a norm scale near 1.0 moves by ~1e-5 per step, far below bf16's step of 2^-7 there:
     # in pure bf16 the norms (and embeddings) of LoRA+ would never change.
     extra = {"dtype": "bf16", "optimizer.lr": 1e-5, "max_steps": 2, "export_formats": "[adapter,hf]"}
-    outputs = recipe.run(_cfg(assets, tmp_path / "o", **extra))
+    run_recipe(_cfg(assets, tmp_path / "o", **extra))
+    outputs = {name: tmp_path / "o" / name for name in ("adapter", "hf")}
     trained = load_file(str(outputs["adapter"] / checkpointing.TRAINABLE_FILE))
-    base = checkpointing.load_hf_model_state(assets["base"])
+    base = HFBaseModel.read(assets["base"]).load_state_dict()
     assert {t.dtype for t in trained.values()} == {torch.float32}
     for key in ("norm.scale", "layers.1.mlp_norm.scale", "tok_embeddings.weight"):
         delta = (trained[key] - base[key]).abs().max().item()
@@ -370,29 +363,29 @@ def test_bf16_keeps_fp32_master_copies_of_trainable_params(assets, tmp_path):
 
 def test_resume_needs_a_checkpoint(assets, tmp_path):
     cfg = _cfg(assets, tmp_path / "o", resume_from_checkpoint="true")
-    with pytest.raises(LongLoRAConfigError, match="holds no checkpoint"):
-        recipe.run(cfg)
+    with pytest.raises(RecipeFailed, match="holds no checkpoint"):
+        run_recipe(cfg)
     cfg = _cfg(assets, tmp_path / "o", resume_from_checkpoint=tmp_path)
-    with pytest.raises(LongLoRAConfigError, match="not a checkpoint folder .*missing trainable.safetensors"):
-        recipe.run(cfg)
+    with pytest.raises(RecipeFailed, match="not a checkpoint folder .*missing trainable.safetensors"):
+        run_recipe(cfg)
 
 
 def test_fresh_run_refuses_an_earlier_runs_checkpoints(assets, tmp_path):
     # Otherwise the new run's step_000001 is pruned at once in favour of the old step_000002 (keep_last_n=1)
     # and a later resume_from_checkpoint=true continues the old run.
     out = tmp_path / "o"
-    recipe.run(_cfg(assets, out, max_steps=2, save_every_n_steps=1, export_formats="[]"))
+    run_recipe(_cfg(assets, out, max_steps=2, save_every_n_steps=1, export_formats="[]"))
     assert [p.name for p in checkpointing.list_checkpoints(out / "checkpoints")] == ["step_000002"]
-    with pytest.raises(LongLoRAConfigError, match=r"checkpoints of an earlier run \(newest: step_000002\)"):
-        recipe.run(_cfg(assets, out, max_steps=1, save_every_n_steps=1, export_formats="[]"))
+    with pytest.raises(RecipeFailed, match=r"checkpoints of an earlier run \(newest: step_000002\)"):
+        run_recipe(_cfg(assets, out, max_steps=1, save_every_n_steps=1, export_formats="[]"))
 
 
 def test_resume_is_exact_with_lora_dropout(assets, tmp_path):
     # Dropout draws from the global RNG; resuming mid-epoch must continue the same stream.
     extra = {"model.lora_dropout": 0.1, "save_every_n_steps": 2, "export_formats": "[]"}
-    recipe.run(_cfg(assets, tmp_path / "full", **extra, max_steps=4))
-    recipe.run(_cfg(assets, tmp_path / "res", **extra, max_steps=2))
-    recipe.run(_cfg(assets, tmp_path / "res", **extra, max_steps=4, resume_from_checkpoint="true"))
+    run_recipe(_cfg(assets, tmp_path / "full", **extra, max_steps=4))
+    run_recipe(_cfg(assets, tmp_path / "res", **extra, max_steps=2))
+    run_recipe(_cfg(assets, tmp_path / "res", **extra, max_steps=4, resume_from_checkpoint="true"))
     full, resumed = _losses(tmp_path / "full"), _losses(tmp_path / "res")
     assert sorted(full) == [1, 2, 3, 4]
     assert resumed == full
@@ -400,10 +393,10 @@ def test_resume_is_exact_with_lora_dropout(assets, tmp_path):
 
 def test_unchunked_loss_gives_the_chunked_losses(assets, tmp_path):
     extra = {"max_steps": 2, "export_formats": "[]"}
-    recipe.run(_cfg(assets, tmp_path / "chunked", **extra))
+    run_recipe(_cfg(assets, tmp_path / "chunked", **extra))
     cfg = _cfg(assets, tmp_path / "plain", **extra)
     cfg.loss = OmegaConf.create({"_component_": "torch.nn.CrossEntropyLoss"})
-    recipe.run(cfg)
+    run_recipe(cfg)
     chunked, plain = _losses(tmp_path / "chunked"), _losses(tmp_path / "plain")
     assert sorted(plain) == [1, 2]
     for step, loss in chunked.items():
@@ -414,8 +407,8 @@ def test_training_length_is_checked_against_a_builder_default_max_seq_len(assets
     # longlora_llama2_7b defaults to max_seq_len 8192; the model is only built on the meta device here.
     cfg = _cfg(assets, tmp_path / "o", **{"dataset.block_size": 16384, "tokenizer.max_seq_len": 16384})
     cfg.model = OmegaConf.create({"_component_": "longlora_tune.models.longlora_llama2_7b"})
-    with pytest.raises(LongLoRAConfigError, match="training length 16384 exceeds model.max_seq_len=8192"):
-        recipe.run(cfg)
+    with pytest.raises(RecipeFailed, match="training length 16384 exceeds model.max_seq_len=8192"):
+        run_recipe(cfg)
 
 
 def test_sampler_resumes_mid_epoch_for_any_world_size():
@@ -424,7 +417,7 @@ def test_sampler_resumes_mid_epoch_for_any_world_size():
     def samplers(world_size: int, epoch: int, start: int):
         out = []
         for rank in range(world_size):
-            s = recipe.ResumableDistributedSampler(
+            s = ResumableDistributedSampler(
                 data, num_replicas=world_size, rank=rank, global_batch_size=4, seed=3
             )
             s.set_position(epoch, start)
@@ -467,7 +460,7 @@ def _bind(section, *args) -> None:
     """What ``tune validate`` checks: the section's keys bind to its component's signature."""
     import inspect
 
-    target = recipe._import_path(section._component_)
+    target = import_object(section._component_)
     kwargs = {k: v for k, v in OmegaConf.to_container(section, resolve=False).items() if k != "_component_"}
     inspect.signature(target).bind(*args, **kwargs)
 
@@ -514,25 +507,26 @@ def test_shipped_config_instantiates_without_weights(path):
     assert len(lora) == 2 * 4 * num_layers  # A and B for q, k, v, output
     s2 = [m for m in model.modules() if isinstance(m, S2Attention)]
     assert len(s2) == num_layers
-    length = recipe.training_length(cfg)
+    length = config_checks.training_length(cfg)
     assert length == cfg.model.max_seq_len == cfg.tokenizer.max_seq_len
     group = None if cfg.model.get("use_full_attn", False) else s2[0].group_size
-    recipe.check_training_length(length, cfg.model.max_seq_len, group)
+    config_checks.check_training_length(length, cfg.model.max_seq_len, group)
     for section in ("optimizer", "loss", "metric_logger"):
         _bind(cfg[section], *([[]] if section == "optimizer" else []))
     _bind(cfg.lr_scheduler, torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0))
     _bind(cfg.dataset, object())
     _bind(cfg.tokenizer)
-    recipe._import_path(cfg.collate_fn)
+    import_object(cfg.collate_fn)
     if path.stem == "tiny_demo":
-        kw = checkpointing.llama2_kwargs_from_hf_config(json.loads(json.dumps(_tiny_hf_config())))
+        base = HFBaseModel(Path("tiny"), _tiny_hf_config(), weight_files=())
+        kw = base.builder_kwargs
         for key in ("vocab_size", "num_layers", "num_heads", "num_kv_heads", "embed_dim", "intermediate_dim"):
             assert cfg.model[key] == kw[key], key
-        assert cfg.model.original_max_seq_len == kw["original_max_seq_len"]
+        assert cfg.model.original_max_seq_len == base.original_max_seq_len
         assert cfg.dtype == "fp32" and cfg.device == "cpu"
         return
-    # The paper's settings (REFERENCE §4).
-    assert recipe.gradient_accumulation_steps(cfg.global_batch_size, cfg.batch_size, 8) == 8
+    # The paper's settings (docs/reference.md: training hyperparameters).
+    assert config_checks.gradient_accumulation_steps(cfg.global_batch_size, cfg.batch_size, 8) == 8
     assert cfg.max_steps == 1000 and cfg.lr_scheduler.num_warmup_steps == 20
     assert cfg.optimizer.lr == (1e-5 if "70b" in path.stem else 2e-5)
     assert list(cfg.optimizer.betas) == [0.9, 0.95] and cfg.optimizer.weight_decay == 0.0
@@ -580,9 +574,9 @@ def test_demo_command_is_the_documented_one(tmp_path):
     ]
     cmd = demo.build_command(tmp_path, 2, [], use_tune=True)
     assert cmd[1:5] == ["run", "--nproc_per_node", "2", "longlora_distributed"]
-    # Without the tune registry: the same recipe and config by module and path.
+    # Without the tune registry: the same recipe script and config by path.
     cmd = demo.build_command(tmp_path, 1, [], use_tune=False)
-    assert cmd[1:5] == ["-m", MODULE, "--config", str(TINY)]
+    assert cmd[1:4] == [str(RECIPE), "--config", str(TINY)]
     with pytest.raises(SystemExit):
         demo.main(["--workdir", str(tmp_path), "not-an-override"])
 

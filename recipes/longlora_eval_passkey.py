@@ -2,8 +2,8 @@
 
 Run with torchtune's CLI (add torchrun flags such as ``--nproc_per_node 8`` to spread trials over GPUs)::
 
-    tune run longlora_tune/recipes/longlora_eval_passkey.py \\
-        --config longlora_tune/configs/eval/llama2_7b_100k_passkey.yaml \\
+    tune run longlora_eval_passkey \\
+        --config eval/llama2_7b_100k_passkey \\
         checkpoint_dir=/models/llama2-7b-longlora-100k/hf
 
 Prompts are exactly the reference's five-part text (:mod:`longlora_tune.eval.passkey`); lengths are in
@@ -55,7 +55,7 @@ class PasskeyRecipe:
     """Build prompts, load the model, run every trial, write the results.
 
     Args:
-        cfg: the recipe config (keys in ``longlora_tune/configs/eval/*_passkey.yaml``).
+        cfg: the recipe config (keys in ``configs/eval/*_passkey.yaml``).
     """
 
     def __init__(self, cfg: DictConfig) -> None:

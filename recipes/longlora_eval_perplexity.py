@@ -2,10 +2,10 @@
 
 Run with torchtune's CLI, on one process or sharded over GPUs with torchrun flags::
 
-    tune run longlora_tune/recipes/longlora_eval_perplexity.py \\
-        --config longlora_tune/configs/eval/llama2_7b_100k_perplexity.yaml \\
+    tune run longlora_eval_perplexity \\
+        --config eval/llama2_7b_100k_perplexity \\
         checkpoint_dir=/models/llama2-7b-longlora-100k/hf dataset.path=/data/proof-pile/test_sampled_data.bin
-    tune run --nproc_per_node 8 longlora_tune/recipes/longlora_eval_perplexity.py --config ...
+    tune run --nproc_per_node 8 longlora_eval_perplexity --config ...
 
 The model uses full attention and the RoPE factor of the TRAINING length (``training_length`` or
 ``rope_scaling_factor``, else the checkpoint's ``rope_scaling``); see
@@ -52,7 +52,7 @@ class PerplexityRecipe:
     """Load model, tokenizer and data from the config, evaluate every length, write the results.
 
     Args:
-        cfg: the recipe config (keys in ``longlora_tune/configs/eval/*_perplexity.yaml``).
+        cfg: the recipe config (keys in ``configs/eval/*_perplexity.yaml``).
     """
 
     def __init__(self, cfg: DictConfig) -> None:

@@ -1,0 +1,97 @@
+"""Every private torchtune 0.6.1 name longlora_tune relies on, in one place.
+
+torchtune is no longer developed upstream and is pinned to 0.6.1, but its private names are still the
+most fragile contact surface: if a future pin moves, this is the only module to fix. Each accessor says
+why the public API does not suffice. Imports are lazy so the torch-free start-up hook can import this
+module without pulling in torch.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any, Callable
+
+
+def attention_call(mha: Any) -> Callable[..., Any]:
+    """The attention kernel callable of a torchtune ``MultiHeadAttention``.
+
+    Why private: ``MultiHeadAttention.forward`` computes projections, RoPE, KV cache and GQA expansion,
+    then calls ``self._attention_call(q, k, v, mask, dropout_p, is_causal)``. Replacing that one callable is
+    the only way to change the attention pattern (S²) without copying ``forward``.
+
+    Args:
+        mha: a ``torchtune.modules.MultiHeadAttention``.
+
+    Returns:
+        The current callable.
+    """
+    return mha._attention_call
+
+
+def set_attention_call(mha: Any, fn: Callable[..., Any]) -> None:
+    """Replace the attention kernel callable of a ``MultiHeadAttention`` (see :func:`attention_call`).
+
+    Args:
+        mha: a ``torchtune.modules.MultiHeadAttention``.
+        fn: the new callable; an ``nn.Module`` becomes a child module (no parameters, names unchanged).
+    """
+    mha._attention_call = fn
+
+
+def flex_attention_supported() -> bool:
+    """Whether torchtune builds FlexAttention ``BlockMask``s for packed batches on this machine.
+
+    Why private: ``padded_collate_packed`` decides between a ``BlockMask`` and a dense mask with this
+    module-level flag; a recipe must know which one the S² backend will receive before training starts.
+
+    Returns:
+        torchtune's ``_SUPPORTS_FLEX_ATTENTION``.
+    """
+    from torchtune.modules.attention_utils import _SUPPORTS_FLEX_ATTENTION
+
+    return bool(_SUPPORTS_FLEX_ATTENTION)
+
+
+def hf_to_tune_names() -> dict[str, str | None]:
+    """torchtune's Hugging Face -> torchtune weight-name table for Llama-style models.
+
+    Why private: the PEFT export must name LoRA and ``modules_to_save`` tensors the way Hugging Face does,
+    and torchtune exposes the mapping only as ``convert_weights._FROM_HF`` (its public ``tune_to_hf``
+    converts whole state dicts and cannot be asked for one name).
+
+    Returns:
+        ``{hf_name_pattern: tune_name_pattern or None}``.
+    """
+    from torchtune.models import convert_weights
+
+    return dict(convert_weights._FROM_HF)
+
+
+def recipe_list(registry: ModuleType) -> list[Any]:
+    """The list behind ``tune ls/cp/run`` names.
+
+    Why private: torchtune 0.6.1 has no plugin registry; ``tune`` only knows the hard-coded
+    ``_recipe_registry._ALL_RECIPES``, so plugins append to it.
+
+    Args:
+        registry: the ``torchtune._recipe_registry`` module.
+
+    Returns:
+        The mutable list of ``Recipe`` entries.
+    """
+    return registry._ALL_RECIPES
+
+
+def registered_recipe_names() -> set[str]:
+    """Names the ``tune`` CLI resolves (torchtune's and, when our start-up hook is installed, ours).
+
+    Why private: ``get_all_recipes`` lives in the private module ``torchtune._recipe_registry``.
+
+    Returns:
+        The recipe names; empty when torchtune is not importable.
+    """
+    try:
+        from torchtune._recipe_registry import get_all_recipes
+    except ImportError:
+        return set()
+    return {r.name for r in get_all_recipes()}

@@ -1,0 +1,182 @@
+"""A Hugging Face base-model folder, read once.
+
+The training recipe, the exports and the evaluation loader all need the same facts about the base
+checkpoint (what ``tune download meta-llama/Llama-2-7b-hf`` writes): its ``config.json``, the builder
+arguments it implies, its context length and existing RoPE factor, and its weights in torchtune names.
+:class:`HFBaseModel` reads the folder once and answers all of them, so a run parses ``config.json`` once
+and every consumer derives the builder arguments the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from longlora_tune.errors import LongLoRAConfigError
+from longlora_tune.modules.position_interpolation import rope_scaling_factor_from_hf_config
+
+__all__ = ["HFBaseModel", "download_command"]
+
+#: Keys every supported ``config.json`` has (a Llama-style decoder).
+_REQUIRED_KEYS = (
+    "vocab_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "hidden_size",
+    "intermediate_size",
+)
+
+
+def download_command(repo_id: Optional[str], checkpoint_dir: str | Path) -> str:
+    """Return the ``tune download`` command that fills ``checkpoint_dir`` with a Hugging Face checkpoint.
+
+    Args:
+        repo_id: Hugging Face repository id (e.g. ``meta-llama/Llama-2-7b-hf``); a placeholder when None.
+        checkpoint_dir: the folder the recipe reads.
+
+    Returns:
+        The command line (original ``.pth`` files are skipped: only the HF safetensors are needed).
+    """
+    repo = repo_id or "<hf-repo-id>"
+    return f'tune download {repo} --output-dir {checkpoint_dir} --ignore-patterns "*.pth"'
+
+
+def _missing(what: str, path: Path, repo_id: Optional[str], checkpoint_dir: Path) -> LongLoRAConfigError:
+    return LongLoRAConfigError(
+        f"{what} not found: {path}; download the base model with: {download_command(repo_id, checkpoint_dir)}"
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class HFBaseModel:
+    """A Hugging Face Llama-style checkpoint folder: ``config.json`` parsed, weight files listed.
+
+    Build it with :meth:`read`. Weights are loaded only when :meth:`load_state_dict` is called.
+
+    Attributes:
+        path: the folder.
+        config: the parsed ``config.json``.
+        weight_files: ``*.safetensors`` files, or ``pytorch_model*.bin`` when there are none.
+        repo_id: the Hugging Face repository id, used only in download hints.
+    """
+
+    path: Path
+    config: dict[str, Any]
+    weight_files: tuple[Path, ...]
+    repo_id: Optional[str] = None
+
+    @classmethod
+    def read(cls, checkpoint_dir: str | Path, *, repo_id: Optional[str] = None) -> HFBaseModel:
+        """Read ``config.json`` and list the weight files of a checkpoint folder.
+
+        Args:
+            checkpoint_dir: the folder.
+            repo_id: Hugging Face repository id for the download hint in error messages.
+
+        Returns:
+            The checkpoint description.
+
+        Raises:
+            LongLoRAConfigError: naming the missing file and the ``tune download`` command, or when
+                ``config.json`` is unreadable or not a Llama-style config.
+        """
+        ckpt = Path(checkpoint_dir).expanduser()
+        path = ckpt / "config.json"
+        if not path.is_file():
+            raise _missing("model config", path, repo_id, ckpt)
+        try:
+            config = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise LongLoRAConfigError(f"cannot read {path}: {e}") from e
+        if not isinstance(config, dict):
+            raise LongLoRAConfigError(f"{path} is not a JSON object: not a Hugging Face config")
+        absent = [k for k in _REQUIRED_KEYS if k not in config]
+        if absent:
+            raise LongLoRAConfigError(f"{path} lacks {', '.join(absent)}: not a Hugging Face Llama config")
+        files = sorted(ckpt.glob("*.safetensors")) or sorted(ckpt.glob("pytorch_model*.bin"))
+        if not files:
+            what = "model weights (*.safetensors or pytorch_model*.bin)"
+            raise _missing(what, ckpt / "*.safetensors", repo_id, ckpt)
+        base = cls(path=ckpt, config=config, weight_files=tuple(files), repo_id=repo_id)
+        _ = base.rope_scaling_factor  # refuse unsupported RoPE scaling at read time, not at export
+        return base
+
+    @property
+    def builder_kwargs(self) -> dict[str, Any]:
+        """Shape arguments of the model builders (``longlora_llama2``, torchtune's ``llama2``).
+
+        Returns:
+            ``vocab_size``, ``num_layers``, ``num_heads``, ``num_kv_heads``, ``embed_dim``,
+            ``intermediate_dim``, ``norm_eps`` and ``rope_base``.
+        """
+        c = self.config
+        # transformers 5 writes the RoPE base only inside rope_parameters.
+        rope_base = c.get("rope_theta") or (c.get("rope_parameters") or {}).get("rope_theta") or 10_000.0
+        return {
+            "vocab_size": int(c["vocab_size"]),
+            "num_layers": int(c["num_hidden_layers"]),
+            "num_heads": int(c["num_attention_heads"]),
+            "num_kv_heads": int(c.get("num_key_value_heads", c["num_attention_heads"])),
+            "embed_dim": int(c["hidden_size"]),
+            "intermediate_dim": int(c["intermediate_size"]),
+            "norm_eps": float(c.get("rms_norm_eps", 1e-5)),
+            "rope_base": float(rope_base),
+        }
+
+    @property
+    def head_dim(self) -> Optional[int]:
+        """The explicit ``head_dim`` of the config, or None when it is ``hidden_size / heads``."""
+        value = self.config.get("head_dim")
+        return int(value) if value else None
+
+    @property
+    def original_max_seq_len(self) -> int:
+        """The unscaled context the RoPE factor multiplies (``max_position_embeddings``, 4096 if absent)."""
+        return int(self.config.get("max_position_embeddings", 4096))
+
+    @property
+    def rope_scaling_factor(self) -> float:
+        """The checkpoint's own linear RoPE factor (1.0 without ``rope_scaling``).
+
+        Raises:
+            LongLoRAConfigError: for RoPE scaling other than linear.
+        """
+        try:
+            return rope_scaling_factor_from_hf_config(self.config)
+        except ValueError as exc:
+            raise LongLoRAConfigError(f"{self.path}/config.json: {exc}") from None
+
+    def load_state_dict(self, dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
+        """Load the weights in torchtune parameter names.
+
+        Args:
+            dtype: cast each floating tensor to this dtype while loading (halves peak memory for fp32
+                files); None keeps the stored dtype.
+
+        Returns:
+            The state dict (``tok_embeddings.weight``, ``layers.0.attn.q_proj.weight``, ...).
+        """
+        from safetensors.torch import load_file
+        from torchtune.models.convert_weights import hf_to_tune
+
+        hf_sd: dict[str, torch.Tensor] = {}
+        for f in self.weight_files:
+            if f.suffix == ".safetensors":
+                part = load_file(str(f))
+            else:
+                part = torch.load(f, map_location="cpu", weights_only=True)
+            for k, v in part.items():
+                hf_sd[k] = v.to(dtype) if dtype is not None and v.is_floating_point() else v
+            del part
+        kw = self.builder_kwargs
+        return hf_to_tune(
+            hf_sd,
+            num_heads=kw["num_heads"],
+            num_kv_heads=kw["num_kv_heads"],
+            dim=kw["embed_dim"],
+            head_dim=self.head_dim,
+        )

@@ -1,0 +1,703 @@
+"""LongLoRA continued pretraining and long-context fine-tuning with FSDP2.
+
+    tune run longlora_distributed --config llama2_7b_100k                      # one process
+    tune run --nproc_per_node 8 longlora_distributed --config llama2_7b_100k   # torchrun (add --nnodes ...)
+    tune cp longlora_distributed . && tune run longlora_distributed.py --config my.yaml   # your own copy
+
+One process is a process group of size one, so the code path is the same everywhere. The recipe trains
+whatever model the config builds (``longlora_tune.models.longlora_llama2_7b`` brings S² attention and
+position interpolation with it) and reads top to bottom: ``setup`` (model, tokenizer, data, optimizer,
+schedule, resumed state) -> ``train`` (token-weighted loss over micro-batches and ranks, clipping,
+periodic checkpoints) -> ``export`` (``hf/``, ``peft/``, ``adapter/``) -> ``cleanup``. Everything a test or
+another tool needs (config checks, the trainable set, the checkpoint format, sharding, exports) lives in
+the ``longlora_tune`` library; this file holds the training loop.
+"""
+
+from __future__ import annotations
+
+import gc
+import inspect
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import MixedPrecisionPolicy
+from torchtune import config, modules, training, utils
+from torchtune.training.metric_logging import DiskLogger
+from tqdm import tqdm
+
+from longlora_tune import checkpointing, export
+from longlora_tune.components import import_object
+from longlora_tune.config_checks import (
+    DEFAULT_REPO_HINT,
+    EXPORT_FORMATS,
+    check_dataset_size,
+    check_training_length,
+    gradient_accumulation_steps,
+    training_length,
+    validate_config,
+)
+from longlora_tune.data.loader import DEFAULT_COLLATE, build_dataloader, pad_multiple
+from longlora_tune.distributed import (
+    close_process_group,
+    init_lora_weights,
+    init_process_group,
+    rank_and_world_size,
+    resolve_device,
+    resolve_dtype,
+    run_on_rank_zero,
+    shard_model,
+)
+from longlora_tune.errors import LongLoRAConfigError, TrainingDivergedError, report_errors
+from longlora_tune.hf import HFBaseModel
+from longlora_tune.loss import summed_token_loss
+from longlora_tune.models.longlora import describe
+from longlora_tune.modules.position_interpolation import position_interpolation_factor
+from longlora_tune.modules.s2_attention import describe_backend
+from longlora_tune.peft import set_trainable_params, trainable_param_names
+
+log = utils.get_logger("INFO")
+
+_RECIPE_STATE_FILE = "recipe_state.pt"
+_OPTIMIZER_FILE = "optimizer.pt"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# RNG state (saved per rank; numpy arrays become tensors so torch.load(weights_only=True) can read them)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    np_state = np.random.get_state(legacy=False)
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": {
+            "bit_generator": np_state["bit_generator"],
+            "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+            "pos": int(np_state["state"]["pos"]),
+            "has_gauss": int(np_state["has_gauss"]),
+            "gauss": float(np_state["gauss"]),
+        },
+    }
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state(
+        {
+            "bit_generator": n["bit_generator"],
+            "state": {"key": n["key"].numpy().astype(np.uint32), "pos": n["pos"]},
+            "has_gauss": n["has_gauss"],
+            "gauss": n["gauss"],
+        }
+    )
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The recipe
+# ----------------------------------------------------------------------------------------------------------
+
+
+class LongLoRARecipeDistributed:
+    """LongLoRA training with FSDP2 on any number of ranks (one included).
+
+    ``setup`` builds everything (model on the meta device, sharded, then filled from the base checkpoint;
+    tokenizer; data; optimizer; schedule; resumed state), ``train`` runs ``max_steps`` optimizer steps with
+    periodic checkpoints, ``export`` writes the ``hf/``, ``peft/`` and ``adapter/`` outputs, ``cleanup``
+    closes the logger.
+
+    Args:
+        cfg: the parsed config (see ``configs/llama2_7b_100k.yaml`` for every key).
+
+    Raises:
+        LongLoRAConfigError: on invalid settings.
+    """
+
+    def __init__(self, cfg: DictConfig) -> None:
+        self.cfg = cfg
+        self.rank, self.world_size = rank_and_world_size()
+        self.is_rank_zero = self.rank == 0
+        self.device = resolve_device(cfg.get("device", None))
+        self.dtype = resolve_dtype(cfg.get("dtype", "bf16"), self.device)
+        if self.dtype == torch.float16:
+            raise LongLoRAConfigError("dtype=fp16 is not supported (no loss scaling); use bf16 or fp32")
+        self.output_dir = Path(cfg.output_dir).expanduser()
+        self.checkpoints_dir = self.output_dir / "checkpoints"
+        self.seed = int(cfg.get("seed", 0))
+        # With ``epochs`` instead, set from the dataset's size in ``_setup_data``.
+        self.max_steps = int(cfg.max_steps) if cfg.get("max_steps", None) is not None else 0
+        self.batch_size = int(cfg.batch_size)
+        self.global_batch_size = int(cfg.global_batch_size)
+        self.grad_accum = gradient_accumulation_steps(
+            self.global_batch_size, self.batch_size, self.world_size
+        )
+        self.clip_grad_norm = cfg.get("clip_grad_norm", None)
+        self.save_every_n_steps = int(cfg.get("save_every_n_steps", 0) or 0)
+        self.keep_last_n = cfg.get("keep_last_n", None)
+        self.log_every_n_steps = int(cfg.get("log_every_n_steps", 1))
+        self.log_peak_memory = bool(cfg.get("log_peak_memory_stats", True)) and self.device.type == "cuda"
+        self.extras = tuple(cfg.get("trainable_extras", ("embed", "norm")))
+        self.export_formats = tuple(cfg.get("export_formats", EXPORT_FORMATS))
+        # Recipe state, restored on resume.
+        self.global_step = 0
+        self.epoch = 0
+        self.epoch_position = 0
+        self.last_checkpoint: Optional[Path] = None
+        self.metric_logger = None
+
+    # ------------------------------------------------------------------ setup
+
+    def setup(self) -> None:
+        """Build model, tokenizer, data, loss, optimizer and schedule; restore a checkpoint if asked."""
+        cfg = self.cfg
+        training.set_seed(seed=self.seed)
+        resume_dir = self._resume_dir()
+        if self.is_rank_zero:
+            if cfg.get("metric_logger", None) is None:
+                self.metric_logger = DiskLogger(log_dir=str(self.output_dir / "logs"))
+            else:
+                self.metric_logger = config.instantiate(cfg.metric_logger)
+        if self.metric_logger is not None:
+            self.metric_logger.log_config(cfg)
+
+        repo_id = cfg.get("hf_repo_id", None) or DEFAULT_REPO_HINT
+        self.base = HFBaseModel.read(cfg.checkpoint_dir, repo_id=repo_id)
+        self.model = self._setup_model(resume_dir)
+        self.tokenizer = config.instantiate(cfg.tokenizer)
+        self.loss_fn = config.instantiate(cfg.loss)
+        self.ignore_index = int(getattr(self.loss_fn, "ignore_index", -100))
+        # Detected by class name as in torchtune: the model must return the logits in the same chunks.
+        if self.loss_fn.__class__.__name__ == "CEWithChunkedOutputLoss":
+            self.model.set_num_output_chunks(self.loss_fn.num_output_chunks)
+        self._setup_data()
+
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = config.instantiate(cfg.optimizer, params)
+        self.lr_scheduler = self._make_scheduler()
+        if resume_dir is not None:
+            self._load_training_state(resume_dir)
+        self.act_ctx = training.get_act_offloading_ctx_manager(
+            self.model, bool(cfg.get("enable_activation_offloading", False))
+        )
+
+    def _resume_dir(self) -> Optional[Path]:
+        resume = self.cfg.get("resume_from_checkpoint", False)
+
+        def find() -> Optional[Path]:
+            if resume in (False, None):
+                # An earlier run's checkpoints would outrank (and prune) this run's and be what a later
+                # resume_from_checkpoint=true picks up.
+                stale = checkpointing.latest_checkpoint(self.checkpoints_dir)
+                if stale is not None:
+                    raise LongLoRAConfigError(
+                        f"{self.checkpoints_dir} holds checkpoints of an earlier run (newest: {stale.name}); "
+                        "set resume_from_checkpoint=true to continue it, or use a new output_dir"
+                    )
+                return None
+            if resume is True:
+                found = checkpointing.latest_checkpoint(self.checkpoints_dir)
+                if found is None:
+                    raise LongLoRAConfigError(
+                        f"resume_from_checkpoint=true but {self.checkpoints_dir} holds no checkpoint; "
+                        "set resume_from_checkpoint=false to start a new run"
+                    )
+                return found
+            path = Path(str(resume)).expanduser()
+            missing = [
+                f
+                for f in (checkpointing.TRAINABLE_FILE, _OPTIMIZER_FILE, _RECIPE_STATE_FILE)
+                if not (path / f).is_file()
+            ]
+            if missing:
+                raise LongLoRAConfigError(
+                    f"resume_from_checkpoint={resume}: not a checkpoint folder (missing {', '.join(missing)})"
+                )
+            return path
+
+        return run_on_rank_zero(find)
+
+    def _setup_model(self, resume_dir: Optional[Path]) -> torch.nn.Module:
+        cfg = self.cfg
+        try:
+            with training.set_default_dtype(self.dtype), torch.device("meta"):
+                model = config.instantiate(cfg.model, **self._builder_overrides())
+        except (ValueError, TypeError) as e:
+            raise LongLoRAConfigError(f"model: {e}") from e
+        self.model_info = describe(model)
+        # S² needs every training sequence to be made of whole groups; the built model's own length
+        # (a builder default such as longlora_llama2_7b's 8192 counts too) bounds the training length.
+        train_len = training_length(cfg)
+        if train_len is not None:
+            max_seq_len = self.model_info.max_seq_len or int(cfg.model.get("max_seq_len", train_len))
+            check_training_length(train_len, max_seq_len, self.model_info.group_size)
+
+        counts = set_trainable_params(model, extras=self.extras)
+        self.trainable_names = sorted(trainable_param_names(model, extras=self.extras))
+        utils.log_rank_zero(log, f"Trainable parameters: {dict(counts)}")
+
+        if cfg.get("enable_activation_checkpointing", True):
+            training.set_activation_checkpointing(
+                model, auto_wrap_policy={modules.TransformerSelfAttentionLayer}
+            )
+        mp_policy = None
+        if self.dtype != torch.float32 and cfg.get("fp32_trainable_params", True):
+            # bf16 cannot hold LoRA+'s small updates: at lr 2e-5 a norm scale near 1.0 (bf16 step 2^-7)
+            # or an embedding entry near 0.02 never changes. The trainable tensors therefore stay fp32
+            # (master weights, fp32 AdamW state, fp32 gradient reduction) and FSDP2 casts them to the
+            # compute dtype when it gathers them; the frozen base weights stay in the compute dtype.
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.data = p.data.to(torch.float32)
+            mp_policy = MixedPrecisionPolicy(param_dtype=self.dtype, reduce_dtype=torch.float32)
+        shard_model(
+            model,
+            reshard_after_forward=bool(cfg.get("fsdp_reshard_after_forward", True)),
+            mp_policy=mp_policy,
+        )
+        model.to_empty(device=self.device)
+
+        # Rank 0 assembles the full state (the other ranks receive their shards by broadcast).
+        specs = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
+        full_sd = run_on_rank_zero(lambda: self._initial_state(specs, resume_dir), share_result=False) or {}
+        set_model_state_dict(
+            model,
+            full_sd,
+            options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=True),
+        )
+        del full_sd
+        with self.device:
+            for m in model.modules():
+                if hasattr(m, "rope_init"):
+                    m.rope_init()
+        training.validate_no_params_on_meta_device(model)
+        model.train()
+        backend = describe_backend(cfg.model.get("s2_backend", "auto"), self.device, self.dtype)
+        utils.log_rank_zero(
+            log,
+            f"Model ready: S2 group size {self.model_info.group_size} ({backend}), "
+            f"RoPE factor {self.model_info.rope_scaling_factor}, {self.world_size} rank(s), "
+            f"gradient accumulation {self.grad_accum}",
+        )
+        return model
+
+    def _initial_state(
+        self, specs: dict[str, tuple[tuple[int, ...], torch.dtype]], resume_dir: Optional[Path]
+    ) -> dict[str, torch.Tensor]:
+        """The model's full starting state, each tensor in its parameter's dtype.
+
+        Base weights, a seeded LoRA initialisation (the same numbers for every world size), then -- when
+        resuming -- the trained tensors *over* the base ones (so trained embeddings and norms win).
+        """
+        full_sd = self.base.load_state_dict()
+        unexpected = sorted(set(full_sd) - set(specs))
+        if unexpected:
+            raise LongLoRAConfigError(
+                f"{self.base.path} has weights the model lacks (first: {unexpected[0]}); "
+                "the model config does not match the checkpoint"
+            )
+        for k, v in full_sd.items():
+            if tuple(v.shape) != specs[k][0]:
+                raise LongLoRAConfigError(
+                    f"{self.base.path}: {k} has shape {tuple(v.shape)} but the model expects "
+                    f"{specs[k][0]}; the model config does not match the checkpoint"
+                )
+        shapes = {k: shape for k, (shape, _) in specs.items()}
+        full_sd.update(init_lora_weights(set(specs) - set(full_sd), shapes, seed=self.seed))
+        if resume_dir is not None:
+            trained = checkpointing.read_trainable_state(resume_dir / checkpointing.TRAINABLE_FILE)
+            wrong = sorted(k for k, v in trained.items() if shapes.get(k) != tuple(v.shape))
+            if wrong:
+                raise LongLoRAConfigError(
+                    f"{resume_dir}: {wrong[0]} does not fit the model; "
+                    "resume with the config it was trained with"
+                )
+            full_sd.update(trained)
+        # Key by key, so only one tensor exists twice at a time (the 70B state is 138 GB).
+        for k in list(full_sd):
+            full_sd[k] = full_sd[k].to(specs[k][1])
+        return full_sd
+
+    def _builder_overrides(self) -> dict[str, Any]:
+        """Builder arguments that come from the base checkpoint rather than the config.
+
+        ``original_max_seq_len`` is the checkpoint's ``max_position_embeddings`` (and must agree with the
+        config when set). A checkpoint that already has a linear RoPE factor keeps it when it covers the
+        training length and is replaced by ``ceil(length / original)`` otherwise (never compounded),
+        unless the config sets ``rope_scaling_factor``.
+        """
+        checkpoint_ctx = self.base.original_max_seq_len
+        configured = self.cfg.model.get("original_max_seq_len", None)
+        if configured is not None and int(configured) != checkpoint_ctx:
+            raise LongLoRAConfigError(
+                f"model.original_max_seq_len={configured} but {self.base.path}/config.json has "
+                f"max_position_embeddings={checkpoint_ctx}; set model.original_max_seq_len={checkpoint_ctx}"
+            )
+        overrides: dict[str, Any] = {"original_max_seq_len": checkpoint_ctx}
+        existing = self.base.rope_scaling_factor
+        if existing > 1.0 and self.cfg.model.get("rope_scaling_factor", None) is None:
+            target = int(self.cfg.model.get("max_seq_len", checkpoint_ctx))
+            overrides["rope_scaling_factor"] = position_interpolation_factor(target, checkpoint_ctx, existing)
+        return overrides
+
+    def _setup_data(self) -> None:
+        cfg = self.cfg
+        try:
+            dataset = config.instantiate(cfg.dataset, self.tokenizer)
+        except (ValueError, FileNotFoundError) as e:
+            raise LongLoRAConfigError(f"dataset: {e}") from e
+        train_len = training_length(cfg) or 0
+        self.steps_per_epoch = check_dataset_size(
+            len(dataset), train_len, self.global_batch_size, self.world_size
+        )
+        if cfg.get("epochs", None) is not None:
+            self.max_steps = int(cfg.epochs) * self.steps_per_epoch
+        # SFT datasets count samples trimmed or dropped to fit; a PackedDataset keeps its samples in ``ds``.
+        samples = getattr(dataset, "ds", dataset)
+        if hasattr(samples, "num_trimmed") or hasattr(samples, "num_skipped"):
+            utils.log_rank_zero(
+                log,
+                f"Dataset: {getattr(samples, 'num_trimmed', 0)} samples trimmed to fit {train_len} tokens "
+                f"(num_trimmed), {getattr(samples, 'num_skipped', 0)} skipped (num_skipped)",
+            )
+        self.dataloader, self.sampler = build_dataloader(
+            dataset,
+            batch_size=self.batch_size,
+            global_batch_size=self.global_batch_size,
+            rank=self.rank,
+            world_size=self.world_size,
+            seed=self.seed,
+            shuffle=bool(cfg.get("shuffle", True)),
+            packed=bool(cfg.dataset.get("packed", False)),
+            collate_fn=cfg.get("collate_fn", DEFAULT_COLLATE),
+            pad_to_multiple_of=pad_multiple(
+                cfg.get("pad_to_multiple_of", None), self.model_info.group_size, train_len
+            ),
+            pad_id=int(getattr(self.tokenizer, "pad_id", 0) or 0),
+            ignore_index=self.ignore_index,
+            num_workers=int(cfg.get("num_workers", 0)),
+        )
+        utils.log_rank_zero(
+            log,
+            f"Dataset: {len(dataset)} sequences of up to {train_len} tokens, "
+            f"{self.steps_per_epoch} steps per epoch",
+        )
+
+    def _make_scheduler(self) -> Optional[torch.optim.lr_scheduler.LRScheduler]:
+        cfg_sched = self.cfg.get("lr_scheduler", None)
+        if cfg_sched is None:
+            return None
+        target = import_object(cfg_sched._component_)
+        extra = {}
+        if "num_training_steps" in inspect.signature(target).parameters:
+            extra["num_training_steps"] = self.max_steps
+        return config.instantiate(cfg_sched, self.optimizer, **extra)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _load_training_state(self, ckpt: Path) -> None:
+        state = run_on_rank_zero(
+            lambda: torch.load(ckpt / _RECIPE_STATE_FILE, map_location="cpu", weights_only=True)
+        )
+        if int(state["global_batch_size"]) != self.global_batch_size:
+            raise LongLoRAConfigError(
+                f"{ckpt} was trained with global_batch_size={state['global_batch_size']}, the config says "
+                f"{self.global_batch_size}; resume with the same global batch"
+            )
+        opt_sd = (
+            torch.load(ckpt / _OPTIMIZER_FILE, map_location="cpu", weights_only=True)
+            if self.is_rank_zero
+            else {}
+        )
+        set_optimizer_state_dict(
+            self.model,
+            self.optimizer,
+            opt_sd,
+            options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True),
+        )
+        if self.lr_scheduler is not None and state.get("lr_scheduler") is not None:
+            self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        self.global_step = int(state["global_step"])
+        self.epoch = int(state["epoch"])
+        self.epoch_position = int(state["epoch_position"])
+        rng = state["rng"]
+        # Same world size: every rank continues its own streams; otherwise all take rank 0's.
+        _set_rng_state(rng[self.rank] if len(rng) == self.world_size else rng[0], self.device)
+        self.last_checkpoint = ckpt
+        utils.log_rank_zero(log, f"Resumed from {ckpt} at step {self.global_step}")
+
+    def _full_trainable_state(self) -> dict[str, torch.Tensor]:
+        """All-gather every trainable tensor; the full tensors are kept (on CPU) on rank 0 only."""
+        sharded = self.model.state_dict()
+        out: dict[str, torch.Tensor] = {}
+        for name in self.trainable_names:
+            t = sharded[name]
+            full = t.full_tensor() if hasattr(t, "full_tensor") else t
+            if self.is_rank_zero:
+                out[name] = full.detach().to("cpu", copy=True)
+            del full
+        return out
+
+    def _check_finite_weights(self) -> None:
+        bad = torch.zeros((), device=self.device)
+        for p in self.model.parameters():
+            if p.requires_grad:
+                local = p.to_local() if hasattr(p, "to_local") else p
+                if not torch.isfinite(local).all():
+                    bad.fill_(1.0)
+                    break
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if bad.item():
+            self._diverged(f"trainable weights became NaN/inf after step {self.global_step}")
+
+    def save_checkpoint(self) -> Path:
+        """Write a resumable checkpoint of the current step (rank 0 writes, all ranks gather).
+
+        Returns:
+            The checkpoint folder.
+        """
+        self._check_finite_weights()
+        trainable = self._full_trainable_state()
+        opt_sd = get_optimizer_state_dict(
+            self.model, self.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+        rng_all: list[Any] = [None] * self.world_size
+        dist.all_gather_object(rng_all, _rng_state(self.device))
+        final = self.checkpoints_dir / checkpointing.step_dir_name(self.global_step)
+        if self.is_rank_zero:
+            state = {
+                "global_step": self.global_step,
+                "epoch": self.epoch,
+                "epoch_position": self.epoch_position,
+                "global_batch_size": self.global_batch_size,
+                "world_size": self.world_size,
+                "seed": self.seed,
+                "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None,
+                "rng": rng_all,
+            }
+            with checkpointing.atomic_directory(final) as tmp:
+                checkpointing.save_trainable_state(trainable, tmp / checkpointing.TRAINABLE_FILE)
+                torch.save(opt_sd, tmp / _OPTIMIZER_FILE)
+                torch.save(state, tmp / _RECIPE_STATE_FILE)
+                OmegaConf.save(self.cfg, tmp / "config.yaml", resolve=True)
+            checkpointing.prune_checkpoints(self.checkpoints_dir, self.keep_last_n)
+            log.info(f"Saved checkpoint {final}")
+        dist.barrier()
+        self.last_checkpoint = final
+        return final
+
+    def _diverged(self, what: str) -> None:
+        where = (
+            f"last good checkpoint: {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint saved"
+        )
+        raise TrainingDivergedError(
+            f"{what}; stopped without saving this state ({where}); lower the learning rate or check the data"
+        )
+
+    # ------------------------------------------------------------------ training
+
+    def train(self) -> None:
+        """Run optimizer steps until ``max_steps``, checkpointing every ``save_every_n_steps``."""
+        # torchtune's cleanup_before_training calls torch.cpu.empty_cache, which does not exist.
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        saved_step = self.global_step if self.last_checkpoint is not None else -1
+        # The context manager closes the bar before an error message is printed.
+        with tqdm(
+            total=self.max_steps, initial=self.global_step, disable=not self.is_rank_zero, desc="train"
+        ) as pbar:
+            while self.global_step < self.max_steps:
+                self.sampler.set_position(self.epoch, self.epoch_position)
+                micro, seen = 0, 0
+                loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+                tokens = torch.zeros((), device=self.device, dtype=torch.int64)
+                t0 = time.perf_counter()
+                for batch in self.dataloader:
+                    n_loss, n_tokens, n_seen = self._forward_backward(batch)
+                    loss_sum += n_loss
+                    tokens += n_tokens
+                    seen += n_seen
+                    micro += 1
+                    if micro < self.grad_accum:
+                        continue
+                    metrics = self._optimizer_step(loss_sum, tokens)
+                    self.global_step += 1
+                    self.epoch_position += self.global_batch_size
+                    metrics["tokens_per_second_per_gpu"] = seen / (time.perf_counter() - t0)
+                    if self.log_peak_memory:
+                        metrics.update(training.get_memory_stats(device=self.device))
+                    if self.metric_logger is not None and self.global_step % self.log_every_n_steps == 0:
+                        self.metric_logger.log_dict(metrics, step=self.global_step)
+                    pbar.update(1)
+                    pbar.set_postfix(loss=f"{metrics['loss']:.4f}")
+                    if self.save_every_n_steps and self.global_step % self.save_every_n_steps == 0:
+                        self.save_checkpoint()
+                        saved_step = self.global_step
+                    if self.global_step >= self.max_steps:
+                        break
+                    micro, seen = 0, 0
+                    loss_sum.zero_()
+                    tokens.zero_()
+                    t0 = time.perf_counter()
+                else:
+                    # The sampler yields whole steps only, so an exhausted epoch has no leftover micro-batch.
+                    self.epoch += 1
+                    self.epoch_position = 0
+        if saved_step != self.global_step:
+            self.save_checkpoint()
+
+    def _forward_backward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        loss, n_tokens = summed_token_loss(
+            self.model,
+            self.loss_fn,
+            batch,
+            device=self.device,
+            ignore_index=self.ignore_index,
+            context=self.act_ctx,
+        )
+        loss.backward()
+        return loss.detach().to(torch.float64), n_tokens, batch["tokens"].numel()
+
+    def _optimizer_step(self, loss_sum: torch.Tensor, tokens: torch.Tensor) -> dict[str, float]:
+        dist.all_reduce(loss_sum)
+        dist.all_reduce(tokens)
+        total = int(tokens.item())
+        loss = float(loss_sum.item()) / max(total, 1)
+        if not math.isfinite(loss):
+            self._diverged(f"loss is {loss} at step {self.global_step + 1}")
+        # FSDP averages gradients over ranks; undo that and divide by the global token count instead.
+        training.scale_grads(self.model, torch.tensor(self.world_size / max(total, 1)))
+        metrics = {"loss": loss, "lr": training.get_lr(self.optimizer)}
+        if self.clip_grad_norm is not None:
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                self.model.parameters(), max_norm=float(self.clip_grad_norm)
+            )
+            if hasattr(grad_norm, "full_tensor"):
+                grad_norm = grad_norm.full_tensor()
+            grad_norm = float(grad_norm)
+            if not math.isfinite(grad_norm):
+                self._diverged(f"gradient norm is {grad_norm} at step {self.global_step + 1}")
+            metrics["grad_norm"] = grad_norm
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.lr_scheduler is not None:
+            self.lr_scheduler.step()
+        return metrics
+
+    # ------------------------------------------------------------------ export
+
+    def export(self) -> dict[str, Path]:
+        """Write the requested exports (``hf/``, ``peft/``, ``adapter/``) under ``output_dir``.
+
+        Returns:
+            Format name -> folder (filled on every rank for convenience; rank 0 writes).
+        """
+        out: dict[str, Path] = {}
+        if not self.export_formats:
+            return out
+        trainable = self._full_trainable_state()
+        full = {}
+        if "hf" in self.export_formats:
+            full = get_model_state_dict(
+                self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+            )
+        info = export.LongLoRAExportInfo(
+            model_config=OmegaConf.to_container(self.cfg.model, resolve=True),
+            rope_scaling_factor=self.model_info.rope_scaling_factor,
+            group_size=self.model_info.group_size,
+            trainable_extras=list(self.extras),
+            base_checkpoint_dir=str(self.base.path),
+            hf_repo_id=self.cfg.get("hf_repo_id", None),
+            training_length=training_length(self.cfg),
+            global_step=self.global_step,
+        )
+        if self.is_rank_zero:
+            if "hf" in self.export_formats:
+                out["hf"] = export.save_merged_hf_checkpoint(
+                    full, self.output_dir / "hf", base=self.base, model_info=self.model_info, dtype=self.dtype
+                )
+            if "peft" in self.export_formats:
+                out["peft"] = export.save_peft(
+                    trainable,
+                    self.output_dir / "peft",
+                    base=self.base,
+                    model_info=self.model_info,
+                    base_model_name_or_path=self.cfg.get("hf_repo_id", None) or str(self.base.path),
+                )
+            if "adapter" in self.export_formats:
+                out["adapter"] = export.save_adapter(trainable, self.output_dir / "adapter", info)
+        dist.barrier()
+        return out
+
+    def cleanup(self) -> None:
+        """Close the metric logger."""
+        if self.metric_logger is not None:
+            self.metric_logger.close()
+
+
+def run(cfg: DictConfig) -> dict[str, Path]:
+    """Validate, train and export.
+
+    Args:
+        cfg: the recipe config.
+
+    Returns:
+        Export format -> output folder.
+
+    Raises:
+        LongLoRAConfigError: on a bad config or missing files (before any heavy work where possible).
+        TrainingDivergedError: when the loss, gradients or weights stop being finite.
+    """
+    validate_config(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    created = init_process_group(resolve_device(cfg.get("device", None)), solo_group=True)
+    recipe = None
+    try:
+        recipe = LongLoRARecipeDistributed(cfg)
+        recipe.setup()
+        recipe.train()
+        outputs = recipe.export()
+        if recipe.is_rank_zero:
+            where = {"checkpoint": recipe.last_checkpoint, **outputs, "logs": recipe.output_dir / "logs"}
+            print("LongLoRA training finished. Outputs:", file=sys.stderr)
+            for name, path in where.items():
+                print(f"  {name:>10}: {path}", file=sys.stderr)
+        return outputs
+    finally:
+        if recipe is not None:
+            recipe.cleanup()
+        close_process_group(created)
+
+
+@report_errors
+@config.parse
+def recipe_main(cfg: DictConfig) -> None:
+    """LongLoRA continued pretraining / long-context fine-tuning (see the module docstring)."""
+    run(cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(recipe_main())

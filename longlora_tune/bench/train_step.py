@@ -32,6 +32,8 @@ from torchtune import training
 from torchtune.modules import TransformerSelfAttentionLayer
 from torchtune.modules.loss import CEWithChunkedOutputLoss
 
+from longlora_tune.distributed import resolve_device, resolve_dtype
+from longlora_tune.errors import LongLoRAConfigError
 from longlora_tune.models import longlora_llama2
 from longlora_tune.modules.s2_attention import flash_attn_available
 from longlora_tune.peft import TRAINABLE_EXTRAS_DEFAULT, set_trainable_params
@@ -60,7 +62,8 @@ VARIANTS: dict[str, tuple[bool, tuple[str, ...]]] = {
     "lora": (False, ()),
 }
 
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+#: The precisions a case may name (resolved by longlora_tune.distributed.resolve_dtype, as in the recipe).
+_DTYPES = ("fp32", "bf16", "fp16")
 
 # Dense bf16 tensor-core peaks (TFLOP/s) by device-name substring, most specific first.
 _PEAK_TFLOPS = (
@@ -208,9 +211,11 @@ def run_case(case: Case) -> dict[str, Any]:
     Raises:
         ValueError: If the device, backend or dtype is unavailable here.
     """
-    device = torch.device(case.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but torch.cuda.is_available() is False; use --device cpu")
+    try:
+        device = resolve_device(case.device)
+        dtype = resolve_dtype(case.dtype, device)
+    except LongLoRAConfigError as e:
+        raise ValueError(str(e)) from e
     if case.backend == "flash" and not flash_attn_available():
         raise ValueError("backend 'flash' needs flash-attn and CUDA; it is not importable here")
     if case.backend == "flex" and device.type != "cuda":
@@ -219,7 +224,6 @@ def run_case(case: Case) -> dict[str, Any]:
         torch.set_num_threads(case.threads)
     s2, extras = VARIANTS[case.variant]
     shape = resolve_shape(case.shape, case.layers)
-    dtype = _DTYPES[case.dtype]
     load_before = os.getloadavg()
 
     torch.manual_seed(0)

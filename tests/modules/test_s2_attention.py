@@ -89,7 +89,7 @@ SHAPES = [
 
 
 def test_reference_pattern_matches_listed_segments():
-    # REFERENCE §1, N=16, G=4: shifted half groups [0,2) [2,6) [6,10) [10,14) [14,16).
+    # docs/reference.md (S²-Attn), N=16, G=4: shifted half groups [0,2) [2,6) [6,10) [10,14) [14,16).
     segs = [(0, 2), (2, 6), (6, 10), (10, 14), (14, 16)]
     expected = torch.zeros(16, 16, dtype=torch.bool)
     for a, e in segs:

@@ -6,7 +6,7 @@
 * packed batches reach the model with their document mask and per-document positions: with full
   attention a pack's loss equals the sum of its documents' losses computed one by one, and with S² the
   loss of the later documents does not depend on the first document's tokens;
-* the shipped SFT configs build on the meta device and carry the published settings (REFERENCE §4).
+* the shipped SFT configs build on the meta device and carry the published settings (docs/reference.md).
 """
 
 from __future__ import annotations
@@ -305,7 +305,7 @@ def test_sft_config_instantiates_without_weights(path):
     if path == TINY:
         assert cfg.dtype == "fp32" and cfg.device == "cpu" and length == 256
         return
-    # The published SFT settings (REFERENCE §4).
+    # The published SFT settings (docs/reference.md).
     size = re.search(r"llama2_(\d+)b_", path.stem).group(1)
     assert cfg.hf_repo_id == f"meta-llama/Llama-2-{size}b-chat-hf" and cfg.hf_repo_id in text
     assert "--ignore-patterns" in text

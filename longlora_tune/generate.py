@@ -130,8 +130,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     """
     from torchtune.models.llama2 import llama2_tokenizer
 
-    from longlora_tune.eval.generation import generate
     from longlora_tune.distributed import resolve_device, resolve_dtype
+    from longlora_tune.eval.generation import generate
     from longlora_tune.eval.model_loading import load_eval_model
 
     args = _parser().parse_args(argv)

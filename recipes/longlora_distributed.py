@@ -70,6 +70,7 @@ from longlora_tune.models.longlora import describe
 from longlora_tune.modules.position_interpolation import position_interpolation_factor
 from longlora_tune.modules.s2_attention import describe_backend
 from longlora_tune.peft import set_trainable_params, trainable_param_names
+from longlora_tune.resume import apply_optimizer_settings, compare_with_checkpoint
 
 log = utils.get_logger("INFO")
 
@@ -238,7 +239,16 @@ class LongLoRARecipeDistributed:
                 )
             return path
 
-        return run_on_rank_zero(find)
+        def find_and_compare() -> Optional[Path]:
+            found = find()
+            if found is not None:
+                # Settings that define the run must match the checkpoint's; the others take effect.
+                saved = OmegaConf.load(found / "config.yaml")
+                for change in compare_with_checkpoint(self.cfg, saved, str(found)):
+                    log.info(f"Resume changes {change}")
+            return found
+
+        return run_on_rank_zero(find_and_compare)
 
     def _setup_model(self, resume_dir: Optional[Path]) -> torch.nn.Module:
         cfg = self.cfg
@@ -440,6 +450,7 @@ class LongLoRARecipeDistributed:
         )
         if self.lr_scheduler is not None and state.get("lr_scheduler") is not None:
             self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        apply_optimizer_settings(self.optimizer, self.lr_scheduler, self.cfg.optimizer)
         self.global_step = int(state["global_step"])
         self.epoch = int(state["epoch"])
         self.epoch_position = int(state["epoch_position"])

@@ -591,3 +591,49 @@ def test_rank_zero_failure_stops_every_rank(assets, runs, tmp_path):
     proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=240)
     assert proc.returncode != 0
     assert "rank 0 failed, stopping this rank too" in proc.stderr, proc.stderr[-3000:]
+
+
+# ---------------------------------------------------------------------------------- resume: what may change
+
+
+def _lrs(out: Path) -> dict[int, float]:
+    lrs = {}
+    for f in sorted((out / "logs").glob("*.txt")):
+        for m in re.finditer(r"^Step (\d+) \| .*?lr:(\S+)", f.read_text(), flags=re.M):
+            lrs[int(m.group(1))] = float(m.group(2))
+    return lrs
+
+
+def test_resume_applies_a_changed_learning_rate_and_logs_it(assets, tmp_path, caplog):
+    out = tmp_path / "o"
+    extra = {"save_every_n_steps": 1, "export_formats": "[]", "lr_scheduler.num_warmup_steps": 2}
+    run_recipe(_cfg(assets, out, max_steps=2, **extra))
+    assert _lrs(out)[2] == pytest.approx(3e-3)
+    with caplog.at_level("INFO"):
+        run_recipe(
+            _cfg(assets, out, max_steps=4, resume_from_checkpoint="true", **{"optimizer.lr": 1e-3}, **extra)
+        )
+    err = caplog.text
+    lrs = _lrs(out)
+    assert lrs[3] == pytest.approx(1e-3) and lrs[4] == pytest.approx(1e-3), lrs
+    assert "Resume changes optimizer.lr: 0.003 -> 0.001" in err
+    assert "Resume changes max_steps: 2 -> 4" in err
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"model.max_seq_len": 128, "tokenizer.max_seq_len": 128, "dataset.block_size": 128},
+         "dataset.block_size=128 but .*step_000002 was trained with dataset.block_size=256"),
+        ({"trainable_extras": "[]"},
+         r"trainable_extras=\[\] but .* was trained with trainable_extras=\['embed', 'norm'\]"),
+        ({"model.lora_rank": 4}, "model.lora_rank=4 but .* was trained with model.lora_rank=8"),
+        ({"global_batch_size": 2}, "global_batch_size=2 but .* was trained with global_batch_size=4"),
+    ],
+)  # fmt: skip
+def test_resume_refuses_a_changed_run_defining_setting(assets, tmp_path, override, message):
+    out = tmp_path / "o"
+    run_recipe(_cfg(assets, out, max_steps=2, save_every_n_steps=1, export_formats="[]"))
+    with pytest.raises(RecipeFailed, match=message) as e:
+        run_recipe(_cfg(assets, out, max_steps=3, resume_from_checkpoint="true", **override))
+    assert e.value.code == 2 and "start a new run in another output_dir" in str(e.value)

@@ -38,7 +38,6 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.fsdp import MixedPrecisionPolicy
 from torchtune import config, modules, training, utils
-from torchtune.training.metric_logging import DiskLogger
 from tqdm import tqdm
 
 from longlora_tune import checkpointing, export
@@ -66,6 +65,7 @@ from longlora_tune.distributed import (
 from longlora_tune.errors import LongLoRAConfigError, TrainingDivergedError, report_errors
 from longlora_tune.hf import HFBaseModel
 from longlora_tune.loss import summed_token_loss
+from longlora_tune.metric_logging import build_metric_logger, check_metric_logger
 from longlora_tune.models.longlora import describe
 from longlora_tune.modules.position_interpolation import position_interpolation_factor
 from longlora_tune.modules.s2_attention import describe_backend
@@ -178,10 +178,7 @@ class LongLoRARecipeDistributed:
         training.set_seed(seed=self.seed)
         resume_dir = self._resume_dir()
         if self.is_rank_zero:
-            if cfg.get("metric_logger", None) is None:
-                self.metric_logger = DiskLogger(log_dir=str(self.output_dir / "logs"))
-            else:
-                self.metric_logger = config.instantiate(cfg.metric_logger)
+            self.metric_logger = build_metric_logger(cfg.get("metric_logger", None), self.output_dir / "logs")
         if self.metric_logger is not None:
             self.metric_logger.log_config(cfg)
 
@@ -684,6 +681,7 @@ def run(cfg: DictConfig) -> dict[str, Path]:
         TrainingDivergedError: when the loss, gradients or weights stop being finite.
     """
     validate_config(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    check_metric_logger(cfg.get("metric_logger", None))
     created = init_process_group(resolve_device(cfg.get("device", None)), solo_group=True)
     recipe = None
     try:

@@ -14,6 +14,7 @@ checkpoint and PEFT's ``PeftModel`` for the adapter, both compared with the reci
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -637,3 +638,19 @@ def test_resume_refuses_a_changed_run_defining_setting(assets, tmp_path, overrid
     with pytest.raises(RecipeFailed, match=message) as e:
         run_recipe(_cfg(assets, out, max_steps=3, resume_from_checkpoint="true", **override))
     assert e.value.code == 2 and "start a new run in another output_dir" in str(e.value)
+
+
+def test_missing_tensorboard_is_one_line_with_the_install_command(assets, tmp_path):
+    if importlib.util.find_spec("tensorboard") is not None:
+        pytest.skip("tensorboard is installed here")
+    cfg = _cfg(assets, tmp_path / "o")
+    cfg.metric_logger = OmegaConf.create(
+        {"_component_": "torchtune.training.metric_logging.TensorBoardLogger", "log_dir": str(tmp_path)}
+    )
+    with pytest.raises(RecipeFailed) as e:
+        run_recipe(cfg)
+    assert e.value.code == 2 and "Traceback" not in e.value.stderr
+    assert str(e.value) == (
+        "metric_logger torchtune.training.metric_logging.TensorBoardLogger needs the tensorboard package: "
+        "pip install tensorboard (or use torchtune.training.metric_logging.DiskLogger)"
+    )

@@ -158,3 +158,191 @@ def test_shipped_configs_pass_the_checks_that_need_no_files(tmp_path):
         cfg.output_dir, cfg.checkpoint_dir = str(tmp_path / "o"), str(tmp_path / "no_base")
         with pytest.raises(LongLoRAConfigError, match=r"model config not found: .*no_base/config.json"):
             cc.validate_config(cfg, world_size=2 if path.stem.startswith("tiny") else 8)
+
+
+# ------------------------------------------------------------------------------------------- key schema
+
+
+def _error(cfg, world_size: int = 1) -> str:
+    with pytest.raises(LongLoRAConfigError) as e:
+        cc.validate_config(cfg, world_size=world_size)
+    return str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"max_step": 3}, "unknown config key 'max_step'; did you mean 'max_steps'?"),
+        ({"lr": 1e-4}, "unknown config key 'lr'; did you mean 'optimizer.lr'?"),
+        (
+            {"num_warmup_steps": 3},
+            "unknown config key 'num_warmup_steps'; did you mean 'lr_scheduler.num_warmup_steps'?",
+        ),
+        ({"profiler": 1}, "unknown config key 'profiler'; remove it (the recipe does not read it)"),
+        (
+            {"optimizer.learning_rate": 1e-3},
+            "optimizer.learning_rate is not an argument of torch.optim.AdamW; did you mean 'lr'?",
+        ),
+        (
+            {"optimizer.wd": 0.1},
+            "optimizer.wd is not an argument of torch.optim.AdamW; did you mean 'weight_decay'?",
+        ),
+        (
+            {"model.lora_rnak": 4},
+            "model.lora_rnak is not an argument of longlora_tune.models.longlora_llama2; "
+            "did you mean 'lora_rank'?",
+        ),
+        (
+            {"dataset.block_sise": 256},
+            "dataset.block_sise is not an argument of longlora_tune.data.packed_blocks_dataset; "
+            "did you mean 'block_size'?",
+        ),
+        (
+            {"optimizer.params": "[]"},
+            "optimizer.params is passed by the recipe (the trainable parameters); remove it from the config",
+        ),
+        (
+            {"model._component_": "longlora_tune.models.nope"},
+            "model._component_=longlora_tune.models.nope cannot be imported",
+        ),
+        ({"collate_fn": "longlora_tune.data.nope"}, "collate_fn=longlora_tune.data.nope cannot be imported"),
+        ({"compile": "true"}, "compile=true is not supported by longlora_distributed yet; set compile=false"),
+        ({"output_dir": "${nope}/out"}, "the config does not resolve: "),
+    ],
+)
+def test_unknown_keys_are_refused_with_a_suggestion(assets, tmp_path, extra, message):
+    assert _error(_cfg(assets, tmp_path / "o", **extra)).startswith(message)
+
+
+def test_required_component_arguments_and_open_kwargs(assets, tmp_path):
+    cfg = _cfg(assets, tmp_path / "o")
+    del cfg.lr_scheduler["num_warmup_steps"]
+    assert _error(cfg) == (
+        "lr_scheduler.num_warmup_steps is required by "
+        "longlora_tune.schedulers.get_constant_schedule_with_warmup; set it in the config"
+    )
+    # DiskLogger takes **kwargs; a builder taking **knobs likewise accepts any key.
+    cfg = _cfg(assets, tmp_path / "o", **{"metric_logger.anything": 1, "compile": "false"})
+    assert cc.validate_config(cfg, world_size=1) == 4
+
+
+def test_every_key_the_recipe_reads_is_in_the_schema():
+    from longlora_tune._tune_registry import RECIPES_DIR, discover_recipes
+
+    source = discover_recipes(RECIPES_DIR)["longlora_distributed"].read_text()
+    read = set(re.findall(r'\bcfg\.get\(\s*"(\w+)"', source)) | set(re.findall(r"\bcfg\.(\w+)", source))
+    read -= {"get"}
+    assert {"max_steps", "optimizer", "save_every_n_steps"} <= read  # the scan finds the recipe's reads
+    assert read <= set(cc.RECIPE_KEYS), sorted(read - set(cc.RECIPE_KEYS))
+
+
+def test_suggestions():
+    assert cc.suggest("learning_rate", ["params", "lr", "betas"]) == "lr"
+    assert cc.suggest("wd", ["lr", "weight_decay"]) == "weight_decay"
+    assert cc.suggest("max_step", list(cc.RECIPE_KEYS)) == "max_steps"
+    assert cc.suggest("zzz", list(cc.RECIPE_KEYS)) is None
+
+
+# ------------------------------------------------------------------------------- values: types and ranges
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"log_every_n_steps": 0}, "log_every_n_steps=0 must be a positive integer"),
+        ({"save_every_n_steps": -1}, "save_every_n_steps=-1 must be an integer >= 0 or null"),
+        ({"optimizer.lr": -1e-3}, "optimizer.lr=-0.001 must be a positive number"),
+        ({"optimizer.lr": 0}, "optimizer.lr=0 must be a positive number"),
+        ({"optimizer.lr": "fast"}, "optimizer.lr='fast' must be a positive number"),
+        ({"optimizer.weight_decay": -0.1}, "optimizer.weight_decay=-0.1 must be a number >= 0"),
+        ({"optimizer.betas": "[0.9,1.5]"}, "optimizer.betas=[0.9, 1.5] must be two numbers in [0, 1)"),
+        ({"keep_last_n": 0}, "keep_last_n=0 must be a positive integer or null (null = keep all)"),
+        ({"clip_grad_norm": 0}, "clip_grad_norm=0 must be a positive number or null (null = no clipping)"),
+        ({"clip_grad_norm": -1.0}, "clip_grad_norm=-1.0 must be a positive number or null"),
+        ({"seed": -1}, "seed=-1 must be an integer in [0, 4294967295]"),
+        ({"seed": 2**32}, "seed=4294967296 must be an integer in [0, 4294967295]"),
+        ({"num_workers": -1}, "num_workers=-1 must be an integer >= 0"),
+        ({"batch_size": 0}, "batch_size=0 must be a positive integer"),
+        ({"global_batch_size": 0}, "global_batch_size=0 must be a positive integer"),
+        ({"max_steps": 0}, "max_steps=0 must be >= 1"),
+        ({"max_steps": 2.5}, "max_steps=2.5 must be a positive integer"),
+        ({"lr_scheduler.num_warmup_steps": -1}, "lr_scheduler.num_warmup_steps=-1 must be an integer >= 0"),
+        ({"loss.num_output_chunks": 0}, "loss.num_output_chunks=0 must be a positive integer"),
+        ({"dataset.block_size": 0}, "dataset.block_size=0 must be a positive integer or null"),
+        ({"shuffle": "sometimes"}, "shuffle='sometimes' must be true or false"),
+        ({"dtype": "fp16"}, "dtype=fp16 is not supported (no loss scaling); use bf16 or fp32"),
+        (
+            {"trainable_extras": "[embed,lm_head]"},
+            "trainable_extras=['embed', 'lm_head'] must be a subset of",
+        ),
+        ({"export_formats": "hf"}, "export_formats='hf' must be a list such as ['hf', 'peft', 'adapter']"),
+        ({"resume_from_checkpoint": 1}, "resume_from_checkpoint=1 must be false, true or the path"),
+    ],
+)
+def test_bad_values_are_one_line_errors(assets, tmp_path, extra, message):
+    assert _error(_cfg(assets, tmp_path / "o", **extra)).startswith(message)
+
+
+def test_values_at_the_edge_of_their_range_are_accepted(assets, tmp_path):
+    extra = {
+        "save_every_n_steps": 0,
+        "keep_last_n": "null",
+        "clip_grad_norm": "null",
+        "seed": 2**32 - 1,
+        "lr_scheduler.num_warmup_steps": 0,
+        "optimizer.weight_decay": 0.0,
+        "trainable_extras": "[]",
+        "export_formats": "[]",
+        "resume_from_checkpoint": "null",
+    }
+    assert cc.validate_config(_cfg(assets, tmp_path / "o", **extra), world_size=1) == 4
+    # torchtune seeds rank r with seed + r, which must stay a uint32.
+    assert _error(_cfg(assets, tmp_path / "o", **extra), world_size=2).startswith("seed=4294967295 must be")
+
+
+# --------------------------------------------------------------- global_batch_size or gradient_accumulation
+
+
+def test_gradient_accumulation_steps_can_replace_global_batch_size(assets, tmp_path):
+    torchtune_style = {"global_batch_size": "null", "gradient_accumulation_steps": 3, "batch_size": 2}
+    cfg = _cfg(assets, tmp_path / "o", **torchtune_style)
+    assert cc.batch_settings(cfg, world_size=2) == (12, 3)
+    assert cc.validate_config(cfg, world_size=2) == 3
+    # Both set: fine when they agree ...
+    assert cc.batch_settings(_cfg(assets, tmp_path / "o", gradient_accumulation_steps=2), 2) == (4, 2)
+    assert cc.batch_settings(_cfg(assets, tmp_path / "o"), 2) == (4, 2)
+    # ... an error when they do not.
+    with pytest.raises(LongLoRAConfigError) as e:
+        cc.batch_settings(_cfg(assets, tmp_path / "o", gradient_accumulation_steps=3), 2)
+    assert str(e.value) == (
+        "gradient_accumulation_steps=3 disagrees with global_batch_size=4 = batch_size=1 x world_size=2 x 2; "
+        "set one of them to null"
+    )
+    with pytest.raises(
+        LongLoRAConfigError, match="neither global_batch_size nor gradient_accumulation_steps"
+    ):
+        cc.batch_settings(_cfg(assets, tmp_path / "o", global_batch_size="null"), 2)
+    with pytest.raises(LongLoRAConfigError, match="gradient_accumulation_steps=0 must be a positive integer"):
+        cc.batch_settings(
+            _cfg(assets, tmp_path / "o", global_batch_size="null", gradient_accumulation_steps=0), 2
+        )
+
+
+# ------------------------------------------------------------------------ one message per node under torchrun
+
+
+def test_only_local_rank_zero_reports_a_config_error(assets, tmp_path, monkeypatch, capsys):
+    cfg = _cfg(assets, tmp_path / "o", max_step=3)
+    monkeypatch.setattr(cc, "_QUIET_RANK_GRACE_S", 0.0)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(SystemExit) as e:
+        cc.validate_config_in_worker(cfg, world_size=2)
+    assert e.value.code == 2
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.raises(LongLoRAConfigError, match="unknown config key 'max_step'"):
+        cc.validate_config_in_worker(cfg, world_size=2)
+    monkeypatch.delenv("LOCAL_RANK")
+    with pytest.raises(LongLoRAConfigError, match="unknown config key 'max_step'"):
+        cc.validate_config_in_worker(cfg, world_size=2)
+    assert cc.validate_config_in_worker(_cfg(assets, tmp_path / "o"), world_size=2) == 2

@@ -32,6 +32,9 @@ Discovery rules (files are found by scanning the installed package, nothing is l
 Names that already belong to torchtune (recipe or config) are skipped with a warning, never shadowed.
 Configs are only listed under a recipe that exists in the package (torchtune has no place for orphan
 configs); such a config still runs by path.
+
+:func:`register` also installs :func:`install_preflight`: ``tune run --nproc_per_node N`` with one of our
+recipes checks the config once in the launcher (:mod:`longlora_tune.preflight`) before torchrun starts.
 """
 
 from __future__ import annotations
@@ -185,4 +188,47 @@ def register(
             )
         )
         added.append(name)
+    install_preflight()
     return added
+
+
+def install_preflight() -> bool:
+    """Make ``tune run`` check our recipes' configs once before torchrun starts the workers (idempotent).
+
+    torchtune 0.6.1 offers no hook between resolving a recipe and launching torchrun, so this wraps the
+    private ``torchtune._cli.run.Run._run_distributed(self, args, is_builtin)`` -- the one place of
+    private-API use for it. The wrapper only acts when ``args.recipe`` is one of this package's recipe
+    files; everything else (torchtune's recipes, single-process runs) goes through unchanged.
+
+    Returns:
+        Whether the wrapper is in place (False when ``torchtune._cli.run`` is missing, or is itself being
+        imported right now, i.e. it imported the registry first; the workers then still validate).
+    """
+    import argparse
+    import functools
+    import sys
+    from typing import Any
+
+    if "torchtune._cli.run" in sys.modules and not hasattr(sys.modules["torchtune._cli.run"], "Run"):
+        return False  # partly imported: importing it again here would not give the class
+    try:
+        from torchtune._cli.run import Run
+    except ImportError:
+        return False
+    original = Run._run_distributed
+    if getattr(original, "_longlora_preflight", False):
+        return True
+
+    @functools.wraps(original)
+    def _run_distributed(self: Run, args: argparse.Namespace, is_builtin: bool) -> Any:
+        ours = {str(path): name for name, path in discover_recipes(RECIPES_DIR).items()}
+        name = ours.get(str(Path(args.recipe).resolve())) if is_builtin else None
+        if name is not None:
+            from longlora_tune.preflight import check_before_launch
+
+            check_before_launch(name, args.recipe_args, args.nproc_per_node, args.nnodes)
+        return original(self, args, is_builtin)
+
+    _run_distributed._longlora_preflight = True  # type: ignore[attr-defined]
+    Run._run_distributed = _run_distributed
+    return True

@@ -346,3 +346,175 @@ def test_only_local_rank_zero_reports_a_config_error(assets, tmp_path, monkeypat
     with pytest.raises(LongLoRAConfigError, match="unknown config key 'max_step'"):
         cc.validate_config_in_worker(cfg, world_size=2)
     assert cc.validate_config_in_worker(_cfg(assets, tmp_path / "o"), world_size=2) == 2
+
+
+# ------------------------------------------------------------------ pre-flight in the `tune run` launcher
+
+
+def _launcher_args(assets: dict[str, Path], out: Path, *extra: str) -> list[str]:
+    return [
+        "--config",
+        "tiny_demo",
+        f"checkpoint_dir={assets['base']}",
+        f"dataset.data_files={assets['corpus']}",
+        f"dataset.cache_dir={assets['cache']}",
+        f"output_dir={out}",
+        *extra,
+    ]
+
+
+def test_torchrun_world_size():
+    from longlora_tune.preflight import torchrun_world_size
+
+    assert torchrun_world_size("2", "1") == 2
+    assert torchrun_world_size(8, "2") == 16
+    assert torchrun_world_size("2", "1:2") is None  # elastic: not known before launch
+    assert torchrun_world_size("lots", "1") is None  # torchrun reports that itself
+
+
+def test_preflight_parses_the_config_as_the_workers_do(assets, tmp_path, monkeypatch):
+    from longlora_tune.preflight import load_config, preflight
+
+    argv = ["tune", "run"]
+    monkeypatch.setattr("sys.argv", argv)
+    args = [
+        "--config",
+        str(TINY),
+        "max_steps=3",
+        "~keep_last_n",
+        "model=longlora_tune.models.longlora_llama2_7b",
+    ]
+    cfg = load_config(args)
+    assert cfg.max_steps == 3 and "keep_last_n" not in cfg
+    assert cfg.model._component_ == "longlora_tune.models.longlora_llama2_7b"  # torchtune's section=path form
+    assert __import__("sys").argv is argv
+    with pytest.raises(LongLoRAConfigError, match="cannot read the config .*key=value, got max_steps"):
+        load_config(["--config", str(TINY), "max_steps"])
+    with pytest.raises(LongLoRAConfigError, match="cannot read the config .*nope.yaml"):
+        load_config(["--config", str(tmp_path / "nope.yaml")])
+
+    # The recipe's --config is already a path when tune run hands it over.
+    good = ["--config", str(TINY), *_launcher_args(assets, tmp_path / "o")[2:]]
+    assert preflight("longlora_distributed", good, world_size=2) is True
+    with pytest.raises(
+        LongLoRAConfigError, match="global_batch_size=4 is not divisible by batch_size=1 x world"
+    ):
+        preflight("longlora_distributed", good, world_size=3)
+    assert preflight("longlora_distributed", [*good, "max_step=3"], world_size=None) is False
+    assert preflight("longlora_eval_passkey", [*good, "max_step=3"], world_size=2) is False
+
+
+@pytest.mark.filterwarnings(
+    "ignore:Unable to enable fault handler"
+)  # torchrun's @record under pytest capture
+def test_tune_run_launcher_checks_our_recipes_before_torchrun(assets, tmp_path, monkeypatch, capsys):
+    import argparse
+
+    import torchtune
+    from torchtune._cli import run as tune_run
+
+    from longlora_tune import _tune_registry
+
+    assert _tune_registry.install_preflight() is True
+    assert _tune_registry.install_preflight() is True  # idempotent: wrapped once
+    assert getattr(tune_run.Run._run_distributed, "_longlora_preflight", False)
+    launched = []
+    monkeypatch.setattr(tune_run, "run", launched.append)  # what _run_distributed calls to start torchrun
+    runner = tune_run.Run(argparse.ArgumentParser().add_subparsers())
+    ours = str(_tune_registry.discover_recipes(_tune_registry.RECIPES_DIR)["longlora_distributed"])
+    recipe_args = ["--config", str(TINY), *_launcher_args(assets, tmp_path / "o")[2:]]
+
+    def launch(recipe: str, *extra: str, is_builtin: bool = True) -> None:
+        args = argparse.Namespace(
+            recipe=recipe,
+            recipe_args=[*recipe_args, *extra],
+            nproc_per_node="2",
+            nnodes="1",
+            rdzv_endpoint="",
+        )
+        runner._run_distributed(args, is_builtin=is_builtin)
+
+    with pytest.raises(SystemExit) as e:
+        launch(ours, "max_step=3")
+    assert e.value.code == 2 and not launched
+    assert (
+        capsys.readouterr().err
+        == "longlora_tune: error: unknown config key 'max_step'; did you mean 'max_steps'?\n"
+    )
+    launch(ours)
+    assert len(launched) == 1 and launched[0].nproc_per_node == "2"
+    # torchtune's own recipes, and recipes given as a module path, launch unchecked.
+    builtin = str(Path(torchtune.__file__).parents[1] / "recipes" / "lora_finetune_distributed.py")
+    launch(builtin, "max_step=3")
+    launch("longlora_tune.recipes.longlora_distributed", "max_step=3", is_builtin=False)
+    assert len(launched) == 3
+
+
+def _tune_env() -> dict[str, str]:
+    import os
+
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return env
+
+
+#: The `tune` console script (torchtune's entry point) with the registry hook installed even when the package
+#: is not pip-installed (then the .pth file that normally imports the hook is absent).
+_TUNE = "import sys, _longlora_tune_hook; from torchtune._cli.tune import main; sys.exit(main())"
+
+
+@pytest.mark.slow
+def test_tune_run_distributed_reports_a_config_error_once(assets, tmp_path):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-c", _TUNE, "run", "--nproc_per_node", "2", "longlora_distributed"]
+    cmd += _launcher_args(assets, tmp_path / "o", "max_step=3")
+    proc = subprocess.run(cmd, cwd=tmp_path, env=_tune_env(), capture_output=True, text=True, timeout=300)
+    message = "longlora_tune: error: unknown config key 'max_step'; did you mean 'max_steps'?"
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert lines[0] == message, proc.stderr[-3000:]
+    assert proc.stderr.count(message) == 1 and "Traceback" not in proc.stderr
+    assert "Running with torchrun" not in proc.stdout  # stopped before torchrun started any worker
+    assert not (tmp_path / "o").exists()
+
+
+_WORKER = """
+import sys
+from omegaconf import OmegaConf
+from longlora_tune import config_checks
+from longlora_tune.errors import report_errors
+
+@report_errors
+def main():
+    cfg = OmegaConf.load(sys.argv[1])
+    cfg.merge_with_dotlist(sys.argv[2:])
+    config_checks.validate_config_in_worker(cfg, 2)
+
+main()
+"""
+
+
+@pytest.mark.slow
+def test_torchrun_workers_print_a_config_error_once(assets, tmp_path):
+    """Without the launcher pre-flight (plain torchrun), only local rank 0 prints the error."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "worker.py"
+    script.write_text(_WORKER)
+    overrides = _launcher_args(assets, tmp_path / "o", "max_step=3")[2:]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    proc = subprocess.run(
+        [*cmd, str(TINY), *overrides],
+        cwd=tmp_path,
+        env=_tune_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode != 0
+    message = "longlora_tune: error: unknown config key 'max_step'; did you mean 'max_steps'?"
+    assert proc.stderr.count(message) == 1, proc.stderr[-3000:]

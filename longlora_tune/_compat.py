@@ -95,3 +95,43 @@ def registered_recipe_names() -> set[str]:
     except ImportError:
         return set()
     return {r.name for r in get_all_recipes()}
+
+
+def wrap_distributed_launch(before_launch: Callable[[str, list[str], Any, Any], None]) -> bool:
+    """Call ``before_launch(recipe, recipe_args, nproc_per_node, nnodes)`` in the ``tune run`` launcher,
+    right before it starts torchrun for a registered recipe (idempotent).
+
+    Why private: torchtune 0.6.1 offers no hook between resolving a recipe and launching torchrun; wrapping
+    ``torchtune._cli.run.Run._run_distributed(self, args, is_builtin)`` is the only place to check a config
+    once instead of once per worker.
+
+    Args:
+        before_launch: raises/exits to stop the launch; returns to let it go on.
+
+    Returns:
+        Whether the wrapper is in place (False when ``torchtune._cli.run`` is missing, or is itself being
+        imported right now, i.e. it imported the registry first).
+    """
+    import functools
+    import sys
+
+    if "torchtune._cli.run" in sys.modules and not hasattr(sys.modules["torchtune._cli.run"], "Run"):
+        return False  # partly imported: importing it again here would not give the class
+    try:
+        from torchtune._cli.run import Run
+    except ImportError:
+        return False
+    original = Run._run_distributed
+    if getattr(original, "_longlora_preflight", False):
+        return True
+
+    @functools.wraps(original)
+    def _run_distributed(self: Any, args: Any, is_builtin: bool) -> Any:
+        # is_builtin: the recipe came from the registry (ours are registered with absolute paths).
+        if is_builtin:
+            before_launch(str(args.recipe), list(args.recipe_args), args.nproc_per_node, args.nnodes)
+        return original(self, args, is_builtin)
+
+    _run_distributed._longlora_preflight = True  # type: ignore[attr-defined]
+    Run._run_distributed = _run_distributed
+    return True

@@ -33,6 +33,9 @@ Discovery rules (files are found by scanning the installed package, nothing is l
 Names that already belong to torchtune (recipe or config) are skipped with a warning, never shadowed.
 Configs are only listed under a recipe that exists in the package (torchtune has no place for orphan
 configs); such a config still runs by path.
+
+:func:`register` also installs :func:`install_preflight`: ``tune run --nproc_per_node N`` with one of our
+recipes checks the config once in the launcher (:mod:`longlora_tune.preflight`) before torchrun starts.
 """
 
 from __future__ import annotations
@@ -41,9 +44,10 @@ import re
 import warnings
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 from longlora_tune import resources
-from longlora_tune._compat import recipe_list
+from longlora_tune._compat import recipe_list, wrap_distributed_launch
 
 DEFAULT_RECIPE = "longlora_distributed"
 
@@ -187,4 +191,27 @@ def register(
             )
         )
         added.append(name)
+    install_preflight()
     return added
+
+
+def install_preflight() -> bool:
+    """Make ``tune run`` check our recipes' configs once before torchrun starts the workers (idempotent).
+
+    Only our recipe files are checked (:func:`longlora_tune.preflight.check_before_launch`); torchtune's
+    recipes and single-process runs go through unchanged.
+
+    Returns:
+        Whether the check is in place (False when torchtune's run command cannot be wrapped; the workers
+        then still validate).
+    """
+
+    def before_launch(recipe: str, recipe_args: list[str], nproc_per_node: Any, nnodes: Any) -> None:
+        ours = {str(path): name for name, path in discover_recipes(resources.recipes_dir()).items()}
+        name = ours.get(str(Path(recipe).resolve()))
+        if name is not None:
+            from longlora_tune.preflight import check_before_launch
+
+            check_before_launch(name, recipe_args, nproc_per_node, nnodes)
+
+    return wrap_distributed_launch(before_launch)

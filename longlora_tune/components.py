@@ -10,22 +10,30 @@ from longlora_tune.errors import LongLoRAConfigError
 __all__ = ["import_object"]
 
 
-def import_object(path: str) -> Any:
-    """The object a dotted path names, e.g. ``longlora_tune.data.padded_collate_s2``.
+def import_object(path: Any, where: str = "component") -> Any:
+    """Import the object a ``_component_`` names (``package.module.attribute``, as torchtune resolves it).
 
     Args:
-        path: ``package.module.attribute``.
+        path: the dotted path.
+        where: the config key, for the message (``model._component_``).
 
     Returns:
-        The attribute.
+        The object.
 
     Raises:
-        LongLoRAConfigError: if the module or attribute does not exist (one line naming the path).
+        LongLoRAConfigError: if the path is not a string or cannot be imported.
     """
-    module, _, attr = str(path).rpartition(".")
-    if not module:
-        raise LongLoRAConfigError(f"cannot import {path!r}: give a dotted path such as package.module.name")
+    if not isinstance(path, str) or not path or any(not part for part in path.split(".")):
+        raise LongLoRAConfigError(f"{where}={path!r} must be a dotted path such as torch.optim.AdamW")
+    parts = path.split(".")
     try:
-        return getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as e:
-        raise LongLoRAConfigError(f"cannot import {path}: {e}") from e
+        obj = importlib.import_module(parts[0])
+        for i, part in enumerate(parts[1:], start=1):
+            if hasattr(obj, part):
+                obj = getattr(obj, part)
+            else:
+                # Not an attribute (yet): a submodule that its package does not import itself.
+                obj = importlib.import_module(".".join(parts[: i + 1]))
+    except ImportError as e:
+        raise LongLoRAConfigError(f"{where}={path} cannot be imported ({e}); check the dotted path") from e
+    return obj

@@ -45,11 +45,11 @@ from longlora_tune.components import import_object
 from longlora_tune.config_checks import (
     DEFAULT_REPO_HINT,
     EXPORT_FORMATS,
+    batch_settings,
     check_dataset_size,
     check_training_length,
-    gradient_accumulation_steps,
     training_length,
-    validate_config,
+    validate_config_in_worker,
 )
 from longlora_tune.data.loader import DEFAULT_COLLATE, build_dataloader, pad_multiple
 from longlora_tune.distributed import (
@@ -144,18 +144,13 @@ class LongLoRARecipeDistributed:
         self.is_rank_zero = self.rank == 0
         self.device = resolve_device(cfg.get("device", None))
         self.dtype = resolve_dtype(cfg.get("dtype", "bf16"), self.device)
-        if self.dtype == torch.float16:
-            raise LongLoRAConfigError("dtype=fp16 is not supported (no loss scaling); use bf16 or fp32")
         self.output_dir = Path(cfg.output_dir).expanduser()
         self.checkpoints_dir = self.output_dir / "checkpoints"
         self.seed = int(cfg.get("seed", 0))
         # With ``epochs`` instead, set from the dataset's size in ``_setup_data``.
         self.max_steps = int(cfg.max_steps) if cfg.get("max_steps", None) is not None else 0
         self.batch_size = int(cfg.batch_size)
-        self.global_batch_size = int(cfg.global_batch_size)
-        self.grad_accum = gradient_accumulation_steps(
-            self.global_batch_size, self.batch_size, self.world_size
-        )
+        self.global_batch_size, self.grad_accum = batch_settings(cfg, self.world_size)
         self.clip_grad_norm = cfg.get("clip_grad_norm", None)
         self.save_every_n_steps = int(cfg.get("save_every_n_steps", 0) or 0)
         self.keep_last_n = cfg.get("keep_last_n", None)
@@ -680,7 +675,7 @@ def run(cfg: DictConfig) -> dict[str, Path]:
         LongLoRAConfigError: on a bad config or missing files (before any heavy work where possible).
         TrainingDivergedError: when the loss, gradients or weights stop being finite.
     """
-    validate_config(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    validate_config_in_worker(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     check_metric_logger(cfg.get("metric_logger", None))
     created = init_process_group(resolve_device(cfg.get("device", None)), solo_group=True)
     recipe = None

@@ -1,0 +1,520 @@
+"""Up-front config validation of the training recipe (longlora_tune/config_checks.py).
+
+Everything here runs without a process group or a model: the checks read the config, the tiny base model's
+folder and whether CUDA exists.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from longlora_tune import config_checks as cc
+from longlora_tune import resources, tiny
+from longlora_tune.errors import LongLoRAConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = resources.configs_dir()
+TINY = CONFIGS / "tiny_demo.yaml"
+TINY_SFT = CONFIGS / "tiny_longalpaca.yaml"
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("assets")
+    base = tiny.make_hf_checkpoint(root / "base")
+    corpus = tiny.make_text_corpus(root / "corpus.jsonl", n_docs=4)
+    return {"root": root, "base": base, "corpus": corpus, "cache": root / "cache"}
+
+
+def _cfg(assets: dict[str, Path], out: Path, config: Path = TINY, **extra: object):
+    """A shipped tiny config pointed at the test's base model, with ``key=value`` overrides."""
+    values = {"checkpoint_dir": assets["base"], "output_dir": out, **extra}
+    if config == TINY:
+        values = {"dataset.data_files": assets["corpus"], "dataset.cache_dir": assets["cache"], **values}
+    cfg = OmegaConf.load(config)
+    cfg.merge_with_dotlist([f"{k}={v}" for k, v in values.items()])
+    return cfg
+
+
+# ----------------------------------------------------------------------------- moved from the recipe tests
+
+
+def test_training_length_must_fit_model_and_group():
+    with pytest.raises(LongLoRAConfigError, match="exceeds model.max_seq_len=256"):
+        cc.check_training_length(512, 256, 64)
+    with pytest.raises(
+        LongLoRAConfigError, match="training length 200 is not divisible by the S2 group size 64"
+    ):
+        cc.check_training_length(200, 256, 64)
+    cc.check_training_length(256, 256, None)  # full attention: any length up to max_seq_len
+
+
+def test_missing_tokenizer_is_reported(assets, tmp_path):
+    cfg = _cfg(assets, tmp_path / "o", **{"tokenizer.path": tmp_path / "none.model"})
+    with pytest.raises(LongLoRAConfigError, match=r"tokenizer not found: .*none.model.*tune download"):
+        cc.validate_config(cfg, world_size=1)
+
+
+def test_missing_base_model_names_path_and_download_command(assets, tmp_path):
+    missing = tmp_path / "Llama-2-7b-hf"
+    cfg = _cfg(assets, tmp_path / "o", checkpoint_dir=missing)
+    with pytest.raises(LongLoRAConfigError) as e:
+        cc.validate_config(cfg, world_size=1)
+    assert str(e.value) == (
+        f"model config not found: {missing}/config.json; download the base model with: "
+        f'tune download meta-llama/Llama-2-7b-hf --output-dir {missing} --ignore-patterns "*.pth"'
+    )
+
+
+def test_output_dir_inside_checkpoint_dir_is_refused(assets):
+    cfg = _cfg(assets, assets["base"] / "out")
+    with pytest.raises(LongLoRAConfigError, match="is inside checkpoint_dir"):
+        cc.validate_config(cfg, world_size=1)
+
+
+def test_flex_backend_is_refused_for_cpu_training(assets, tmp_path):
+    cfg = _cfg(assets, tmp_path / "o")
+    cfg.device = "cpu"
+    cfg.model.s2_backend = "flex"
+    with pytest.raises(LongLoRAConfigError, match="s2_backend=flex cannot train on CPU"):
+        cc.validate_config(cfg, world_size=1)
+    cfg.model.s2_backend = "sdpa"
+    cc.validate_config(cfg, world_size=1)
+
+
+def test_world_size_must_divide_global_batch(assets, tmp_path):
+    cfg = _cfg(assets, tmp_path / "o")
+    assert cc.validate_config(cfg, world_size=2) == 2
+    with pytest.raises(
+        LongLoRAConfigError, match="global_batch_size=4 is not divisible by batch_size=1 x world_size=3"
+    ):
+        cc.validate_config(cfg, world_size=3)
+
+
+def test_gradient_accumulation_steps_from_global_batch():
+    assert cc.gradient_accumulation_steps(64, 1, 8) == 8
+    assert cc.gradient_accumulation_steps(64, 2, 8) == 4
+    with pytest.raises(LongLoRAConfigError, match="batch_size=0 must be a positive integer"):
+        cc.gradient_accumulation_steps(64, 0, 8)
+
+
+def test_dataset_size_must_fill_a_step():
+    with pytest.raises(LongLoRAConfigError, match="no full block of 256 tokens"):
+        cc.check_dataset_size(0, 256, 64, 8)
+    with pytest.raises(LongLoRAConfigError, match="yields 40 blocks .* global_batch_size=64"):
+        cc.check_dataset_size(40, 256, 64, 8)
+    assert cc.check_dataset_size(130, 256, 64, 8) == 2
+
+
+def test_training_length_is_the_first_length_set():
+    cfg = OmegaConf.create(
+        {"dataset": {"block_size": 128, "max_seq_len": 64}, "tokenizer": {"max_seq_len": 32}}
+    )
+    assert cc.training_length(cfg) == 128
+    cfg.dataset.block_size = None
+    assert cc.training_length(cfg) == 64
+    cfg.dataset.max_seq_len = None
+    assert cc.training_length(cfg) == 32
+    cfg.tokenizer.max_seq_len = None
+    assert cc.training_length(cfg) is None
+
+
+# --------------------------------------------------------------------- SFT settings (tiny_longalpaca.yaml)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"dataset.packed": "true", "model.s2_backend": "flash"}, "dataset.packed=true needs an S2 backend"),
+        ({"model.s2_wrap_around": "true"}, "s2_wrap_around=true lets the first tokens attend the padding"),
+        ({"pad_to_multiple_of": 0}, "pad_to_multiple_of=0 must be a positive integer or null"),
+        ({"epochs": 2}, "set exactly one of max_steps and epochs"),
+        ({"max_steps": "null"}, "set exactly one of max_steps and epochs"),
+        ({"epochs": 0, "max_steps": "null"}, "epochs=0 must be >= 1"),
+    ],
+)
+def test_bad_sft_settings_are_refused(assets, tmp_path, extra, message):
+    with pytest.raises(LongLoRAConfigError, match=re.escape(message)):
+        cc.validate_config(_cfg(assets, tmp_path / "o", TINY_SFT, **extra), world_size=1)
+
+
+def test_packing_with_full_attention_or_wrap_around_is_accepted(assets, tmp_path):
+    for extra in (
+        {"dataset.packed": "true", "model.s2_wrap_around": "true"},
+        {"dataset.packed": "true", "model.s2_backend": "flash", "model.use_full_attn": "true"},
+    ):
+        assert cc.validate_config(_cfg(assets, tmp_path / "o", TINY_SFT, **extra), world_size=1) == 2
+        cc.check_sft_batching(_cfg(assets, tmp_path / "o", TINY_SFT, **extra))
+
+
+def test_shipped_configs_pass_the_checks_that_need_no_files(tmp_path):
+    """Every shipped training config gets past everything but the base-model files it names."""
+    for path in sorted(CONFIGS.glob("*.yaml")):
+        cfg = OmegaConf.load(path)
+        cfg.output_dir, cfg.checkpoint_dir = str(tmp_path / "o"), str(tmp_path / "no_base")
+        with pytest.raises(LongLoRAConfigError, match=r"model config not found: .*no_base/config.json"):
+            cc.validate_config(cfg, world_size=2 if path.stem.startswith("tiny") else 8)
+
+
+# ------------------------------------------------------------------------------------------- key schema
+
+
+def _error(cfg, world_size: int = 1) -> str:
+    with pytest.raises(LongLoRAConfigError) as e:
+        cc.validate_config(cfg, world_size=world_size)
+    return str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"max_step": 3}, "unknown config key 'max_step'; did you mean 'max_steps'?"),
+        ({"lr": 1e-4}, "unknown config key 'lr'; did you mean 'optimizer.lr'?"),
+        (
+            {"num_warmup_steps": 3},
+            "unknown config key 'num_warmup_steps'; did you mean 'lr_scheduler.num_warmup_steps'?",
+        ),
+        ({"profiler": 1}, "unknown config key 'profiler'; remove it (the recipe does not read it)"),
+        (
+            {"optimizer.learning_rate": 1e-3},
+            "optimizer.learning_rate is not an argument of torch.optim.AdamW; did you mean 'lr'?",
+        ),
+        (
+            {"optimizer.wd": 0.1},
+            "optimizer.wd is not an argument of torch.optim.AdamW; did you mean 'weight_decay'?",
+        ),
+        (
+            {"model.lora_rnak": 4},
+            "model.lora_rnak is not an argument of longlora_tune.models.longlora_llama2; "
+            "did you mean 'lora_rank'?",
+        ),
+        (
+            {"dataset.block_sise": 256},
+            "dataset.block_sise is not an argument of longlora_tune.data.packed_blocks_dataset; "
+            "did you mean 'block_size'?",
+        ),
+        (
+            {"optimizer.params": "[]"},
+            "optimizer.params is passed by the recipe (the trainable parameters); remove it from the config",
+        ),
+        (
+            {"model._component_": "longlora_tune.models.nope"},
+            "model._component_=longlora_tune.models.nope cannot be imported",
+        ),
+        ({"collate_fn": "longlora_tune.data.nope"}, "collate_fn=longlora_tune.data.nope cannot be imported"),
+        ({"compile": "true"}, "compile=true is not supported by longlora_distributed yet; set compile=false"),
+        ({"output_dir": "${nope}/out"}, "the config does not resolve: "),
+    ],
+)
+def test_unknown_keys_are_refused_with_a_suggestion(assets, tmp_path, extra, message):
+    assert _error(_cfg(assets, tmp_path / "o", **extra)).startswith(message)
+
+
+def test_required_component_arguments_and_open_kwargs(assets, tmp_path):
+    cfg = _cfg(assets, tmp_path / "o")
+    del cfg.lr_scheduler["num_warmup_steps"]
+    assert _error(cfg) == (
+        "lr_scheduler.num_warmup_steps is required by "
+        "longlora_tune.schedulers.get_constant_schedule_with_warmup; set it in the config"
+    )
+    # DiskLogger takes **kwargs; a builder taking **knobs likewise accepts any key.
+    cfg = _cfg(assets, tmp_path / "o", **{"metric_logger.anything": 1, "compile": "false"})
+    assert cc.validate_config(cfg, world_size=1) == 4
+
+
+def test_every_key_the_recipe_reads_is_in_the_schema():
+    from longlora_tune import resources
+
+    source = resources.recipe_path("longlora_distributed").read_text()
+    read = set(re.findall(r'\bcfg\.get\(\s*"(\w+)"', source)) | set(re.findall(r"\bcfg\.(\w+)", source))
+    read -= {"get"}
+    assert {"max_steps", "optimizer", "save_every_n_steps"} <= read  # the scan finds the recipe's reads
+    assert read <= set(cc.RECIPE_KEYS), sorted(read - set(cc.RECIPE_KEYS))
+
+
+def test_suggestions():
+    assert cc.suggest("learning_rate", ["params", "lr", "betas"]) == "lr"
+    assert cc.suggest("wd", ["lr", "weight_decay"]) == "weight_decay"
+    assert cc.suggest("max_step", list(cc.RECIPE_KEYS)) == "max_steps"
+    assert cc.suggest("zzz", list(cc.RECIPE_KEYS)) is None
+
+
+# ------------------------------------------------------------------------------- values: types and ranges
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"log_every_n_steps": 0}, "log_every_n_steps=0 must be a positive integer"),
+        ({"save_every_n_steps": -1}, "save_every_n_steps=-1 must be an integer >= 0 or null"),
+        ({"optimizer.lr": -1e-3}, "optimizer.lr=-0.001 must be a positive number"),
+        ({"optimizer.lr": 0}, "optimizer.lr=0 must be a positive number"),
+        ({"optimizer.lr": "fast"}, "optimizer.lr='fast' must be a positive number"),
+        ({"optimizer.weight_decay": -0.1}, "optimizer.weight_decay=-0.1 must be a number >= 0"),
+        ({"optimizer.betas": "[0.9,1.5]"}, "optimizer.betas=[0.9, 1.5] must be two numbers in [0, 1)"),
+        ({"keep_last_n": 0}, "keep_last_n=0 must be a positive integer or null (null = keep all)"),
+        ({"clip_grad_norm": 0}, "clip_grad_norm=0 must be a positive number or null (null = no clipping)"),
+        ({"clip_grad_norm": -1.0}, "clip_grad_norm=-1.0 must be a positive number or null"),
+        ({"seed": -1}, "seed=-1 must be an integer in [0, 4294967295]"),
+        ({"seed": 2**32}, "seed=4294967296 must be an integer in [0, 4294967295]"),
+        ({"num_workers": -1}, "num_workers=-1 must be an integer >= 0"),
+        ({"batch_size": 0}, "batch_size=0 must be a positive integer"),
+        ({"global_batch_size": 0}, "global_batch_size=0 must be a positive integer"),
+        ({"max_steps": 0}, "max_steps=0 must be >= 1"),
+        ({"max_steps": 2.5}, "max_steps=2.5 must be a positive integer"),
+        ({"lr_scheduler.num_warmup_steps": -1}, "lr_scheduler.num_warmup_steps=-1 must be an integer >= 0"),
+        ({"loss.num_output_chunks": 0}, "loss.num_output_chunks=0 must be a positive integer"),
+        ({"dataset.block_size": 0}, "dataset.block_size=0 must be a positive integer or null"),
+        ({"shuffle": "sometimes"}, "shuffle='sometimes' must be true or false"),
+        ({"dtype": "fp16"}, "dtype=fp16 is not supported (no loss scaling); use bf16 or fp32"),
+        (
+            {"trainable_extras": "[embed,lm_head]"},
+            "trainable_extras=['embed', 'lm_head'] must be a subset of",
+        ),
+        ({"export_formats": "hf"}, "export_formats='hf' must be a list such as ['hf', 'peft', 'adapter']"),
+        ({"resume_from_checkpoint": 1}, "resume_from_checkpoint=1 must be false, true or the path"),
+    ],
+)
+def test_bad_values_are_one_line_errors(assets, tmp_path, extra, message):
+    assert _error(_cfg(assets, tmp_path / "o", **extra)).startswith(message)
+
+
+def test_values_at_the_edge_of_their_range_are_accepted(assets, tmp_path):
+    extra = {
+        "save_every_n_steps": 0,
+        "keep_last_n": "null",
+        "clip_grad_norm": "null",
+        "seed": 2**32 - 1,
+        "lr_scheduler.num_warmup_steps": 0,
+        "optimizer.weight_decay": 0.0,
+        "trainable_extras": "[]",
+        "export_formats": "[]",
+        "resume_from_checkpoint": "null",
+    }
+    assert cc.validate_config(_cfg(assets, tmp_path / "o", **extra), world_size=1) == 4
+    # torchtune seeds rank r with seed + r, which must stay a uint32.
+    assert _error(_cfg(assets, tmp_path / "o", **extra), world_size=2).startswith("seed=4294967295 must be")
+
+
+# --------------------------------------------------------------- global_batch_size or gradient_accumulation
+
+
+def test_gradient_accumulation_steps_can_replace_global_batch_size(assets, tmp_path):
+    torchtune_style = {"global_batch_size": "null", "gradient_accumulation_steps": 3, "batch_size": 2}
+    cfg = _cfg(assets, tmp_path / "o", **torchtune_style)
+    assert cc.batch_settings(cfg, world_size=2) == (12, 3)
+    assert cc.validate_config(cfg, world_size=2) == 3
+    # Both set: fine when they agree ...
+    assert cc.batch_settings(_cfg(assets, tmp_path / "o", gradient_accumulation_steps=2), 2) == (4, 2)
+    assert cc.batch_settings(_cfg(assets, tmp_path / "o"), 2) == (4, 2)
+    # ... an error when they do not.
+    with pytest.raises(LongLoRAConfigError) as e:
+        cc.batch_settings(_cfg(assets, tmp_path / "o", gradient_accumulation_steps=3), 2)
+    assert str(e.value) == (
+        "gradient_accumulation_steps=3 disagrees with global_batch_size=4 = batch_size=1 x world_size=2 x 2; "
+        "set one of them to null"
+    )
+    with pytest.raises(
+        LongLoRAConfigError, match="neither global_batch_size nor gradient_accumulation_steps"
+    ):
+        cc.batch_settings(_cfg(assets, tmp_path / "o", global_batch_size="null"), 2)
+    with pytest.raises(LongLoRAConfigError, match="gradient_accumulation_steps=0 must be a positive integer"):
+        cc.batch_settings(
+            _cfg(assets, tmp_path / "o", global_batch_size="null", gradient_accumulation_steps=0), 2
+        )
+
+
+# ------------------------------------------------------------------------ one message per node under torchrun
+
+
+def test_only_local_rank_zero_reports_a_config_error(assets, tmp_path, monkeypatch, capsys):
+    cfg = _cfg(assets, tmp_path / "o", max_step=3)
+    monkeypatch.setattr(cc, "_QUIET_RANK_GRACE_S", 0.0)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(SystemExit) as e:
+        cc.validate_config_in_worker(cfg, world_size=2)
+    assert e.value.code == 2
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.raises(LongLoRAConfigError, match="unknown config key 'max_step'"):
+        cc.validate_config_in_worker(cfg, world_size=2)
+    monkeypatch.delenv("LOCAL_RANK")
+    with pytest.raises(LongLoRAConfigError, match="unknown config key 'max_step'"):
+        cc.validate_config_in_worker(cfg, world_size=2)
+    assert cc.validate_config_in_worker(_cfg(assets, tmp_path / "o"), world_size=2) == 2
+
+
+# ------------------------------------------------------------------ pre-flight in the `tune run` launcher
+
+
+def _launcher_args(assets: dict[str, Path], out: Path, *extra: str) -> list[str]:
+    return [
+        "--config",
+        "tiny_demo",
+        f"checkpoint_dir={assets['base']}",
+        f"dataset.data_files={assets['corpus']}",
+        f"dataset.cache_dir={assets['cache']}",
+        f"output_dir={out}",
+        *extra,
+    ]
+
+
+def test_torchrun_world_size():
+    from longlora_tune.preflight import torchrun_world_size
+
+    assert torchrun_world_size("2", "1") == 2
+    assert torchrun_world_size(8, "2") == 16
+    assert torchrun_world_size("2", "1:2") is None  # elastic: not known before launch
+    assert torchrun_world_size("lots", "1") is None  # torchrun reports that itself
+
+
+def test_preflight_parses_the_config_as_the_workers_do(assets, tmp_path, monkeypatch):
+    from longlora_tune.preflight import load_config, preflight
+
+    argv = ["tune", "run"]
+    monkeypatch.setattr("sys.argv", argv)
+    args = [
+        "--config",
+        str(TINY),
+        "max_steps=3",
+        "~keep_last_n",
+        "model=longlora_tune.models.longlora_llama2_7b",
+    ]
+    cfg = load_config(args)
+    assert cfg.max_steps == 3 and "keep_last_n" not in cfg
+    assert cfg.model._component_ == "longlora_tune.models.longlora_llama2_7b"  # torchtune's section=path form
+    assert __import__("sys").argv is argv
+    with pytest.raises(LongLoRAConfigError, match="cannot read the config .*key=value, got max_steps"):
+        load_config(["--config", str(TINY), "max_steps"])
+    with pytest.raises(LongLoRAConfigError, match="cannot read the config .*nope.yaml"):
+        load_config(["--config", str(tmp_path / "nope.yaml")])
+
+    # The recipe's --config is already a path when tune run hands it over.
+    good = ["--config", str(TINY), *_launcher_args(assets, tmp_path / "o")[2:]]
+    assert preflight("longlora_distributed", good, world_size=2) is True
+    with pytest.raises(
+        LongLoRAConfigError, match="global_batch_size=4 is not divisible by batch_size=1 x world"
+    ):
+        preflight("longlora_distributed", good, world_size=3)
+    assert preflight("longlora_distributed", [*good, "max_step=3"], world_size=None) is False
+    assert preflight("longlora_eval_passkey", [*good, "max_step=3"], world_size=2) is False
+
+
+@pytest.mark.filterwarnings(
+    "ignore:Unable to enable fault handler"
+)  # torchrun's @record under pytest capture
+def test_tune_run_launcher_checks_our_recipes_before_torchrun(assets, tmp_path, monkeypatch, capsys):
+    import argparse
+
+    import torchtune
+    from torchtune._cli import run as tune_run
+
+    from longlora_tune import _tune_registry
+
+    assert _tune_registry.install_preflight() is True
+    assert _tune_registry.install_preflight() is True  # idempotent: wrapped once
+    assert getattr(tune_run.Run._run_distributed, "_longlora_preflight", False)
+    launched = []
+    monkeypatch.setattr(tune_run, "run", launched.append)  # what _run_distributed calls to start torchrun
+    runner = tune_run.Run(argparse.ArgumentParser().add_subparsers())
+    ours = str(resources.recipe_path("longlora_distributed"))
+    recipe_args = ["--config", str(TINY), *_launcher_args(assets, tmp_path / "o")[2:]]
+
+    def launch(recipe: str, *extra: str, is_builtin: bool = True) -> None:
+        args = argparse.Namespace(
+            recipe=recipe,
+            recipe_args=[*recipe_args, *extra],
+            nproc_per_node="2",
+            nnodes="1",
+            rdzv_endpoint="",
+        )
+        runner._run_distributed(args, is_builtin=is_builtin)
+
+    with pytest.raises(SystemExit) as e:
+        launch(ours, "max_step=3")
+    assert e.value.code == 2 and not launched
+    assert (
+        capsys.readouterr().err
+        == "longlora_tune: error: unknown config key 'max_step'; did you mean 'max_steps'?\n"
+    )
+    launch(ours)
+    assert len(launched) == 1 and launched[0].nproc_per_node == "2"
+    # torchtune's own recipes, and recipes given as a module path, launch unchecked.
+    builtin = str(Path(torchtune.__file__).parents[1] / "recipes" / "lora_finetune_distributed.py")
+    launch(builtin, "max_step=3")
+    launch("longlora_tune.recipes.longlora_distributed", "max_step=3", is_builtin=False)
+    assert len(launched) == 3
+
+
+def _tune_env() -> dict[str, str]:
+    import os
+
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return env
+
+
+#: The `tune` console script (torchtune's entry point) with the registry hook installed even when the package
+#: is not pip-installed (then the .pth file that normally imports the hook is absent).
+_TUNE = "import sys, _longlora_tune_hook; from torchtune._cli.tune import main; sys.exit(main())"
+
+
+@pytest.mark.slow
+def test_tune_run_distributed_reports_a_config_error_once(assets, tmp_path):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-c", _TUNE, "run", "--nproc_per_node", "2", "longlora_distributed"]
+    cmd += _launcher_args(assets, tmp_path / "o", "max_step=3")
+    proc = subprocess.run(cmd, cwd=tmp_path, env=_tune_env(), capture_output=True, text=True, timeout=300)
+    message = "longlora_tune: error: unknown config key 'max_step'; did you mean 'max_steps'?"
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert lines[0] == message, proc.stderr[-3000:]
+    assert proc.stderr.count(message) == 1 and "Traceback" not in proc.stderr
+    assert "Running with torchrun" not in proc.stdout  # stopped before torchrun started any worker
+    assert not (tmp_path / "o").exists()
+
+
+_WORKER = """
+import sys
+from omegaconf import OmegaConf
+from longlora_tune import config_checks
+from longlora_tune.errors import report_errors
+
+@report_errors
+def main():
+    cfg = OmegaConf.load(sys.argv[1])
+    cfg.merge_with_dotlist(sys.argv[2:])
+    config_checks.validate_config_in_worker(cfg, 2)
+
+main()
+"""
+
+
+@pytest.mark.slow
+def test_torchrun_workers_print_a_config_error_once(assets, tmp_path):
+    """Without the launcher pre-flight (plain torchrun), only local rank 0 prints the error."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "worker.py"
+    script.write_text(_WORKER)
+    overrides = _launcher_args(assets, tmp_path / "o", "max_step=3")[2:]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    proc = subprocess.run(
+        [*cmd, str(TINY), *overrides],
+        cwd=tmp_path,
+        env=_tune_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode != 0
+    message = "longlora_tune: error: unknown config key 'max_step'; did you mean 'max_steps'?"
+    assert proc.stderr.count(message) == 1, proc.stderr[-3000:]

@@ -824,8 +824,7 @@ def plan(
         candidates.append(
             ("enable_activation_offloading=True (host RAM, PCIe traffic)", {"activation_offloading": True})
         )
-    if not cpu_offload and fsdp:
-        candidates.append(("fsdp_cpu_offload=True (slower optimizer step)", {"cpu_offload": True}))
+    # No fsdp_cpu_offload suggestion: the recipe has no such setting (cpu_offload stays a what-if).
     combined: dict[str, Any] = {}
     for text, override in candidates:
         combined.update(override)
@@ -945,8 +944,7 @@ def load_config_settings(name: str) -> dict[str, Any]:
         settings["activation_checkpointing"] = bool(cfg["enable_activation_checkpointing"])
     if "enable_activation_offloading" in cfg:
         settings["activation_offloading"] = bool(cfg["enable_activation_offloading"])
-    if "fsdp_cpu_offload" in cfg:
-        settings["cpu_offload"] = bool(cfg["fsdp_cpu_offload"])
+    # fsdp_cpu_offload is not read: longlora_distributed ignores the key, so the run would not offload.
     loss = cfg.get("loss") or {}
     if "ChunkedOutput" in str(loss.get("_component_", "")):
         settings["loss_chunks"] = int(loss.get("num_output_chunks", 8))
@@ -1000,7 +998,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--cpu-offload",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="fsdp_cpu_offload: parameters, gradients and optimizer state on the host",
+        help="what-if: parameters, gradients and optimizer state on the host (torchtune's fsdp_cpu_offload; "
+        "longlora_distributed has no such setting)",
     )
     parser.add_argument("--full-attn", action="store_true", help="plan full attention instead of S2")
     parser.add_argument(

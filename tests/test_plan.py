@@ -442,3 +442,13 @@ def test_gradient_accumulation_is_the_recipes(tmp_path, capsys):
         s.startswith("batch_size=1 with gradient accumulation 8 (global_batch_size 64 unchanged)")
         for s in tight.suggestions
     ), tight.suggestions
+
+
+def test_fsdp_cpu_offload_is_neither_read_nor_suggested(tmp_path):
+    # longlora_distributed has no fsdp_cpu_offload: a config that sets it runs without offloading, so it
+    # is planned without, and the planner does not suggest a setting the recipe would ignore.
+    plain = load_config_settings(_config(tmp_path, ""))
+    offload = load_config_settings(_config(tmp_path, "fsdp_cpu_offload: true\n"))
+    assert offload == plain
+    tight = plan("7b", 100_000, gpus=8, gpu_memory_gib=40, activation_checkpointing=False)
+    assert tight.suggestions and not any("cpu_offload" in s for s in tight.suggestions), tight.suggestions

@@ -12,6 +12,16 @@ SwiGLU MLP, trainable embeddings and norms) with our S² attention callable and 
 once per storage (tensors that share a storage are not double counted). ``tests/test_plan.py`` checks
 the model against the bytes that ``torch.autograd.graph.saved_tensors_hooks`` sees.
 
+Parameters, gradients and AdamW state follow the recipe's ``fp32_trainable_params`` (default true): in a
+bf16 run the trainable tensors (LoRA, embeddings, norms) are fp32 master copies, so they, their gradients
+(FSDP2 reduces in fp32) and AdamW's two moments take 4 + 4 + 8 bytes per trainable parameter, sharded over
+the GPUs, while the frozen base weights stay in the compute dtype. Settings the recipe derives are derived
+by the same functions: the trainable set by :func:`longlora_tune.peft.trainable_param_names` on the model
+the builder makes (on the meta device), the S² group size by
+:meth:`~longlora_tune.modules.s2_attention.S2AttentionConfig.resolve_group_size`, and the training length,
+its check against the group size and the gradient accumulation by the recipe's own functions, so a config
+the recipe refuses is refused here with the same message.
+
 FLOPs count multiply-adds as two FLOPs. ``attention="dense"`` counts every score of every attended
 block (torch's FlopCounterMode and the LongLoRA paper's convention); ``attention="causal"`` counts only
 the lower triangle (what a causal kernel needs: the "model FLOPs" used for MFU).
@@ -21,11 +31,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from longlora_tune._io import atomic_write_json
@@ -40,6 +52,7 @@ __all__ = [
     "activation_bytes",
     "load_config_settings",
     "main",
+    "parameter_counts",
     "plan",
     "s2_segment_lengths",
     "step_flops",
@@ -311,6 +324,92 @@ def activation_bytes(
     )
 
 
+# ----------------------------------------------------------------------------------------------------
+# Settings the recipe derives, derived here by the same functions
+# ----------------------------------------------------------------------------------------------------
+
+
+def _recipe_rules() -> ModuleType:
+    """The training recipe's config rules: ``training_length``, ``check_training_length``,
+    ``gradient_accumulation_steps``.
+
+    The planner calls the recipe's own functions instead of copies so that it cannot drift from them. This
+    is their only import site; they move to ``longlora_tune.config_checks`` with the recipe restructuring.
+    """
+    from longlora_tune.recipes import longlora_distributed
+
+    return longlora_distributed
+
+
+def _resolve_group_size(max_seq_len: int, group_size: int | None, group_size_ratio: float | None) -> int:
+    """The S² group size the model builder would use (one rule: ``S2AttentionConfig.resolve_group_size``).
+
+    Raises:
+        ValueError: With the builder's message, e.g. for a ratio whose product with ``max_seq_len`` is not
+            an even integer.
+    """
+    from longlora_tune.modules.s2_attention import S2AttentionConfig
+
+    config = S2AttentionConfig(group_size_ratio=group_size_ratio, group_size=group_size)
+    return config.resolve_group_size(max_seq_len)
+
+
+@functools.lru_cache(maxsize=16)
+def _parameter_counts(
+    shape: ModelShape, lora_rank: int, lora_modules: tuple[str, ...], trainable_extras: tuple[str, ...]
+) -> tuple[int, int]:
+    import torch
+
+    from longlora_tune.models import longlora_llama2
+    from longlora_tune.peft import trainable_param_names
+
+    # Parameter counts do not depend on the length or the attention form; the smallest valid ones keep
+    # the meta build cheap (no RoPE cache, no group-size constraint).
+    with torch.device("meta"):
+        model = longlora_llama2(
+            **dataclasses.asdict(shape),
+            max_seq_len=2,
+            lora_rank=lora_rank,
+            lora_attn_modules=lora_modules,
+            s2_group_size=2,
+            use_full_attn=True,
+        )
+    params = dict(model.named_parameters())
+    trainable = sum(params[name].numel() for name in trainable_param_names(model, extras=trainable_extras))
+    return trainable, sum(p.numel() for p in params.values())
+
+
+def parameter_counts(
+    shape: ModelShape,
+    *,
+    lora_rank: int = 8,
+    lora_modules: Sequence[str] = ("q_proj", "k_proj", "v_proj", "output_proj"),
+    trainable_extras: Sequence[str] = ("embed", "norm"),
+) -> tuple[int, int]:
+    """Trainable and total parameters of the LongLoRA model the builder makes for ``shape``.
+
+    The model is built on the meta device by ``longlora_tune.models.longlora_llama2`` and the trainable set
+    is :func:`longlora_tune.peft.trainable_param_names`, the function the recipe trains with.
+
+    Args:
+        shape: Model sizes.
+        lora_rank: LoRA rank.
+        lora_modules: Attention projections with LoRA.
+        trainable_extras: The recipe's ``trainable_extras``: a subset of ``("embed", "norm")``.
+
+    Returns:
+        ``(trainable, total)`` parameter counts (total = base + LoRA).
+
+    Raises:
+        ValueError: On settings the builder or the trainable-set rule refuses.
+    """
+    if isinstance(trainable_extras, str) or isinstance(lora_modules, str):
+        raise ValueError(
+            f"trainable_extras and lora_modules must be lists, got {trainable_extras!r}, {lora_modules!r}"
+        )
+    return _parameter_counts(shape, int(lora_rank), tuple(lora_modules), tuple(trainable_extras))
+
+
 @dataclass
 class Plan:
     """Memory and FLOP plan of one training step per GPU.
@@ -319,19 +418,26 @@ class Plan:
         model: Model name or ``"custom"``.
         shape: Model sizes.
         seq_len: Training length.
+        max_seq_len: The model's ``max_seq_len`` (sizes the S² group; >= ``seq_len``).
         batch_size: Micro-batch per GPU.
         gpus: Data-parallel GPUs.
         gpu_memory_gib: Memory per GPU.
-        dtype: Parameter dtype.
+        dtype: Compute dtype (activations, frozen weights).
+        fp32_trainable_params: Trainable tensors, their gradients and AdamW state kept in fp32 (the
+            recipe's default); else in ``dtype``.
         activation_checkpointing: Per-layer activation checkpointing.
         fsdp: Parameters, gradients and optimizer state sharded over ``gpus`` (FSDP2).
         s2: S² attention (else full).
         group_size: S² group size used.
         loss_chunks: Chunks of the cross-entropy loss.
         lora_rank: LoRA rank.
+        trainable_extras: Trained besides LoRA (the recipe's ``trainable_extras``).
+        global_batch_size: Sequences per optimizer step over all GPUs (None when not given).
+        gradient_accumulation_steps: Micro-batches per optimizer step, by the recipe's rule (None without
+            ``global_batch_size``).
         activation_offloading: Saved layer activations kept in host memory.
         cpu_offload: Sharded parameters, gradients and optimizer state kept in host memory.
-        trainable_params: LoRA + embeddings + norms.
+        trainable_params: LoRA + the extras (embeddings and norms by default).
         total_params: Base + LoRA parameters.
         memory: Per-GPU bytes by component (frozen weights, trainable parameters, gradients, AdamW state,
             FSDP buffers, saved activations, the loss phase and the layer-backward phase, overhead).
@@ -346,16 +452,21 @@ class Plan:
     model: str
     shape: ModelShape
     seq_len: int
+    max_seq_len: int
     batch_size: int
     gpus: int
     gpu_memory_gib: float
     dtype: str
+    fp32_trainable_params: bool
     activation_checkpointing: bool
     fsdp: bool
     s2: bool
     group_size: int | None
     loss_chunks: int
     lora_rank: int
+    trainable_extras: tuple[str, ...]
+    global_batch_size: int | None
+    gradient_accumulation_steps: int | None
     activation_offloading: bool
     cpu_offload: bool
     trainable_params: int
@@ -382,19 +493,32 @@ class Plan:
         out["peak_gib"] = self.peak_bytes / GIB
         return out
 
+    def _trainable_dtype_note(self) -> str:
+        if self.dtype == "fp32":
+            return ""
+        if self.fp32_trainable_params:
+            return " with fp32 master copies of the trainable tensors"
+        return f", trainable tensors in {self.dtype}"
+
     def table(self) -> str:
         """Markdown report: memory breakdown, FLOPs, verdict and suggestions."""
         lines = [
             f"## {self.model}: {self.seq_len} tokens x {self.batch_size}/GPU on {self.gpus} GPU(s) "
             f"of {self.gpu_memory_gib:g} GiB",
             "",
-            f"dtype {self.dtype}, activation checkpointing {'on' if self.activation_checkpointing else 'off'}"
+            f"dtype {self.dtype}{self._trainable_dtype_note()}, "
+            f"activation checkpointing {'on' if self.activation_checkpointing else 'off'}"
             f"{', activation offloading' if self.activation_offloading else ''}"
             f"{', fsdp_cpu_offload' if self.cpu_offload else ''}, "
             f"FSDP {'on' if self.fsdp else 'off'}, "
             f"attention {'S2 G=' + str(self.group_size) if self.s2 else 'full'}"
             f", loss chunks {self.loss_chunks}, trainable {self.trainable_params / 1e6:.1f}M of "
-            f"{self.total_params / 1e9:.2f}B",
+            f"{self.total_params / 1e9:.2f}B"
+            + (
+                f", gradient accumulation {self.gradient_accumulation_steps}"
+                if self.gradient_accumulation_steps is not None
+                else ""
+            ),
             "",
             "| memory per GPU | GiB |",
             "|---|---:|",
@@ -439,6 +563,9 @@ def _memory(
     batch_size: int,
     gpus: int,
     dtype: str,
+    fp32_trainable_params: bool,
+    trainable: int,
+    total: int,
     activation_checkpointing: bool,
     fsdp: bool,
     s2: bool,
@@ -448,15 +575,17 @@ def _memory(
     optimizer_state_dtype: str | None,
     activation_offloading: bool,
     cpu_offload: bool,
-) -> tuple[dict[str, int], int, int, int]:
+) -> tuple[dict[str, int], int]:
     e = _DTYPE_BYTES[dtype]
     shard = gpus if fsdp else 1
     lora = shape.lora_params(lora_rank, lora_modules)
-    norms = shape.num_layers * 2 * shape.embed_dim + shape.embed_dim
-    trainable = lora + shape.vocab_size * shape.embed_dim + norms
-    frozen = shape.base_params() - shape.vocab_size * shape.embed_dim - norms
-    # torchtune keeps every parameter in the training dtype; AdamW's two moments follow the parameter dtype.
-    opt_e = _DTYPE_BYTES[optimizer_state_dtype or dtype]
+    frozen = total - trainable
+    # The recipe's fp32_trainable_params: the trainable tensors are fp32 master copies (FSDP2 casts them to
+    # the compute dtype when it gathers them), their gradients are reduced into fp32 and AdamW's moments
+    # follow the parameter dtype. Without it every parameter is in the compute dtype. Frozen weights always
+    # are.
+    trainable_e = _FP32 if fp32_trainable_params else e
+    opt_e = _DTYPE_BYTES[optimizer_state_dtype] if optimizer_state_dtype else trainable_e
     act = activation_bytes(
         shape,
         seq_len,
@@ -468,8 +597,8 @@ def _memory(
         lora_rank=lora_rank,
         lora_modules=lora_modules,
     )
-    # FSDP2 all-gathers one layer while prefetching the next, and holds one layer's unsharded gradients
-    # before the reduce-scatter.
+    # FSDP2 all-gathers one layer (in the compute dtype) while prefetching the next, and holds one layer's
+    # unsharded gradients before the reduce-scatter.
     layer_full = e * (shape.layer_params() + lora // shape.num_layers)
     fsdp_buffers = 3 * layer_full if fsdp and gpus > 1 else 0
     # fsdp_cpu_offload keeps the sharded parameters, gradients and optimizer state in host memory.
@@ -482,8 +611,8 @@ def _memory(
     )
     memory = {
         "weights (frozen)": resident * e * frozen // shard,
-        "trainable params": resident * e * trainable // shard,
-        "gradients": resident * e * trainable // shard,
+        "trainable params": resident * trainable_e * trainable // shard,
+        "gradients": resident * trainable_e * trainable // shard,
         "optimizer (AdamW)": resident * 2 * opt_e * trainable // shard,
         "fsdp buffers": fsdp_buffers if not cpu_offload else max(fsdp_buffers, 3 * layer_full),
         "activations saved": layers_on_gpu + act.head_saved,
@@ -493,7 +622,7 @@ def _memory(
     live = sum(memory.values()) - min(act.loss_phase, act.recompute_transient)
     overhead = _CONTEXT_BYTES + int(_FRAGMENTATION * live)
     memory["overhead (context, fragmentation)"] = overhead
-    return memory, live + overhead, trainable, frozen + trainable
+    return memory, live + overhead
 
 
 def plan(
@@ -504,14 +633,18 @@ def plan(
     gpu_memory_gib: float = 80.0,
     batch_size: int = 1,
     dtype: str = "bf16",
+    fp32_trainable_params: bool = True,
     activation_checkpointing: bool = True,
     fsdp: bool = True,
     s2: bool = True,
+    max_seq_len: int | None = None,
     group_size: int | None = None,
-    group_size_ratio: float = 0.25,
+    group_size_ratio: float | None = 0.25,
     loss_chunks: int = 8,
     lora_rank: int = 8,
     lora_modules: Sequence[str] = ("q_proj", "k_proj", "v_proj", "output_proj"),
+    trainable_extras: Sequence[str] = ("embed", "norm"),
+    global_batch_size: int | None = None,
     optimizer_state_dtype: str | None = None,
     activation_offloading: bool = False,
     cpu_offload: bool = False,
@@ -525,26 +658,37 @@ def plan(
         gpus: Data-parallel GPUs (FSDP shards over all of them).
         gpu_memory_gib: Memory per GPU in GiB (an "80 GB" A100 has 80 GiB).
         batch_size: Micro-batch per GPU.
-        dtype: ``"bf16"``, ``"fp16"`` or ``"fp32"``.
+        dtype: ``"bf16"``, ``"fp16"`` or ``"fp32"``: activations and frozen weights.
+        fp32_trainable_params: The recipe's ``fp32_trainable_params``: with a bf16/fp16 ``dtype`` the
+            trainable tensors, their gradients and AdamW state are fp32 (4 + 4 + 8 bytes per trainable
+            parameter, sharded); False keeps them in ``dtype``.
         activation_checkpointing: Per-layer activation checkpointing.
         fsdp: Shard parameters, gradients and optimizer state (FSDP2, as torchtune's distributed recipes).
         s2: S² attention (False = full attention).
-        group_size: S² group size; default ``group_size_ratio * seq_len``.
-        group_size_ratio: Used when ``group_size`` is None.
+        max_seq_len: The model's ``max_seq_len``, which sizes the S² group; default ``seq_len``. The
+            recipe refuses a training length above it or not a multiple of the group size.
+        group_size: S² group size (``model.s2_group_size``); default ``group_size_ratio * max_seq_len``.
+        group_size_ratio: ``model.s2_group_size_ratio``, used when ``group_size`` is None.
         loss_chunks: ``CEWithChunkedOutputLoss`` chunks.
         lora_rank: LoRA rank.
         lora_modules: Attention projections with LoRA.
-        optimizer_state_dtype: AdamW state dtype; default the parameter dtype.
+        trainable_extras: The recipe's ``trainable_extras``: trained besides LoRA.
+        global_batch_size: Sequences per optimizer step over all GPUs; when given, the gradient
+            accumulation is computed (and checked) by the recipe's rule.
+        optimizer_state_dtype: AdamW state dtype; default the trainable parameters' dtype.
         activation_offloading: torchtune's ``enable_activation_offloading`` (saved layer activations in
             host memory; needs activation checkpointing to pay off).
-        cpu_offload: torchtune's ``fsdp_cpu_offload`` (parameters, gradients, optimizer state on the host).
+        cpu_offload: A what-if only: sharded parameters, gradients and optimizer state on the host
+            (torchtune's ``fsdp_cpu_offload``; the ``longlora_distributed`` recipe has no such setting).
         suggest: Compute suggestions and the longest fitting length.
 
     Returns:
         The :class:`Plan`.
 
     Raises:
-        ValueError: On an unknown model, dtype or a bad number.
+        ValueError: On an unknown model, dtype or a bad number, and with the recipe's or the model
+            builder's message on settings they refuse (an S² group size that is not an even integer, a
+            training length that is not a multiple of it, a ``global_batch_size`` that does not divide).
     """
     if isinstance(model, str):
         if model not in MODEL_SHAPES:
@@ -572,17 +716,31 @@ def plan(
             raise ValueError(f"{label} must be a positive int, got {value!r}")
     if not gpu_memory_gib > 0:
         raise ValueError(f"gpu_memory_gib must be > 0, got {gpu_memory_gib}")
-    if s2 and group_size is None:
-        exact = group_size_ratio * seq_len
-        group_size = max(2, 2 * round(exact / 2))
     if s2 and shape.num_heads % 2:
         raise ValueError(f"S2 needs an even number of heads, the model has {shape.num_heads}")
+    rules = _recipe_rules()
+    max_seq_len = seq_len if max_seq_len is None else max_seq_len
+    # The builder resolves the group size even for full attention, so a setting it refuses fails here too.
+    resolved = _resolve_group_size(max_seq_len, group_size, group_size_ratio)
+    group_size = resolved if s2 else None
+    rules.check_training_length(seq_len, max_seq_len, group_size)
+    grad_accum = (
+        None
+        if global_batch_size is None
+        else rules.gradient_accumulation_steps(global_batch_size, batch_size, gpus)
+    )
+    trainable, total = parameter_counts(
+        shape, lora_rank=lora_rank, lora_modules=lora_modules, trainable_extras=trainable_extras
+    )
 
-    def peak_for(length: int, **overrides: Any) -> tuple[dict[str, int], int, int, int]:
+    def peak_for(length: int, **overrides: Any) -> tuple[dict[str, int], int]:
         settings = dict(
             batch_size=batch_size,
             gpus=gpus,
             dtype=dtype,
+            fp32_trainable_params=fp32_trainable_params,
+            trainable=trainable,
+            total=total,
             activation_checkpointing=activation_checkpointing,
             fsdp=fsdp,
             s2=s2,
@@ -596,7 +754,7 @@ def plan(
         settings.update(overrides)
         return _memory(shape, length, **settings)
 
-    memory, peak, trainable, total = peak_for(seq_len)
+    memory, peak = peak_for(seq_len)
     capacity = gpu_memory_gib * GIB
     flops_kwargs = dict(
         activation_checkpointing=activation_checkpointing, lora_rank=lora_rank, lora_modules=lora_modules
@@ -605,16 +763,21 @@ def plan(
         model=name,
         shape=shape,
         seq_len=seq_len,
+        max_seq_len=max_seq_len,
         batch_size=batch_size,
         gpus=gpus,
         gpu_memory_gib=gpu_memory_gib,
         dtype=dtype,
+        fp32_trainable_params=bool(fp32_trainable_params),
         activation_checkpointing=activation_checkpointing,
         fsdp=fsdp,
         s2=s2,
-        group_size=group_size if s2 else None,
+        group_size=group_size,
         loss_chunks=loss_chunks,
         lora_rank=lora_rank,
+        trainable_extras=tuple(trainable_extras),
+        global_batch_size=global_batch_size,
+        gradient_accumulation_steps=grad_accum,
         activation_offloading=activation_offloading,
         cpu_offload=cpu_offload,
         trainable_params=trainable,
@@ -622,7 +785,7 @@ def plan(
         memory=memory,
         peak_bytes=peak,
         fits=peak <= capacity,
-        flops=step_flops(shape, seq_len, batch_size, group_size=group_size if s2 else None, **flops_kwargs),
+        flops=step_flops(shape, seq_len, batch_size, group_size=group_size, **flops_kwargs),
         flops_full_attention=step_flops(shape, seq_len, batch_size, group_size=None, **flops_kwargs),
     )
     if not suggest:
@@ -647,24 +810,28 @@ def plan(
     if not fsdp and gpus > 1:
         candidates.append(("shard with FSDP (torchtune distributed recipe)", {"fsdp": True}))
     if batch_size > 1:
-        candidates.append(
-            ("batch_size=1 with gradient_accumulation_steps x" + str(batch_size), {"batch_size": 1})
+        # The recipe derives the accumulation from global_batch_size; say what it becomes.
+        accumulation = (
+            f"gradient accumulation {rules.gradient_accumulation_steps(global_batch_size, 1, gpus)} "
+            f"(global_batch_size {global_batch_size} unchanged)"
+            if global_batch_size is not None
+            else f"{batch_size}x the gradient accumulation steps"
         )
+        candidates.append((f"batch_size=1 with {accumulation}", {"batch_size": 1}))
     if dtype == "fp32":
         candidates.append(("dtype=bf16", {"dtype": "bf16"}))
     if not activation_offloading:
         candidates.append(
             ("enable_activation_offloading=True (host RAM, PCIe traffic)", {"activation_offloading": True})
         )
-    if not cpu_offload and fsdp:
-        candidates.append(("fsdp_cpu_offload=True (slower optimizer step)", {"cpu_offload": True}))
+    # No fsdp_cpu_offload suggestion: the recipe has no such setting (cpu_offload stays a what-if).
     combined: dict[str, Any] = {}
     for text, override in candidates:
         combined.update(override)
         fits_alone = peak_for(seq_len, **override)[1] <= capacity
         result.suggestions.append(f"{text}: {'fits' if fits_alone else 'not enough alone'}")
     if combined and len(candidates) > 1:
-        _, peak_all, _, _ = peak_for(seq_len, **combined)
+        _, peak_all = peak_for(seq_len, **combined)
         result.suggestions.append(
             f"all of the above together: peak {peak_all / GIB:.1f} GiB "
             f"({'fits' if peak_all <= capacity else 'still too big'})"
@@ -703,29 +870,40 @@ def _config_path(name: str) -> Path:
 def load_config_settings(name: str) -> dict[str, Any]:
     """Planner arguments read from a shipped config name or a YAML file.
 
-    Reads ``model`` (a sized builder with ``max_seq_len`` or ``longlora_llama2`` with explicit sizes),
-    ``batch_size``, ``dtype``, ``enable_activation_checkpointing``, ``loss.num_output_chunks`` and the
-    S² group settings.
+    Reads ``model`` (a sized builder with ``max_seq_len`` or ``longlora_llama2`` with explicit sizes), the
+    training length as the recipe reads it (``dataset.block_size``, ``dataset.max_seq_len`` or
+    ``tokenizer.max_seq_len``; ``model.max_seq_len`` when none is set), ``batch_size``,
+    ``global_batch_size``, ``dtype``, ``fp32_trainable_params``, ``trainable_extras``,
+    ``enable_activation_checkpointing``, ``loss.num_output_chunks`` and the S² group settings.
 
     Args:
         name: Config name in ``longlora_tune/configs`` (without ``.yaml``) or a path.
 
     Returns:
-        Keyword arguments for :func:`plan` (``model`` and ``seq_len`` included).
+        Keyword arguments for :func:`plan` (``model``, ``seq_len`` and ``max_seq_len`` included).
 
     Raises:
         ValueError: If the config is missing or its model section cannot be read.
     """
     from omegaconf import OmegaConf  # torchtune's config library; only the CLI needs it
 
-    cfg = OmegaConf.to_container(OmegaConf.load(_config_path(name)), resolve=True)
+    raw = OmegaConf.load(_config_path(name))
+    cfg = OmegaConf.to_container(raw, resolve=True)
     model = cfg.get("model") or {}
     component = model.get("_component_", "")
     if "max_seq_len" not in model:
         raise ValueError(
-            f"Config {name!r}: model.max_seq_len is missing; the planner needs the training length"
+            f"Config {name!r}: model.max_seq_len is missing; the planner needs the model's length"
         )
-    settings: dict[str, Any] = {"seq_len": int(model["max_seq_len"])}
+    # The recipe's rule; the recipe requires both data sections, a planner config may omit them.
+    for key in ("dataset", "tokenizer"):
+        if raw.get(key) is None:
+            raw[key] = {}
+    train_len = _recipe_rules().training_length(raw)
+    settings: dict[str, Any] = {
+        "max_seq_len": int(model["max_seq_len"]),
+        "seq_len": int(model["max_seq_len"]) if train_len is None else train_len,
+    }
     if component in _BUILDER_SIZES:
         settings["model"] = _BUILDER_SIZES[component]
     elif component.endswith("longlora_llama2"):
@@ -752,16 +930,21 @@ def load_config_settings(name: str) -> dict[str, Any]:
         settings["lora_rank"] = int(model["lora_rank"])
     if "lora_attn_modules" in model:
         settings["lora_modules"] = tuple(model["lora_attn_modules"])
+    if "trainable_extras" in cfg:
+        settings["trainable_extras"] = tuple(cfg["trainable_extras"] or ())
     if "batch_size" in cfg:
         settings["batch_size"] = int(cfg["batch_size"])
+    if cfg.get("global_batch_size") is not None:
+        settings["global_batch_size"] = int(cfg["global_batch_size"])
     if cfg.get("dtype") in _DTYPE_BYTES:
         settings["dtype"] = cfg["dtype"]
+    if "fp32_trainable_params" in cfg:
+        settings["fp32_trainable_params"] = bool(cfg["fp32_trainable_params"])
     if "enable_activation_checkpointing" in cfg:
         settings["activation_checkpointing"] = bool(cfg["enable_activation_checkpointing"])
     if "enable_activation_offloading" in cfg:
         settings["activation_offloading"] = bool(cfg["enable_activation_offloading"])
-    if "fsdp_cpu_offload" in cfg:
-        settings["cpu_offload"] = bool(cfg["fsdp_cpu_offload"])
+    # fsdp_cpu_offload is not read: longlora_distributed ignores the key, so the run would not offload.
     loss = cfg.get("loss") or {}
     if "ChunkedOutput" in str(loss.get("_component_", "")):
         settings["loss_chunks"] = int(loss.get("num_output_chunks", 8))
@@ -786,12 +969,28 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     source.add_argument("--config", help="shipped config name (e.g. llama2_7b_100k) or a YAML path")
     source.add_argument("--model", choices=sorted(MODEL_SHAPES), help="model size (with --seq-len)")
     parser.add_argument(
-        "--seq-len", type=int, help="training length (required with --model; overrides a config)"
+        "--seq-len",
+        type=int,
+        help="training length (required with --model); with --config it replaces both the training length "
+        "and model.max_seq_len",
     )
     parser.add_argument("--gpus", type=int, default=8, help="data-parallel GPUs (default 8)")
     parser.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU (default 80)")
     parser.add_argument("--batch-size", type=int, help="micro-batch per GPU (default: config or 1)")
+    parser.add_argument(
+        "--global-batch-size",
+        type=int,
+        help="sequences per optimizer step over all GPUs (default: config; none with --model)",
+    )
     parser.add_argument("--dtype", choices=sorted(_DTYPE_BYTES), help="default: config or bf16")
+    parser.add_argument(
+        "--fp32-trainable-params",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="fp32 master copies of the trainable tensors, their gradients and AdamW state "
+        "(default: config or on, as the recipe)",
+    )
+    parser.add_argument("--group-size", type=int, help="S2 group size (default: config or 1/4 of the length)")
     parser.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--fsdp", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--activation-offloading", action=argparse.BooleanOptionalAction, default=None)
@@ -799,7 +998,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--cpu-offload",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="fsdp_cpu_offload: parameters, gradients and optimizer state on the host",
+        help="what-if: parameters, gradients and optimizer state on the host (torchtune's fsdp_cpu_offload; "
+        "longlora_distributed has no such setting)",
     )
     parser.add_argument("--full-attn", action="store_true", help="plan full attention instead of S2")
     parser.add_argument(
@@ -824,10 +1024,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parse_args(argv)
     try:
         settings = load_config_settings(args.config) if args.config else {"model": args.model}
+        if args.seq_len is not None:
+            # A what-if at another length: the model is built for it too (its group size follows).
+            settings.pop("max_seq_len", None)
         for key, value in (
             ("seq_len", args.seq_len),
             ("batch_size", args.batch_size),
+            ("global_batch_size", args.global_batch_size),
+            ("group_size", args.group_size),
             ("dtype", args.dtype),
+            ("fp32_trainable_params", args.fp32_trainable_params),
             ("activation_checkpointing", args.activation_checkpointing),
             ("loss_chunks", args.loss_chunks),
             ("activation_offloading", args.activation_offloading),

@@ -31,6 +31,7 @@ from longlora_tune.plan import (
     activation_bytes,
     load_config_settings,
     main,
+    parameter_counts,
     plan,
     s2_segment_lengths,
     step_flops,
@@ -228,5 +229,226 @@ def test_every_shipped_config_is_planned_and_fits_8x80():
     if not configs:
         pytest.skip("no shipped configs yet")
     for path in configs:
-        result = plan(**load_config_settings(str(path)), gpus=8, gpu_memory_gib=80.0, suggest=False)
+        # The tiny configs' global batch of 4 is meant for 1-2 processes; the recipe refuses it on 8.
+        gpus = 2 if path.stem.startswith("tiny") else 8
+        result = plan(**load_config_settings(str(path)), gpus=gpus, gpu_memory_gib=80.0, suggest=False)
         assert result.fits, (path.name, result.peak_bytes / 2**30)
+        assert result.fp32_trainable_params and result.gradient_accumulation_steps is not None, path.name
+
+
+# ------------------------------------------------------------------------- the recipe's settings, one rule
+
+_LLAMA2_7B = ModelShape(32_000, 32, 32, 32, 4096, 11008)
+
+
+@pytest.mark.parametrize("fp32_trainable_params", [True, False], ids=["fp32_masters", "bf16"])
+def test_trainable_state_bytes_hand_count_7b(fp32_trainable_params):
+    # Llama 2 7B's LongLoRA trainable set, counted by hand: LoRA rank 8 on q, k, v, o (A: 8 x 4096,
+    # B: 4096 x 8) in 32 layers, the token embedding and every RMSNorm scale (2 per layer + the final one).
+    lora = 32 * 4 * (8 * 4096 + 4096 * 8)
+    embedding = 32_000 * 4096
+    norms = (2 * 32 + 1) * 4096
+    assert (lora, embedding, norms) == (8_388_608, 131_072_000, 266_240)
+    trainable = 139_726_848
+    assert lora + embedding + norms == trainable
+    base = 6_738_415_616  # Llama 2 7B's published parameter count
+    gpus = 8
+    # With fp32 master copies (the recipe's default): fp32 parameter, fp32 gradient (FSDP2 reduces into
+    # fp32) and AdamW's two fp32 moments; else all three follow bf16. Each rank holds 1/8 (FSDP2 shards).
+    param_b, grad_b, adam_b = (4, 4, 8) if fp32_trainable_params else (2, 2, 4)
+
+    result = plan(
+        "7b", 8192, gpus=gpus, dtype="bf16", fp32_trainable_params=fp32_trainable_params, suggest=False
+    )
+
+    assert result.trainable_params == trainable and result.total_params == base + lora
+    assert result.memory["trainable params"] == param_b * trainable // gpus
+    assert result.memory["gradients"] == grad_b * trainable // gpus
+    assert result.memory["optimizer (AdamW)"] == adam_b * trainable // gpus
+    # The frozen base weights stay bf16 either way.
+    assert result.memory["weights (frozen)"] == 2 * (base - embedding - norms) // gpus
+
+
+def test_fp32_trainable_params_changes_only_the_trainable_state():
+    fp32 = plan("7b", 32768, gpus=8, fp32_trainable_params=True, suggest=False)
+    bf16 = plan("7b", 32768, gpus=8, fp32_trainable_params=False, suggest=False)
+    extra = 8 * 139_726_848 // 8  # (4 + 4 + 8) - (2 + 2 + 4) bytes per trainable parameter, over 8 GPUs
+    changed = {k for k in fp32.memory if fp32.memory[k] != bf16.memory[k]}
+    state = {"trainable params", "gradients", "optimizer (AdamW)"}
+    assert changed == state | {"overhead (context, fragmentation)"}
+    assert fp32.peak_bytes - bf16.peak_bytes == pytest.approx(1.05 * extra, abs=8)  # 5% fragmentation
+    # An fp32 run has nothing to keep apart: 4 + 4 + 8 bytes with or without the flag.
+    full = [plan("7b", 8192, dtype="fp32", fp32_trainable_params=f, suggest=False) for f in (True, False)]
+    assert full[0].memory == full[1].memory
+    assert full[0].memory["optimizer (AdamW)"] == 8 * 139_726_848 // 8
+
+
+def test_trainable_state_bytes_match_what_fsdp2_and_adamw_hold(tmp_path):
+    # The recipe's arrangement (_setup_model) on one CPU rank: bf16 model, trainable tensors cast to fp32,
+    # FSDP2 with MixedPrecisionPolicy(bf16, reduce fp32), AdamW over the trainable set after one step.
+    import torch.distributed as dist
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    shape = SHAPES[0][0]
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        for fp32_masters in (True, False):
+            model = _build(shape, 64, dtype=torch.bfloat16, s2=True, checkpoint=False)
+            policy = None
+            if fp32_masters:
+                for p in model.parameters():
+                    if p.requires_grad:
+                        p.data = p.data.to(torch.float32)
+                policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            for name, module in reversed(list(model.named_modules())):
+                if training.get_shard_conditions(name, module):
+                    fully_shard(module, mp_policy=policy or MixedPrecisionPolicy())
+            fully_shard(model, mp_policy=policy or MixedPrecisionPolicy())
+            trainable = [p for p in model.parameters() if p.requires_grad]
+            optimizer = torch.optim.AdamW(trainable, lr=1e-3)
+            _loss(model, shape, 64, 1, 2).backward()
+            optimizer.step()
+
+            def local_bytes(t: torch.Tensor) -> int:
+                t = t.to_local()
+                return t.numel() * t.element_size()
+
+            held = {
+                "trainable params": sum(local_bytes(p) for p in trainable),
+                "gradients": sum(local_bytes(p.grad) for p in trainable),
+                "optimizer (AdamW)": sum(
+                    local_bytes(v) for p in trainable for k, v in optimizer.state[p].items() if k != "step"
+                ),
+            }
+            planned = plan(
+                shape, 64, gpus=1, dtype="bf16", fp32_trainable_params=fp32_masters, suggest=False
+            ).memory
+            assert held == {k: planned[k] for k in held}, fp32_masters
+    finally:
+        dist.destroy_process_group()
+
+
+def test_trainable_extras_follow_the_peft_rule():
+    # LoRA only (the paper's ablation): the 7B hand count without embedding and norms.
+    assert parameter_counts(_LLAMA2_7B, trainable_extras=())[0] == 8_388_608
+    assert parameter_counts(_LLAMA2_7B, trainable_extras=("norm",))[0] == 8_388_608 + 266_240
+    with pytest.raises(ValueError, match="Unknown trainable extras"):
+        parameter_counts(_LLAMA2_7B, trainable_extras=("head",))
+
+
+def _builder_error(**kwargs) -> str:
+    shape = SHAPES[0][0]
+    with torch.device("meta"), pytest.raises(ValueError) as err:
+        longlora_llama2(**dataclasses.asdict(shape), **kwargs)
+    return str(err.value)
+
+
+@pytest.mark.parametrize(
+    "max_seq_len,ratio,full_attn",
+    [(1002, 0.25, False), (1002, 0.5, False), (1002, 0.25, True)],
+    ids=["ratio_x_len_not_integer", "group_size_odd", "full_attn_builder_still_resolves"],
+)
+def test_group_size_is_the_builders_or_its_error(max_seq_len, ratio, full_attn):
+    # 0.25 x 1002 = 250.5 and 0.5 x 1002 = 501: the builder refuses both (the planner used to round them).
+    shape = SHAPES[0][0]
+    expected = _builder_error(max_seq_len=max_seq_len, s2_group_size_ratio=ratio, use_full_attn=full_attn)
+    with pytest.raises(ValueError) as err:
+        plan(shape, max_seq_len, group_size_ratio=ratio, s2=not full_attn, gpus=1, suggest=False)
+    assert str(err.value) == expected
+    assert plan(shape, 1000, group_size_ratio=ratio, gpus=1, suggest=False).group_size == int(1000 * ratio)
+
+
+def test_cli_refuses_a_config_the_recipe_refuses_in_one_line(tmp_path, capsys):
+    path = tmp_path / "odd.yaml"
+    path.write_text(
+        "model:\n  _component_: longlora_tune.models.longlora_llama2_7b\n  max_seq_len: 10001\n"
+        "  s2_group_size_ratio: 0.25\n"
+    )
+    assert main(["--config", str(path)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == (
+        "longlora_tune.plan: error: group_size_ratio 0.25 * max_seq_len 10001 = 2500.25 is not an integer; "
+        "pick a ratio that divides max_seq_len or set group_size\n"
+    )
+    # An odd length has no even group size that divides it; the recipe's length check says so too.
+    assert main(["--config", str(path), "--group-size", "2"]) == 2
+    assert "training length 10001 is not divisible by the S2 group size 2" in capsys.readouterr().err
+    # A length the ratio divides plans (the model is built for --seq-len too: G = 2500).
+    assert main(["--config", str(path), "--seq-len", "10000", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["group_size"] == 2500
+
+
+def _config(tmp_path: Path, body: str) -> str:
+    path = tmp_path / "cfg.yaml"
+    path.write_text(
+        "model:\n  _component_: longlora_tune.models.longlora_llama2_7b\n  max_seq_len: 8192\n" + body
+    )
+    return str(path)
+
+
+def test_training_length_and_its_checks_are_the_recipes(tmp_path):
+    # dataset.block_size is the training length; the group is 1/4 of the model's max_seq_len.
+    settings = load_config_settings(_config(tmp_path, "dataset:\n  block_size: 4096\n"))
+    assert settings["seq_len"] == 4096 and settings["max_seq_len"] == 8192
+    result = plan(**settings, suggest=False)
+    assert (result.seq_len, result.max_seq_len, result.group_size) == (4096, 8192, 2048)
+    # SFT data: dataset.max_seq_len; else the tokenizer's.
+    settings = load_config_settings(_config(tmp_path, "dataset:\n  max_seq_len: 6144\n"))
+    assert settings["seq_len"] == 6144
+    settings = load_config_settings(_config(tmp_path, "dataset: {}\ntokenizer:\n  max_seq_len: 2048\n"))
+    assert settings["seq_len"] == 2048
+    # Lengths the recipe refuses: not whole groups, or longer than the model.
+    settings = load_config_settings(_config(tmp_path, "dataset:\n  block_size: 6000\n"))
+    with pytest.raises(ValueError, match="training length 6000 is not divisible by the S2 group size 2048"):
+        plan(**settings, suggest=False)
+    settings = load_config_settings(_config(tmp_path, "dataset:\n  block_size: 16384\n"))
+    with pytest.raises(ValueError, match="training length 16384 exceeds model.max_seq_len=8192"):
+        plan(**settings, suggest=False)
+
+
+def test_fp32_trainable_params_is_read_from_the_config_and_the_cli(tmp_path, capsys):
+    assert load_config_settings("llama2_7b_100k")["fp32_trainable_params"] is True
+    path = _config(tmp_path, "dtype: bf16\nfp32_trainable_params: false\n")
+    assert load_config_settings(path)["fp32_trainable_params"] is False
+
+    def optimizer_bytes(*argv: str) -> int:
+        main([*argv, "--gpus", "8", "--json"])
+        return json.loads(capsys.readouterr().out)["memory"]["optimizer (AdamW)"]
+
+    assert optimizer_bytes("--config", path) == 4 * 139_726_848 // 8
+    assert optimizer_bytes("--config", path, "--fp32-trainable-params") == 8 * 139_726_848 // 8
+    assert optimizer_bytes("--model", "7b", "--seq-len", "8192") == 8 * 139_726_848 // 8  # recipe default
+    assert optimizer_bytes("--model", "7b", "--seq-len", "8192", "--no-fp32-trainable-params") == (
+        4 * 139_726_848 // 8
+    )
+
+
+def test_gradient_accumulation_is_the_recipes(tmp_path, capsys):
+    settings = load_config_settings("llama2_7b_8k")
+    assert plan(**settings, gpus=8, suggest=False).gradient_accumulation_steps == 8
+    assert plan(**settings, gpus=2, suggest=False).gradient_accumulation_steps == 32
+    assert main(["--config", "llama2_7b_8k", "--gpus", "3"]) == 2
+    assert capsys.readouterr().err.startswith(
+        "longlora_tune.plan: error: global_batch_size=64 is not divisible by batch_size=1 x world_size=3"
+    )
+    assert main(["--config", "llama2_7b_8k", "--gpus", "3", "--global-batch-size", "63"]) == 0
+    # The batch-size suggestion names the accumulation the recipe would then use.
+    tight = plan("7b", 32768, gpus=8, gpu_memory_gib=40, batch_size=2, global_batch_size=64)
+    assert not tight.fits and tight.gradient_accumulation_steps == 4
+    assert any(
+        s.startswith("batch_size=1 with gradient accumulation 8 (global_batch_size 64 unchanged)")
+        for s in tight.suggestions
+    ), tight.suggestions
+
+
+def test_fsdp_cpu_offload_is_neither_read_nor_suggested(tmp_path):
+    # longlora_distributed has no fsdp_cpu_offload: a config that sets it runs without offloading, so it
+    # is planned without, and the planner does not suggest a setting the recipe would ignore.
+    plain = load_config_settings(_config(tmp_path, ""))
+    offload = load_config_settings(_config(tmp_path, "fsdp_cpu_offload: true\n"))
+    assert offload == plain
+    tight = plan("7b", 100_000, gpus=8, gpu_memory_gib=40, activation_checkpointing=False)
+    assert tight.suggestions and not any("cpu_offload" in s for s in tight.suggestions), tight.suggestions

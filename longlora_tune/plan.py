@@ -37,7 +37,6 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 from longlora_tune._io import atomic_write_json
@@ -327,18 +326,6 @@ def activation_bytes(
 # ----------------------------------------------------------------------------------------------------
 # Settings the recipe derives, derived here by the same functions
 # ----------------------------------------------------------------------------------------------------
-
-
-def _recipe_rules() -> ModuleType:
-    """The training recipe's config rules: ``training_length``, ``check_training_length``,
-    ``gradient_accumulation_steps``.
-
-    The planner calls the recipe's own functions instead of copies so that it cannot drift from them. This
-    is their only import site; they move to ``longlora_tune.config_checks`` with the recipe restructuring.
-    """
-    from longlora_tune.recipes import longlora_distributed
-
-    return longlora_distributed
 
 
 def _resolve_group_size(max_seq_len: int, group_size: int | None, group_size_ratio: float | None) -> int:
@@ -690,6 +677,8 @@ def plan(
             builder's message on settings they refuse (an S² group size that is not an even integer, a
             training length that is not a multiple of it, a ``global_batch_size`` that does not divide).
     """
+    from longlora_tune import config_checks
+
     if isinstance(model, str):
         if model not in MODEL_SHAPES:
             raise ValueError(
@@ -718,16 +707,15 @@ def plan(
         raise ValueError(f"gpu_memory_gib must be > 0, got {gpu_memory_gib}")
     if s2 and shape.num_heads % 2:
         raise ValueError(f"S2 needs an even number of heads, the model has {shape.num_heads}")
-    rules = _recipe_rules()
     max_seq_len = seq_len if max_seq_len is None else max_seq_len
     # The builder resolves the group size even for full attention, so a setting it refuses fails here too.
     resolved = _resolve_group_size(max_seq_len, group_size, group_size_ratio)
     group_size = resolved if s2 else None
-    rules.check_training_length(seq_len, max_seq_len, group_size)
+    config_checks.check_training_length(seq_len, max_seq_len, group_size)
     grad_accum = (
         None
         if global_batch_size is None
-        else rules.gradient_accumulation_steps(global_batch_size, batch_size, gpus)
+        else config_checks.gradient_accumulation_steps(global_batch_size, batch_size, gpus)
     )
     trainable, total = parameter_counts(
         shape, lora_rank=lora_rank, lora_modules=lora_modules, trainable_extras=trainable_extras
@@ -812,7 +800,7 @@ def plan(
     if batch_size > 1:
         # The recipe derives the accumulation from global_batch_size; say what it becomes.
         accumulation = (
-            f"gradient accumulation {rules.gradient_accumulation_steps(global_batch_size, 1, gpus)} "
+            f"gradient accumulation {config_checks.gradient_accumulation_steps(global_batch_size, 1, gpus)} "
             f"(global_batch_size {global_batch_size} unchanged)"
             if global_batch_size is not None
             else f"{batch_size}x the gradient accumulation steps"
@@ -859,7 +847,9 @@ def _config_path(name: str) -> Path:
     path = Path(name)
     if path.suffix in (".yaml", ".yml") and path.is_file():
         return path
-    shipped = Path(__file__).resolve().parent / "configs"
+    from longlora_tune import resources
+
+    shipped = resources.configs_dir()
     candidate = shipped / (name if name.endswith((".yaml", ".yml")) else f"{name}.yaml")
     if candidate.is_file():
         return candidate
@@ -877,7 +867,7 @@ def load_config_settings(name: str) -> dict[str, Any]:
     ``enable_activation_checkpointing``, ``loss.num_output_chunks`` and the S² group settings.
 
     Args:
-        name: Config name in ``longlora_tune/configs`` (without ``.yaml``) or a path.
+        name: Config name in ``configs/`` (without ``.yaml``) or a path.
 
     Returns:
         Keyword arguments for :func:`plan` (``model``, ``seq_len`` and ``max_seq_len`` included).
@@ -886,6 +876,8 @@ def load_config_settings(name: str) -> dict[str, Any]:
         ValueError: If the config is missing or its model section cannot be read.
     """
     from omegaconf import OmegaConf  # torchtune's config library; only the CLI needs it
+
+    from longlora_tune import config_checks
 
     raw = OmegaConf.load(_config_path(name))
     cfg = OmegaConf.to_container(raw, resolve=True)
@@ -899,7 +891,7 @@ def load_config_settings(name: str) -> dict[str, Any]:
     for key in ("dataset", "tokenizer"):
         if raw.get(key) is None:
             raw[key] = {}
-    train_len = _recipe_rules().training_length(raw)
+    train_len = config_checks.training_length(raw)
     settings: dict[str, Any] = {
         "max_seq_len": int(model["max_seq_len"]),
         "seq_len": int(model["max_seq_len"]) if train_len is None else train_len,

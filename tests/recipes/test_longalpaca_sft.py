@@ -226,30 +226,6 @@ def test_packed_s2_documents_do_not_see_each_other(assets, tmp_path):
 # ----------------------------------------------------------------------------------------- validation
 
 
-@pytest.mark.parametrize(
-    ("extra", "message"),
-    [
-        ({"dataset.packed": "true", "model.s2_backend": "flash"}, "dataset.packed=true needs an S2 backend"),
-        ({"model.s2_wrap_around": "true"}, "s2_wrap_around=true lets the first tokens attend the padding"),
-        ({"pad_to_multiple_of": 0}, "pad_to_multiple_of=0 must be a positive integer or null"),
-        ({"epochs": 2}, "set exactly one of max_steps and epochs"),
-        ({"max_steps": "null"}, "set exactly one of max_steps and epochs"),
-        ({"epochs": 0, "max_steps": "null"}, "epochs=0 must be >= 1"),
-    ],
-)
-def test_bad_sft_settings_are_refused(assets, tmp_path, extra, message):
-    with pytest.raises(LongLoRAConfigError, match=re.escape(message)):
-        config_checks.validate_config(_cfg(assets, tmp_path / "o", **extra), world_size=1)
-
-
-def test_packing_with_full_attention_or_wrap_around_is_accepted(assets, tmp_path):
-    for extra in (
-        {"dataset.packed": "true", "model.s2_wrap_around": "true"},
-        {"dataset.packed": "true", "model.s2_backend": "flash", "model.use_full_attn": "true"},
-    ):
-        assert config_checks.validate_config(_cfg(assets, tmp_path / "o", **extra), world_size=1) == 2
-
-
 # ----------------------------------------------------------------------------------------- shipped configs
 
 

@@ -13,15 +13,21 @@ and the RoPE factor of the training length (``--training-length``/``--rope-scali
 checkpoint's ``rope_scaling``). ``--adapter`` loads an unmerged ``adapter/`` folder on top of a base
 checkpoint. Defaults follow LongLoRA's ``inference.py`` (temperature 0.6, top-p 0.9); temperature 0 is
 greedy. Missing files end with one ``longlora_tune: error: ...`` line and exit code 2.
+
+A prompt longer than the context the model was trained on still runs (the RoPE cache is sized for it),
+but positions past the trained context were never seen in training, so the command prints one
+``longlora_tune: warning: ...`` line on stderr naming both lengths (:func:`trained_context_length`,
+:func:`context_warning`).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import torch
 
@@ -52,6 +58,69 @@ def build_prompt(material: str, question: str, template: str = "llama2_chat") ->
     from longlora_tune.data.longalpaca import longalpaca_prompt
 
     return longalpaca_prompt(instruction, "", template)
+
+
+def trained_context_length(
+    hf_config: Mapping[str, Any],
+    *,
+    rope_scaling_factor: float,
+    training_length: int | None = None,
+    adapter_meta: Mapping[str, Any] | None = None,
+) -> tuple[int, str]:
+    """The context length the model was trained on, and where that number comes from.
+
+    In order: ``--training-length`` when given; the ``training_length`` an unmerged adapter's
+    ``longlora.json`` records (when the model uses that adapter's RoPE factor); else the RoPE factor the
+    model is loaded with times the checkpoint's ``max_position_embeddings`` (a merged LongLoRA export
+    keeps the base's ``max_position_embeddings`` and records the factor in ``rope_scaling``, so a 4096
+    base trained at 32768 reads 8 x 4096; a checkpoint without scaling gives its own context).
+
+    Args:
+        hf_config: the checkpoint's ``config.json``.
+        rope_scaling_factor: the linear RoPE factor the model was loaded with.
+        training_length: the ``--training-length`` argument, if given.
+        adapter_meta: the adapter's ``longlora.json``, if an adapter was loaded.
+
+    Returns:
+        ``(tokens, source)``, e.g. ``(256, "RoPE factor 4 x max_position_embeddings 64")``.
+    """
+    if training_length:
+        return int(training_length), "--training-length"
+    if adapter_meta and adapter_meta.get("training_length"):
+        recorded = adapter_meta.get("rope_scaling_factor")
+        if recorded is None or float(recorded) == float(rope_scaling_factor):
+            return int(adapter_meta["training_length"]), "training_length in the adapter's longlora.json"
+    original = int(hf_config.get("max_position_embeddings", 4096))
+    factor = float(rope_scaling_factor)
+    return round(factor * original), f"RoPE factor {factor:g} x max_position_embeddings {original}"
+
+
+def context_warning(prompt_tokens: int, max_new_tokens: int, context: int, source: str) -> str | None:
+    """One-line warning when the prompt (or prompt + answer) is longer than the trained context.
+
+    Args:
+        prompt_tokens: prompt length in tokens (BOS included).
+        max_new_tokens: the ``--max-new-tokens`` budget.
+        context: the trained context length (:func:`trained_context_length`).
+        source: where ``context`` comes from (shown in the warning).
+
+    Returns:
+        The warning line, or None when prompt and answer fit.
+    """
+    if prompt_tokens > context:
+        return (
+            f"longlora_tune: warning: the prompt has {prompt_tokens:,} tokens but the model was trained on "
+            f"{context:,}-token contexts ({source}); positions past {context:,} were never trained, so "
+            "expect a degraded answer (repetition, text that ignores the material); shorten --file or use a "
+            "model trained on longer contexts"
+        )
+    if prompt_tokens + max_new_tokens > context:
+        return (
+            f"longlora_tune: warning: the prompt ({prompt_tokens:,} tokens) plus up to {max_new_tokens:,} "
+            f"new tokens passes the trained context of {context:,} tokens ({source}); the answer may degrade "
+            f"after its first {context - prompt_tokens:,} tokens"
+        )
+    return None
 
 
 class _Streamer:
@@ -169,6 +238,16 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         file=sys.stderr,
         flush=True,
     )
+    # load_eval_model has validated both files; read again for the lengths the model was trained on.
+    context, source = trained_context_length(
+        json.loads((Path(info["checkpoint_dir"]) / "config.json").read_text()),
+        rope_scaling_factor=info["rope_scaling_factor"],
+        training_length=args.training_length,
+        adapter_meta=json.loads((Path(args.adapter) / "longlora.json").read_text()) if args.adapter else None,
+    )
+    warning = context_warning(len(ids), args.max_new_tokens, context, source)
+    if warning is not None:
+        print(warning, file=sys.stderr, flush=True)
     streamer = _Streamer(tokenizer, out)
     generate(
         model,

@@ -12,8 +12,10 @@ itself and exports the embedding and norms as PEFT ``modules_to_save``.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
+import textwrap
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,7 @@ from torchtune.models import convert_weights
 from torchtune.modules import RMSNorm
 from torchtune.modules.peft import get_adapter_params
 
-from longlora_tune._io import atomic_path, atomic_write_json
+from longlora_tune._io import atomic_path, atomic_write_json, atomic_write_text
 from longlora_tune.modules.position_interpolation import check_rope_factor
 
 __all__ = [
@@ -242,6 +244,93 @@ def _permute_rows_to_hf(t: Tensor, n_heads: int, head_dim: int) -> Tensor:
     return out if t.dim() == 2 else out.squeeze(1)
 
 
+# Where the model card's loading snippet names this folder; users (and the tests) put the real path there.
+_CARD_ADAPTER_PLACEHOLDER = "path/to/peft"
+
+
+def _peft_model_card(
+    *,
+    base_model_name_or_path: str,
+    factor: float,
+    rope_theta: float,
+    lora_rank: int,
+    lora_alpha: float,
+    target_modules: list[str],
+    use_dora: bool,
+    saved_modules: list[str],
+) -> str:
+    """README.md of a PEFT export: how to load it with its RoPE scaling, which PEFT cannot record."""
+    base = json.dumps(base_model_name_or_path)  # a JSON string is a valid YAML scalar, whatever the path
+    parameters = json.dumps({"rope_type": "linear", "factor": factor, "rope_theta": rope_theta})
+    scaling = json.dumps({"type": "linear", "factor": factor})
+    method = "DoRA" if use_dora else "LoRA"
+    if saved_modules:
+        extras = (
+            "LongLoRA trains the token embedding and every RMSNorm scale along with the low-rank weights, so "
+            "this adapter stores full trained copies of them as PEFT `modules_to_save`: "
+            + ", ".join(f"`{m}`" for m in saved_modules)
+            + ". PEFT swaps them in when the adapter loads (and `merge_and_unload()` keeps them), which is "
+            "why the adapter file is much larger than a plain LoRA adapter. Loading only the LoRA weights "
+            "would drop them (LongLoRA paper, Table 2: long-context perplexity is much worse without them)."
+        )
+        extras = textwrap.fill(extras, width=100, break_long_words=False, break_on_hyphens=False)
+    else:
+        extras = "This adapter was trained without the embedding/norm extras: LoRA weights only."
+    return f"""---
+library_name: peft
+base_model: {base}
+tags:
+- lora
+- longlora
+- rope-scaling
+---
+
+# LongLoRA {method} adapter (linear RoPE scaling, factor {factor:g})
+
+{method} adapter (r={lora_rank}, alpha={lora_alpha:g}, target modules: {", ".join(target_modules)}) trained
+with LongLoRA for long contexts on top of `{base_model_name_or_path}`. Training interpolated the
+positions with **linear RoPE scaling, factor {factor:g}** (the base model's context length x {factor:g}).
+PEFT's `adapter_config.json` has no field for RoPE scaling, so the base model must be loaded with it
+before the adapter is applied. The same values are in `rope_scaling.json` next to this file.
+
+## Loading it correctly
+
+```python
+import transformers
+from peft import PeftModel
+
+adapter_dir = "{_CARD_ADAPTER_PLACEHOLDER}"  # the folder holding this README
+if int(transformers.__version__.split(".")[0]) >= 5:
+    # transformers 5 reads rope_parameters (it also carries rope_theta, which rope_scaling alone would lose)
+    rope = {{"rope_parameters": {parameters}}}
+else:
+    rope = {{"rope_scaling": {scaling}}}
+base = transformers.AutoModelForCausalLM.from_pretrained({base}, **rope)
+model = PeftModel.from_pretrained(base, adapter_dir)
+```
+
+`AutoPeftModelForCausalLM.from_pretrained(adapter_dir, **rope)` is equivalent: PEFT passes the extra
+keyword arguments on to the base model's `from_pretrained`.
+
+## Why `AutoPeftModelForCausalLM.from_pretrained(adapter_dir)` alone is wrong
+
+Without the `rope_parameters` / `rope_scaling` argument, PEFT loads the base model with its own
+`config.json`, i.e. **without** the factor-{factor:g} RoPE scaling. The adapter then sees rotary
+positions it was never trained with: the logits differ from the trained model's throughout the
+sequence (not only past the base's original context), and long inputs degrade badly. The same holds for
+`PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter_dir)`. Nothing warns
+about it: check that `model.config.rope_parameters` (transformers 5) or `model.config.rope_scaling`
+(4.x) shows factor {factor:g}.
+
+If the training run also exported `hf/` (merged weights, `rope_scaling` in its `config.json`),
+`AutoModelForCausalLM.from_pretrained("<run>/hf")` loads the same model with no extra arguments.
+
+## Trainable extras
+
+{extras}
+"""
+
+
 def save_peft_adapter(
     trainable_sd: Mapping[str, Tensor],
     out_dir: str | Path,
@@ -257,8 +346,10 @@ def save_peft_adapter(
 
     Files: ``adapter_model.safetensors`` (PEFT names, ``base_model.model.`` + HF Llama names; LoRA
     ``lora_A``/``lora_B``, DoRA ``lora_magnitude_vector``; q/k LoRA B rows permuted like torchtune's
-    ``tune_to_hf`` permutes the base weights), ``adapter_config.json``, and ``rope_scaling.json`` with the
-    ``rope_scaling`` the base model must be loaded with::
+    ``tune_to_hf`` permutes the base weights), ``adapter_config.json``, ``rope_scaling.json`` with the
+    ``rope_scaling`` the base model must be loaded with, and a ``README.md`` model card (YAML front matter
+    ``library_name: peft`` and ``base_model``) that gives the loading code below with the values filled in
+    and explains why ``AutoPeftModelForCausalLM.from_pretrained(out_dir)`` alone loads the wrong model::
 
         extra = json.load(open(out_dir / "rope_scaling.json"))
         base = AutoModelForCausalLM.from_pretrained(base_dir, rope_parameters=extra["rope_parameters"])
@@ -363,6 +454,19 @@ def save_peft_adapter(
             "note": "Load the base model with this RoPE scaling before PeftModel.from_pretrained: "
             "from_pretrained(base, rope_parameters=...) on transformers>=5, rope_scaling=... on 4.x.",
         },
+    )
+    atomic_write_text(
+        out / "README.md",
+        _peft_model_card(
+            base_model_name_or_path=base_model_name_or_path,
+            factor=factor,
+            rope_theta=rope_theta,
+            lora_rank=lora_rank,
+            lora_alpha=lora_alpha,
+            target_modules=sorted(peft_config["target_modules"]),
+            use_dora=use_dora,
+            saved_modules=sorted(saved_modules),
+        ),
     )
     log.info(
         "Wrote PEFT adapter (%d tensors, modules_to_save=%s) to %s", len(tensors), sorted(saved_modules), out

@@ -180,8 +180,12 @@ def _perturb(model):
                 p.mul_(1 + 0.1 * torch.rand(p.shape, generator=gen))
 
 
-@pytest.mark.parametrize("use_dora", [False, True])
-def test_peft_round_trip_matches_torchtune_logits(tmp_path, use_dora):
+def _export_trained(tmp_path, use_dora=False):
+    """Base HF model, a "trained" LongLoRA model on it (factor 4) and its PEFT export.
+
+    Returns:
+        ``(peft folder, tokens, logits of the trained torchtune model)``.
+    """
     _hf_base(tmp_path / "base")
     base = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base")
     model = _tiny(use_dora=use_dora)
@@ -210,6 +214,12 @@ def test_peft_round_trip_matches_torchtune_logits(tmp_path, use_dora):
         target_modules=["q_proj", "k_proj", "v_proj", "output_proj"],
         rope_scaling_factor=4.0,
     )
+    return out, tokens, expected
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_peft_round_trip_matches_torchtune_logits(tmp_path, use_dora):
+    out, tokens, expected = _export_trained(tmp_path, use_dora)
     config = json.loads((out / "adapter_config.json").read_text())
     assert sorted(config["target_modules"]) == ["k_proj", "o_proj", "q_proj", "v_proj"]
     assert config["modules_to_save"] == [
@@ -235,6 +245,43 @@ def test_peft_round_trip_matches_torchtune_logits(tmp_path, use_dora):
         assert (peft_model(tokens).logits - expected).abs().max().item() > 1e-2
 
 
+def test_model_card_instructions_reproduce_the_trained_logits(tmp_path):
+    import re
+
+    import yaml
+
+    out, tokens, expected = _export_trained(tmp_path)
+    card = (out / "README.md").read_text()
+    _, front_matter, body = card.split("---\n", 2)
+    meta = yaml.safe_load(front_matter)
+    assert meta["library_name"] == "peft" and meta["base_model"] == str(tmp_path / "base")
+    assert "linear RoPE scaling, factor 4**" in body
+    assert "## Why `AutoPeftModelForCausalLM.from_pretrained(adapter_dir)` alone is wrong" in body
+    saved = json.loads((out / "adapter_config.json").read_text())["modules_to_save"]
+    assert "`modules_to_save`: " + ", ".join(f"`{m}`" for m in saved) in " ".join(body.split())
+
+    # Follow the card: run its code block with this folder as adapter_dir.
+    (code,) = re.findall(r"```python\n(.*?)```", body, flags=re.S)
+    assert code.count('"path/to/peft"') == 1
+    namespace: dict = {}
+    exec(code.replace('"path/to/peft"', repr(str(out))), namespace)
+    with torch.no_grad():
+        error = (namespace["model"].eval()(tokens).logits - expected).abs().max().item()
+    assert error < 1e-5
+    # The card's one-line alternative: AutoPeftModelForCausalLM with the same RoPE argument.
+    auto = peft.AutoPeftModelForCausalLM.from_pretrained(out, **namespace["rope"]).eval()
+    with torch.no_grad():
+        assert (auto(tokens).logits - expected).abs().max().item() < 1e-5
+    # What the card warns about: AutoPeftModelForCausalLM alone loads the base without the scaling. (The
+    # tiny random model's logits are ~0.1, so a RoPE mismatch shows as ~3e-3, hundreds of times the error.)
+    plain = peft.AutoPeftModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        wrong = (plain(tokens).logits - expected).abs().max().item()
+    assert wrong > 1e-3 and wrong > 100 * error
+    assert plain.config.rope_parameters["rope_type"] == "default"
+    assert namespace["model"].config.rope_parameters["factor"] == 4.0
+
+
 def test_peft_export_lora_only(tmp_path):
     model = _tiny()
     save_peft_adapter(
@@ -249,6 +296,8 @@ def test_peft_export_lora_only(tmp_path):
     )
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["modules_to_save"] is None
+    card = (tmp_path / "README.md").read_text()
+    assert "LoRA weights only" in card and "modules_to_save`:" not in card
     from safetensors.torch import load_file
 
     keys = set(load_file(tmp_path / "adapter_model.safetensors"))

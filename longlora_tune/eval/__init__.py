@@ -9,7 +9,7 @@
   checkpoint or base + unmerged adapter, with the RoPE factor of the training length.
 * :mod:`~longlora_tune.eval.reporting`: JSON, CSV, table and PNG outputs.
 
-The recipes ``longlora_tune/recipes/longlora_eval_perplexity.py`` and ``longlora_eval_passkey.py`` and
+The recipes ``recipes/longlora_eval_perplexity.py`` and ``longlora_eval_passkey.py`` and
 the command ``python -m longlora_tune.generate`` are built from these pieces.
 """
 

@@ -1,4 +1,4 @@
-"""Passkey retrieval, the protocol of LongLoRA's ``passkey_retrivial.py`` (REFERENCE §5).
+"""Passkey retrieval, the protocol of LongLoRA's ``passkey_retrivial.py`` (docs/reference.md).
 
 A prompt is five parts joined with ``"\\n"``: the task description, the first ``p`` characters of the
 repeated filler, the key line, the first ``n - p`` characters of the filler, and the question. Trial
@@ -14,12 +14,16 @@ measured with the evaluation tokenizer. The reference's character counts are ava
 Scoring: greedy decoding (KV cache) for as many tokens as the answer has; a trial passes when the
 generated tokens equal the answer's tokens exactly. The answer is ``str(k)`` encoded without BOS/EOS
 (SentencePiece adds the word-start piece, which is what follows ``"... The pass key is"``).
+
+Every trial is recorded (:class:`PasskeyTrial`: seed, expected key, generated text and ids, prompt
+length, where the key sat, match), so a result file shows what the model answered, not only how often it
+was right; under torchrun the records of all ranks are gathered.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -36,6 +40,7 @@ __all__ = [
     "TASK_DESCRIPTION",
     "PasskeyPrompt",
     "PasskeyResult",
+    "PasskeyTrial",
     "build_prompts",
     "evaluate_passkey",
     "make_passkey_prompt",
@@ -222,6 +227,37 @@ def score_passkey(
 
 
 @dataclass
+class PasskeyTrial:
+    """One passkey trial: what was asked and what the model answered.
+
+    Attributes:
+        seed: the trial seed (draws the key and its position; the same seed gives the same prompt).
+        key: the expected pass key.
+        expected: the expected answer text (``str(key)``).
+        generated: the decoded greedy answer (as many tokens as the expected answer has).
+        expected_ids: token ids of the expected answer.
+        generated_ids: token ids the model generated.
+        prompt_tokens: prompt length in tokens, BOS included.
+        position: filler characters before the key line.
+        num_chars: filler characters in the prompt (``n``).
+        depth: ``position / num_chars``: where the key sat (0 = right after the task, 1 = at the question).
+        passed: whether the generated ids equal the expected ids.
+    """
+
+    seed: int
+    key: int
+    expected: str
+    generated: str
+    expected_ids: list[int]
+    generated_ids: list[int]
+    prompt_tokens: int
+    position: int
+    num_chars: int
+    depth: float
+    passed: bool
+
+
+@dataclass
 class PasskeyResult:
     """Accuracy at one requested length.
 
@@ -233,6 +269,7 @@ class PasskeyResult:
         num_trials: trials run.
         num_passed: trials whose answer matched exactly.
         accuracy: ``num_passed / num_trials``.
+        trials: every trial of this length, in seed order.
     """
 
     target_length: int
@@ -242,9 +279,10 @@ class PasskeyResult:
     num_trials: int
     num_passed: int
     accuracy: float
+    trials: list[PasskeyTrial] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain dict for JSON/CSV."""
+        """Plain dict for JSON (``trials`` is a list of dicts; CSV writers leave it out)."""
         return asdict(self)
 
 
@@ -298,8 +336,8 @@ def evaluate_passkey(
 ) -> list[PasskeyResult]:
     """Run every trial and report accuracy per length.
 
-    Trials are numbered over the whole sweep and trial ``j`` runs on rank ``j % world_size``; pass counts
-    are all-reduced when ``world_size`` > 1.
+    Trials are numbered over the whole sweep and trial ``j`` runs on rank ``j % world_size``; the trial
+    records of all ranks are gathered when ``world_size`` > 1, so every rank returns the full results.
 
     Args:
         model: decoder in eval mode (full attention), ``max_seq_len`` >= longest prompt + answer.
@@ -314,15 +352,15 @@ def evaluate_passkey(
         progress: show a progress bar (rank 0 only).
 
     Returns:
-        One :class:`PasskeyResult` per length.
+        One :class:`PasskeyResult` per length, each with its :class:`PasskeyTrial` records.
     """
-    passed = torch.zeros(len(lengths), dtype=torch.float64)
     jobs = [(li, ti) for li, trials in enumerate(prompts) for ti in range(len(trials))]
     mine = jobs[rank::world_size]
+    records: dict[tuple[int, int], PasskeyTrial] = {}
     bar = tqdm(mine, desc="passkey", disable=not progress or rank != 0, unit="trial")
     for li, ti in bar:
         prompt, ids = prompts[li][ti]
-        ok, _, _ = score_passkey(
+        ok, generated, expected = score_passkey(
             model,
             tokenizer,
             ids,
@@ -331,16 +369,30 @@ def evaluate_passkey(
             prefill_chunk_size=prefill_chunk_size,
             device=device,
         )
-        passed[li] += float(ok)
+        records[(li, ti)] = PasskeyTrial(
+            seed=prompt.seed,
+            key=prompt.key,
+            expected=prompt.answer,
+            generated=tokenizer.decode(generated),
+            expected_ids=list(expected),
+            generated_ids=list(generated),
+            prompt_tokens=len(ids),
+            position=prompt.position,
+            num_chars=prompt.num_chars,
+            depth=prompt.position / prompt.num_chars,
+            passed=bool(ok),
+        )
         bar.set_postfix(length=len(ids))
     if world_size > 1:
-        on = torch.device(device) if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
-        buf = passed.to(on)
-        torch.distributed.all_reduce(buf)
-        passed = buf.cpu()
+        # Objects, not tensors: the records hold text. gloo and nccl both gather objects.
+        gathered: list[Any] = [None] * world_size
+        torch.distributed.all_gather_object(gathered, records)
+        records = {k: v for part in gathered for k, v in part.items()}
     results = []
     for li, length in enumerate(lengths):
-        counts = [len(ids) for _, ids in prompts[li]]
+        trials = [records[(li, ti)] for ti in range(len(prompts[li]))]
+        counts = [t.prompt_tokens for t in trials]
+        num_passed = sum(t.passed for t in trials)
         results.append(
             PasskeyResult(
                 target_length=int(length),
@@ -348,8 +400,9 @@ def evaluate_passkey(
                 min_prompt_tokens=min(counts),
                 max_prompt_tokens=max(counts),
                 num_trials=len(counts),
-                num_passed=int(passed[li].item()),
-                accuracy=passed[li].item() / len(counts),
+                num_passed=num_passed,
+                accuracy=num_passed / len(counts),
+                trials=trials,
             )
         )
     return results

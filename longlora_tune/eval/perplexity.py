@@ -1,4 +1,4 @@
-"""Sliding-window perplexity, the protocol of LongLoRA's ``eval.py`` (REFERENCE §5).
+"""Sliding-window perplexity, the protocol of LongLoRA's ``eval.py`` (docs/reference.md).
 
 Protocol, for one evaluation length ``L`` over a token stream of ``n`` tokens:
 
@@ -22,7 +22,8 @@ Edge cases (chosen and documented here, tested in ``tests/eval``):
   so a bounded run still samples every part of the data instead of only its beginning.
 
 Data sources (:func:`load_token_stream`): a pre-tokenized ``uint16`` ``.bin`` stream (PG19 /
-proof-pile files of the reference, read with ``np.memmap``), local text files (``.txt`` read whole,
+proof-pile files of the reference, read with ``np.memmap`` after :func:`read_token_bin` checks that it is
+one: non-empty, even size, not text, ids below the vocabulary), local text files (``.txt`` read whole,
 ``.jsonl``/``.json`` records with a text column), or a Hugging Face hub dataset. Text is tokenized with
 the config's tokenizer: every document as BOS + text + EOS, documents concatenated into one stream.
 
@@ -32,6 +33,7 @@ all-reduced, so every rank ends with the same numbers.
 
 from __future__ import annotations
 
+import codecs
 import json
 import math
 from collections.abc import Iterable, Sequence
@@ -52,6 +54,8 @@ __all__ = [
     "PerplexityResult",
     "evaluate_perplexity",
     "load_token_stream",
+    "max_token_id",
+    "read_token_bin",
     "score_window",
     "select_windows",
     "window_starts",
@@ -203,10 +207,20 @@ def evaluate_perplexity(
 
     Raises:
         ValueError: for a non-1-D stream or an evaluation length above the model's ``max_seq_len``.
+        LongLoRAConfigError: for a token id outside the model's vocabulary.
     """
     if stream.ndim != 1:
         raise ValueError(f"the token stream must be 1-D, got shape {tuple(stream.shape)}")
     n = int(stream.shape[0])
+    embedding = getattr(model, "tok_embeddings", None)
+    if isinstance(embedding, nn.Embedding) and n:
+        # An id past the embedding table would end in an IndexError inside the first window.
+        largest = max_token_id(stream)
+        if largest >= embedding.num_embeddings:
+            raise LongLoRAConfigError(
+                f"the token stream holds id {largest} but the model's vocabulary has "
+                f"{embedding.num_embeddings} ids; the data was not tokenized with this model's tokenizer"
+            )
     device = torch.device(device)
     max_len = getattr(model, "max_seq_len", None)
     results = []
@@ -256,6 +270,97 @@ def evaluate_perplexity(
     return results
 
 
+# Bytes read from the start of a .bin file to tell a text file from a token stream.
+_TEXT_SNIFF_BYTES = 64 * 1024
+# Token ids scanned per step when checking a stream against the vocabulary (bounded memory for big files).
+_SCAN_TOKENS = 1 << 24
+
+
+def _looks_like_text(sample: bytes) -> bool:
+    """Whether ``sample`` reads as UTF-8 text: only printable characters and whitespace.
+
+    A uint16 token stream fails this almost surely: its low bytes are spread over all 256 values (control
+    bytes and invalid UTF-8 included) and BOS (id 1) alone is the control bytes ``01 00``.
+    """
+    if len(sample) < 64:  # too few bytes to tell; the size and id checks still apply
+        return False
+    try:
+        # final=False: a multi-byte character cut at the end of the sample is not an error.
+        text = codecs.getincrementaldecoder("utf-8")().decode(sample, final=False)
+    except UnicodeDecodeError:
+        return False
+    text = text.removeprefix("\ufeff")
+    return all(ch.isprintable() or ch.isspace() for ch in text)
+
+
+def max_token_id(stream: np.ndarray | torch.Tensor) -> int:
+    """Largest token id of a 1-D stream, scanned in slices so a memory-mapped file is never copied whole.
+
+    Args:
+        stream: token ids (``np.memmap``, array or tensor); must not be empty.
+
+    Returns:
+        The largest id.
+    """
+    if isinstance(stream, torch.Tensor):
+        return int(stream.max().item())
+    return max(int(np.max(stream[i : i + _SCAN_TOKENS])) for i in range(0, len(stream), _SCAN_TOKENS))
+
+
+def read_token_bin(path: str | Path, *, vocab_size: int | None = None) -> np.ndarray:
+    """Open a pre-tokenized ``uint16`` token stream (LongLoRA's pg19 / proof-pile ``.bin`` format).
+
+    The file is checked before anything reads windows from it, so a wrong file ends with one line naming
+    it instead of an ``IndexError`` deep in the model: it must exist, be non-empty, not be a text file,
+    have an even size (2 bytes per token) and, with ``vocab_size``, hold only ids below it (an id out of
+    range means the file was made with another tokenizer, or is not a token stream at all).
+
+    Args:
+        path: the ``.bin`` file.
+        vocab_size: the tokenizer's (or model's) vocabulary size; None skips the id check.
+
+    Returns:
+        A read-only ``np.memmap`` of ``uint16`` token ids.
+
+    Raises:
+        LongLoRAConfigError: if any check fails; the message names the file and the fix.
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise LongLoRAConfigError(
+            f"dataset.path={str(file)!r} does not exist; give a uint16 token stream such as "
+            "pg19/test.bin or proof-pile/test_sampled_data.bin"
+        )
+    size = file.stat().st_size
+    if size == 0:
+        raise LongLoRAConfigError(
+            f"dataset.path={str(file)!r} is empty (0 bytes); give a non-empty uint16 token stream "
+            "(e.g. pg19/test.bin)"
+        )
+    with file.open("rb") as f:
+        sample = f.read(_TEXT_SNIFF_BYTES)
+    if _looks_like_text(sample):
+        raise LongLoRAConfigError(
+            f"dataset.path={str(file)!r} is a text file, not a uint16 token stream; "
+            "evaluate it with dataset.source=text (it is tokenized with the config's tokenizer)"
+        )
+    if size % 2:
+        raise LongLoRAConfigError(
+            f"dataset.path={str(file)!r} has an odd size ({size} bytes), so it is not a uint16 token "
+            "stream (2 bytes per token); give a .bin of numpy uint16 ids, or use dataset.source=text for text"
+        )
+    stream = np.memmap(file, dtype=np.uint16, mode="r")
+    if vocab_size is not None:
+        largest = max_token_id(stream)
+        if largest >= int(vocab_size):
+            raise LongLoRAConfigError(
+                f"dataset.path={str(file)!r} holds token id {largest} but the vocabulary has {vocab_size} "
+                "ids, so it is not a uint16 token stream of this tokenizer; tokenize the data with the "
+                "model's tokenizer, or use dataset.source=text for text"
+            )
+    return stream
+
+
 def _read_text_documents(path: Path, column: str) -> list[str]:
     if path.suffix == ".jsonl":
         docs = []
@@ -296,6 +401,7 @@ def load_token_stream(
     split: str = "test",
     data_files: str | Sequence[str] | None = None,
     max_documents: int | None = None,
+    vocab_size: int | None = None,
 ) -> np.ndarray:
     """Load the evaluation token stream.
 
@@ -310,23 +416,21 @@ def load_token_stream(
         split: hub dataset split.
         data_files: data files for a hub loader (e.g. ``name="json"`` with local or ``hf://`` files).
         max_documents: use only the first documents (text and hub sources).
+        vocab_size: for ``"bin"``: every token id must be below this (default: the tokenizer's
+            ``vocab_size`` when a tokenizer is given; no id check without either).
 
     Returns:
         1-D array of token ids (a read-only ``np.memmap`` for ``.bin``).
 
     Raises:
-        LongLoRAConfigError: for an unknown source, missing files or a missing tokenizer.
+        LongLoRAConfigError: for an unknown source, missing files, a ``.bin`` file that is not a uint16
+            token stream of this tokenizer (see :func:`read_token_bin`) or a missing tokenizer.
     """
     if source == "bin":
         if path is None or not isinstance(path, (str, Path)):
             raise LongLoRAConfigError("dataset.path must name one .bin file for dataset.source=bin")
-        file = Path(path)
-        if not file.is_file():
-            raise LongLoRAConfigError(
-                f"dataset.path={str(file)!r} does not exist; give a uint16 token stream such as "
-                "pg19/test.bin or proof-pile/test_sampled_data.bin"
-            )
-        return np.memmap(file, dtype=np.uint16, mode="r")
+        limit = vocab_size if vocab_size is not None else getattr(tokenizer, "vocab_size", None)
+        return read_token_bin(path, vocab_size=limit)
     if source not in ("text", "hf"):
         raise LongLoRAConfigError(f"dataset.source={source!r} is not one of bin, text, hf")
     if tokenizer is None:

@@ -16,7 +16,7 @@ from typing import Any
 
 from longlora_tune._io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
-__all__ = ["format_table", "plot_series", "write_csv", "write_json", "write_results"]
+__all__ = ["format_table", "plot_series", "series_figure", "write_csv", "write_json", "write_results"]
 
 
 def _json_safe(value: Any) -> Any:
@@ -43,8 +43,15 @@ def write_json(path: str | Path, payload: Mapping[str, Any]) -> Path:
     return atomic_write_json(path, _json_safe(payload))
 
 
+def _is_nested(value: Any) -> bool:
+    return isinstance(value, (Mapping, list, tuple))
+
+
 def write_csv(path: str | Path, rows: Sequence[Mapping[str, Any]]) -> Path:
     """Write rows (dicts with the same keys) as CSV with a header line.
+
+    Nested values (lists and dicts, such as the passkey results' per-trial records) are left out: a
+    flat table cannot hold them, and the JSON file written next to the CSV has them.
 
     Args:
         path: output file.
@@ -58,11 +65,12 @@ def write_csv(path: str | Path, rows: Sequence[Mapping[str, Any]]) -> Path:
     """
     if not rows:
         raise ValueError("write_csv needs at least one row")
+    columns = [k for k in rows[0] if not any(_is_nested(r.get(k)) for r in rows)]
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n", extrasaction="ignore")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
+        writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in columns})
     return atomic_write_text(path, buf.getvalue())
 
 
@@ -93,6 +101,88 @@ def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], *, p
     return "\n".join(lines)
 
 
+def _tick_label(value: float) -> str:
+    # Lengths are token counts: whole numbers read best; a mean prompt length is rounded to one.
+    return f"{round(value):d}"
+
+
+def _use_log_x(xs: Sequence[float]) -> bool:
+    # A doubling sweep (2k, 4k, 8k, ...) spreads evenly on a log axis; an evenly spaced one (5k, 10k, ...,
+    # 100k) would crowd its largest lengths into the right edge, so it stays linear.
+    distinct = sorted(set(xs))
+    if len(distinct) < 2 or distinct[0] <= 0:
+        return False
+    return all(b / a >= 1.5 for a, b in zip(distinct, distinct[1:]))
+
+
+def series_figure(
+    x: Sequence[float],
+    y: Sequence[float],
+    *,
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    log_x: bool | None = None,
+    y_limits: tuple[float, float] | None = None,
+) -> Any:
+    """Build the matplotlib figure of one line with markers (NaN points are left out).
+
+    The x axis has one tick at every x value, labelled with that value (rounded to a whole number), and
+    no other ticks: every evaluated length is named under its point.
+
+    Args:
+        x: x values (the evaluated lengths).
+        y: y values.
+        xlabel: x axis label.
+        ylabel: y axis label.
+        title: plot title.
+        log_x: base-2 logarithmic x axis; None chooses it when the x values grow by a factor of at least
+            1.5 from one to the next (context lengths that double), else linear.
+        y_limits: fixed y range, e.g. (0, 1) for accuracy.
+
+    Returns:
+        The ``matplotlib.figure.Figure`` (Agg canvas, no display needed).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FixedFormatter, FixedLocator, NullLocator
+
+    points = [(a, b) for a, b in zip(x, y) if b is not None and math.isfinite(b)]
+    ticks = sorted({float(a) for a in x if a is not None and math.isfinite(a)})
+    labels = [_tick_label(t) for t in ticks]
+    # Wider figures for long sweeps, and slanted labels once they would touch.
+    width = min(16.0, max(6.0, 0.5 * len(ticks)))
+    fig = Figure(figsize=(width, 4), dpi=100)
+    ax = fig.add_subplot(1, 1, 1)
+    if points:
+        xs, ys = zip(*points)
+        ax.plot(xs, ys, marker="o")
+    if _use_log_x(ticks) if log_x is None else log_x:
+        ax.set_xscale("log", base=2)
+    if ticks:
+        ax.xaxis.set_major_locator(FixedLocator(ticks))
+        ax.xaxis.set_major_formatter(FixedFormatter(labels))
+        ax.xaxis.set_minor_locator(NullLocator())
+        if len(ticks) > 1 and ax.get_xscale() == "log":
+            # The log axis has no room outside the points by default; pad so end labels are not clipped.
+            ax.set_xlim(ticks[0] / 1.15, ticks[-1] * 1.15)
+    crowded = sum(len(label) for label in labels) * 0.09 > width * 0.8  # ~0.09 inch per label character
+    if crowded:
+        for label in ax.get_xticklabels():
+            label.set_rotation(45)
+            label.set_horizontalalignment("right")
+    if y_limits is not None:
+        ax.set_ylim(*y_limits)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
 def plot_series(
     path: str | Path,
     x: Sequence[float],
@@ -101,10 +191,10 @@ def plot_series(
     xlabel: str,
     ylabel: str,
     title: str,
-    log_x: bool = False,
+    log_x: bool | None = None,
     y_limits: tuple[float, float] | None = None,
 ) -> Path:
-    """Plot one line with markers to a PNG file (NaN points are left out).
+    """Plot one line with markers to a PNG file, one labelled x tick per point (see :func:`series_figure`).
 
     Args:
         path: output ``.png``.
@@ -113,32 +203,13 @@ def plot_series(
         xlabel: x axis label.
         ylabel: y axis label.
         title: plot title.
-        log_x: base-2 logarithmic x axis (context lengths double).
+        log_x: base-2 logarithmic x axis; None chooses by the spacing of ``x``.
         y_limits: fixed y range, e.g. (0, 1) for accuracy.
 
     Returns:
         The path.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
-
-    points = [(a, b) for a, b in zip(x, y) if b is not None and math.isfinite(b)]
-    fig = Figure(figsize=(6, 4), dpi=100)
-    ax = fig.add_subplot(1, 1, 1)
-    if points:
-        xs, ys = zip(*points)
-        ax.plot(xs, ys, marker="o")
-    if log_x:
-        ax.set_xscale("log", base=2)
-    if y_limits is not None:
-        ax.set_ylim(*y_limits)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(True, alpha=0.3)
-    fig.tight_layout()
+    fig = series_figure(x, y, xlabel=xlabel, ylabel=ylabel, title=title, log_x=log_x, y_limits=y_limits)
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return atomic_write_bytes(path, buf.getvalue())
@@ -159,6 +230,9 @@ def write_results(
     print_columns: Sequence[str] | None = None,
 ) -> dict[str, Path]:
     """Write ``<stem>.json`` (meta + rows), ``<stem>.csv`` (rows) and ``<stem>.png`` (``y_key`` vs ``x_key``).
+
+    The CSV holds the flat columns only (per-trial lists stay in the JSON); the plot labels every x value
+    and uses a log2 x axis only for doubling sweeps (:func:`series_figure`).
 
     Args:
         output_dir: folder (created if missing).
@@ -187,7 +261,6 @@ def write_results(
             xlabel=xlabel,
             ylabel=ylabel,
             title=title,
-            log_x=True,
             y_limits=y_limits,
         ),
     }

@@ -21,3 +21,23 @@ def tiny_tokenizer(tiny_ckpt: Path):
     from torchtune.models.llama2 import llama2_tokenizer
 
     return llama2_tokenizer(str(tiny_ckpt / "tokenizer.model"), prompt_template=None)
+
+
+@pytest.fixture
+def run_eval_recipe(monkeypatch: pytest.MonkeyPatch):
+    """Run a shipped eval recipe script by path in this process (as ``tune run`` does), with a shipped config.
+
+    Returns a function ``(recipe, config, *overrides)``; the script ends with ``SystemExit``.
+    """
+    import runpy
+    import sys
+
+    from longlora_tune import resources
+
+    def run(recipe: str, config: str, *overrides: str) -> None:
+        script = resources.recipe_path(recipe)
+        argv = [str(script), "--config", str(resources.config_path(config)), *overrides]
+        monkeypatch.setattr(sys, "argv", argv)
+        runpy.run_path(str(script), run_name="__main__")
+
+    return run

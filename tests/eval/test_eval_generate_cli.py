@@ -1,4 +1,4 @@
-"""The inference command: prompt template, streaming output, one-line errors."""
+"""The inference command: prompt template, streaming output, one-line errors, trained-context warnings."""
 
 from __future__ import annotations
 
@@ -73,3 +73,69 @@ def test_missing_file_is_one_line_error(
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"longlora_tune: error: --file {tmp_path / 'nope.txt'} does not exist"]
+
+
+def test_trained_context_comes_from_training_length_adapter_or_rope_factor() -> None:
+    from longlora_tune.generate import trained_context_length
+
+    merged = {"max_position_embeddings": 64, "rope_scaling": {"type": "linear", "factor": 4.0}}
+    assert trained_context_length(merged, rope_scaling_factor=4.0) == (
+        256,
+        "RoPE factor 4 x max_position_embeddings 64",
+    )
+    assert trained_context_length(merged, rope_scaling_factor=16.0, training_length=1000)[0] == 1000
+    adapter = {"training_length": 250, "rope_scaling_factor": 4.0}
+    base = {"max_position_embeddings": 64}
+    assert trained_context_length(base, rope_scaling_factor=4.0, adapter_meta=adapter)[0] == 250
+    # An explicit factor other than the adapter's: the loaded factor decides.
+    assert trained_context_length(base, rope_scaling_factor=2.0, adapter_meta=adapter)[0] == 128
+    assert trained_context_length({}, rope_scaling_factor=1.0)[0] == 4096  # Llama 2's default context
+
+
+def _stderr_lines(capsys: pytest.CaptureFixture) -> list[str]:
+    return capsys.readouterr().err.strip().splitlines()
+
+
+def test_prompt_longer_than_the_trained_context_warns_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from torchtune.models.llama2 import llama2_tokenizer
+
+    from longlora_tune.tiny import make_hf_checkpoint
+
+    # A merged export's config: original context 64, trained with RoPE factor 4, i.e. on 256 tokens.
+    ckpt = make_hf_checkpoint(tmp_path / "hf", rope_scaling={"type": "linear", "factor": 4.0})
+    tok = llama2_tokenizer(str(ckpt / "tokenizer.model"), prompt_template=None)
+    long_file, short_file = tmp_path / "long.txt", tmp_path / "short.txt"
+    long_file.write_text(" ".join(make_documents(4, seed=2, min_sentences=20)))
+    short_file.write_text("The cat sees the red ball today.")
+    question = "What does the cat see?"
+
+    def prompt_len(path: Path) -> int:
+        return len(tok.encode(build_prompt(path.read_text(), question), add_bos=True, add_eos=False))
+
+    n_long, n_short = prompt_len(long_file), prompt_len(short_file)
+    assert n_long > 256 and n_short + 8 < 256
+    argv = ["--checkpoint", str(ckpt), "--question", question, "--temperature", "0", "--max-new-tokens"]
+
+    assert main([*argv, "8", "--file", str(long_file)], out=io.StringIO()) == 0
+    warnings = [line for line in _stderr_lines(capsys) if "warning" in line]
+    assert warnings == [
+        f"longlora_tune: warning: the prompt has {n_long:,} tokens but the model was trained on 256-token "
+        "contexts (RoPE factor 4 x max_position_embeddings 64); positions past 256 were never trained, so "
+        "expect a degraded answer (repetition, text that ignores the material); shorten --file or use a "
+        "model trained on longer contexts"
+    ]
+
+    main([*argv, "8", "--file", str(short_file)], out=io.StringIO())
+    assert not [line for line in _stderr_lines(capsys) if "warning" in line]
+
+    # The prompt fits but the answer budget does not: a milder warning naming where it runs out.
+    main([*argv, "250", "--file", str(short_file)], out=io.StringIO())
+    (warning,) = [line for line in _stderr_lines(capsys) if "warning" in line]
+    assert f"the prompt ({n_short} tokens) plus up to 250 new tokens" in warning
+    assert f"after its first {256 - n_short} tokens" in warning
+
+    # --training-length overrides the checkpoint-derived context.
+    main([*argv, "8", "--file", str(long_file), "--training-length", "4096"], out=io.StringIO())
+    assert not [line for line in _stderr_lines(capsys) if "warning" in line]

@@ -28,7 +28,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def _reference_prompt(n_garbage: int, seed: int) -> tuple[str, str]:
-    """The reference's prompt, written out from REFERENCE §5 (numpy legacy seeding, p then k)."""
+    """The reference's prompt, written out from docs/reference.md (numpy legacy seeding, p then k)."""
     np.random.seed(seed)
     p = np.random.randint(0, n_garbage)
     filler = " ".join(
@@ -134,6 +134,35 @@ def test_oracle_scores_full_marks_and_random_model_zero(tiny_ckpt: Path, tiny_to
     assert results[1].mean_prompt_tokens == pytest.approx(np.mean([len(ids) for _, ids in prompts[1]]))
 
 
+def test_every_trial_is_recorded_with_what_the_model_answered(tiny_ckpt: Path, tiny_tokenizer) -> None:
+    lengths = [160, 300]
+    prompts = build_prompts(tiny_tokenizer, lengths, num_trials=3)
+    oracle = KeyOracle(tiny_tokenizer, vocab_size=512)
+    model, _ = load_eval_model(tiny_ckpt, max_seq_len=320, training_length=320)
+    for decoder, should_pass in ((oracle, True), (model, False)):
+        results = evaluate_passkey(
+            decoder, tiny_tokenizer, lengths, prompts, prefill_chunk_size=64, progress=False
+        )
+        for result, trials in zip(results, prompts, strict=True):
+            assert [t.seed for t in result.trials] == [0, 1, 2]
+            assert result.num_passed == sum(t.passed for t in result.trials)
+            for record, (prompt, ids) in zip(result.trials, trials, strict=True):
+                assert (record.key, record.expected) == (prompt.key, str(prompt.key))
+                assert record.expected_ids == tiny_tokenizer.encode(
+                    str(prompt.key), add_bos=False, add_eos=False
+                )
+                assert len(record.generated_ids) == len(record.expected_ids)
+                assert record.generated == tiny_tokenizer.decode(record.generated_ids)
+                assert record.prompt_tokens == len(ids)
+                assert (record.position, record.num_chars) == (prompt.position, prompt.num_chars)
+                assert record.depth == pytest.approx(prompt.position / prompt.num_chars)
+                assert record.passed is should_pass
+                assert (record.generated == record.expected) is should_pass
+    # The records serialise as plain JSON inside the result row.
+    row = results[0].to_dict()
+    assert json.loads(json.dumps(row))["trials"][1]["seed"] == 1
+
+
 def test_kv_cache_greedy_equals_full_recompute(tiny_ckpt: Path) -> None:
     model, _ = load_eval_model(tiny_ckpt, max_seq_len=128, training_length=128)
     prompt = torch.randint(3, 512, (70,), generator=torch.Generator().manual_seed(0)).tolist()
@@ -167,11 +196,13 @@ def test_sampling_filters() -> None:
         sample_next_token(logits, temperature=1.0, top_p=0.0)
 
 
-def test_passkey_recipe_via_tune_run(tmp_path: Path, tiny_ckpt: Path) -> None:
+@pytest.mark.parametrize("nproc", [1, pytest.param(2, marks=pytest.mark.slow)])
+def test_passkey_recipe_via_tune_run(tmp_path: Path, tiny_ckpt: Path, tiny_tokenizer, nproc: int) -> None:
     out = tmp_path / "out"
     cmd = [
         "tune",
         "run",
+        *(["--nproc_per_node", str(nproc)] if nproc > 1 else []),
         "longlora_eval_passkey",
         "--config",
         "eval/tiny_passkey",
@@ -193,4 +224,24 @@ def test_passkey_recipe_via_tune_run(tmp_path: Path, tiny_ckpt: Path) -> None:
         assert row["target_length"] - 3 <= row["mean_prompt_tokens"] <= row["target_length"]
     csv_text = (out / "passkey.csv").read_text().splitlines()
     assert csv_text[0].startswith("target_length,") and len(csv_text) == 3
+    assert "trials" not in csv_text[0].split(",")  # the per-trial records are in the JSON file only
     assert (out / "passkey.png").read_bytes()[:8] == PNG_MAGIC
+
+    # Per-trial records: every trial of every length, in seed order, gathered from all ranks, with the
+    # answers the model gave (the same greedy answers as decoding here in one process).
+    model, _ = load_eval_model(tiny_ckpt, max_seq_len=270, training_length=512)
+    prompts = build_prompts(tiny_tokenizer, [160, 256], num_trials=2)
+    expected = evaluate_passkey(
+        model, tiny_tokenizer, [160, 256], prompts, prefill_chunk_size=64, progress=False
+    )
+    for row, want in zip(result["results"], expected, strict=True):
+        assert [t["seed"] for t in row["trials"]] == [0, 1]
+        for trial, want_trial in zip(row["trials"], want.trials, strict=True):
+            assert trial["key"] == want_trial.key and trial["expected"] == str(want_trial.key)
+            assert trial["generated_ids"] == want_trial.generated_ids
+            assert trial["generated"] == tiny_tokenizer.decode(trial["generated_ids"])
+            assert trial["prompt_tokens"] == want_trial.prompt_tokens
+            assert trial["passed"] is False
+        assert row["mean_prompt_tokens"] == pytest.approx(
+            np.mean([t["prompt_tokens"] for t in row["trials"]])
+        )

@@ -8,13 +8,13 @@ import json
 import math
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from longlora_tune.errors import LongLoRAConfigError
 from longlora_tune.eval.model_loading import eval_rope_factor, load_eval_model
 from longlora_tune.eval.perplexity import (
     evaluate_perplexity,
@@ -140,6 +140,84 @@ def test_text_source_tokenizes_documents_with_bos_eos(tmp_path: Path, tiny_token
     assert hub.tolist() == tiny_tokenizer.encode("The cat sees.")
 
 
+def test_bin_source_reads_a_uint16_stream(tmp_path: Path, tiny_tokenizer) -> None:
+    ids = np.array([1, 300, 7, 511, 2, 0, 42], dtype=np.uint16)
+    data = tmp_path / "ok.bin"
+    ids.tofile(data)
+    stream = load_token_stream(source="bin", path=str(data), tokenizer=tiny_tokenizer)
+    assert isinstance(stream, np.memmap) and stream.tolist() == ids.tolist()
+    # A real tokenized corpus (thousands of bytes) is not mistaken for text.
+    from longlora_tune.tiny import make_documents
+
+    corpus = [t for doc in make_documents(20) for t in tiny_tokenizer.encode(doc)]
+    np.asarray(corpus, dtype=np.uint16).tofile(data)
+    assert load_token_stream(source="bin", path=str(data), tokenizer=tiny_tokenizer).tolist() == corpus
+    assert len(corpus) > 1000
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("empty.bin", b"", r"is empty \(0 bytes\)"),
+        ("odd.bin", np.array([1, 5, 9], dtype=np.uint16).tobytes() + b"\x00", r"odd size \(7 bytes\)"),
+        # Even-sized ASCII text: every byte pair is a "token", the old reader gave an IndexError later.
+        ("book.bin", ("The grass is green. The sky is blue.\n" * 40).encode(), "is a text file"),
+        # Odd-sized UTF-8 text with non-ASCII characters: still recognised as text (before the size check).
+        ("notes.bin", ("Café au lait, naïve façade; " * 20 + "!").encode(), "is a text file"),
+        # ids 600 and 40000 are beyond the 512-id tiny tokenizer: another tokenizer's stream.
+        ("other.bin", np.array([1, 30, 600, 40000, 2], dtype=np.uint16).tobytes(), "holds token id 40000"),
+    ],
+    ids=["empty", "odd-size", "ascii-text", "utf8-text", "other-tokenizer"],
+)
+def test_bin_source_rejects_files_that_are_not_token_streams(
+    tmp_path: Path, tiny_tokenizer, name: str, content: bytes, message: str
+) -> None:
+    data = tmp_path / name
+    data.write_bytes(content)
+    with pytest.raises(LongLoRAConfigError, match=message) as info:
+        load_token_stream(source="bin", path=str(data), tokenizer=tiny_tokenizer)
+    text = str(info.value)
+    assert "\n" not in text and str(data) in text
+    assert "dataset.source=text" in text or "non-empty" in text  # every message names a fix
+
+
+def test_bin_id_check_uses_explicit_vocab_size_and_is_skipped_without_one(tmp_path: Path) -> None:
+    data = tmp_path / "ids.bin"
+    np.array([1, 30, 600, 2], dtype=np.uint16).tofile(data)
+    assert load_token_stream(source="bin", path=str(data)).tolist() == [1, 30, 600, 2]
+    assert load_token_stream(source="bin", path=str(data), vocab_size=601).tolist() == [1, 30, 600, 2]
+    with pytest.raises(LongLoRAConfigError, match="holds token id 600 but the vocabulary has 600 ids"):
+        load_token_stream(source="bin", path=str(data), vocab_size=600)
+
+
+def test_out_of_vocabulary_stream_is_a_config_error_not_an_index_error(tiny_ckpt: Path) -> None:
+    model, _ = load_eval_model(tiny_ckpt, max_seq_len=64, training_length=64)
+    stream = np.full(200, 5, dtype=np.uint16)
+    stream[150] = 512  # one past the tiny model's 512-entry embedding
+    with pytest.raises(LongLoRAConfigError, match="holds id 512 but the model's vocabulary has 512 ids"):
+        evaluate_perplexity(model, stream, [32], stride=16, progress=False)
+
+
+def test_recipe_reports_a_text_file_given_as_bin_in_one_line(
+    tmp_path: Path, tiny_ckpt: Path, run_eval_recipe, capsys: pytest.CaptureFixture
+) -> None:
+    text_file = tmp_path / "pg19.bin"
+    text_file.write_text("It was the best of times, it was the worst of times.\n" * 30)
+    with pytest.raises(SystemExit) as exit_info:
+        run_eval_recipe(
+            "longlora_eval_perplexity",
+            "eval/tiny_perplexity",
+            f"checkpoint_dir={tiny_ckpt}",
+            "dataset.source=bin",
+            f"dataset.path={text_file}",
+            f"output_dir={tmp_path / 'out'}",
+        )
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("longlora_tune: error: ")
+    assert str(text_file) in lines[0] and "is a text file" in lines[0]
+
+
 @pytest.mark.slow
 def test_recipe_via_torchrun_matches_independent_ppl(tmp_path: Path, tiny_ckpt: Path) -> None:
     rng = np.random.default_rng(1)
@@ -187,23 +265,15 @@ def test_recipe_via_torchrun_matches_independent_ppl(tmp_path: Path, tiny_ckpt: 
 
 
 def test_recipe_config_error_is_one_line(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+    tmp_path: Path, run_eval_recipe, capsys: pytest.CaptureFixture
 ) -> None:
-    import runpy
-
-    from longlora_tune import resources
-
-    script = resources.recipe_path("longlora_eval_perplexity")
-    argv = [
-        str(script),
-        "--config",
-        str(resources.config_path("eval/tiny_perplexity")),
-        f"checkpoint_dir={tmp_path / 'missing'}",
-        f"output_dir={tmp_path}",
-    ]
-    monkeypatch.setattr(sys, "argv", argv)
     with pytest.raises(SystemExit) as exit_info:
-        runpy.run_path(str(script), run_name="__main__")
+        run_eval_recipe(
+            "longlora_eval_perplexity",
+            "eval/tiny_perplexity",
+            f"checkpoint_dir={tmp_path / 'missing'}",
+            f"output_dir={tmp_path}",
+        )
     assert exit_info.value.code == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("longlora_tune: error: ") and "missing" in lines[0]

@@ -4,18 +4,22 @@ A file is written under a hidden temporary name in its destination folder, fsync
 a plain ``open`` would give it (0666 minus the umask; ``mkstemp`` makes 0600 files) and renamed over the
 destination with ``os.replace``; the folder is then fsynced so the rename itself survives a crash. If
 writing fails the temporary file is removed and the destination is left as it was, so a reader never sees
-a half-written file.
+a half-written file. A failure because the disk is full becomes a one-line
+:class:`~longlora_tune.errors.CheckpointWriteError`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
+
+from longlora_tune.errors import CheckpointWriteError
 
 __all__ = [
     "atomic_open",
@@ -26,7 +30,49 @@ __all__ = [
     "current_umask",
     "fsync_dir",
     "fsync_file",
+    "is_disk_full",
 ]
+
+_DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+# Writers that do not raise OSError: torch.save's C++ stream ("basic_ios::clear: iostream error", then
+# "unexpected pos" / "file write failed") and safetensors' Rust writer ("... (os error 28)").
+_DISK_FULL_MARKERS = (
+    "no space left on device",
+    "disk quota exceeded",
+    "basic_ios::clear",
+    "file write failed",
+    "os error 28",
+    "os error 122",
+)
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Tell whether a write failed because the disk (or the user's quota) is full.
+
+    The whole ``__cause__``/``__context__`` chain is searched, because torch.save reports the real failure
+    only as the context of a later one.
+
+    Args:
+        exc: the exception a writer raised.
+
+    Returns:
+        True for ``ENOSPC``/``EDQUOT`` and for the messages torch and safetensors give for them.
+    """
+    todo: list[BaseException] = [exc]
+    seen: set[int] = set()
+    while todo:
+        e = todo.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, CheckpointWriteError):
+            return True
+        if isinstance(e, OSError) and e.errno in _DISK_FULL_ERRNOS:
+            return True
+        if isinstance(e, Exception) and any(m in str(e).lower() for m in _DISK_FULL_MARKERS):
+            return True
+        todo.extend(c for c in (e.__cause__, e.__context__) if c is not None)
+    return False
 
 
 def current_umask() -> int:
@@ -81,6 +127,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     Yields:
         An empty temporary file next to ``path``; on normal exit it is fsynced and renamed to ``path``,
         on an exception it is deleted and ``path`` is untouched.
+
+    Raises:
+        CheckpointWriteError: when the write failed because the disk is full (the temporary file is gone).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -92,6 +141,11 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         os.chmod(tmp, 0o666 & ~current_umask())
         fsync_file(tmp)
         os.replace(tmp, path)
+    except Exception as e:
+        tmp.unlink(missing_ok=True)
+        if is_disk_full(e) and not isinstance(e, CheckpointWriteError):
+            raise CheckpointWriteError(path, checkpoint=False) from e
+        raise
     finally:
         tmp.unlink(missing_ok=True)
     fsync_dir(path.parent)
@@ -112,6 +166,7 @@ def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
 
     Raises:
         ValueError: if ``mode`` is not ``"w"`` or ``"wb"``.
+        CheckpointWriteError: when the write failed because the disk is full.
     """
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_open mode must be 'w' or 'wb', got {mode!r}")

@@ -6,15 +6,18 @@ with a non-zero code, so a wrong path or an inconsistent config reads like a com
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from functools import wraps
-from typing import Any, TypeVar
+from typing import Any, Optional, TypeVar
 
 #: Exit code for a bad config or missing files (the argparse convention for usage errors).
 CONFIG_ERROR_EXIT_CODE = 2
 #: Exit code for a run stopped because the loss or the weights stopped being finite.
 DIVERGED_EXIT_CODE = 3
+#: Exit code for a checkpoint or export that could not be written because the disk is full.
+WRITE_FAILED_EXIT_CODE = 4
 
 
 class LongLoRAConfigError(ValueError):
@@ -25,14 +28,69 @@ class TrainingDivergedError(RuntimeError):
     """The loss, gradient norm or weights became NaN/inf; the run stopped without saving that state."""
 
 
+class CheckpointDamagedError(LongLoRAConfigError):
+    """A checkpoint folder fails its manifest check (missing, truncated or altered file).
+
+    Attributes:
+        path: the checkpoint folder.
+        file: the damaged file's name inside it (None when the folder itself is the problem).
+        detail: what is wrong, without the fix, for log lines.
+    """
+
+    def __init__(
+        self, path: str | os.PathLike[str], file: Optional[str], problem: str, *, fix: Optional[str] = None
+    ) -> None:
+        self.path = path
+        self.file = file
+        #: What is wrong, without the fix (e.g. ``optimizer.pt is missing``), for log lines.
+        self.detail = f"{file} {problem}" if file else problem
+        head = f"checkpoint {path} is damaged: {self.detail}" if file else f"{path} {problem}"
+        fix = fix or "resume from an earlier checkpoint (resume_from_checkpoint=<folder>) or start a new run"
+        super().__init__(f"{head}; {fix}")
+
+
+class CheckpointWriteError(RuntimeError):
+    """The disk filled up while a checkpoint (or another output) was written; nothing earlier was changed.
+
+    The partial output has been removed by the writer before this is raised.
+
+    Attributes:
+        path: what was being written.
+        previous: the intact earlier checkpoint (None: there is none), when ``checkpoint`` is true.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        previous: Optional[str | os.PathLike[str]] = None,
+        checkpoint: bool = True,
+    ) -> None:
+        self.path = path
+        self.previous = previous
+        head = f"no space left on device while writing {path}"
+        if not checkpoint:
+            tail = "the partial output was removed and what was there before is unchanged; free disk space"
+        elif previous is None:
+            tail = "there is no previous checkpoint; free disk space and start again"
+        else:
+            tail = (
+                f"the previous checkpoint {previous} is intact; free disk space, "
+                f"then resume with resume_from_checkpoint={previous}"
+            )
+        super().__init__(f"{head}; {tail}")
+
+
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 
 def report_errors(fn: _F) -> _F:
     """Decorate a ``recipe_main`` so LongLoRA errors end the process with one line and an exit code.
 
-    ``LongLoRAConfigError`` exits with code 2 and ``TrainingDivergedError`` with code 3, each after printing
-    ``longlora_tune: error: <message>`` to stderr; other exceptions propagate unchanged (with traceback).
+    ``LongLoRAConfigError`` (including ``CheckpointDamagedError``) exits with code 2,
+    ``TrainingDivergedError`` with code 3 and ``CheckpointWriteError`` (disk full) with code 4, each after
+    printing ``longlora_tune: error: <message>`` to stderr; other exceptions propagate unchanged (with
+    traceback).
 
     Args:
         fn: the function to wrap (usually ``recipe_main``; put this decorator *above* ``@config.parse``).
@@ -49,6 +107,8 @@ def report_errors(fn: _F) -> _F:
             _exit_with(e, CONFIG_ERROR_EXIT_CODE)
         except TrainingDivergedError as e:
             _exit_with(e, DIVERGED_EXIT_CODE)
+        except CheckpointWriteError as e:
+            _exit_with(e, WRITE_FAILED_EXIT_CODE)
 
     return wrapper  # type: ignore[return-value]
 

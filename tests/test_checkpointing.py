@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from longlora_tune import checkpointing, export, tiny
-from longlora_tune.errors import LongLoRAConfigError
+from longlora_tune.errors import CheckpointDamagedError, CheckpointWriteError, LongLoRAConfigError
 from longlora_tune.schedulers import get_constant_schedule_with_warmup
 
 
@@ -149,3 +149,464 @@ def test_prune_crash_mid_delete_leaves_no_partial_checkpoint(tmp_path, monkeypat
     with pytest.raises(KeyboardInterrupt):
         checkpointing.prune_checkpoints(tmp_path, keep_last_n=2)
     assert [p.name for p in checkpointing.list_checkpoints(tmp_path)] == ["step_000020", "step_000030"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Step folders: format, lineage, verification, pruning, leftovers, lock, disk full
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _save(root, step, lineage, **overrides):
+    """One tiny checkpoint as the recipe writes it; tensors carry the step so a folder's origin is visible."""
+    kwargs = {
+        "trainable": {"layers.0.lora_a.weight": torch.full((2, 3), float(step))},
+        "optimizer_state": {
+            "state": {0: {"step": torch.tensor(float(step)), "exp_avg": torch.full((2, 3), 0.5)}},
+            "param_groups": [{"lr": 1e-3, "params": [0]}],
+        },
+        "recipe_state": {
+            "global_step": step,
+            "epoch": 0,
+            "rng": [checkpointing.rng_state(torch.device("cpu"))],
+        },
+        "config": {"max_steps": 30, "output_dir": str(root.parent)},
+        "lineage": lineage,
+    }
+    kwargs.update(overrides)
+    return checkpointing.write_checkpoint(root / checkpointing.step_dir_name(step), **kwargs)
+
+
+def _names(paths):
+    return [p.name for p in paths]
+
+
+def test_rng_state_round_trips_through_a_weights_only_load(tmp_path):
+    import random
+
+    import numpy as np
+
+    cpu = torch.device("cpu")
+    state = checkpointing.rng_state(cpu)
+    torch.save(state, tmp_path / "rng.pt")
+    expected = (torch.rand(3), random.random(), np.random.rand(2))
+
+    checkpointing.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True), cpu)
+
+    got = (torch.rand(3), random.random(), np.random.rand(2))
+    torch.testing.assert_close(got[0], expected[0], rtol=0, atol=0)
+    assert got[1] == expected[1]
+    np.testing.assert_array_equal(got[2], expected[2])
+
+
+def test_write_checkpoint_writes_every_file_and_the_manifest_last(tmp_path, monkeypatch):
+    root = tmp_path / "checkpoints"
+    present_when_manifest_written = []
+    real_write_json = checkpointing.atomic_write_json
+
+    def spy(path, obj, **kw):
+        present_when_manifest_written.extend(sorted(p.name for p in path.parent.iterdir()))
+        return real_write_json(path, obj, **kw)
+
+    monkeypatch.setattr(checkpointing, "atomic_write_json", spy)
+    run = checkpointing.start_lineage()
+    ckpt = _save(root, 7, run)
+
+    assert ckpt == root / "step_000007"
+    format_files = [
+        checkpointing.TRAINABLE_FILE,
+        checkpointing.OPTIMIZER_FILE,
+        checkpointing.RECIPE_STATE_FILE,
+        checkpointing.CONFIG_FILE,
+    ]
+    assert present_when_manifest_written == sorted(format_files)
+    assert sorted(p.name for p in ckpt.iterdir()) == sorted([*format_files, checkpointing.MANIFEST_FILE])
+    assert sorted(p.name for p in root.iterdir()) == ["step_000007"]  # no temporaries left
+    manifest = json.loads((ckpt / checkpointing.MANIFEST_FILE).read_text())
+    assert manifest["step"] == 7 and manifest["run_id"] == run.run_id and manifest["write_seq"] == 1
+    assert manifest["resumed_from"] is None
+    for name in format_files:
+        import hashlib
+
+        data = (ckpt / name).read_bytes()
+        assert manifest["files"][name] == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    assert checkpointing.verify_checkpoint(ckpt) == manifest
+    # Readers give back what was written (weights_only loads).
+    trained = checkpointing.read_checkpoint_trainable(ckpt)
+    torch.testing.assert_close(trained["layers.0.lora_a.weight"], torch.full((2, 3), 7.0))
+    assert checkpointing.read_recipe_state(ckpt)["global_step"] == 7
+    opt = checkpointing.read_optimizer_state(ckpt)
+    torch.testing.assert_close(opt["state"][0]["exp_avg"], torch.full((2, 3), 0.5))
+    assert "max_steps: 30" in (ckpt / checkpointing.CONFIG_FILE).read_text()
+
+
+def test_resumed_branch_is_latest_and_never_collides_with_the_abandoned_one(tmp_path, caplog):
+    """Run A saves 5..20; run B resumes from 10, saves 11-13 and is killed: resuming picks B's 13."""
+    root = tmp_path / "checkpoints"
+    run_a = checkpointing.start_lineage()
+    for step in (5, 10, 15, 20):
+        _save(root, step, run_a)
+    run_b = checkpointing.start_lineage(root / "step_000010")
+    assert run_b.run_id != run_a.run_id
+    assert run_b.resumed_from == checkpointing.CheckpointRef("step_000010", 10, run_a.run_id, 2)
+    for step in (11, 12, 13):
+        _save(root, step, run_b)
+
+    assert checkpointing.latest_checkpoint(root) == root / "step_000013"
+    assert checkpointing.find_resumable_checkpoint(root) == root / "step_000013"
+    b13 = checkpointing.checkpoint_info(root / "step_000013")
+    assert (b13.run_id, b13.write_seq, b13.resumed_from) == (run_b.run_id, 7, run_b.resumed_from)
+
+    # Run C resumes B's newest and reaches step 15, which run A also wrote: A's folder is moved aside.
+    run_c = checkpointing.start_lineage(checkpointing.find_resumable_checkpoint(root))
+    with caplog.at_level("WARNING", logger="longlora_tune.checkpointing"):
+        for step in (14, 15):
+            _save(root, step, run_c)
+    aside = root / f"step_000015.abandoned-{run_a.run_id[:8]}"
+    assert "step_000015" in caplog.text and aside.name in caplog.text
+    assert checkpointing.read_recipe_state(aside)["global_step"] == 15
+    assert checkpointing.checkpoint_info(aside).run_id == run_a.run_id
+    checkpointing.verify_checkpoint(aside)  # moved whole, still intact
+    assert checkpointing.checkpoint_info(root / "step_000015").run_id == run_c.run_id
+    assert checkpointing.find_resumable_checkpoint(root) == root / "step_000015"
+    # Sequence numbers keep growing across runs; the moved folder is listed by scan, not by list.
+    assert [i.write_seq for i in checkpointing.scan_checkpoints(root)] == list(range(1, 10))
+    assert aside not in checkpointing.list_checkpoints(root)
+    assert aside in [i.path for i in checkpointing.scan_checkpoints(root)]
+
+    # The same run saving a step again replaces its own folder; nothing is moved aside.
+    _save(root, 15, run_c)
+    assert not list(root.glob("step_000015.abandoned-*-2"))
+    assert checkpointing.checkpoint_info(root / "step_000015").write_seq == 10
+
+
+def test_saving_over_the_resumed_from_checkpoint_keeps_it_as_ancestor(tmp_path):
+    root = tmp_path / "checkpoints"
+    run_a = checkpointing.start_lineage()
+    for step in (5, 10):
+        _save(root, step, run_a)
+    run_b = checkpointing.start_lineage(root / "step_000010")
+    _save(root, 10, run_b)
+    ancestor = root / f"step_000010.ancestor-{run_a.run_id[:8]}"
+    assert checkpointing.checkpoint_info(ancestor).run_id == run_a.run_id
+    assert checkpointing.checkpoint_info(root / "step_000010").run_id == run_b.run_id
+
+
+def _damage_truncate_trainable(ckpt):
+    f = ckpt / checkpointing.TRAINABLE_FILE
+    f.write_bytes(f.read_bytes()[:-7])
+    return checkpointing.TRAINABLE_FILE, "bytes"
+
+
+def _damage_delete_optimizer(ckpt):
+    (ckpt / checkpointing.OPTIMIZER_FILE).unlink()
+    return checkpointing.OPTIMIZER_FILE, "is missing"
+
+
+def _damage_garbage_recipe_state(ckpt):
+    f = ckpt / checkpointing.RECIPE_STATE_FILE
+    f.write_bytes(b"\x00garbage" * (f.stat().st_size // 8) + b"\x00" * (f.stat().st_size % 8))  # same size
+    return checkpointing.RECIPE_STATE_FILE, "sha256"
+
+
+def _damage_garbage_manifest(ckpt):
+    (ckpt / checkpointing.MANIFEST_FILE).write_text("{not json")
+    return checkpointing.MANIFEST_FILE, "unreadable"
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        _damage_truncate_trainable,
+        _damage_delete_optimizer,
+        _damage_garbage_recipe_state,
+        _damage_garbage_manifest,
+    ],
+)
+def test_verify_names_the_folder_and_the_damaged_file(tmp_path, damage):
+    ckpt = _save(tmp_path / "checkpoints", 3, checkpointing.start_lineage())
+    name, why = damage(ckpt)
+    with pytest.raises(CheckpointDamagedError) as e:
+        checkpointing.verify_checkpoint(ckpt)
+    assert e.value.path == ckpt and e.value.file == name
+    assert str(ckpt) in str(e.value) and name in str(e.value) and why in str(e.value)
+    assert "\n" not in str(e.value) and isinstance(e.value, LongLoRAConfigError)
+
+
+def test_readers_verify_the_file_they_load(tmp_path):
+    ckpt = _save(tmp_path / "checkpoints", 3, checkpointing.start_lineage())
+    _damage_garbage_recipe_state(ckpt)
+    with pytest.raises(CheckpointDamagedError, match="recipe_state.pt does not match its sha256"):
+        checkpointing.read_recipe_state(ckpt)
+    _damage_truncate_trainable(ckpt)
+    with pytest.raises(CheckpointDamagedError, match="trainable.safetensors has"):
+        checkpointing.read_checkpoint_trainable(ckpt)
+    _damage_delete_optimizer(ckpt)
+    with pytest.raises(CheckpointDamagedError, match="optimizer.pt is missing"):
+        checkpointing.read_optimizer_state(ckpt)
+
+
+def test_find_resumable_skips_damaged_checkpoints_along_the_lineage_only(tmp_path, caplog):
+    root = tmp_path / "checkpoints"
+    run_a = checkpointing.start_lineage()
+    for step in (5, 10, 15, 20):
+        _save(root, step, run_a)
+    run_b = checkpointing.start_lineage(root / "step_000010")
+    for step in (11, 12, 13):
+        _save(root, step, run_b)
+    _damage_truncate_trainable(root / "step_000013")
+    _damage_delete_optimizer(root / "step_000012")
+    _damage_garbage_recipe_state(root / "step_000011")
+    before = sorted(p.name for p in root.iterdir())
+
+    with caplog.at_level("WARNING", logger="longlora_tune.checkpointing"):
+        found = checkpointing.find_resumable_checkpoint(root)
+
+    # B's damaged checkpoints are skipped back to the one B resumed from, never to A's later 15 or 20.
+    assert found == root / "step_000010"
+    for name in ("step_000013", "step_000012", "step_000011"):
+        assert str(root / name) in caplog.text
+    assert "trainable.safetensors" in caplog.text and "optimizer.pt is missing" in caplog.text
+    assert sorted(p.name for p in root.iterdir()) == before  # nothing deleted
+
+    _damage_garbage_manifest(root / "step_000010")
+    _damage_delete_optimizer(root / "step_000005")
+    with pytest.raises(
+        CheckpointDamagedError, match=r"holds no intact checkpoint of the latest run .*step_000013"
+    ):
+        checkpointing.find_resumable_checkpoint(root)
+    assert checkpointing.find_resumable_checkpoint(tmp_path / "empty") is None
+
+
+def _save_pre_manifest(root, step):
+    """A checkpoint as the recipe wrote them before manifests existed."""
+    with checkpointing.atomic_directory(root / checkpointing.step_dir_name(step)) as tmp:
+        checkpointing.save_trainable_state(
+            {"w": torch.full((2,), float(step))}, tmp / "trainable.safetensors"
+        )
+        torch.save({"state": {}, "param_groups": []}, tmp / "optimizer.pt")
+        torch.save({"global_step": step}, tmp / "recipe_state.pt")
+    return root / checkpointing.step_dir_name(step)
+
+
+def test_pre_manifest_checkpoints_are_accepted_with_a_warning_when_their_files_load(tmp_path, caplog):
+    root = tmp_path / "checkpoints"
+    for step in (10, 20, 30):
+        _save_pre_manifest(root, step)
+    with caplog.at_level("WARNING", logger="longlora_tune.checkpointing"):
+        assert checkpointing.verify_checkpoint(root / "step_000020") is None
+    assert "no manifest.json" in caplog.text
+    _damage_truncate_trainable(root / "step_000030")
+    with pytest.raises(CheckpointDamagedError, match="trainable.safetensors has"):
+        checkpointing.verify_checkpoint(root / "step_000030")
+    _damage_delete_optimizer(root / "step_000020")
+    assert checkpointing.find_resumable_checkpoint(root) == root / "step_000010"
+
+    # A run resuming from an old checkpoint continues its lineage; its checkpoints are newer than any old one.
+    run = checkpointing.start_lineage(root / "step_000010")
+    assert run.resumed_from == checkpointing.CheckpointRef("step_000010", 10, None, 0)
+    _save(root, 11, run)
+    assert checkpointing.latest_checkpoint(root) == root / "step_000011"
+    (root / "step_000011" / checkpointing.RECIPE_STATE_FILE).write_bytes(b"x")
+    assert checkpointing.find_resumable_checkpoint(root) == root / "step_000010"
+
+
+def test_pruning_deletes_only_this_runs_oldest_and_never_the_resumed_from(tmp_path, caplog):
+    root = tmp_path / "checkpoints"
+    run_a = checkpointing.start_lineage()
+    for step in (5, 10, 15, 20):
+        _save(root, step, run_a)
+    run_b = checkpointing.start_lineage(root / "step_000010")
+    deleted = []
+    with caplog.at_level("INFO", logger="longlora_tune.checkpointing"):
+        for step in (11, 12, 13):
+            _save(root, step, run_b)
+            deleted += checkpointing.prune_checkpoints(
+                root, 1, run_id=run_b.run_id, protected=[run_b.resumed_from_path]
+            )
+    assert _names(deleted) == ["step_000011", "step_000012"]
+    assert _names(checkpointing.list_checkpoints(root)) == [
+        "step_000005",
+        "step_000010",
+        "step_000013",
+        "step_000015",
+        "step_000020",
+    ]
+    assert "keeping 4 checkpoint(s) of other runs" in caplog.text and "step_000020" in caplog.text
+    # Even keep_last_n=1 for run A now cannot touch the checkpoint run B resumed from when it is protected.
+    pruned_a = checkpointing.prune_checkpoints(root, 1, run_id=run_a.run_id, protected=[root / "step_000010"])
+    assert _names(pruned_a) == ["step_000005", "step_000015"]
+    assert (root / "step_000010").is_dir() and (root / "step_000020").is_dir()
+    # A protected checkpoint of the current run is kept too.
+    _save(root, 14, run_b)
+    assert (
+        checkpointing.prune_checkpoints(root, 1, run_id=run_b.run_id, protected=[root / "step_000013"]) == []
+    )
+
+
+def test_clean_leftovers_removes_interrupted_saves_and_restores_a_half_replaced_folder(tmp_path, caplog):
+    root = tmp_path / "checkpoints"
+    run = checkpointing.start_lineage()
+    _save(root, 20, run)
+    partial = root / ".step_000030.tmp-abc123"
+    partial.mkdir()
+    (partial / "optimizer.pt").write_bytes(b"x" * 3000)
+    replaced = root / ".step_000020.old-1234abcd"  # step_000020 exists: the replace finished
+    replaced.mkdir()
+    (replaced / "a").write_bytes(b"y" * 10)
+    half_replaced = _save(root, 40, run).rename(root / ".step_000040.old-99999999")  # step_000040 missing
+    deleting = root / ".deleting-step_000010-deadbeef"
+    deleting.mkdir()
+    unrelated = root / ".keep-me"
+    unrelated.write_text("x")
+
+    with caplog.at_level("INFO", logger="longlora_tune.checkpointing"):
+        removed = checkpointing.clean_leftovers(root)
+
+    assert sorted(_names(removed)) == sorted([partial.name, replaced.name, deleting.name])
+    assert "2.9 KiB" in caplog.text and partial.name in caplog.text
+    assert not half_replaced.exists() and checkpointing.verify_checkpoint(root / "step_000040")
+    assert sorted(p.name for p in root.iterdir()) == [".keep-me", "step_000020", "step_000040"]
+    assert checkpointing.clean_leftovers(tmp_path / "missing") == []
+
+
+_HOLD_LOCK = """
+import sys
+from longlora_tune.checkpointing import OutputDirLock
+lock = OutputDirLock(sys.argv[1]).acquire()
+print("locked", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_output_dir_lock_refuses_a_second_run_and_takes_over_a_dead_ones(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_LOCK, str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(LongLoRAConfigError) as e:
+            checkpointing.OutputDirLock(out).acquire()
+        msg = str(e.value)
+        assert f"output_dir {out} is in use by pid {holder.pid} on host {socket.gethostname()} since " in msg
+        assert "wait for that run to end or use another output_dir" in msg
+    finally:
+        holder.kill()
+        holder.wait()
+    # The killed run's lock file is still there, but the kernel released its flock: it is taken over.
+    assert (out / checkpointing.LOCK_FILE).exists()
+    with checkpointing.OutputDirLock(out) as lock:
+        assert lock.held
+        assert json.loads((out / checkpointing.LOCK_FILE).read_text())["pid"] == os.getpid()
+        with pytest.raises(LongLoRAConfigError, match=f"in use by pid {os.getpid()}"):
+            checkpointing.OutputDirLock(out).acquire()
+    assert not lock.held
+    checkpointing.OutputDirLock(out).acquire().release()  # free again after release
+
+
+def test_disk_full_during_a_save_names_the_intact_previous_checkpoint(tmp_path, monkeypatch):
+    import errno
+
+    root = tmp_path / "checkpoints"
+    run = checkpointing.start_lineage()
+    first = _save(root, 10, run)
+    real_save = torch.save
+
+    def full_disk(obj, f, *args, **kwargs):
+        if "step" in str(obj):  # the optimizer state
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(CheckpointWriteError) as e:
+        _save(root, 20, run)
+    assert str(e.value) == (
+        f"no space left on device while writing {root / 'step_000020' / 'optimizer.pt'}; "
+        f"the previous checkpoint {first} is intact; free disk space, then resume with "
+        f"resume_from_checkpoint={first}"
+    )
+    assert sorted(p.name for p in root.iterdir()) == ["step_000010"]  # temporary folder removed
+    checkpointing.verify_checkpoint(first)
+
+
+def test_torch_save_disk_full_error_and_no_previous_checkpoint(tmp_path, monkeypatch):
+    def torch_style_failure(obj, f, *args, **kwargs):
+        # What torch 2.13 raises on a full disk: the stream error is only the context of a later one.
+        try:
+            raise RuntimeError("basic_ios::clear: iostream error")
+        except RuntimeError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")  # noqa: B904
+
+    monkeypatch.setattr(torch, "save", torch_style_failure)
+    root = tmp_path / "checkpoints"
+    with pytest.raises(
+        CheckpointWriteError, match=r"step_000001/optimizer.pt; there is no previous checkpoint"
+    ):
+        _save(root, 1, checkpointing.start_lineage())
+    assert list(root.iterdir()) == []
+
+
+def test_disk_full_after_resume_names_the_resumed_from_checkpoint(tmp_path, monkeypatch):
+    root = tmp_path / "checkpoints"
+    a10 = _save(root, 10, checkpointing.start_lineage())
+    run_b = checkpointing.start_lineage(a10)
+
+    def full(*args, **kwargs):
+        raise RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(checkpointing, "save_trainable_state", full)
+    with pytest.raises(CheckpointWriteError, match=f"the previous checkpoint {a10} is intact"):
+        _save(root, 11, run_b)
+    # Any other failure is not turned into a disk-full message.
+    monkeypatch.setattr(checkpointing, "save_trainable_state", lambda *a, **k: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        _save(root, 11, run_b)
+    assert sorted(p.name for p in root.iterdir()) == ["step_000010"]
+
+
+def test_report_errors_exits_4_with_one_line_for_a_full_disk(capsys):
+    from longlora_tune.errors import WRITE_FAILED_EXIT_CODE, report_errors
+
+    @report_errors
+    def main():
+        raise CheckpointWriteError("/o/checkpoints/step_000002", previous="/o/checkpoints/step_000001")
+
+    with pytest.raises(SystemExit) as e:
+        main()
+    assert e.value.code == WRITE_FAILED_EXIT_CODE == 4
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith(
+        "longlora_tune: error: no space left on device while writing /o/checkpoints/step_000002"
+    )
+
+
+def test_pruning_with_ancestors_bounds_a_many_times_resumed_run(tmp_path):
+    """A preempted job resumed again and again keeps keep_last_n checkpoints plus the resumed-from one."""
+    root = tmp_path / "checkpoints"
+    run_a = checkpointing.start_lineage()
+    for step in (1, 2, 3, 4):
+        _save(root, step, run_a)
+    run_b = checkpointing.start_lineage(root / "step_000002")  # branches off: A's 3 and 4 are abandoned
+    for step in (3, 4):
+        _save(root, step, run_b)
+    run_c = checkpointing.start_lineage(root / "step_000004")
+    for step in (5, 6, 7):
+        _save(root, step, run_c)
+
+    deleted = checkpointing.prune_checkpoints(root, 2, run_id=run_c.run_id, include_ancestors=True)
+
+    # C's lineage is A1, A2, B3, B4 (resumed from: kept), C5, C6, C7; the newest two of it are kept.
+    assert _names(deleted) == ["step_000001", "step_000002", "step_000003", "step_000005"]
+    assert _names(checkpointing.list_checkpoints(root)) == ["step_000004", "step_000006", "step_000007"]
+    assert checkpointing.checkpoint_info(root / "step_000004").run_id == run_b.run_id
+    abandoned = sorted(p.name for p in root.glob("step_*.abandoned-*"))
+    assert abandoned == [
+        f"step_000003.abandoned-{run_a.run_id[:8]}",
+        f"step_000004.abandoned-{run_a.run_id[:8]}",
+    ]

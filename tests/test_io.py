@@ -1,5 +1,6 @@
 """Atomic file writing: complete files or the old ones, never a partial file or a stray temporary."""
 
+import errno
 import json
 import os
 import stat
@@ -7,6 +8,7 @@ import stat
 import pytest
 
 from longlora_tune import _io
+from longlora_tune.errors import CheckpointWriteError
 
 
 def test_writes_bytes_text_and_json_creating_parents(tmp_path):
@@ -65,3 +67,37 @@ def test_atomic_open_rejects_read_and_append_modes(tmp_path):
             with _io.atomic_open(tmp_path / "m", mode):
                 pass
     assert not list(tmp_path.iterdir())
+
+
+def test_disk_full_is_recognised_in_every_form_writers_report_it():
+    assert _io.is_disk_full(OSError(errno.ENOSPC, "No space left on device"))
+    assert _io.is_disk_full(OSError(errno.EDQUOT, "Disk quota exceeded"))
+    # safetensors' Rust writer.
+    assert _io.is_disk_full(
+        Exception("Error while serializing: I/O error: No space left on device (os error 28)")
+    )
+    # torch.save: the stream error is only the context of the error that is raised.
+    try:
+        try:
+            raise RuntimeError("basic_ios::clear: iostream error")
+        except RuntimeError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")  # noqa: B904
+    except RuntimeError as e:
+        assert _io.is_disk_full(e)
+    assert _io.is_disk_full(RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed"))
+    assert not _io.is_disk_full(OSError(errno.EACCES, "Permission denied"))
+    assert not _io.is_disk_full(RuntimeError("unexpected pos 576 vs 534"))
+    assert not _io.is_disk_full(KeyboardInterrupt())
+
+
+def test_disk_full_while_writing_a_file_is_one_line_and_keeps_the_old_file(tmp_path):
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(b"old")
+    with pytest.raises(CheckpointWriteError) as e:
+        with _io.atomic_path(path) as tmp:
+            tmp.write_bytes(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert str(e.value).startswith(f"no space left on device while writing {path}; ")
+    assert "\n" not in str(e.value) and isinstance(e.value.__cause__, OSError)
+    assert path.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]

@@ -31,6 +31,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 from longlora_tune import tiny
 
@@ -61,6 +62,26 @@ def config_path(name: str) -> Path:
         The ``.yaml`` file's path.
     """
     return _PACKAGE_DIR / "configs" / f"{name}.yaml"
+
+
+def assets_command(checkpoint_dir: str | Path) -> Optional[str]:
+    """The demo command that creates ``checkpoint_dir``, when it is a tiny demo's base model folder.
+
+    The tiny configs read ``DIR/base`` with ``DIR`` named ``longlora_demo`` (``tiny_demo``) or
+    ``longalpaca_demo`` (``tiny_longalpaca``); a recipe that finds no model there can print this command
+    instead of a ``tune download`` one.
+
+    Args:
+        checkpoint_dir: the config's ``checkpoint_dir``.
+
+    Returns:
+        ``python -m longlora_tune.demo [--sft] --assets-only --workdir DIR``, or None for any other folder.
+    """
+    path = Path(checkpoint_dir).expanduser()
+    demos = {_PRETRAIN.workdir: "", _SFT.workdir: " --sft"}
+    if path.name != "base" or path.parent.name not in demos:
+        return None
+    return f"python -m longlora_tune.demo{demos[path.parent.name]} --assets-only --workdir {path.parent}"
 
 
 def _tune_knows_recipe() -> bool:

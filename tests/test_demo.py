@@ -61,6 +61,20 @@ def test_sft_assets_only_writes_what_the_config_reads(tmp_path, capsys):
     assert data.stat().st_mtime_ns == before
 
 
+def test_assets_command_names_the_demo_that_creates_a_tiny_base(tmp_path):
+    for config, flag in (("tiny_demo", ""), ("tiny_longalpaca", " --sft")):
+        base = OmegaConf.load(demo.config_path(config)).checkpoint_dir
+        command = demo.assets_command(base)
+        assert command == f"python -m longlora_tune.demo{flag} --assets-only --workdir {Path(base).parent}"
+        # Running it creates exactly the folder the config reads.
+        workdir = tmp_path / Path(base).parent.name
+        args = command.split()[3:-1] + [str(workdir)]
+        assert demo.main(args) == 0
+        assert (workdir / "base" / "config.json").is_file()
+    assert demo.assets_command("/models/Llama-2-7b-hf") is None
+    assert demo.assets_command("/tmp/elsewhere/base") is None
+
+
 @pytest.mark.slow
 def test_sft_demo_trains_and_exports(tmp_path):
     proc = subprocess.run(

@@ -238,7 +238,7 @@ def longalpaca_dataset(
     except RecordFieldError as e:
         # The loaded records no longer know their file and line: find the record in the files.
         diagnose_local_files(source, data_files, split, LONGALPACA_FIELDS)
-        raise LongLoRAConfigError(f"dataset.source={source} {e}") from e
+        raise LongLoRAConfigError(f"dataset.source={source}: {e}") from e
     if not packed:
         return ds
     from torchtune.datasets import PackedDataset

@@ -1,5 +1,6 @@
 """Datasets and collation for LongLoRA training: pretraining blocks, LongAlpaca SFT, S²-friendly padding."""
 
+from longlora_tune.data.checks import check_dataset_source
 from longlora_tune.data.collate import padded_collate_s2
 from longlora_tune.data.longalpaca import (
     LLAMA2_DEFAULT_SYSTEM_PROMPT,
@@ -13,6 +14,7 @@ __all__ = [
     "LLAMA2_DEFAULT_SYSTEM_PROMPT",
     "LongAlpacaDataset",
     "PackedBlocksDataset",
+    "check_dataset_source",
     "longalpaca_dataset",
     "longalpaca_prompt",
     "packed_blocks_dataset",

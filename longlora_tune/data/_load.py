@@ -36,6 +36,7 @@ class HubPreset:
 
 
 REDPAJAMA_SAMPLE = "togethercomputer/RedPajama-Data-1T-Sample"
+LONGALPACA_12K = "Yukang/LongAlpaca-12k"
 
 HUB_PRESETS: dict[str, HubPreset] = {
     # The repository holds *_sample.jsonl files (arxiv, book, c4, cc_*, github, stackexchange, wikipedia)

@@ -31,11 +31,17 @@ from torch.utils.data import Dataset
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
 from torchtune.utils import log_rank_zero
 
-from longlora_tune.data._load import DataFiles, load_records
+from longlora_tune.data._load import LONGALPACA_12K, DataFiles
+from longlora_tune.data.checks import (
+    LONGALPACA_FIELDS,
+    RecordFieldError,
+    diagnose_local_files,
+    field_problem,
+    read_records,
+)
+from longlora_tune.errors import LongLoRAConfigError
 
 log = logging.getLogger(__name__)
-
-LONGALPACA_12K = "Yukang/LongAlpaca-12k"
 
 # Llama 2 chat's default system prompt, quoted verbatim from Meta's Llama 2 release (also in transformers'
 # Llama tokenizer and torchtune's Llama2ChatTemplate docs). Two paragraphs separated by one blank line.
@@ -105,18 +111,19 @@ class LongAlpacaDataset(Dataset):
         num_skipped: samples dropped because they did not fit.
 
     Raises:
-        ValueError: for invalid arguments, a record without ``instruction``/``output``, or no sample left.
+        LongLoRAConfigError: for invalid arguments or no sample left.
+        RecordFieldError: for a record without string ``instruction``/``output`` (or a non-string ``input``).
     """
 
     def __init__(
         self, tokenizer: Any, records: Any, *, template: str, max_seq_len: int, truncation: str
     ) -> None:
         if template not in TEMPLATES:
-            raise ValueError(f"template={template!r} is not one of {TEMPLATES}")
+            raise LongLoRAConfigError(f"dataset.template={template!r} is not one of {TEMPLATES}")
         if truncation not in TRUNCATIONS:
-            raise ValueError(f"truncation={truncation!r} is not one of {TRUNCATIONS}")
+            raise LongLoRAConfigError(f"dataset.truncation={truncation!r} is not one of {TRUNCATIONS}")
         if not isinstance(max_seq_len, int) or max_seq_len < 2:
-            raise ValueError(f"max_seq_len={max_seq_len!r} must be an integer >= 2")
+            raise LongLoRAConfigError(f"dataset.max_seq_len={max_seq_len!r} must be an integer >= 2")
         self._tokenizer = tokenizer
         self.template = template
         self.max_seq_len = max_seq_len
@@ -127,9 +134,9 @@ class LongAlpacaDataset(Dataset):
         self._tokens: list[np.ndarray] = []
         self._prompt_lens: list[int] = []
         for i, record in enumerate(records):
-            for name in ("instruction", "output"):
-                if not isinstance(record.get(name), str):
-                    raise ValueError(f"record {i} has no string field {name!r}; it has {sorted(record)}")
+            problem = field_problem(record, LONGALPACA_FIELDS)
+            if problem is not None:
+                raise RecordFieldError(f"record {i}: {problem}; {LONGALPACA_FIELDS.hint}", i)
             prompt_ids, answer_ids = self._encode(
                 record["instruction"], record.get("input") or "", record["output"]
             )
@@ -140,9 +147,10 @@ class LongAlpacaDataset(Dataset):
             self._prompt_lens.append(len(prompt_ids))
         del self._tokenizer
         if not self._tokens:
-            raise ValueError(
+            raise LongLoRAConfigError(
                 f"no LongAlpaca sample fits max_seq_len={max_seq_len} ({self.num_skipped} skipped): "
-                "raise max_seq_len"
+                "raise dataset.max_seq_len"
+                + (" or set dataset.truncation=left" if truncation == "skip" else "")
             )
         log_rank_zero(
             log,
@@ -217,12 +225,20 @@ def longalpaca_dataset(
         A :class:`LongAlpacaDataset`, or a ``PackedDataset`` over it when ``packed``.
 
     Raises:
-        ValueError: for invalid arguments or records.
+        LongLoRAConfigError: (one line naming the file, line and fix) for invalid arguments, missing or
+            unreadable files, records without string ``instruction``/``output``, or no sample that fits.
     """
-    records = load_records(source, data_files=data_files, split=split, revision=revision)
-    ds = LongAlpacaDataset(
-        tokenizer, records, template=template, max_seq_len=max_seq_len, truncation=truncation
+    records = read_records(
+        source, data_files=data_files, split=split, revision=revision, fields=LONGALPACA_FIELDS
     )
+    try:
+        ds = LongAlpacaDataset(
+            tokenizer, records, template=template, max_seq_len=max_seq_len, truncation=truncation
+        )
+    except RecordFieldError as e:
+        # The loaded records no longer know their file and line: find the record in the files.
+        diagnose_local_files(source, data_files, split, LONGALPACA_FIELDS)
+        raise LongLoRAConfigError(f"dataset.source={source}: {e}") from e
     if not packed:
         return ds
     from torchtune.datasets import PackedDataset

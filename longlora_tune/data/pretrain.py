@@ -44,7 +44,9 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from longlora_tune._io import atomic_open, atomic_write_json
-from longlora_tune.data._load import REDPAJAMA_SAMPLE, DataFiles, describe_data_files, load_records
+from longlora_tune.data._load import REDPAJAMA_SAMPLE, DataFiles, describe_data_files
+from longlora_tune.data.checks import diagnose_local_files, local_data_files, pretrain_fields, read_records
+from longlora_tune.errors import LongLoRAConfigError
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +133,7 @@ class PackedBlocksDataset(Dataset):
         add_bos: start each block with BOS.
 
     Raises:
-        ValueError: if the stream yields no full block.
+        LongLoRAConfigError: if the stream yields no full block.
     """
 
     def __init__(self, stream_path: Path, dtype: str, block_size: int, bos_id: int, add_bos: bool) -> None:
@@ -145,9 +147,9 @@ class PackedBlocksDataset(Dataset):
         self._num_blocks = self.num_stream_tokens // self._stride
         self._stream: Optional[np.ndarray] = None
         if self._num_blocks == 0:
-            raise ValueError(
+            raise LongLoRAConfigError(
                 f"dataset yields 0 blocks of {block_size} tokens from {self.num_stream_tokens} tokens: "
-                "add data or lower block_size"
+                "add data or lower dataset.block_size"
             )
 
     def __len__(self) -> int:
@@ -206,14 +208,17 @@ def packed_blocks_dataset(
         A map-style dataset of ``{"tokens": list[int], "labels": list[int]}``, each ``block_size`` long.
 
     Raises:
-        ValueError: for invalid arguments, a missing column, or data that yields no full block.
+        LongLoRAConfigError: (one line naming the file, line and fix) for invalid arguments, missing or
+            unreadable files, a missing or non-text column, or data that yields no full block.
     """
     if not isinstance(block_size, int) or block_size < 2:
-        raise ValueError(f"block_size={block_size!r} must be an integer >= 2")
+        raise LongLoRAConfigError(f"dataset.block_size={block_size!r} must be an integer >= 2")
     if not isinstance(num_proc, int) or num_proc < 1:
-        raise ValueError(f"num_proc={num_proc!r} must be an integer >= 1")
+        raise LongLoRAConfigError(f"dataset.num_proc={num_proc!r} must be an integer >= 1")
     if max_documents is not None and max_documents < 1:
-        raise ValueError(f"max_documents={max_documents!r} must be >= 1 or None")
+        raise LongLoRAConfigError(f"dataset.max_documents={max_documents!r} must be >= 1 or null")
+    # Missing local files fail here, in one line, before the cache key stats them.
+    local_data_files(source, data_files, split)
 
     key = {
         "format": CACHE_FORMAT_VERSION,
@@ -234,10 +239,21 @@ def packed_blocks_dataset(
 
     if not stream_path.exists():
         if _is_builder_rank():
-            records = load_records(source, data_files=data_files, split=split, revision=revision)
+            fields = pretrain_fields(column)
+            records = read_records(
+                source, data_files=data_files, split=split, revision=revision, fields=fields
+            )
             if column not in records.column_names:
-                raise ValueError(
-                    f"column={column!r} not in the dataset, whose columns are {records.column_names}"
+                raise LongLoRAConfigError(
+                    f"dataset.column={column!r} is not in the dataset, whose columns are "
+                    f"{records.column_names}; set dataset.column to the one holding the text"
+                )
+            dtype_name = getattr(records.features[column], "dtype", None)
+            if dtype_name not in ("string", "large_string", "null"):
+                diagnose_local_files(source, data_files, split, fields)  # names the file and line when local
+                raise LongLoRAConfigError(
+                    f"dataset.column={column!r} holds {records.features[column]}, not text; "
+                    "set dataset.column to the column holding the documents' text"
                 )
             if max_documents is not None:
                 records = records.select(range(min(max_documents, len(records))))

@@ -6,7 +6,13 @@ import pytest
 from torchtune.models.llama2 import llama2_tokenizer
 from transformers.models.llama.tokenization_llama import DEFAULT_SYSTEM_PROMPT
 
-from longlora_tune.data import LLAMA2_DEFAULT_SYSTEM_PROMPT, longalpaca_dataset, longalpaca_prompt
+from longlora_tune.data import (
+    LLAMA2_DEFAULT_SYSTEM_PROMPT,
+    LongAlpacaDataset,
+    longalpaca_dataset,
+    longalpaca_prompt,
+)
+from longlora_tune.errors import LongLoRAConfigError
 from longlora_tune.tiny import make_longalpaca_json, make_tokenizer
 
 IGNORE = -100
@@ -179,5 +185,13 @@ def test_bad_arguments(tokenizer, records_file, tmp_path):
         longalpaca_dataset(tokenizer, template="llama3", **kwargs)
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([{"instruction": "q", "answer": "a"}]))
-    with pytest.raises(ValueError, match="record 0 has no string field 'output'"):
+    with pytest.raises(
+        LongLoRAConfigError, match=r"bad.json:1 \(list item 0\): record has no 'output' field"
+    ):
         longalpaca_dataset(tokenizer, source="json", data_files=str(bad), max_seq_len=64)
+    # Records given directly (no file to point at) are named by index, with the type of the bad value.
+    records = [{"instruction": "q", "output": "a"}, {"instruction": "q", "output": 3.5}]
+    with pytest.raises(
+        LongLoRAConfigError, match=r"^record 1: field 'output' is a number \(3.5\), not a string"
+    ):
+        LongAlpacaDataset(tokenizer, records, template="llama2_chat", max_seq_len=64, truncation="left")

@@ -8,6 +8,7 @@ import pytest
 from torchtune.models.llama2 import llama2_tokenizer
 
 from longlora_tune.data import _load, packed_blocks_dataset
+from longlora_tune.errors import LongLoRAConfigError
 from longlora_tune.tiny import make_documents, make_text_corpus, make_tokenizer
 
 
@@ -152,15 +153,17 @@ def test_no_full_block_error_names_the_numbers(tokenizer, tmp_path):
 
 def test_bad_arguments(tokenizer, tmp_path):
     corpus = make_text_corpus(tmp_path / "c.jsonl", n_docs=2, seed=7)
-    with pytest.raises(ValueError, match="column='body' not in the dataset"):
+    with pytest.raises(
+        LongLoRAConfigError, match=r"column='body' is not in the dataset, whose columns are \['text'\]"
+    ):
         packed_blocks_dataset(
             tokenizer, source="json", data_files=str(corpus), column="body", block_size=8, cache_dir=tmp_path
         )
-    with pytest.raises(ValueError, match="needs data_files"):
+    with pytest.raises(LongLoRAConfigError, match="^dataset.source=json needs dataset.data_files"):
         packed_blocks_dataset(tokenizer, source="json", block_size=8, cache_dir=tmp_path)
     with pytest.raises(ValueError, match="block_size=1 "):
         packed_blocks_dataset(tokenizer, source="json", data_files=str(corpus), block_size=1)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(LongLoRAConfigError, match="nope.jsonl does not exist"):
         packed_blocks_dataset(tokenizer, source="json", data_files=str(tmp_path / "nope.jsonl"), block_size=8)
 
 

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from longlora_tune.errors import LongLoRAConfigError
+from longlora_tune.errors import LongLoRAConfigError, RaisedOnRankZero, exit_code
 
 __all__ = [
     "close_process_group",
@@ -152,9 +152,10 @@ def run_on_rank_zero(fn: Callable[[], Any], *, share_result: bool = True) -> Any
         ``fn``'s result.
 
     Raises:
-        LongLoRAConfigError: on every rank when ``fn`` raised one on rank 0 (same message).
-        RuntimeError: on the other ranks when ``fn`` raised anything else on rank 0 (rank 0 re-raises the
-            original exception).
+        Exception: on rank 0, whatever ``fn`` raised.
+        RaisedOnRankZero: on the other ranks when ``fn`` raised one of our reported errors on rank 0 (they
+            exit with its code; rank 0 prints the message once).
+        RuntimeError: on the other ranks when ``fn`` raised anything else on rank 0.
     """
     rank, world_size = rank_and_world_size()
     if world_size == 1:
@@ -166,14 +167,14 @@ def run_on_rank_zero(fn: Callable[[], Any], *, share_result: bool = True) -> Any
             payload = [result if share_result else None, None]
         except Exception as e:
             error = e
-            payload = [None, (type(e) if isinstance(e, LongLoRAConfigError) else None, str(e))]
+            payload = [None, (exit_code(e), f"{type(e).__name__}: {e}")]
     dist.broadcast_object_list(payload, src=0)
     if error is not None:
         raise error
     if payload[1] is not None:
-        error_type, message = payload[1]
-        if error_type is not None:
-            raise error_type(message)
+        code, message = payload[1]
+        if code is not None:
+            raise RaisedOnRankZero(code, message)
         raise RuntimeError(f"rank 0 failed, stopping this rank too: {message}")
     return payload[0] if share_result else result
 

@@ -81,6 +81,40 @@ class CheckpointWriteError(RuntimeError):
         super().__init__(f"{head}; {tail}")
 
 
+class RaisedOnRankZero(Exception):
+    """Raised on the other ranks when rank 0 stopped with one of our errors, which rank 0 reports.
+
+    Exits silently with rank 0's code, so the user reads the error once, not once per rank.
+
+    Attributes:
+        code: rank 0's exit code.
+    """
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def exit_code(error: BaseException) -> Optional[int]:
+    """The exit code :func:`report_errors` gives an error, or None when it is not one of ours.
+
+    Args:
+        error: the exception.
+
+    Returns:
+        2 (config), 3 (diverged), 4 (disk full), rank 0's code, or None.
+    """
+    if isinstance(error, LongLoRAConfigError):
+        return CONFIG_ERROR_EXIT_CODE
+    if isinstance(error, TrainingDivergedError):
+        return DIVERGED_EXIT_CODE
+    if isinstance(error, CheckpointWriteError):
+        return WRITE_FAILED_EXIT_CODE
+    if isinstance(error, RaisedOnRankZero):
+        return error.code
+    return None
+
+
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 
@@ -89,8 +123,8 @@ def report_errors(fn: _F) -> _F:
 
     ``LongLoRAConfigError`` (including ``CheckpointDamagedError``) exits with code 2,
     ``TrainingDivergedError`` with code 3 and ``CheckpointWriteError`` (disk full) with code 4, each after
-    printing ``longlora_tune: error: <message>`` to stderr; other exceptions propagate unchanged (with
-    traceback).
+    printing ``longlora_tune: error: <message>`` to stderr; ``RaisedOnRankZero`` exits with rank 0's code
+    without printing (rank 0 did); other exceptions propagate unchanged (with traceback).
 
     Args:
         fn: the function to wrap (usually ``recipe_main``; put this decorator *above* ``@config.parse``).
@@ -103,12 +137,10 @@ def report_errors(fn: _F) -> _F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except LongLoRAConfigError as e:
-            _exit_with(e, CONFIG_ERROR_EXIT_CODE)
-        except TrainingDivergedError as e:
-            _exit_with(e, DIVERGED_EXIT_CODE)
-        except CheckpointWriteError as e:
-            _exit_with(e, WRITE_FAILED_EXIT_CODE)
+        except RaisedOnRankZero as e:
+            sys.exit(e.code)  # rank 0 prints the message
+        except (LongLoRAConfigError, TrainingDivergedError, CheckpointWriteError) as e:
+            _exit_with(e, exit_code(e))
 
     return wrapper  # type: ignore[return-value]
 

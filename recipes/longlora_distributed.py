@@ -19,13 +19,11 @@ import gc
 import inspect
 import math
 import os
-import random
 import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
@@ -51,6 +49,7 @@ from longlora_tune.config_checks import (
     training_length,
     validate_config_in_worker,
 )
+from longlora_tune.data import check_dataset_source
 from longlora_tune.data.loader import DEFAULT_COLLATE, build_dataloader, pad_multiple
 from longlora_tune.distributed import (
     close_process_group,
@@ -73,50 +72,6 @@ from longlora_tune.peft import set_trainable_params, trainable_param_names
 from longlora_tune.resume import apply_optimizer_settings, compare_with_checkpoint
 
 log = utils.get_logger("INFO")
-
-_RECIPE_STATE_FILE = "recipe_state.pt"
-_OPTIMIZER_FILE = "optimizer.pt"
-
-
-# ----------------------------------------------------------------------------------------------------------
-# RNG state (saved per rank; numpy arrays become tensors so torch.load(weights_only=True) can read them)
-# ----------------------------------------------------------------------------------------------------------
-
-
-def _rng_state(device: torch.device) -> dict[str, Any]:
-    np_state = np.random.get_state(legacy=False)
-    state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "python": random.getstate(),
-        "numpy": {
-            "bit_generator": np_state["bit_generator"],
-            "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
-            "pos": int(np_state["state"]["pos"]),
-            "has_gauss": int(np_state["has_gauss"]),
-            "gauss": float(np_state["gauss"]),
-        },
-    }
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    n = state["numpy"]
-    np.random.set_state(
-        {
-            "bit_generator": n["bit_generator"],
-            "state": {"key": n["key"].numpy().astype(np.uint32), "pos": n["pos"]},
-            "has_gauss": n["has_gauss"],
-            "gauss": n["gauss"],
-        }
-    )
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
 
 # ----------------------------------------------------------------------------------------------------------
 # The recipe
@@ -163,12 +118,17 @@ class LongLoRARecipeDistributed:
         self.epoch = 0
         self.epoch_position = 0
         self.last_checkpoint: Optional[Path] = None
+        self.lineage: Optional[checkpointing.Lineage] = None  # rank 0: what this run's checkpoints record
         self.metric_logger = None
 
     # ------------------------------------------------------------------ setup
 
     def setup(self) -> None:
-        """Build model, tokenizer, data, loss, optimizer and schedule; restore a checkpoint if asked."""
+        """Build model, tokenizer, data, loss, optimizer and schedule; restore a checkpoint if asked.
+
+        Everything that can fail on the config or the data (model shapes on the meta device, tokenizer,
+        dataset) comes before the base weights are loaded, which takes minutes at 7B.
+        """
         cfg = self.cfg
         training.set_seed(seed=self.seed)
         resume_dir = self._resume_dir()
@@ -179,14 +139,15 @@ class LongLoRARecipeDistributed:
 
         repo_id = cfg.get("hf_repo_id", None) or DEFAULT_REPO_HINT
         self.base = HFBaseModel.read(cfg.checkpoint_dir, repo_id=repo_id)
-        self.model = self._setup_model(resume_dir)
+        model = self._build_model()
         self.tokenizer = config.instantiate(cfg.tokenizer)
         self.loss_fn = config.instantiate(cfg.loss)
         self.ignore_index = int(getattr(self.loss_fn, "ignore_index", -100))
+        self._setup_data()
+        self.model = self._load_model(model, resume_dir)
         # Detected by class name as in torchtune: the model must return the logits in the same chunks.
         if self.loss_fn.__class__.__name__ == "CEWithChunkedOutputLoss":
             self.model.set_num_output_chunks(self.loss_fn.num_output_chunks)
-        self._setup_data()
 
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = config.instantiate(cfg.optimizer, params)
@@ -198,51 +159,44 @@ class LongLoRARecipeDistributed:
         )
 
     def _resume_dir(self) -> Optional[Path]:
+        """The checkpoint to resume from (verified), or None; starts this run's checkpoint lineage."""
         resume = self.cfg.get("resume_from_checkpoint", False)
 
         def find() -> Optional[Path]:
+            # Interrupted saves and deletions leave hidden folders (GBs each at 7B); we hold the lock.
+            checkpointing.clean_leftovers(self.checkpoints_dir)
             if resume in (False, None):
-                # An earlier run's checkpoints would outrank (and prune) this run's and be what a later
-                # resume_from_checkpoint=true picks up.
+                # An earlier run's checkpoints would be what a later resume_from_checkpoint=true picks up.
                 stale = checkpointing.latest_checkpoint(self.checkpoints_dir)
                 if stale is not None:
                     raise LongLoRAConfigError(
                         f"{self.checkpoints_dir} holds checkpoints of an earlier run (newest: {stale.name}); "
                         "set resume_from_checkpoint=true to continue it, or use a new output_dir"
                     )
-                return None
-            if resume is True:
-                found = checkpointing.latest_checkpoint(self.checkpoints_dir)
+                found = None
+            elif resume is True:
+                # The newest intact checkpoint of the latest run (damaged ones are skipped with a warning).
+                found = checkpointing.find_resumable_checkpoint(self.checkpoints_dir)
                 if found is None:
                     raise LongLoRAConfigError(
                         f"resume_from_checkpoint=true but {self.checkpoints_dir} holds no checkpoint; "
                         "set resume_from_checkpoint=false to start a new run"
                     )
-                return found
-            path = Path(str(resume)).expanduser()
-            missing = [
-                f
-                for f in (checkpointing.TRAINABLE_FILE, _OPTIMIZER_FILE, _RECIPE_STATE_FILE)
-                if not (path / f).is_file()
-            ]
-            if missing:
-                raise LongLoRAConfigError(
-                    f"resume_from_checkpoint={resume}: not a checkpoint folder (missing {', '.join(missing)})"
-                )
-            return path
-
-        def find_and_compare() -> Optional[Path]:
-            found = find()
+            else:
+                found = Path(str(resume)).expanduser()
+                checkpointing.verify_checkpoint(found)
             if found is not None:
                 # Settings that define the run must match the checkpoint's; the others take effect.
-                saved = OmegaConf.load(found / "config.yaml")
+                saved = OmegaConf.load(found / checkpointing.CONFIG_FILE)
                 for change in compare_with_checkpoint(self.cfg, saved, str(found)):
                     log.info(f"Resume changes {change}")
+            self.lineage = checkpointing.start_lineage(found)
             return found
 
-        return run_on_rank_zero(find_and_compare)
+        return run_on_rank_zero(find)
 
-    def _setup_model(self, resume_dir: Optional[Path]) -> torch.nn.Module:
+    def _build_model(self) -> torch.nn.Module:
+        """The model on the meta device (no memory), checked against the training length."""
         cfg = self.cfg
         try:
             with training.set_default_dtype(self.dtype), torch.device("meta"):
@@ -256,7 +210,11 @@ class LongLoRARecipeDistributed:
         if train_len is not None:
             max_seq_len = self.model_info.max_seq_len or int(cfg.model.get("max_seq_len", train_len))
             check_training_length(train_len, max_seq_len, self.model_info.group_size)
+        return model
 
+    def _load_model(self, model: torch.nn.Module, resume_dir: Optional[Path]) -> torch.nn.Module:
+        """Trainable set, activation checkpointing, FSDP2, then the weights (base, LoRA init, resumed)."""
+        cfg = self.cfg
         counts = set_trainable_params(model, extras=self.extras)
         self.trainable_names = sorted(trainable_param_names(model, extras=self.extras))
         utils.log_rank_zero(log, f"Trainable parameters: {dict(counts)}")
@@ -330,7 +288,7 @@ class LongLoRARecipeDistributed:
         shapes = {k: shape for k, (shape, _) in specs.items()}
         full_sd.update(init_lora_weights(set(specs) - set(full_sd), shapes, seed=self.seed))
         if resume_dir is not None:
-            trained = checkpointing.read_trainable_state(resume_dir / checkpointing.TRAINABLE_FILE)
+            trained = checkpointing.read_checkpoint_trainable(resume_dir)
             wrong = sorted(k for k, v in trained.items() if shapes.get(k) != tuple(v.shape))
             if wrong:
                 raise LongLoRAConfigError(
@@ -421,19 +379,13 @@ class LongLoRARecipeDistributed:
     # ------------------------------------------------------------------ checkpoints
 
     def _load_training_state(self, ckpt: Path) -> None:
-        state = run_on_rank_zero(
-            lambda: torch.load(ckpt / _RECIPE_STATE_FILE, map_location="cpu", weights_only=True)
-        )
+        state = run_on_rank_zero(lambda: checkpointing.read_recipe_state(ckpt))
         if int(state["global_batch_size"]) != self.global_batch_size:
             raise LongLoRAConfigError(
                 f"{ckpt} was trained with global_batch_size={state['global_batch_size']}, the config says "
                 f"{self.global_batch_size}; resume with the same global batch"
             )
-        opt_sd = (
-            torch.load(ckpt / _OPTIMIZER_FILE, map_location="cpu", weights_only=True)
-            if self.is_rank_zero
-            else {}
-        )
+        opt_sd = run_on_rank_zero(lambda: checkpointing.read_optimizer_state(ckpt), share_result=False) or {}
         set_optimizer_state_dict(
             self.model,
             self.optimizer,
@@ -448,7 +400,7 @@ class LongLoRARecipeDistributed:
         self.epoch_position = int(state["epoch_position"])
         rng = state["rng"]
         # Same world size: every rank continues its own streams; otherwise all take rank 0's.
-        _set_rng_state(rng[self.rank] if len(rng) == self.world_size else rng[0], self.device)
+        checkpointing.set_rng_state(rng[self.rank] if len(rng) == self.world_size else rng[0], self.device)
         self.last_checkpoint = ckpt
         utils.log_rank_zero(log, f"Resumed from {ckpt} at step {self.global_step}")
 
@@ -488,26 +440,40 @@ class LongLoRARecipeDistributed:
             self.model, self.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
         )
         rng_all: list[Any] = [None] * self.world_size
-        dist.all_gather_object(rng_all, _rng_state(self.device))
+        dist.all_gather_object(rng_all, checkpointing.rng_state(self.device))
         final = self.checkpoints_dir / checkpointing.step_dir_name(self.global_step)
-        if self.is_rank_zero:
-            state = {
-                "global_step": self.global_step,
-                "epoch": self.epoch,
-                "epoch_position": self.epoch_position,
-                "global_batch_size": self.global_batch_size,
-                "world_size": self.world_size,
-                "seed": self.seed,
-                "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None,
-                "rng": rng_all,
-            }
-            with checkpointing.atomic_directory(final) as tmp:
-                checkpointing.save_trainable_state(trainable, tmp / checkpointing.TRAINABLE_FILE)
-                torch.save(opt_sd, tmp / _OPTIMIZER_FILE)
-                torch.save(state, tmp / _RECIPE_STATE_FILE)
-                OmegaConf.save(self.cfg, tmp / "config.yaml", resolve=True)
-            checkpointing.prune_checkpoints(self.checkpoints_dir, self.keep_last_n)
+        state = {
+            "global_step": self.global_step,
+            "epoch": self.epoch,
+            "epoch_position": self.epoch_position,
+            "global_batch_size": self.global_batch_size,
+            "world_size": self.world_size,
+            "seed": self.seed,
+            "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None,
+            "rng": rng_all,
+        }
+
+        def write() -> None:
+            checkpointing.write_checkpoint(
+                final,
+                trainable=trainable,
+                optimizer_state=opt_sd,
+                recipe_state=state,
+                config=self.cfg,
+                lineage=self.lineage,
+            )
+            # Only this run's older checkpoints go; the one it resumed from and other runs' stay.
+            resumed = self.lineage.resumed_from_path
+            checkpointing.prune_checkpoints(
+                self.checkpoints_dir,
+                self.keep_last_n,
+                run_id=self.lineage.run_id,
+                protected=[resumed] if resumed is not None else [],
+            )
             log.info(f"Saved checkpoint {final}")
+
+        # A full disk on rank 0 stops every rank (rather than leaving them at the barrier).
+        run_on_rank_zero(write, share_result=False)
         dist.barrier()
         self.last_checkpoint = final
         return final
@@ -677,9 +643,13 @@ def run(cfg: DictConfig) -> dict[str, Path]:
     """
     validate_config_in_worker(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     check_metric_logger(cfg.get("metric_logger", None))
+    check_dataset_source(cfg.dataset)
     created = init_process_group(resolve_device(cfg.get("device", None)), solo_group=True)
+    # One run per output_dir: two runs pruning and resuming the same checkpoints lose data.
+    lock = checkpointing.OutputDirLock(cfg.output_dir)
     recipe = None
     try:
+        run_on_rank_zero(lock.acquire, share_result=False)
         recipe = LongLoRARecipeDistributed(cfg)
         recipe.setup()
         recipe.train()
@@ -693,6 +663,7 @@ def run(cfg: DictConfig) -> dict[str, Path]:
     finally:
         if recipe is not None:
             recipe.cleanup()
+        lock.release()
         close_process_group(created)
 
 

@@ -327,7 +327,7 @@ def test_resume_needs_a_checkpoint(assets, tmp_path):
     with pytest.raises(RecipeFailed, match="holds no checkpoint"):
         run_recipe(cfg)
     cfg = _cfg(assets, tmp_path / "o", resume_from_checkpoint=tmp_path)
-    with pytest.raises(RecipeFailed, match="not a checkpoint folder .*missing trainable.safetensors"):
+    with pytest.raises(RecipeFailed, match="is damaged: trainable.safetensors is missing"):
         run_recipe(cfg)
 
 
@@ -543,12 +543,22 @@ def test_demo_command_is_the_documented_one(tmp_path):
 
 
 @pytest.mark.slow
-def test_rank_zero_failure_stops_every_rank(assets, runs, tmp_path):
-    """A non-config failure on rank 0 (a corrupt checkpoint file) ends all ranks instead of a hang."""
+def test_damaged_checkpoint_is_one_line_once_and_rank_zero_failures_stop_every_rank(assets, runs, tmp_path):
+    """A damaged checkpoint is a config error that every rank stops on, printed once; a non-config failure
+    on rank 0 (a corrupt base weight file) also ends all ranks instead of a hang."""
     corrupt = tmp_path / "step_000003"
     shutil.copytree(assets["root"] / "step3_copy", corrupt)
     (corrupt / checkpointing.TRAINABLE_FILE).write_bytes(b"not a safetensors file")
     cmd = _recipe_cmd(TINY, _overrides(assets, tmp_path / "out", resume_from_checkpoint=corrupt), nproc=2)
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=240)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("longlora_tune: error:")]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    assert f"checkpoint {corrupt} is damaged: trainable.safetensors" in errors[0]
+
+    base = tmp_path / "bad_base"
+    shutil.copytree(assets["base"], base)
+    (base / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")
+    cmd = _recipe_cmd(TINY, _overrides(assets, tmp_path / "out2", checkpoint_dir=base), nproc=2)
     proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=240)
     assert proc.returncode != 0
     assert "rank 0 failed, stopping this rank too" in proc.stderr, proc.stderr[-3000:]

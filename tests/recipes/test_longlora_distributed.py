@@ -14,6 +14,7 @@ checkpoint and PEFT's ``PeftModel`` for the adapter, both compared with the reci
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -624,3 +625,71 @@ def test_missing_tensorboard_is_one_line_with_the_install_command(assets, tmp_pa
         "metric_logger torchtune.training.metric_logging.TensorBoardLogger needs the tensorboard package: "
         "pip install tensorboard (or use torchtune.training.metric_logging.DiskLogger)"
     )
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL ``pid`` and all its descendants (found through /proc), children first."""
+    import signal
+
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    order, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        order.append(p)
+        todo.extend(children.get(p, []))
+    for p in reversed(order):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_roll_back_then_kill_resumes_the_new_branch_and_keeps_every_checkpoint(assets, tmp_path):
+    """Run A saves 5..20; run B resumes from A's step 10 and is killed (SIGKILL) right after saving step 13;
+    ``resume_from_checkpoint=true`` must continue B (not A's step 20) and nothing of B or A is lost."""
+    import time
+
+    out = tmp_path / "o"
+    ckpts = out / "checkpoints"
+    extra = {"export_formats": "[]", "dataset.cache_dir": assets["cache"]}
+    run_a = _overrides(assets, out, max_steps=20, save_every_n_steps=5, keep_last_n="null", **extra)
+    proc = subprocess.run(_recipe_cmd(TINY, run_a, nproc=2), cwd=REPO, env=_env(), capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_b = _overrides(
+        assets, out, max_steps=25, save_every_n_steps=1, keep_last_n=2,
+        resume_from_checkpoint=ckpts / "step_000010", **extra,
+    )  # fmt: skip
+    b = subprocess.Popen(_recipe_cmd(TINY, run_b, nproc=2), cwd=REPO, env=_env(), start_new_session=True,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 300
+    while not (ckpts / "step_000013" / checkpointing.MANIFEST_FILE).is_file():
+        assert b.poll() is None and time.monotonic() < deadline, "run B ended before saving step 13"
+        time.sleep(0.02)
+    _kill_tree(b.pid)  # kill -9 of the launcher AND its workers (torchrun gives them their own sessions)
+    b.wait()
+
+    newest = checkpointing.find_resumable_checkpoint(ckpts)
+    step_b = int(newest.name.removeprefix("step_"))
+    assert 13 <= step_b < 15, newest  # B's newest (a step may have completed before the kill landed)
+    # A's run is intact; B kept its own newest two and the checkpoint it resumed from.
+    names = {p.name for p in ckpts.iterdir() if not p.name.startswith(".")}
+    assert {"step_000005", "step_000010", "step_000015", "step_000020"} <= names
+    assert {f"step_{step_b - 1:06d}", f"step_{step_b:06d}"} <= names
+
+    run_c = _overrides(assets, out, max_steps=16, save_every_n_steps=1, keep_last_n=2,
+                       resume_from_checkpoint="true", **extra)  # fmt: skip
+    proc = subprocess.run(_recipe_cmd(TINY, run_c, nproc=2), cwd=REPO, env=_env(), capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"Resumed from {ckpts / newest.name} at step {step_b}" in proc.stderr
+    # Reaching step 15 of the abandoned run moved A's folder aside instead of overwriting or deleting it.
+    assert any(p.name.startswith("step_000015.abandoned-") for p in ckpts.iterdir())
+    assert (ckpts / "step_000020").is_dir() and (ckpts / "step_000010").is_dir()
+    assert not any(p.name.startswith(".") for p in ckpts.iterdir())  # leftovers of the kill cleaned
+    assert checkpointing.find_resumable_checkpoint(ckpts) == ckpts / "step_000016"

@@ -479,8 +479,17 @@ def check_base_files(
         repo_id: Hugging Face repo id for the download hint.
 
     Raises:
-        LongLoRAConfigError: naming the missing path and the ``tune download`` command.
+        LongLoRAConfigError: naming the missing path and the ``tune download`` command (for the tiny demo
+            configs' folders: the demo command that creates them).
     """
+    from longlora_tune.demo import assets_command
+
+    demo_command = assets_command(checkpoint_dir)
+    if demo_command is not None and not (Path(checkpoint_dir).expanduser() / "config.json").is_file():
+        raise LongLoRAConfigError(
+            f"tiny base model not found: {Path(checkpoint_dir) / 'config.json'}; create the tiny model and "
+            f"data with: {demo_command}"
+        )
     HFBaseModel.read(checkpoint_dir, repo_id=repo_id)
     if tokenizer_path is not None and not Path(tokenizer_path).expanduser().is_file():
         raise LongLoRAConfigError(

@@ -693,3 +693,21 @@ def test_roll_back_then_kill_resumes_the_new_branch_and_keeps_every_checkpoint(a
     assert (ckpts / "step_000020").is_dir() and (ckpts / "step_000010").is_dir()
     assert not any(p.name.startswith(".") for p in ckpts.iterdir())  # leftovers of the kill cleaned
     assert checkpointing.find_resumable_checkpoint(ckpts) == ckpts / "step_000016"
+
+
+def test_missing_tiny_base_points_at_the_demo_command(tmp_path):
+    missing = tmp_path / "longalpaca_demo" / "base"
+    with pytest.raises(RecipeFailed) as e:
+        run_recipe_argv(["--config", CONFIGS / "tiny_longalpaca.yaml", f"checkpoint_dir={missing}"])
+    assert str(e.value) == (
+        f"tiny base model not found: {missing / 'config.json'}; create the tiny model and data with: "
+        f"python -m longlora_tune.demo --sft --assets-only --workdir {missing.parent}"
+    )
+
+
+def test_a_second_run_on_the_same_output_dir_is_refused(assets, tmp_path):
+    out = tmp_path / "o"
+    with checkpointing.OutputDirLock(out):  # another run holding the folder
+        with pytest.raises(RecipeFailed, match=f"output_dir {out} is in use by pid {os.getpid()} on host"):
+            run_recipe(_cfg(assets, out, max_steps=1))
+    assert not (out / "checkpoints").exists()

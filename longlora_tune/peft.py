@@ -26,12 +26,12 @@ from torchtune.models import convert_weights
 from torchtune.modules import RMSNorm
 from torchtune.modules.peft import get_adapter_params
 
+from longlora_tune._compat import hf_to_tune_names
 from longlora_tune._io import atomic_path, atomic_write_json, atomic_write_text
 from longlora_tune.modules.position_interpolation import check_rope_factor
 
 __all__ = [
     "TRAINABLE_EXTRAS",
-    "TRAINABLE_EXTRAS_DEFAULT",
     "save_peft_adapter",
     "set_trainable_params",
     "trainable_param_names",
@@ -40,8 +40,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+#: The non-LoRA groups LongLoRA can train (all of them by default: LoRA+).
 TRAINABLE_EXTRAS = ("embed", "norm")
-TRAINABLE_EXTRAS_DEFAULT = ("embed", "norm")
 
 _NORM_TYPES = (RMSNorm, nn.RMSNorm, nn.LayerNorm)
 # Wrappers (activation checkpointing, torch.compile, FSDP1) insert these into parameter names; state dicts
@@ -100,7 +100,7 @@ def _groups(model: nn.Module, extras: tuple[str, ...]) -> dict[str, set[str]]:
     return groups
 
 
-def trainable_param_names(model: nn.Module, extras: Iterable[str] = TRAINABLE_EXTRAS_DEFAULT) -> set[str]:
+def trainable_param_names(model: nn.Module, extras: Iterable[str] = TRAINABLE_EXTRAS) -> set[str]:
     """Names of the parameters LongLoRA trains in ``model``: the single source of truth.
 
     Selected by module type, not by name matching: LoRA/DoRA adapter parameters (torchtune's
@@ -125,7 +125,7 @@ def trainable_param_names(model: nn.Module, extras: Iterable[str] = TRAINABLE_EX
 
 
 def set_trainable_params(
-    model: nn.Module, extras: Iterable[str] = TRAINABLE_EXTRAS_DEFAULT
+    model: nn.Module, extras: Iterable[str] = TRAINABLE_EXTRAS
 ) -> dict[str, int]:
     """Set ``requires_grad`` on exactly the LongLoRA trainable set and freeze everything else.
 
@@ -165,50 +165,23 @@ def set_trainable_params(
     return counts
 
 
-def _key_is_trainable(key: str, extras: tuple[str, ...]) -> bool:
-    key = _clean(key)
-    if key.endswith(_LORA_SUFFIXES):
-        return True
-    if "embed" in extras and key == _EMBED_KEY:
-        return True
-    return "norm" in extras and _NORM_KEY.search(key) is not None
+def trainable_state_dict(model: nn.Module, extras: Iterable[str] = TRAINABLE_EXTRAS) -> dict[str, Any]:
+    """The trainable subset of a model, nothing dropped: the tensors :func:`trainable_param_names` names.
 
-
-def trainable_state_dict(
-    model_or_state_dict: nn.Module | Mapping[str, Any], extras: Iterable[str] = TRAINABLE_EXTRAS_DEFAULT
-) -> dict[str, Any]:
-    """The trainable subset of a model or of a full state dict, nothing dropped.
-
-    From a model, the names come from :func:`trainable_param_names` (module types) and the values are
-    the detached parameters (DTensors stay DTensors under FSDP2: gather before saving). From a state dict
-    (e.g. one gathered on rank 0) the same set is recognised by torchtune's names for those modules:
-    ``*.lora_a.weight``, ``*.lora_b.weight``, ``*.magnitude``, ``tok_embeddings.weight`` and
-    ``*norm.scale``.
+    Values are the detached parameters (DTensors stay DTensors under FSDP2: gather before saving).
 
     Args:
-        model_or_state_dict: A torchtune decoder, or its state dict (torchtune names).
+        model: A torchtune decoder with LoRA layers.
         extras: Subset of ``("embed", "norm")``.
 
     Returns:
         ``{torchtune name: tensor}`` for LoRA + the selected extras, keys without wrapper prefixes.
 
     Raises:
-        ValueError: On an unknown extra, an extra the model does not have, or a state dict without LoRA keys.
+        ValueError: On an unknown extra, or an extra the model does not have.
     """
-    extras = _check_extras(extras)
-    if isinstance(model_or_state_dict, nn.Module):
-        names = trainable_param_names(model_or_state_dict, extras)
-        return {
-            _clean(n): p.detach() for n, p in model_or_state_dict.named_parameters() if _clean(n) in names
-        }
-    if not isinstance(model_or_state_dict, Mapping):
-        raise ValueError(f"Expected an nn.Module or a state dict, got {type(model_or_state_dict).__name__}")
-    out = {_clean(k): v for k, v in model_or_state_dict.items() if _key_is_trainable(k, extras)}
-    if not any(k.endswith(_LORA_SUFFIXES) for k in out):
-        raise ValueError(
-            "The state dict has no LoRA keys (*.lora_a.weight / *.lora_b.weight); is it a LoRA model?"
-        )
-    return out
+    names = trainable_param_names(model, _check_extras(extras))
+    return {_clean(n): p.detach() for n, p in model.named_parameters() if _clean(n) in names}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -216,7 +189,7 @@ def trainable_state_dict(
 # ----------------------------------------------------------------------------------------------------
 
 # torchtune -> Hugging Face names of the base weights (torchtune's own table, inverted).
-_TUNE_TO_HF = {tune: hf for hf, tune in convert_weights._FROM_HF.items() if tune is not None}
+_TUNE_TO_HF = {tune: hf for hf, tune in hf_to_tune_names().items() if tune is not None}
 # Hugging Face module names of the extras, for PEFT modules_to_save. "model.norm" (not "norm") because
 # PEFT matches modules_to_save by name suffix and "norm" would also match every *_layernorm.
 _TUNE_TO_PEFT_SAVED = {"tok_embeddings": "embed_tokens", "sa_norm": "input_layernorm",

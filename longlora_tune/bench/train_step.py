@@ -36,7 +36,7 @@ from longlora_tune.distributed import resolve_device, resolve_dtype
 from longlora_tune.errors import LongLoRAConfigError
 from longlora_tune.models import longlora_llama2
 from longlora_tune.modules.s2_attention import flash_attn_available
-from longlora_tune.peft import TRAINABLE_EXTRAS_DEFAULT, set_trainable_params
+from longlora_tune.peft import TRAINABLE_EXTRAS, set_trainable_params
 from longlora_tune.plan import step_flops
 from longlora_tune.shapes import MODEL_SHAPES, ModelShape
 
@@ -57,8 +57,8 @@ BENCH_SHAPES: dict[str, ModelShape] = {
 #: variant -> (S² on, trainable extras). All variants use the same LoRA (q, k, v, o; rank 8) and memory
 #: settings; they differ only in attention and in the trainable set.
 VARIANTS: dict[str, tuple[bool, tuple[str, ...]]] = {
-    "longlora": (True, tuple(TRAINABLE_EXTRAS_DEFAULT)),
-    "full_attn": (False, tuple(TRAINABLE_EXTRAS_DEFAULT)),
+    "longlora": (True, tuple(TRAINABLE_EXTRAS)),
+    "full_attn": (False, tuple(TRAINABLE_EXTRAS)),
     "lora": (False, ()),
 }
 

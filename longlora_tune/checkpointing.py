@@ -122,20 +122,12 @@ def load_trainable_state(model: nn.Module, path: str | Path) -> list[str]:
     Raises:
         LongLoRAConfigError: if the file holds names the model does not have or tensors of the wrong shape.
     """
+    from longlora_tune.weights import check_state_fits
+
     sd = read_trainable_state(path)
     params = dict(model.named_parameters())
-    unknown = sorted(set(sd) - set(params))
-    if unknown:
-        raise LongLoRAConfigError(
-            f"{path} holds {len(unknown)} tensors the model lacks (first: {unknown[0]}); "
-            "it was saved from a different model config"
-        )
-    for name, tensor in sd.items():
-        if tuple(tensor.shape) != tuple(params[name].shape):
-            raise LongLoRAConfigError(
-                f"{path}: {name} has shape {tuple(tensor.shape)}, "
-                f"the model expects {tuple(params[name].shape)}"
-            )
+    shapes = {name: tuple(p.shape) for name, p in params.items()}
+    check_state_fits(sd, shapes, source=str(path), fix="it was saved from a different model config")
     if any(hasattr(p, "device_mesh") for p in params.values()):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 

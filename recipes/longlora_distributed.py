@@ -53,7 +53,6 @@ from longlora_tune.data import check_dataset_source
 from longlora_tune.data.loader import DEFAULT_COLLATE, build_dataloader, pad_multiple
 from longlora_tune.distributed import (
     close_process_group,
-    init_lora_weights,
     init_process_group,
     rank_and_world_size,
     resolve_device,
@@ -70,6 +69,7 @@ from longlora_tune.modules.position_interpolation import position_interpolation_
 from longlora_tune.modules.s2_attention import describe_backend
 from longlora_tune.peft import set_trainable_params, trainable_param_names
 from longlora_tune.resume import apply_optimizer_settings, compare_with_checkpoint
+from longlora_tune.weights import starting_state
 
 log = utils.get_logger("INFO")
 
@@ -242,7 +242,13 @@ class LongLoRARecipeDistributed:
 
         # Rank 0 assembles the full state (the other ranks receive their shards by broadcast).
         specs = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
-        full_sd = run_on_rank_zero(lambda: self._initial_state(specs, resume_dir), share_result=False) or {}
+        full_sd = (
+            run_on_rank_zero(
+                lambda: starting_state(self.base, specs, seed=self.seed, resume_dir=resume_dir),
+                share_result=False,
+            )
+            or {}
+        )
         set_model_state_dict(
             model,
             full_sd,
@@ -263,43 +269,6 @@ class LongLoRARecipeDistributed:
             f"gradient accumulation {self.grad_accum}",
         )
         return model
-
-    def _initial_state(
-        self, specs: dict[str, tuple[tuple[int, ...], torch.dtype]], resume_dir: Optional[Path]
-    ) -> dict[str, torch.Tensor]:
-        """The model's full starting state, each tensor in its parameter's dtype.
-
-        Base weights, a seeded LoRA initialisation (the same numbers for every world size), then -- when
-        resuming -- the trained tensors *over* the base ones (so trained embeddings and norms win).
-        """
-        full_sd = self.base.load_state_dict()
-        unexpected = sorted(set(full_sd) - set(specs))
-        if unexpected:
-            raise LongLoRAConfigError(
-                f"{self.base.path} has weights the model lacks (first: {unexpected[0]}); "
-                "the model config does not match the checkpoint"
-            )
-        for k, v in full_sd.items():
-            if tuple(v.shape) != specs[k][0]:
-                raise LongLoRAConfigError(
-                    f"{self.base.path}: {k} has shape {tuple(v.shape)} but the model expects "
-                    f"{specs[k][0]}; the model config does not match the checkpoint"
-                )
-        shapes = {k: shape for k, (shape, _) in specs.items()}
-        full_sd.update(init_lora_weights(set(specs) - set(full_sd), shapes, seed=self.seed))
-        if resume_dir is not None:
-            trained = checkpointing.read_checkpoint_trainable(resume_dir)
-            wrong = sorted(k for k, v in trained.items() if shapes.get(k) != tuple(v.shape))
-            if wrong:
-                raise LongLoRAConfigError(
-                    f"{resume_dir}: {wrong[0]} does not fit the model; "
-                    "resume with the config it was trained with"
-                )
-            full_sd.update(trained)
-        # Key by key, so only one tensor exists twice at a time (the 70B state is 138 GB).
-        for k in list(full_sd):
-            full_sd[k] = full_sd[k].to(specs[k][1])
-        return full_sd
 
     def _builder_overrides(self) -> dict[str, Any]:
         """Builder arguments that come from the base checkpoint rather than the config.

@@ -149,6 +149,8 @@ class LinearScaledRotaryPositionalEmbeddings(RotaryPositionalEmbeddings):
         ValueError: If ``scaling_factor`` is not a finite number >= 1.
     """
 
+    rope_type = "linear"
+
     def __init__(
         self, dim: int, max_seq_len: int = 4096, base: int = 10_000, scaling_factor: float = 1.0
     ) -> None:

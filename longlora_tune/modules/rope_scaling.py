@@ -41,6 +41,7 @@ from longlora_tune.modules.position_interpolation import (
 
 __all__ = [
     "ROPE_TYPES",
+    "SCALED_ROPE_MODULES",
     "Llama3ScaledRotaryPositionalEmbeddings",
     "RopeScaling",
     "YaRNScaledRotaryPositionalEmbeddings",
@@ -103,10 +104,19 @@ class _FrequencyScaledRoPE(RotaryPositionalEmbeddings):
     Subclasses set their settings as plain attributes *before* ``super().__init__`` (which calls
     ``rope_init``), so a model built on the meta device and re-initialised with ``rope_init()`` after
     materialising rebuilds the same tables. Nothing is persistent: state dicts are unchanged.
+
+    ``half_rotation=True`` rotates the two halves of the head (``x[:d/2]``, ``x[d/2:]``) as torchtune's
+    ``Qwen2RotaryPositionalEmbeddings`` and transformers do, for checkpoints (Qwen2) whose q/k weights
+    torchtune does not permute into interleaved pairs; the default rotates pairs ``(x[2i], x[2i+1])``.
     """
 
     rope_type = "default"
     scaling_factor = 1.0
+    half_rotation = False
+
+    def _set(self, half_rotation: bool, **settings: Any) -> None:
+        for key, value in {**settings, "half_rotation": bool(half_rotation)}.items():
+            object.__setattr__(self, key, value)
 
     def _scaled_theta(self, wavelengths: torch.Tensor) -> tuple[torch.Tensor, float]:
         raise NotImplementedError
@@ -127,6 +137,42 @@ class _FrequencyScaledRoPE(RotaryPositionalEmbeddings):
         cache = _cos_sin_cache(self.theta, max_seq_len, getattr(self, "attention_factor", 1.0))
         self.register_buffer("cache", cache, persistent=False)
 
+    def forward(self, x: torch.Tensor, *, input_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Rotate ``x`` [b, s, n_h, h_d] by the cached angles of positions ``0..s-1`` or ``input_pos``.
+
+        Args:
+            x: Query or key tensor.
+            input_pos: Optional [b, s] positions (packed samples, generation).
+
+        Returns:
+            The rotated tensor, same shape and dtype.
+        """
+        if not self.half_rotation:
+            return super().forward(x, input_pos=input_pos)
+        rows = self.cache[: x.size(1)] if input_pos is None else self.cache[input_pos]
+        rows = rows.view(-1, x.size(1), 1, self.dim // 2, 2)
+        # As Qwen2's torchtune module and transformers: cos/sin cast to x's dtype, (x1, x2) -> (-x2, x1).
+        cos = torch.cat([rows[..., 0], rows[..., 0]], dim=-1).to(x.dtype)
+        sin = torch.cat([rows[..., 1], rows[..., 1]], dim=-1).to(x.dtype)
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return ((x * cos) + (rotated * sin)).type_as(x)
+
+
+class _LinearFrequencyScaledRoPE(_FrequencyScaledRoPE):
+    """Linear interpolation for half-rotation (Qwen2) checkpoints; pairs use the public linear module."""
+
+    rope_type = "linear"
+
+    def __init__(
+        self, dim: int, max_seq_len: int, base: float, *, factor: float, half_rotation: bool
+    ) -> None:
+        self._set(half_rotation, scaling_factor=check_rope_factor(factor, "factor"))
+        super().__init__(dim=dim, max_seq_len=max_seq_len, base=base)
+
+    def _scaled_theta(self, wavelengths: torch.Tensor) -> tuple[torch.Tensor, float]:
+        return 1.0 / wavelengths / self.scaling_factor, 1.0
+
 
 class YaRNScaledRotaryPositionalEmbeddings(_FrequencyScaledRoPE):
     """torchtune RoPE with YaRN (``rope_type: yarn``), equal to transformers' YaRN rotary embedding.
@@ -143,6 +189,7 @@ class YaRNScaledRotaryPositionalEmbeddings(_FrequencyScaledRoPE):
         attention_factor: Explicit cos/sin multiplier; None derives it (see :func:`yarn_attention_factor`).
         mscale: See :func:`yarn_attention_factor`.
         mscale_all_dim: See :func:`yarn_attention_factor`.
+        half_rotation: Rotate head halves (Qwen2 layout) instead of interleaved pairs.
 
     Raises:
         ValueError: For a factor below 1, a non-positive length, or betas with ``beta_fast < beta_slow``.
@@ -164,6 +211,7 @@ class YaRNScaledRotaryPositionalEmbeddings(_FrequencyScaledRoPE):
         attention_factor: Optional[float] = None,
         mscale: Optional[float] = None,
         mscale_all_dim: Optional[float] = None,
+        half_rotation: bool = False,
     ) -> None:
         settings = dict(
             scaling_factor=check_rope_factor(factor, "factor"),
@@ -177,8 +225,7 @@ class YaRNScaledRotaryPositionalEmbeddings(_FrequencyScaledRoPE):
         )
         if not 0 < settings["beta_slow"] <= settings["beta_fast"]:
             raise ValueError(f"YaRN needs 0 < beta_slow <= beta_fast, got {beta_slow!r} and {beta_fast!r}")
-        for key, value in settings.items():
-            object.__setattr__(self, key, value)
+        self._set(half_rotation, **settings)
         super().__init__(dim=dim, max_seq_len=max_seq_len, base=base)
 
     def _correction_dim(self, rotations: float) -> float:
@@ -222,6 +269,7 @@ class Llama3ScaledRotaryPositionalEmbeddings(_FrequencyScaledRoPE):
         original_max_seq_len: The unscaled pretraining context (8192 for Llama 3.1).
         low_freq_factor: Wavelengths above ``original / low_freq_factor`` are divided by ``factor``.
         high_freq_factor: Wavelengths below ``original / high_freq_factor`` are kept.
+        half_rotation: Rotate head halves (Qwen2 layout) instead of interleaved pairs.
 
     Raises:
         ValueError: For a factor below 1, a non-positive length, or ``high_freq_factor <= low_freq_factor``.
@@ -239,18 +287,20 @@ class Llama3ScaledRotaryPositionalEmbeddings(_FrequencyScaledRoPE):
         original_max_seq_len: int,
         low_freq_factor: float = 1.0,
         high_freq_factor: float = 4.0,
+        half_rotation: bool = False,
     ) -> None:
         if not 0 < float(low_freq_factor) < float(high_freq_factor):
             raise ValueError(
                 f"llama3 RoPE needs 0 < low_freq_factor < high_freq_factor, got {low_freq_factor!r} and "
                 f"{high_freq_factor!r}"
             )
-        object.__setattr__(self, "scaling_factor", check_rope_factor(factor, "factor"))
-        object.__setattr__(
-            self, "original_max_seq_len", _positive_int(original_max_seq_len, "original_max_seq_len")
+        self._set(
+            half_rotation,
+            scaling_factor=check_rope_factor(factor, "factor"),
+            original_max_seq_len=_positive_int(original_max_seq_len, "original_max_seq_len"),
+            low_freq_factor=float(low_freq_factor),
+            high_freq_factor=float(high_freq_factor),
         )
-        object.__setattr__(self, "low_freq_factor", float(low_freq_factor))
-        object.__setattr__(self, "high_freq_factor", float(high_freq_factor))
         super().__init__(dim=dim, max_seq_len=max_seq_len, base=base)
 
     def _scaled_theta(self, wavelengths: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -270,6 +320,10 @@ class Llama3ScaledRotaryPositionalEmbeddings(_FrequencyScaledRoPE):
             f"original_max_seq_len={self.original_max_seq_len}, low_freq_factor={self.low_freq_factor}, "
             f"high_freq_factor={self.high_freq_factor}"
         )
+
+
+#: Every RoPE module LongLoRA installs (each has ``scaling_factor`` and ``rope_type``).
+SCALED_ROPE_MODULES = (LinearScaledRotaryPositionalEmbeddings, _FrequencyScaledRoPE)
 
 
 def _positive_int(value: Any, name: str) -> int:
@@ -525,7 +579,7 @@ class RopeScaling:
     # ------------------------------------------------------------------ modules and extension
 
     def build_module(
-        self, dim: int, max_seq_len: int, base: Optional[float] = None
+        self, dim: int, max_seq_len: int, base: Optional[float] = None, *, half_rotation: bool = False
     ) -> RotaryPositionalEmbeddings:
         """The torchtune positional-embedding module computing this setting's rotations.
 
@@ -533,6 +587,8 @@ class RopeScaling:
             dim: Per-head dimension.
             max_seq_len: Number of positions cached (the training/eval length).
             base: RoPE base; None uses ``rope_theta``.
+            half_rotation: Rotate head halves (Qwen2 checkpoints, replacing torchtune's
+                ``Qwen2RotaryPositionalEmbeddings``) instead of interleaved pairs.
 
         Returns:
             A :class:`LinearScaledRotaryPositionalEmbeddings` (``default`` gives factor 1),
@@ -540,6 +596,10 @@ class RopeScaling:
         """
         base = self.rope_theta if base is None else base
         if self.rope_type in ("default", "linear"):
+            if half_rotation:
+                return _LinearFrequencyScaledRoPE(
+                    dim, max_seq_len, base, factor=self.factor, half_rotation=True
+                )
             return LinearScaledRotaryPositionalEmbeddings(dim, max_seq_len, base, scaling_factor=self.factor)
         original = self.original_max_position_embeddings
         if self.rope_type == "yarn":
@@ -555,6 +615,7 @@ class RopeScaling:
                 attention_factor=self.attention_factor,
                 mscale=self.mscale,
                 mscale_all_dim=self.mscale_all_dim,
+                half_rotation=half_rotation,
             )
         return Llama3ScaledRotaryPositionalEmbeddings(
             dim,
@@ -564,6 +625,7 @@ class RopeScaling:
             original_max_seq_len=original,
             low_freq_factor=self.low_freq_factor,  # type: ignore[arg-type]
             high_freq_factor=self.high_freq_factor,  # type: ignore[arg-type]
+            half_rotation=half_rotation,
         )
 
     def extend(self, target_len: int, rope_type: Optional[str] = None) -> RopeScaling:

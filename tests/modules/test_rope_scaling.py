@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from torchtune.models.llama3_1._position_embeddings import Llama3ScaledRoPE
+from torchtune.models.llama3_1 import Llama3ScaledRoPE
 
 from longlora_tune.errors import LongLoRAConfigError
 from longlora_tune.modules.position_interpolation import LinearScaledRotaryPositionalEmbeddings
@@ -389,3 +389,18 @@ def test_yarn_attention_factor_variants():
     assert yarn_attention_factor(40.0, mscale=1.0, mscale_all_dim=0.5) == pytest.approx(expected)
     # mscale alone is ignored, as in transformers.
     assert yarn_attention_factor(4.0, mscale=2.0) == yarn_attention_factor(4.0)
+
+
+def test_half_rotation_unscaled_equals_torchtune_qwen2_rope_and_yarn_changes_it():
+    from torchtune.models.qwen2 import Qwen2RotaryPositionalEmbeddings
+
+    x = torch.randn(2, 64, 3, 16)
+    pos = torch.tensor([[5, 6, 7, 0, 1, 2, 3, 60]] * 2)
+    qwen = Qwen2RotaryPositionalEmbeddings(dim=16, max_seq_len=64, base=1e6)
+    ours = RopeScaling(rope_theta=1e6).build_module(16, 64, half_rotation=True)
+    torch.testing.assert_close(ours(x), qwen(x), atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        ours(x[:, :8], input_pos=pos), qwen(x[:, :8], input_pos=pos), atol=1e-6, rtol=0
+    )
+    yarn = RopeScaling("yarn", 4.0, 16, 1e6).build_module(16, 64, half_rotation=True)
+    assert (yarn(x) - qwen(x)).abs().max() > 1e-2

@@ -404,3 +404,19 @@ def test_half_rotation_unscaled_equals_torchtune_qwen2_rope_and_yarn_changes_it(
     )
     yarn = RopeScaling("yarn", 4.0, 16, 1e6).build_module(16, 64, half_rotation=True)
     assert (yarn(x) - qwen(x)).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("rope", [ROUND_TRIP[3], ROUND_TRIP[7]])
+def test_export_config_carries_the_method_and_transformers_reads_it(rope, tmp_path):
+    from longlora_tune.export import merged_hf_config
+
+    base = {"model_type": "llama", **_shape(16), "num_hidden_layers": 1, "vocab_size": 8, "rope_theta": 5.0}
+    written = merged_hf_config(base, 1.0, torch.bfloat16, rope=rope)
+    assert written["torch_dtype"] == "bfloat16" and written["rope_scaling"]["rope_type"] == rope.rope_type
+    assert RopeScaling.from_hf_config(written) == rope
+    (tmp_path / "config.json").write_text(json.dumps(written))
+    config = transformers.AutoConfig.from_pretrained(tmp_path)
+    positions = 4 * rope.original_max_position_embeddings
+    _assert_tables_equal(rope.build_module(16, positions), *_hf_tables(config, positions))
+    # Without rope= the linear export is unchanged.
+    assert merged_hf_config(base, 4.0, torch.float32)["rope_scaling"]["factor"] == 4.0

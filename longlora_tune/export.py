@@ -25,6 +25,7 @@ import torch
 from longlora_tune import checkpointing
 from longlora_tune.hf import HFBaseModel
 from longlora_tune.models.longlora import LongLoRAModelInfo
+from longlora_tune.modules.rope_scaling import RopeScaling
 
 #: Files copied from the base checkpoint next to the merged weights.
 TOKENIZER_FILES = (
@@ -52,29 +53,44 @@ def rope_scaling_entry(factor: float) -> dict[str, Any]:
     return {"type": "linear", "rope_type": "linear", "factor": float(factor)}
 
 
-def merged_hf_config(base_config: Mapping[str, Any], rope_scaling_factor: float, dtype: torch.dtype) -> dict:
+def merged_hf_config(
+    base_config: Mapping[str, Any],
+    rope_scaling_factor: float,
+    dtype: torch.dtype,
+    rope: Optional[RopeScaling] = None,
+) -> dict:
     """The base model's ``config.json`` with the trained RoPE factor and the saved dtype.
 
     Args:
         base_config: the base checkpoint's parsed ``config.json``.
-        rope_scaling_factor: the factor the model was trained with.
+        rope_scaling_factor: the factor the model was trained with (linear; ignored when ``rope`` is given).
         dtype: dtype of the saved weights.
+        rope: the full RoPE setting the model was trained with (yarn/llama3/linear); its
+            :meth:`~longlora_tune.modules.rope_scaling.RopeScaling.to_hf_config` keys are written.
 
     Returns:
-        The new config dict (``max_position_embeddings`` is kept: the factor alone extends the context).
+        The new config dict (for linear, ``max_position_embeddings`` is kept: the factor alone extends the
+        context).
     """
     cfg = dict(base_config)
+    if rope is not None:
+        cfg.update(rope.to_hf_config(base_config))
+    else:
+        _set_linear_rope(cfg, rope_scaling_factor)
+    name = str(dtype).removeprefix("torch.")
+    for key in ("torch_dtype", "dtype"):
+        if key in cfg or key == "torch_dtype":
+            cfg[key] = name
+    return cfg
+
+
+def _set_linear_rope(cfg: dict, rope_scaling_factor: float) -> None:
     cfg["rope_scaling"] = rope_scaling_entry(rope_scaling_factor)
     if isinstance(cfg.get("rope_parameters"), Mapping):
         # transformers 5 writes the RoPE settings here and would prefer them over rope_scaling.
         params = dict(cfg["rope_parameters"])
         params.update(rope_type="linear", factor=float(rope_scaling_factor))
         cfg["rope_parameters"] = params
-    name = str(dtype).removeprefix("torch.")
-    for key in ("torch_dtype", "dtype"):
-        if key in cfg or key == "torch_dtype":
-            cfg[key] = name
-    return cfg
 
 
 def copy_tokenizer_files(src_dir: str | Path, dst_dir: str | Path) -> list[str]:

@@ -13,10 +13,13 @@ from typing import Optional
 
 import torch
 from torch import nn
+from torchtune.models.llama3_1 import Llama3ScaledRoPE
+from torchtune.models.qwen2 import Qwen2RotaryPositionalEmbeddings
 from torchtune.modules import MultiHeadAttention, RotaryPositionalEmbeddings
 
 from longlora_tune._compat import attention_call, set_attention_call
 from longlora_tune.modules.position_interpolation import LinearScaledRotaryPositionalEmbeddings
+from longlora_tune.modules.rope_scaling import SCALED_ROPE_MODULES, RopeScaling
 from longlora_tune.modules.s2_attention import S2Attention, S2AttentionConfig
 
 __all__ = ["LongLoRAModelInfo", "apply_longlora", "describe"]
@@ -26,8 +29,9 @@ def apply_longlora(
     model: nn.Module,
     *,
     s2: Optional[S2AttentionConfig],
-    rope_scaling_factor: float,
+    rope_scaling_factor: float | None = None,
     rope_base: float | None = None,
+    rope: RopeScaling | None = None,
 ) -> nn.Module:
     """Turn a torchtune decoder into a LongLoRA model, in place.
 
@@ -52,6 +56,9 @@ def apply_longlora(
             :func:`~longlora_tune.modules.position_interpolation.position_interpolation_factor`.
         rope_base: RoPE base to use instead of the original module's (torchtune's ``lora_llama2``
             builder hard-codes 10000); None keeps the original.
+        rope: A full RoPE setting (linear, yarn or llama3, with its ``rope_theta`` as the base) instead of
+            ``rope_scaling_factor``/``rope_base``; it may also replace torchtune's ``Llama3ScaledRoPE`` (the
+            Llama 3.1+ builders' module) and ``Qwen2RotaryPositionalEmbeddings`` (keeping its half rotation).
 
     Returns:
         The same ``model``, modified.
@@ -67,8 +74,20 @@ def apply_longlora(
         isinstance(rope_base, bool) or not isinstance(rope_base, (int, float)) or not rope_base > 0
     ):
         raise ValueError(f"rope_base must be a positive number or None, got {rope_base!r}")
-    # Validates the factor once, with a clear message, before anything is modified.
-    LinearScaledRotaryPositionalEmbeddings(dim=2, max_seq_len=1, scaling_factor=rope_scaling_factor)
+    if rope is not None:
+        if not isinstance(rope, RopeScaling) or rope_scaling_factor is not None or rope_base is not None:
+            raise ValueError("pass either rope=RopeScaling(...) or rope_scaling_factor/rope_base, not both")
+        replaceable: tuple[type, ...] = (
+            RotaryPositionalEmbeddings,
+            Llama3ScaledRoPE,
+            Qwen2RotaryPositionalEmbeddings,
+        )
+    else:
+        if rope_scaling_factor is None:
+            raise ValueError("apply_longlora needs rope_scaling_factor or rope=RopeScaling(...)")
+        # Validates the factor once, with a clear message, before anything is modified.
+        LinearScaledRotaryPositionalEmbeddings(dim=2, max_seq_len=1, scaling_factor=rope_scaling_factor)
+        replaceable = (RotaryPositionalEmbeddings,)
     attentions = [(name, m) for name, m in model.named_modules() if isinstance(m, MultiHeadAttention)]
     if not attentions:
         raise ValueError(
@@ -80,10 +99,10 @@ def apply_longlora(
     group_sizes = {}
     for name, mha in attentions:
         if isinstance(attention_call(mha), S2Attention) or isinstance(
-            mha.pos_embeddings, LinearScaledRotaryPositionalEmbeddings
+            mha.pos_embeddings, SCALED_ROPE_MODULES
         ):
             raise ValueError(f"apply_longlora was already applied to this model ({name} is converted)")
-        if type(mha.pos_embeddings) is not RotaryPositionalEmbeddings:
+        if type(mha.pos_embeddings) not in replaceable:
             raise ValueError(
                 f"{name}.pos_embeddings is {type(mha.pos_embeddings).__name__}; apply_longlora needs plain "
                 "torchtune RotaryPositionalEmbeddings to add linear position interpolation"
@@ -97,18 +116,24 @@ def apply_longlora(
             )
         group_sizes[name] = s2.resolve_group_size(mha.max_seq_len)
 
-    scaled: dict[int, LinearScaledRotaryPositionalEmbeddings] = {}
+    scaled: dict[int, RotaryPositionalEmbeddings] = {}
     for name, mha in attentions:
-        rope = mha.pos_embeddings
-        if id(rope) not in scaled:
-            with torch.device(rope.theta.device):
-                scaled[id(rope)] = LinearScaledRotaryPositionalEmbeddings(
-                    dim=rope.dim,
-                    max_seq_len=rope.max_seq_len,
-                    base=rope.base if rope_base is None else rope_base,
-                    scaling_factor=rope_scaling_factor,
-                )
-        mha.pos_embeddings = scaled[id(rope)]
+        old = mha.pos_embeddings
+        if id(old) not in scaled:
+            # torchtune's Llama3ScaledRoPE built on the meta device has no buffers at all.
+            theta = getattr(old, "theta", None)
+            with torch.device(theta.device if theta is not None else "meta"):
+                if rope is not None:
+                    half = isinstance(old, Qwen2RotaryPositionalEmbeddings)
+                    scaled[id(old)] = rope.build_module(old.dim, old.max_seq_len, half_rotation=half)
+                else:
+                    scaled[id(old)] = LinearScaledRotaryPositionalEmbeddings(
+                        dim=old.dim,
+                        max_seq_len=old.max_seq_len,
+                        base=old.base if rope_base is None else rope_base,
+                        scaling_factor=rope_scaling_factor,  # type: ignore[arg-type]
+                    )
+        mha.pos_embeddings = scaled[id(old)]
         if s2 is not None:
             set_attention_call(mha, S2Attention(group_sizes[name], s2, attention_call(mha)))
     return model
@@ -156,11 +181,7 @@ def describe(model: nn.Module) -> LongLoRAModelInfo:
     groups = {
         m.group_size for m in model.modules() if isinstance(m, S2Attention) and not m.config.use_full_attn
     }
-    factors = {
-        float(m.scaling_factor)
-        for m in model.modules()
-        if isinstance(m, LinearScaledRotaryPositionalEmbeddings)
-    }
+    factors = {float(m.scaling_factor) for m in model.modules() if isinstance(m, SCALED_ROPE_MODULES)}
     lora = [(name, m) for name, m in model.named_modules() if hasattr(m, "lora_a") and hasattr(m, "rank")]
     rank_alpha = _one({(int(m.rank), float(m.alpha)) for _, m in lora}, "LoRA (rank, alpha)")
     max_seq_len = getattr(model, "max_seq_len", None)

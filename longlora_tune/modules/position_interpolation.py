@@ -132,11 +132,12 @@ def rope_scaling_factor_from_hf_config(config: Mapping[str, Any]) -> float:
 class LinearScaledRotaryPositionalEmbeddings(RotaryPositionalEmbeddings):
     """torchtune RoPE with every position divided by ``scaling_factor`` (linear position interpolation).
 
-    Token ``m`` is rotated by ``(m / scaling_factor) * theta_i``, as in Hugging Face's ``"linear"``
-    ``rope_scaling``. The cache still holds ``max_seq_len`` positions: set ``max_seq_len`` to the extended
-    (training) length. The factor is a plain attribute set before the parent constructor runs, so a model
-    built on the meta device and later re-initialised with ``rope_init()`` (as torchtune's distributed
-    recipes do after sharding) rebuilds the same scaled cache.
+    Token ``m`` is rotated by ``m * (theta_i / scaling_factor)``, computed exactly as transformers'
+    ``"linear"`` ``rope_scaling`` does (frequencies divided, in float32). The cache still holds
+    ``max_seq_len`` positions: set ``max_seq_len`` to the extended (training) length. The factor is a
+    plain attribute set before the parent constructor runs, so a model built on the meta device and later
+    re-initialised with ``rope_init()`` (as torchtune's distributed recipes do after sharding) rebuilds
+    the same scaled cache.
 
     Args:
         dim: Per-head embedding dimension.
@@ -147,6 +148,8 @@ class LinearScaledRotaryPositionalEmbeddings(RotaryPositionalEmbeddings):
     Raises:
         ValueError: If ``scaling_factor`` is not a finite number >= 1.
     """
+
+    rope_type = "linear"
 
     def __init__(
         self, dim: int, max_seq_len: int = 4096, base: int = 10_000, scaling_factor: float = 1.0
@@ -163,7 +166,9 @@ class LinearScaledRotaryPositionalEmbeddings(RotaryPositionalEmbeddings):
             max_seq_len: Number of positions to cache.
         """
         positions = torch.arange(max_seq_len, dtype=self.theta.dtype, device=self.theta.device)
-        angles = torch.outer(positions / self.scaling_factor, self.theta).float()
+        # (m / f) * theta and m * (theta / f) differ by float32 rounding, which at positions in the tens of
+        # thousands moves angles by > 1e-4; transformers (what exports are read by) divides the frequencies.
+        angles = torch.outer(positions, self.theta / self.scaling_factor).float()
         cache = torch.stack([torch.cos(angles), torch.sin(angles)], dim=-1)
         self.register_buffer("cache", cache, persistent=False)
 

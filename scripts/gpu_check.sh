@@ -1,17 +1,30 @@
 #!/usr/bin/env bash
-# One-GPU check of longlora_tune (H100/H200 class, a few minutes, installs nothing).
+# One-GPU check of longlora_tune on a lent machine (one H100/H200, no internet; about 6-7 minutes).
 #
 # Usage: scripts/gpu_check.sh [OUT_DIR] [--dry-run]
 #   OUT_DIR   where logs and results go (default: $OUT, else ./gpu_check_out)
-#   --dry-run run every step on CPU with tiny shapes (seconds; used by the smoke test)
+#   --dry-run run every step on CPU with tiny shapes (seconds; used by the smoke test); installs nothing
 #
-# Steps, each logged to OUT_DIR and bounded so the whole script ends in under 8 minutes:
-#   1. info.txt            nvidia-smi, torch/CUDA/triton/flash-attn versions
-#   2. pytest_s2.log       the S² unit tests (tests/modules/test_s2_attention.py)
-#   3. backend_check.*     sdpa/flex/flash S² against a float64 dense reference on CUDA, fp32 and bf16
-#   4. bench_<N>.{log,json} training-step benchmark (markdown table in the log), 7B width with two
-#                          layers, at 8192 then 32768 tokens
-#   summary.txt            exit status of every step
+# Packages: the lent machine has torch, transformers, peft, safetensors, sentencepiece, tiktoken and pyarrow
+# but not torchtune, torchao, torchdata, omegaconf or datasets. Run scripts/prepare_gpu_wheels.sh here first:
+# it fills .whl/ (git-ignored, ~22 MB, travels with the working tree), and this script installs it with
+# `pip install --no-index --no-deps --target /tmp/site` and puts /tmp/site first on PYTHONPATH before
+# anything imports torchtune. flash-attn is NOT available there (no binary wheel on the registry, and it
+# cannot be built within the time limit): S² is measured with sdpa and flex (compiled) only.
+#
+# Steps, in this order, each logged to OUT_DIR as it runs (a run cut short keeps what it measured), bounded
+# so that the whole script ends in under 8 minutes (expected on one H200: ~1 min to start and import,
+# ~1 min correctness, ~4 min benchmarks, the unit tests with what is left):
+#   1. info.txt             nvidia-smi, torch/CUDA/triton/flash-attn versions
+#   2. imports.log          every module the check imports (python -m longlora_tune.bench.gpu_imports)
+#   3. backend_check.*      correctness first: sdpa/flex S² against a float64 dense reference on CUDA, fp32
+#                           and bf16, forward and q/k/v gradients (JSON rewritten after every comparison)
+#   4. bench_32768_peer.*   ours (S² sdpa, flex) vs the transformers + PEFT peer, bf16, 7B width, 2 layers,
+#                           32768 tokens (JSON rewritten after every case, markdown table in the log)
+#   5. bench_8192.*         all variants (LongLoRA sdpa/flex, full attention, plain LoRA) at 8192 tokens
+#   6. bench_32768.*        full attention and plain LoRA at 32768 tokens
+#   7. pytest_s2.log        the S² unit tests (they build tensors on the CPU; flex backward on CUDA)
+#   summary.txt             exit status of every step, appended as each ends
 # Run from anywhere; uses the python on PATH (activate the project's environment first) unless
 # $PYTHON is set. Exits non-zero if any step failed.
 set -euo pipefail
@@ -22,7 +35,7 @@ for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY_RUN=1 ;;
     -h | --help)
-      sed -n '2,17p' "$0"
+      sed -n '2,29p' "$0"
       exit 0
       ;;
     -*)
@@ -39,7 +52,29 @@ OUT_DIR="$(cd "$OUT_DIR" && pwd)"
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO_ROOT"
 PYTHON="${PYTHON:-python}"
-export PYTHONPATH="$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}"
+WHEEL_DIR="$REPO_ROOT/.whl"
+SITE_DIR="${GPU_CHECK_SITE:-/tmp/site}"
+SITE_NOTE="no $WHEEL_DIR (run scripts/prepare_gpu_wheels.sh first if torchtune is not installed)"
+if ((!DRY_RUN)) && compgen -G "$WHEEL_DIR/*.whl" >/dev/null; then
+  # Before anything imports torchtune. --no-deps: the folder holds every missing requirement, pinned.
+  mkdir -p "$SITE_DIR"
+  if "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --target "$SITE_DIR" "$WHEEL_DIR"/*.whl \
+    >"$OUT_DIR/install.log" 2>&1; then
+    SITE_NOTE="installed $(find "$WHEEL_DIR" -type f -name '*.whl' | wc -l) wheels into $SITE_DIR with pip"
+  else
+    # No pip (or pip refusing): a wheel is a zip archive laid out for site-packages; unpacking it is enough
+    # for importing, and every wheel here is pure Python or built for this machine's Python.
+    "$PYTHON" - "$SITE_DIR" "$WHEEL_DIR"/*.whl >>"$OUT_DIR/install.log" 2>&1 <<'PY'
+import sys, zipfile
+for wheel in sys.argv[2:]:
+    zipfile.ZipFile(wheel).extractall(sys.argv[1])
+PY
+    SITE_NOTE="pip install failed (see install.log); unpacked the wheels into $SITE_DIR"
+  fi
+  export PYTHONPATH="$SITE_DIR:$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}"
+else
+  export PYTHONPATH="$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}"
+fi
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
 TOTAL_BUDGET_S=465 # 7 min 45 s: the whole script must end in under 8 minutes
@@ -114,6 +149,9 @@ PY
 }
 
 log "output folder: $OUT_DIR (dry run: $DRY_RUN)"
+log "packages: $SITE_NOTE"
+log "flash-attn: not measured unless it imports (the lent machine has no flash-attn: no binary wheel" \
+  "on the registry and no time to build it); S² backends measured: sdpa and flex (compiled)"
 log "info: start"
 set +e
 collect_info 2>&1 | tee "$OUT_DIR/info.txt"
@@ -124,23 +162,28 @@ if ((INFO_STATUS != 0)); then
   FAILED=1
 fi
 
+run_step imports 90 "$PYTHON" -m longlora_tune.bench.gpu_imports
+
 if ((DRY_RUN)); then
-  log "pytest_s2: dry run, not run: $PYTHON -m pytest tests/modules/test_s2_attention.py -q"
-  echo "pytest_s2 dry-run" >>"$SUMMARY"
   run_step backend_check 60 "$PYTHON" -m longlora_tune.bench.backend_check --device cpu --small \
     --out "$OUT_DIR/backend_check.json"
   run_step bench_64 120 "$PYTHON" -m longlora_tune.bench --shape tiny --seq-lens 64 --repeats 1 \
-    --device cpu --in-process --out "$OUT_DIR/bench_64.json"
+    --device cpu --in-process --peer --out "$OUT_DIR/bench_64.json"
+  log "pytest_s2: dry run, not run: $PYTHON -m pytest tests/modules/test_s2_attention.py -q"
+  echo "pytest_s2 dry-run" >>"$SUMMARY"
 else
-  # The unit tests build their tensors on the CPU; on a CUDA machine they also run flex backward.
-  run_step pytest_s2 90 "$PYTHON" -m pytest tests/modules/test_s2_attention.py -q -x -p no:cacheprovider
-  run_step backend_check 120 "$PYTHON" -m longlora_tune.bench.backend_check --device cuda \
+  # Correctness first: if S² is wrong on this GPU, its speed does not matter.
+  run_step backend_check 100 "$PYTHON" -m longlora_tune.bench.backend_check --device cuda \
     --out "$OUT_DIR/backend_check.json"
-  # 8k first so that its numbers survive even if 32k runs out of time; each case is its own process.
-  for seq_len in 8192 32768; do
-    run_step "bench_$seq_len" 200 "$PYTHON" -m longlora_tune.bench --shape 7b --layers 2 \
-      --seq-lens "$seq_len" --repeats 3 --device cuda --case-timeout 120 --out "$OUT_DIR/bench_$seq_len.json"
-  done
+  # Each case is its own process (about 20-40 s on an H200 at 7B width, 2 layers); the headline first.
+  BENCH=("$PYTHON" -m longlora_tune.bench --shape 7b --layers 2 --device cuda --repeats 3 --case-timeout 90)
+  run_step bench_32768_peer 170 "${BENCH[@]}" --seq-lens 32768 --variants longlora --backends sdpa flex \
+    --peer --out "$OUT_DIR/bench_32768_peer.json"
+  run_step bench_8192 120 "${BENCH[@]}" --seq-lens 8192 --backends sdpa flex --out "$OUT_DIR/bench_8192.json"
+  run_step bench_32768 100 "${BENCH[@]}" --seq-lens 32768 --variants full_attn lora \
+    --out "$OUT_DIR/bench_32768.json"
+  # The unit tests build their tensors on the CPU (the backend check above covered CUDA); whatever is left.
+  run_step pytest_s2 90 "$PYTHON" -m pytest tests/modules/test_s2_attention.py -q -x -p no:cacheprovider
 fi
 
 log "done in $((SECONDS - START_S))s; summary:"

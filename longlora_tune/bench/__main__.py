@@ -6,7 +6,9 @@ Variants (same model, same LoRA on q/k/v/o, same activation checkpointing and ch
 
 * ``longlora``: S²-Attn, LoRA + trainable embeddings and norms (LoRA+);
 * ``full_attn``: the same with ``use_full_attn=True``;
-* ``lora``: full attention, LoRA-only trainable set.
+* ``lora``: full attention, LoRA-only trainable set;
+* ``peer`` (with ``--peer``): the transformers + PEFT step a user would otherwise assemble, with the same
+  no-wrap S² registered through transformers' ``AttentionInterface`` (see :mod:`longlora_tune.bench.peer`).
 
 On CUDA the ``longlora`` variant runs once per S² backend: ``sdpa``, ``flex`` and ``flash`` (when
 flash-attn imports). Every case runs in its own Python process (clean memory peaks), one warm-up step and
@@ -14,7 +16,9 @@ then ``--repeats`` timed steps; ``--rounds`` repeats the whole sweep with the ca
 load from other processes hits every variant alike. Reported: median step time and the min-max spread,
 tokens/s, peak memory (see ``memory_kind``), model TFLOP/s and, on CUDA, MFU against the chip's dense bf16
 peak (``--peak-tflops``, detected from the device name otherwise), and the ratios full/S² and
-plain-LoRA/LongLoRA. Results are printed as a markdown table and written as JSON with ``--out``.
+plain-LoRA/LongLoRA and, with ``--peer``, ours/peer in best-step and median tokens/s and in peak memory
+(CPU: the increase over the built model; CUDA: absolute). Results are printed as a markdown table and
+written as JSON with ``--out``.
 """
 
 from __future__ import annotations
@@ -34,7 +38,14 @@ from typing import Any
 import torch
 
 from longlora_tune._io import atomic_write_json
-from longlora_tune.bench.train_step import BENCH_SHAPES, VARIANTS, Case, resolve_shape, run_case
+from longlora_tune.bench.train_step import (
+    BENCH_SHAPES,
+    PEER_VARIANT,
+    VARIANTS,
+    Case,
+    resolve_shape,
+    run_case,
+)
 from longlora_tune.modules.s2_attention import flash_attn_available
 from longlora_tune.plan import step_flops
 
@@ -46,8 +57,9 @@ def _cases(args: argparse.Namespace) -> list[Case]:
     if args.device == "cuda":
         backends = [b for b in args.backends if b != "flash" or flash_attn_available()]
     cases = []
+    variants = list(args.variants) + ([PEER_VARIANT] if args.peer else [])
     for seq_len in args.seq_lens:
-        for variant in args.variants:
+        for variant in variants:
             for backend in backends if variant == "longlora" else ["sdpa"]:
                 cases.append(
                     Case(
@@ -91,6 +103,10 @@ def _run_in_subprocess(case: Case, timeout: float | None) -> dict[str, Any]:
 
 def _run_here(case: Case) -> dict[str, Any]:
     try:
+        if case.variant == PEER_VARIANT:
+            from longlora_tune.bench.peer import run_peer_case  # transformers and peft only when asked
+
+            return run_peer_case(case)
         return run_case(case)
     except ValueError as err:
         return {**asdict(case), "error": str(err)}
@@ -127,6 +143,71 @@ def _merge_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _label(result: dict[str, Any]) -> str:
     return result["variant"] + (f"[{result['backend']}]" if result["variant"] == "longlora" else "")
+
+
+def _memory(result: dict[str, Any]) -> int | None:
+    # CPU: the peak RSS increase over the built model (the processes' import footprints differ: torchtune
+    # vs transformers + peft); CUDA: absolute max_memory_allocated, weights and PEFT's copies included.
+    if result.get("device") == "cpu":
+        return result.get("peak_mem_over_model_bytes")
+    return result.get("peak_mem_bytes")
+
+
+def _peer_ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for seq_len in sorted({r["seq_len"] for r in results}):
+        by = {_label(r): r for r in results if r["seq_len"] == seq_len and "error" not in r}
+        peer = by.get(PEER_VARIANT)
+        if peer is None:
+            continue
+        for label, ours in by.items():
+            if not label.startswith("longlora"):
+                continue
+            ours_mem, peer_mem = _memory(ours), _memory(peer)
+            out.append(
+                {
+                    "seq_len": seq_len,
+                    "ours": label,
+                    "tokens_per_s_best": [ours["batch_size"] * seq_len / r["min_s"] for r in (ours, peer)],
+                    "tokens_per_s_median": [ours["tokens_per_s"], peer["tokens_per_s"]],
+                    "best_ratio": peer["min_s"] / ours["min_s"],
+                    "median_ratio": peer["median_s"] / ours["median_s"],
+                    "cpu_median_ratio": peer["median_cpu_s"] / ours["median_cpu_s"],
+                    "peak_mem_bytes": [ours_mem, peer_mem],
+                    "mem_ratio": ours_mem / peer_mem if ours_mem and peer_mem else None,
+                }
+            )
+    return out
+
+
+def peer_markdown(rows: list[dict[str, Any]]) -> str:
+    """Render the ours-vs-peer comparison as a markdown table.
+
+    Args:
+        rows: Output of the peer ratio computation.
+
+    Returns:
+        The table (empty string without rows).
+    """
+    if not rows:
+        return ""
+    mib = 1024**2
+    lines = [
+        "| seq | ours | tokens/s best: ours / peer | tokens/s median: ours / peer | ours/peer best "
+        "| median | CPU-time median | peak mem MiB: ours / peer | mem ours/peer |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for q in rows:
+        best, median = q["tokens_per_s_best"], q["tokens_per_s_median"]
+        mem = " / ".join(f"{m / mib:.0f}" if m else "n/a" for m in q["peak_mem_bytes"])
+        mem_ratio = f"{q['mem_ratio']:.2f}x" if q["mem_ratio"] else "n/a"
+        lines.append(
+            f"| {q['seq_len']} | {q['ours']} | {best[0]:.0f} / {best[1]:.0f} "
+            f"| {median[0]:.0f} / {median[1]:.0f} "
+            f"| {q['best_ratio']:.2f}x | {q['median_ratio']:.2f}x | {q['cpu_median_ratio']:.2f}x | {mem} "
+            f"| {mem_ratio} |"
+        )
+    return "\n".join(lines)
 
 
 def _ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -260,6 +341,11 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--rounds", type=int, default=1, help="interleaved sweeps, each case in a fresh process"
     )
+    parser.add_argument(
+        "--peer",
+        action="store_true",
+        help="also run the transformers + PEFT step with the same S² (interleaved with ours)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--loss-chunks", type=int, default=8)
@@ -318,6 +404,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
 
     def save() -> None:
         results, ratios = summarise()
+        peer = _peer_ratios(results)
         payload = {
             "command": "python -m longlora_tune.bench " + " ".join(argv),
             "host": platform.node(),
@@ -326,6 +413,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
             "complete": all(len(rounds) == args.rounds for rounds in measured.values()),
             "results": results,
             "ratios": ratios,
+            "peer": peer,
         }
         atomic_write_json(args.out, payload, default=str)
 
@@ -343,6 +431,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
                 save()  # after every case, so a sweep stopped by a time limit keeps what it measured
     results, ratios = summarise()
     print(markdown(results, ratios))
+    peer_table = peer_markdown(_peer_ratios(results))
+    if peer_table:
+        print("\n" + peer_table)
     return results
 
 

@@ -161,8 +161,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     f"G={group} {detail}",
                     flush=True,
                 )
-    if args.out:
-        atomic_write_json(args.out, {"device": str(device), "results": results}, default=str)
+                if args.out:  # after every comparison, so a run stopped by a time limit keeps what it found
+                    atomic_write_json(args.out, {"device": str(device), "results": results}, default=str)
     return 0 if all(r["ok"] for r in results) else 1
 
 

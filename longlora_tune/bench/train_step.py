@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,17 @@ from longlora_tune.peft import TRAINABLE_EXTRAS, set_trainable_params
 from longlora_tune.plan import step_flops
 from longlora_tune.shapes import MODEL_SHAPES, ModelShape
 
-__all__ = ["BENCH_SHAPES", "VARIANTS", "Case", "detect_peak_tflops", "resolve_shape", "run_case"]
+__all__ = [
+    "BENCH_SHAPES",
+    "PEER_VARIANT",
+    "VARIANTS",
+    "Case",
+    "add_flops",
+    "detect_peak_tflops",
+    "measure_steps",
+    "resolve_shape",
+    "run_case",
+]
 
 #: Benchmark model shapes. ``7b-proxy`` keeps Llama 2 7B's MLP/attention width ratio (11008/4096 ~ 1376/512)
 #: and head size at a width that a CPU can train at 8192 tokens.
@@ -61,6 +72,9 @@ VARIANTS: dict[str, tuple[bool, tuple[str, ...]]] = {
     "full_attn": (False, tuple(TRAINABLE_EXTRAS)),
     "lora": (False, ()),
 }
+
+#: The transformers + PEFT step a user would otherwise assemble (measured by longlora_tune.bench.peer).
+PEER_VARIANT = "peer"
 
 #: The precisions a case may name (resolved by longlora_tune.distributed.resolve_dtype, as in the recipe).
 _DTYPES = ("fp32", "bf16", "fp16")
@@ -115,8 +129,10 @@ class Case:
     def __post_init__(self) -> None:
         if self.shape not in BENCH_SHAPES:
             raise ValueError(f"Unknown shape {self.shape!r}; choose one of {sorted(BENCH_SHAPES)}")
-        if self.variant not in VARIANTS:
-            raise ValueError(f"Unknown variant {self.variant!r}; choose one of {sorted(VARIANTS)}")
+        if self.variant not in VARIANTS and self.variant != PEER_VARIANT:
+            raise ValueError(
+                f"Unknown variant {self.variant!r}; choose one of {sorted(VARIANTS)} or {PEER_VARIANT!r}"
+            )
         if self.backend not in ("sdpa", "flash", "flex"):
             raise ValueError(f"Unknown S2 backend {self.backend!r}; choose sdpa, flash or flex")
         if self.dtype not in _DTYPES:
@@ -254,6 +270,27 @@ def run_case(case: Case) -> dict[str, Any]:
         optimizer.step()
         return float(loss.detach())
 
+    result = measure_steps(case, device, step, load_before=load_before)
+    result["trainable"] = counts
+    add_flops(result, case, shape, case.seq_len // 4 if s2 else None, device)
+    return result
+
+
+def measure_steps(
+    case: Case, device: torch.device, step: Callable[[], float], *, load_before: tuple[float, ...]
+) -> dict[str, Any]:
+    """Run one warm-up and ``case.repeats`` timed calls of ``step`` and measure time and peak memory.
+
+    Args:
+        case: The case (its fields go into the result).
+        device: Where the step runs.
+        step: One training step (zero grads, forward, loss, backward, optimizer step); returns the loss.
+        load_before: ``os.getloadavg()`` before the model was built.
+
+    Returns:
+        The case's fields plus ``step_s``, ``median_s``, ``min_s``, ``max_s``, ``cpu_step_s``,
+        ``median_cpu_s``, ``tokens_per_s``, ``loss``, load averages and the memory fields.
+    """
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -283,7 +320,6 @@ def run_case(case: Case) -> dict[str, Any]:
         median_cpu_s=statistics.median(cpu_times),
         tokens_per_s=case.batch_size * case.seq_len / median,
         loss=loss,
-        trainable=counts,
         load_avg_before=load_before,
         load_avg_after=os.getloadavg(),
         torch=torch.__version__,
@@ -307,7 +343,22 @@ def run_case(case: Case) -> dict[str, Any]:
             peak_mem_over_model_bytes=over,
             device_name="cpu",
         )
-    group = case.seq_len // 4 if s2 else None
+    return result
+
+
+def add_flops(
+    result: dict[str, Any], case: Case, shape: ModelShape, group: int | None, device: torch.device
+) -> None:
+    """Add the step's model/executed FLOPs, model TFLOP/s and MFU (CUDA or a given peak) to ``result``.
+
+    Args:
+        result: Output of :func:`measure_steps` (updated in place).
+        case: The case.
+        shape: Its model shape.
+        group: S² group size (None: full attention).
+        device: Where it ran.
+    """
+    median = result["median_s"]
     flops = step_flops(
         shape,
         case.seq_len,
@@ -323,4 +374,3 @@ def run_case(case: Case) -> dict[str, Any]:
         peak_tflops = detect_peak_tflops(result["device_name"])
     result["peak_tflops"] = peak_tflops
     result["mfu"] = flops.model / median / (peak_tflops * 1e12) if peak_tflops else None
-    return result

@@ -111,6 +111,11 @@ def test_gpu_check_dry_run(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     summary = (tmp_path / "summary.txt").read_text().split("\n")
     assert "info 0" in summary and "backend_check 0" in summary and "bench_64 0" in summary
+    assert (
+        "imports 0" in summary
+        and "ok   import longlora_tune.bench.peer" in (tmp_path / "imports.log").read_text()
+    )
     bench = json.loads((tmp_path / "bench_64.json").read_text())
-    assert {r["variant"] for r in bench["results"]} == {"longlora", "full_attn", "lora"}
+    assert {r["variant"] for r in bench["results"]} == {"longlora", "full_attn", "lora", "peer"}
+    assert len(bench["peer"]) == 1 and "flash-attn" in (tmp_path / "gpu_check.log").read_text()
     assert "PASS sdpa" in (tmp_path / "backend_check.log").read_text()

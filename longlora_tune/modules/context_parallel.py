@@ -56,7 +56,7 @@ __all__ = [
 ]
 
 
-def _valid_slice_lengths(seq_len: int, degree: int, group_size: int) -> str:
+def _working_degrees(seq_len: int, group_size: int) -> str:
     half = group_size // 2
     degrees = [p for p in range(1, min(seq_len, 64) + 1) if seq_len % p == 0 and (seq_len // p) % half == 0]
     return ", ".join(str(p) for p in degrees) or "none"
@@ -84,9 +84,10 @@ def check_context_parallel(seq_len: int, degree: int, group_size: int) -> int:
         raise LongLoRAConfigError(f"S2 group size {group_size!r} is not an even integer >= 2")
     if seq_len % degree or (seq_len // degree) % (group_size // 2):
         raise LongLoRAConfigError(
-            f"context_parallel_degree={degree} with sequence length {seq_len} and S2 group size {group_size}: "
+            f"context_parallel_degree={degree} with sequence length {seq_len} and S2 group size "
+            f"{group_size}: "
             f"each rank's slice must be a multiple of G/2={group_size // 2} tokens (so G <= 2 * slice); "
-            f"degrees that work: {_valid_slice_lengths(seq_len, degree, group_size)}; or pad sequences to a "
+            f"degrees that work: {_working_degrees(seq_len, group_size)}; or pad sequences to a "
             f"multiple of {degree * group_size // 2}"
         )
     return seq_len // degree
@@ -138,7 +139,9 @@ class _HaloFromPrevious(torch.autograd.Function):
 
 def _mask_halo(tail: Tensor, group: Any, rank: int, world: int) -> Tensor:
     halo = torch.zeros_like(tail)
-    _exchange(tail.contiguous(), halo, rank + 1 if rank + 1 < world else None, rank - 1 if rank else None, group)
+    _exchange(
+        tail.contiguous(), halo, rank + 1 if rank + 1 < world else None, rank - 1 if rank else None, group
+    )
     return halo
 
 
@@ -224,14 +227,20 @@ def context_parallel_s2_attention(
     with_mask = key_padding_mask is not None or document_ids is not None
     valid = key_padding_mask if key_padding_mask is not None else torch.ones(b, length, dtype=torch.bool)
     valid = valid.to(q.device)
-    docs = document_ids.to(q.device).long() if document_ids is not None else torch.zeros_like(valid, dtype=torch.long)
+    docs = (
+        document_ids.to(q.device).long()
+        if document_ids is not None
+        else torch.zeros_like(valid, dtype=torch.long)
+    )
 
     dense = None
     if with_mask:
         # The public function reads only the G x G diagonal blocks of this mask.
         dense = valid[:, None, :] & (docs[:, :, None] == docs[:, None, :])
     qo, ko, vo = order(q), order(k), order(v)
-    bulk = shifted_sparse_attention(qo, ko, vo, group_size, mask=dense, backend="sdpa", dropout_p=dropout_p, scale=scale)
+    bulk = shifted_sparse_attention(
+        qo, ko, vo, group_size, mask=dense, backend="sdpa", dropout_p=dropout_p, scale=scale
+    )
 
     # The halo: the next rank's straddling half, last G/2 keys and values, stacked on the feature axis.
     next_half = _straddling_half(start + length, group_size)
@@ -255,12 +264,16 @@ def context_parallel_s2_attention(
     key_docs = torch.cat([halo_docs, docs[:, :shift]], dim=1)
     rows = torch.arange(shift, device=q.device)[:, None]
     cols = torch.arange(2 * shift, device=q.device)[None, :]
-    allowed = (cols <= rows + shift)[None] & key_valid[:, None, :] & (docs[:, :shift, None] == key_docs[:, None, :])
+    allowed = (
+        (cols <= rows + shift)[None] & key_valid[:, None, :] & (docs[:, :shift, None] == key_docs[:, None, :])
+    )
     # A query with no allowed key (a pad row) gets zeros, as in the single-process function; letting it
     # see one key first avoids the NaN some kernels give for an empty row.
     empty = ~allowed.any(dim=-1, keepdim=True)
     allowed = allowed | (empty & (cols == rows + shift)[None])
-    seam = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=allowed[:, None], dropout_p=dropout_p, scale=scale)
+    seam = F.scaled_dot_product_attention(
+        qs, ks, vs, attn_mask=allowed[:, None], dropout_p=dropout_p, scale=scale
+    )
     seam = seam.masked_fill(empty[:, None], 0.0)
 
     out = torch.cat([bulk[:, :half], torch.cat([seam, bulk[:, half:, shift:]], dim=2)], dim=1)
@@ -318,7 +331,9 @@ def split_for_context_parallel(
         LongLoRAConfigError: if ``N`` is not a multiple of ``degree`` or ``rank`` is out of range.
     """
     if tokens.dim() != 2 or labels.shape != tokens.shape:
-        raise ValueError(f"tokens and labels must be [batch, seq]; got {tuple(tokens.shape)}, {tuple(labels.shape)}")
+        raise ValueError(
+            f"tokens and labels must be [batch, seq]; got {tuple(tokens.shape)}, {tuple(labels.shape)}"
+        )
     n = tokens.shape[1]
     if degree < 1 or n % degree:
         raise LongLoRAConfigError(

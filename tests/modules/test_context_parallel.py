@@ -25,10 +25,10 @@ from longlora_tune.modules.s2_attention import shifted_sparse_attention
 WORKER = Path(__file__).with_name("_context_parallel_worker.py")
 
 
-def _run_worker(tmp_path: Path, world: int, degree: int, cases: str = "") -> dict:
+def _run_worker(tmp_path: Path, world: int, degrees: str, cases: str = "") -> dict:
     out = tmp_path / "result.json"
     proc = subprocess.run(
-        [sys.executable, str(WORKER), str(world), str(degree), str(out), *([cases] if cases else [])],
+        [sys.executable, str(WORKER), str(world), degrees, str(out), *([cases] if cases else [])],
         capture_output=True,
         text=True,
         timeout=300,
@@ -48,7 +48,7 @@ def _assert_matches(results: dict, expected: tuple[str, ...]) -> None:
 
 @pytest.mark.slow
 def test_two_ranks_match_single_process_forward_and_backward(tmp_path: Path) -> None:
-    results = _run_worker(tmp_path, world=2, degree=2)
+    results = _run_worker(tmp_path, world=2, degrees="2")["cp=2"]
     assert results["mesh"] == [1, 2]
     assert results["cp_rank_matches"] == 1.0
     # G = L, G = L/2, G = 2L and L = 3G/2, without and with padding / packed-document masks.
@@ -58,19 +58,16 @@ def test_two_ranks_match_single_process_forward_and_backward(tmp_path: Path) -> 
 
 
 @pytest.mark.slow
-def test_four_ranks_two_data_by_two_context(tmp_path: Path) -> None:
+def test_four_ranks_as_two_by_two_and_one_by_four(tmp_path: Path) -> None:
+    cases = ("G=8 L=8 documents", "G=16 L=8 documents", "G=8 L=12 padding")
+    results = _run_worker(tmp_path, world=4, degrees="2,4", cases="2,6,8")
     # Context groups {0,1} and {2,3}: peers are addressed by group-local rank, not global rank.
-    results = _run_worker(tmp_path, world=4, degree=2, cases="2,6,8")
-    assert results["mesh"] == [2, 2]
-    _assert_matches(results, ("G=8 L=8 documents", "G=16 L=8 documents", "G=8 L=12 padding"))
-
-
-@pytest.mark.slow
-def test_four_context_ranks_chain_the_halo(tmp_path: Path) -> None:
-    # One group of four: L = 3G/2 makes ranks alternate which head half straddles their start.
-    results = _run_worker(tmp_path, world=4, degree=4, cases="1,7,8")
-    assert results["mesh"] == [1, 4]
-    _assert_matches(results, ("G=8 L=8 padding", "G=8 L=12 none", "G=8 L=12 padding"))
+    assert results["cp=2"]["mesh"] == [2, 2]
+    _assert_matches(results["cp=2"], cases)
+    # One group of four: the middle ranks both receive a halo and send one; with L = 3G/2 they alternate
+    # which head half straddles their start.
+    assert results["cp=4"]["mesh"] == [1, 4]
+    _assert_matches(results["cp=4"], cases)
 
 
 @pytest.mark.parametrize("group_size,n", [(8, 16), (16, 8), (4, 12)])
@@ -91,7 +88,9 @@ def test_refuses_slice_not_multiple_of_half_group() -> None:
     with pytest.raises(ValueError, match="multiple of G/2=4"):
         context_parallel_s2_attention(q, q, q, 8)
     with pytest.raises(ValueError, match="even number of heads"):
-        context_parallel_s2_attention(torch.zeros(1, 3, 8, 4), torch.zeros(1, 3, 8, 4), torch.zeros(1, 3, 8, 4), 8)
+        context_parallel_s2_attention(
+            torch.zeros(1, 3, 8, 4), torch.zeros(1, 3, 8, 4), torch.zeros(1, 3, 8, 4), 8
+        )
     with pytest.raises(ValueError, match="key_padding_mask must be"):
         context_parallel_s2_attention(q, q, q, 4, key_padding_mask=torch.ones(1, 5, dtype=torch.bool))
 
@@ -99,7 +98,7 @@ def test_refuses_slice_not_multiple_of_half_group() -> None:
 def test_check_context_parallel_lists_working_degrees() -> None:
     assert check_context_parallel(4096, 8, 1024) == 512
     assert check_context_parallel(64, 4, 32) == 16  # G = 2L: a group spans two ranks
-    with pytest.raises(LongLoRAConfigError, match=r"degrees that work: 1, 2, 4, 8; .*multiple of 64"):
+    with pytest.raises(LongLoRAConfigError, match=r"degrees that work: 1, 2, 4, 8; .*multiple of 128"):
         check_context_parallel(64, 16, 8 * 2)
     with pytest.raises(LongLoRAConfigError, match="context_parallel_degree=0"):
         check_context_parallel(64, 0, 8)
@@ -116,9 +115,10 @@ def test_split_shifts_labels_before_splitting() -> None:
     assert second.labels.tolist() == [[105, 106, 107, -100], [113, 114, 115, -100]]
     assert second.input_pos.tolist() == [[4, 5, 6, 7]] * 2 and second.start == 4
     packed = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2]] * 2)
-    assert split_for_context_parallel(tokens, labels, rank=1, degree=2, input_pos=packed).input_pos.tolist() == [
-        [1, 0, 1, 2]
-    ] * 2
+    assert (
+        split_for_context_parallel(tokens, labels, rank=1, degree=2, input_pos=packed).input_pos.tolist()
+        == [[1, 0, 1, 2]] * 2
+    )
     with pytest.raises(LongLoRAConfigError, match="not a multiple of context_parallel_degree=3"):
         split_for_context_parallel(tokens, labels, rank=0, degree=3)
 
@@ -134,4 +134,6 @@ def test_bytes_halo_is_independent_of_slice_and_far_below_ring() -> None:
     assert ring > 50 * halo
     assert ulysses_bytes_per_layer(num_heads=32, num_kv_heads=32, slice_len=32768, **common) > halo
     assert halo_bytes_per_layer(num_heads=32, group_size=8192, **{**common, "degree": 1}) == 0
-    assert halo_bytes_per_layer(num_heads=32, group_size=8192, masks=True, **common) == halo + 2 * 2 * 4096 * 8
+    assert (
+        halo_bytes_per_layer(num_heads=32, group_size=8192, masks=True, **common) == halo + 2 * 2 * 4096 * 8
+    )

@@ -29,6 +29,8 @@ Masks use the single-process semantics in global positions: ``key_padding_mask``
 real token) and ``document_ids`` (int ``[b, L]``, packed documents) give the dense mask
 ``valid[k] & (doc[q] == doc[k])`` ANDed with S²; query rows with no allowed key return zeros. Every rank of
 the group must pass the same kinds of mask (the halo of the mask is exchanged only when one is given).
+A padding mask costs no ``L x L`` memory; document ids build a bool ``[b, L, L]`` on each rank for the
+bulk call (``L`` = 32k: 1 GiB per sequence), the one place where a flex ``BlockMask`` would do better.
 """
 
 from __future__ import annotations
@@ -234,9 +236,11 @@ def context_parallel_s2_attention(
     )
 
     dense = None
-    if with_mask:
-        # The public function reads only the G x G diagonal blocks of this mask.
+    if document_ids is not None:
+        # Materialised [b, L, L] (the public function then reads only its G x G diagonal blocks).
         dense = valid[:, None, :] & (docs[:, :, None] == docs[:, None, :])
+    elif key_padding_mask is not None:
+        dense = valid[:, None, :].expand(b, length, length)  # a view: no L x L memory
     qo, ko, vo = order(q), order(k), order(v)
     bulk = shifted_sparse_attention(
         qo, ko, vo, group_size, mask=dense, backend="sdpa", dropout_p=dropout_p, scale=scale

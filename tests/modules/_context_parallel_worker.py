@@ -17,6 +17,7 @@ import tempfile
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.utils.checkpoint
 
 # (G, L, mask kind): G = L, G = L/2, G = 2L, L = 3G/2 (odd ranks start mid-group of the unshifted half).
 CASES = [(8, 8, m) for m in ("none", "padding", "documents")] + [
@@ -26,6 +27,7 @@ CASES = [(8, 8, m) for m in ("none", "padding", "documents")] + [
     (16, 8, "documents"),
     (8, 12, "none"),
     (8, 12, "padding"),
+    (8, 8, "documents-checkpointed"),  # activation checkpointing re-runs the exchange during backward
 ]
 
 
@@ -51,24 +53,38 @@ def _case(group_size: int, length: int, kind: str, cp_group, cp_rank: int, cp_si
     n = length * cp_size
     gen = torch.Generator().manual_seed(1000 * group_size + length + len(kind))
     q, k, v, up = (torch.randn(b, h, n, d, generator=gen, dtype=torch.float64) for _ in range(4))
-    valid, docs = _masks(kind, b, n)
+    checkpointed = kind.endswith("-checkpointed")
+    valid, docs = _masks(kind.removesuffix("-checkpointed"), b, n)
     dense = None
     if valid is not None:
         docs_full = docs if docs is not None else torch.zeros(b, n, dtype=torch.long)
         dense = valid[:, None, :] & (docs_full[:, :, None] == docs_full[:, None, :])
     ref_in = [x.clone().requires_grad_() for x in (q, k, v)]
     ref = shifted_sparse_attention(*ref_in, group_size, mask=dense, backend="sdpa")
+    if checkpointed:
+        ref = shifted_sparse_attention(ref, ref_in[1], ref_in[2], group_size, mask=dense, backend="sdpa")
     ref.backward(up)
 
     part = slice(cp_rank * length, (cp_rank + 1) * length)
     mine = [x[:, :, part].clone().requires_grad_() for x in (q, k, v)]
-    out = context_parallel_s2_attention(
-        *mine,
-        group_size,
-        group=cp_group,
-        key_padding_mask=None if valid is None else valid[:, part],
-        document_ids=None if docs is None else docs[:, part],
-    )
+
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return context_parallel_s2_attention(
+            q,
+            k,
+            v,
+            group_size,
+            group=cp_group,
+            key_padding_mask=None if valid is None else valid[:, part],
+            document_ids=None if docs is None else docs[:, part],
+        )
+
+    if checkpointed:
+        # Two layers, so one layer's recomputed exchange runs while the other's gradient is in flight.
+        first = torch.utils.checkpoint.checkpoint(attend, *mine, use_reentrant=False)
+        out = torch.utils.checkpoint.checkpoint(attend, first, mine[1], mine[2], use_reentrant=False)
+    else:
+        out = attend(*mine)
     out.backward(up[:, :, part])
     errors = [(out - ref[:, :, part]).abs().max()]
     errors += [(m.grad - r.grad[:, :, part]).abs().max() for m, r in zip(mine, ref_in)]

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from longlora_tune.distributed import build_device_mesh
 from longlora_tune.errors import LongLoRAConfigError
 from longlora_tune.modules.context_parallel import (
     check_context_parallel,
@@ -54,6 +55,7 @@ def test_two_ranks_match_single_process_forward_and_backward(tmp_path: Path) -> 
     # G = L, G = L/2, G = 2L and L = 3G/2, without and with padding / packed-document masks.
     expected = ("G=8 L=8 none", "G=8 L=8 padding", "G=8 L=8 documents", "G=4 L=8 none", "G=4 L=8 padding")
     expected += ("G=16 L=8 none", "G=16 L=8 documents", "G=8 L=12 none", "G=8 L=12 padding")
+    expected += ("G=8 L=8 documents-checkpointed",)
     _assert_matches(results, expected)
 
 
@@ -102,6 +104,11 @@ def test_check_context_parallel_lists_working_degrees() -> None:
         check_context_parallel(64, 16, 8 * 2)
     with pytest.raises(LongLoRAConfigError, match="context_parallel_degree=0"):
         check_context_parallel(64, 0, 8)
+
+
+def test_mesh_degree_must_divide_the_world() -> None:
+    with pytest.raises(LongLoRAConfigError, match=r"context_parallel_degree=2 does not divide the 1 rank"):
+        build_device_mesh("cpu", context_parallel_degree=2)
 
 
 def test_split_shifts_labels_before_splitting() -> None:

@@ -19,6 +19,7 @@ from torch import nn
 from longlora_tune.errors import LongLoRAConfigError, RaisedOnRankZero, exit_code
 
 __all__ = [
+    "build_device_mesh",
     "close_process_group",
     "init_lora_weights",
     "init_process_group",
@@ -243,3 +244,34 @@ def init_lora_weights(
             )
         out[name] = t
     return out
+
+
+def build_device_mesh(device_type: str, *, context_parallel_degree: int = 1) -> Any:
+    """The 2-D ``(dp, cp)`` device mesh of data-parallel x context-parallel ranks, as torchtitan builds it.
+
+    Ranks ``[i*P, (i+1)*P)`` form context-parallel group ``i`` (neighbours share one sequence, so the halo
+    messages stay between adjacent ranks, e.g. inside one node); ``mesh["cp"].get_group()`` is the group
+    for :func:`longlora_tune.modules.context_parallel.context_parallel_s2_attention` and
+    ``mesh["dp"]`` picks the data. FSDP2 shards over both dimensions (``fully_shard(mesh=mesh)`` on the
+    flattened mesh) because every rank holds a different slice of the activations but the same weights.
+
+    Args:
+        device_type: ``"cpu"`` or ``"cuda"``.
+        context_parallel_degree: ranks sharing one sequence (``P``); must divide the world size.
+
+    Returns:
+        A ``torch.distributed.device_mesh.DeviceMesh`` with dimension names ``("dp", "cp")``.
+
+    Raises:
+        LongLoRAConfigError: if the degree is not a positive divisor of the world size.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+
+    _, world_size = rank_and_world_size()
+    degree = context_parallel_degree
+    if isinstance(degree, bool) or not isinstance(degree, int) or degree < 1 or world_size % degree:
+        raise LongLoRAConfigError(
+            f"context_parallel_degree={degree!r} does not divide the {world_size} rank(s); use a divisor of "
+            f"{world_size}"
+        )
+    return init_device_mesh(device_type, (world_size // degree, degree), mesh_dim_names=("dp", "cp"))

@@ -1,0 +1,468 @@
+"""Context parallelism for S²-Attn: each rank holds a contiguous slice of every sequence.
+
+Design (halo exchange). A sequence of ``N = P * L`` tokens is split over the ``P`` ranks of a context-
+parallel group; rank ``r`` holds global positions ``[r*L, (r+1)*L)`` of q, k, v (RoPE already applied at
+global positions). In S² (no-wrap form) a query sees only keys of its own group: heads ``[0, H/2)`` use
+groups ``[jG, (j+1)G)``, heads ``[H/2, H)`` groups shifted by ``G/2``. When ``L`` is a multiple of ``G/2``,
+every slice start ``p0 = r*L`` is a group boundary of one head half and the middle of a group of the other
+half. So rank ``r > 0`` needs exactly one thing from the outside: the previous rank's last ``G/2`` keys and
+values of the half whose group straddles ``p0``. One point-to-point message per layer forward (and its
+gradient back in backward), of ``b * H/2 * G/2 * d`` keys plus as many values, independent of ``L`` and
+of ``P``; ring attention instead rotates all of K and V around the ring.
+
+Each rank then computes:
+
+* the bulk: :func:`~longlora_tune.modules.s2_attention.shifted_sparse_attention` on its own slice, with the
+  two head halves swapped when ``p0`` is mid-group of the unshifted half (``p0 % G == G/2``), so that the
+  local group layout of both halves matches the global one;
+* the seam: the first ``G/2`` queries of the straddling half attend to the ``G/2`` halo keys and their own
+  first ``G/2`` keys (one small causal-with-offset SDPA), replacing those rows of the bulk result.
+
+Rank 0 runs the seam too, with every halo key masked out: its result equals the bulk's, but every rank then
+takes part in the halo exchange's backward (a rank that skipped it would leave its neighbour waiting).
+
+Refused (one-line ``ValueError``/``LongLoRAConfigError``): ``L`` not a multiple of ``G/2`` (which includes
+``G > 2L``: a group would span more than two ranks), the wrap-around form (it would need a message from the
+last rank to the first), an odd head count, and mismatched shapes.
+
+Masks use the single-process semantics in global positions: ``key_padding_mask`` (bool ``[b, L]``, True =
+real token) and ``document_ids`` (int ``[b, L]``, packed documents) give the dense mask
+``valid[k] & (doc[q] == doc[k])`` ANDed with S²; query rows with no allowed key return zeros. Every rank of
+the group must pass the same kinds of mask (the halo of the mask is exchanged only when one is given).
+A padding mask costs no ``L x L`` memory; document ids build a bool ``[b, L, L]`` on each rank for the
+bulk call (``L`` = 32k: 1 GiB per sequence), the one place where a flex ``BlockMask`` would do better.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+from longlora_tune.errors import LongLoRAConfigError
+from longlora_tune.loss import shift_labels
+from longlora_tune.modules.s2_attention import shifted_sparse_attention
+
+__all__ = [
+    "ContextParallelSlice",
+    "check_context_parallel",
+    "context_parallel_s2_attention",
+    "halo_bytes_per_layer",
+    "ring_bytes_per_layer",
+    "split_for_context_parallel",
+    "ulysses_bytes_per_layer",
+]
+
+
+def _working_degrees(seq_len: int, group_size: int) -> str:
+    half = group_size // 2
+    degrees = [p for p in range(1, min(seq_len, 64) + 1) if seq_len % p == 0 and (seq_len // p) % half == 0]
+    return ", ".join(str(p) for p in degrees) or "none"
+
+
+def check_context_parallel(seq_len: int, degree: int, group_size: int) -> int:
+    """Check that a sequence length, context-parallel degree and S² group size work together.
+
+    Args:
+        seq_len: global (unsplit) sequence length ``N`` of every batch.
+        degree: context-parallel degree ``P`` (ranks sharing one sequence).
+        group_size: S² group size ``G`` (even).
+
+    Returns:
+        The slice length ``L = N / P``.
+
+    Raises:
+        LongLoRAConfigError: if ``N`` is not a multiple of ``P``, or ``L`` is not a multiple of ``G/2``
+            (which also refuses ``G > 2L``: a group would span more than two ranks). The message lists the
+            degrees that work for this ``N`` and ``G``.
+    """
+    if isinstance(degree, bool) or not isinstance(degree, int) or degree < 1:
+        raise LongLoRAConfigError(f"context_parallel_degree={degree!r}; use an integer >= 1")
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 2 or group_size % 2:
+        raise LongLoRAConfigError(f"S2 group size {group_size!r} is not an even integer >= 2")
+    if seq_len % degree or (seq_len // degree) % (group_size // 2):
+        raise LongLoRAConfigError(
+            f"context_parallel_degree={degree} with sequence length {seq_len} and S2 group size "
+            f"{group_size}: "
+            f"each rank's slice must be a multiple of G/2={group_size // 2} tokens (so G <= 2 * slice); "
+            f"degrees that work: {_working_degrees(seq_len, group_size)}; or pad sequences to a "
+            f"multiple of {degree * group_size // 2}"
+        )
+    return seq_len // degree
+
+
+# ----------------------------------------------------------------------------------------------------
+# Point-to-point halo exchange with autograd
+# ----------------------------------------------------------------------------------------------------
+
+
+def _exchange(send: Optional[Tensor], recv: Optional[Tensor], dst: Optional[int], src: Optional[int], group):
+    ops = []
+    if send is not None and dst is not None:
+        ops.append(dist.P2POp(dist.isend, send, group=group, group_peer=dst))
+    if recv is not None and src is not None:
+        ops.append(dist.P2POp(dist.irecv, recv, group=group, group_peer=src))
+    if ops:
+        # batch_isend_irecv: NCCL needs the pair posted together; gloo runs them one by one.
+        for work in dist.batch_isend_irecv(ops):
+            work.wait()
+
+
+class _HaloFromPrevious(torch.autograd.Function):
+    """Send ``tail`` to the next rank and return what the previous rank sent (zeros on rank 0).
+
+    Backward sends the halo's gradient to the previous rank and receives the tail's from the next one
+    (zeros on the last rank): send/recv is not autograd-aware, so the reverse message is written here.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, tail: Tensor, group: Any, rank: int, world: int) -> Tensor:
+        ctx.group, ctx.rank, ctx.world = group, rank, world
+        tail = tail.contiguous()
+        halo = torch.zeros_like(tail)
+        nxt = rank + 1 if rank + 1 < world else None
+        prev = rank - 1 if rank > 0 else None
+        _exchange(tail, halo, nxt, prev, group)
+        return halo
+
+    @staticmethod
+    def backward(ctx: Any, grad_halo: Tensor) -> tuple[Optional[Tensor], None, None, None]:
+        rank, world = ctx.rank, ctx.world
+        grad_tail = torch.zeros_like(grad_halo)
+        nxt = rank + 1 if rank + 1 < world else None
+        prev = rank - 1 if rank > 0 else None
+        _exchange(grad_halo.contiguous(), grad_tail, prev, nxt, ctx.group)
+        return grad_tail, None, None, None
+
+
+def _mask_halo(tail: Tensor, group: Any, rank: int, world: int) -> Tensor:
+    halo = torch.zeros_like(tail)
+    _exchange(
+        tail.contiguous(), halo, rank + 1 if rank + 1 < world else None, rank - 1 if rank else None, group
+    )
+    return halo
+
+
+# ----------------------------------------------------------------------------------------------------
+# The attention op
+# ----------------------------------------------------------------------------------------------------
+
+
+def _straddling_half(start: int, group_size: int) -> int:
+    """Which head half has a group straddling global position ``start`` (1 when ``start % G == 0``)."""
+    return 1 if start % group_size == 0 else 0
+
+
+def context_parallel_s2_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    group_size: int,
+    *,
+    group: Any = None,
+    key_padding_mask: Optional[Tensor] = None,
+    document_ids: Optional[Tensor] = None,
+    dropout_p: float = 0.0,
+    scale: Optional[float] = None,
+) -> Tensor:
+    """S²-Attn (no-wrap form) over a sequence split in contiguous slices across a process group.
+
+    Rank ``r`` of ``group`` holds global positions ``[r*L, (r+1)*L)``. The concatenation over ranks of
+    the results equals ``shifted_sparse_attention(q_full, k_full, v_full, group_size, mask=M)`` with
+    ``M[b, i, j] = valid[b, j] & (doc[b, i] == doc[b, j])`` (``M`` omitted when neither mask is given),
+    forward and backward. Every rank of ``group`` must call it with the same shapes and kinds of mask.
+
+    Args:
+        q: Queries ``[b, h, L, d]`` of this rank's slice (RoPE applied at global positions).
+        k: Keys ``[b, h, L, d]`` (expanded to all query heads).
+        v: Values ``[b, h, L, d]``.
+        group_size: ``G``, even; ``L`` must be a multiple of ``G/2``.
+        group: The context-parallel process group (None: the default group).
+        key_padding_mask: Optional bool ``[b, L]``, True for real tokens (pad keys are hidden).
+        document_ids: Optional integer ``[b, L]`` document index of each token (packed batches).
+        dropout_p: Attention dropout probability (not reproducible against a single process).
+        scale: Softmax scale; ``1/sqrt(d)`` when None.
+
+    Returns:
+        Attention output ``[b, h, L, d]`` of this rank's slice.
+
+    Raises:
+        ValueError: On bad shapes, an odd head count, a bad group size, or ``L`` not a multiple of ``G/2``.
+    """
+    if q.dim() != 4 or k.shape != q.shape or v.shape[:3] != q.shape[:3]:
+        raise ValueError(
+            f"q, k, v must be [batch, heads, slice, head_dim] with equal batch/heads/slice; got "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    b, heads, length, _ = q.shape
+    if heads % 2:
+        raise ValueError(f"S2 attention needs an even number of heads, got {heads}")
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 2 or group_size % 2:
+        raise ValueError(f"group_size must be an even int >= 2, got {group_size!r}")
+    shift = group_size // 2
+    if length % shift:
+        raise ValueError(
+            f"context-parallel S2 needs each rank's slice ({length} tokens) to be a multiple of G/2={shift}; "
+            f"pad sequences or change the context-parallel degree (see check_context_parallel)"
+        )
+    for name, m in (("key_padding_mask", key_padding_mask), ("document_ids", document_ids)):
+        if m is not None and tuple(m.shape) != (b, length):
+            raise ValueError(f"{name} must be [batch, slice] = {(b, length)}, got {tuple(m.shape)}")
+    if key_padding_mask is not None and key_padding_mask.dtype != torch.bool:
+        raise ValueError(f"key_padding_mask must be bool (True = real token), got {key_padding_mask.dtype}")
+
+    rank = dist.get_rank(group) if dist.is_initialized() else 0
+    world = dist.get_world_size(group) if dist.is_initialized() else 1
+    start = rank * length
+    half = heads // 2
+    # Order the halves [A, B] so that B is the one whose group straddles this slice's start: then the
+    # public function's layout (A from 0 in groups of G, B shifted by G/2) is the global layout here.
+    swap = _straddling_half(start, group_size) == 0
+
+    def order(x: Tensor) -> Tensor:
+        return torch.cat([x[:, half:], x[:, :half]], dim=1) if swap else x
+
+    with_mask = key_padding_mask is not None or document_ids is not None
+    valid = key_padding_mask if key_padding_mask is not None else torch.ones(b, length, dtype=torch.bool)
+    valid = valid.to(q.device)
+    docs = (
+        document_ids.to(q.device).long()
+        if document_ids is not None
+        else torch.zeros_like(valid, dtype=torch.long)
+    )
+
+    dense = None
+    if document_ids is not None:
+        # Materialised [b, L, L] (the public function then reads only its G x G diagonal blocks).
+        dense = valid[:, None, :] & (docs[:, :, None] == docs[:, None, :])
+    elif key_padding_mask is not None:
+        dense = valid[:, None, :].expand(b, length, length)  # a view: no L x L memory
+    qo, ko, vo = order(q), order(k), order(v)
+    bulk = shifted_sparse_attention(
+        qo, ko, vo, group_size, mask=dense, backend="sdpa", dropout_p=dropout_p, scale=scale
+    )
+
+    # The halo: the next rank's straddling half, last G/2 keys and values, stacked on the feature axis.
+    next_half = _straddling_half(start + length, group_size)
+    heads_next = slice(half, heads) if next_half == 1 else slice(0, half)
+    tail = torch.cat([k[:, heads_next, -shift:], v[:, heads_next, -shift:]], dim=-1)
+    halo = _HaloFromPrevious.apply(tail, group, rank, world)
+    halo_k, halo_v = halo.split([k.shape[-1], v.shape[-1]], dim=-1)
+
+    halo_valid = torch.full((b, shift), rank > 0, dtype=torch.bool, device=q.device)
+    halo_docs = torch.zeros(b, shift, dtype=torch.long, device=q.device)
+    if with_mask:
+        info = _mask_halo(torch.stack([valid[:, -shift:].long(), docs[:, -shift:]]), group, rank, world)
+        halo_valid = halo_valid & info[0].bool()
+        halo_docs = info[1]
+
+    # The seam: B's first G/2 queries see the G/2 halo keys and their own first G/2 keys (causally).
+    qs = qo[:, half:, :shift]
+    ks = torch.cat([halo_k, ko[:, half:, :shift]], dim=2)
+    vs = torch.cat([halo_v, vo[:, half:, :shift]], dim=2)
+    key_valid = torch.cat([halo_valid, valid[:, :shift]], dim=1)
+    key_docs = torch.cat([halo_docs, docs[:, :shift]], dim=1)
+    rows = torch.arange(shift, device=q.device)[:, None]
+    cols = torch.arange(2 * shift, device=q.device)[None, :]
+    allowed = (
+        (cols <= rows + shift)[None] & key_valid[:, None, :] & (docs[:, :shift, None] == key_docs[:, None, :])
+    )
+    # A query with no allowed key (a pad row) gets zeros, as in the single-process function; letting it
+    # see one key first avoids the NaN some kernels give for an empty row.
+    empty = ~allowed.any(dim=-1, keepdim=True)
+    allowed = allowed | (empty & (cols == rows + shift)[None])
+    seam = F.scaled_dot_product_attention(
+        qs, ks, vs, attn_mask=allowed[:, None], dropout_p=dropout_p, scale=scale
+    )
+    seam = seam.masked_fill(empty[:, None], 0.0)
+
+    out = torch.cat([bulk[:, :half], torch.cat([seam, bulk[:, half:, shift:]], dim=2)], dim=1)
+    return order(out)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Splitting a batch
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ContextParallelSlice:
+    """One rank's share of a batch.
+
+    Attributes:
+        tokens: ``[b, L]`` input tokens of this rank's slice.
+        labels: ``[b, L]`` targets, already shifted by one BEFORE the split (do not shift again).
+        input_pos: ``[b, L]`` RoPE positions (global, or per document for packed batches).
+        start: global position of the slice's first token (``rank * L``).
+    """
+
+    tokens: Tensor
+    labels: Tensor
+    input_pos: Tensor
+    start: int
+
+
+def split_for_context_parallel(
+    tokens: Tensor,
+    labels: Tensor,
+    *,
+    rank: int,
+    degree: int,
+    ignore_index: int = -100,
+    input_pos: Optional[Tensor] = None,
+) -> ContextParallelSlice:
+    """This context-parallel rank's contiguous slice of a batch, with labels shifted before the split.
+
+    Shifting first keeps the target of each slice's last token (the first token of the next slice); the
+    last token of the whole sequence gets ``ignore_index``.
+
+    Args:
+        tokens: ``[b, N]`` input tokens.
+        labels: ``[b, N]`` labels aligned with ``tokens`` (torchtune's convention, unshifted).
+        rank: this rank's index in the context-parallel group.
+        degree: the context-parallel degree ``P``.
+        ignore_index: the loss's ignore index.
+        input_pos: ``[b, N]`` positions of packed batches; None for ``0 .. N-1``.
+
+    Returns:
+        The slice (tokens, shifted labels, positions, start).
+
+    Raises:
+        LongLoRAConfigError: if ``N`` is not a multiple of ``degree`` or ``rank`` is out of range.
+    """
+    if tokens.dim() != 2 or labels.shape != tokens.shape:
+        raise ValueError(
+            f"tokens and labels must be [batch, seq]; got {tuple(tokens.shape)}, {tuple(labels.shape)}"
+        )
+    n = tokens.shape[1]
+    if degree < 1 or n % degree:
+        raise LongLoRAConfigError(
+            f"sequence length {n} is not a multiple of context_parallel_degree={degree}; pad batches to a "
+            f"multiple of {degree} (times G/2 for S2)"
+        )
+    if not 0 <= rank < degree:
+        raise ValueError(f"rank {rank} is outside the context-parallel group of {degree}")
+    length = n // degree
+    part = slice(rank * length, (rank + 1) * length)
+    if input_pos is None:
+        input_pos = torch.arange(n, device=tokens.device).expand(tokens.shape[0], n)
+    shifted = shift_labels(labels, ignore_index)
+    return ContextParallelSlice(tokens[:, part], shifted[:, part], input_pos[:, part], rank * length)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Communication cost (for the planner)
+# ----------------------------------------------------------------------------------------------------
+
+
+def halo_bytes_per_layer(
+    *,
+    batch_size: int,
+    num_heads: int,
+    head_dim: int,
+    group_size: int,
+    degree: int,
+    dtype_bytes: int,
+    recompute: bool = False,
+    masks: bool = False,
+) -> int:
+    """Bytes one rank receives per layer and training step with the halo design (forward + backward).
+
+    Forward: ``2 * b * H/2 * G/2 * d`` elements (keys and values, expanded heads); backward: their
+    gradient, the same size; activation checkpointing repeats the forward. Masks add ``2 * b * G/2`` int64
+    per forward. Independent of the slice length; zero when ``degree`` is 1.
+
+    Args:
+        batch_size: sequences per micro-batch ``b``.
+        num_heads: query heads ``H``.
+        head_dim: ``d``.
+        group_size: ``G``.
+        degree: context-parallel degree ``P``.
+        dtype_bytes: bytes per element of k/v (2 for bf16).
+        recompute: activation checkpointing (the forward, and its message, runs twice).
+        masks: a padding or document mask is passed.
+
+    Returns:
+        Bytes received by a rank other than the first, per layer per step.
+    """
+    if degree <= 1:
+        return 0
+    forward = 2 * batch_size * (num_heads // 2) * (group_size // 2) * head_dim * dtype_bytes
+    mask = 2 * batch_size * (group_size // 2) * 8 if masks else 0
+    forwards = 2 if recompute else 1
+    return forwards * (forward + mask) + forward
+
+
+def ring_bytes_per_layer(
+    *,
+    batch_size: int,
+    num_kv_heads: int,
+    head_dim: int,
+    slice_len: int,
+    degree: int,
+    dtype_bytes: int,
+    recompute: bool = False,
+) -> int:
+    """Bytes one rank receives per layer and step with ring attention (for comparison).
+
+    Forward: ``P-1`` hops of one slice's K and V (``2 * b * H_kv * L * d``); backward: ``P-1`` hops of K,
+    V and their gradient accumulators (``4 * b * H_kv * L * d``), as ring-attention implementations do.
+
+    Args:
+        batch_size: ``b``.
+        num_kv_heads: key/value heads ``H_kv`` (ring attention rotates unexpanded K/V).
+        head_dim: ``d``.
+        slice_len: ``L`` tokens per rank.
+        degree: ``P``.
+        dtype_bytes: bytes per element.
+        recompute: activation checkpointing repeats the forward.
+
+    Returns:
+        Bytes received per rank per layer per step.
+    """
+    if degree <= 1:
+        return 0
+    hop = batch_size * num_kv_heads * slice_len * head_dim * dtype_bytes
+    forwards = 2 if recompute else 1
+    return (degree - 1) * hop * (2 * forwards + 4)
+
+
+def ulysses_bytes_per_layer(
+    *,
+    batch_size: int,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    slice_len: int,
+    degree: int,
+    dtype_bytes: int,
+    recompute: bool = False,
+) -> int:
+    """Bytes one rank receives per layer and step with head-parallel all-to-all (Ulysses), for comparison.
+
+    Forward: q, k, v re-sharded from sequence to heads and the output back, each moving ``(P-1)/P`` of the
+    rank's share; backward moves the four gradients the same way.
+
+    Args:
+        batch_size: ``b``.
+        num_heads: query heads ``H``.
+        num_kv_heads: key/value heads ``H_kv``.
+        head_dim: ``d``.
+        slice_len: ``L``.
+        degree: ``P``.
+        dtype_bytes: bytes per element.
+        recompute: activation checkpointing repeats the forward.
+
+    Returns:
+        Bytes received per rank per layer per step.
+    """
+    if degree <= 1:
+        return 0
+    once = batch_size * slice_len * head_dim * dtype_bytes * (2 * num_heads + 2 * num_kv_heads)
+    once = once * (degree - 1) // degree
+    forwards = 2 if recompute else 1
+    return once * (forwards + 1)

@@ -188,7 +188,9 @@ def test_checkpoints_hold_full_trainable_state(runs, assets):
         "optimizer.pt",
         "recipe_state.pt",
         "config.yaml",
+        "manifest.json",
     }
+    assert checkpointing.verify_checkpoint(ckpt)["step"] == STEPS
     state = torch.load(ckpt / "recipe_state.pt", weights_only=True)
     assert state["global_step"] == STEPS and state["world_size"] == 2 and len(state["rng"]) == 2
     assert (state["epoch"], state["epoch_position"]) == (1, 4)  # 5 steps per epoch

@@ -87,3 +87,17 @@ def test_sft_demo_trains_and_exports(tmp_path):
     assert "--config tiny_longalpaca" in proc.stdout
     assert (tmp_path / "out" / "hf" / "config.json").is_file()
     assert (tmp_path / "out" / "peft" / "adapter_config.json").is_file()
+
+
+def test_tiny_eval_configs_default_to_the_quick_start_output():
+    # `python -m longlora_tune.demo` (default workdir <tmp>/longlora_demo) then the eval commands of the
+    # README with no overrides evaluate what the demo trained, with the checkpoint's own RoPE factor.
+    import tempfile
+
+    workdir = Path(tempfile.gettempdir()) / "longlora_demo"
+    for name in ("eval/tiny_perplexity", "eval/tiny_passkey"):
+        cfg = OmegaConf.load(resources.config_path(name))
+        assert Path(cfg.checkpoint_dir) == workdir / "out" / "hf", name
+        assert cfg.training_length is None and cfg.rope_scaling_factor is None, name
+    perplexity = OmegaConf.load(resources.config_path("eval/tiny_perplexity"))
+    assert Path(perplexity.dataset.path) == workdir / "corpus.jsonl"

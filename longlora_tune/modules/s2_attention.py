@@ -506,8 +506,12 @@ def _s2_flex(
         other_mod, mask_batch = _dense_mask_mod(mask), mask.shape[0]
     outs = []
     for part, shift in ((slice(0, half), 0), (slice(half, heads), group_size // 2)):
-        if other_mod is None:
+        if other_mod is None and not torch.compiler.is_compiling():
             block_mask = _cached_s2_block_mask(n, group_size, shift, wrap_around, str(q.device))
+        elif other_mod is None:
+            # Traced into the compiled graph (dynamo would bypass the lru_cache anyway, with a warning).
+            mod = _s2_mask_mod(n, group_size, shift, wrap_around)
+            block_mask = create_block_mask(mod, None, None, n, n, device=q.device)
         else:
             mod = and_masks(_s2_mask_mod(n, group_size, shift, wrap_around), other_mod)
             block_mask = create_block_mask(

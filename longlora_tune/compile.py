@@ -69,7 +69,7 @@ def check_compile_supported(device: torch.device) -> None:
 
         if not has_triton():
             raise LongLoRAConfigError(
-                "compile=true needs Triton on CUDA (pip install triton matching your torch); set compile=false"
+                "compile=true needs Triton on CUDA (pip install the triton matching torch); set compile=false"
             )
     elif device.type == "cpu":
         from torch._inductor.cpp_builder import get_cpp_compiler
@@ -78,7 +78,8 @@ def check_compile_supported(device: torch.device) -> None:
             get_cpp_compiler()
         except Exception as e:  # inductor raises its own error types when no compiler is found
             raise LongLoRAConfigError(
-                f"compile=true on CPU needs a C++ compiler for inductor ({e}); install g++ or set compile=false"
+                f"compile=true on CPU needs a C++ compiler for inductor ({e}); install g++ or set "
+                "compile=false"
             ) from e
 
 
@@ -120,8 +121,8 @@ def compile_model_and_loss(
     layers = [m for m in model.modules() if isinstance(m, modules.TransformerSelfAttentionLayer)]
     if not layers:
         raise LongLoRAConfigError(
-            f"compile=true: {type(model).__name__} has no torchtune TransformerSelfAttentionLayer to compile; "
-            "set compile=false"
+            f"compile=true: {type(model).__name__} has no torchtune TransformerSelfAttentionLayer to "
+            "compile; set compile=false"
         )
     if max_lengths is not None:
         # +2: the first trace and an eval-mode graph (S² off) besides one graph per training length.

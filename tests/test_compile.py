@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import MixedPrecisionPolicy
 from torch.nn.attention.flex_attention import create_block_mask
 from torchtune import training
 from torchtune.modules import TransformerSelfAttentionLayer
 from torchtune.modules.loss import CEWithChunkedOutputLoss
 
 from longlora_tune.compile import check_compile_supported, compile_model_and_loss
+from longlora_tune.distributed import shard_model
 from longlora_tune.errors import LongLoRAConfigError
 from longlora_tune.loss import summed_token_loss
 from longlora_tune.models import longlora_llama2
@@ -82,8 +85,15 @@ def test_s2_flex_on_cpu_has_no_graph_break(with_mask):
     assert breaks == 0, reasons
 
 
-def train_losses(*, compiled: bool, checkpointing: bool, steps: int = 3) -> list[float]:
-    """Per-step mean losses of a 2-layer LongLoRA model trained with AdamW on fixed random batches."""
+def train_losses(
+    *, compiled: bool, checkpointing: bool, steps: int = 3, fsdp: bool = False, bf16: bool = False
+) -> list[float]:
+    """Per-step mean losses of a 2-layer LongLoRA model trained with AdamW on fixed random batches.
+
+    The set-up follows the recipe's order: trainable set, compile, activation checkpointing, then (fsdp)
+    a bf16 frozen base with fp32 trainable tensors and FSDP2 with a mixed-precision policy.
+    """
+    torch._dynamo.reset()
     model = tiny_model(num_layers=2, s2_backend="sdpa")
     set_trainable_params(model)
     loss_fn = CEWithChunkedOutputLoss(num_output_chunks=2)
@@ -92,6 +102,14 @@ def train_losses(*, compiled: bool, checkpointing: bool, steps: int = 3) -> list
     if checkpointing:
         # After compile, as the recipe does: the checkpoint wrapper recomputes the compiled layer.
         training.set_activation_checkpointing(model, auto_wrap_policy={TransformerSelfAttentionLayer})
+    if fsdp:
+        policy = None
+        if bf16:
+            for p in model.parameters():
+                if not p.requires_grad:
+                    p.data = p.data.to(torch.bfloat16)
+            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        shard_model(model, mp_policy=policy)
     model.set_num_output_chunks(loss_fn.num_output_chunks)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     gen = torch.Generator().manual_seed(1)
@@ -113,11 +131,25 @@ def test_compiled_training_equals_eager_aot_eager(monkeypatch, checkpointing):
     # aot_eager runs dynamo and AOTAutograd (the traced forward and backward graphs, which is where S²'s
     # Python control flow is captured) but no codegen, so it is fast enough for every run.
     monkeypatch.setenv("TORCH_COMPILE_BACKEND", "aot_eager")
-    torch._dynamo.reset()
     eager = train_losses(compiled=False, checkpointing=checkpointing)
     compiled = train_losses(compiled=True, checkpointing=checkpointing)
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=0.0)
     assert eager[0] != eager[2]  # the model trained: a constant loss would make the comparison vacuous
+
+
+def test_compiled_training_equals_eager_under_fsdp2(monkeypatch, tmp_path):
+    # One CPU rank: FSDP2's hooks, DTensor parameters and mixed precision around compiled layers.
+    monkeypatch.setenv("TORCH_COMPILE_BACKEND", "aot_eager")
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        for bf16 in (False, True):
+            eager = train_losses(compiled=False, checkpointing=True, fsdp=True, bf16=bf16)
+            compiled = train_losses(compiled=True, checkpointing=True, fsdp=True, bf16=bf16)
+            torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=0.0)
+    finally:
+        dist.destroy_process_group()
 
 
 @pytest.mark.slow
@@ -125,7 +157,6 @@ def test_compiled_training_equals_eager_inductor(monkeypatch):
     # The real thing (inductor with generated C++ kernels). Slow on CPU: each length compiles for minutes
     # on a loaded 2-core machine, so one length (steps 0 and 2 reuse the first graph) and one extra step.
     monkeypatch.setenv("TORCH_COMPILE_BACKEND", "inductor")
-    torch._dynamo.reset()
     eager = train_losses(compiled=False, checkpointing=True, steps=1)
     compiled = train_losses(compiled=True, checkpointing=True, steps=1)
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=0.0)

@@ -175,12 +175,16 @@ def test_compile_compiles_every_layer_and_returns_the_loss():
     assert wrapped is not plain and wrapped.ignore_index == -7
 
 
-def test_recompile_limit_covers_every_length(monkeypatch):
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
-    compile_model_and_loss(tiny_model(), CEWithChunkedOutputLoss(), device=CPU, max_lengths=16, verbose=False)
-    assert torch._dynamo.config.recompile_limit == 18
-    compile_model_and_loss(tiny_model(), CEWithChunkedOutputLoss(), device=CPU, max_lengths=2, verbose=False)
-    assert torch._dynamo.config.recompile_limit == 18  # never lowered
+def test_recompile_limit_covers_every_length():
+    with torch._dynamo.config.patch(recompile_limit=8):  # restored afterwards
+        compile_model_and_loss(
+            tiny_model(), CEWithChunkedOutputLoss(), device=CPU, max_lengths=16, verbose=False
+        )
+        assert torch._dynamo.config.recompile_limit == 18
+        compile_model_and_loss(
+            tiny_model(), CEWithChunkedOutputLoss(), device=CPU, max_lengths=2, verbose=False
+        )
+        assert torch._dynamo.config.recompile_limit == 18  # never lowered
 
 
 def test_one_line_errors(monkeypatch):

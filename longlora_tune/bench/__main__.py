@@ -19,6 +19,10 @@ peak (``--peak-tflops``, detected from the device name otherwise), and the ratio
 plain-LoRA/LongLoRA and, with ``--peer``, ours/peer in best-step and median tokens/s and in peak memory
 (CPU: the increase over the built model; CUDA: absolute). Results are printed as a markdown table and
 written as JSON with ``--out``.
+
+``--compile`` runs every case twice, eagerly and with ``torch.compile`` (decoder layers and loss, as
+``compile: true`` does), and adds the eager/compiled step-time ratios; ``warmup_s`` (the first step)
+shows the compile time.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import statistics
 import subprocess
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +82,8 @@ def _cases(args: argparse.Namespace) -> list[Case]:
                         peak_tflops=args.peak_tflops,
                     )
                 )
+    if args.compile:
+        cases = [replace(case, compile=compiled) for case in cases for compiled in (False, True)]
     return cases
 
 
@@ -142,7 +148,39 @@ def _merge_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _label(result: dict[str, Any]) -> str:
-    return result["variant"] + (f"[{result['backend']}]" if result["variant"] == "longlora" else "")
+    label = result["variant"] + (f"[{result['backend']}]" if result["variant"] == "longlora" else "")
+    return label + ("+compile" if result.get("compile") else "")
+
+
+def compile_speedups(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Eager over compiled step time for every case measured both ways (``--compile``).
+
+    Args:
+        results: Per-case results (merged over rounds).
+
+    Returns:
+        One row per (sequence length, variant): ``eager_over_compiled`` (wall median), its CPU-time
+        counterpart, and both warm-up (first step, compile included) times.
+    """
+    compiled = {(r["seq_len"], _label(r)): r for r in results if r.get("compile") and "error" not in r}
+    rows = []
+    for e in results:
+        c = compiled.get((e["seq_len"], _label(e) + "+compile"))
+        if e.get("compile") or "error" in e or c is None:
+            continue
+        rows.append(
+            {
+                "seq_len": e["seq_len"],
+                "case": _label(e),
+                "eager_s": e["median_s"],
+                "compiled_s": c["median_s"],
+                "eager_over_compiled": e["median_s"] / c["median_s"],
+                "eager_over_compiled_cpu": e["median_cpu_s"] / c["median_cpu_s"],
+                "eager_warmup_s": e.get("warmup_s"),
+                "compiled_warmup_s": c.get("warmup_s"),
+            }
+        )
+    return rows
 
 
 def _memory(result: dict[str, Any]) -> int | None:
@@ -213,7 +251,11 @@ def peer_markdown(rows: list[dict[str, Any]]) -> str:
 def _ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for seq_len in sorted({r["seq_len"] for r in results}):
-        by = {_label(r): r for r in results if r["seq_len"] == seq_len and "error" not in r}
+        by = {
+            _label(r): r
+            for r in results
+            if r["seq_len"] == seq_len and "error" not in r and not r.get("compile")  # eager vs eager
+        }
         shape = resolve_shape(results[0]["shape"], results[0]["layers"])
         ideal = step_flops(
             shape,
@@ -308,6 +350,19 @@ def markdown(results: list[dict[str, Any]], ratios: list[dict[str, Any]]) -> str
                 f"| {q['seq_len']} | {q['longlora']} | {fmt(q, 'full_over_s2')} "
                 f"| {fmt(q, 'full_over_s2_cpu')} | {q['flop_ideal_full_over_s2']:.2f}x | {lora} |"
             )
+    speedups = compile_speedups(results)
+    if speedups:
+        lines += [
+            "",
+            "| seq | case | eager s | compiled s | eager/compiled wall, CPU | first step eager, compiled s |",
+            "|---:|---|---:|---:|---:|---:|",
+        ]
+        for q in speedups:
+            lines.append(
+                f"| {q['seq_len']} | {q['case']} | {q['eager_s']:.3f} | {q['compiled_s']:.3f} "
+                f"| {q['eager_over_compiled']:.2f}x, {q['eager_over_compiled_cpu']:.2f}x "
+                f"| {q['eager_warmup_s']:.1f}, {q['compiled_warmup_s']:.1f} |"
+            )
     return "\n".join(lines)
 
 
@@ -362,6 +417,11 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         help="run every case in this process (faster; memory peaks of earlier cases may hide later ones)",
     )
     parser.add_argument("--out", type=Path, default=None, help="write results as JSON here")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="run every case eagerly and with torch.compile (layers + loss) and compare the step times",
+    )
     args = parser.parse_args(argv)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -414,6 +474,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
             "results": results,
             "ratios": ratios,
             "peer": peer,
+            "compile_speedups": compile_speedups(results),
         }
         atomic_write_json(args.out, payload, default=str)
 

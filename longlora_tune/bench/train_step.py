@@ -33,6 +33,7 @@ from torchtune import training
 from torchtune.modules import TransformerSelfAttentionLayer
 from torchtune.modules.loss import CEWithChunkedOutputLoss
 
+from longlora_tune.compile import compile_model_and_loss
 from longlora_tune.distributed import resolve_device, resolve_dtype
 from longlora_tune.errors import LongLoRAConfigError
 from longlora_tune.models import longlora_llama2
@@ -110,6 +111,8 @@ class Case:
         activation_checkpointing: torchtune's per-layer activation checkpointing.
         loss_chunks: ``CEWithChunkedOutputLoss`` chunks.
         peak_tflops: Device bf16 dense peak for MFU (None: detect on CUDA, no MFU on CPU).
+        compile: ``torch.compile`` the decoder layers and the loss as ``compile: true`` does
+            (:func:`longlora_tune.compile.compile_model_and_loss`); the warm-up step then compiles.
     """
 
     shape: str
@@ -125,6 +128,7 @@ class Case:
     activation_checkpointing: bool = True
     loss_chunks: int = 8
     peak_tflops: float | None = None
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if self.shape not in BENCH_SHAPES:
@@ -221,8 +225,9 @@ def run_case(case: Case) -> dict[str, Any]:
     Returns:
         A JSON-ready dict: the case, ``step_s`` (every timed step), ``median_s``, ``min_s``, ``max_s``,
         ``cpu_step_s`` and ``median_cpu_s`` (process CPU time),
-        ``tokens_per_s``, memory fields (``memory_kind`` says which), FLOP counts, ``mfu`` (CUDA with a
-        known peak), ``loss``, trainable parameter counts and load averages before/after.
+        ``tokens_per_s``, ``warmup_s`` (the first step, compile included), memory fields (``memory_kind``
+        says which), FLOP counts, ``mfu`` (CUDA with a known peak), ``loss``, trainable parameter counts
+        and load averages before/after.
 
     Raises:
         ValueError: If the device, backend or dtype is unavailable here.
@@ -251,11 +256,17 @@ def run_case(case: Case) -> dict[str, Any]:
             use_full_attn=not s2,
         )
     counts = set_trainable_params(model, extras=extras)
+    loss_fn = CEWithChunkedOutputLoss(num_output_chunks=case.loss_chunks)
+    if case.compile:
+        # The recipe's order: layers compiled before activation checkpointing wraps them.
+        try:
+            loss_fn = compile_model_and_loss(model, loss_fn, device=device, verbose=False)
+        except LongLoRAConfigError as e:
+            raise ValueError(str(e)) from e
     if case.activation_checkpointing:
         training.set_activation_checkpointing(model, auto_wrap_policy={TransformerSelfAttentionLayer})
     model.train()
     model.set_num_output_chunks(case.loss_chunks)
-    loss_fn = CEWithChunkedOutputLoss(num_output_chunks=case.loss_chunks)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, shape.vocab_size, (case.batch_size, case.seq_len), generator=generator).to(
@@ -299,7 +310,10 @@ def measure_steps(
         base_mem = _rss_bytes("VmRSS")
         rss_resettable = _reset_peak_rss()
 
-    loss = step()  # warm-up: allocates optimizer state, compiles flex kernels, fills caches
+    warmup_start = time.perf_counter()
+    loss = step()  # warm-up: allocates optimizer state, compiles (torch.compile, flex kernels), fills caches
+    _sync(device)
+    warmup_s = time.perf_counter() - warmup_start
     times, cpu_times = [], []
     for _ in range(case.repeats):
         _sync(device)
@@ -320,6 +334,7 @@ def measure_steps(
         median_cpu_s=statistics.median(cpu_times),
         tokens_per_s=case.batch_size * case.seq_len / median,
         loss=loss,
+        warmup_s=warmup_s,
         load_avg_before=load_before,
         load_avg_after=os.getloadavg(),
         torch=torch.__version__,

@@ -310,18 +310,18 @@ def _s2_sdpa(
 ) -> Tensor:
     b, heads, n, _ = q.shape
     half, shift = heads // 2, group_size // 2
-    # Each head half: (q, k, v) in its attention order, the original position of each slot, and the shift
-    # of its groups. Wrap-around attends in the rolled order (slot r holds token (r + G/2) mod n, i.e.
-    # torch.roll by -G/2) with unshifted groups.
-    positions = torch.arange(n)  # on the CPU: only used to slice or gather the caller's mask
+    # Each head half: (q, k, v) in its attention order, the offset of its slots from original positions
+    # and the shift of its groups. Wrap-around attends in the rolled order (slot r holds token
+    # (r + G/2) mod n, i.e. torch.roll by -G/2) with unshifted groups. Positions stay Python ints so that
+    # torch.compile traces this without reading tensor values (no graph break).
     q1, q2 = q.split(half, dim=1)
     k1, k2 = k.split(half, dim=1)
     v1, v2 = v.split(half, dim=1)
     if wrap_around:
         q2, k2, v2 = (torch.roll(x, shifts=-shift, dims=2) for x in (q2, k2, v2))
-        halves = [((q1, k1, v1), positions, 0), ((q2, k2, v2), torch.roll(positions, -shift), 0)]
+        halves = [((q1, k1, v1), 0, 0), ((q2, k2, v2), shift, 0)]
     else:
-        halves = [((q1, k1, v1), positions, 0), ((q2, k2, v2), positions, shift)]
+        halves = [((q1, k1, v1), 0, 0), ((q2, k2, v2), 0, shift)]
 
     # Cut every half into its groups (split: one cheap backward, no per-slice zero-filled gradients) and
     # batch all groups of equal length into one SDPA call, groups becoming batch rows.
@@ -339,7 +339,7 @@ def _s2_sdpa(
         qg, kg, vg = (torch.cat([pieces[hi][gi][j] for hi, gi, _ in groups]) for j in range(3))
         attn_mask = None
         if mask is not None:
-            blocks = [_mask_block(mask, halves[hi][1][a : a + length], b) for hi, _, a in groups]
+            blocks = [_mask_block(mask, a + halves[hi][1], length, n, b) for hi, _, a in groups]
             attn_mask = torch.cat(blocks)[:, None]
         out = _causal_sdpa(qg, kg, vg, attn_mask, dropout_p, scale)
         for (hi, gi, _), o in zip(groups, out.split(b)):
@@ -350,13 +350,17 @@ def _s2_sdpa(
     return torch.cat([out1, out2], dim=1)
 
 
-def _mask_block(mask: Tensor, positions: Tensor, batch: int) -> Tensor:
-    """The caller's mask restricted to one group (rows and columns at ``positions``), as [batch, L, L]."""
-    start, length = int(positions[0]), positions.numel()
-    if int(positions[-1]) == start + length - 1:  # contiguous (everything but the wrapped group)
+def _mask_block(mask: Tensor, start: int, length: int, n: int, batch: int) -> Tensor:
+    """The caller's mask restricted to one group, as [batch, L, L].
+
+    The group holds the tokens at original positions ``(start + i) mod n`` for ``i < length`` (only the
+    wrapped group of the rolled half actually wraps).
+    """
+    start %= n
+    if start + length <= n:  # contiguous (everything but the wrapped group)
         block = mask[:, start : start + length, start : start + length]
     else:
-        index = positions.to(mask.device)
+        index = torch.arange(start, start + length, device=mask.device) % n
         block = mask[:, index[:, None], index[None, :]]
     return block.expand(batch, -1, -1)
 
@@ -382,11 +386,31 @@ def _causal_sdpa(
 # ----------------------------------------------------------------------------------------------------
 
 
+@torch.compiler.disable
+def _flash_varlen(
+    q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_len: int, dropout_p: float, scale: float | None
+) -> Tensor:
+    # Outside any torch.compile graph: flash-attn's autograd.Function (custom ops only in some versions)
+    # is not reliably traceable, so the kernel runs eagerly while the packing around it stays compiled.
+    from flash_attn import flash_attn_varlen_func  # imported lazily: optional, CUDA-only dependency
+
+    return flash_attn_varlen_func(
+        q,
+        k,
+        v,
+        cu_seqlens_q=cu_seqlens,
+        cu_seqlens_k=cu_seqlens,
+        max_seqlen_q=max_len,
+        max_seqlen_k=max_len,
+        dropout_p=dropout_p,
+        softmax_scale=scale,
+        causal=True,
+    )
+
+
 def _s2_flash(
     q: Tensor, k: Tensor, v: Tensor, group_size: int, wrap_around: bool, dropout_p: float, scale: float | None
 ) -> Tensor:
-    from flash_attn import flash_attn_varlen_func  # imported lazily: optional, CUDA-only dependency
-
     b, heads, n, d = q.shape
     half = heads // 2
     shift = group_size // 2
@@ -405,18 +429,7 @@ def _s2_flash(
     rows = [first[:-1] + r * n for r in range(b)] + [second[:-1] + (b + r) * n for r in range(b)]
     cu_seqlens = torch.cat([*rows, torch.tensor([2 * b * n], dtype=torch.int32)]).to(q.device)
     max_len = min(group_size, n)
-    out = flash_attn_varlen_func(
-        pack(q),
-        pack(k),
-        pack(v),
-        cu_seqlens_q=cu_seqlens,
-        cu_seqlens_k=cu_seqlens,
-        max_seqlen_q=max_len,
-        max_seqlen_k=max_len,
-        dropout_p=dropout_p,
-        softmax_scale=scale,
-        causal=True,
-    )
+    out = _flash_varlen(pack(q), pack(k), pack(v), cu_seqlens, max_len, dropout_p, scale)
     out = out.reshape(2, b, n, half, out.shape[-1])
     if wrap_around:
         out = torch.stack([out[0], torch.roll(out[1], shifts=shift, dims=1)])
@@ -493,8 +506,12 @@ def _s2_flex(
         other_mod, mask_batch = _dense_mask_mod(mask), mask.shape[0]
     outs = []
     for part, shift in ((slice(0, half), 0), (slice(half, heads), group_size // 2)):
-        if other_mod is None:
+        if other_mod is None and not torch.compiler.is_compiling():
             block_mask = _cached_s2_block_mask(n, group_size, shift, wrap_around, str(q.device))
+        elif other_mod is None:
+            # Traced into the compiled graph (dynamo would bypass the lru_cache anyway, with a warning).
+            mod = _s2_mask_mod(n, group_size, shift, wrap_around)
+            block_mask = create_block_mask(mod, None, None, n, n, device=q.device)
         else:
             mod = and_masks(_s2_mask_mod(n, group_size, shift, wrap_around), other_mod)
             block_mask = create_block_mask(

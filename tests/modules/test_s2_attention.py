@@ -433,3 +433,21 @@ def test_auto_uses_sdpa_on_cpu_and_dropout_runs():
     torch.manual_seed(0)
     out = shifted_sparse_attention(q, k, v, 4, backend="sdpa", dropout_p=0.5)
     assert torch.isfinite(out).all() and not torch.allclose(out, shifted_sparse_attention(q, k, v, 4))
+
+
+def test_flash_kernel_stays_out_of_compiled_graph(fake_flash):
+    # Only the kernel call leaves the graph (dynamo splits each enclosing frame there, so explain counts one
+    # break per nesting level); the packing around it is traced, and nothing else breaks: the stand-in's
+    # .tolist() and Python loops would, if they were traced.
+    g, n = 4, 16
+    model = install(tiny_llama(max_seq_len=n), g, S2AttentionConfig(group_size=g, backend="flash")).train()
+    layer = model.layers[0]
+    x = torch.randn(2, n, 32, dtype=torch.float64)
+    explained = torch._dynamo.explain(layer)(x)
+    assert explained.graph_break_count >= 1
+    for reason in (b.reason for b in explained.break_reasons):
+        assert "torch.compiler.disable" in reason and "_flash_varlen" in reason, reason
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, backend="aot_eager")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), layer(x), rtol=1e-12, atol=1e-12)

@@ -81,7 +81,7 @@ RECIPE_KEYS: dict[str, str] = {
     "enable_activation_checkpointing": "recompute each decoder layer in backward",
     "enable_activation_offloading": "offload checkpointed activations to CPU (CUDA only)",
     "fsdp_reshard_after_forward": "FSDP2: free gathered weights after forward",
-    "compile": "torch.compile (not supported yet: must be false)",
+    "compile": "torch.compile each decoder layer and the loss (longlora_tune.compile)",
     # logging
     "log_every_n_steps": "log metrics every N steps",
     "log_peak_memory_stats": "log peak GPU memory per step",
@@ -302,10 +302,6 @@ def check_values(cfg: DictConfig, world_size: int) -> None:
     for key in _BOOL_KEYS:
         if key in cfg and not isinstance(cfg.get(key), bool):
             raise LongLoRAConfigError(f"{key}={cfg.get(key)!r} must be true or false")
-    if cfg.get("compile", False):
-        raise LongLoRAConfigError(
-            "compile=true is not supported by longlora_distributed yet; set compile=false"
-        )
     for key in ("output_dir", "checkpoint_dir"):
         if not isinstance(cfg.get(key, ""), str):
             raise LongLoRAConfigError(f"{key}={cfg.get(key)!r} must be a folder path")

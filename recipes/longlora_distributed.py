@@ -39,6 +39,7 @@ from torchtune import config, modules, training, utils
 from tqdm import tqdm
 
 from longlora_tune import checkpointing, export
+from longlora_tune.compile import compile_model_and_loss
 from longlora_tune.components import import_object
 from longlora_tune.config_checks import (
     DEFAULT_REPO_HINT,
@@ -218,6 +219,18 @@ class LongLoRARecipeDistributed:
         counts = set_trainable_params(model, extras=self.extras)
         self.trainable_names = sorted(trainable_param_names(model, extras=self.extras))
         utils.log_rank_zero(log, f"Trainable parameters: {dict(counts)}")
+        if cfg.get("compile", False):
+            # torchtune's order: layers are compiled before activation checkpointing and FSDP2 wrap them.
+            # S² specialises the graph on the sequence length: one compile per padded length.
+            multiple = pad_multiple(cfg.get("pad_to_multiple_of", None), self.model_info.group_size, 0)
+            train_len = training_length(cfg)
+            self.loss_fn = compile_model_and_loss(
+                model,
+                self.loss_fn,
+                device=self.device,
+                max_lengths=train_len // multiple if multiple and train_len else None,
+                verbose=self.is_rank_zero,
+            )
 
         if cfg.get("enable_activation_checkpointing", True):
             training.set_activation_checkpointing(

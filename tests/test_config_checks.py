@@ -206,7 +206,7 @@ def _error(cfg, world_size: int = 1) -> str:
             "model._component_=longlora_tune.models.nope cannot be imported",
         ),
         ({"collate_fn": "longlora_tune.data.nope"}, "collate_fn=longlora_tune.data.nope cannot be imported"),
-        ({"compile": "true"}, "compile=true is not supported by longlora_distributed yet; set compile=false"),
+        ({"compile": "yes please"}, "compile='yes please' must be true or false"),
         ({"output_dir": "${nope}/out"}, "the config does not resolve: "),
     ],
 )

@@ -713,3 +713,16 @@ def test_a_second_run_on_the_same_output_dir_is_refused(assets, tmp_path):
         with pytest.raises(RecipeFailed, match=f"output_dir {out} is in use by pid {os.getpid()} on host"):
             run_recipe(_cfg(assets, out, max_steps=1))
     assert not (out / "checkpoints").exists()
+
+
+def test_compile_true_gives_the_eager_losses(assets, tmp_path, monkeypatch):
+    # aot_eager traces exactly what inductor compiles (dynamo + AOT autograd) without minutes of C++ builds;
+    # tests/test_compile.py runs inductor itself.
+    monkeypatch.setenv("TORCH_COMPILE_BACKEND", "aot_eager")
+    extra = {"max_steps": 3, "export_formats": "[]"}
+    run_recipe(_cfg(assets, tmp_path / "eager", **extra))
+    run_recipe(_cfg(assets, tmp_path / "compiled", compile="true", **extra))
+    eager, compiled = _losses(tmp_path / "eager"), _losses(tmp_path / "compiled")
+    assert sorted(compiled) == [1, 2, 3]
+    for step, loss in eager.items():
+        assert compiled[step] == pytest.approx(loss, rel=1e-4), step

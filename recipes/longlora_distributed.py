@@ -38,7 +38,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy
 from torchtune import config, modules, training, utils
 from tqdm import tqdm
 
-from longlora_tune import checkpointing, export
+from longlora_tune import checkpointing, export, qlora
 from longlora_tune.components import import_object
 from longlora_tune.config_checks import (
     DEFAULT_REPO_HINT,
@@ -233,15 +233,23 @@ class LongLoRARecipeDistributed:
                 if p.requires_grad:
                     p.data = p.data.to(torch.float32)
             mp_policy = MixedPrecisionPolicy(param_dtype=self.dtype, reduce_dtype=torch.float32)
+        self.quantized = qlora.has_nf4_params(model)
+        if self.quantized:
+            qlora.check_nf4_shardable(model, self.world_size)
         shard_model(
             model,
             reshard_after_forward=bool(cfg.get("fsdp_reshard_after_forward", True)),
             mp_policy=mp_policy,
+            ignored_params=qlora.fsdp_ignored_params(model, self.world_size),
         )
         model.to_empty(device=self.device)
 
         # Rank 0 assembles the full state (the other ranks receive their shards by broadcast).
-        specs = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
+        # Parameters, not model.state_dict(): torchtune's hooks would dequantize unsharded NF4 weights.
+        specs = {
+            k.replace("_checkpoint_wrapped_module.", ""): (tuple(v.shape), v.dtype)
+            for k, v in model.named_parameters()
+        }
         full_sd = (
             run_on_rank_zero(
                 lambda: starting_state(self.base, specs, seed=self.seed, resume_dir=resume_dir),
@@ -249,11 +257,14 @@ class LongLoRARecipeDistributed:
             )
             or {}
         )
-        set_model_state_dict(
-            model,
-            full_sd,
-            options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=True),
-        )
+        if self.quantized:
+            qlora.load_full_state_dict(model, full_sd, self.device)
+        else:
+            set_model_state_dict(
+                model,
+                full_sd,
+                options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=True),
+            )
         del full_sd
         with self.device:
             for m in model.modules():
@@ -559,7 +570,10 @@ class LongLoRARecipeDistributed:
             return out
         trainable = self._full_trainable_state()
         full = {}
-        if "hf" in self.export_formats:
+        if "hf" in self.export_formats and self.quantized:
+            # The NF4 base dequantized: the weights the adapter was trained against.
+            full = qlora.gather_full_state_dict(self.model, self.device)
+        elif "hf" in self.export_formats:
             full = get_model_state_dict(
                 self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
             )

@@ -599,6 +599,7 @@ class LongLoRARecipeDistributed:
                     base=self.base,
                     model_info=self.model_info,
                     base_model_name_or_path=self.cfg.get("hf_repo_id", None) or str(self.base.path),
+                    quantized_base=self.quantized,
                 )
             if "adapter" in self.export_formats:
                 out["adapter"] = export.save_adapter(trainable, self.output_dir / "adapter", info)

@@ -653,11 +653,10 @@ def validate_config(cfg: DictConfig, world_size: int) -> int:
     check_sft_batching(cfg)
     _, ga = batch_settings(cfg, world_size)
     check_output_dir(cfg.output_dir, cfg.checkpoint_dir)
-    for key in ("use_dora", "quantize_base"):
-        if cfg.model.get(key, False):
-            raise LongLoRAConfigError(
-                f"model.{key}=true is not supported by longlora_distributed; set it to false"
-            )
+    if cfg.model.get("use_dora", False):
+        raise LongLoRAConfigError(
+            "model.use_dora=true is not supported by longlora_distributed; set it to false"
+        )
     unknown = set(cfg.get("export_formats", EXPORT_FORMATS)) - set(EXPORT_FORMATS)
     if unknown:
         raise LongLoRAConfigError(

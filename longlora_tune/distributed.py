@@ -185,6 +185,7 @@ def shard_model(
     *,
     reshard_after_forward: bool = True,
     mp_policy: Optional[Any] = None,
+    ignored_params: Optional[set[nn.Parameter]] = None,
 ) -> None:
     """FSDP2: each decoder layer and the root, with an optional mixed-precision policy.
 
@@ -195,6 +196,8 @@ def shard_model(
         model: the model (on the meta device or materialised).
         reshard_after_forward: free gathered parameters after forward (one more all-gather in backward).
         mp_policy: a ``torch.distributed.fsdp.MixedPrecisionPolicy`` or None.
+        ignored_params: parameters FSDP2 leaves unsharded and unmanaged (see
+            ``longlora_tune.qlora.fsdp_ignored_params``).
     """
     from torch.distributed.fsdp import fully_shard
     from torchtune import training
@@ -202,6 +205,8 @@ def shard_model(
     kwargs: dict[str, Any] = {"reshard_after_forward": reshard_after_forward}
     if mp_policy is not None:
         kwargs["mp_policy"] = mp_policy
+    if ignored_params:
+        kwargs["ignored_params"] = ignored_params
     for name, module in reversed(list(model.named_modules())):
         if training.get_shard_conditions(name, module):
             fully_shard(module, **kwargs)

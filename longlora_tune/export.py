@@ -191,6 +191,7 @@ def save_peft(
     base: HFBaseModel,
     model_info: LongLoRAModelInfo,
     base_model_name_or_path: str,
+    quantized_base: bool = False,
 ) -> Path:
     """Write a PEFT adapter (LoRA + embeddings and norms as ``modules_to_save``) atomically.
 
@@ -200,6 +201,7 @@ def save_peft(
         base: the base checkpoint (head counts and sizes, RoPE base).
         model_info: the trained model's description (LoRA rank, alpha and targets, RoPE factor).
         base_model_name_or_path: what ``adapter_config.json`` names as the base model.
+        quantized_base: trained against an NF4 base (QLoRA); noted in the model card.
 
     Returns:
         The export folder.
@@ -221,6 +223,7 @@ def save_peft(
             lora_alpha=model_info.lora_alpha,
             target_modules=list(model_info.lora_targets),
             rope_scaling_factor=model_info.rope_scaling_factor,
+            quantized_base=quantized_base,
         )
     return out
 

@@ -544,6 +544,42 @@ class Plan:
         return "\n".join(lines)
 
 
+#: torchao NF4 (torchtune's ``quantize_base``): 64-weight blocks, their scales quantized to int8 in groups of
+#: 256 blocks with one scale per group in the original dtype, plus a per-tensor mean and the 16-entry table.
+NF4_BLOCK_SIZE = 64
+NF4_SCALER_BLOCK_SIZE = 256
+
+
+def nf4_bytes(numel: int, dtype: str = "bf16") -> int:
+    """Bytes of one ``torchao`` ``NF4Tensor`` holding ``numel`` weights quantized from ``dtype``.
+
+    ``numel / 2`` packed 4-bit codes, ``numel / 64`` int8 block scales, ``numel / 16384`` group scales and
+    17 single values (the scale mean and the 16 NF4 levels) in ``dtype``: 0.5157 bytes per weight in bf16.
+
+    Args:
+        numel: Weights in the tensor (a multiple of 16384, as torchao requires).
+        dtype: The weight's original dtype (``bf16``, ``fp16`` or ``fp32``).
+
+    Returns:
+        The tensor's bytes.
+
+    Raises:
+        ValueError: If ``numel`` is not a whole number of scale groups.
+    """
+    group = NF4_BLOCK_SIZE * NF4_SCALER_BLOCK_SIZE
+    if numel <= 0 or numel % group:
+        raise ValueError(f"NF4 needs a positive multiple of {group} weights, got {numel}")
+    e = _DTYPE_BYTES[dtype]
+    return numel // 2 + numel // NF4_BLOCK_SIZE + (numel // group) * e + 17 * e
+
+
+def _nf4_layer_matrices(shape: ModelShape) -> list[int]:
+    # What torchtune's lora_llama2(quantize_base=True) makes NF4 in each layer: the four attention
+    # projections and the three MLP projections (the LM head and the embedding stay in the compute dtype).
+    d, kv, i = shape.embed_dim, shape.kv_dim, shape.intermediate_dim
+    return [d * d, d * kv, d * kv, d * d, d * i, i * d, d * i]
+
+
 def _memory(
     shape: ModelShape,
     seq_len: int,
@@ -562,6 +598,7 @@ def _memory(
     optimizer_state_dtype: str | None,
     activation_offloading: bool,
     cpu_offload: bool,
+    quantize_base: bool = False,
 ) -> tuple[dict[str, int], int]:
     e = _DTYPE_BYTES[dtype]
     shard = gpus if fsdp else 1
@@ -587,6 +624,16 @@ def _memory(
     # FSDP2 all-gathers one layer (in the compute dtype) while prefetching the next, and holds one layer's
     # unsharded gradients before the reduce-scatter.
     layer_full = e * (shape.layer_params() + lora // shape.num_layers)
+    frozen_bytes = e * frozen
+    nf4_transient = 0
+    if quantize_base:
+        # QLoRA: FSDP2 gathers the packed NF4 buffers, and each projection is dequantized to the compute
+        # dtype only while it runs (one matrix at a time).
+        matrices = _nf4_layer_matrices(shape)
+        nf4_layer = sum(nf4_bytes(n, dtype) for n in matrices)
+        layer_full = nf4_layer + e * (shape.layer_params() - sum(matrices) + lora // shape.num_layers)
+        frozen_bytes = shape.num_layers * nf4_layer + e * (frozen - shape.num_layers * sum(matrices))
+        nf4_transient = e * max(matrices)
     fsdp_buffers = 3 * layer_full if fsdp and gpus > 1 else 0
     # fsdp_cpu_offload keeps the sharded parameters, gradients and optimizer state in host memory.
     resident = 0 if cpu_offload else 1
@@ -597,11 +644,12 @@ def _memory(
         else (act.layers_saved)
     )
     memory = {
-        "weights (frozen)": resident * e * frozen // shard,
+        "weights (frozen)": resident * frozen_bytes // shard,
         "trainable params": resident * trainable_e * trainable // shard,
         "gradients": resident * trainable_e * trainable // shard,
         "optimizer (AdamW)": resident * 2 * opt_e * trainable // shard,
-        "fsdp buffers": fsdp_buffers if not cpu_offload else max(fsdp_buffers, 3 * layer_full),
+        "fsdp buffers": (fsdp_buffers if not cpu_offload else max(fsdp_buffers, 3 * layer_full))
+        + nf4_transient,
         "activations saved": layers_on_gpu + act.head_saved,
         _LOSS_PHASE: act.loss_phase,
         _LAYER_PHASE: act.recompute_transient,
@@ -635,6 +683,7 @@ def plan(
     optimizer_state_dtype: str | None = None,
     activation_offloading: bool = False,
     cpu_offload: bool = False,
+    quantize_base: bool = False,
     suggest: bool = True,
 ) -> Plan:
     """Plan one LongLoRA training step per GPU.
@@ -667,6 +716,8 @@ def plan(
             host memory; needs activation checkpointing to pay off).
         cpu_offload: A what-if only: sharded parameters, gradients and optimizer state on the host
             (torchtune's ``fsdp_cpu_offload``; the ``longlora_distributed`` recipe has no such setting).
+        quantize_base: QLoRA (``model.quantize_base``): the frozen attention and MLP projections are NF4
+            (:func:`nf4_bytes`, about 0.516 bytes per weight); the LM head stays in ``dtype``.
         suggest: Compute suggestions and the longest fitting length.
 
     Returns:
@@ -738,6 +789,7 @@ def plan(
             optimizer_state_dtype=optimizer_state_dtype,
             activation_offloading=activation_offloading,
             cpu_offload=cpu_offload,
+            quantize_base=quantize_base,
         )
         settings.update(overrides)
         return _memory(shape, length, **settings)
@@ -812,6 +864,8 @@ def plan(
         candidates.append(
             ("enable_activation_offloading=True (host RAM, PCIe traffic)", {"activation_offloading": True})
         )
+    if not quantize_base:
+        candidates.append(("model.quantize_base=true (QLoRA: NF4 base weights)", {"quantize_base": True}))
     # No fsdp_cpu_offload suggestion: the recipe has no such setting (cpu_offload stays a what-if).
     combined: dict[str, Any] = {}
     for text, override in candidates:
@@ -934,6 +988,8 @@ def load_config_settings(name: str) -> dict[str, Any]:
         settings["fp32_trainable_params"] = bool(cfg["fp32_trainable_params"])
     if "enable_activation_checkpointing" in cfg:
         settings["activation_checkpointing"] = bool(cfg["enable_activation_checkpointing"])
+    if model.get("quantize_base"):
+        settings["quantize_base"] = True
     if "enable_activation_offloading" in cfg:
         settings["activation_offloading"] = bool(cfg["enable_activation_offloading"])
     # fsdp_cpu_offload is not read: longlora_distributed ignores the key, so the run would not offload.
@@ -993,6 +1049,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="what-if: parameters, gradients and optimizer state on the host (torchtune's fsdp_cpu_offload; "
         "longlora_distributed has no such setting)",
     )
+    parser.add_argument(
+        "--quantize-base",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="QLoRA: NF4 frozen base projections (default: config's model.quantize_base or off)",
+    )
     parser.add_argument("--full-attn", action="store_true", help="plan full attention instead of S2")
     parser.add_argument(
         "--loss-chunks", type=int, help="CEWithChunkedOutputLoss chunks (default: config or 8)"
@@ -1030,6 +1092,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ("loss_chunks", args.loss_chunks),
             ("activation_offloading", args.activation_offloading),
             ("cpu_offload", args.cpu_offload),
+            ("quantize_base", args.quantize_base),
         ):
             if value is not None:
                 settings[key] = value

@@ -38,7 +38,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy
 from torchtune import config, modules, training, utils
 from tqdm import tqdm
 
-from longlora_tune import checkpointing, export
+from longlora_tune import checkpointing, export, qlora
 from longlora_tune.compile import compile_model_and_loss
 from longlora_tune.components import import_object
 from longlora_tune.config_checks import (
@@ -68,7 +68,7 @@ from longlora_tune.metric_logging import build_metric_logger, check_metric_logge
 from longlora_tune.models.longlora import describe
 from longlora_tune.modules.position_interpolation import position_interpolation_factor
 from longlora_tune.modules.s2_attention import describe_backend
-from longlora_tune.peft import set_trainable_params, trainable_param_names
+from longlora_tune.peft import set_trainable_params, trainable_param_names, unwrapped_name
 from longlora_tune.resume import apply_optimizer_settings, compare_with_checkpoint
 from longlora_tune.weights import starting_state
 
@@ -246,15 +246,23 @@ class LongLoRARecipeDistributed:
                 if p.requires_grad:
                     p.data = p.data.to(torch.float32)
             mp_policy = MixedPrecisionPolicy(param_dtype=self.dtype, reduce_dtype=torch.float32)
+        self.quantized = qlora.has_nf4_params(model)
+        if self.quantized:
+            qlora.check_nf4_shardable(model, self.world_size)
         shard_model(
             model,
             reshard_after_forward=bool(cfg.get("fsdp_reshard_after_forward", True)),
             mp_policy=mp_policy,
+            ignored_params=qlora.fsdp_ignored_params(model, self.world_size),
         )
         model.to_empty(device=self.device)
 
         # Rank 0 assembles the full state (the other ranks receive their shards by broadcast).
-        specs = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
+        # Parameters, not model.state_dict(): torchtune's hooks would dequantize unsharded NF4 weights.
+        specs = {
+            unwrapped_name(k): (tuple(v.shape), v.dtype)
+            for k, v in model.named_parameters()
+        }
         full_sd = (
             run_on_rank_zero(
                 lambda: starting_state(self.base, specs, seed=self.seed, resume_dir=resume_dir),
@@ -262,11 +270,14 @@ class LongLoRARecipeDistributed:
             )
             or {}
         )
-        set_model_state_dict(
-            model,
-            full_sd,
-            options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=True),
-        )
+        if self.quantized:
+            qlora.load_full_state_dict(model, full_sd, self.device)
+        else:
+            set_model_state_dict(
+                model,
+                full_sd,
+                options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=True),
+            )
         del full_sd
         with self.device:
             for m in model.modules():
@@ -572,7 +583,10 @@ class LongLoRARecipeDistributed:
             return out
         trainable = self._full_trainable_state()
         full = {}
-        if "hf" in self.export_formats:
+        if "hf" in self.export_formats and self.quantized:
+            # The NF4 base dequantized: the weights the adapter was trained against.
+            full = qlora.gather_full_state_dict(self.model, self.device)
+        elif "hf" in self.export_formats:
             full = get_model_state_dict(
                 self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
             )
@@ -598,6 +612,7 @@ class LongLoRARecipeDistributed:
                     base=self.base,
                     model_info=self.model_info,
                     base_model_name_or_path=self.cfg.get("hf_repo_id", None) or str(self.base.path),
+                    quantized_base=self.quantized,
                 )
             if "adapter" in self.export_formats:
                 out["adapter"] = export.save_adapter(trainable, self.output_dir / "adapter", info)

@@ -327,3 +327,22 @@ def test_peft_export_errors(tmp_path, change, message):
     with pytest.raises(ValueError, match=message):
         save_peft_adapter(sd, tmp_path / "out", **kwargs)
     assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_model_card_notes_an_nf4_base_only_for_qlora(quantized):
+    from longlora_tune.peft import _peft_model_card
+
+    card = _peft_model_card(
+        base_model_name_or_path="meta-llama/Llama-2-7b-hf",
+        factor=8.0,
+        rope_theta=10000.0,
+        lora_rank=8,
+        lora_alpha=16.0,
+        target_modules=["q_proj"],
+        use_dora=False,
+        saved_modules=[],
+        quantized_base=quantized,
+    )
+    assert ("Trained against a 4-bit (NF4) base" in card) == quantized
+    assert ("quantization error" in card) == quantized

@@ -453,3 +453,48 @@ def test_fsdp_cpu_offload_is_neither_read_nor_suggested(tmp_path):
     assert offload == plain
     tight = plan("7b", 100_000, gpus=8, gpu_memory_gib=40, activation_checkpointing=False)
     assert tight.suggestions and not any("cpu_offload" in s for s in tight.suggestions), tight.suggestions
+
+
+def test_nf4_bytes_match_torchao_and_a_hand_count():
+    import torch
+    from torchao.dtypes.nf4tensor import to_nf4
+
+    from longlora_tune.plan import nf4_bytes
+
+    for rows, cols, dtype, name in ((256, 512, torch.bfloat16, "bf16"), (128, 256, torch.float32, "fp32")):
+        nf4 = to_nf4(torch.randn(rows, cols, dtype=dtype))
+        names, _ = nf4.__tensor_flatten__()
+        measured = sum(getattr(nf4, n).numel() * getattr(nf4, n).element_size() for n in names)
+        assert nf4_bytes(rows * cols, name) == measured
+    # Hand count, 4096 x 4096 in bf16: 8388608 packed bytes, 262144 int8 block scales, 1024 bf16 group
+    # scales, one bf16 mean and 16 bf16 levels.
+    assert nf4_bytes(4096 * 4096) == 8_388_608 + 262_144 + 2 * 1024 + 2 + 32
+    with pytest.raises(ValueError, match="multiple of 16384"):
+        nf4_bytes(4096)
+
+
+def test_qlora_frozen_weights_and_verdicts():
+    from longlora_tune.plan import nf4_bytes, plan
+
+    p = plan("7b", 32768, gpus=1, gpu_memory_gib=48, quantize_base=True)
+    d, i, layers = 4096, 11008, 32
+    nf4 = layers * (4 * nf4_bytes(d * d) + 3 * nf4_bytes(d * i))
+    head = 2 * 32000 * d  # the LM head stays bf16
+    assert p.memory["weights (frozen)"] == nf4 + head
+    bf16 = plan("7b", 32768, gpus=1, gpu_memory_gib=48)
+    assert p.fits and bf16.memory["weights (frozen)"] > 3 * (nf4 + head)
+    # 70B at 32k: 8 x 40 GB needs QLoRA and activation offloading; 4 x 80 GB fits with QLoRA alone.
+    assert plan("70b", 32768, gpus=8, gpu_memory_gib=40, quantize_base=True, activation_offloading=True).fits
+    assert not plan("70b", 32768, gpus=8, gpu_memory_gib=40, activation_offloading=True).fits
+    assert not plan("70b", 32768, gpus=8, gpu_memory_gib=40, quantize_base=True).fits
+    assert plan("70b", 32768, gpus=4, gpu_memory_gib=80, quantize_base=True).fits
+    assert not plan("70b", 32768, gpus=4, gpu_memory_gib=80).fits
+    unfit = plan("70b", 32768, gpus=4, gpu_memory_gib=80)
+    assert any(s.startswith("model.quantize_base=true") and s.endswith(": fits") for s in unfit.suggestions)
+
+
+def test_config_quantize_base_reaches_the_plan():
+    from longlora_tune.plan import load_config_settings
+
+    assert load_config_settings("llama2_7b_longalpaca_32k_qlora")["quantize_base"] is True
+    assert "quantize_base" not in load_config_settings("llama2_7b_longalpaca_32k")

@@ -235,6 +235,8 @@ def test_sft_configs_are_shipped():
         "llama2_13b_longalpaca_16k",
         "llama2_7b_longalpaca_32k",
         "llama2_70b_longalpaca_32k",
+        "llama2_7b_longalpaca_32k_qlora",
+        "llama2_70b_longalpaca_32k_qlora",
     }
 
 
@@ -253,10 +255,12 @@ def test_sft_config_instantiates_without_weights(path):
     with torch.device("meta"):
         model = config.instantiate(cfg.model)
     num_layers = len(model.layers)
-    keys = set(model.state_dict())
+    # Parameter names: a QLoRA model's state_dict() dequantizes its NF4 weights, impossible on meta.
+    keys = {k for k, _ in model.named_parameters()}
     lora = {k for k in keys if ".lora_" in k}
     assert keys - lora == _expected_base_keys(num_layers)
     assert len(lora) == 2 * 4 * num_layers
+    assert cfg.model.get("quantize_base", False) == path.stem.endswith("_qlora")
     s2 = [m for m in model.modules() if isinstance(m, S2Attention)]
     assert len(s2) == num_layers
     length = config_checks.training_length(cfg)

@@ -447,6 +447,7 @@ def test_expected_configs_are_shipped():
         "llama2_70b_32k",
         "llama2_7b_8k_full_attn",
         "tiny_demo",
+        "tiny_qlora",
     } <= names
 
 
@@ -465,7 +466,8 @@ def test_shipped_config_instantiates_without_weights(path):
     with torch.device("meta"):
         model = config.instantiate(cfg.model)
     num_layers = len(model.layers)
-    keys = set(model.state_dict())
+    # Parameter names: a QLoRA model's state_dict() dequantizes its NF4 weights, impossible on meta.
+    keys = {k for k, _ in model.named_parameters()}
     lora = {k for k in keys if ".lora_" in k}
     assert keys - lora == _expected_base_keys(num_layers)
     assert len(lora) == 2 * 4 * num_layers  # A and B for q, k, v, output
@@ -481,13 +483,16 @@ def test_shipped_config_instantiates_without_weights(path):
     _bind(cfg.dataset, object())
     _bind(cfg.tokenizer)
     import_object(cfg.collate_fn)
-    if path.stem == "tiny_demo":
-        base = HFBaseModel(Path("tiny"), _tiny_hf_config(), weight_files=())
+    if path.stem.startswith("tiny_"):
+        # tiny_qlora is wider: NF4 needs whole 16384-weight scale groups per shard.
+        sizes = {"embed_dim": 256, "intermediate_dim": 512} if path.stem == "tiny_qlora" else {}
+        base = HFBaseModel(Path("tiny"), _tiny_hf_config(**sizes), weight_files=())
         kw = base.builder_kwargs
         for key in ("vocab_size", "num_layers", "num_heads", "num_kv_heads", "embed_dim", "intermediate_dim"):
             assert cfg.model[key] == kw[key], key
         assert cfg.model.original_max_seq_len == base.original_max_seq_len
         assert cfg.dtype == "fp32" and cfg.device == "cpu"
+        assert cfg.model.get("quantize_base", False) == (path.stem == "tiny_qlora")
         return
     # The paper's settings (docs/reference.md: training hyperparameters).
     assert config_checks.gradient_accumulation_steps(cfg.global_batch_size, cfg.batch_size, 8) == 8
@@ -500,7 +505,7 @@ def test_shipped_config_instantiates_without_weights(path):
     assert "--ignore-patterns" in text and cfg.hf_repo_id in text
 
 
-def _tiny_hf_config() -> dict:
+def _tiny_hf_config(**sizes: int) -> dict:
     import inspect
 
     defaults = {
@@ -508,6 +513,7 @@ def _tiny_hf_config() -> dict:
         for k, v in inspect.signature(tiny.make_hf_checkpoint).parameters.items()
         if v.default is not v.empty
     }
+    defaults.update(sizes)
     return tiny.hf_llama_config(
         vocab_size=defaults["vocab_size"],
         num_layers=defaults["num_layers"],

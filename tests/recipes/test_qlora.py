@@ -1,0 +1,174 @@
+"""QLoRA (``model.quantize_base: true``) in the longlora_distributed recipe, on ``tiny_qlora.yaml`` (CPU).
+
+Four short runs happen once per module: one process with every export, two processes (gloo, the NF4
+weights sharded by FSDP2), and one process stopped after 3 steps then resumed. The merged ``hf/`` export is
+checked in transformers against the trained model's own (dequantized) forward.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from recipe_runner import CONFIGS, RECIPE
+from torchtune import config
+
+from longlora_tune import checkpointing, tiny
+from longlora_tune.hf import HFBaseModel
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIG = CONFIGS / "tiny_qlora.yaml"
+STEPS = 6
+#: Measured: the fp32 ``hf/`` export (dequantized NF4 base + merged LoRA) differs from the trained model's
+#: forward by 5.4e-6 in max |logit| (logits up to ~4), float rounding of the merge.
+HF_TOLERANCE = 1e-4
+
+
+def _overrides(assets: dict[str, Path], out: Path, **extra: object) -> list[str]:
+    values = {
+        "checkpoint_dir": assets["base"],
+        "dataset.data_files": assets["corpus"],
+        "dataset.cache_dir": assets["cache"],
+        "output_dir": out,
+        "max_steps": STEPS,
+        "save_every_n_steps": 3,
+        "keep_last_n": 1,
+        "lr_scheduler.num_warmup_steps": 2,
+        **extra,
+    }
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def _train(assets: dict[str, Path], out: Path, nproc: int, **extra: object) -> dict[int, float]:
+    launcher = [sys.executable]
+    if nproc > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    cmd = [*launcher, str(RECIPE), "--config", str(CONFIG), *_overrides(assets, out, **extra)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stderr[-6000:]}"
+    losses = {}
+    for f in sorted((out / "logs").glob("*.txt")):
+        for m in re.finditer(r"^Step (\d+) \| loss:(\S+)", f.read_text(), flags=re.M):
+            losses[int(m.group(1))] = float(m.group(2))
+    return losses
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("qlora")
+    base = tiny.make_hf_checkpoint(root / "base", embed_dim=256, intermediate_dim=512)
+    corpus = tiny.make_text_corpus(root / "corpus.jsonl", n_docs=24)
+    return {"root": root, "base": base, "corpus": corpus, "cache": root / "cache"}
+
+
+@pytest.fixture(scope="module")
+def runs(assets) -> dict[str, object]:
+    root = assets["root"]
+    one = _train(assets, root / "one", nproc=1)
+    two = _train(assets, root / "two", nproc=2, export_formats="[]")
+    stopped = _train(assets, root / "resumed", nproc=1, max_steps=3, export_formats="[]")
+    resumed = _train(assets, root / "resumed", nproc=1, resume_from_checkpoint="true", export_formats="[]")
+    return {"one": one, "two": two, "stopped": stopped, "resumed": resumed, "out": root / "one"}
+
+
+def _trained_model(out: Path, base_dir: Path) -> torch.nn.Module:
+    """The trained QLoRA model from ``adapter/``: NF4 base quantized from the base, trained tensors."""
+    meta = json.loads((out / "adapter" / "longlora.json").read_text())
+    assert meta["model"]["quantize_base"] is True
+    model = config.instantiate(OmegaConf.create(meta["model"]))
+    # NF4Tensor.copy_ quantizes a full-precision weight, as the recipe does.
+    model.load_state_dict(HFBaseModel.read(base_dir).load_state_dict(), strict=False)
+    checkpointing.load_trainable_state(model, out / "adapter" / checkpointing.TRAINABLE_FILE)
+    return model.eval()
+
+
+def _tokens() -> torch.Tensor:
+    return torch.randint(0, 512, (2, 200), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.slow
+def test_qlora_loss_falls(runs):
+    losses = runs["one"]
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    assert losses[STEPS] < losses[1] - 0.5, losses
+
+
+@pytest.mark.slow
+def test_qlora_resume_equals_uninterrupted_run(runs):
+    assert sorted(runs["stopped"]) == [1, 2, 3]
+    for step in range(1, STEPS + 1):
+        # The NF4 base is re-quantized from the base checkpoint: bit-identical, so the losses are too.
+        assert runs["resumed"][step] == runs["one"][step], step
+
+
+@pytest.mark.slow
+def test_qlora_two_processes_match_one(runs):
+    # Measured: relative differences below 5e-8 (float summation order of the gathered shards).
+    assert sorted(runs["two"]) == sorted(runs["one"])
+    for step in runs["one"]:
+        assert runs["two"][step] == pytest.approx(runs["one"][step], rel=1e-6), step
+
+
+@pytest.mark.slow
+def test_qlora_hf_export_matches_dequantized_forward(runs, assets):
+    from torchao.dtypes.nf4tensor import NF4Tensor
+    from transformers import LlamaForCausalLM
+
+    out = runs["out"]
+    ours = _trained_model(out, assets["base"])
+    assert isinstance(ours.layers[0].attn.q_proj.weight, NF4Tensor)
+    assert isinstance(ours.layers[0].mlp.w1.weight, NF4Tensor)
+    hf = LlamaForCausalLM.from_pretrained(out / "hf").eval()
+    assert hf.dtype == torch.float32
+    tokens = _tokens()
+    with torch.no_grad():
+        expected = ours(tokens)
+        got = hf(tokens).logits
+    assert (got - expected).abs().max().item() < HF_TOLERANCE
+    # The export holds the dequantized base, not the original weights.
+    from safetensors.torch import load_file
+
+    merged_gate = load_file(out / "hf" / "model.safetensors")["model.layers.0.mlp.gate_proj.weight"]
+    original_gate = HFBaseModel.read(assets["base"]).load_state_dict()["layers.0.mlp.w1.weight"]
+    assert torch.equal(merged_gate, ours.layers[0].mlp.w1.weight.to(torch.float32))
+    assert not torch.equal(merged_gate, original_gate)
+
+
+@pytest.mark.slow
+def test_qlora_peft_card_states_the_quantized_base(runs):
+    card = (runs["out"] / "peft" / "README.md").read_text()
+    assert "NF4" in card and "quantization error" in card
+
+
+def test_qlora_refuses_a_world_size_that_cuts_nf4_groups(tmp_path):
+    from longlora_tune import qlora
+    from longlora_tune.errors import LongLoRAConfigError
+    from longlora_tune.models import longlora_llama2
+
+    with torch.device("meta"):
+        model = longlora_llama2(512, 2, 4, 4, 256, 256, intermediate_dim=512, quantize_base=True)
+    assert qlora.has_nf4_params(model)
+    qlora.check_nf4_shardable(model, 2)  # 65536-weight projections: 2 groups of 16384 per rank
+    with pytest.raises(LongLoRAConfigError, match=r"cannot shard layers\.0\.attn\.q_proj\.weight .* 8 ranks"):
+        qlora.check_nf4_shardable(model, 8)
+    assert len(qlora.fsdp_ignored_params(model, 1)) == 2 * 7  # q, k, v, o, w1, w2, w3 per layer
+    assert qlora.fsdp_ignored_params(model, 2) is None
+
+
+def test_quantize_base_passes_config_checks(tmp_path):
+    from longlora_tune import config_checks
+
+    base = tiny.make_hf_checkpoint(tmp_path / "base", embed_dim=256, intermediate_dim=512)
+    cfg = OmegaConf.load(CONFIG)
+    cfg.merge_with_dotlist([f"checkpoint_dir={base}", f"output_dir={tmp_path / 'out'}"])
+    assert cfg.model.quantize_base is True
+    assert config_checks.validate_config(cfg, world_size=2) == 2  # global batch 4 = 2 ranks x 1 x 2

@@ -71,6 +71,24 @@ def run_recipe(cfg: DictConfig) -> str:
         return run_recipe_argv(["--config", str(path)])
 
 
+def model_from_adapter(adapter_dir: Path, base_dir: Path) -> torch.nn.Module:
+    """The trained model rebuilt from ``adapter/longlora.json``: base weights, then the trained tensors.
+
+    An NF4 base (``quantize_base``) is quantized from the full-precision weights on load, as the recipe does.
+    """
+    import json
+
+    from longlora_tune import checkpointing
+
+    meta = json.loads((adapter_dir / "longlora.json").read_text())
+    model = config.instantiate(OmegaConf.create(meta["model"]))
+    missing, unexpected = model.load_state_dict(HFBaseModel.read(base_dir).load_state_dict(), strict=False)
+    assert not unexpected
+    loaded = checkpointing.load_trainable_state(model, adapter_dir / checkpointing.TRAINABLE_FILE)
+    assert set(missing) <= set(loaded)
+    return model.eval()
+
+
 def training_parts(cfg: DictConfig, *, train: bool = True) -> dict:
     """The pieces the recipe builds, without sharding: model with base weights, loss, tokenizer, data.
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import torch
 from omegaconf import OmegaConf
-from recipe_runner import CONFIGS, RECIPE, RecipeFailed, run_recipe, run_recipe_argv
+from recipe_runner import CONFIGS, RECIPE, RecipeFailed, model_from_adapter, run_recipe, run_recipe_argv
 from safetensors.torch import load_file
 from torchtune import config
 
@@ -126,17 +126,6 @@ def _cfg(assets: dict[str, Path], out: Path, **extra: object):
     return cfg
 
 
-def _recipe_model(adapter_dir: Path, base_dir: Path) -> torch.nn.Module:
-    """The recipe's model rebuilt from ``adapter/longlora.json``: base weights, then the trained tensors."""
-    meta = json.loads((adapter_dir / "longlora.json").read_text())
-    model = config.instantiate(OmegaConf.create(meta["model"]))
-    missing, unexpected = model.load_state_dict(HFBaseModel.read(base_dir).load_state_dict(), strict=False)
-    assert not unexpected
-    loaded = checkpointing.load_trainable_state(model, adapter_dir / checkpointing.TRAINABLE_FILE)
-    assert set(missing) <= set(loaded)
-    return model.eval()
-
-
 def _tokens() -> torch.Tensor:
     # Longer than the base model's 64-token context, so the RoPE factor matters.
     return torch.randint(0, 512, (2, 200), generator=torch.Generator().manual_seed(1))
@@ -221,7 +210,7 @@ def test_merged_hf_export_matches_recipe_model(runs, assets):
     assert cfg["rope_scaling"]["factor"] == 4.0 and cfg["rope_scaling"]["type"] == "linear"
     assert cfg["max_position_embeddings"] == 64
     assert (out / "hf" / "tokenizer.model").read_bytes() == (assets["base"] / "tokenizer.model").read_bytes()
-    ours = _recipe_model(out / "adapter", assets["base"])
+    ours = model_from_adapter(out / "adapter", assets["base"])
     hf = LlamaForCausalLM.from_pretrained(out / "hf").eval()
     tokens = _tokens()
     with torch.no_grad():
@@ -238,7 +227,7 @@ def test_peft_export_matches_recipe_model(runs, assets):
     base_cfg = AutoConfig.from_pretrained(assets["base"], rope_parameters=rope)
     base = LlamaForCausalLM.from_pretrained(assets["base"], config=base_cfg)
     peft_model = PeftModel.from_pretrained(base, out / "peft").eval()
-    ours = _recipe_model(out / "adapter", assets["base"])
+    ours = model_from_adapter(out / "adapter", assets["base"])
     tokens = _tokens()
     with torch.no_grad():
         torch.testing.assert_close(peft_model(tokens).logits, ours(tokens), rtol=1e-4, atol=1e-4)

@@ -17,10 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 from omegaconf import OmegaConf
-from recipe_runner import CONFIGS, RECIPE
-from torchtune import config
+from recipe_runner import CONFIGS, RECIPE, model_from_adapter
 
-from longlora_tune import checkpointing, tiny
+from longlora_tune import tiny
 from longlora_tune.hf import HFBaseModel
 
 REPO = Path(__file__).resolve().parents[2]
@@ -82,13 +81,8 @@ def runs(assets) -> dict[str, object]:
 
 def _trained_model(out: Path, base_dir: Path) -> torch.nn.Module:
     """The trained QLoRA model from ``adapter/``: NF4 base quantized from the base, trained tensors."""
-    meta = json.loads((out / "adapter" / "longlora.json").read_text())
-    assert meta["model"]["quantize_base"] is True
-    model = config.instantiate(OmegaConf.create(meta["model"]))
-    # NF4Tensor.copy_ quantizes a full-precision weight, as the recipe does.
-    model.load_state_dict(HFBaseModel.read(base_dir).load_state_dict(), strict=False)
-    checkpointing.load_trainable_state(model, out / "adapter" / checkpointing.TRAINABLE_FILE)
-    return model.eval()
+    assert json.loads((out / "adapter" / "longlora.json").read_text())["model"]["quantize_base"] is True
+    return model_from_adapter(out / "adapter", base_dir)
 
 
 def _tokens() -> torch.Tensor:

@@ -65,6 +65,12 @@ def summed_token_loss(
     extra = {k: batch[k].to(device) for k in ("mask", "input_pos") if k in batch}
     with context if context is not None else contextlib.nullcontext():
         logits = model(tokens, **extra)
+    if int(n_tokens) == 0:
+        # No scored token (a context-parallel slice of padding, say): the mean loss would be 0/0 = NaN and
+        # poison the gradients. Return an exact zero that still runs backward through the model, since
+        # FSDP's gradient reduction and the context-parallel halo exchange need every rank's backward.
+        chunks = [logits] if isinstance(logits, torch.Tensor) else list(logits)
+        return sum(c.sum() for c in chunks) * 0.0, n_tokens
     if isinstance(logits, torch.Tensor):
         # An unchunked loss (e.g. torch.nn.CrossEntropyLoss) takes [tokens, vocab] logits.
         logits, labels = logits.reshape(-1, logits.size(-1)), labels.reshape(-1)

@@ -656,17 +656,16 @@ def _memory(
 
 
 def _seam_bytes(shape: ModelShape, batch_size: int, e: int, degree: int, group_size: int | None) -> int:
-    """Transient bytes of one layer's context-parallel seam (halo keys/values and the seam's attention).
+    """Transient bytes of one layer's context-parallel seam: the halo and the seam's keys and values.
 
-    The seam's ``G/2`` queries attend ``G`` keys with an explicit bool mask ``[b, G/2, G]``, which SDPA
-    turns into a bias in the compute dtype; the halo and the concatenated keys/values are ``H/2`` heads.
+    Unpacked batches need no mask there (a bottom-right causal SDPA); packed batches add a bool
+    ``[b, G/2, G]`` seam mask and the bulk's ``[b, L, L]`` document mask, not counted here.
     """
     if degree <= 1 or not group_size:
         return 0
     half_heads, half_group, d = shape.num_heads // 2, group_size // 2, shape.head_dim
-    mask = batch_size * half_group * group_size * (1 + e)
-    tensors = e * batch_size * half_heads * d * (2 * half_group + 2 * group_size + 2 * half_group)
-    return mask + tensors
+    # Halo k+v received, the seam's concatenated k+v (G keys) and its output.
+    return e * batch_size * half_heads * d * (2 * half_group + 2 * group_size + half_group)
 
 
 def plan(

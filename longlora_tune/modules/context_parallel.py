@@ -44,6 +44,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention.bias import causal_lower_right
 
 from longlora_tune.errors import LongLoRAConfigError
 from longlora_tune.loss import shift_labels
@@ -273,19 +274,35 @@ def context_parallel_s2_attention(
     vs = torch.cat([halo_v, vo[:, half:, :shift]], dim=2)
     key_valid = torch.cat([halo_valid, valid[:, :shift]], dim=1)
     key_docs = torch.cat([halo_docs, docs[:, :shift]], dim=1)
-    rows = torch.arange(shift, device=q.device)[:, None]
-    cols = torch.arange(2 * shift, device=q.device)[None, :]
-    allowed = (
-        (cols <= rows + shift)[None] & key_valid[:, None, :] & (docs[:, :shift, None] == key_docs[:, None, :])
-    )
-    # A query with no allowed key (a pad row) gets zeros, as in the single-process function; letting it
-    # see one key first avoids the NaN some kernels give for an empty row.
-    empty = ~allowed.any(dim=-1, keepdim=True)
-    allowed = allowed | (empty & (cols == rows + shift)[None])
-    seam = F.scaled_dot_product_attention(
-        qs, ks, vs, attn_mask=allowed[:, None], dropout_p=dropout_p, scale=scale
-    )
-    seam = seam.masked_fill(empty[:, None], 0.0)
+    if not with_mask:
+        # No dense [b, G/2, G] mask (2 GiB at G = 64k): the seam is causal aligned to the bottom right.
+        if rank > 0:
+            seam = F.scaled_dot_product_attention(
+                qs, ks, vs, attn_mask=causal_lower_right(shift, 2 * shift), dropout_p=dropout_p, scale=scale
+            )
+        else:
+            # Rank 0 has no halo (its seam is a plain causal block), but the halo stays in the graph so
+            # that this rank's backward receives the next rank's gradient message.
+            seam = F.scaled_dot_product_attention(
+                qs, ks[:, :, shift:], vs[:, :, shift:], is_causal=True, dropout_p=dropout_p, scale=scale
+            )
+            seam = seam + 0.0 * (halo_k.sum() + halo_v.sum())
+    else:
+        rows = torch.arange(shift, device=q.device)[:, None]
+        cols = torch.arange(2 * shift, device=q.device)[None, :]
+        allowed = (
+            (cols <= rows + shift)[None]
+            & key_valid[:, None, :]
+            & (docs[:, :shift, None] == key_docs[:, None, :])
+        )
+        # A query with no allowed key (a pad row) gets zeros, as in the single-process function; letting
+        # it see one key first avoids the NaN some kernels give for an empty row.
+        empty = ~allowed.any(dim=-1, keepdim=True)
+        allowed = allowed | (empty & (cols == rows + shift)[None])
+        seam = F.scaled_dot_product_attention(
+            qs, ks, vs, attn_mask=allowed[:, None], dropout_p=dropout_p, scale=scale
+        )
+        seam = seam.masked_fill(empty[:, None], 0.0)
 
     out = torch.cat([bulk[:, :half], torch.cat([seam, bulk[:, half:, shift:]], dim=2)], dim=1)
     return order(out)

@@ -510,3 +510,13 @@ def test_context_parallel_divides_activations_and_reports_halo_traffic(capsys):
 def test_context_parallel_degrees_the_recipe_refuses(kwargs, message):
     with pytest.raises(ValueError, match=message):
         plan("7b", 32_768, **{"gpus": 8, **kwargs})
+
+
+@pytest.mark.parametrize("name", ["llama2_7b_256k", "llama2_7b_1016k"])
+def test_context_parallel_configs_fit_only_with_their_degree(name):
+    settings = load_config_settings(name)
+    assert settings["context_parallel_degree"] == 8 and settings["seq_len"] % (8 * 1024) == 0
+    split = plan(**settings, gpus=8, gpu_memory_gib=80.0)
+    assert split.fits and split.group_size == settings["seq_len"] // 4  # G = N/4 <= 2 * slice (N/8)
+    assert split.gradient_accumulation_steps == 64  # global batch 64 over 1 data replica
+    assert not plan(**{**settings, "context_parallel_degree": 1}, gpus=8, gpu_memory_gib=80.0).fits

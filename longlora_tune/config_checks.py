@@ -66,6 +66,7 @@ RECIPE_KEYS: dict[str, str] = {
     "batch_size": "sequences per micro-batch on one device",
     "global_batch_size": "sequences per optimizer step over all devices",
     "gradient_accumulation_steps": "micro-batches per optimizer step (instead of global_batch_size)",
+    "context_parallel_degree": "ranks sharing each sequence (S2 halo exchange); divides the world size",
     "max_steps": "optimizer steps (or null with epochs)",
     "epochs": "passes over the data (or null with max_steps)",
     "clip_grad_norm": "max gradient norm (null = no clipping)",
@@ -81,7 +82,6 @@ RECIPE_KEYS: dict[str, str] = {
     "enable_activation_checkpointing": "recompute each decoder layer in backward",
     "enable_activation_offloading": "offload checkpointed activations to CPU (CUDA only)",
     "fsdp_reshard_after_forward": "FSDP2: free gathered weights after forward",
-    "context_parallel_degree": "ranks sharing each sequence (S2 halo exchange); divides the world size",
     "compile": "torch.compile (not supported yet: must be false)",
     # logging
     "log_every_n_steps": "log metrics every N steps",
@@ -395,7 +395,7 @@ def data_parallel_size(cfg: DictConfig, world_size: int) -> int:
 
     Raises:
         LongLoRAConfigError: if the degree is not a positive integer dividing ``world_size``, or is combined
-            with full attention or wrap-around S² (neither splits at slice boundaries).
+            with full attention or wrap-around S² (neither splits at slice boundaries) or compile.
     """
     degree = cfg.get("context_parallel_degree", 1)
     if not _is_int(degree) or degree < 1:
@@ -410,6 +410,11 @@ def data_parallel_size(cfg: DictConfig, world_size: int) -> int:
         raise LongLoRAConfigError(
             f"context_parallel_degree={degree} with model.use_full_attn=true is not supported (full "
             "attention would need ring attention); set context_parallel_degree=1 or use_full_attn=false"
+        )
+    if degree > 1 and cfg.get("compile", False):
+        # The halo exchange (point-to-point messages inside an autograd.Function) is not traced.
+        raise LongLoRAConfigError(
+            f"context_parallel_degree={degree} with compile=true is not supported; set compile=false"
         )
     if degree > 1 and model.get("s2_wrap_around", False):
         raise LongLoRAConfigError(

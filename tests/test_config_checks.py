@@ -529,6 +529,10 @@ def test_context_parallel_ranks_share_batches(assets, tmp_path):
     assert cc.validate_config(_cfg(assets, tmp_path / "o", context_parallel_degree=2), world_size=4) == 2
     assert cc.validate_config(_cfg(assets, tmp_path / "o", context_parallel_degree=4), world_size=4) == 4
     assert cc.data_parallel_size(_cfg(assets, tmp_path / "o"), 8) == 8  # default: off
+    with pytest.raises(
+        LongLoRAConfigError, match="context_parallel_degree=2 with compile=true is not supported"
+    ):
+        cc.data_parallel_size(_cfg(assets, tmp_path / "o", context_parallel_degree=2, compile="true"), 2)
 
 
 @pytest.mark.parametrize(

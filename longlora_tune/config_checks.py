@@ -66,6 +66,7 @@ RECIPE_KEYS: dict[str, str] = {
     "batch_size": "sequences per micro-batch on one device",
     "global_batch_size": "sequences per optimizer step over all devices",
     "gradient_accumulation_steps": "micro-batches per optimizer step (instead of global_batch_size)",
+    "context_parallel_degree": "ranks sharing each sequence (S2 halo exchange); divides the world size",
     "max_steps": "optimizer steps (or null with epochs)",
     "epochs": "passes over the data (or null with max_steps)",
     "clip_grad_norm": "max gradient norm (null = no clipping)",
@@ -375,6 +376,50 @@ def check_values(cfg: DictConfig, world_size: int) -> None:
         _check_int(cfg.lr_scheduler, "num_warmup_steps", 0, prefix="lr_scheduler.", nullable=False)
 
 
+def data_parallel_size(cfg: DictConfig, world_size: int) -> int:
+    """Check ``context_parallel_degree`` and return the data-parallel size ``world_size / degree``.
+
+    The ranks of one context-parallel group share every sequence (each holds a contiguous slice), so the
+    batch settings and the sampler count data-parallel ranks, not processes.
+
+    Args:
+        cfg: the recipe config.
+        world_size: number of ranks.
+
+    Returns:
+        The number of data-parallel ranks.
+
+    Raises:
+        LongLoRAConfigError: if the degree is not a positive integer dividing ``world_size``, or is combined
+            with full attention or wrap-around S² (neither splits at slice boundaries) or compile.
+    """
+    degree = cfg.get("context_parallel_degree", 1)
+    if not _is_int(degree) or degree < 1:
+        raise LongLoRAConfigError(f"context_parallel_degree={degree!r} must be an integer >= 1 (1 = off)")
+    if world_size % degree:
+        raise LongLoRAConfigError(
+            f"context_parallel_degree={degree} does not divide the {world_size} rank(s); use a divisor of "
+            f"{world_size} or run on a multiple of {degree} processes"
+        )
+    model = cfg.get("model", None) or {}
+    if degree > 1 and model.get("use_full_attn", False):
+        raise LongLoRAConfigError(
+            f"context_parallel_degree={degree} with model.use_full_attn=true is not supported (full "
+            "attention would need ring attention); set context_parallel_degree=1 or use_full_attn=false"
+        )
+    if degree > 1 and cfg.get("compile", False):
+        # The halo exchange (point-to-point messages inside an autograd.Function) is not traced.
+        raise LongLoRAConfigError(
+            f"context_parallel_degree={degree} with compile=true is not supported; set compile=false"
+        )
+    if degree > 1 and model.get("s2_wrap_around", False):
+        raise LongLoRAConfigError(
+            f"context_parallel_degree={degree} with model.s2_wrap_around=true is not supported (the wrap "
+            "links the last rank to the first); set model.s2_wrap_around=false"
+        )
+    return world_size // degree
+
+
 def batch_settings(cfg: DictConfig, world_size: int) -> tuple[int, int]:
     """The global batch and the gradient accumulation steps the config asks for on ``world_size`` ranks.
 
@@ -651,7 +696,7 @@ def validate_config(cfg: DictConfig, world_size: int) -> int:
         if value is not None and value < 1:
             raise LongLoRAConfigError(f"{name}={value} must be >= 1")
     check_sft_batching(cfg)
-    _, ga = batch_settings(cfg, world_size)
+    _, ga = batch_settings(cfg, data_parallel_size(cfg, world_size))
     check_output_dir(cfg.output_dir, cfg.checkpoint_dir)
     if cfg.model.get("use_dora", False):
         raise LongLoRAConfigError(

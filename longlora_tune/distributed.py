@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -19,10 +20,12 @@ from torch import nn
 from longlora_tune.errors import LongLoRAConfigError, RaisedOnRankZero, exit_code
 
 __all__ = [
+    "ParallelLayout",
     "build_device_mesh",
     "close_process_group",
     "init_lora_weights",
     "init_process_group",
+    "parallel_layout",
     "rank_and_world_size",
     "resolve_device",
     "resolve_dtype",
@@ -280,3 +283,50 @@ def build_device_mesh(device_type: str, *, context_parallel_degree: int = 1) -> 
             f"{world_size}"
         )
     return init_device_mesh(device_type, (world_size // degree, degree), mesh_dim_names=("dp", "cp"))
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    """Where this rank sits in the (data-parallel x context-parallel) world.
+
+    Attributes:
+        dp_rank: index of this rank's data-parallel replica (picks the data; shared by a cp group).
+        dp_size: number of data-parallel replicas (world size / cp degree).
+        cp_rank: index of this rank's slice of every sequence.
+        cp_degree: ranks sharing one sequence.
+        cp_group: the context-parallel process group (None when ``cp_degree`` is 1).
+    """
+
+    dp_rank: int
+    dp_size: int
+    cp_rank: int
+    cp_degree: int
+    cp_group: Any
+
+
+def parallel_layout(device_type: str, context_parallel_degree: int = 1) -> ParallelLayout:
+    """This rank's data- and context-parallel coordinates (every rank must call it: it creates groups).
+
+    Degree 1 creates no process group: data parallelism over the whole world, as without the feature.
+
+    Args:
+        device_type: ``"cpu"`` or ``"cuda"``.
+        context_parallel_degree: ranks sharing one sequence (``P``); must divide the world size.
+
+    Returns:
+        The layout (see :func:`build_device_mesh` for which ranks form a group).
+
+    Raises:
+        LongLoRAConfigError: if the degree is not a positive divisor of the world size.
+    """
+    rank, world_size = rank_and_world_size()
+    if context_parallel_degree == 1:
+        return ParallelLayout(rank, world_size, 0, 1, None)
+    mesh = build_device_mesh(device_type, context_parallel_degree=context_parallel_degree)
+    return ParallelLayout(
+        dp_rank=mesh["dp"].get_local_rank(),
+        dp_size=mesh["dp"].size(),
+        cp_rank=mesh["cp"].get_local_rank(),
+        cp_degree=context_parallel_degree,
+        cp_group=mesh["cp"].get_group(),
+    )

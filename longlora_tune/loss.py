@@ -36,6 +36,7 @@ def summed_token_loss(
     device: torch.device,
     ignore_index: int,
     context: Any = None,
+    labels_shifted: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward one batch and return the SUM of its token losses and the number of scored tokens.
 
@@ -49,17 +50,27 @@ def summed_token_loss(
         device: where the model runs.
         ignore_index: the loss's ignore index.
         context: a context manager around the forward (activation offloading); None for none.
+        labels_shifted: ``batch["labels"]`` are already the next-token targets (a context-parallel slice,
+            shifted before the split so that its last token keeps its target); they are not shifted again.
 
     Returns:
         ``(loss_sum, n_tokens)``: a differentiable scalar and an int64 scalar.
     """
     tokens = batch["tokens"].to(device)
-    labels = shift_labels(batch["labels"].to(device), ignore_index)
+    labels = batch["labels"].to(device)
+    if not labels_shifted:
+        labels = shift_labels(labels, ignore_index)
     n_tokens = (labels != ignore_index).sum()
     # Packed batches: positions restart per document, and the document mask is ANDed with S².
     extra = {k: batch[k].to(device) for k in ("mask", "input_pos") if k in batch}
     with context if context is not None else contextlib.nullcontext():
         logits = model(tokens, **extra)
+    if int(n_tokens) == 0:
+        # No scored token (a context-parallel slice of padding, say): the mean loss would be 0/0 = NaN and
+        # poison the gradients. Return an exact zero that still runs backward through the model, since
+        # FSDP's gradient reduction and the context-parallel halo exchange need every rank's backward.
+        chunks = [logits] if isinstance(logits, torch.Tensor) else list(logits)
+        return sum(c.sum() for c in chunks) * 0.0, n_tokens
     if isinstance(logits, torch.Tensor):
         # An unchunked loss (e.g. torch.nn.CrossEntropyLoss) takes [tokens, vocab] logits.
         logits, labels = logits.reshape(-1, logits.size(-1)), labels.reshape(-1)

@@ -40,6 +40,12 @@ from pathlib import Path
 from typing import Any
 
 from longlora_tune._io import atomic_write_json
+from longlora_tune.modules.context_parallel import (
+    check_context_parallel,
+    halo_bytes_per_layer,
+    ring_bytes_per_layer,
+    ulysses_bytes_per_layer,
+)
 from longlora_tune.shapes import MODEL_SHAPES, ModelShape
 
 __all__ = [
@@ -432,7 +438,14 @@ class Plan:
         fits: ``peak_bytes <= gpu_memory_gib``.
         flops: FLOPs of the step as configured (causal counting).
         flops_full_attention: The same step with full attention.
-        max_seq_len_fitting: Longest length (multiple of 1024) that fits with these settings, 0 if none.
+        max_seq_len_fitting: Longest length (multiple of 1024 x the context-parallel degree) that fits with
+            these settings, 0 if none.
+        context_parallel_degree: GPUs sharing each sequence (the recipe's ``context_parallel_degree``);
+            activations are per slice of ``seq_len / degree`` tokens, FSDP still shards over all ``gpus``.
+        communication_per_layer: Bytes one GPU receives per layer and micro-batch for attention across the
+            slices (forward, recompute and backward): ``halo`` (this recipe's S² halo exchange), ``ring``
+            (ring attention) and ``ulysses`` (head-parallel all-to-all), for comparison; empty at degree 1.
+        communication_per_step: The same per optimizer step (all layers and micro-batches).
         suggestions: Changes that make the run fit (empty when it fits).
     """
 
@@ -464,6 +477,9 @@ class Plan:
     flops: FlopEstimate
     flops_full_attention: FlopEstimate
     max_seq_len_fitting: int = 0
+    context_parallel_degree: int = 1
+    communication_per_layer: dict[str, int] = field(default_factory=dict)
+    communication_per_step: dict[str, int] = field(default_factory=dict)
     suggestions: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -487,6 +503,12 @@ class Plan:
             return " with fp32 master copies of the trainable tensors"
         return f", trainable tensors in {self.dtype}"
 
+    def _context_parallel_note(self) -> str:
+        p = self.context_parallel_degree
+        if p == 1:
+            return ""
+        return f"context parallel {p} ({self.gpus // p} data x {p} context, {self.seq_len // p} tokens/GPU), "
+
     def table(self) -> str:
         """Markdown report: memory breakdown, FLOPs, verdict and suggestions."""
         lines = [
@@ -498,6 +520,7 @@ class Plan:
             f"{', activation offloading' if self.activation_offloading else ''}"
             f"{', fsdp_cpu_offload' if self.cpu_offload else ''}, "
             f"FSDP {'on' if self.fsdp else 'off'}, "
+            f"{self._context_parallel_note()}"
             f"attention {'S2 G=' + str(self.group_size) if self.s2 else 'full'}"
             f", loss chunks {self.loss_chunks}, trainable {self.trainable_params / 1e6:.1f}M of "
             f"{self.total_params / 1e9:.2f}B"
@@ -534,6 +557,22 @@ class Plan:
             f"| attention share of forward | {100 * self.flops.attention_share_forward:.1f}% | "
             f"{100 * self.flops_full_attention.attention_share_forward:.1f}% |"
         )
+        if self.communication_per_layer:
+            names = {
+                "halo": "S2 halo exchange (this recipe)",
+                "ring": "ring attention",
+                "ulysses": "all-to-all",
+            }
+            lines += [
+                "",
+                "| attention traffic received per GPU | per layer | per optimizer step |",
+                "|---|---:|---:|",
+            ]
+            lines += [
+                f"| {names[k]} | {self.communication_per_layer[k] / 2**20:.1f} MiB | "
+                f"{self.communication_per_step[k] / GIB:.2f} GiB |"
+                for k in names
+            ]
         verdict = "FITS" if self.fits else "DOES NOT FIT"
         lines += [
             "",
@@ -599,6 +638,8 @@ def _memory(
     activation_offloading: bool,
     cpu_offload: bool,
     quantize_base: bool = False,
+    context_parallel_degree: int = 1,
+    group_size: int | None = None,
 ) -> tuple[dict[str, int], int]:
     e = _DTYPE_BYTES[dtype]
     shard = gpus if fsdp else 1
@@ -610,9 +651,10 @@ def _memory(
     # are.
     trainable_e = _FP32 if fp32_trainable_params else e
     opt_e = _DTYPE_BYTES[optimizer_state_dtype] if optimizer_state_dtype else trainable_e
+    # Context parallelism: each GPU keeps the activations of its slice only.
     act = activation_bytes(
         shape,
-        seq_len,
+        -(-seq_len // context_parallel_degree),
         batch_size,
         dtype=dtype,
         s2=s2,
@@ -652,12 +694,26 @@ def _memory(
         + nf4_transient,
         "activations saved": layers_on_gpu + act.head_saved,
         _LOSS_PHASE: act.loss_phase,
-        _LAYER_PHASE: act.recompute_transient,
+        _LAYER_PHASE: act.recompute_transient
+        + _seam_bytes(shape, batch_size, e, context_parallel_degree, group_size),
     }
-    live = sum(memory.values()) - min(act.loss_phase, act.recompute_transient)
+    live = sum(memory.values()) - min(act.loss_phase, memory[_LAYER_PHASE])
     overhead = _CONTEXT_BYTES + int(_FRAGMENTATION * live)
     memory["overhead (context, fragmentation)"] = overhead
     return memory, live + overhead
+
+
+def _seam_bytes(shape: ModelShape, batch_size: int, e: int, degree: int, group_size: int | None) -> int:
+    """Transient bytes of one layer's context-parallel seam: the halo and the seam's keys and values.
+
+    Unpacked batches need no mask there (a bottom-right causal SDPA); packed batches add a bool
+    ``[b, G/2, G]`` seam mask and the bulk's ``[b, L, L]`` document mask, not counted here.
+    """
+    if degree <= 1 or not group_size:
+        return 0
+    half_heads, half_group, d = shape.num_heads // 2, group_size // 2, shape.head_dim
+    # Halo k+v received, the seam's concatenated k+v (G keys) and its output.
+    return e * batch_size * half_heads * d * (2 * half_group + 2 * group_size + half_group)
 
 
 def plan(
@@ -684,6 +740,7 @@ def plan(
     activation_offloading: bool = False,
     cpu_offload: bool = False,
     quantize_base: bool = False,
+    context_parallel_degree: int = 1,
     suggest: bool = True,
 ) -> Plan:
     """Plan one LongLoRA training step per GPU.
@@ -718,6 +775,10 @@ def plan(
             (torchtune's ``fsdp_cpu_offload``; the ``longlora_distributed`` recipe has no such setting).
         quantize_base: QLoRA (``model.quantize_base``): the frozen attention and MLP projections are NF4
             (:func:`nf4_bytes`, about 0.516 bytes per weight); the LM head stays in ``dtype``.
+        context_parallel_degree: The recipe's ``context_parallel_degree``: GPUs sharing each sequence
+            (a divisor of ``gpus``); activations are per slice, the batch counts ``gpus / degree`` data
+            replicas, and the attention traffic of the halo exchange (and of ring / all-to-all designs,
+            for comparison) is reported.
         suggest: Compute suggestions and the longest fitting length.
 
     Returns:
@@ -726,7 +787,8 @@ def plan(
     Raises:
         ValueError: On an unknown model, dtype or a bad number, and with the recipe's or the model
             builder's message on settings they refuse (an S² group size that is not an even integer, a
-            training length that is not a multiple of it, a ``global_batch_size`` that does not divide).
+            training length that is not a multiple of it, a ``global_batch_size`` that does not divide,
+            a context-parallel degree the recipe refuses).
     """
     from longlora_tune import config_checks
 
@@ -759,14 +821,25 @@ def plan(
     if s2 and shape.num_heads % 2:
         raise ValueError(f"S2 needs an even number of heads, the model has {shape.num_heads}")
     max_seq_len = seq_len if max_seq_len is None else max_seq_len
+    explicit_g = group_size is not None
     # The builder resolves the group size even for full attention, so a setting it refuses fails here too.
     resolved = _resolve_group_size(max_seq_len, group_size, group_size_ratio)
     group_size = resolved if s2 else None
     config_checks.check_training_length(seq_len, max_seq_len, group_size)
+    degree = context_parallel_degree
+    if isinstance(degree, bool) or not isinstance(degree, int) or degree < 1 or gpus % degree:
+        raise ValueError(f"context_parallel_degree={degree!r} must be a positive divisor of gpus={gpus}")
+    if degree > 1 and not s2:
+        raise ValueError(
+            f"context_parallel_degree={degree} needs S2 attention (full attention would need ring attention)"
+        )
+    if degree > 1:
+        check_context_parallel(seq_len, degree, group_size)
+    data_parallel = gpus // degree
     grad_accum = (
         None
         if global_batch_size is None
-        else config_checks.gradient_accumulation_steps(global_batch_size, batch_size, gpus)
+        else config_checks.gradient_accumulation_steps(global_batch_size, batch_size, data_parallel)
     )
     trainable, total = parameter_counts(
         shape, lora_rank=lora_rank, lora_modules=lora_modules, trainable_extras=trainable_extras
@@ -790,11 +863,20 @@ def plan(
             activation_offloading=activation_offloading,
             cpu_offload=cpu_offload,
             quantize_base=quantize_base,
+            context_parallel_degree=degree,
+            group_size=group_size,
         )
         settings.update(overrides)
+        if group_size is not None and length != seq_len and group_size_ratio is not None and not explicit_g:
+            # What-if lengths: the builder sizes the group from the length, as for the planned one.
+            settings["group_size"] = int(group_size_ratio * length) // 2 * 2
         return _memory(shape, length, **settings)
 
     memory, peak = peak_for(seq_len)
+    communication = _communication(
+        shape, batch_size, seq_len, group_size, degree, _DTYPE_BYTES[dtype], activation_checkpointing
+    )
+    micro_batches = shape.num_layers * (grad_accum or 1)
     capacity = gpu_memory_gib * GIB
     flops_kwargs = dict(
         activation_checkpointing=activation_checkpointing, lora_rank=lora_rank, lora_modules=lora_modules
@@ -827,19 +909,24 @@ def plan(
         fits=peak <= capacity,
         flops=step_flops(shape, seq_len, batch_size, group_size=group_size, **flops_kwargs),
         flops_full_attention=step_flops(shape, seq_len, batch_size, group_size=None, **flops_kwargs),
+        context_parallel_degree=degree,
+        communication_per_layer=communication,
+        communication_per_step={k: v * micro_batches for k, v in communication.items()},
     )
     if not suggest:
         return result
 
     def longest(**overrides: Any) -> int:
-        lo, hi = 0, max(seq_len, 1024) * 64 // 1024
+        # Whole 1024-token slices per context-parallel rank.
+        unit = 1024 * overrides.get("context_parallel_degree", degree)
+        lo, hi = 0, max(seq_len, 1024) * 64 // unit
         while lo < hi:  # activation memory grows monotonically with length
             mid = (lo + hi + 1) // 2
-            if peak_for(mid * 1024, **overrides)[1] <= capacity:
+            if peak_for(mid * unit, **overrides)[1] <= capacity:
                 lo = mid
             else:
                 hi = mid - 1
-        return lo * 1024
+        return lo * unit
 
     result.max_seq_len_fitting = longest()
     if result.fits:
@@ -883,7 +970,46 @@ def plan(
         f"longest length that fits{' with the changes above' if combined else ''}: "
         + (f"{reach} tokens" if reach else "none")
     )
+    if s2:
+        # Context parallelism divides the activations instead (the smallest degree that fits alone).
+        for more in range(degree + 1, gpus + 1):
+            if gpus % more or seq_len % more or (seq_len // more) % (group_size // 2):
+                continue
+            if peak_for(seq_len, context_parallel_degree=more)[1] <= capacity:
+                result.suggestions.append(f"context_parallel_degree={more}: fits")
+                break
     return result
+
+
+def _communication(
+    shape: ModelShape,
+    batch_size: int,
+    seq_len: int,
+    group_size: int | None,
+    degree: int,
+    dtype_bytes: int,
+    recompute: bool,
+) -> dict[str, int]:
+    """Bytes one GPU receives per layer and micro-batch: the halo design, ring and all-to-all."""
+    if degree <= 1 or group_size is None:
+        return {}
+    common = dict(batch_size=batch_size, head_dim=shape.head_dim, degree=degree, dtype_bytes=dtype_bytes)
+    slice_len = seq_len // degree
+    return {
+        "halo": halo_bytes_per_layer(
+            num_heads=shape.num_heads, group_size=group_size, recompute=recompute, **common
+        ),
+        "ring": ring_bytes_per_layer(
+            num_kv_heads=shape.num_kv_heads, slice_len=slice_len, recompute=recompute, **common
+        ),
+        "ulysses": ulysses_bytes_per_layer(
+            num_heads=shape.num_heads,
+            num_kv_heads=shape.num_kv_heads,
+            slice_len=slice_len,
+            recompute=recompute,
+            **common,
+        ),
+    }
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -992,6 +1118,8 @@ def load_config_settings(name: str) -> dict[str, Any]:
         settings["quantize_base"] = True
     if "enable_activation_offloading" in cfg:
         settings["activation_offloading"] = bool(cfg["enable_activation_offloading"])
+    if cfg.get("context_parallel_degree") is not None:
+        settings["context_parallel_degree"] = int(cfg["context_parallel_degree"])
     # fsdp_cpu_offload is not read: longlora_distributed ignores the key, so the run would not offload.
     loss = cfg.get("loss") or {}
     if "ChunkedOutput" in str(loss.get("_component_", "")):
@@ -1057,6 +1185,11 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--full-attn", action="store_true", help="plan full attention instead of S2")
     parser.add_argument(
+        "--context-parallel",
+        type=int,
+        help="GPUs sharing each sequence (the recipe's context_parallel_degree; default: config or 1)",
+    )
+    parser.add_argument(
         "--loss-chunks", type=int, help="CEWithChunkedOutputLoss chunks (default: config or 8)"
     )
     parser.add_argument("--json", nargs="?", const="-", metavar="PATH", help="write JSON to PATH (or stdout)")
@@ -1093,6 +1226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ("activation_offloading", args.activation_offloading),
             ("cpu_offload", args.cpu_offload),
             ("quantize_base", args.quantize_base),
+            ("context_parallel_degree", args.context_parallel),
         ):
             if value is not None:
                 settings[key] = value

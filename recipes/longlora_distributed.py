@@ -47,6 +47,7 @@ from longlora_tune.config_checks import (
     batch_settings,
     check_dataset_size,
     check_training_length,
+    data_parallel_size,
     training_length,
     validate_config_in_worker,
 )
@@ -55,6 +56,7 @@ from longlora_tune.data.loader import DEFAULT_COLLATE, build_dataloader, pad_mul
 from longlora_tune.distributed import (
     close_process_group,
     init_process_group,
+    parallel_layout,
     rank_and_world_size,
     resolve_device,
     resolve_dtype,
@@ -66,6 +68,11 @@ from longlora_tune.hf import HFBaseModel
 from longlora_tune.loss import summed_token_loss
 from longlora_tune.metric_logging import build_metric_logger, check_metric_logger
 from longlora_tune.models.longlora import describe
+from longlora_tune.modules.context_parallel import (
+    check_context_parallel,
+    context_parallel_attention,
+    split_batch_for_context_parallel,
+)
 from longlora_tune.modules.position_interpolation import position_interpolation_factor
 from longlora_tune.modules.s2_attention import describe_backend
 from longlora_tune.peft import set_trainable_params, trainable_param_names, unwrapped_name
@@ -106,7 +113,10 @@ class LongLoRARecipeDistributed:
         # With ``epochs`` instead, set from the dataset's size in ``_setup_data``.
         self.max_steps = int(cfg.max_steps) if cfg.get("max_steps", None) is not None else 0
         self.batch_size = int(cfg.batch_size)
-        self.global_batch_size, self.grad_accum = batch_settings(cfg, self.world_size)
+        # Context parallelism: the ranks of one cp group share each sequence, so batches count dp ranks.
+        data_parallel_size(cfg, self.world_size)
+        self.layout = parallel_layout(self.device.type, int(cfg.get("context_parallel_degree", 1)))
+        self.global_batch_size, self.grad_accum = batch_settings(cfg, self.layout.dp_size)
         self.clip_grad_norm = cfg.get("clip_grad_norm", None)
         self.save_every_n_steps = int(cfg.get("save_every_n_steps", 0) or 0)
         self.keep_last_n = cfg.get("keep_last_n", None)
@@ -211,6 +221,8 @@ class LongLoRARecipeDistributed:
         if train_len is not None:
             max_seq_len = self.model_info.max_seq_len or int(cfg.model.get("max_seq_len", train_len))
             check_training_length(train_len, max_seq_len, self.model_info.group_size)
+            if self.layout.cp_degree > 1:
+                check_context_parallel(train_len, self.layout.cp_degree, self.model_info.group_size)
         return model
 
     def _load_model(self, model: torch.nn.Module, resume_dir: Optional[Path]) -> torch.nn.Module:
@@ -289,7 +301,8 @@ class LongLoRARecipeDistributed:
         utils.log_rank_zero(
             log,
             f"Model ready: S2 group size {self.model_info.group_size} ({backend}), "
-            f"RoPE factor {self.model_info.rope_scaling_factor}, {self.world_size} rank(s), "
+            f"RoPE factor {self.model_info.rope_scaling_factor}, {self.world_size} rank(s) "
+            f"({self.layout.dp_size} data x {self.layout.cp_degree} context parallel), "
             f"gradient accumulation {self.grad_accum}",
         )
         return model
@@ -324,7 +337,7 @@ class LongLoRARecipeDistributed:
             raise LongLoRAConfigError(f"dataset: {e}") from e
         train_len = training_length(cfg) or 0
         self.steps_per_epoch = check_dataset_size(
-            len(dataset), train_len, self.global_batch_size, self.world_size
+            len(dataset), train_len, self.global_batch_size, self.layout.dp_size
         )
         if cfg.get("epochs", None) is not None:
             self.max_steps = int(cfg.epochs) * self.steps_per_epoch
@@ -340,14 +353,17 @@ class LongLoRARecipeDistributed:
             dataset,
             batch_size=self.batch_size,
             global_batch_size=self.global_batch_size,
-            rank=self.rank,
-            world_size=self.world_size,
+            rank=self.layout.dp_rank,
+            world_size=self.layout.dp_size,
             seed=self.seed,
             shuffle=bool(cfg.get("shuffle", True)),
             packed=bool(cfg.dataset.get("packed", False)),
             collate_fn=cfg.get("collate_fn", DEFAULT_COLLATE),
             pad_to_multiple_of=pad_multiple(
-                cfg.get("pad_to_multiple_of", None), self.model_info.group_size, train_len
+                cfg.get("pad_to_multiple_of", None),
+                self.model_info.group_size,
+                train_len,
+                context_parallel_degree=self.layout.cp_degree,
             ),
             pad_id=int(getattr(self.tokenizer, "pad_id", 0) or 0),
             ignore_index=self.ignore_index,
@@ -441,6 +457,7 @@ class LongLoRARecipeDistributed:
             "epoch_position": self.epoch_position,
             "global_batch_size": self.global_batch_size,
             "world_size": self.world_size,
+            "context_parallel_degree": self.layout.cp_degree,
             "seed": self.seed,
             "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None,
             "rng": rng_all,
@@ -533,6 +550,8 @@ class LongLoRARecipeDistributed:
             self.save_checkpoint()
 
     def _forward_backward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        if self.layout.cp_degree > 1:
+            return self._forward_backward_context_parallel(batch)
         loss, n_tokens = summed_token_loss(
             self.model,
             self.loss_fn,
@@ -543,6 +562,29 @@ class LongLoRARecipeDistributed:
         )
         loss.backward()
         return loss.detach().to(torch.float64), n_tokens, batch["tokens"].numel()
+
+    def _forward_backward_context_parallel(
+        self, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        # This rank's slice (labels shifted before the split, global positions); the loss sums and token
+        # counts are all-reduced over the whole world in _optimizer_step as without context parallelism.
+        part = split_batch_for_context_parallel(
+            batch, rank=self.layout.cp_rank, degree=self.layout.cp_degree, ignore_index=self.ignore_index
+        )
+        docs = part.document_ids.to(self.device) if part.document_ids is not None else None
+        # Backward too: activation checkpointing recomputes the attention (and its halo exchange) there.
+        with context_parallel_attention(self.model, group=self.layout.cp_group, document_ids=docs):
+            loss, n_tokens = summed_token_loss(
+                self.model,
+                self.loss_fn,
+                part.batch,
+                device=self.device,
+                ignore_index=self.ignore_index,
+                context=self.act_ctx,
+                labels_shifted=True,
+            )
+            loss.backward()
+        return loss.detach().to(torch.float64), n_tokens, part.batch["tokens"].numel()
 
     def _optimizer_step(self, loss_sum: torch.Tensor, tokens: torch.Tensor) -> dict[str, float]:
         dist.all_reduce(loss_sum)

@@ -518,3 +518,47 @@ def test_torchrun_workers_print_a_config_error_once(assets, tmp_path):
     assert proc.returncode != 0
     message = "longlora_tune: error: unknown config key 'max_step'; did you mean 'max_steps'?"
     assert proc.stderr.count(message) == 1, proc.stderr[-3000:]
+
+
+# ------------------------------------------------------------------------------------ context parallelism
+
+
+def test_context_parallel_ranks_share_batches(assets, tmp_path):
+    # tiny_demo: global batch 4, batch_size 1. Four processes as 2 data x 2 context ranks accumulate 2
+    # micro-batches (each data replica sees 2 sequences), not 1.
+    assert cc.validate_config(_cfg(assets, tmp_path / "o", context_parallel_degree=2), world_size=4) == 2
+    assert cc.validate_config(_cfg(assets, tmp_path / "o", context_parallel_degree=4), world_size=4) == 4
+    assert cc.data_parallel_size(_cfg(assets, tmp_path / "o"), 8) == 8  # default: off
+    with pytest.raises(
+        LongLoRAConfigError, match="context_parallel_degree=2 with compile=true is not supported"
+    ):
+        cc.data_parallel_size(_cfg(assets, tmp_path / "o", context_parallel_degree=2, compile="true"), 2)
+
+
+@pytest.mark.parametrize(
+    ("extra", "world_size", "message"),
+    [
+        ({"context_parallel_degree": 0}, 2, "context_parallel_degree=0 must be an integer >= 1 (1 = off)"),
+        ({"context_parallel_degree": 1.5}, 2, "context_parallel_degree=1.5 must be an integer >= 1"),
+        (
+            {"context_parallel_degree": 3},
+            2,
+            "context_parallel_degree=3 does not divide the 2 rank(s); use a divisor of 2 or run on a "
+            "multiple of 3 processes",
+        ),
+        (
+            {"context_parallel_degree": 2, "model.use_full_attn": "true"},
+            2,
+            "context_parallel_degree=2 with model.use_full_attn=true is not supported",
+        ),
+        (
+            {"context_parallel_degree": 2, "model.s2_wrap_around": "true"},
+            2,
+            "context_parallel_degree=2 with model.s2_wrap_around=true is not supported",
+        ),
+        ({"context_parallel_degre": 2}, 2, "unknown config key 'context_parallel_degre'; did you mean"),
+    ],
+)
+def test_bad_context_parallel_settings_are_one_line(assets, tmp_path, extra, world_size, message):
+    err = _error(_cfg(assets, tmp_path / "o", **extra), world_size=world_size)
+    assert err.startswith(message) and "\n" not in err, err

@@ -498,3 +498,70 @@ def test_config_quantize_base_reaches_the_plan():
 
     assert load_config_settings("llama2_7b_longalpaca_32k_qlora")["quantize_base"] is True
     assert "quantize_base" not in load_config_settings("llama2_7b_longalpaca_32k")
+
+
+# ------------------------------------------------------------------------------------ context parallelism
+
+
+def test_context_parallel_divides_activations_and_reports_halo_traffic(capsys):
+    from longlora_tune.modules.context_parallel import halo_bytes_per_layer, ring_bytes_per_layer
+
+    split = plan("7b", 262_144, gpus=8, context_parallel_degree=8, global_batch_size=64, loss_chunks=16)
+    shape = split.shape
+    slice_alone = plan("7b", 32_768, gpus=8, global_batch_size=64, loss_chunks=16, group_size=65_536 // 2)
+    # Each GPU keeps the activations of its 32768-token slice, not of the 262144-token sequence.
+    assert split.memory["activations saved"] == slice_alone.memory["activations saved"]
+    assert split.memory["weights (frozen)"] == slice_alone.memory["weights (frozen)"]  # FSDP over all 8
+    # Global batch 64 over 8 / 8 = 1 data replica: 64 micro-batches per step (not 8).
+    assert split.gradient_accumulation_steps == 64
+    halo = halo_bytes_per_layer(
+        batch_size=1, num_heads=32, head_dim=128, group_size=65_536, degree=8, dtype_bytes=2, recompute=True
+    )
+    ring = ring_bytes_per_layer(
+        batch_size=1, num_kv_heads=32, head_dim=128, slice_len=32_768, degree=8, dtype_bytes=2, recompute=True
+    )
+    assert split.communication_per_layer["halo"] == halo
+    assert split.communication_per_layer["ring"] == ring > 10 * halo
+    assert split.communication_per_step["halo"] == halo * shape.num_layers * 64
+    # The same run without context parallelism does not fit 80 GiB; the planner says which degree does.
+    whole = plan("7b", 262_144, gpus=8, global_batch_size=64, loss_chunks=16)
+    assert split.fits and not whole.fits and not whole.communication_per_layer
+    assert any(s.startswith("context_parallel_degree=") and s.endswith("fits") for s in whole.suggestions)
+    # The longest length grows with the degree, in whole 1024-token slices.
+    longest = [
+        plan("7b", 32_768, gpus=8, context_parallel_degree=p).max_seq_len_fitting for p in (1, 2, 4, 8)
+    ]
+    assert longest == sorted(longest) and longest[3] > 3 * longest[0]
+    assert all(n % (1024 * p) == 0 for n, p in zip(longest, (1, 2, 4, 8)))
+
+    code = main(
+        ["--config", "llama2_7b_100k", "--gpus", "8", "--gpu-memory", "80", "--context-parallel", "8"]
+    )
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "context parallel 8 (1 data x 8 context, 12500 tokens/GPU)" in out
+    assert "| S2 halo exchange (this recipe) |" in out and "| ring attention |" in out
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"context_parallel_degree": 3}, "context_parallel_degree=3 must be a positive divisor of gpus=8"),
+        ({"context_parallel_degree": 2, "s2": False}, "needs S2 attention"),
+        # G = 32768 / 4 = 8192 with 16 ranks: slices of 2048 < G/2.
+        ({"context_parallel_degree": 16, "gpus": 16}, "each rank's slice must be a multiple of G/2=4096"),
+    ],
+)
+def test_context_parallel_degrees_the_recipe_refuses(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        plan("7b", 32_768, **{"gpus": 8, **kwargs})
+
+
+@pytest.mark.parametrize("name", ["llama2_7b_256k", "llama2_7b_1016k"])
+def test_context_parallel_configs_fit_only_with_their_degree(name):
+    settings = load_config_settings(name)
+    assert settings["context_parallel_degree"] == 8 and settings["seq_len"] % (8 * 1024) == 0
+    split = plan(**settings, gpus=8, gpu_memory_gib=80.0)
+    assert split.fits and split.group_size == settings["seq_len"] // 4  # G = N/4 <= 2 * slice (N/8)
+    assert split.gradient_accumulation_steps == 64  # global batch 64 over 1 data replica
+    assert not plan(**{**settings, "context_parallel_degree": 1}, gpus=8, gpu_memory_gib=80.0).fits

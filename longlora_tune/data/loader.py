@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable
 from functools import partial
 from typing import Any, Optional
@@ -21,16 +22,25 @@ __all__ = ["DEFAULT_COLLATE", "build_dataloader", "pad_multiple"]
 DEFAULT_COLLATE = "longlora_tune.data.padded_collate_s2"
 
 
-def pad_multiple(configured: Optional[int], group_size: Optional[int], train_len: int) -> Optional[int]:
+def pad_multiple(
+    configured: Optional[int],
+    group_size: Optional[int],
+    train_len: int,
+    *,
+    context_parallel_degree: int = 1,
+) -> Optional[int]:
     """What padded batch lengths are rounded up to.
 
-    ``pad_to_multiple_of`` when set, else the S² group size (whole groups; None with full attention). It
-    must divide the training length, so padding never makes a batch longer than the model accepts.
+    ``pad_to_multiple_of`` when set, else the S² group size (whole groups; None with full attention). With
+    context parallelism of degree ``P`` it is raised to a multiple of ``P * G/2`` as well, so that each
+    rank's slice is whole half-groups (what the halo exchange needs). It must divide the training length,
+    so padding never makes a batch longer than the model accepts.
 
     Args:
         configured: the config's ``pad_to_multiple_of`` (None = the group size).
         group_size: the model's S² group size (None with full attention).
         train_len: the training sequence length (0 when unknown).
+        context_parallel_degree: ranks sharing one sequence (1 = none).
 
     Returns:
         The multiple, or None for no rounding.
@@ -39,6 +49,9 @@ def pad_multiple(configured: Optional[int], group_size: Optional[int], train_len
         LongLoRAConfigError: if the multiple does not divide ``train_len``.
     """
     multiple = group_size if configured is None else int(configured)
+    if context_parallel_degree > 1 and group_size is not None:
+        # Right padding after the last real token changes no real token's result (S² is causal).
+        multiple = math.lcm(multiple or 1, context_parallel_degree * group_size // 2)
     if multiple is not None and train_len and train_len % multiple:
         raise LongLoRAConfigError(
             f"pad_to_multiple_of={multiple} does not divide the training length {train_len}; "

@@ -32,6 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from longlora_tune.eval.generation import generate
+from longlora_tune.eval.memory import eval_length_must_fit
 
 __all__ = [
     "FILLER",
@@ -360,15 +361,16 @@ def evaluate_passkey(
     bar = tqdm(mine, desc="passkey", disable=not progress or rank != 0, unit="trial")
     for li, ti in bar:
         prompt, ids = prompts[li][ti]
-        ok, generated, expected = score_passkey(
-            model,
-            tokenizer,
-            ids,
-            prompt.answer,
-            use_cache=use_cache,
-            prefill_chunk_size=prefill_chunk_size,
-            device=device,
-        )
+        with eval_length_must_fit(len(ids), "lower lengths or prefill_chunk_size"):
+            ok, generated, expected = score_passkey(
+                model,
+                tokenizer,
+                ids,
+                prompt.answer,
+                use_cache=use_cache,
+                prefill_chunk_size=prefill_chunk_size,
+                device=device,
+            )
         records[(li, ti)] = PasskeyTrial(
             seed=prompt.seed,
             key=prompt.key,

@@ -49,6 +49,7 @@ from tqdm.auto import tqdm
 
 from longlora_tune.errors import LongLoRAConfigError
 from longlora_tune.eval.generation import drop_kv_caches
+from longlora_tune.eval.memory import eval_length_must_fit
 
 __all__ = [
     "PerplexityResult",
@@ -245,7 +246,10 @@ def evaluate_perplexity(
         bar = tqdm(mine, desc=f"ppl@{length}", disable=not progress or rank != 0, unit="win")
         for s in bar:
             window = torch.as_tensor(np.asarray(stream[s : s + length], dtype=np.int64), device=device)
-            with torch.inference_mode():
+            with (
+                torch.inference_mode(),
+                eval_length_must_fit(length, "lower eval_lengths or raise logits_chunks"),
+            ):
                 loss_sum, count = score_window(model, window, logits_chunks=logits_chunks)
             sums += torch.tensor([loss_sum / count, 1.0, loss_sum, count], dtype=torch.float64)
             bar.set_postfix(ppl=f"{math.exp(sums[0].item() / sums[1].item()):.3f}")

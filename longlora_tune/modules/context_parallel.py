@@ -35,6 +35,8 @@ bulk call (``L`` = 32k: 1 GiB per sequence), the one place where a flex ``BlockM
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -42,15 +44,21 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention.bias import causal_lower_right
 
 from longlora_tune.errors import LongLoRAConfigError
 from longlora_tune.loss import shift_labels
-from longlora_tune.modules.s2_attention import shifted_sparse_attention
+from longlora_tune.modules.s2_attention import S2Attention, shifted_sparse_attention
 
 __all__ = [
+    "ContextParallelAttention",
+    "ContextParallelBatch",
     "ContextParallelSlice",
     "check_context_parallel",
+    "context_parallel_attention",
     "context_parallel_s2_attention",
+    "document_ids_from_positions",
+    "split_batch_for_context_parallel",
     "halo_bytes_per_layer",
     "ring_bytes_per_layer",
     "split_for_context_parallel",
@@ -266,19 +274,35 @@ def context_parallel_s2_attention(
     vs = torch.cat([halo_v, vo[:, half:, :shift]], dim=2)
     key_valid = torch.cat([halo_valid, valid[:, :shift]], dim=1)
     key_docs = torch.cat([halo_docs, docs[:, :shift]], dim=1)
-    rows = torch.arange(shift, device=q.device)[:, None]
-    cols = torch.arange(2 * shift, device=q.device)[None, :]
-    allowed = (
-        (cols <= rows + shift)[None] & key_valid[:, None, :] & (docs[:, :shift, None] == key_docs[:, None, :])
-    )
-    # A query with no allowed key (a pad row) gets zeros, as in the single-process function; letting it
-    # see one key first avoids the NaN some kernels give for an empty row.
-    empty = ~allowed.any(dim=-1, keepdim=True)
-    allowed = allowed | (empty & (cols == rows + shift)[None])
-    seam = F.scaled_dot_product_attention(
-        qs, ks, vs, attn_mask=allowed[:, None], dropout_p=dropout_p, scale=scale
-    )
-    seam = seam.masked_fill(empty[:, None], 0.0)
+    if not with_mask:
+        # No dense [b, G/2, G] mask (2 GiB at G = 64k): the seam is causal aligned to the bottom right.
+        if rank > 0:
+            seam = F.scaled_dot_product_attention(
+                qs, ks, vs, attn_mask=causal_lower_right(shift, 2 * shift), dropout_p=dropout_p, scale=scale
+            )
+        else:
+            # Rank 0 has no halo (its seam is a plain causal block), but the halo stays in the graph so
+            # that this rank's backward receives the next rank's gradient message.
+            seam = F.scaled_dot_product_attention(
+                qs, ks[:, :, shift:], vs[:, :, shift:], is_causal=True, dropout_p=dropout_p, scale=scale
+            )
+            seam = seam + 0.0 * (halo_k.sum() + halo_v.sum())
+    else:
+        rows = torch.arange(shift, device=q.device)[:, None]
+        cols = torch.arange(2 * shift, device=q.device)[None, :]
+        allowed = (
+            (cols <= rows + shift)[None]
+            & key_valid[:, None, :]
+            & (docs[:, :shift, None] == key_docs[:, None, :])
+        )
+        # A query with no allowed key (a pad row) gets zeros, as in the single-process function; letting
+        # it see one key first avoids the NaN some kernels give for an empty row.
+        empty = ~allowed.any(dim=-1, keepdim=True)
+        allowed = allowed | (empty & (cols == rows + shift)[None])
+        seam = F.scaled_dot_product_attention(
+            qs, ks, vs, attn_mask=allowed[:, None], dropout_p=dropout_p, scale=scale
+        )
+        seam = seam.masked_fill(empty[:, None], 0.0)
 
     out = torch.cat([bulk[:, :half], torch.cat([seam, bulk[:, half:, shift:]], dim=2)], dim=1)
     return order(out)
@@ -352,6 +376,173 @@ def split_for_context_parallel(
         input_pos = torch.arange(n, device=tokens.device).expand(tokens.shape[0], n)
     shifted = shift_labels(labels, ignore_index)
     return ContextParallelSlice(tokens[:, part], shifted[:, part], input_pos[:, part], rank * length)
+
+
+def document_ids_from_positions(input_pos: Tensor) -> Tensor:
+    """Document index of every token of a packed batch, from its per-document positions.
+
+    torchtune's packs restart ``input_pos`` at 0 for each sample; the pack's padding continues the last
+    sample's positions and so joins its document. That is harmless: padding sits after every real token
+    (causal attention never shows it to one) and its labels are ignored.
+
+    Args:
+        input_pos: ``[b, N]`` positions of the whole (unsplit) packed batch.
+
+    Returns:
+        ``[b, N]`` int64 document ids (0 for the first document of each row).
+    """
+    return torch.cumsum((input_pos == 0).long(), dim=1) - 1
+
+
+@dataclass(frozen=True)
+class ContextParallelBatch:
+    """One context-parallel rank's share of a training batch, ready for the model and the loss.
+
+    Attributes:
+        batch: ``tokens``, ``labels`` (already shifted: score with ``labels_shifted=True``) and global
+            ``input_pos`` of this rank's slice; no dense ``mask`` (the attention takes ``document_ids``).
+        document_ids: ``[b, L]`` document ids of packed batches, None otherwise.
+    """
+
+    batch: dict[str, Tensor]
+    document_ids: Optional[Tensor]
+
+
+def split_batch_for_context_parallel(
+    batch: dict[str, Any], *, rank: int, degree: int, ignore_index: int
+) -> ContextParallelBatch:
+    """This rank's contiguous slice of a collated batch (pretraining blocks, padded or packed SFT).
+
+    Labels are shifted before the split (:func:`split_for_context_parallel`); positions are global, or per
+    document for packed batches, whose dense document mask is replaced by document ids (the dense
+    ``[b, N, N]`` mask is never sliced or sent). Right-padded batches need no mask: S² without wrap-around
+    is causal, so no real token ever sees the padding after it.
+
+    Args:
+        batch: the collated batch: ``tokens``, ``labels`` and, for packed data, ``input_pos`` and ``mask``.
+        rank: this rank's index in its context-parallel group.
+        degree: the context-parallel degree ``P``.
+        ignore_index: the loss's ignore index.
+
+    Returns:
+        The slice and its document ids.
+
+    Raises:
+        LongLoRAConfigError: if the batch length is not a multiple of ``degree``.
+    """
+    input_pos = batch.get("input_pos", None)
+    part = split_for_context_parallel(
+        batch["tokens"],
+        batch["labels"],
+        rank=rank,
+        degree=degree,
+        ignore_index=ignore_index,
+        input_pos=input_pos,
+    )
+    docs = None
+    if input_pos is not None:
+        length = part.tokens.shape[1]
+        docs = document_ids_from_positions(input_pos)[:, part.start : part.start + length]
+    out = {"tokens": part.tokens, "labels": part.labels, "input_pos": part.input_pos}
+    return ContextParallelBatch(out, docs)
+
+
+class ContextParallelAttention:
+    """What an :class:`~longlora_tune.modules.s2_attention.S2Attention` needs for one context-parallel step.
+
+    Set on every S² module by :func:`context_parallel_attention`; the module then calls it instead of the
+    single-process S² function. A plain attribute (not a submodule or buffer), so state-dict keys and
+    parameter names do not change.
+
+    Args:
+        group: the context-parallel process group.
+        key_padding_mask: optional bool ``[b, L]`` of this rank's slice (True = real token).
+        document_ids: optional int ``[b, L]`` document ids of this rank's slice (packed batches).
+    """
+
+    def __init__(
+        self, group: Any, key_padding_mask: Optional[Tensor] = None, document_ids: Optional[Tensor] = None
+    ) -> None:
+        self.group = group
+        self.key_padding_mask = key_padding_mask
+        self.document_ids = document_ids
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, group_size: int, dropout_p: float = 0.0) -> Tensor:
+        """Run :func:`context_parallel_s2_attention` on this rank's slice.
+
+        Args:
+            q: queries ``[b, h, L, d]``.
+            k: keys ``[b, h, L, d]``.
+            v: values ``[b, h, L, d]``.
+            group_size: the S² group size.
+            dropout_p: attention dropout.
+
+        Returns:
+            ``[b, h, L, d]``.
+        """
+        return context_parallel_s2_attention(
+            q,
+            k,
+            v,
+            group_size,
+            group=self.group,
+            key_padding_mask=self.key_padding_mask,
+            document_ids=self.document_ids,
+            dropout_p=dropout_p,
+        )
+
+
+@contextlib.contextmanager
+def context_parallel_attention(
+    model: torch.nn.Module,
+    *,
+    group: Any,
+    key_padding_mask: Optional[Tensor] = None,
+    document_ids: Optional[Tensor] = None,
+) -> Iterator[None]:
+    """Make every S² layer of ``model`` attend across the context-parallel group for one step.
+
+    Wrap the forward AND the backward: activation checkpointing recomputes the attention during
+    ``backward()``, and the recomputation must take the same path. (A module attribute rather than a
+    thread-local: CUDA runs backward, and so the recomputation, on autograd's own threads.)
+
+    Args:
+        model: the model (possibly FSDP-wrapped and activation-checkpointed).
+        group: the context-parallel process group (``mesh["cp"].get_group()``).
+        key_padding_mask: optional bool ``[b, L]`` of this rank's slice.
+        document_ids: optional int ``[b, L]`` of this rank's slice (packed batches).
+
+    Yields:
+        Nothing; the S² layers are restored to single-process attention on exit.
+
+    Raises:
+        LongLoRAConfigError: if the model has no S² layer, or one trains with full attention or the
+            wrap-around form (neither can be split at slice boundaries with a halo).
+    """
+    layers = [m for m in model.modules() if isinstance(m, S2Attention)]
+    if not layers:
+        raise LongLoRAConfigError(
+            "context_parallel_degree > 1 needs a model with S2 attention; this one has none"
+        )
+    for m in layers:
+        if m.config.use_full_attn:
+            raise LongLoRAConfigError(
+                "context_parallel_degree > 1 with model.use_full_attn=true is not supported (full attention "
+                "would need ring attention); set context_parallel_degree=1 or use_full_attn=false"
+            )
+        if m.config.wrap_around:
+            raise LongLoRAConfigError(
+                "context_parallel_degree > 1 with model.s2_wrap_around=true is not supported (the wrap "
+                "links the last rank to the first); set s2_wrap_around=false"
+            )
+    state = ContextParallelAttention(group, key_padding_mask, document_ids)
+    for m in layers:
+        m.context_parallel = state
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.context_parallel = None
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -555,6 +555,9 @@ class S2Attention(nn.Module):
         self.group_size = group_size
         self.config = config
         self.full_attention = full_attention
+        # Set by longlora_tune.modules.context_parallel.context_parallel_attention for a context-parallel
+        # training step (a plain attribute: no state-dict key); None = single-process S².
+        self.context_parallel: Callable[..., Tensor] | None = None
 
     def forward(
         self,
@@ -578,6 +581,15 @@ class S2Attention(nn.Module):
         Returns:
             Attention output ``[b, h, s_q, d]``.
         """
+        if self.context_parallel is not None:
+            # q, k, v hold one slice of each sequence: full attention here would silently ignore the
+            # other ranks' tokens, so anything but an S² training step is an error.
+            if not self.training or q.shape[-2] != k.shape[-2] or mask is not None:
+                raise RuntimeError(
+                    "context-parallel S2 attention runs only in training, without a KV cache and without a "
+                    "dense mask (pass document ids to context_parallel_attention instead)"
+                )
+            return self.context_parallel(q, k, v, self.group_size, dropout_p=dropout_p)
         if not self.training or self.config.use_full_attn or q.shape[-2] != k.shape[-2]:
             return self.full_attention(q, k, v, mask=mask, dropout_p=dropout_p, is_causal=is_causal)
         return shifted_sparse_attention(

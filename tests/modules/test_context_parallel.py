@@ -11,17 +11,22 @@ from pathlib import Path
 import pytest
 import torch
 
+from longlora_tune.data.loader import pad_multiple
 from longlora_tune.distributed import build_device_mesh
 from longlora_tune.errors import LongLoRAConfigError
+from longlora_tune.loss import summed_token_loss
 from longlora_tune.modules.context_parallel import (
     check_context_parallel,
+    context_parallel_attention,
     context_parallel_s2_attention,
+    document_ids_from_positions,
     halo_bytes_per_layer,
     ring_bytes_per_layer,
+    split_batch_for_context_parallel,
     split_for_context_parallel,
     ulysses_bytes_per_layer,
 )
-from longlora_tune.modules.s2_attention import shifted_sparse_attention
+from longlora_tune.modules.s2_attention import S2Attention, shifted_sparse_attention
 
 WORKER = Path(__file__).with_name("_context_parallel_worker.py")
 
@@ -144,3 +149,110 @@ def test_bytes_halo_is_independent_of_slice_and_far_below_ring() -> None:
     assert (
         halo_bytes_per_layer(num_heads=32, group_size=8192, masks=True, **common) == halo + 2 * 2 * 4096 * 8
     )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Recipe plumbing: batch split, the per-step attention switch, padding, the loss
+# ----------------------------------------------------------------------------------------------------
+
+
+def _tiny_s2_model(**overrides):
+    from longlora_tune.models import longlora_llama2
+
+    args = dict(
+        vocab_size=64, num_layers=1, num_heads=4, num_kv_heads=4, embed_dim=32, intermediate_dim=64,
+        max_seq_len=16, original_max_seq_len=16, lora_attn_modules=["q_proj", "v_proj"], lora_rank=2,
+        lora_alpha=4.0, s2_group_size_ratio=0.5,
+    )  # fmt: skip
+    args.update(overrides)
+    return longlora_llama2(**args)
+
+
+def test_split_batch_gives_document_ids_of_the_slice_and_no_dense_mask() -> None:
+    tokens = torch.arange(8).reshape(1, 8)
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2]])
+    batch = {"tokens": tokens, "labels": tokens + 100, "input_pos": pos, "mask": torch.ones(1, 8, 8).bool()}
+    assert document_ids_from_positions(pos).tolist() == [[0, 0, 0, 1, 1, 2, 2, 2]]
+    second = split_batch_for_context_parallel(batch, rank=1, degree=2, ignore_index=-100)
+    assert set(second.batch) == {"tokens", "labels", "input_pos"}
+    assert second.document_ids.tolist() == [[1, 2, 2, 2]]
+    assert second.batch["labels"].tolist() == [[105, 106, 107, -100]]
+    assert second.batch["input_pos"].tolist() == [[1, 0, 1, 2]]
+    plain = split_batch_for_context_parallel(
+        {"tokens": tokens, "labels": tokens}, rank=0, degree=2, ignore_index=-100
+    )
+    assert plain.document_ids is None and plain.batch["input_pos"].tolist() == [[0, 1, 2, 3]]
+
+
+def test_context_parallel_attention_switches_s2_layers_for_one_step_only() -> None:
+    model = _tiny_s2_model()
+    layers = [m for m in model.modules() if isinstance(m, S2Attention)]
+    keys = set(model.state_dict())
+    assert layers and all(m.context_parallel is None for m in layers)
+    docs = torch.zeros(1, 16, dtype=torch.long)
+    model.train()
+    tokens = torch.randint(0, 64, (1, 16), generator=torch.Generator().manual_seed(0))
+    reference = model(tokens)
+    with context_parallel_attention(model, group=None, document_ids=docs):
+        assert all(m.context_parallel is not None and m.context_parallel.document_ids is docs for m in layers)
+        assert set(model.state_dict()) == keys  # no new state-dict key
+        # One process is a group of one: the halo op must give the single-process result.
+        torch.testing.assert_close(model(tokens), reference)
+        model.eval()
+        with pytest.raises(RuntimeError, match="runs only in training"):
+            model(tokens)
+    assert all(m.context_parallel is None for m in layers)
+    model(tokens)  # eval works again once the step is over
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [({"use_full_attn": True}, "use_full_attn=true is not supported"), ({"s2_wrap_around": True}, "wrap")],
+)
+def test_context_parallel_attention_refuses_full_attention_and_wrap_around(overrides, message) -> None:
+    with pytest.raises(LongLoRAConfigError, match=message):
+        with context_parallel_attention(_tiny_s2_model(**overrides), group=None):
+            pass
+
+
+def test_pad_multiple_makes_slices_whole_half_groups() -> None:
+    assert pad_multiple(None, 64, 256, context_parallel_degree=2) == 64
+    assert pad_multiple(None, 64, 256, context_parallel_degree=4) == 128  # 4 slices of 32 = G/2
+    assert pad_multiple(None, 64, 768, context_parallel_degree=3) == 192  # lcm(64, 96)
+    assert pad_multiple(48, 64, 768, context_parallel_degree=4) == 384  # lcm(48, 128)
+    with pytest.raises(LongLoRAConfigError, match="pad_to_multiple_of=256 does not divide"):
+        pad_multiple(None, 64, 384, context_parallel_degree=8)
+
+
+def test_loss_of_already_shifted_labels_and_of_a_slice_without_targets() -> None:
+    model = _tiny_s2_model()
+    model.train()
+    tokens = torch.randint(0, 64, (1, 16), generator=torch.Generator().manual_seed(0))
+    loss_fn = torch.nn.CrossEntropyLoss()
+    unshifted, n = summed_token_loss(
+        model, loss_fn, {"tokens": tokens, "labels": tokens}, device=torch.device("cpu"), ignore_index=-100
+    )
+    shifted = torch.cat([tokens[:, 1:], torch.full((1, 1), -100)], dim=1)
+    same, m = summed_token_loss(
+        model,
+        loss_fn,
+        {"tokens": tokens, "labels": shifted},
+        device=torch.device("cpu"),
+        ignore_index=-100,
+        labels_shifted=True,
+    )
+    assert int(n) == int(m) == 15
+    torch.testing.assert_close(same, unshifted)
+    # A slice of padding only (every label ignored): zero loss and zero, not NaN, gradients.
+    empty, k = summed_token_loss(
+        model,
+        loss_fn,
+        {"tokens": tokens, "labels": torch.full_like(tokens, -100)},
+        device=torch.device("cpu"),
+        ignore_index=-100,
+        labels_shifted=True,
+    )
+    empty.backward()
+    assert int(k) == 0 and float(empty.detach()) == 0.0
+    grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
+    assert grads and all(torch.equal(g, torch.zeros_like(g)) for g in grads)

@@ -15,6 +15,7 @@ the ``longlora_tune`` library; this file holds the training loop.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import inspect
 import math
@@ -80,10 +81,6 @@ from longlora_tune.resume import apply_optimizer_settings, compare_with_checkpoi
 from longlora_tune.weights import starting_state
 
 log = utils.get_logger("INFO")
-
-# ----------------------------------------------------------------------------------------------------------
-# The recipe
-# ----------------------------------------------------------------------------------------------------------
 
 
 class LongLoRARecipeDistributed:
@@ -271,10 +268,7 @@ class LongLoRARecipeDistributed:
 
         # Rank 0 assembles the full state (the other ranks receive their shards by broadcast).
         # Parameters, not model.state_dict(): torchtune's hooks would dequantize unsharded NF4 weights.
-        specs = {
-            unwrapped_name(k): (tuple(v.shape), v.dtype)
-            for k, v in model.named_parameters()
-        }
+        specs = {unwrapped_name(k): (tuple(v.shape), v.dtype) for k, v in model.named_parameters()}
         full_sd = (
             run_on_rank_zero(
                 lambda: starting_state(self.base, specs, seed=self.seed, resume_dir=resume_dir),
@@ -550,41 +544,28 @@ class LongLoRARecipeDistributed:
             self.save_checkpoint()
 
     def _forward_backward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        shifted, attention = False, contextlib.nullcontext()
         if self.layout.cp_degree > 1:
-            return self._forward_backward_context_parallel(batch)
-        loss, n_tokens = summed_token_loss(
-            self.model,
-            self.loss_fn,
-            batch,
-            device=self.device,
-            ignore_index=self.ignore_index,
-            context=self.act_ctx,
-        )
-        loss.backward()
-        return loss.detach().to(torch.float64), n_tokens, batch["tokens"].numel()
-
-    def _forward_backward_context_parallel(
-        self, batch: dict[str, torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor, int]:
-        # This rank's slice (labels shifted before the split, global positions); the loss sums and token
-        # counts are all-reduced over the whole world in _optimizer_step as without context parallelism.
-        part = split_batch_for_context_parallel(
-            batch, rank=self.layout.cp_rank, degree=self.layout.cp_degree, ignore_index=self.ignore_index
-        )
-        docs = part.document_ids.to(self.device) if part.document_ids is not None else None
-        # Backward too: activation checkpointing recomputes the attention (and its halo exchange) there.
-        with context_parallel_attention(self.model, group=self.layout.cp_group, document_ids=docs):
+            # This rank's slice: labels shifted before the split, global positions; the S² layers exchange
+            # halos, in backward too (activation checkpointing recomputes the attention there).
+            part = split_batch_for_context_parallel(
+                batch, rank=self.layout.cp_rank, degree=self.layout.cp_degree, ignore_index=self.ignore_index
+            )
+            batch, shifted = part.batch, True
+            docs = part.document_ids.to(self.device) if part.document_ids is not None else None
+            attention = context_parallel_attention(self.model, group=self.layout.cp_group, document_ids=docs)
+        with attention:
             loss, n_tokens = summed_token_loss(
                 self.model,
                 self.loss_fn,
-                part.batch,
+                batch,
                 device=self.device,
                 ignore_index=self.ignore_index,
                 context=self.act_ctx,
-                labels_shifted=True,
+                labels_shifted=shifted,
             )
             loss.backward()
-        return loss.detach().to(torch.float64), n_tokens, part.batch["tokens"].numel()
+        return loss.detach().to(torch.float64), n_tokens, batch["tokens"].numel()
 
     def _optimizer_step(self, loss_sum: torch.Tensor, tokens: torch.Tensor) -> dict[str, float]:
         dist.all_reduce(loss_sum)

@@ -41,7 +41,13 @@ DOTTED = sorted(set(re.findall(r"\blonglora_tune(?:\.[A-Za-z_][A-Za-z0-9_]*)+", 
 FROM_IMPORTS = sorted(set(re.findall(r"^\s*from (longlora_tune[\w.]*) import ([\w, ]+)$", CODE, flags=re.M)))
 PYTHON_M = sorted(set(re.findall(r"python -m ([\w.]+)", CODE)))
 TUNE_RUNS = sorted(set(re.findall(r"tune run (?:--nproc_per_node \d+ )?([\w.]+) --config ([\w/.]+)", CODE)))
-PATHS = sorted(set(re.findall(r"\b((?:scripts|configs|recipes|docs)/[\w/.-]+\.(?:sh|yaml|py|md))\b", README)))
+PATHS = sorted(
+    set(
+        re.findall(
+            r"(?<![\w/])((?:scripts|configs|recipes|docs|tests)/[\w/.-]+\.(?:sh|yaml|py|md))\b", README
+        )
+    )
+)
 
 
 def test_readme_mentions_what_this_test_checks() -> None:

@@ -8,16 +8,14 @@ checked in transformers against the trained model's own (dequantized) forward.
 from __future__ import annotations
 
 import json
-import os
-import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from omegaconf import OmegaConf
-from recipe_runner import CONFIGS, RECIPE, model_from_adapter
+from recipe_runner import CONFIGS, model_from_adapter
+from test_longlora_distributed import _env, _losses, _overrides, _recipe_cmd
 
 from longlora_tune import tiny
 from longlora_tune.hf import HFBaseModel
@@ -30,35 +28,11 @@ STEPS = 6
 HF_TOLERANCE = 1e-4
 
 
-def _overrides(assets: dict[str, Path], out: Path, **extra: object) -> list[str]:
-    values = {
-        "checkpoint_dir": assets["base"],
-        "dataset.data_files": assets["corpus"],
-        "dataset.cache_dir": assets["cache"],
-        "output_dir": out,
-        "max_steps": STEPS,
-        "save_every_n_steps": 3,
-        "keep_last_n": 1,
-        "lr_scheduler.num_warmup_steps": 2,
-        **extra,
-    }
-    return [f"{k}={v}" for k, v in values.items()]
-
-
 def _train(assets: dict[str, Path], out: Path, nproc: int, **extra: object) -> dict[int, float]:
-    launcher = [sys.executable]
-    if nproc > 1:
-        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    cmd = [*launcher, str(RECIPE), "--config", str(CONFIG), *_overrides(assets, out, **extra)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    cmd = _recipe_cmd(CONFIG, _overrides(assets, out, **extra), nproc)
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stderr[-6000:]}"
-    losses = {}
-    for f in sorted((out / "logs").glob("*.txt")):
-        for m in re.finditer(r"^Step (\d+) \| loss:(\S+)", f.read_text(), flags=re.M):
-            losses[int(m.group(1))] = float(m.group(2))
-    return losses
+    return _losses(out)
 
 
 @pytest.fixture(scope="module")

@@ -12,19 +12,19 @@
 # anything imports torchtune. flash-attn is NOT available there (no binary wheel on the registry, and it
 # cannot be built within the time limit): S² is measured with sdpa and flex (compiled) only.
 #
-# Steps, in this order, each logged to OUT_DIR as it runs (a run cut short keeps what it measured), bounded
-# so that the whole script ends in under 8 minutes (expected on one H200: ~1 min to start and import,
-# ~1 min correctness, ~4 min benchmarks, the unit tests with what is left):
+# Steps, in this order, each written as it runs (a run cut short keeps what it measured), bounded so that
+# the whole script ends in under 8 minutes (seen on one H200: 5 min; 1 min to install and import):
 #   1. info.txt             nvidia-smi, torch/CUDA/triton/flash-attn versions
-#   2. imports.log          every module the check imports (python -m longlora_tune.bench.gpu_imports)
+#   2. imports.log          every module the check imports, and one PEFT LoRA layer built next to torchao
 #   3. backend_check.*      correctness first: sdpa/flex S² against a float64 dense reference on CUDA, fp32
 #                           and bf16, forward and q/k/v gradients (JSON rewritten after every comparison)
 #   4. bench_32768_peer.*   ours (S² sdpa, flex) vs the transformers + PEFT peer, bf16, 7B width, 2 layers,
 #                           32768 tokens (JSON rewritten after every case, markdown table in the log)
 #   5. bench_8192.*         all variants (LongLoRA sdpa/flex, full attention, plain LoRA) at 8192 tokens
 #   6. bench_32768.*        full attention and plain LoRA at 32768 tokens
-#   7. pytest_s2.log        the S² unit tests (they build tensors on the CPU; flex backward on CUDA)
-#   summary.txt             exit status of every step, appended as each ends
+#   7. pytest_s2.log        the S² unit tests (float64 on the CPU; flex forward and backward on CUDA)
+# OUT_DIR gets summary.txt (exit status of every step), gpu_check.log, the *.json results and logs.tar.gz
+# (every *.log and info.txt, repacked after each step): at most 8 files, what the lent machine sends back.
 # Run from anywhere; uses the python on PATH (activate the project's environment first) unless
 # $PYTHON is set. Exits non-zero if any step failed.
 set -euo pipefail
@@ -48,10 +48,12 @@ done
 OUT_DIR="${OUT_DIR:-${OUT:-./gpu_check_out}}"
 mkdir -p "$OUT_DIR"
 OUT_DIR="$(cd "$OUT_DIR" && pwd)"
+LOG_DIR="${GPU_CHECK_LOGS:-$(mktemp -d)}"
+mkdir -p "$LOG_DIR"
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO_ROOT"
-PYTHON="${PYTHON:-python}"
+PYTHON="${PYTHON:-$(command -v python || command -v python3)}"
 WHEEL_DIR="$REPO_ROOT/.whl"
 SITE_DIR="${GPU_CHECK_SITE:-/tmp/site}"
 SITE_NOTE="no $WHEEL_DIR (run scripts/prepare_gpu_wheels.sh first if torchtune is not installed)"
@@ -59,12 +61,12 @@ if ((!DRY_RUN)) && compgen -G "$WHEEL_DIR/*.whl" >/dev/null; then
   # Before anything imports torchtune. --no-deps: the folder holds every missing requirement, pinned.
   mkdir -p "$SITE_DIR"
   if "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --target "$SITE_DIR" "$WHEEL_DIR"/*.whl \
-    >"$OUT_DIR/install.log" 2>&1; then
+    >"$LOG_DIR/install.log" 2>&1; then
     SITE_NOTE="installed $(find "$WHEEL_DIR" -type f -name '*.whl' | wc -l) wheels into $SITE_DIR with pip"
   else
     # No pip (or pip refusing): a wheel is a zip archive laid out for site-packages; unpacking it is enough
     # for importing, and every wheel here is pure Python or built for this machine's Python.
-    "$PYTHON" - "$SITE_DIR" "$WHEEL_DIR"/*.whl >>"$OUT_DIR/install.log" 2>&1 <<'PY'
+    "$PYTHON" - "$SITE_DIR" "$WHEEL_DIR"/*.whl >>"$LOG_DIR/install.log" 2>&1 <<'PY'
 import sys, zipfile
 for wheel in sys.argv[2:]:
     zipfile.ZipFile(wheel).extractall(sys.argv[1])
@@ -87,6 +89,11 @@ log() {
   echo "[gpu_check $(date -u +%H:%M:%S)] $*" | tee -a "$OUT_DIR/gpu_check.log"
 }
 
+# Every log in one archive, rewritten after each step (a tar of a few small files takes milliseconds).
+pack_logs() {
+  tar -czf "$OUT_DIR/logs.tar.gz.tmp" -C "$LOG_DIR" . && mv "$OUT_DIR/logs.tar.gz.tmp" "$OUT_DIR/logs.tar.gz"
+}
+
 remaining() {
   echo $((TOTAL_BUDGET_S - (SECONDS - START_S)))
 }
@@ -107,7 +114,7 @@ run_step() {
   fi
   log "$name: start (limit ${limit}s): $*"
   set +e
-  timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$OUT_DIR/$name.log"
+  timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$LOG_DIR/$name.log"
   status=${PIPESTATUS[0]}
   set -e
   if ((status == 124 || status == 137)); then
@@ -116,6 +123,7 @@ run_step() {
     log "$name: exit $status"
   fi
   echo "$name $status" >>"$SUMMARY"
+  pack_logs
   if ((status != 0)); then
     FAILED=1
   fi
@@ -154,10 +162,11 @@ log "flash-attn: not measured unless it imports (the lent machine has no flash-a
   "on the registry and no time to build it); S² backends measured: sdpa and flex (compiled)"
 log "info: start"
 set +e
-collect_info 2>&1 | tee "$OUT_DIR/info.txt"
+collect_info 2>&1 | tee "$LOG_DIR/info.txt"
 INFO_STATUS=${PIPESTATUS[0]}
 set -e
 echo "info $INFO_STATUS" >>"$SUMMARY"
+pack_logs
 if ((INFO_STATUS != 0)); then
   FAILED=1
 fi

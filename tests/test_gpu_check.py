@@ -25,6 +25,7 @@ from packaging.utils import parse_wheel_filename
 
 from longlora_tune.bench.gpu_env import (
     GPU_MACHINE_PACKAGES,
+    PINNED_OVER_GPU_MACHINE,
     distribution_closure,
     imitate_gpu_site,
     normalize,
@@ -52,12 +53,16 @@ def test_wheel_list_pins_what_the_gpu_machine_lacks():
     specs = wheel_specs(PREPARE)
     for name in MISSING_ON_GPU:
         assert name in specs, f"{name} missing from {PREPARE.name}"
-    # The wheels must satisfy the project's own requirements (torchao <0.16 for torchtune 0.6.1).
-    for name in ("torchtune", "torchao", "torchdata"):
+    # The wheels must satisfy the project's own requirements (torchao <0.16 for torchtune 0.6.1, and the
+    # peft that accepts that torchao).
+    for name in ("torchtune", "torchao", "torchdata", *PINNED_OVER_GPU_MACHINE):
         version = specs[name].split("==", 1)[1]
         assert version in _pyproject_requirement(name), specs[name]
-    # Nothing the GPU machine already has is shipped again (it would shadow the machine's CUDA build).
-    assert not set(specs) & {normalize(n) for n in GPU_MACHINE_PACKAGES}
+    # Nothing the GPU machine already has is shipped again (it would shadow the machine's CUDA build),
+    # except the pure-Python ones whose version there we cannot use.
+    pinned_over = {normalize(n) for n in PINNED_OVER_GPU_MACHINE}
+    assert pinned_over <= set(specs)
+    assert not set(specs) & ({normalize(n) for n in GPU_MACHINE_PACKAGES} - pinned_over)
     # --no-deps install: each wheel's install-time requirements are the GPU machine's or listed.
     if WHEEL_DIR.is_dir():
         names = {parse_wheel_filename(w.name)[0] for w in WHEEL_DIR.glob("*.whl")}

@@ -19,6 +19,7 @@ from pathlib import Path
 
 __all__ = [
     "GPU_MACHINE_PACKAGES",
+    "PINNED_OVER_GPU_MACHINE",
     "distribution_closure",
     "imitate_gpu_site",
     "normalize",
@@ -36,6 +37,11 @@ GPU_MACHINE_PACKAGES: tuple[str, ...] = (
     "pyarrow",
     "numpy",
 )
+
+#: Pure-Python distributions the machine has but in a version we cannot use, so a wheel of our pinned
+#: version is installed ahead of it: peft >= 0.19 raises on the first LoRA layer when it finds torchao < 0.16
+#: (which torchtune 0.6.1 needs), and the lent machine's peft is 0.21.
+PINNED_OVER_GPU_MACHINE: tuple[str, ...] = ("peft",)
 
 _WHEELS_START = "# --- wheels ---"
 _WHEELS_END = "# --- end wheels ---"

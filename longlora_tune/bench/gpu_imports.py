@@ -38,11 +38,20 @@ CHECK_MODULES: tuple[str, ...] = (
 CHECK_TEST_FILES: tuple[str, ...] = ("tests/modules/test_s2_attention.py",)
 
 
+def _build_peft_lora_layer() -> None:
+    # peft >= 0.19 imports fine next to torchao < 0.16 and raises only when it builds its first LoRA layer,
+    # which is how the first lent H200 lost the peer benchmark: build one here, in seconds.
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    get_peft_model(torch.nn.Sequential(torch.nn.Linear(4, 4)), LoraConfig(r=2, target_modules=["0"]))
+
+
 def main() -> int:
-    """Import :data:`CHECK_MODULES` and :data:`CHECK_TEST_FILES`, one line per module.
+    """Import :data:`CHECK_MODULES` and :data:`CHECK_TEST_FILES`, one line per module, and build a PEFT layer.
 
     Returns:
-        0 if everything imported, 1 otherwise.
+        0 if everything imported and the PEFT layer was built, 1 otherwise.
     """
     failed = []
     for name in CHECK_MODULES:
@@ -66,6 +75,12 @@ def main() -> int:
             print(f"FAIL import {rel}: {type(err).__name__}: {err}", flush=True)
             continue
         print(f"ok   import {rel}", flush=True)
+    try:
+        _build_peft_lora_layer()
+        print("ok   peft builds a LoRA layer next to this torchao", flush=True)
+    except Exception as err:
+        failed.append("peft-lora")
+        print(f"FAIL peft LoRA layer: {type(err).__name__}: {err}", flush=True)
     if failed:
         print(f"gpu_imports: {len(failed)} failed: {' '.join(failed)}", flush=True)
     return 1 if failed else 0

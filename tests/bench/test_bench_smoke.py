@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -109,16 +110,20 @@ def test_gpu_check_dry_run(tmp_path):
         timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    # The lent machine sends back at most 8 files: the logs travel in one archive.
+    files = {p.name for p in tmp_path.iterdir()}
+    assert files == {"summary.txt", "gpu_check.log", "logs.tar.gz", "backend_check.json", "bench_64.json"}
+    with tarfile.open(tmp_path / "logs.tar.gz") as archive:
+        members = [m for m in archive.getmembers() if m.isfile()]
+        logs = {Path(m.name).name: archive.extractfile(m).read().decode() for m in members}
     summary = (tmp_path / "summary.txt").read_text().split("\n")
     assert "info 0" in summary and "backend_check 0" in summary and "bench_64 0" in summary
-    assert (
-        "imports 0" in summary
-        and "ok   import longlora_tune.bench.peer" in (tmp_path / "imports.log").read_text()
-    )
+    assert "imports 0" in summary and "ok   import longlora_tune.bench.peer" in logs["imports.log"]
+    assert "ok   peft builds a LoRA layer" in logs["imports.log"] and "torch" in logs["info.txt"]
     bench = json.loads((tmp_path / "bench_64.json").read_text())
     assert {r["variant"] for r in bench["results"]} == {"longlora", "full_attn", "lora", "peer"}
     assert len(bench["peer"]) == 1 and "flash-attn" in (tmp_path / "gpu_check.log").read_text()
-    assert "PASS sdpa" in (tmp_path / "backend_check.log").read_text()
+    assert "PASS sdpa" in logs["backend_check.log"]
 
 
 def test_cli_compile_measures_eager_and_compiled(monkeypatch, capsys):

@@ -11,6 +11,7 @@ from torch.nn.attention.flex_attention import create_block_mask
 from torchtune.models.llama2 import llama2
 
 import longlora_tune.modules.s2_attention as s2mod
+from longlora_tune.bench.backend_check import check_backend
 from longlora_tune.modules.s2_attention import (
     S2Attention,
     S2AttentionConfig,
@@ -108,8 +109,18 @@ def test_sdpa_matches_dense_reference_forward_backward(shape, wrap):
 @pytest.mark.parametrize("wrap", [False, True])
 @pytest.mark.parametrize("shape", SHAPES[:5])
 def test_flex_matches_dense_reference(shape, wrap):
-    # flex_attention has no CPU backward; the forward is checked here, the backward on GPU machines only.
-    check_against_reference(*shape, wrap=wrap, backend="flex", backward=torch.cuda.is_available())
+    # flex_attention has no CPU backward (even on a machine that has CUDA): the float64 forward is checked
+    # here, the backward on CUDA below.
+    check_against_reference(*shape, wrap=wrap, backend="flex", backward=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flex_attention's backward needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_flex_forward_backward_on_cuda_match_float64_reference(dtype):
+    result = check_backend(
+        "flex", dtype, torch.device("cuda"), batch=2, heads=4, n=256, head_dim=16, group=64
+    )
+    assert result["ok"], result
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "flex"])

@@ -86,7 +86,7 @@ from longlora_tune.modules.context_parallel import (
 )
 from longlora_tune.peft import set_trainable_params
 
-__all__ = ["combine_ranks", "main", "markdown", "run_rank"]
+__all__ = ["combine_ranks", "comparisons", "launch", "main", "markdown", "run_rank"]
 
 _WORKER_FLAG = "--cp-worker"
 _IGNORE_INDEX = -100
@@ -129,6 +129,11 @@ def run_rank(case: Case, degree: int) -> dict[str, Any]:
         torch.set_num_threads(case.threads)
     created = init_process_group(device, solo_group=False) if degree > 1 else False
     try:
+        if degree > 1 and not dist.is_initialized():
+            raise ValueError(
+                f"context-parallel degree {degree} needs a process group: launch the ranks with "
+                "longlora_tune.bench.context_parallel.launch or torchrun (RANK, WORLD_SIZE, MASTER_ADDR/PORT)"
+            )
         if degree > 1 and dist.get_world_size() != degree:
             raise ValueError(f"world size {dist.get_world_size()} != context-parallel degree {degree}")
         layout = parallel_layout(device.type, degree)
@@ -282,8 +287,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(case: Case, degree: int, timeout: float | None) -> dict[str, Any]:
-    """Run ``case`` in ``degree`` fresh processes (torchrun's environment) and combine their results."""
+def launch(case: Case, degree: int, timeout: float | None) -> dict[str, Any]:
+    """Run ``case`` in ``degree`` fresh processes (torchrun's environment) and combine their results.
+
+    Args:
+        case: What to measure (``seq_len`` = the whole sequence).
+        degree: Context-parallel degree = number of processes (1: one process, no process group).
+        timeout: Seconds for all ranks together (None: no limit); a rank that fails stops the others.
+
+    Returns:
+        :func:`combine_ranks` of the ranks' results, or the case with ``error`` (one line).
+    """
     from longlora_tune.bench.__main__ import worker_env
 
     env = worker_env(case)
@@ -545,7 +559,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
 
     for round_index in range(args.rounds):
         for case, degree in runs:
-            result = _launch(case, degree, args.case_timeout)
+            result = launch(case, degree, args.case_timeout)
             measured[(case, degree)].append(result)
             status = result.get("error") or f"median {result['median_s']:.3f} s"
             print(

@@ -142,7 +142,9 @@ def run_rank(case: Case, degree: int) -> dict[str, Any]:
         close_process_group(created)
 
 
-def _measure_rank(case: Case, layout: Any, device: torch.device, dtype: torch.dtype, group_size: int):
+def _measure_rank(
+    case: Case, layout: Any, device: torch.device, dtype: torch.dtype, group_size: int
+) -> dict[str, Any]:
     degree = layout.cp_degree
     _, extras = VARIANTS[case.variant]
     shape = resolve_shape(case.shape, case.layers)

@@ -20,6 +20,10 @@ plain-LoRA/LongLoRA and, with ``--peer``, ours/peer in best-step and median toke
 (CPU: the increase over the built model; CUDA: absolute). Results are printed as a markdown table and
 written as JSON with ``--out``.
 
+``--context-parallel P`` runs instead the context-parallel comparison of
+:mod:`longlora_tune.bench.context_parallel`: the same step with the sequence split over ``P`` processes
+against one process, with the halo bytes per layer measured.
+
 ``--compile`` runs every case twice, eagerly and with ``torch.compile`` (decoder layers and loss, as
 ``compile: true`` does), and adds the eager/compiled step-time ratios; ``warmup_s`` (the first step)
 shows the compile time.
@@ -54,6 +58,7 @@ from longlora_tune.modules.s2_attention import flash_attn_available
 from longlora_tune.plan import step_flops
 
 _WORKER_FLAG = "--worker-case"
+_CP_FLAG = "--context-parallel"
 
 
 def _cases(args: argparse.Namespace) -> list[Case]:
@@ -87,7 +92,15 @@ def _cases(args: argparse.Namespace) -> list[Case]:
     return cases
 
 
-def _run_in_subprocess(case: Case, timeout: float | None) -> dict[str, Any]:
+def worker_env(case: Case) -> dict[str, str]:
+    """The environment of a worker process that measures ``case``.
+
+    Args:
+        case: The case the worker runs.
+
+    Returns:
+        A copy of ``os.environ`` that imports this copy of the package and matches the thread pools.
+    """
     env = dict(os.environ)
     # The worker imports this package by name: make sure it resolves to this copy, installed or not.
     package_parent = str(Path(__file__).resolve().parents[2])
@@ -95,6 +108,11 @@ def _run_in_subprocess(case: Case, timeout: float | None) -> dict[str, Any]:
     if case.device == "cpu":
         # Intra-op pools of MKL/OpenMP must match torch's thread count or they oversubscribe the cores.
         env.update(OMP_NUM_THREADS=str(case.threads), MKL_NUM_THREADS=str(case.threads))
+    return env
+
+
+def _run_in_subprocess(case: Case, timeout: float | None) -> dict[str, Any]:
+    env = worker_env(case)
     cmd = [sys.executable, "-m", "longlora_tune.bench", _WORKER_FLAG, json.dumps(asdict(case))]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, check=False)
@@ -422,6 +440,13 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_true",
         help="run every case eagerly and with torch.compile (layers + loss) and compare the step times",
     )
+    parser.add_argument(
+        _CP_FLAG,
+        type=int,
+        metavar="P",
+        help="instead: one training step with the sequence split over P processes against 1 "
+        "(halo bytes per layer, step time; see longlora_tune.bench.context_parallel)",
+    )
     args = parser.parse_args(argv)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -450,6 +475,10 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     if argv[:1] == [_WORKER_FLAG]:
         print(json.dumps(_run_here(Case(**json.loads(argv[1])))), flush=True)
         return []
+    if any(a == _CP_FLAG or a.startswith(_CP_FLAG + "=") for a in argv):
+        from longlora_tune.bench.context_parallel import main as context_parallel_main
+
+        return context_parallel_main(argv)
     args = _parse(argv)
     try:
         cases = _cases(args)

@@ -54,9 +54,11 @@ __all__ = [
     "ContextParallelAttention",
     "ContextParallelBatch",
     "ContextParallelSlice",
+    "HaloTraffic",
     "check_context_parallel",
     "context_parallel_attention",
     "context_parallel_s2_attention",
+    "count_halo_traffic",
     "document_ids_from_positions",
     "split_batch_for_context_parallel",
     "halo_bytes_per_layer",
@@ -108,12 +110,77 @@ def check_context_parallel(seq_len: int, degree: int, group_size: int) -> int:
 # ----------------------------------------------------------------------------------------------------
 
 
-def _exchange(send: Optional[Tensor], recv: Optional[Tensor], dst: Optional[int], src: Optional[int], group):
+class HaloTraffic:
+    """What the halo exchange posted in this process while counted (see :func:`count_halo_traffic`).
+
+    Keys of every dict are the passes: ``forward`` (key/value tails; activation checkpointing's recomputation
+    counts again), ``backward`` (their gradients) and ``mask`` (the padding/document halo).
+
+    Attributes:
+        sent: pass -> bytes of the tensors this process sent.
+        received: pass -> bytes of the tensors it received.
+        messages: pass -> point-to-point operations posted (sends plus receives).
+    """
+
+    PASSES = ("forward", "backward", "mask")
+
+    def __init__(self) -> None:
+        self.sent = dict.fromkeys(self.PASSES, 0)
+        self.received = dict.fromkeys(self.PASSES, 0)
+        self.messages = dict.fromkeys(self.PASSES, 0)
+
+    def as_dict(self) -> dict[str, dict[str, int]]:
+        """The counts as plain dicts (JSON-ready).
+
+        Returns:
+            ``{"sent": ..., "received": ..., "messages": ...}``, each pass -> int.
+        """
+        return {"sent": dict(self.sent), "received": dict(self.received), "messages": dict(self.messages)}
+
+
+# Active counters. A module-level list rather than a thread-local: CUDA runs backward (and activation
+# checkpointing's recomputation) on autograd's own threads.
+_COUNTERS: list[HaloTraffic] = []
+
+
+@contextlib.contextmanager
+def count_halo_traffic() -> Iterator[HaloTraffic]:
+    """Count the bytes and messages every halo exchange of this process posts inside the block.
+
+    The counts are of what the op hands to ``torch.distributed`` (the benchmark checks them against
+    :func:`halo_bytes_per_layer`); the cost is one dict update per message.
+
+    Yields:
+        The counter, filled as the block runs (forward and backward both, if both run inside it).
+    """
+    counter = HaloTraffic()
+    _COUNTERS.append(counter)
+    try:
+        yield counter
+    finally:
+        _COUNTERS.remove(counter)
+
+
+def _exchange(
+    send: Optional[Tensor],
+    recv: Optional[Tensor],
+    dst: Optional[int],
+    src: Optional[int],
+    group,
+    kind: str,
+):
     ops = []
+    sent = received = 0
     if send is not None and dst is not None:
         ops.append(dist.P2POp(dist.isend, send, group=group, group_peer=dst))
+        sent = send.numel() * send.element_size()
     if recv is not None and src is not None:
         ops.append(dist.P2POp(dist.irecv, recv, group=group, group_peer=src))
+        received = recv.numel() * recv.element_size()
+    for counter in _COUNTERS:
+        counter.sent[kind] += sent
+        counter.received[kind] += received
+        counter.messages[kind] += len(ops)
     if ops:
         # batch_isend_irecv: NCCL needs the pair posted together; gloo runs them one by one.
         for work in dist.batch_isend_irecv(ops):
@@ -134,7 +201,7 @@ class _HaloFromPrevious(torch.autograd.Function):
         halo = torch.zeros_like(tail)
         nxt = rank + 1 if rank + 1 < world else None
         prev = rank - 1 if rank > 0 else None
-        _exchange(tail, halo, nxt, prev, group)
+        _exchange(tail, halo, nxt, prev, group, "forward")
         return halo
 
     @staticmethod
@@ -143,14 +210,19 @@ class _HaloFromPrevious(torch.autograd.Function):
         grad_tail = torch.zeros_like(grad_halo)
         nxt = rank + 1 if rank + 1 < world else None
         prev = rank - 1 if rank > 0 else None
-        _exchange(grad_halo.contiguous(), grad_tail, prev, nxt, ctx.group)
+        _exchange(grad_halo.contiguous(), grad_tail, prev, nxt, ctx.group, "backward")
         return grad_tail, None, None, None
 
 
 def _mask_halo(tail: Tensor, group: Any, rank: int, world: int) -> Tensor:
     halo = torch.zeros_like(tail)
     _exchange(
-        tail.contiguous(), halo, rank + 1 if rank + 1 < world else None, rank - 1 if rank else None, group
+        tail.contiguous(),
+        halo,
+        rank + 1 if rank + 1 < world else None,
+        rank - 1 if rank else None,
+        group,
+        "mask",
     )
     return halo
 

@@ -633,7 +633,12 @@ def halo_bytes_per_layer(
     recompute: bool = False,
     masks: bool = False,
 ) -> int:
-    """Bytes one rank receives per layer and training step with the halo design (forward + backward).
+    """Bytes that cross one rank boundary per layer and training step with the halo design, both directions.
+
+    The forward tail travels from rank ``r`` to ``r + 1`` and its gradient back, so this is what a middle
+    rank receives when ``P > 2``; at ``P = 2`` the last rank receives the forward part and rank 0 the
+    gradient part (measured by :func:`count_halo_traffic` in ``python -m longlora_tune.bench
+    --context-parallel 2``).
 
     Forward: ``2 * b * H/2 * G/2 * d`` elements (keys and values, expanded heads); backward: their
     gradient, the same size; activation checkpointing repeats the forward. Masks add ``2 * b * G/2`` int64
@@ -650,7 +655,7 @@ def halo_bytes_per_layer(
         masks: a padding or document mask is passed.
 
     Returns:
-        Bytes received by a rank other than the first, per layer per step.
+        Bytes across one rank boundary (forward messages plus gradient messages), per layer per step.
     """
     if degree <= 1:
         return 0

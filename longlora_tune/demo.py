@@ -72,8 +72,6 @@ def assets_command(checkpoint_dir: str | Path) -> Optional[str]:
     return f"python -m longlora_tune.demo{demos[path.parent.name]} --assets-only --workdir {path.parent}"
 
 
-
-
 def build_command(
     workdir: Path, nproc: int, overrides: list[str], use_tune: bool, *, sft: bool = False
 ) -> list[str]:

@@ -1,10 +1,11 @@
 """A Hugging Face base-model folder, read once.
 
 The training recipe, the exports and the evaluation loader all need the same facts about the base
-checkpoint (what ``tune download meta-llama/Llama-2-7b-hf`` writes): its ``config.json``, the builder
-arguments it implies, its context length and existing RoPE factor, and its weights in torchtune names.
-:class:`HFBaseModel` reads the folder once and answers all of them, so a run parses ``config.json`` once
-and every consumer derives the builder arguments the same way.
+checkpoint (what ``tune download meta-llama/Llama-2-7b-hf`` writes): its ``config.json``, its model family
+(:mod:`longlora_tune.families`: Llama 2, Llama 3.x, Mistral, Qwen2), the builder arguments it implies, its
+context length and RoPE setting, its tokenizer, and its weights in torchtune names. :class:`HFBaseModel`
+reads the folder once and answers all of them, so a run parses ``config.json`` once and every consumer
+derives the builder arguments the same way.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from typing import Any, Optional
 import torch
 
 from longlora_tune.errors import LongLoRAConfigError
+from longlora_tune.families import ModelFamily, detect_family
 from longlora_tune.modules.position_interpolation import rope_scaling_factor_from_hf_config
+from longlora_tune.modules.rope_scaling import RopeScaling
 
 __all__ = ["HFBaseModel", "download_command"]
 
@@ -53,7 +56,7 @@ def _missing(what: str, path: Path, repo_id: Optional[str], checkpoint_dir: Path
 
 @dataclasses.dataclass(frozen=True)
 class HFBaseModel:
-    """A Hugging Face Llama-style checkpoint folder: ``config.json`` parsed, weight files listed.
+    """A Hugging Face checkpoint folder (Llama 2/3.x, Mistral, Qwen2): config parsed, weight files listed.
 
     Build it with :meth:`read`. Weights are loaded only when :meth:`load_state_dict` is called.
 
@@ -82,7 +85,8 @@ class HFBaseModel:
 
         Raises:
             LongLoRAConfigError: naming the missing file and the ``tune download`` command, or when
-                ``config.json`` is unreadable or not a Llama-style config.
+                ``config.json`` is unreadable, not a Llama-style config, of an unsupported ``model_type``
+                or with a RoPE scaling LongLoRA cannot continue from.
         """
         ckpt = Path(checkpoint_dir).expanduser()
         path = ckpt / "config.json"
@@ -102,8 +106,74 @@ class HFBaseModel:
             what = "model weights (*.safetensors or pytorch_model*.bin)"
             raise _missing(what, ckpt / "*.safetensors", repo_id, ckpt)
         base = cls(path=ckpt, config=config, weight_files=tuple(files), repo_id=repo_id)
-        _ = base.rope_scaling_factor  # refuse unsupported RoPE scaling at read time, not at export
+        # Refuse an unsupported family or RoPE scaling at read time, not at export.
+        _ = base.family
+        _ = base.rope
         return base
+
+    @property
+    def family(self) -> ModelFamily:
+        """The model family (see :func:`longlora_tune.families.detect_family`).
+
+        Raises:
+            LongLoRAConfigError: for an unsupported ``model_type`` or feature.
+        """
+        try:
+            return detect_family(self.config)
+        except LongLoRAConfigError as e:
+            raise LongLoRAConfigError(f"{self.path}: {e}") from None
+
+    @property
+    def rope(self) -> RopeScaling:
+        """The checkpoint's RoPE setting (method, factor, original context, theta).
+
+        Raises:
+            LongLoRAConfigError: for a RoPE type LongLoRA cannot continue from (dynamic, longrope, ...).
+        """
+        try:
+            return RopeScaling.from_hf_config(self.config)
+        except LongLoRAConfigError as e:
+            raise LongLoRAConfigError(f"{self.path}: {e}") from None
+
+    @property
+    def tie_word_embeddings(self) -> bool:
+        """Whether the LM head is the token embedding (absent = False, as for every supported family)."""
+        return bool(self.config.get("tie_word_embeddings", False))
+
+    @property
+    def checkpointer_model_type(self) -> str:
+        """torchtune ``FullModelHFCheckpointer`` ``model_type`` (``LLAMA3_2`` for a tied Llama 3)."""
+        return self.family.checkpointer_type(self.tie_word_embeddings)
+
+    def tokenizer_config(self, **extra: Any) -> dict[str, Any]:
+        """The ``tokenizer`` config section for this checkpoint: the family's torchtune tokenizer, its files.
+
+        Args:
+            **extra: further tokenizer arguments (``max_seq_len``, ...).
+
+        Returns:
+            ``{"_component_": ..., "path": <folder>/<file>, ...}``.
+        """
+        family = self.family
+        files = {arg: str(self.path / name) for arg, name in family.tokenizer_files}
+        return {"_component_": family.tokenizer, **files, **extra}
+
+    def builder_rope_kwargs(self) -> dict[str, Any]:
+        """The RoPE facts of the checkpoint as LongLoRA builder arguments (for all four families).
+
+        Returns:
+            ``original_max_seq_len`` (``max_position_embeddings``), ``rope_base`` (theta) and
+            ``checkpoint_rope_scaling`` (the ``config.json`` entry, None when unscaled).
+        """
+        rope = self.rope
+        entry = rope.rope_entry()
+        if entry is not None:
+            entry = {k: v for k, v in entry.items() if k != "type"}
+        return {
+            "original_max_seq_len": self.original_max_seq_len,
+            "rope_base": float(rope.rope_theta),
+            "checkpoint_rope_scaling": entry,
+        }
 
     @property
     def builder_kwargs(self) -> dict[str, Any]:
@@ -111,12 +181,13 @@ class HFBaseModel:
 
         Returns:
             ``vocab_size``, ``num_layers``, ``num_heads``, ``num_kv_heads``, ``embed_dim``,
-            ``intermediate_dim``, ``norm_eps`` and ``rope_base``.
+            ``intermediate_dim``, ``norm_eps`` and ``rope_base``; plus ``tie_word_embeddings`` for the
+            families whose builders take it (Llama 3, Qwen2).
         """
         c = self.config
         # transformers 5 writes the RoPE base only inside rope_parameters.
         rope_base = c.get("rope_theta") or (c.get("rope_parameters") or {}).get("rope_theta") or 10_000.0
-        return {
+        kwargs = {
             "vocab_size": int(c["vocab_size"]),
             "num_layers": int(c["num_hidden_layers"]),
             "num_heads": int(c["num_attention_heads"]),
@@ -126,6 +197,9 @@ class HFBaseModel:
             "norm_eps": float(c.get("rms_norm_eps", 1e-5)),
             "rope_base": float(rope_base),
         }
+        if self.family.ties:
+            kwargs["tie_word_embeddings"] = self.tie_word_embeddings
+        return kwargs
 
     @property
     def head_dim(self) -> Optional[int]:
@@ -140,7 +214,7 @@ class HFBaseModel:
 
     @property
     def rope_scaling_factor(self) -> float:
-        """The checkpoint's own linear RoPE factor (1.0 without ``rope_scaling``).
+        """The checkpoint's own linear RoPE factor (1.0 without ``rope_scaling``); see :attr:`rope` for all.
 
         Raises:
             LongLoRAConfigError: for RoPE scaling other than linear.
@@ -157,11 +231,16 @@ class HFBaseModel:
             dtype: cast each floating tensor to this dtype while loading (halves peak memory for fp32
                 files); None keeps the stored dtype.
 
+        The family's torchtune conversion: Llama-style q/k row permutation (all but Qwen2), Qwen2's
+        biases; a tied checkpoint's ``lm_head.weight``, if the files hold one, is dropped (the model's
+        head is its embedding, as torchtune's ``LLAMA3_2``/``QWEN2`` checkpointers do).
+
         Returns:
             The state dict (``tok_embeddings.weight``, ``layers.0.attn.q_proj.weight``, ...).
         """
         from safetensors.torch import load_file
         from torchtune.models.convert_weights import hf_to_tune
+        from torchtune.models.qwen2 import qwen2_hf_to_tune
 
         hf_sd: dict[str, torch.Tensor] = {}
         for f in self.weight_files:
@@ -173,10 +252,10 @@ class HFBaseModel:
                 hf_sd[k] = v.to(dtype) if dtype is not None and v.is_floating_point() else v
             del part
         kw = self.builder_kwargs
-        return hf_to_tune(
-            hf_sd,
-            num_heads=kw["num_heads"],
-            num_kv_heads=kw["num_kv_heads"],
-            dim=kw["embed_dim"],
-            head_dim=self.head_dim,
-        )
+        shape = dict(num_heads=kw["num_heads"], num_kv_heads=kw["num_kv_heads"], dim=kw["embed_dim"])
+        tied = self.tie_word_embeddings
+        if tied:
+            hf_sd.pop("lm_head.weight", None)
+        if not self.family.qk_permuted:
+            return qwen2_hf_to_tune(hf_sd, **shape, head_dim=self.head_dim, tie_word_embeddings=tied)
+        return hf_to_tune(hf_sd, **shape, head_dim=self.head_dim)

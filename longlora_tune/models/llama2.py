@@ -8,13 +8,13 @@ tiny models); the model builders fix the Llama 2 7B/13B/70B shapes and keep Long
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, Optional
 
 from torchtune.models.llama2 import lora_llama2
 from torchtune.modules import TransformerDecoder
 
+from longlora_tune.models._common import resolve_rope
 from longlora_tune.models.longlora import apply_longlora
 from longlora_tune.modules.position_interpolation import position_interpolation_factor
 from longlora_tune.modules.s2_attention import S2AttentionConfig
@@ -45,6 +45,8 @@ def longlora_llama2(
     rope_base: float = 10_000,
     rope_scaling_factor: float | None = None,
     original_max_seq_len: int = 4096,
+    checkpoint_rope_scaling: Optional[Mapping[str, Any]] = None,
+    rope_scaling: Optional[Mapping[str, Any]] = None,
     s2_group_size_ratio: float | None = 0.25,
     s2_group_size: int | None = None,
     s2_wrap_around: bool = False,
@@ -81,6 +83,11 @@ def longlora_llama2(
             ``ceil(max_seq_len / original_max_seq_len)`` (at least 1). Pass an explicit factor when the
             checkpoint already has one (see ``position_interpolation_factor(..., existing_factor)``).
         original_max_seq_len: The base model's unscaled context (``max_position_embeddings``).
+        checkpoint_rope_scaling: The checkpoint's ``config.json`` ``rope_scaling`` entry (None: unscaled).
+            A linear one keeps LongLoRA's rule ``max(existing, ceil(max_seq_len / original))``.
+        rope_scaling: A RoPE extension other than LongLoRA's linear one, ``{"type": "yarn"|"llama3"|
+            "linear", "factor": f}`` (see :func:`longlora_tune.models.longlora_llama3`); None (the
+            default) is exactly the linear position interpolation above.
         s2_group_size_ratio: S² group size as a fraction of ``max_seq_len``.
         s2_group_size: Fixed S² group size in tokens (overrides the ratio).
         s2_wrap_around: Paper Algorithm 1 (roll; leaks G/2 future tokens) instead of the causal form.
@@ -112,8 +119,23 @@ def longlora_llama2(
         backend=s2_backend,
         use_full_attn=use_full_attn,
     )
-    if rope_scaling_factor is None:
-        rope_scaling_factor = position_interpolation_factor(max_seq_len, original_max_seq_len)
+    checkpoint_type = (checkpoint_rope_scaling or {}).get(
+        "rope_type", (checkpoint_rope_scaling or {}).get("type", "linear")
+    )
+    rope = None
+    if rope_scaling is not None or checkpoint_type != "linear":
+        rope = resolve_rope(
+            max_seq_len=max_seq_len,
+            rope_base=rope_base,
+            original_max_seq_len=original_max_seq_len,
+            checkpoint_rope_scaling=checkpoint_rope_scaling,
+            rope_scaling=rope_scaling,
+            rope_scaling_factor=rope_scaling_factor,
+            default_type="linear",
+        )
+    elif rope_scaling_factor is None:
+        existing = float((checkpoint_rope_scaling or {}).get("factor", 1.0))
+        rope_scaling_factor = position_interpolation_factor(max_seq_len, original_max_seq_len, existing)
     model = lora_llama2(
         lora_attn_modules=list(lora_attn_modules),
         apply_lora_to_mlp=apply_lora_to_mlp,
@@ -133,11 +155,17 @@ def longlora_llama2(
         use_dora=use_dora,
         quantize_base=quantize_base,
     )
+    if rope is not None:
+        return apply_longlora(model, s2=s2, rope=rope)
     return apply_longlora(model, s2=s2, rope_scaling_factor=rope_scaling_factor, rope_base=rope_base)
 
 
+_SHAPE_FIELDS = ("vocab_size", "num_layers", "num_heads", "num_kv_heads", "embed_dim", "intermediate_dim")
+
+
 def _sized(size: str, max_seq_len: int, knobs: dict[str, Any]) -> TransformerDecoder:
-    shape = dataclasses.asdict(MODEL_SHAPES[size])
+    published = MODEL_SHAPES[size]
+    shape = {f: getattr(published, f) for f in _SHAPE_FIELDS}
     fixed = set(shape) & set(knobs)
     if fixed:
         raise ValueError(

@@ -44,6 +44,11 @@ def apply_longlora(
       ``G = s2.resolve_group_size(mha.max_seq_len)``. It uses S² only in training mode. With ``s2=None``
       (evaluation and generation: always full attention) the attention call is left as it is.
 
+    GQA: S² splits the *query* heads in two halves. torchtune's attention expands the key/value heads to one
+    per query head before the attention call, so each half is shifted together with its own copies of the
+    keys and values; any ``num_kv_heads`` dividing ``num_heads`` -- 1 (MQA) or an odd count such as 3 --
+    gives exactly the per-head S² pattern. Only ``num_heads`` must be even.
+
     Neither replacement has parameters or persistent buffers, so ``state_dict`` keys are unchanged and
     torchtune's checkpointers load and save the model as before. The new RoPE is created on the device of
     the old one, so this works on a meta-device model; call ``rope_init()`` after materialising, as
@@ -150,6 +155,9 @@ class LongLoRAModelInfo:
         lora_alpha: LoRA alpha; None without LoRA layers.
         lora_targets: torchtune short names of the projections that carry LoRA (``q_proj``, ...).
         max_seq_len: the model's longest accepted sequence (None if the model does not say).
+        rope: the full RoPE setting (method, factor, original context, theta) when the model's RoPE was
+            installed from a :class:`~longlora_tune.modules.rope_scaling.RopeScaling` (every family builder
+            except Llama 2's default linear path); None otherwise (``rope_scaling_factor`` says it all).
     """
 
     group_size: Optional[int]
@@ -158,6 +166,7 @@ class LongLoRAModelInfo:
     lora_alpha: Optional[float]
     lora_targets: tuple[str, ...]
     max_seq_len: Optional[int]
+    rope: Optional[RopeScaling] = None
 
 
 def _one(values: set, what: str) -> object:
@@ -167,7 +176,7 @@ def _one(values: set, what: str) -> object:
 
 
 def describe(model: nn.Module) -> LongLoRAModelInfo:
-    """Describe a LongLoRA model: S² group size, RoPE factor, LoRA rank/alpha/targets, length.
+    """Describe a LongLoRA model: S² group size, RoPE factor and setting, LoRA rank/alpha/targets, length.
 
     Args:
         model: a model built by :mod:`longlora_tune.models` (or any torchtune decoder).
@@ -185,6 +194,9 @@ def describe(model: nn.Module) -> LongLoRAModelInfo:
     lora = [(name, m) for name, m in model.named_modules() if hasattr(m, "lora_a") and hasattr(m, "rank")]
     rank_alpha = _one({(int(m.rank), float(m.alpha)) for _, m in lora}, "LoRA (rank, alpha)")
     max_seq_len = getattr(model, "max_seq_len", None)
+    settings = {
+        getattr(m, "rope_scaling", None) for m in model.modules() if isinstance(m, SCALED_ROPE_MODULES)
+    }
     return LongLoRAModelInfo(
         group_size=_one(groups, "S2 group sizes"),  # type: ignore[arg-type]
         rope_scaling_factor=_one(factors, "RoPE factors") or 1.0,  # type: ignore[arg-type]
@@ -192,4 +204,5 @@ def describe(model: nn.Module) -> LongLoRAModelInfo:
         lora_alpha=rank_alpha[1] if rank_alpha else None,  # type: ignore[index]
         lora_targets=tuple(sorted({name.rsplit(".", 1)[-1] for name, _ in lora})),
         max_seq_len=int(max_seq_len) if max_seq_len is not None else None,
+        rope=None if None in settings else _one(settings, "RoPE settings"),  # type: ignore[arg-type]
     )

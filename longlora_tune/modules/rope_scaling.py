@@ -40,11 +40,14 @@ from longlora_tune.modules.position_interpolation import (
 )
 
 __all__ = [
+    "ROPE_REQUEST_KEYS",
     "ROPE_TYPES",
     "SCALED_ROPE_MODULES",
     "Llama3ScaledRotaryPositionalEmbeddings",
     "RopeScaling",
     "YaRNScaledRotaryPositionalEmbeddings",
+    "check_rope_request",
+    "rope_for_training",
     "yarn_attention_factor",
 ]
 
@@ -592,9 +595,19 @@ class RopeScaling:
 
         Returns:
             A :class:`LinearScaledRotaryPositionalEmbeddings` (``default`` gives factor 1),
-            :class:`YaRNScaledRotaryPositionalEmbeddings` or :class:`Llama3ScaledRotaryPositionalEmbeddings`.
+            :class:`YaRNScaledRotaryPositionalEmbeddings` or :class:`Llama3ScaledRotaryPositionalEmbeddings`,
+            with this setting as its ``rope_scaling`` attribute.
         """
-        base = self.rope_theta if base is None else base
+        module = self._build_module(
+            dim, max_seq_len, self.rope_theta if base is None else base, half_rotation
+        )
+        # Plain attribute (no state): describe() reads the exact setting back for exports and eval.
+        object.__setattr__(module, "rope_scaling", self)
+        return module
+
+    def _build_module(
+        self, dim: int, max_seq_len: int, base: float, half_rotation: bool
+    ) -> RotaryPositionalEmbeddings:
         if self.rope_type in ("default", "linear"):
             if half_rotation:
                 return _LinearFrequencyScaledRoPE(
@@ -685,3 +698,132 @@ class RopeScaling:
         return dataclasses.replace(
             self, factor=self.factor * steps, max_position_embeddings=self.context_len * steps
         )
+
+
+#: Keys of the recipe's ``rope_scaling`` request (and the builders' ``rope_scaling`` argument).
+ROPE_REQUEST_KEYS = ("type", "factor", "original_max_position_embeddings")
+
+
+def check_rope_request(request: Optional[Mapping[str, Any]]) -> Optional[dict[str, Any]]:
+    """Validate a ``rope_scaling`` request: ``{type: linear|yarn|llama3, factor: f, original_...: n}``.
+
+    ``factor`` (>= 1) is optional: None derives it from the training length (:meth:`RopeScaling.extend`).
+    ``original_max_position_embeddings`` (yarn/llama3 only) names the context the factor multiplies when
+    the checkpoint's ``max_position_embeddings`` is not its pretraining context (Qwen2.5 7B+ state 131072
+    but were pretrained at 32768, the context Qwen's YaRN recipe scales).
+
+    Args:
+        request: The mapping, or None (the family's default).
+
+    Returns:
+        A plain dict with the keys given (``type`` always), or None.
+
+    Raises:
+        LongLoRAConfigError: One line naming the bad key or value.
+    """
+    if request is None:
+        return None
+    if not isinstance(request, Mapping):
+        raise LongLoRAConfigError(
+            f"rope_scaling={request!r}; use a mapping such as {{type: yarn, factor: 4}} or null"
+        )
+    out = {str(k): v for k, v in request.items()}
+    unknown = sorted(set(out) - set(ROPE_REQUEST_KEYS))
+    if unknown:
+        raise LongLoRAConfigError(
+            f"rope_scaling has unknown keys {unknown}; it takes {', '.join(ROPE_REQUEST_KEYS)}"
+        )
+    rope_type = out.get("type")
+    if rope_type not in ROPE_TYPES[1:]:
+        raise LongLoRAConfigError(f"rope_scaling.type={rope_type!r}; use one of linear, yarn, llama3")
+    if out.get("factor") is not None:
+        try:
+            out["factor"] = check_rope_factor(out["factor"], "rope_scaling.factor")
+        except ValueError as err:
+            raise LongLoRAConfigError(str(err)) from None
+    original = out.get("original_max_position_embeddings")
+    if original is not None:
+        if rope_type == "linear":
+            raise LongLoRAConfigError(
+                "rope_scaling.original_max_position_embeddings is for yarn and llama3 (linear scales the "
+                "checkpoint's max_position_embeddings); remove it"
+            )
+        if isinstance(original, bool) or not isinstance(original, int) or original < 1:
+            raise LongLoRAConfigError(
+                f"rope_scaling.original_max_position_embeddings={original!r}; it must be a positive int"
+            )
+    return out
+
+
+def rope_for_training(
+    checkpoint: RopeScaling,
+    target_len: int,
+    *,
+    request: Optional[Mapping[str, Any]] = None,
+    default_type: str = "linear",
+) -> RopeScaling:
+    """The RoPE setting a model trained (or evaluated after training) at ``target_len`` tokens uses.
+
+    Starts from the checkpoint's own setting and extends it by one method, so the result is always one
+    ``config.json`` ``rope_type``:
+
+    * no request: :meth:`RopeScaling.extend` with the checkpoint's method, or ``default_type`` (the
+      family's default) for an unscaled checkpoint;
+    * ``{type}``: extend with that method (refused over a different existing method);
+    * ``{type, factor}``: exactly that factor, never below the checkpoint's own (a lower one would move
+      positions it learned). A larger ``llama3`` factor scales the served context alike (Llama 3.1's 8
+      for 128k -> 16 for 256k), as :meth:`RopeScaling.extend` does.
+
+    Args:
+        checkpoint: The base checkpoint's setting (:meth:`RopeScaling.from_hf_config`).
+        target_len: Training sequence length.
+        request: A :func:`check_rope_request` mapping, or None.
+        default_type: The method an unscaled checkpoint is extended with when ``request`` is None.
+
+    Returns:
+        The setting.
+
+    Raises:
+        LongLoRAConfigError: For a request ``config.json`` cannot express, or bad values.
+    """
+    request = check_rope_request(request)
+    if request is None:
+        return checkpoint.extend(target_len, None if checkpoint.rope_type != "default" else default_type)
+    rope_type, factor = request["type"], request.get("factor")
+    original = request.get("original_max_position_embeddings")
+    current = checkpoint.rope_type
+    if current not in ("default", rope_type):
+        # extend() words the refusal (one rope_type per config.json).
+        checkpoint.extend(target_len, rope_type)
+    if (
+        original is not None
+        and current != "default"
+        and original != checkpoint.original_max_position_embeddings
+    ):
+        raise LongLoRAConfigError(
+            f"rope_scaling.original_max_position_embeddings={original} but the checkpoint is already "
+            f"{current}-scaled from {checkpoint.original_max_position_embeddings}; remove it"
+        )
+    base = checkpoint
+    if current == "default" and original is not None:
+        base = dataclasses.replace(checkpoint, original_max_position_embeddings=original)
+    if factor is None:
+        return base.extend(target_len, rope_type)
+    if factor < checkpoint.factor:
+        raise LongLoRAConfigError(
+            f"rope_scaling.factor={factor} is below the checkpoint's own {current} factor "
+            f"{checkpoint.factor}; positions it learned would move: use at least {checkpoint.factor}"
+        )
+    if current == "default":
+        if factor == 1.0 and rope_type != "linear":
+            return checkpoint
+        return RopeScaling(
+            rope_type=rope_type,
+            factor=factor,
+            original_max_position_embeddings=base.original_max_position_embeddings,
+            rope_theta=checkpoint.rope_theta,
+        )
+    changes: dict[str, Any] = {"factor": factor}
+    if rope_type == "llama3":
+        changes["max_position_embeddings"] = int(round(checkpoint.context_len * factor / checkpoint.factor))
+    return dataclasses.replace(checkpoint, **changes)

@@ -28,6 +28,7 @@ from longlora_tune._compat import flex_attention_supported
 from longlora_tune.components import import_object
 from longlora_tune.errors import CONFIG_ERROR_EXIT_CODE, LongLoRAConfigError
 from longlora_tune.hf import HFBaseModel, download_command
+from longlora_tune.modules.rope_scaling import check_rope_request, rope_for_training
 from longlora_tune.peft import TRAINABLE_EXTRAS
 
 #: Hugging Face repository used in download hints when the config names none.
@@ -57,6 +58,8 @@ RECIPE_KEYS: dict[str, str] = {
     "metric_logger": "metric logger (_component_) and its arguments, or null (DiskLogger in output_dir/logs)",
     # model and data
     "trainable_extras": "trained besides LoRA: a subset of [embed, norm]",
+    "rope_scaling": "RoPE extension {type: linear|yarn|llama3, factor: f, "
+    "original_max_position_embeddings: n} (factor null = from the length); null = the family's default",
     "collate_fn": "dotted path of the collate function (unpacked datasets)",
     "pad_to_multiple_of": "padded batch lengths are multiples of this (null = the S2 group size)",
     "shuffle": "reshuffle the data every epoch (true/false)",
@@ -107,7 +110,9 @@ class ComponentSection(NamedTuple):
 #: against its signature (a builder taking ``**kwargs`` accepts any key).
 COMPONENT_SECTIONS: dict[str, ComponentSection] = {
     # The checkpoint's context and RoPE factor are passed by the recipe (see _rope_override).
-    "model": ComponentSection(True, supplied=("original_max_seq_len", "rope_scaling_factor")),
+    "model": ComponentSection(
+        True, supplied=("original_max_seq_len", "rope_scaling_factor", "checkpoint_rope_scaling")
+    ),
     "tokenizer": ComponentSection(True),
     "dataset": ComponentSection(True, positional=("the tokenizer",)),
     "optimizer": ComponentSection(True, positional=("the trainable parameters",)),
@@ -539,6 +544,40 @@ def check_base_files(
         )
 
 
+def check_rope_scaling(cfg: DictConfig) -> None:
+    """Check the ``rope_scaling`` key against the model builder and the base checkpoint's own RoPE.
+
+    The request must be well formed, the builder must take it, it must not be given twice (also as
+    ``model.rope_scaling``/``model.rope_scaling_factor``), and over the checkpoint's own scaling it must
+    give one ``config.json`` ``rope_type`` (stacking a second method is refused).
+
+    Args:
+        cfg: the recipe config (``checkpoint_dir`` already checked).
+
+    Raises:
+        LongLoRAConfigError: one line naming the problem and the fix.
+    """
+    raw = cfg.get("rope_scaling", None)
+    if raw is None:
+        return
+    container = OmegaConf.to_container(raw, resolve=True) if isinstance(raw, DictConfig) else raw
+    request = check_rope_request(container)
+    twice = [k for k in ("rope_scaling", "rope_scaling_factor") if cfg.model.get(k, None) is not None]
+    if twice:
+        raise LongLoRAConfigError(
+            f"rope_scaling is set and so is model.{twice[0]}; set the RoPE extension once "
+            "(top-level rope_scaling)"
+        )
+    if "rope_scaling" not in _section_arguments(cfg, "model"):
+        raise LongLoRAConfigError(
+            f"rope_scaling is set but model._component_={cfg.model.get('_component_')} does not take it; "
+            "use a longlora_tune.models builder"
+        )
+    base = HFBaseModel.read(cfg.checkpoint_dir)
+    length = training_length(cfg) or int(cfg.model.get("max_seq_len", 0) or base.original_max_seq_len)
+    rope_for_training(base.rope, length, request=request, default_type=base.family.default_rope_type)
+
+
 def check_training_length(train_len: int, model_max_seq_len: int, group_size: Optional[int]) -> None:
     """Check the training sequence length against the model and the S² group size.
 
@@ -709,6 +748,7 @@ def validate_config(cfg: DictConfig, world_size: int) -> int:
         )
     repo = cfg.get("hf_repo_id", None) or DEFAULT_REPO_HINT
     check_base_files(cfg.checkpoint_dir, cfg.tokenizer.get("path", None), repo)
+    check_rope_scaling(cfg)
     device = cfg.get("device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise LongLoRAConfigError("device=cuda but no CUDA device is available; set device=cpu for CPU")

@@ -2,9 +2,12 @@
 
 Three formats, each written all-or-nothing with :func:`~longlora_tune.checkpointing.atomic_directory`:
 
-* ``hf/``: a merged Hugging Face Llama checkpoint (LoRA folded into the weights, trained embeddings and
-  norms included) whose ``config.json`` carries ``rope_scaling = {"type": "linear", "factor": f}``, so
-  ``LlamaForCausalLM.from_pretrained`` reproduces the positions the model was trained with;
+* ``hf/``: a merged Hugging Face checkpoint of the base's family (Llama, Mistral or Qwen2; LoRA folded into
+  the weights, trained embeddings and norms included) whose ``config.json`` carries the trained RoPE
+  method and factor (``rope_scaling = {"type": "linear", "factor": f}`` for LongLoRA's linear
+  interpolation; ``yarn`` or ``llama3`` entries otherwise), so ``AutoModelForCausalLM.from_pretrained``
+  reproduces the positions the model was trained with. A tied base stays tied
+  (``tie_word_embeddings: true``, no ``lm_head.weight``): the trained embedding is also the head;
 * ``peft/``: a PEFT LoRA adapter with the embeddings and norms as ``modules_to_save``
   (:func:`longlora_tune.peft.save_peft_adapter`);
 * ``adapter/``: the trainable tensors in torchtune names plus ``longlora.json`` (the model builder
@@ -51,6 +54,24 @@ def rope_scaling_entry(factor: float) -> dict[str, Any]:
         ``{"type": "linear", "rope_type": "linear", "factor": factor}``.
     """
     return {"type": "linear", "rope_type": "linear", "factor": float(factor)}
+
+
+def rope_request(rope: RopeScaling) -> dict[str, Any]:
+    """The builders' ``rope_scaling`` argument that reproduces ``rope`` over the same base checkpoint.
+
+    Args:
+        rope: the trained setting.
+
+    Returns:
+        ``{"type", "factor"}`` plus ``original_max_position_embeddings`` for yarn/llama3; unscaled RoPE is
+        ``{"type": "linear", "factor": 1.0}`` (identical rotations).
+    """
+    if rope.rope_type == "default":
+        return {"type": "linear", "factor": 1.0}
+    request: dict[str, Any] = {"type": rope.rope_type, "factor": float(rope.factor)}
+    if rope.rope_type in ("yarn", "llama3"):
+        request["original_max_position_embeddings"] = rope.original_max_position_embeddings
+    return request
 
 
 def merged_hf_config(
@@ -146,14 +167,14 @@ def save_merged_hf_checkpoint(
     dtype: Optional[torch.dtype] = None,
     max_shard_bytes: int = MAX_SHARD_BYTES,
 ) -> Path:
-    """Merge LoRA into the weights and write a Hugging Face Llama checkpoint with ``rope_scaling``.
+    """Merge LoRA into the weights and write a Hugging Face checkpoint (the base's family) with its RoPE.
 
     Args:
         full_state_dict: the complete model state in torchtune names, LoRA matrices included (consumed:
             merged in place).
         out_dir: the export folder (replaced atomically if it exists).
         base: the base checkpoint (its ``config.json`` and tokenizer files are carried over).
-        model_info: the trained model's description (RoPE factor, LoRA rank and alpha).
+        model_info: the trained model's description (RoPE factor or full setting, LoRA rank and alpha).
         dtype: dtype of the written weights; None keeps the state's dtype.
         max_shard_bytes: largest safetensors file.
 
@@ -161,24 +182,27 @@ def save_merged_hf_checkpoint(
         The export folder.
     """
     from torchtune.models.convert_weights import tune_to_hf
+    from torchtune.models.qwen2 import qwen2_tune_to_hf
     from torchtune.modules.peft import get_merged_lora_ckpt
 
     kw = base.builder_kwargs
     merged = get_merged_lora_ckpt(full_state_dict, rank=model_info.lora_rank, alpha=model_info.lora_alpha)
-    hf_sd = tune_to_hf(
-        merged,
-        num_heads=kw["num_heads"],
-        num_kv_heads=kw["num_kv_heads"],
-        dim=kw["embed_dim"],
-        head_dim=base.head_dim,
-    )
+    if base.tie_word_embeddings:
+        merged.pop("output.weight", None)  # the head is the embedding; transformers re-ties it
+    shape = dict(num_heads=kw["num_heads"], num_kv_heads=kw["num_kv_heads"], dim=kw["embed_dim"])
+    if base.family.qk_permuted:
+        hf_sd = tune_to_hf(merged, **shape, head_dim=base.head_dim)
+    else:
+        hf_sd = qwen2_tune_to_hf(merged, **shape, head_dim=base.head_dim, tie_word_embeddings=True)
     if dtype is not None:
         hf_sd = {k: v.to(dtype) for k, v in hf_sd.items()}
     saved_dtype = dtype or next(iter(hf_sd.values())).dtype
     out = Path(out_dir)
     with checkpointing.atomic_directory(out) as tmp:
         _save_sharded_safetensors(hf_sd, tmp, max_shard_bytes)
-        config = merged_hf_config(base.config, model_info.rope_scaling_factor, saved_dtype)
+        config = merged_hf_config(
+            base.config, model_info.rope_scaling_factor, saved_dtype, rope=model_info.rope
+        )
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         copy_tokenizer_files(base.path, tmp)
     return out
@@ -212,6 +236,12 @@ def save_peft(
     model_config = {k: kw[k] for k in ("num_heads", "num_kv_heads", "embed_dim", "rope_base")}
     if base.head_dim:
         model_config["head_dim"] = base.head_dim
+    model_config["permute_qk"] = base.family.qk_permuted
+    model_config["tie_word_embeddings"] = base.tie_word_embeddings
+    rope = model_info.rope
+    rope_config = None
+    if rope is not None and rope.rope_type in ("yarn", "llama3"):
+        rope_config = rope.to_hf_config(base.config)
     out = Path(out_dir)
     with checkpointing.atomic_directory(out) as tmp:
         save_peft_adapter(
@@ -224,6 +254,7 @@ def save_peft(
             target_modules=list(model_info.lora_targets),
             rope_scaling_factor=model_info.rope_scaling_factor,
             quantized_base=quantized_base,
+            rope_config=rope_config,
         )
     return out
 
@@ -241,6 +272,7 @@ class LongLoRAExportInfo:
         hf_repo_id: the base model's Hugging Face id, if known.
         training_length: tokens per training sequence.
         global_step: optimizer steps done.
+        rope: the full RoPE setting (:attr:`LongLoRAModelInfo.rope`), or None for Llama 2's linear path.
     """
 
     model_config: dict[str, Any]
@@ -251,6 +283,7 @@ class LongLoRAExportInfo:
     hf_repo_id: Optional[str] = None
     training_length: Optional[int] = None
     global_step: int = 0
+    rope: Optional[RopeScaling] = None
 
 
 def save_adapter(
@@ -258,7 +291,8 @@ def save_adapter(
 ) -> Path:
     """Write ``trainable.safetensors`` (torchtune names) and ``longlora.json`` atomically.
 
-    ``longlora.json`` holds the builder arguments with the RoPE factor filled in, so
+    ``longlora.json`` holds the builder arguments with the RoPE factor (and, for RoPE settings other than
+    Llama 2's linear default, the ``rope_scaling`` request) filled in, so
     ``config.instantiate`` of its ``model`` entry rebuilds the trained architecture exactly.
 
     Args:
@@ -270,9 +304,14 @@ def save_adapter(
         The export folder.
     """
     meta = dataclasses.asdict(info)
+    meta.pop("rope")
     meta["model"] = dict(meta.pop("model_config"))
     meta["model"]["rope_scaling_factor"] = float(info.rope_scaling_factor)
     meta["rope_scaling"] = rope_scaling_entry(info.rope_scaling_factor)
+    if info.rope is not None:
+        # The builder's rope_scaling request that rebuilds exactly this setting over the same base.
+        meta["model"]["rope_scaling"] = rope_request(info.rope)
+        meta["rope_scaling"] = info.rope.rope_entry() or rope_scaling_entry(1.0)
     out = Path(out_dir)
     with checkpointing.atomic_directory(out) as tmp:
         checkpointing.save_trainable_state(trainable_state_dict, tmp / checkpointing.TRAINABLE_FILE)

@@ -233,11 +233,19 @@ def _peft_model_card(
     use_dora: bool,
     saved_modules: list[str],
     quantized_base: bool = False,
+    rope_files: Mapping[str, Any] | None = None,
 ) -> str:
     """README.md of a PEFT export: how to load it with its RoPE scaling, which PEFT cannot record."""
     base = json.dumps(base_model_name_or_path)  # a JSON string is a valid YAML scalar, whatever the path
+    rope_type = "linear"
     parameters = json.dumps({"rope_type": "linear", "factor": factor, "rope_theta": rope_theta})
     scaling = json.dumps({"type": "linear", "factor": factor})
+    if rope_files is not None:
+        rope_type = rope_files["rope_parameters"]["rope_type"]
+        # yarn/llama3 also need the served context (transformers 4.51-4.56 derive the YaRN factor from it).
+        mpe = f', "max_position_embeddings": {rope_files["max_position_embeddings"]}'
+        parameters = json.dumps(rope_files["rope_parameters"]) + f"{mpe}"
+        scaling = json.dumps(rope_files["rope_scaling"]) + f"{mpe}"
     method = "DoRA" if use_dora else "LoRA"
     if saved_modules:
         extras = (
@@ -275,11 +283,11 @@ tags:
 - rope-scaling
 ---
 
-# LongLoRA {method} adapter (linear RoPE scaling, factor {factor:g})
+# LongLoRA {method} adapter ({rope_type} RoPE scaling, factor {factor:g})
 
 {method} adapter (r={lora_rank}, alpha={lora_alpha:g}, target modules: {", ".join(target_modules)}) trained
 with LongLoRA for long contexts on top of `{base_model_name_or_path}`. Training interpolated the
-positions with **linear RoPE scaling, factor {factor:g}** (the base model's context length x {factor:g}).
+positions with **{rope_type} RoPE scaling, factor {factor:g}** (see `rope_scaling.json` for every setting).
 PEFT's `adapter_config.json` has no field for RoPE scaling, so the base model must be loaded with it
 before the adapter is applied. The same values are in `rope_scaling.json` next to this file.
 
@@ -305,7 +313,7 @@ keyword arguments on to the base model's `from_pretrained`.
 ## Why `AutoPeftModelForCausalLM.from_pretrained(adapter_dir)` alone is wrong
 
 Without the `rope_parameters` / `rope_scaling` argument, PEFT loads the base model with its own
-`config.json`, i.e. **without** the factor-{factor:g} RoPE scaling. The adapter then sees rotary
+`config.json`, i.e. **without** the factor-{factor:g} {rope_type} RoPE scaling. The adapter then sees rotary
 positions it was never trained with: the logits differ from the trained model's throughout the
 sequence (not only past the base's original context), and long inputs degrade badly. The same holds for
 `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter_dir)`. Nothing warns
@@ -332,6 +340,7 @@ def save_peft_adapter(
     target_modules: Iterable[str],
     rope_scaling_factor: float,
     quantized_base: bool = False,
+    rope_config: Mapping[str, Any] | None = None,
 ) -> None:
     """Write a Hugging Face PEFT LoRA adapter, with the embedding and norms as ``modules_to_save``.
 
@@ -355,8 +364,11 @@ def save_peft_adapter(
         trainable_sd: torchtune-named trainable tensors (from :func:`trainable_state_dict`): LoRA/DoRA
             weights, optionally ``tok_embeddings.weight`` and norm scales. Any other key is an error.
         out_dir: Output folder (created if missing).
-        model_config: ``num_heads``, ``num_kv_heads``, ``embed_dim``; optionally ``head_dim`` and
-            ``rope_base`` (default 10000, written to ``rope_scaling.json``).
+        model_config: ``num_heads``, ``num_kv_heads``, ``embed_dim``; optionally ``head_dim``,
+            ``rope_base`` (default 10000, written to ``rope_scaling.json``), ``permute_qk`` (False for Qwen2,
+            whose Hugging Face q/k rows are not permuted; default True) and ``tie_word_embeddings``: a tied
+            model's trained embedding is also saved as ``lm_head`` (PEFT copies each module it saves, so
+            without it the head would keep the base embedding).
         base_model_name_or_path: The base model PEFT should load (hub id or folder).
         lora_rank: LoRA rank ``r``.
         lora_alpha: LoRA alpha.
@@ -365,6 +377,9 @@ def save_peft_adapter(
         rope_scaling_factor: Linear RoPE factor the adapter was trained with (in ``rope_scaling.json``).
         quantized_base: The adapter was trained against an NF4 base (QLoRA); the model card says so and
             what merging into the bf16 base costs.
+        rope_config: The trained RoPE setting as ``config.json`` keys
+            (:meth:`~longlora_tune.modules.rope_scaling.RopeScaling.to_hf_config`: ``rope_theta``,
+            ``rope_scaling``, ``max_position_embeddings``) for yarn/llama3; None writes the linear factor.
 
     Raises:
         ValueError: On a key that cannot be exported, a LoRA module outside ``target_modules``, a shape
@@ -377,6 +392,8 @@ def save_peft_adapter(
     head_dim = int(model_config.get("head_dim") or int(model_config["embed_dim"]) // num_heads)
     rope_theta = float(model_config.get("rope_base", 10_000))
     factor = check_rope_factor(rope_scaling_factor, "rope_scaling_factor")
+    permute_qk = bool(model_config.get("permute_qk", True))
+    tied = bool(model_config.get("tie_word_embeddings", False))
     if not base_model_name_or_path:
         raise ValueError("base_model_name_or_path is empty; pass the HF base model id or folder")
     target_modules = list(target_modules)
@@ -401,7 +418,7 @@ def save_peft_adapter(
                     f"{key} has shape {tuple(value.shape)}, which does not match lora_rank {lora_rank}"
                 )
             hf_module = _hf_name(module + ".weight")[: -len(".weight")]
-            if suffix != ".lora_a.weight" and module.endswith((".q_proj", ".k_proj")):
+            if permute_qk and suffix != ".lora_a.weight" and module.endswith((".q_proj", ".k_proj")):
                 n = num_heads if module.endswith(".q_proj") else num_kv_heads
                 value = _permute_rows_to_hf(value, n, head_dim)
             peft_suffix = {".lora_a.weight": ".lora_A.weight", ".lora_b.weight": ".lora_B.weight"}.get(
@@ -417,6 +434,9 @@ def save_peft_adapter(
             local = key[: -len(".weight" if key == _EMBED_KEY else ".scale")].rsplit(".", 1)[-1]
             saved_modules.add(_TUNE_TO_PEFT_SAVED[local])
             tensors[f"base_model.model.{hf_key}"] = value
+            if tied and key == _EMBED_KEY:
+                saved_modules.add("lm_head")
+                tensors["base_model.model.lm_head.weight"] = value
         else:
             raise ValueError(
                 f"Cannot export {key} to a PEFT adapter: only LoRA weights, tok_embeddings and norm scales "
@@ -439,13 +459,27 @@ def save_peft_adapter(
     with atomic_path(out / "adapter_model.safetensors") as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"format": "pt"})
     atomic_write_json(out / "adapter_config.json", peft_config)
+    rope_files: dict[str, Any] | None = None
+    if rope_config is not None and rope_config.get("rope_scaling"):
+        entry = dict(rope_config["rope_scaling"])
+        params = {k: v for k, v in entry.items() if k != "type"}
+        rope_files = {
+            "rope_scaling": entry,
+            "rope_parameters": {**params, "rope_theta": float(rope_config["rope_theta"])},
+            "max_position_embeddings": int(rope_config["max_position_embeddings"]),
+        }
+    note = (
+        "Load the base model with this RoPE scaling before PeftModel.from_pretrained: "
+        "from_pretrained(base, rope_parameters=...) on transformers>=5, rope_scaling=... on 4.x."
+    )
     atomic_write_json(
         out / "rope_scaling.json",
-        {
+        {**rope_files, "note": note + " Pass max_position_embeddings too."}
+        if rope_files is not None
+        else {
             "rope_scaling": {"type": "linear", "factor": factor},
             "rope_parameters": {"rope_type": "linear", "factor": factor, "rope_theta": rope_theta},
-            "note": "Load the base model with this RoPE scaling before PeftModel.from_pretrained: "
-            "from_pretrained(base, rope_parameters=...) on transformers>=5, rope_scaling=... on 4.x.",
+            "note": note,
         },
     )
     atomic_write_text(
@@ -460,6 +494,7 @@ def save_peft_adapter(
             use_dora=use_dora,
             saved_modules=sorted(saved_modules),
             quantized_base=quantized_base,
+            rope_files=rope_files,
         ),
     )
     log.info(

@@ -305,7 +305,9 @@ class LongLoRARecipeDistributed:
         """Builder arguments that come from the base checkpoint rather than the config.
 
         ``original_max_seq_len`` is the checkpoint's ``max_position_embeddings`` (and must agree with the
-        config when set). A checkpoint that already has a linear RoPE factor keeps it when it covers the
+        config when set). Builders that take ``checkpoint_rope_scaling`` (every longlora_tune family builder)
+        also get the checkpoint's ``rope_theta`` and ``rope_scaling``, and the top-level ``rope_scaling``
+        request when set. A checkpoint that already has a linear RoPE factor keeps it when it covers the
         training length and is replaced by ``ceil(length / original)`` otherwise (never compounded),
         unless the config sets ``rope_scaling_factor``.
         """
@@ -317,10 +319,24 @@ class LongLoRARecipeDistributed:
                 f"max_position_embeddings={checkpoint_ctx}; set model.original_max_seq_len={checkpoint_ctx}"
             )
         overrides: dict[str, Any] = {"original_max_seq_len": checkpoint_ctx}
-        existing = self.base.rope_scaling_factor
-        if existing > 1.0 and self.cfg.model.get("rope_scaling_factor", None) is None:
+        existing = self.base.rope.factor if self.base.rope.rope_type == "linear" else 1.0
+        request = self.cfg.get("rope_scaling", None)
+        if existing > 1.0 and self.cfg.model.get("rope_scaling_factor", None) is None and request is None:
             target = int(self.cfg.model.get("max_seq_len", checkpoint_ctx))
             overrides["rope_scaling_factor"] = position_interpolation_factor(target, checkpoint_ctx, existing)
+        builder = import_object(self.cfg.model._component_, "model._component_")
+        if "checkpoint_rope_scaling" in inspect.signature(builder).parameters:
+            # Family builders: the checkpoint's RoPE facts (theta, scaling) and the requested extension.
+            rope_facts = self.base.builder_rope_kwargs()
+            configured = self.cfg.model.get("rope_base", None)
+            if configured is not None and float(configured) != rope_facts["rope_base"]:
+                raise LongLoRAConfigError(
+                    f"model.rope_base={configured} but {self.base.path}/config.json has rope_theta="
+                    f"{rope_facts['rope_base']}; remove model.rope_base"
+                )
+            overrides.update(rope_facts)
+        if request is not None:
+            overrides["rope_scaling"] = OmegaConf.to_container(request, resolve=True)
         return overrides
 
     def _setup_data(self) -> None:
@@ -622,6 +638,7 @@ class LongLoRARecipeDistributed:
             hf_repo_id=self.cfg.get("hf_repo_id", None),
             training_length=training_length(self.cfg),
             global_step=self.global_step,
+            rope=self.model_info.rope,
         )
         if self.is_rank_zero:
             if "hf" in self.export_formats:

@@ -2,12 +2,15 @@
 
 Two layouts are supported:
 
-* a merged Hugging Face checkpoint (``<output_dir>/hf`` of our training recipe, or any Llama 2 HF
-  folder): torchtune's ``llama2`` component with :func:`~longlora_tune.models.apply_longlora`
-  (``use_full_attn=True``) and the checkpoint's weights;
-* a base HF checkpoint plus our unmerged ``adapter/`` folder: ``longlora_llama2`` built with the
-  adapter's ``longlora.json`` keyword arguments, the base weights (``strict=False``: LoRA weights are not in
-  the base), then ``adapter/trainable.safetensors`` (LoRA + embeddings + norms).
+* a merged Hugging Face checkpoint (``<output_dir>/hf`` of our training recipe, or any supported HF
+  folder): the family's torchtune component (``llama2``, ``llama3_2``, ``mistral``, ``qwen2``; picked from
+  ``config.json`` by :mod:`longlora_tune.families`) with :func:`~longlora_tune.models.apply_longlora`
+  (full attention) and the checkpoint's weights. The RoPE is the checkpoint's own method and factor
+  (linear, yarn or llama3, exactly as its ``config.json`` states them);
+* a base HF checkpoint plus our unmerged ``adapter/`` folder: the LongLoRA builder named in the
+  adapter's ``longlora.json`` with its keyword arguments (including the trained ``rope_scaling``) over the
+  base folder's RoPE facts, the base weights (``strict=False``: LoRA weights are not in the base), then
+  ``adapter/trainable.safetensors`` (LoRA + embeddings + norms).
 
 RoPE factor rule: evaluation uses the factor the model was TRAINED with, never one derived from the
 evaluation length. An explicit ``rope_scaling_factor`` wins; otherwise the checkpoint's own factor (the
@@ -18,6 +21,8 @@ disagreement between the two is a warning naming both.
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import json
 import logging
 from pathlib import Path
@@ -42,6 +47,7 @@ from longlora_tune.errors import LongLoRAConfigError
 from longlora_tune.hf import HFBaseModel
 from longlora_tune.models import apply_longlora
 from longlora_tune.modules.position_interpolation import check_rope_factor, position_interpolation_factor
+from longlora_tune.modules.rope_scaling import RopeScaling, rope_for_training
 
 __all__ = [
     "close_eval_runtime",
@@ -110,6 +116,55 @@ def eval_rope_factor(
     return float(recorded)
 
 
+def _uses_linear_path(base: HFBaseModel) -> bool:
+    """Llama 2 with linear or no RoPE scaling: the original loader, factor rule and modules, unchanged."""
+    return base.family.name == "llama2" and base.rope.rope_type in ("default", "linear")
+
+
+def eval_rope(
+    base: HFBaseModel, *, training_length: int | None = None, rope_scaling_factor: float | None = None
+) -> RopeScaling:
+    """The full RoPE setting for evaluating a merged checkpoint: the one its ``config.json`` states.
+
+    A scaled checkpoint records what it was trained with, which wins. An unscaled one evaluated for a
+    ``training_length`` gets the family's default extension of that length (what training used);
+    ``rope_scaling_factor`` pins the factor of the checkpoint's (or the family's default) method.
+
+    Args:
+        base: the checkpoint.
+        training_length: the context the model was trained at.
+        rope_scaling_factor: an explicit factor.
+
+    Returns:
+        The setting.
+
+    Raises:
+        LongLoRAConfigError: if both are given, or for an inexpressible combination.
+    """
+    if training_length is not None and rope_scaling_factor is not None:
+        raise LongLoRAConfigError(
+            f"give either training_length={training_length} or rope_scaling_factor={rope_scaling_factor}, "
+            "not both (the factor follows from the training length)"
+        )
+    rope, default_type = base.rope, base.family.default_rope_type
+    if rope_scaling_factor is not None:
+        method = rope.rope_type if rope.rope_type != "default" else default_type
+        request = {"type": method, "factor": rope_scaling_factor}
+        return rope_for_training(rope, rope.context_len, request=request)
+    if training_length is not None and rope.rope_type == "default":
+        return rope_for_training(rope, int(training_length), default_type=default_type)
+    return rope
+
+
+def _builder_takes(component: str, argument: str) -> bool:
+    module, _, name = str(component).rpartition(".")
+    try:
+        builder = getattr(importlib.import_module(module), name)
+        return argument in inspect.signature(builder).parameters
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return False
+
+
 def _read_adapter_meta(adapter_dir: Path) -> dict[str, Any]:
     path = adapter_dir / "longlora.json"
     if not path.is_file():
@@ -176,13 +231,23 @@ def load_eval_model(
     base = HFBaseModel.read(checkpoint_dir)
     weights = base.load_state_dict(dtype=dtype)
 
-    if meta is None:
+    rope = None
+    if meta is None and _uses_linear_path(base):
         factor = eval_rope_factor(
             base, training_length=training_length, rope_scaling_factor=rope_scaling_factor
         )
         with training.set_default_dtype(dtype), device:
             model = llama2(**base.builder_kwargs, max_seq_len=max_seq_len)
             apply_longlora(model, s2=None, rope_scaling_factor=factor)
+    elif meta is None:
+        rope = eval_rope(base, training_length=training_length, rope_scaling_factor=rope_scaling_factor)
+        factor = rope.factor
+        module, _, name = base.family.base_builder.rpartition(".")
+        builder = getattr(importlib.import_module(module), name)
+        with training.set_default_dtype(dtype), device:
+            model = builder(**base.builder_kwargs, max_seq_len=max_seq_len)
+            apply_longlora(model, s2=None, rope=rope)
+    if meta is None:
         missing, unexpected = model.load_state_dict(weights, strict=False)
         if missing or unexpected:
             raise LongLoRAConfigError(
@@ -193,12 +258,20 @@ def load_eval_model(
         trainable = adapter_dir / TRAINABLE_FILE
         if not trainable.is_file():
             raise LongLoRAConfigError(f"adapter_dir={str(adapter_dir)!r} has no {TRAINABLE_FILE}")
-        factor = eval_rope_factor(
-            base,
-            training_length=training_length,
-            rope_scaling_factor=rope_scaling_factor,
-            checkpoint_factor=meta.get("rope_scaling_factor"),
-        )
+        if meta["model"].get("rope_scaling") is not None or not _uses_linear_path(base):
+            # The recorded request rebuilds the trained setting; an explicit factor replaces its factor.
+            if training_length is not None and rope_scaling_factor is not None:
+                eval_rope_factor(
+                    base, training_length=training_length, rope_scaling_factor=rope_scaling_factor
+                )
+            factor = float(rope_scaling_factor or meta.get("rope_scaling_factor") or 1.0)
+        else:
+            factor = eval_rope_factor(
+                base,
+                training_length=training_length,
+                rope_scaling_factor=rope_scaling_factor,
+                checkpoint_factor=meta.get("rope_scaling_factor"),
+            )
         # The trained architecture, with full attention and this evaluation's length; S² settings are
         # irrelevant at evaluation, so a fixed valid group size replaces the trained one.
         overrides = dict(
@@ -209,6 +282,11 @@ def load_eval_model(
             s2_group_size_ratio=None,
             lora_dropout=0.0,
         )
+        if _builder_takes(meta["model"]["_component_"], "checkpoint_rope_scaling"):
+            # The base folder's RoPE facts, exactly as the training recipe passed them.
+            overrides.update(base.builder_rope_kwargs())
+            if meta["model"].get("rope_scaling") is not None:
+                overrides["rope_scaling"] = {**meta["model"]["rope_scaling"], "factor": factor}
         with training.set_default_dtype(dtype), device:
             model = tt_config.instantiate(OmegaConf.create(meta["model"]), **overrides)
         missing, unexpected = model.load_state_dict(weights, strict=False)
@@ -226,10 +304,14 @@ def load_eval_model(
             )
     model.eval()
     model.requires_grad_(False)
+    from longlora_tune.models.longlora import describe
+
+    rope = describe(model).rope or rope
     info = {
         "checkpoint_dir": str(checkpoint_dir),
         "adapter_dir": None if adapter_dir is None else str(adapter_dir),
         "rope_scaling_factor": factor,
+        "rope_scaling": None if rope is None else rope.rope_entry(),
         "max_seq_len": max_seq_len,
         "dtype": str(dtype).removeprefix("torch."),
     }

@@ -185,6 +185,8 @@ def test_component_builder_signature_matches_the_contract():
         rope_base=10_000,
         rope_scaling_factor=None,
         original_max_seq_len=4096,
+        checkpoint_rope_scaling=None,
+        rope_scaling=None,
         s2_group_size_ratio=0.25,
         s2_group_size=None,
         s2_wrap_around=False,

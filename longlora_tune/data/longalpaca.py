@@ -13,7 +13,7 @@ Templates (LongLoRA ``supervised-fine-tune.py`` since 2023-11-19, ``llama2_chat`
     ``alpaca`` is the Stanford Alpaca prompt.
     ``chat``: the tokenizer's own chat template (Llama 3, Qwen2.5, Mistral, ...): the record becomes the
     conversation ``[system (optional), user, assistant]`` with the user turn ``{instruction}`` or
-    ``{instruction}\n{input}`` and the answer as the assistant turn, tokenized by the torchtune model
+    ``{instruction}\\n{input}`` and the answer as the assistant turn, tokenized by the torchtune model
     tokenizer's ``tokenize_messages`` (see :mod:`longlora_tune.data.chat_format`). The loss covers the
     answer and its end-of-turn/EOS token as that template writes them; the assistant header is prompt.
     Llama 2 keeps ``llama2_chat``, the exact LongLoRA prompt.
@@ -114,7 +114,7 @@ def chat_user_text(instruction: str, input: str = "") -> str:
         input: optional extra input, put on its own line after the instruction.
 
     Returns:
-        ``instruction``, or ``instruction + "\n" + input`` when ``input`` is not empty.
+        ``instruction``, or ``instruction + "\\n" + input`` when ``input`` is not empty.
     """
     return f"{instruction}\n{input}" if input else instruction
 

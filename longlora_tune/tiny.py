@@ -5,6 +5,10 @@ Everything here is generated deterministically from a seed in a second or two, i
 real artefacts use (a SentencePiece ``tokenizer.model``, a Hugging Face Llama ``config.json`` +
 ``model.safetensors``, JSON lines text, a LongAlpaca-style JSON file), so the code under test is the
 code that reads real checkpoints and datasets.
+
+Chat-format tokenizers of other families, in their released formats: :func:`make_llama3_tokenizer`
+(tiktoken BPE), :func:`make_qwen2_5_tokenizer` (``vocab.json`` + ``merges.txt``) and
+:func:`make_mistral_tokenizer` (SentencePiece).
 """
 
 from __future__ import annotations
@@ -66,6 +70,13 @@ def make_tokenizer(out_dir: str | Path, *, vocab_size: int = 512, seed: int = 0)
     Raises:
         ValueError: if ``vocab_size`` is too small for byte fallback.
     """
+    return _train_sentencepiece(out_dir, vocab_size=vocab_size, seed=seed)
+
+
+def _train_sentencepiece(
+    out_dir: str | Path, *, vocab_size: int, seed: int, extra: Optional[dict[str, Any]] = None
+) -> Path:
+    """Train and write a SentencePiece BPE ``tokenizer.model`` (unk 0, bos 1, eos 2, byte fallback)."""
     import sentencepiece as spm
 
     if vocab_size < 300:
@@ -89,10 +100,197 @@ def make_tokenizer(out_dir: str | Path, *, vocab_size: int = 512, seed: int = 0)
         split_digits=True,
         num_threads=1,
         minloglevel=2,
+        **(extra or {}),
     )
     path = out / "tokenizer.model"
     path.write_bytes(model.getvalue())
     return path
+
+
+def make_mistral_tokenizer(out_dir: str | Path, *, vocab_size: int = 512, seed: int = 0) -> Path:
+    """Train a tiny Mistral-style SentencePiece ``tokenizer.model`` for ``mistral_tokenizer``.
+
+    The special ids are Mistral 7B's (unk 0, bos 1, eos 2), with byte fallback, and unlike
+    :func:`make_tokenizer` the normalizer is the one Mistral's (and Llama 2's) released model uses:
+    ``identity`` with whitespace kept, so newlines and repeated spaces survive a round trip (as byte
+    pieces) instead of being folded into one space. ``[INST]``/``[/INST]`` are plain text, as torchtune's
+    ``MistralChatTemplate`` writes them.
+
+    Args:
+        out_dir: folder to write ``tokenizer.model`` into (created if missing).
+        vocab_size: vocabulary size; at least 300 because byte fallback needs 256 pieces.
+        seed: seed of the training corpus.
+
+    Returns:
+        Path of the written ``tokenizer.model`` (pass it to
+        ``torchtune.models.mistral.mistral_tokenizer(path)``).
+
+    Raises:
+        ValueError: if ``vocab_size`` is too small for byte fallback.
+    """
+    return _train_sentencepiece(
+        out_dir,
+        vocab_size=vocab_size,
+        seed=seed,
+        extra={"normalization_rule_name": "identity", "remove_extra_whitespaces": False},
+    )
+
+
+def _bpe_corpus(seed: int) -> list[str]:
+    """Training text for the byte-level BPE writers.
+
+    Besides the synthetic documents and chat-template words it holds every two-letter word once, so there
+    are always enough (rare, hence late) merges to fill a vocabulary of a requested size up to about 1000.
+    """
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    corpus = make_documents(200, seed=seed)
+    corpus += ["system user assistant The pass key is 12345. What is the pass key?"] * 5
+    corpus.append(" ".join(a + b for a in letters for b in letters))
+    return corpus
+
+
+def _train_byte_bpe(
+    corpus: list[str], pattern: str, vocab_size: int
+) -> tuple[list[bytes], list[tuple[bytes, bytes]]]:
+    """Train a byte-level BPE: the vocabulary in rank order (the 256 single bytes first) and the merges.
+
+    Words (the pre-tokenizer ``pattern``'s matches) are never merged across; each step merges the most
+    frequent adjacent pair (ties broken by the pair's bytes, so the result is deterministic). A merge whose
+    result is already a token (reached before from other halves) is kept but adds no token.
+    """
+    import regex
+
+    if vocab_size < 257:
+        raise ValueError(f"vocab_size={vocab_size} is too small: a byte-level BPE has 256 byte tokens")
+    counts: dict[tuple[bytes, ...], int] = {}
+    for text in corpus:
+        for word in regex.findall(pattern, text):
+            key = tuple(bytes([b]) for b in word.encode("utf-8"))
+            counts[key] = counts.get(key, 0) + 1
+    vocab = [bytes([b]) for b in range(256)]
+    known = set(vocab)
+    merges: list[tuple[bytes, bytes]] = []
+    while len(vocab) < vocab_size:
+        pairs: dict[tuple[bytes, bytes], int] = {}
+        for word, n in counts.items():
+            for pair in zip(word, word[1:]):
+                pairs[pair] = pairs.get(pair, 0) + n
+        if not pairs:
+            raise ValueError(
+                f"vocab_size={vocab_size} is too large for the tiny corpus ({len(vocab)} at most)"
+            )
+        first, second = max(pairs, key=lambda p: (pairs[p], p))
+        merged_counts: dict[tuple[bytes, ...], int] = {}
+        for word, n in counts.items():
+            merged: list[bytes] = []
+            i = 0
+            while i < len(word):
+                if i + 1 < len(word) and word[i] == first and word[i + 1] == second:
+                    merged.append(first + second)
+                    i += 2
+                else:
+                    merged.append(word[i])
+                    i += 1
+            merged_counts[tuple(merged)] = merged_counts.get(tuple(merged), 0) + n
+        counts = merged_counts
+        merges.append((first, second))
+        if first + second not in known:
+            known.add(first + second)
+            vocab.append(first + second)
+    return vocab, merges
+
+
+def _write_special_tokens_json(path: Path, special_tokens: dict[str, int], offset: int) -> None:
+    """Write ``{"added_tokens": [{"id", "content"}, ...]}`` (the part of a Hugging Face ``tokenizer.json``
+    torchtune's ``special_tokens_path`` reads), with every id moved by ``offset``."""
+    added = [
+        {"id": i + offset, "content": token, "special": True}
+        for token, i in sorted(special_tokens.items(), key=lambda kv: kv[1])
+    ]
+    path.write_text(json.dumps({"added_tokens": added}, indent=1))
+
+
+def make_llama3_tokenizer(out_dir: str | Path, *, vocab_size: int = 512, seed: int = 0) -> Path:
+    """Train a tiny Llama 3 tiktoken BPE (``tokenizer.model``) for ``llama3_tokenizer``.
+
+    The file has Meta's format (one ``base64(token bytes) rank`` line per token), with ranks 0-255 the
+    single bytes and then ``vocab_size - 256`` merges learnt with Llama 3's pre-tokenizer pattern, so any
+    text encodes. Llama 3's special tokens are not in the file: ``llama3_tokenizer(path)`` adds torchtune's
+    canonical ones at their real ids (``<|begin_of_text|>`` = 128000, ``<|eot_id|>`` = 128009, ...; its
+    ``vocab_size`` is then 128257). For a tiny model, the folder also gets ``special_tokens.json`` with the
+    same tokens moved down to follow the BPE (id ``vocab_size + real id - 128000``):
+    ``llama3_tokenizer(path, special_tokens_path=<folder>/special_tokens.json)`` then has
+    ``vocab_size + 257`` ids.
+
+    Args:
+        out_dir: folder to write ``tokenizer.model`` and ``special_tokens.json`` into (created if missing).
+        vocab_size: number of BPE tokens (bytes and merges), 257 to about 1000.
+        seed: seed of the training corpus.
+
+    Returns:
+        Path of the written ``tokenizer.model``.
+
+    Raises:
+        ValueError: if ``vocab_size`` is out of range.
+    """
+    import base64
+
+    from torchtune.models.llama3._tokenizer import CL100K_PATTERN, LLAMA3_SPECIAL_TOKENS
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    vocab, _ = _train_byte_bpe(_bpe_corpus(seed), CL100K_PATTERN, vocab_size)
+    path = out / "tokenizer.model"
+    path.write_text("".join(f"{base64.b64encode(tok).decode()} {rank}\n" for rank, tok in enumerate(vocab)))
+    first_special = min(LLAMA3_SPECIAL_TOKENS.values())
+    _write_special_tokens_json(out / "special_tokens.json", LLAMA3_SPECIAL_TOKENS, vocab_size - first_special)
+    return path
+
+
+def make_qwen2_5_tokenizer(out_dir: str | Path, *, vocab_size: int = 512, seed: int = 0) -> tuple[Path, Path]:
+    """Train a tiny Qwen2.5 byte-level BPE (``vocab.json`` + ``merges.txt``) for ``qwen2_5_tokenizer``.
+
+    The files have the Hugging Face GPT-2 format Qwen2.5 ships: byte-to-unicode mapped tokens, ids 0-255
+    the single bytes, then ``vocab_size - 256`` merges learnt with Qwen2's pre-tokenizer pattern (digits
+    split one by one). Qwen2.5's special tokens are not in ``vocab.json``:
+    ``qwen2_5_tokenizer(vocab, merges)`` adds torchtune's canonical ones at their real ids
+    (``<|endoftext|>`` = 151643, ``<|im_start|>`` = 151644, ``<|im_end|>`` = 151645, ...). For a tiny model,
+    the folder also gets ``special_tokens.json`` with the same tokens moved down to follow the BPE (id
+    ``vocab_size + real id - 151643``), for ``qwen2_5_tokenizer(..., special_tokens_path=...)``.
+
+    Args:
+        out_dir: folder to write ``vocab.json``, ``merges.txt`` and ``special_tokens.json`` into (created
+            if missing).
+        vocab_size: number of BPE tokens (bytes and merges), 257 to about 1000.
+        seed: seed of the training corpus.
+
+    Returns:
+        Paths of the written ``vocab.json`` and ``merges.txt``.
+
+    Raises:
+        ValueError: if ``vocab_size`` is out of range.
+    """
+    from torchtune.models.qwen2._tokenizer import PRETOKENIZE_REGEX, bytes_to_unicode
+    from torchtune.models.qwen2_5._tokenizer import QWEN2_5_SPECIAL_TOKENS
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    vocab, merges = _train_byte_bpe(_bpe_corpus(seed), PRETOKENIZE_REGEX, vocab_size)
+    to_unicode = bytes_to_unicode()
+
+    def text(tok: bytes) -> str:
+        return "".join(to_unicode[b] for b in tok)
+
+    vocab_path, merges_path = out / "vocab.json", out / "merges.txt"
+    vocab_path.write_text(json.dumps({text(tok): i for i, tok in enumerate(vocab)}, ensure_ascii=False))
+    merges_path.write_text(
+        "#version: 0.2\n" + "".join(f"{text(a)} {text(b)}\n" for a, b in merges), encoding="utf-8"
+    )
+    first_special = min(QWEN2_5_SPECIAL_TOKENS.values())
+    _write_special_tokens_json(
+        out / "special_tokens.json", QWEN2_5_SPECIAL_TOKENS, vocab_size - first_special
+    )
+    return vocab_path, merges_path
 
 
 def hf_llama_config(

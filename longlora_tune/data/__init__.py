@@ -1,10 +1,12 @@
 """Datasets and collation for LongLoRA training: pretraining blocks, LongAlpaca SFT, S²-friendly padding."""
 
+from longlora_tune.data.chat_format import ChatFormat
 from longlora_tune.data.checks import check_dataset_source
 from longlora_tune.data.collate import padded_collate_s2
 from longlora_tune.data.longalpaca import (
     LLAMA2_DEFAULT_SYSTEM_PROMPT,
     LongAlpacaDataset,
+    chat_user_text,
     longalpaca_dataset,
     longalpaca_prompt,
 )
@@ -12,8 +14,10 @@ from longlora_tune.data.pretrain import PackedBlocksDataset, packed_blocks_datas
 
 __all__ = [
     "LLAMA2_DEFAULT_SYSTEM_PROMPT",
+    "ChatFormat",
     "LongAlpacaDataset",
     "PackedBlocksDataset",
+    "chat_user_text",
     "check_dataset_source",
     "longalpaca_dataset",
     "longalpaca_prompt",

@@ -20,6 +20,9 @@ plain-LoRA/LongLoRA and, with ``--peer``, ours/peer in best-step and median toke
 (CPU: the increase over the built model; CUDA: absolute). Results are printed as a markdown table and
 written as JSON with ``--out``.
 
+``--profile N`` profiles one more step of every case (after the timed ones, with ``torch.profiler``) and
+prints its N most expensive operators by self time, for ours and the peer alike.
+
 ``--compile`` runs every case twice, eagerly and with ``torch.compile`` (decoder layers and loss, as
 ``compile: true`` does), and adds the eager/compiled step-time ratios; ``warmup_s`` (the first step)
 shows the compile time.
@@ -80,6 +83,7 @@ def _cases(args: argparse.Namespace) -> list[Case]:
                         activation_checkpointing=args.activation_checkpointing,
                         loss_chunks=args.loss_chunks,
                         peak_tflops=args.peak_tflops,
+                        profile=args.profile,
                     )
                 )
     if args.compile:
@@ -246,6 +250,34 @@ def peer_markdown(rows: list[dict[str, Any]]) -> str:
             f"| {mem_ratio} |"
         )
     return "\n".join(lines)
+
+
+def profile_markdown(results: list[dict[str, Any]]) -> str:
+    """Render each profiled case's top operators (``--profile``) as a markdown table.
+
+    Args:
+        results: Per-case results; those without an ``op_profile`` are skipped.
+
+    Returns:
+        One table per profiled case (empty string when none was profiled).
+    """
+    blocks = []
+    for r in results:
+        prof = r.get("op_profile")
+        if not prof:
+            continue
+        lines = [
+            f"{_label(r)} seq {r['seq_len']}: one step, {prof['total_self_ms']:.0f} ms self time in all",
+            "",
+            "| operator | calls | self ms | share |",
+            "|---|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {op['name']} | {op['calls']} | {op['self_ms']:.1f} | {100 * op['share']:.1f}% |"
+            for op in prof["ops"]
+        ]
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
 
 
 def _ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -422,7 +454,16 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_true",
         help="run every case eagerly and with torch.compile (layers + loss) and compare the step times",
     )
+    parser.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="after timing, profile one more step per case and print its N top operators by self time",
+    )
     args = parser.parse_args(argv)
+    if args.profile < 0:
+        parser.error(f"--profile must be >= 0, got {args.profile}")
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -495,6 +536,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     peer_table = peer_markdown(_peer_ratios(results))
     if peer_table:
         print("\n" + peer_table)
+    profiles = profile_markdown(results)
+    if profiles:
+        print("\n" + profiles)
     return results
 
 

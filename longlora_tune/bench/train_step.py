@@ -50,6 +50,7 @@ __all__ = [
     "add_flops",
     "detect_peak_tflops",
     "measure_steps",
+    "profile_step",
     "resolve_shape",
     "run_case",
 ]
@@ -113,6 +114,8 @@ class Case:
         peak_tflops: Device bf16 dense peak for MFU (None: detect on CUDA, no MFU on CPU).
         compile: ``torch.compile`` the decoder layers and the loss as ``compile: true`` does
             (:func:`longlora_tune.compile.compile_model_and_loss`); the warm-up step then compiles.
+        profile: After the timed steps, run one more step under ``torch.profiler`` and report this many
+            top operators by self CPU time (0: no profile). Not included in the timings.
     """
 
     shape: str
@@ -129,6 +132,7 @@ class Case:
     loss_chunks: int = 8
     peak_tflops: float | None = None
     compile: bool = False
+    profile: int = 0
 
     def __post_init__(self) -> None:
         if self.shape not in BENCH_SHAPES:
@@ -358,7 +362,47 @@ def measure_steps(
             peak_mem_over_model_bytes=over,
             device_name="cpu",
         )
+    if case.profile:
+        # After the memory readings: the profiler's own bookkeeping must not count as the step's memory.
+        result["op_profile"] = profile_step(step, device, case.profile)
     return result
+
+
+def profile_step(step: Callable[[], float], device: torch.device, top: int) -> dict[str, Any]:
+    """Run ``step`` once under ``torch.profiler`` and summarise its operators by self time.
+
+    Self time is the time spent in an operator outside the operators it calls, so the rows add up to the
+    step (``total_self_ms``); on one CPU thread it says which kernels the step's time goes to.
+
+    Args:
+        step: One training step.
+        device: Where it runs (CUDA adds the device's self time).
+        top: How many operators to keep, most expensive first.
+
+    Returns:
+        ``{"total_self_ms", "ops": [{"name", "calls", "self_ms", "share"}, ...]}`` (``share`` of the
+        total self time; ``self_ms`` is device time on CUDA, CPU time otherwise).
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        step()
+        _sync(device)
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, key) > 0]
+    total = sum(getattr(e, key) for e in events)
+    events.sort(key=lambda e: getattr(e, key), reverse=True)
+    ops = [
+        {
+            "name": e.key,
+            "calls": e.count,
+            "self_ms": getattr(e, key) / 1e3,
+            "share": getattr(e, key) / total if total else 0.0,
+        }
+        for e in events[:top]
+    ]
+    return {"total_self_ms": total / 1e3, "ops": ops}
 
 
 def add_flops(

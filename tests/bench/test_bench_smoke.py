@@ -133,3 +133,26 @@ def test_cli_compile_measures_eager_and_compiled(monkeypatch, capsys):
     # Same seed, data and step: the compiled step computes the same loss.
     assert compiled["loss"] == pytest.approx(eager["loss"], rel=1e-4)
     assert "| 32 | longlora[sdpa] |" in table and "eager/compiled" in table
+
+
+def test_cli_profile_prints_top_operators_of_ours_and_the_peer(capsys):
+    results = bench_main(
+        ["--shape", "tiny", "--seq-lens", "32", "--repeats", "1", "--device", "cpu", "--in-process"]
+        + ["--variants", "longlora", "--peer", "--loss-chunks", "2", "--profile", "5"]
+    )
+    table = capsys.readouterr().out
+    assert [r["variant"] for r in results] == ["longlora", "peer"]
+    for r in results:
+        prof = r["op_profile"]
+        ops = prof["ops"]
+        assert len(ops) == 5 and prof["total_self_ms"] > 0
+        assert [op["self_ms"] for op in ops] == sorted((op["self_ms"] for op in ops), reverse=True)
+        assert 0 < sum(op["share"] for op in ops) <= 1 + 1e-9
+        assert all(op["calls"] >= 1 for op in ops)
+        assert f"{'longlora[sdpa]' if r['variant'] == 'longlora' else 'peer'} seq 32: one step" in table
+        assert f"| {ops[0]['name']} | {ops[0]['calls']} |" in table
+    # Profiling is off by default: no profile, no table.
+    assert "op_profile" not in bench_main(
+        ["--shape", "tiny", "--seq-lens", "32", "--repeats", "1", "--device", "cpu", "--in-process"]
+        + ["--variants", "longlora", "--loss-chunks", "2"]
+    )[0]

@@ -47,6 +47,7 @@ import torch
 from longlora_tune._io import atomic_write_json
 from longlora_tune.bench.train_step import (
     BENCH_SHAPES,
+    LOSSES,
     PEER_VARIANT,
     VARIANTS,
     Case,
@@ -67,7 +68,11 @@ def _cases(args: argparse.Namespace) -> list[Case]:
     variants = list(args.variants) + ([PEER_VARIANT] if args.peer else [])
     for seq_len in args.seq_lens:
         for variant in variants:
-            for backend in backends if variant == "longlora" else ["sdpa"]:
+            for backend, loss in (
+                (b, loss)
+                for b in (backends if variant == "longlora" else ["sdpa"])
+                for loss in (args.losses if variant != PEER_VARIANT else ["chunked"])
+            ):
                 cases.append(
                     Case(
                         shape=args.shape,
@@ -84,6 +89,7 @@ def _cases(args: argparse.Namespace) -> list[Case]:
                         loss_chunks=args.loss_chunks,
                         peak_tflops=args.peak_tflops,
                         profile=args.profile,
+                        loss_impl=loss,
                     )
                 )
     if args.compile:
@@ -153,6 +159,8 @@ def _merge_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _label(result: dict[str, Any]) -> str:
     label = result["variant"] + (f"[{result['backend']}]" if result["variant"] == "longlora" else "")
+    if result.get("loss_impl", "chunked") != "chunked" and result["variant"] != PEER_VARIANT:
+        label += f"+{result['loss_impl']}-loss"
     return label + ("+compile" if result.get("compile") else "")
 
 
@@ -436,6 +444,14 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--loss-chunks", type=int, default=8)
+    parser.add_argument(
+        "--losses",
+        nargs="+",
+        choices=list(LOSSES),
+        default=["chunked"],
+        help="our loss: torchtune's chunked CE on chunked logits, and/or the fused chunked projection + CE "
+        "(longlora_tune.linear_ce); each runs as its own case",
+    )
     parser.add_argument(
         "--peak-tflops",
         type=float,

@@ -36,6 +36,8 @@ from torchtune.modules.loss import CEWithChunkedOutputLoss
 from longlora_tune.compile import compile_model_and_loss
 from longlora_tune.distributed import resolve_device, resolve_dtype
 from longlora_tune.errors import LongLoRAConfigError
+from longlora_tune.linear_ce import ChunkedLinearCrossEntropyLoss
+from longlora_tune.loss import summed_token_loss
 from longlora_tune.models import longlora_llama2
 from longlora_tune.modules.s2_attention import flash_attn_available
 from longlora_tune.peft import TRAINABLE_EXTRAS, set_trainable_params
@@ -44,6 +46,7 @@ from longlora_tune.shapes import MODEL_SHAPES, ModelShape
 
 __all__ = [
     "BENCH_SHAPES",
+    "LOSSES",
     "PEER_VARIANT",
     "VARIANTS",
     "Case",
@@ -78,6 +81,9 @@ VARIANTS: dict[str, tuple[bool, tuple[str, ...]]] = {
 #: The transformers + PEFT step a user would otherwise assemble (measured by longlora_tune.bench.peer).
 PEER_VARIANT = "peer"
 
+#: Losses of our step (the peer always uses transformers' own): see :attr:`Case.loss_impl`.
+LOSSES = ("chunked", "fused")
+
 #: The precisions a case may name (resolved by longlora_tune.distributed.resolve_dtype, as in the recipe).
 _DTYPES = ("fp32", "bf16", "fp16")
 
@@ -110,7 +116,10 @@ class Case:
         repeats: Timed steps after the warm-up.
         threads: torch CPU threads.
         activation_checkpointing: torchtune's per-layer activation checkpointing.
-        loss_chunks: ``CEWithChunkedOutputLoss`` chunks.
+        loss_chunks: Token chunks of the loss.
+        loss_impl: ``chunked``: torchtune's ``CEWithChunkedOutputLoss`` on the model's chunked logits;
+            ``fused``: :class:`longlora_tune.linear_ce.ChunkedLinearCrossEntropyLoss` (projection and loss in
+            one chunked op, no logits kept for backward).
         peak_tflops: Device bf16 dense peak for MFU (None: detect on CUDA, no MFU on CPU).
         compile: ``torch.compile`` the decoder layers and the loss as ``compile: true`` does
             (:func:`longlora_tune.compile.compile_model_and_loss`); the warm-up step then compiles.
@@ -133,6 +142,7 @@ class Case:
     peak_tflops: float | None = None
     compile: bool = False
     profile: int = 0
+    loss_impl: str = "chunked"
 
     def __post_init__(self) -> None:
         if self.shape not in BENCH_SHAPES:
@@ -145,6 +155,8 @@ class Case:
             raise ValueError(f"Unknown S2 backend {self.backend!r}; choose sdpa, flash or flex")
         if self.dtype not in _DTYPES:
             raise ValueError(f"Unknown dtype {self.dtype!r}; choose one of {sorted(_DTYPES)}")
+        if self.loss_impl not in LOSSES:
+            raise ValueError(f"Unknown loss_impl {self.loss_impl!r}; choose one of {LOSSES}")
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
         for name in ("seq_len", "batch_size", "repeats", "threads", "loss_chunks"):
@@ -260,7 +272,10 @@ def run_case(case: Case) -> dict[str, Any]:
             use_full_attn=not s2,
         )
     counts = set_trainable_params(model, extras=extras)
-    loss_fn = CEWithChunkedOutputLoss(num_output_chunks=case.loss_chunks)
+    if case.loss_impl == "fused":
+        loss_fn = ChunkedLinearCrossEntropyLoss(num_output_chunks=case.loss_chunks)
+    else:
+        loss_fn = CEWithChunkedOutputLoss(num_output_chunks=case.loss_chunks)
     if case.compile:
         # The recipe's order: layers compiled before activation checkpointing wraps them.
         try:
@@ -270,17 +285,25 @@ def run_case(case: Case) -> dict[str, Any]:
     if case.activation_checkpointing:
         training.set_activation_checkpointing(model, auto_wrap_policy={TransformerSelfAttentionLayer})
     model.train()
-    model.set_num_output_chunks(case.loss_chunks)
+    if case.loss_impl == "fused":
+        loss_fn.set_model_output(model)
+    else:
+        model.set_num_output_chunks(case.loss_chunks)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, shape.vocab_size, (case.batch_size, case.seq_len), generator=generator).to(
         device
     )
-    labels = torch.roll(tokens, -1, dims=1)
+    # Next-token targets (the last wraps around to the first token: every position is scored).
+    batch = {"tokens": tokens, "labels": torch.roll(tokens, -1, dims=1)}
 
     def step() -> float:
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(model(tokens), labels)
+        # The recipe's loss call (either loss), as a mean over the scored tokens.
+        loss_sum, n_tokens = summed_token_loss(
+            model, loss_fn, batch, device=device, ignore_index=-100, labels_shifted=True
+        )
+        loss = loss_sum / n_tokens
         loss.backward()
         optimizer.step()
         return float(loss.detach())

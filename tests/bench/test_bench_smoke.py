@@ -157,3 +157,15 @@ def test_cli_profile_prints_top_operators_of_ours_and_the_peer(capsys):
         + ["--variants", "longlora", "--loss-chunks", "2"]
     )
     assert "op_profile" not in plain[0] and "one step" not in capsys.readouterr().out
+
+
+def test_fused_loss_case_trains_like_the_chunked_loss():
+    # Warm-up plus two timed steps of AdamW: equal losses mean equal gradients through the whole step.
+    chunked, fused = (
+        run_case(Case(shape="tiny", seq_len=32, variant="longlora", repeats=2, loss_chunks=2, loss_impl=impl))
+        for impl in ("chunked", "fused")
+    )
+    assert fused["loss_impl"] == "fused" and chunked["loss_impl"] == "chunked"
+    assert fused["loss"] == pytest.approx(chunked["loss"], rel=1e-5)
+    with pytest.raises(ValueError, match="loss_impl"):
+        Case(shape="tiny", seq_len=32, variant="longlora", loss_impl="liger")

@@ -47,6 +47,7 @@ import torch
 from longlora_tune._io import atomic_write_json
 from longlora_tune.bench.train_step import (
     BENCH_SHAPES,
+    LORA_IMPLS,
     LOSSES,
     PEER_VARIANT,
     VARIANTS,
@@ -68,10 +69,12 @@ def _cases(args: argparse.Namespace) -> list[Case]:
     variants = list(args.variants) + ([PEER_VARIANT] if args.peer else [])
     for seq_len in args.seq_lens:
         for variant in variants:
-            for backend, loss in (
-                (b, loss)
+            ours = variant != PEER_VARIANT
+            for backend, loss, lora in (
+                (b, loss, lora)
                 for b in (backends if variant == "longlora" else ["sdpa"])
-                for loss in (args.losses if variant != PEER_VARIANT else ["chunked"])
+                for loss in (args.losses if ours else ["chunked"])
+                for lora in (args.lora_impls if ours else ["torchtune"])
             ):
                 cases.append(
                     Case(
@@ -90,6 +93,7 @@ def _cases(args: argparse.Namespace) -> list[Case]:
                         peak_tflops=args.peak_tflops,
                         profile=args.profile,
                         loss_impl=loss,
+                        lora_impl=lora,
                     )
                 )
     if args.compile:
@@ -161,6 +165,8 @@ def _label(result: dict[str, Any]) -> str:
     label = result["variant"] + (f"[{result['backend']}]" if result["variant"] == "longlora" else "")
     if result.get("loss_impl", "chunked") != "chunked" and result["variant"] != PEER_VARIANT:
         label += f"+{result['loss_impl']}-loss"
+    if result.get("lora_impl", "torchtune") != "torchtune" and result["variant"] != PEER_VARIANT:
+        label += f"+{result['lora_impl']}-lora"
     return label + ("+compile" if result.get("compile") else "")
 
 
@@ -444,6 +450,14 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--loss-chunks", type=int, default=8)
+    parser.add_argument(
+        "--lora-impls",
+        nargs="+",
+        choices=list(LORA_IMPLS),
+        default=["torchtune"],
+        help="our LoRA forward: torchtune's LoRALinear and/or the fused dropout-free path "
+        "(longlora_tune.modules.lora_fused); each runs as its own case",
+    )
     parser.add_argument(
         "--losses",
         nargs="+",

@@ -39,6 +39,7 @@ from longlora_tune.errors import LongLoRAConfigError
 from longlora_tune.linear_ce import ChunkedLinearCrossEntropyLoss
 from longlora_tune.loss import summed_token_loss
 from longlora_tune.models import longlora_llama2
+from longlora_tune.modules.lora_fused import enable_fused_lora
 from longlora_tune.modules.s2_attention import flash_attn_available
 from longlora_tune.peft import TRAINABLE_EXTRAS, set_trainable_params
 from longlora_tune.plan import step_flops
@@ -46,6 +47,7 @@ from longlora_tune.shapes import MODEL_SHAPES, ModelShape
 
 __all__ = [
     "BENCH_SHAPES",
+    "LORA_IMPLS",
     "LOSSES",
     "PEER_VARIANT",
     "VARIANTS",
@@ -84,6 +86,9 @@ PEER_VARIANT = "peer"
 #: Losses of our step (the peer always uses transformers' own): see :attr:`Case.loss_impl`.
 LOSSES = ("chunked", "fused")
 
+#: LoRA forward of our step: see :attr:`Case.lora_impl`.
+LORA_IMPLS = ("torchtune", "fused")
+
 #: The precisions a case may name (resolved by longlora_tune.distributed.resolve_dtype, as in the recipe).
 _DTYPES = ("fp32", "bf16", "fp16")
 
@@ -120,6 +125,8 @@ class Case:
         loss_impl: ``chunked``: torchtune's ``CEWithChunkedOutputLoss`` on the model's chunked logits;
             ``fused``: :class:`longlora_tune.linear_ce.ChunkedLinearCrossEntropyLoss` (projection and loss in
             one chunked op, no logits kept for backward).
+        lora_impl: ``torchtune``: ``LoRALinear`` as built; ``fused``: its dropout-free fast path
+            (:func:`longlora_tune.modules.lora_fused.enable_fused_lora`).
         peak_tflops: Device bf16 dense peak for MFU (None: detect on CUDA, no MFU on CPU).
         compile: ``torch.compile`` the decoder layers and the loss as ``compile: true`` does
             (:func:`longlora_tune.compile.compile_model_and_loss`); the warm-up step then compiles.
@@ -143,6 +150,7 @@ class Case:
     compile: bool = False
     profile: int = 0
     loss_impl: str = "chunked"
+    lora_impl: str = "torchtune"
 
     def __post_init__(self) -> None:
         if self.shape not in BENCH_SHAPES:
@@ -157,6 +165,8 @@ class Case:
             raise ValueError(f"Unknown dtype {self.dtype!r}; choose one of {sorted(_DTYPES)}")
         if self.loss_impl not in LOSSES:
             raise ValueError(f"Unknown loss_impl {self.loss_impl!r}; choose one of {LOSSES}")
+        if self.lora_impl not in LORA_IMPLS:
+            raise ValueError(f"Unknown lora_impl {self.lora_impl!r}; choose one of {LORA_IMPLS}")
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
         for name in ("seq_len", "batch_size", "repeats", "threads", "loss_chunks"):
@@ -272,6 +282,8 @@ def run_case(case: Case) -> dict[str, Any]:
             use_full_attn=not s2,
         )
     counts = set_trainable_params(model, extras=extras)
+    if case.lora_impl == "fused":
+        enable_fused_lora(model)
     if case.loss_impl == "fused":
         loss_fn = ChunkedLinearCrossEntropyLoss(num_output_chunks=case.loss_chunks)
     else:

@@ -169,3 +169,13 @@ def test_fused_loss_case_trains_like_the_chunked_loss():
     assert fused["loss"] == pytest.approx(chunked["loss"], rel=1e-5)
     with pytest.raises(ValueError, match="loss_impl"):
         Case(shape="tiny", seq_len=32, variant="longlora", loss_impl="liger")
+
+
+def test_fused_lora_case_trains_like_torchtune_lora(capsys):
+    results = bench_main(
+        ["--shape", "tiny", "--seq-lens", "32", "--repeats", "2", "--device", "cpu", "--in-process"]
+        + ["--variants", "longlora", "--loss-chunks", "2", "--lora-impls", "torchtune", "fused"]
+    )
+    assert [r["lora_impl"] for r in results] == ["torchtune", "fused"]
+    assert results[1]["loss"] == pytest.approx(results[0]["loss"], rel=1e-5)
+    assert "| longlora[sdpa]+fused-lora | 32 |" in capsys.readouterr().out

@@ -45,7 +45,9 @@ def summed_token_loss(
 
     Args:
         model: the decoder (returns logits, or a list of chunks with a chunked loss).
-        loss_fn: a torchtune/torch cross-entropy with mean reduction over non-ignored tokens.
+        loss_fn: a torchtune/torch cross-entropy with mean reduction over non-ignored tokens, or a
+            :class:`longlora_tune.linear_ce.ChunkedLinearCrossEntropyLoss` set on ``model``
+            (``set_model_output``), which computes the projection and the loss inside the forward.
         batch: ``tokens`` and ``labels``; packed batches add ``mask`` (document mask) and ``input_pos``.
         device: where the model runs.
         ignore_index: the loss's ignore index.
@@ -63,6 +65,12 @@ def summed_token_loss(
     n_tokens = (labels != ignore_index).sum()
     # Packed batches: positions restart per document, and the document mask is ANDed with S².
     extra = {k: batch[k].to(device) for k in ("mask", "input_pos") if k in batch}
+    if getattr(loss_fn, "fuses_output_projection", False):
+        # longlora_tune.linear_ce: the model's forward ends with the loss (the output weight is read there,
+        # where FSDP2 has gathered it) and returns the mean over scored tokens, an exact 0 when none is.
+        with context if context is not None else contextlib.nullcontext(), loss_fn.scoring(labels):
+            loss = model(tokens, **extra)
+        return loss * n_tokens, n_tokens
     with context if context is not None else contextlib.nullcontext():
         logits = model(tokens, **extra)
     if int(n_tokens) == 0:

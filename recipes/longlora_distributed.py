@@ -157,6 +157,9 @@ class LongLoRARecipeDistributed:
         # Detected by class name as in torchtune: the model must return the logits in the same chunks.
         if self.loss_fn.__class__.__name__ == "CEWithChunkedOutputLoss":
             self.model.set_num_output_chunks(self.loss_fn.num_output_chunks)
+        elif hasattr(self.loss_fn, "set_model_output"):
+            # longlora_tune.linear_ce: the model's forward ends with the fused projection + loss.
+            self.loss_fn.set_model_output(self.model)
 
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = config.instantiate(cfg.optimizer, params)

@@ -24,6 +24,9 @@ written as JSON with ``--out``.
 :mod:`longlora_tune.bench.context_parallel`: the same step with the sequence split over ``P`` processes
 against one process, with the halo bytes per layer measured.
 
+``--profile N`` profiles one more step of every case (after the timed ones, with ``torch.profiler``) and
+prints its N most expensive operators by self time, for ours and the peer alike.
+
 ``--compile`` runs every case twice, eagerly and with ``torch.compile`` (decoder layers and loss, as
 ``compile: true`` does), and adds the eager/compiled step-time ratios; ``warmup_s`` (the first step)
 shows the compile time.
@@ -48,6 +51,8 @@ import torch
 from longlora_tune._io import atomic_write_json
 from longlora_tune.bench.train_step import (
     BENCH_SHAPES,
+    LORA_IMPLS,
+    LOSSES,
     PEER_VARIANT,
     VARIANTS,
     Case,
@@ -69,7 +74,13 @@ def _cases(args: argparse.Namespace) -> list[Case]:
     variants = list(args.variants) + ([PEER_VARIANT] if args.peer else [])
     for seq_len in args.seq_lens:
         for variant in variants:
-            for backend in backends if variant == "longlora" else ["sdpa"]:
+            ours = variant != PEER_VARIANT
+            for backend, loss, lora in (
+                (b, loss, lora)
+                for b in (backends if variant == "longlora" else ["sdpa"])
+                for loss in (args.losses if ours else ["chunked"])
+                for lora in (args.lora_impls if ours else ["torchtune"])
+            ):
                 cases.append(
                     Case(
                         shape=args.shape,
@@ -85,6 +96,9 @@ def _cases(args: argparse.Namespace) -> list[Case]:
                         activation_checkpointing=args.activation_checkpointing,
                         loss_chunks=args.loss_chunks,
                         peak_tflops=args.peak_tflops,
+                        profile=args.profile,
+                        loss_impl=loss,
+                        lora_impl=lora,
                     )
                 )
     if args.compile:
@@ -167,6 +181,10 @@ def _merge_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _label(result: dict[str, Any]) -> str:
     label = result["variant"] + (f"[{result['backend']}]" if result["variant"] == "longlora" else "")
+    if result.get("loss_impl", "chunked") != "chunked" and result["variant"] != PEER_VARIANT:
+        label += f"+{result['loss_impl']}-loss"
+    if result.get("lora_impl", "torchtune") != "torchtune" and result["variant"] != PEER_VARIANT:
+        label += f"+{result['lora_impl']}-lora"
     return label + ("+compile" if result.get("compile") else "")
 
 
@@ -264,6 +282,34 @@ def peer_markdown(rows: list[dict[str, Any]]) -> str:
             f"| {mem_ratio} |"
         )
     return "\n".join(lines)
+
+
+def profile_markdown(results: list[dict[str, Any]]) -> str:
+    """Render each profiled case's top operators (``--profile``) as a markdown table.
+
+    Args:
+        results: Per-case results; those without an ``op_profile`` are skipped.
+
+    Returns:
+        One table per profiled case (empty string when none was profiled).
+    """
+    blocks = []
+    for r in results:
+        prof = r.get("op_profile")
+        if not prof:
+            continue
+        lines = [
+            f"{_label(r)} seq {r['seq_len']}: one step, {prof['total_self_ms']:.0f} ms self time in all",
+            "",
+            "| operator | calls | self ms | share |",
+            "|---|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {op['name']} | {op['calls']} | {op['self_ms']:.1f} | {100 * op['share']:.1f}% |"
+            for op in prof["ops"]
+        ]
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
 
 
 def _ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -423,6 +469,22 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--loss-chunks", type=int, default=8)
     parser.add_argument(
+        "--lora-impls",
+        nargs="+",
+        choices=list(LORA_IMPLS),
+        default=["torchtune"],
+        help="our LoRA forward: torchtune's LoRALinear and/or the fused dropout-free path "
+        "(longlora_tune.modules.lora_fused); each runs as its own case",
+    )
+    parser.add_argument(
+        "--losses",
+        nargs="+",
+        choices=list(LOSSES),
+        default=["chunked"],
+        help="our loss: torchtune's chunked CE on chunked logits, and/or the fused chunked projection + CE "
+        "(longlora_tune.linear_ce); each runs as its own case",
+    )
+    parser.add_argument(
         "--peak-tflops",
         type=float,
         default=None,
@@ -447,7 +509,16 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         help="instead: one training step with the sequence split over P processes against 1 "
         "(halo bytes per layer, step time; see longlora_tune.bench.context_parallel)",
     )
+    parser.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="after timing, profile one more step per case and print its N top operators by self time",
+    )
     args = parser.parse_args(argv)
+    if args.profile < 0:
+        parser.error(f"--profile must be >= 0, got {args.profile}")
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -524,6 +595,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     peer_table = peer_markdown(_peer_ratios(results))
     if peer_table:
         print("\n" + peer_table)
+    profiles = profile_markdown(results)
+    if profiles:
+        print("\n" + profiles)
     return results
 
 

@@ -36,7 +36,10 @@ from torchtune.modules.loss import CEWithChunkedOutputLoss
 from longlora_tune.compile import compile_model_and_loss
 from longlora_tune.distributed import resolve_device, resolve_dtype
 from longlora_tune.errors import LongLoRAConfigError
+from longlora_tune.linear_ce import ChunkedLinearCrossEntropyLoss
+from longlora_tune.loss import summed_token_loss
 from longlora_tune.models import longlora_llama2
+from longlora_tune.modules.lora_fused import enable_fused_lora
 from longlora_tune.modules.s2_attention import flash_attn_available
 from longlora_tune.peft import TRAINABLE_EXTRAS, set_trainable_params
 from longlora_tune.plan import step_flops
@@ -44,12 +47,15 @@ from longlora_tune.shapes import MODEL_SHAPES, ModelShape
 
 __all__ = [
     "BENCH_SHAPES",
+    "LORA_IMPLS",
+    "LOSSES",
     "PEER_VARIANT",
     "VARIANTS",
     "Case",
     "add_flops",
     "detect_peak_tflops",
     "measure_steps",
+    "profile_step",
     "resolve_shape",
     "run_case",
 ]
@@ -76,6 +82,12 @@ VARIANTS: dict[str, tuple[bool, tuple[str, ...]]] = {
 
 #: The transformers + PEFT step a user would otherwise assemble (measured by longlora_tune.bench.peer).
 PEER_VARIANT = "peer"
+
+#: Losses of our step (the peer always uses transformers' own): see :attr:`Case.loss_impl`.
+LOSSES = ("chunked", "fused")
+
+#: LoRA forward of our step: see :attr:`Case.lora_impl`.
+LORA_IMPLS = ("torchtune", "fused")
 
 #: The precisions a case may name (resolved by longlora_tune.distributed.resolve_dtype, as in the recipe).
 _DTYPES = ("fp32", "bf16", "fp16")
@@ -109,10 +121,17 @@ class Case:
         repeats: Timed steps after the warm-up.
         threads: torch CPU threads.
         activation_checkpointing: torchtune's per-layer activation checkpointing.
-        loss_chunks: ``CEWithChunkedOutputLoss`` chunks.
+        loss_chunks: Token chunks of the loss.
+        loss_impl: ``chunked``: torchtune's ``CEWithChunkedOutputLoss`` on the model's chunked logits;
+            ``fused``: :class:`longlora_tune.linear_ce.ChunkedLinearCrossEntropyLoss` (projection and loss in
+            one chunked op, no logits kept for backward).
+        lora_impl: ``torchtune``: ``LoRALinear`` as built; ``fused``: its dropout-free fast path
+            (:func:`longlora_tune.modules.lora_fused.enable_fused_lora`).
         peak_tflops: Device bf16 dense peak for MFU (None: detect on CUDA, no MFU on CPU).
         compile: ``torch.compile`` the decoder layers and the loss as ``compile: true`` does
             (:func:`longlora_tune.compile.compile_model_and_loss`); the warm-up step then compiles.
+        profile: After the timed steps, run one more step under ``torch.profiler`` and report this many
+            top operators by self CPU time (0: no profile). Not included in the timings.
     """
 
     shape: str
@@ -129,6 +148,9 @@ class Case:
     loss_chunks: int = 8
     peak_tflops: float | None = None
     compile: bool = False
+    profile: int = 0
+    loss_impl: str = "chunked"
+    lora_impl: str = "torchtune"
 
     def __post_init__(self) -> None:
         if self.shape not in BENCH_SHAPES:
@@ -141,6 +163,10 @@ class Case:
             raise ValueError(f"Unknown S2 backend {self.backend!r}; choose sdpa, flash or flex")
         if self.dtype not in _DTYPES:
             raise ValueError(f"Unknown dtype {self.dtype!r}; choose one of {sorted(_DTYPES)}")
+        if self.loss_impl not in LOSSES:
+            raise ValueError(f"Unknown loss_impl {self.loss_impl!r}; choose one of {LOSSES}")
+        if self.lora_impl not in LORA_IMPLS:
+            raise ValueError(f"Unknown lora_impl {self.lora_impl!r}; choose one of {LORA_IMPLS}")
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
         for name in ("seq_len", "batch_size", "repeats", "threads", "loss_chunks"):
@@ -256,7 +282,12 @@ def run_case(case: Case) -> dict[str, Any]:
             use_full_attn=not s2,
         )
     counts = set_trainable_params(model, extras=extras)
-    loss_fn = CEWithChunkedOutputLoss(num_output_chunks=case.loss_chunks)
+    if case.lora_impl == "fused":
+        enable_fused_lora(model)
+    if case.loss_impl == "fused":
+        loss_fn = ChunkedLinearCrossEntropyLoss(num_output_chunks=case.loss_chunks)
+    else:
+        loss_fn = CEWithChunkedOutputLoss(num_output_chunks=case.loss_chunks)
     if case.compile:
         # The recipe's order: layers compiled before activation checkpointing wraps them.
         try:
@@ -266,17 +297,25 @@ def run_case(case: Case) -> dict[str, Any]:
     if case.activation_checkpointing:
         training.set_activation_checkpointing(model, auto_wrap_policy={TransformerSelfAttentionLayer})
     model.train()
-    model.set_num_output_chunks(case.loss_chunks)
+    if case.loss_impl == "fused":
+        loss_fn.set_model_output(model)
+    else:
+        model.set_num_output_chunks(case.loss_chunks)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, shape.vocab_size, (case.batch_size, case.seq_len), generator=generator).to(
         device
     )
-    labels = torch.roll(tokens, -1, dims=1)
+    # Next-token targets (the last wraps around to the first token: every position is scored).
+    batch = {"tokens": tokens, "labels": torch.roll(tokens, -1, dims=1)}
 
     def step() -> float:
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(model(tokens), labels)
+        # The recipe's loss call (either loss), as a mean over the scored tokens.
+        loss_sum, n_tokens = summed_token_loss(
+            model, loss_fn, batch, device=device, ignore_index=-100, labels_shifted=True
+        )
+        loss = loss_sum / n_tokens
         loss.backward()
         optimizer.step()
         return float(loss.detach())
@@ -358,7 +397,47 @@ def measure_steps(
             peak_mem_over_model_bytes=over,
             device_name="cpu",
         )
+    if case.profile:
+        # After the memory readings: the profiler's own bookkeeping must not count as the step's memory.
+        result["op_profile"] = profile_step(step, device, case.profile)
     return result
+
+
+def profile_step(step: Callable[[], float], device: torch.device, top: int) -> dict[str, Any]:
+    """Run ``step`` once under ``torch.profiler`` and summarise its operators by self time.
+
+    Self time is the time spent in an operator outside the operators it calls, so the rows add up to the
+    step (``total_self_ms``); on one CPU thread it says which kernels the step's time goes to.
+
+    Args:
+        step: One training step.
+        device: Where it runs (CUDA adds the device's self time).
+        top: How many operators to keep, most expensive first.
+
+    Returns:
+        ``{"total_self_ms", "ops": [{"name", "calls", "self_ms", "share"}, ...]}`` (``share`` of the
+        total self time; ``self_ms`` is device time on CUDA, CPU time otherwise).
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        step()
+        _sync(device)
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, key) > 0]
+    total = sum(getattr(e, key) for e in events)
+    events.sort(key=lambda e: getattr(e, key), reverse=True)
+    ops = [
+        {
+            "name": e.key,
+            "calls": e.count,
+            "self_ms": getattr(e, key) / 1e3,
+            "share": getattr(e, key) / total if total else 0.0,
+        }
+        for e in events[:top]
+    ]
+    return {"total_self_ms": total / 1e3, "ops": ops}
 
 
 def add_flops(

@@ -138,3 +138,49 @@ def test_cli_compile_measures_eager_and_compiled(monkeypatch, capsys):
     # Same seed, data and step: the compiled step computes the same loss.
     assert compiled["loss"] == pytest.approx(eager["loss"], rel=1e-4)
     assert "| 32 | longlora[sdpa] |" in table and "eager/compiled" in table
+
+
+def test_cli_profile_prints_top_operators_of_ours_and_the_peer(capsys):
+    results = bench_main(
+        ["--shape", "tiny", "--seq-lens", "32", "--repeats", "1", "--device", "cpu", "--in-process"]
+        + ["--variants", "longlora", "--peer", "--loss-chunks", "2", "--profile", "5"]
+    )
+    table = capsys.readouterr().out
+    assert [r["variant"] for r in results] == ["longlora", "peer"]
+    for r in results:
+        prof = r["op_profile"]
+        ops = prof["ops"]
+        assert len(ops) == 5 and prof["total_self_ms"] > 0
+        assert [op["self_ms"] for op in ops] == sorted((op["self_ms"] for op in ops), reverse=True)
+        assert 0 < sum(op["share"] for op in ops) <= 1 + 1e-9
+        assert all(op["calls"] >= 1 for op in ops)
+        assert f"{'longlora[sdpa]' if r['variant'] == 'longlora' else 'peer'} seq 32: one step" in table
+        assert f"| {ops[0]['name']} | {ops[0]['calls']} |" in table
+    # Profiling is off by default: no profile, no table.
+    plain = bench_main(
+        ["--shape", "tiny", "--seq-lens", "32", "--repeats", "1", "--device", "cpu", "--in-process"]
+        + ["--variants", "longlora", "--loss-chunks", "2"]
+    )
+    assert "op_profile" not in plain[0] and "one step" not in capsys.readouterr().out
+
+
+def test_fused_loss_case_trains_like_the_chunked_loss():
+    # Warm-up plus two timed steps of AdamW: equal losses mean equal gradients through the whole step.
+    chunked, fused = (
+        run_case(Case(shape="tiny", seq_len=32, variant="longlora", repeats=2, loss_chunks=2, loss_impl=impl))
+        for impl in ("chunked", "fused")
+    )
+    assert fused["loss_impl"] == "fused" and chunked["loss_impl"] == "chunked"
+    assert fused["loss"] == pytest.approx(chunked["loss"], rel=1e-5)
+    with pytest.raises(ValueError, match="loss_impl"):
+        Case(shape="tiny", seq_len=32, variant="longlora", loss_impl="liger")
+
+
+def test_fused_lora_case_trains_like_torchtune_lora(capsys):
+    results = bench_main(
+        ["--shape", "tiny", "--seq-lens", "32", "--repeats", "2", "--device", "cpu", "--in-process"]
+        + ["--variants", "longlora", "--loss-chunks", "2", "--lora-impls", "torchtune", "fused"]
+    )
+    assert [r["lora_impl"] for r in results] == ["torchtune", "fused"]
+    assert results[1]["loss"] == pytest.approx(results[0]["loss"], rel=1e-5)
+    assert "| longlora[sdpa]+fused-lora | 32 |" in capsys.readouterr().out

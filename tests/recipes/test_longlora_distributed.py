@@ -356,6 +356,23 @@ def test_unchunked_loss_gives_the_chunked_losses(assets, tmp_path):
         assert plain[step] == pytest.approx(loss, rel=1e-5)
 
 
+def test_fused_linear_cross_entropy_gives_the_chunked_losses_under_fsdp2(assets, tmp_path):
+    # Two processes: the output weight is sharded outside the forward (FSDP2 reshards the root after it),
+    # so the fused loss must read it inside the forward. Later steps' losses check the gradients too.
+    extra = {"max_steps": 3, "export_formats": "[]"}
+    chunked = _train(assets, tmp_path / "chunked", nproc=2, **extra)
+    fused = _train(
+        assets,
+        tmp_path / "fused",
+        nproc=2,
+        **extra,
+        **{"loss._component_": "longlora_tune.linear_ce.ChunkedLinearCrossEntropyLoss"},
+    )
+    assert sorted(fused) == [1, 2, 3]
+    for step, loss in chunked.items():
+        assert fused[step] == pytest.approx(loss, rel=1e-5), step
+
+
 def test_training_length_is_checked_against_a_builder_default_max_seq_len(assets, tmp_path):
     # longlora_llama2_7b defaults to max_seq_len 8192; the model is only built on the meta device here.
     cfg = _cfg(assets, tmp_path / "o", **{"dataset.block_size": 16384, "tokenizer.max_seq_len": 16384})

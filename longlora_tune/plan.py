@@ -46,7 +46,7 @@ from longlora_tune.modules.context_parallel import (
     ring_bytes_per_layer,
     ulysses_bytes_per_layer,
 )
-from longlora_tune.shapes import MODEL_SHAPES, ModelShape
+from longlora_tune.shapes import _SIZE_FIELDS, MODEL_SHAPES, ModelShape
 
 __all__ = [
     "MODEL_SHAPES",
@@ -57,6 +57,7 @@ __all__ = [
     "activation_bytes",
     "load_config_settings",
     "main",
+    "model_family",
     "parameter_counts",
     "plan",
     "s2_segment_lengths",
@@ -347,26 +348,81 @@ def _resolve_group_size(max_seq_len: int, group_size: int | None, group_size_rat
     return config.resolve_group_size(max_seq_len)
 
 
-@functools.lru_cache(maxsize=16)
+#: The planner's families (:data:`longlora_tune.families.FAMILIES`) and the first name of their published
+#: shapes in :data:`MODEL_SHAPES`; Llama 2's sizes are named ``7b``, ``13b``, ``70b``.
+_FAMILY_PREFIXES = (("llama3", "llama3"), ("mistral", "mistral"), ("qwen2", "qwen2"))
+
+
+def model_family(model: str | ModelShape, family: str | None = None) -> str:
+    """The family whose builder makes ``model``: given, from its :data:`MODEL_SHAPES` name, or its shape.
+
+    A custom :class:`ModelShape` without a family is planned as the family its structure needs: Qwen2 for
+    q/k/v biases, Llama 3 for tied embeddings (Llama 2 and Mistral never tie), else Llama 2 (whose
+    parameters and activations are the same as an untied Llama 3's or a Mistral's of the same sizes).
+
+    Args:
+        model: A :data:`MODEL_SHAPES` name or a shape.
+        family: ``llama2``, ``llama3``, ``mistral`` or ``qwen2``; None infers it.
+
+    Returns:
+        The family name.
+
+    Raises:
+        ValueError: For an unknown family, or one whose builders cannot make the shape (biases outside
+            Qwen2, tied embeddings in Llama 2 or Mistral, Qwen2 without biases).
+    """
+    from longlora_tune.families import FAMILIES
+
+    shape = MODEL_SHAPES.get(model) if isinstance(model, str) else model
+    if family is None:
+        if isinstance(model, str):
+            family = next((f for prefix, f in _FAMILY_PREFIXES if model.startswith(prefix)), "llama2")
+        elif shape is not None and shape.qkv_bias:
+            family = "qwen2"
+        else:
+            family = "llama3" if shape is not None and shape.tie_word_embeddings else "llama2"
+    if family not in FAMILIES:
+        raise ValueError(f"Unknown family {family!r}; choose one of {sorted(FAMILIES)}")
+    if isinstance(shape, ModelShape):
+        spec = FAMILIES[family]
+        if shape.qkv_bias != spec.qkv_bias:
+            has = "has" if shape.qkv_bias else "has no"
+            raise ValueError(f"the shape {has} q/k/v biases and longlora_{family} cannot build it")
+        if shape.tie_word_embeddings and not spec.ties:
+            raise ValueError(f"the shape ties its embeddings and longlora_{family} cannot build it")
+    return family
+
+
+@functools.lru_cache(maxsize=32)
 def _parameter_counts(
-    shape: ModelShape, lora_rank: int, lora_modules: tuple[str, ...], trainable_extras: tuple[str, ...]
+    shape: ModelShape,
+    family: str,
+    lora_rank: int,
+    lora_modules: tuple[str, ...],
+    trainable_extras: tuple[str, ...],
 ) -> tuple[int, int]:
     import torch
 
-    from longlora_tune.models import longlora_llama2
+    from longlora_tune.components import import_object
+    from longlora_tune.families import FAMILIES
     from longlora_tune.peft import trainable_param_names
 
-    # Parameter counts do not depend on the length or the attention form; the smallest valid ones keep
-    # the meta build cheap (no RoPE cache, no group-size constraint).
+    spec = FAMILIES[family]
+    sizes = {f: getattr(shape, f) for f in _SIZE_FIELDS}
+    if spec.ties:
+        sizes["tie_word_embeddings"] = shape.tie_word_embeddings
+    # Parameter counts do not depend on the length, the RoPE or the attention form; the smallest valid ones
+    # keep the meta build cheap (no RoPE cache, no group-size constraint).
     with torch.device("meta"):
-        model = longlora_llama2(
-            **dataclasses.asdict(shape),
+        model = import_object(spec.builder)(
+            **sizes,
             max_seq_len=2,
             lora_rank=lora_rank,
             lora_attn_modules=lora_modules,
             s2_group_size=2,
             use_full_attn=True,
         )
+    # named_parameters lists a tied LM head once: it is the token embedding.
     params = dict(model.named_parameters())
     trainable = sum(params[name].numel() for name in trainable_param_names(model, extras=trainable_extras))
     return trainable, sum(p.numel() for p in params.values())
@@ -378,17 +434,21 @@ def parameter_counts(
     lora_rank: int = 8,
     lora_modules: Sequence[str] = ("q_proj", "k_proj", "v_proj", "output_proj"),
     trainable_extras: Sequence[str] = ("embed", "norm"),
+    family: str | None = None,
 ) -> tuple[int, int]:
-    """Trainable and total parameters of the LongLoRA model the builder makes for ``shape``.
+    """Trainable and total parameters of the LongLoRA model the family's builder makes for ``shape``.
 
-    The model is built on the meta device by ``longlora_tune.models.longlora_llama2`` and the trainable set
-    is :func:`longlora_tune.peft.trainable_param_names`, the function the recipe trains with.
+    The model is built on the meta device by the family's component builder (``longlora_llama2``,
+    ``longlora_llama3``, ``longlora_mistral`` or ``longlora_qwen2``) and the trainable set is
+    :func:`longlora_tune.peft.trainable_param_names`, the function the recipe trains with. A tied LM head
+    is the token embedding: counted once, and trained with it.
 
     Args:
         shape: Model sizes.
         lora_rank: LoRA rank.
         lora_modules: Attention projections with LoRA.
         trainable_extras: The recipe's ``trainable_extras``: a subset of ``("embed", "norm")``.
+        family: The builder's family; None infers it (:func:`model_family`).
 
     Returns:
         ``(trainable, total)`` parameter counts (total = base + LoRA).
@@ -400,7 +460,8 @@ def parameter_counts(
         raise ValueError(
             f"trainable_extras and lora_modules must be lists, got {trainable_extras!r}, {lora_modules!r}"
         )
-    return _parameter_counts(shape, int(lora_rank), tuple(lora_modules), tuple(trainable_extras))
+    family = model_family(shape, family)
+    return _parameter_counts(shape, family, int(lora_rank), tuple(lora_modules), tuple(trainable_extras))
 
 
 @dataclass
@@ -409,6 +470,7 @@ class Plan:
 
     Attributes:
         model: Model name or ``"custom"``.
+        family: The builder's family (``llama2``, ``llama3``, ``mistral``, ``qwen2``).
         shape: Model sizes.
         seq_len: Training length.
         max_seq_len: The model's ``max_seq_len`` (sizes the S² group; >= ``seq_len``).
@@ -450,6 +512,7 @@ class Plan:
     """
 
     model: str
+    family: str
     shape: ModelShape
     seq_len: int
     max_seq_len: int
@@ -512,7 +575,8 @@ class Plan:
     def table(self) -> str:
         """Markdown report: memory breakdown, FLOPs, verdict and suggestions."""
         lines = [
-            f"## {self.model}: {self.seq_len} tokens x {self.batch_size}/GPU on {self.gpus} GPU(s) "
+            f"## {self.model} ({self.family}): {self.seq_len} tokens x {self.batch_size}/GPU on {self.gpus} "
+            "GPU(s) "
             f"of {self.gpu_memory_gib:g} GiB",
             "",
             f"dtype {self.dtype}{self._trainable_dtype_note()}, "
@@ -741,12 +805,14 @@ def plan(
     cpu_offload: bool = False,
     quantize_base: bool = False,
     context_parallel_degree: int = 1,
+    family: str | None = None,
     suggest: bool = True,
 ) -> Plan:
     """Plan one LongLoRA training step per GPU.
 
     Args:
-        model: ``"7b"``, ``"13b"``, ``"70b"`` or a :class:`ModelShape`.
+        model: A :data:`MODEL_SHAPES` name (Llama 2's ``"7b"``, ``"13b"``, ``"70b"``; ``"llama3_1_8b"``,
+            ``"mistral_7b"``, ``"qwen2_5_7b"``, ...) or a :class:`ModelShape`.
         seq_len: Training length in tokens.
         gpus: Data-parallel GPUs (FSDP shards over all of them).
         gpu_memory_gib: Memory per GPU in GiB (an "80 GB" A100 has 80 GiB).
@@ -779,6 +845,8 @@ def plan(
             (a divisor of ``gpus``); activations are per slice, the batch counts ``gpus / degree`` data
             replicas, and the attention traffic of the halo exchange (and of ring / all-to-all designs,
             for comparison) is reported.
+        family: The model's family (``llama2``, ``llama3``, ``mistral``, ``qwen2``): its builder counts the
+            parameters; None infers it from the model name or shape (:func:`model_family`).
         suggest: Compute suggestions and the longest fitting length.
 
     Returns:
@@ -802,6 +870,7 @@ def plan(
         name, shape = "custom", model
     else:
         raise ValueError(f"model must be a name or a ModelShape, got {type(model).__name__}")
+    family = model_family(model, family)
     if dtype not in _DTYPE_BYTES:
         raise ValueError(f"dtype must be one of {sorted(_DTYPE_BYTES)}, got {dtype!r}")
     if optimizer_state_dtype is not None and optimizer_state_dtype not in _DTYPE_BYTES:
@@ -842,7 +911,11 @@ def plan(
         else config_checks.gradient_accumulation_steps(global_batch_size, batch_size, data_parallel)
     )
     trainable, total = parameter_counts(
-        shape, lora_rank=lora_rank, lora_modules=lora_modules, trainable_extras=trainable_extras
+        shape,
+        lora_rank=lora_rank,
+        lora_modules=lora_modules,
+        trainable_extras=trainable_extras,
+        family=family,
     )
 
     def peak_for(length: int, **overrides: Any) -> tuple[dict[str, int], int]:
@@ -883,6 +956,7 @@ def plan(
     )
     result = Plan(
         model=name,
+        family=family,
         shape=shape,
         seq_len=seq_len,
         max_seq_len=max_seq_len,
@@ -1016,11 +1090,9 @@ def _communication(
 # Configs and CLI
 # ----------------------------------------------------------------------------------------------------
 
-_BUILDER_SIZES = {
-    "longlora_tune.models.longlora_llama2_7b": "7b",
-    "longlora_tune.models.longlora_llama2_13b": "13b",
-    "longlora_tune.models.longlora_llama2_70b": "70b",
-}
+# Llama 2's published shapes are named by size alone; every other sized builder longlora_<key> has
+# MODEL_SHAPES[<key>].
+_LLAMA2_SIZED = {"llama2_7b": "7b", "llama2_13b": "13b", "llama2_70b": "70b"}
 
 
 def _config_path(name: str) -> Path:
@@ -1040,7 +1112,9 @@ def _config_path(name: str) -> Path:
 def load_config_settings(name: str) -> dict[str, Any]:
     """Planner arguments read from a shipped config name or a YAML file.
 
-    Reads ``model`` (a sized builder with ``max_seq_len`` or ``longlora_llama2`` with explicit sizes), the
+    Reads ``model`` (a sized builder such as ``longlora_llama3_1_8b`` with ``max_seq_len``, or a family's
+    component builder -- ``longlora_llama2``, ``longlora_llama3``, ``longlora_mistral``, ``longlora_qwen2`` --
+    with explicit sizes), the
     training length as the recipe reads it (``dataset.block_size``, ``dataset.max_seq_len`` or
     ``tokenizer.max_seq_len``; ``model.max_seq_len`` when none is set), ``batch_size``,
     ``global_batch_size``, ``dtype``, ``fp32_trainable_params``, ``trainable_extras``,
@@ -1076,22 +1150,7 @@ def load_config_settings(name: str) -> dict[str, Any]:
         "max_seq_len": int(model["max_seq_len"]),
         "seq_len": int(model["max_seq_len"]) if train_len is None else train_len,
     }
-    if component in _BUILDER_SIZES:
-        settings["model"] = _BUILDER_SIZES[component]
-    elif component.endswith("longlora_llama2"):
-        intermediate = model.get("intermediate_dim") or _llama2_intermediate(int(model["embed_dim"]))
-        settings["model"] = ModelShape(
-            int(model["vocab_size"]),
-            int(model["num_layers"]),
-            int(model["num_heads"]),
-            int(model["num_kv_heads"]),
-            int(model["embed_dim"]),
-            int(intermediate),
-        )
-    else:
-        raise ValueError(
-            f"Config {name!r}: model._component_ {component!r} is not a longlora_tune Llama 2 builder"
-        )
+    settings["model"], settings["family"] = _config_model(name, component, model)
     if model.get("use_full_attn"):
         settings["s2"] = False
     if model.get("s2_group_size"):
@@ -1127,6 +1186,52 @@ def load_config_settings(name: str) -> dict[str, Any]:
     elif loss:
         settings["loss_chunks"] = 1
     return settings
+
+
+def _config_model(name: str, component: str, model: dict[str, Any]) -> tuple[str | ModelShape, str]:
+    """The planned model and its family from a config's ``model`` section."""
+    from longlora_tune.families import family_of_builder
+
+    family = family_of_builder(component)
+    if family is None:
+        raise ValueError(
+            f"Config {name!r}: model._component_ {component!r} is not a longlora_tune.models builder "
+            "(longlora_llama2, longlora_llama3, longlora_mistral, longlora_qwen2 or a sized one)"
+        )
+    builder = component.rsplit(".", 1)[-1]
+    if builder != family.builder.rsplit(".", 1)[-1]:
+        key = builder.removeprefix("longlora_")
+        key = _LLAMA2_SIZED.get(key, key)
+        if key not in MODEL_SHAPES:
+            raise ValueError(f"Config {name!r}: no published shape for model._component_ {component!r}")
+        return key, family.name
+    missing = [f for f in _SIZE_FIELDS[:5] if f not in model]
+    intermediate = model.get("intermediate_dim")
+    if intermediate is None and family.name in ("llama2", "llama3"):
+        # The builders' default SwiGLU width (torchtune's scale_hidden_dim_for_mlp of each family).
+        embed = int(model.get("embed_dim", 0))
+        intermediate = _llama2_intermediate(embed) if family.name == "llama2" else _llama3_intermediate(embed)
+    elif intermediate is None:
+        missing.append("intermediate_dim")
+    if missing:
+        raise ValueError(f"Config {name!r}: {builder} needs model.{', model.'.join(missing)}")
+    shape = ModelShape(
+        int(model["vocab_size"]),
+        int(model["num_layers"]),
+        int(model["num_heads"]),
+        int(model["num_kv_heads"]),
+        int(model["embed_dim"]),
+        int(intermediate),
+        tie_word_embeddings=bool(model.get("tie_word_embeddings", False)),
+        qkv_bias=family.qkv_bias,
+    )
+    return shape, family.name
+
+
+def _llama3_intermediate(embed_dim: int) -> int:
+    # torchtune's Llama 3 rule (used by lora_llama3_2 when intermediate_dim is None): 4 * int(2d/3) rounded
+    # up to a multiple of 256. Published Llama 3 shapes state theirs (14336 for 4096).
+    return 256 * ((4 * int(2 * embed_dim / 3) + 255) // 256)
 
 
 def _llama2_intermediate(embed_dim: int) -> int:

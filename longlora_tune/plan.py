@@ -121,6 +121,18 @@ def _attention_pairs(seq_len: int, group_size: int | None, wrap_around: bool, ca
     return sum(per_half) / 2
 
 
+def _tied_head_trained(shape: ModelShape, trainable_extras: Sequence[str]) -> bool:
+    """The LM head is the token embedding and the embedding is trained: the head gets a weight gradient."""
+    return shape.tie_word_embeddings and "embed" in tuple(trainable_extras)
+
+
+def _rotates_pairs(shape: ModelShape, family: str | None) -> bool:
+    """RoPE on interleaved pairs (torchtune's Llama/Mistral) rather than head halves (Qwen2)."""
+    from longlora_tune.families import FAMILIES
+
+    return FAMILIES[model_family(shape, family)].qk_permuted
+
+
 @dataclass(frozen=True)
 class FlopEstimate:
     """FLOPs of one training step (one micro-batch), multiply-add = 2 FLOPs.
@@ -172,13 +184,15 @@ def step_flops(
     attention: str = "causal",
     lora_rank: int = 8,
     lora_modules: Sequence[str] = ("q_proj", "k_proj", "v_proj", "output_proj"),
+    trainable_extras: Sequence[str] = ("embed", "norm"),
 ) -> FlopEstimate:
     """FLOPs of one LongLoRA training step.
 
     Base weights are frozen, so their backward only computes input gradients (as many FLOPs as their
     forward); LoRA matrices also get weight gradients (twice their forward). Attention backward is
     counted as twice its forward (the four products for dQ, dK, dV and dScores); kernels that recompute
-    the scores do half a forward more, which is hardware work, not model FLOPs.
+    the scores do half a forward more, which is hardware work, not model FLOPs. A tied LM head (Llama 3.2
+    1B/3B, Qwen2.5 0.5B-3B) is the trained token embedding, so its weight gradient is computed too.
 
     Args:
         shape: Model sizes.
@@ -190,6 +204,7 @@ def step_flops(
         attention: ``"causal"`` or ``"dense"``.
         lora_rank: LoRA rank.
         lora_modules: Attention projections with LoRA.
+        trainable_extras: The recipe's ``trainable_extras`` (a tied head is trained with ``embed``).
 
     Returns:
         The :class:`FlopEstimate`.
@@ -211,7 +226,8 @@ def step_flops(
     layers = shape.num_layers
     forward_matmul = layers * (frozen_layer + lora_layer) + head
     forward_attention = layers * attn_layer
-    backward = layers * (frozen_layer + 2 * lora_layer + 2 * attn_layer) + head
+    head_weight_grad = head if _tied_head_trained(shape, trainable_extras) else 0
+    backward = layers * (frozen_layer + 2 * lora_layer + 2 * attn_layer) + head + head_weight_grad
     # Non-reentrant checkpointing stops recomputing once every saved tensor is rebuilt: the frozen MLP down
     # projection, the layer's last matmul, feeds nothing that backward needs, so it is not rerun.
     down_proj = 2 * tokens * i * d
@@ -272,8 +288,10 @@ def activation_bytes(
     loss_chunks: int = 8,
     lora_rank: int = 8,
     lora_modules: Sequence[str] = ("q_proj", "k_proj", "v_proj", "output_proj"),
+    family: str | None = None,
+    trainable_extras: Sequence[str] = ("embed", "norm"),
 ) -> ActivationEstimate:
-    """Activation bytes of a LongLoRA Llama 2 training step (LoRA on attention, trainable embeddings/norms).
+    """Activation bytes of a LongLoRA training step (LoRA on attention, trainable embeddings/norms).
 
     Per layer, autograd keeps: for each of the two RMSNorms (computed in float32) the float32 input and
     normalised tensor and the float32 inverse RMS; the normed hidden state that the LoRA A matrices read;
@@ -285,6 +303,13 @@ def activation_bytes(
     tensors, the int64 token ids and labels, and the loss keeps float32 log-probabilities for every token
     (chunking the loss bounds only the float32 upcast, not what backward keeps).
 
+    The families differ in two places (GQA needs nothing extra: keys and values are expanded to all heads
+    before attention, as above). Qwen2's RoPE rotates head halves and keeps the cos and sin it casts to the
+    compute dtype, for q and k: ``4 x seq_len x head_dim`` elements per layer (shared by the batch, which
+    has no per-sample positions when unpacked). A tied LM head that is trained (``embed``) keeps its input,
+    the final norm's output, for its weight gradient, and that gradient (``vocab x embed_dim``, plus the
+    one it accumulates into) exists while the loss is back-propagated.
+
     Args:
         shape: Model sizes.
         seq_len: Tokens per sequence.
@@ -295,6 +320,8 @@ def activation_bytes(
         loss_chunks: ``CEWithChunkedOutputLoss`` chunks (1 for a plain cross entropy).
         lora_rank: LoRA rank.
         lora_modules: Attention projections with LoRA.
+        family: The model's family (:func:`model_family`; None infers it from the shape).
+        trainable_extras: The recipe's ``trainable_extras`` (a tied head is trained with ``embed``).
 
     Returns:
         The :class:`ActivationEstimate`.
@@ -316,15 +343,17 @@ def activation_bytes(
     lora = e * hidden + len(lora_modules) * e * t * lora_rank
     attention = 4 * e * hidden + _FP32 * t * shape.num_heads + (e * hidden if s2 else 0)
     mlp = 3 * e * t * i
-    per_layer = 2 * norm + lora + attention + mlp
+    rope = 0 if _rotates_pairs(shape, family) else 4 * e * seq_len * shape.head_dim
+    per_layer = 2 * norm + lora + attention + mlp + rope
     layers_saved = shape.num_layers * (e * hidden if activation_checkpointing else per_layer)
-    head_saved = norm + 2 * _INT64 * t
+    tied = _tied_head_trained(shape, trainable_extras)
+    head_saved = norm + 2 * _INT64 * t + (e * hidden if tied else 0)
     loss_saved = _FP32 * t * v
     # Backward of one layer: gradients of its input and output, dq/dk/dv and two MLP-wide gradients; with
     # checkpointing the layer's own activations are rebuilt first.
     grads = 5 * e * hidden + 2 * e * t * i
     recompute_transient = grads + (per_layer if activation_checkpointing else 0)
-    logits_transient = e * t * v + 2 * _FP32 * t * v // loss_chunks
+    logits_transient = e * t * v + 2 * _FP32 * t * v // loss_chunks + (2 * e * v * d if tied else 0)
     return ActivationEstimate(
         per_layer, layers_saved, head_saved, loss_saved, recompute_transient, logits_transient
     )
@@ -704,6 +733,8 @@ def _memory(
     quantize_base: bool = False,
     context_parallel_degree: int = 1,
     group_size: int | None = None,
+    family: str | None = None,
+    trainable_extras: Sequence[str] = ("embed", "norm"),
 ) -> tuple[dict[str, int], int]:
     e = _DTYPE_BYTES[dtype]
     shard = gpus if fsdp else 1
@@ -726,6 +757,8 @@ def _memory(
         loss_chunks=loss_chunks,
         lora_rank=lora_rank,
         lora_modules=lora_modules,
+        family=family,
+        trainable_extras=trainable_extras,
     )
     # FSDP2 all-gathers one layer (in the compute dtype) while prefetching the next, and holds one layer's
     # unsharded gradients before the reduce-scatter.
@@ -938,6 +971,8 @@ def plan(
             quantize_base=quantize_base,
             context_parallel_degree=degree,
             group_size=group_size,
+            family=family,
+            trainable_extras=trainable_extras,
         )
         settings.update(overrides)
         if group_size is not None and length != seq_len and group_size_ratio is not None and not explicit_g:
@@ -952,7 +987,10 @@ def plan(
     micro_batches = shape.num_layers * (grad_accum or 1)
     capacity = gpu_memory_gib * GIB
     flops_kwargs = dict(
-        activation_checkpointing=activation_checkpointing, lora_rank=lora_rank, lora_modules=lora_modules
+        activation_checkpointing=activation_checkpointing,
+        lora_rank=lora_rank,
+        lora_modules=lora_modules,
+        trainable_extras=trainable_extras,
     )
     result = Plan(
         model=name,

@@ -562,3 +562,40 @@ def test_context_parallel_ranks_share_batches(assets, tmp_path):
 def test_bad_context_parallel_settings_are_one_line(assets, tmp_path, extra, world_size, message):
     err = _error(_cfg(assets, tmp_path / "o", **extra), world_size=world_size)
     assert err.startswith(message) and "\n" not in err, err
+
+
+@pytest.mark.parametrize(
+    ("name", "published", "expected"),
+    [
+        ("llama3_8b_64k", "llama3_8b", ("linear", 8.0, None)),
+        ("llama3_1_8b_256k", "llama3_1_8b", ("llama3", 16.0, 8192)),
+        ("mistral_7b_64k", "mistral_7b", ("linear", 2.0, None)),
+        ("qwen2_5_7b_128k", "qwen2_5_7b", ("yarn", 4.0, 32768)),
+    ],
+)
+def test_family_configs_resolve_their_rope_over_the_published_checkpoint(name, published, expected):
+    """Each family config's rope_scaling over its base's published config.json: one method, the factor."""
+    from longlora_tune.families import family_of_builder
+    from longlora_tune.modules.rope_scaling import RopeScaling, rope_for_training
+    from longlora_tune.shapes import MODEL_SHAPES
+
+    cfg = OmegaConf.load(CONFIGS / f"{name}.yaml")
+    shape = MODEL_SHAPES[published]
+    base = RopeScaling.from_hf_config(
+        {
+            "rope_theta": shape.rope_base,
+            "max_position_embeddings": shape.max_position_embeddings,
+            "rope_scaling": dict(shape.rope_scaling) if shape.rope_scaling else None,
+        }
+    )
+    family = family_of_builder(cfg.model._component_)
+    request = OmegaConf.to_container(cfg.rope_scaling)
+    length = cc.training_length(cfg)
+    rope = rope_for_training(base, length, request=request, default_type=family.default_rope_type)
+    original = rope.original_max_position_embeddings if rope.rope_type != "linear" else None
+    assert (rope.rope_type, rope.factor, original) == expected
+    assert rope.context_len >= length == cfg.model.max_seq_len
+    # The explicit factor is what the family default derives from the length: the config only states it.
+    unpinned = {k: v for k, v in request.items() if k != "factor"}
+    derived = rope_for_training(base, length, request=unpinned, default_type=family.default_rope_type)
+    assert derived.factor == rope.factor

@@ -599,3 +599,34 @@ def test_family_configs_resolve_their_rope_over_the_published_checkpoint(name, p
     unpinned = {k: v for k, v in request.items() if k != "factor"}
     derived = rope_for_training(base, length, request=unpinned, default_type=family.default_rope_type)
     assert derived.factor == rope.factor
+
+
+@pytest.mark.parametrize("name", ["llama3_8b_64k", "llama3_1_8b_256k", "mistral_7b_64k", "qwen2_5_7b_128k"])
+def test_family_eval_configs_match_their_training_config(name):
+    """Perplexity and passkey configs: the family's tokenizer files, text data, the training length."""
+    import inspect
+
+    from longlora_tune.components import import_object
+    from longlora_tune.families import family_of_builder
+
+    train = OmegaConf.load(CONFIGS / f"{name}.yaml")
+    family = family_of_builder(train.model._component_)
+    length = cc.training_length(train)
+    for kind, recipe in (("perplexity", "longlora_eval_perplexity"), ("passkey", "longlora_eval_passkey")):
+        path = CONFIGS / "eval" / f"{name}_{kind}.yaml"
+        text = path.read_text()
+        assert text.startswith(f"# recipe: {recipe}\n") and f"--config eval/{name}_{kind}" in text
+        cfg = OmegaConf.load(path)
+        assert cfg.checkpoint_dir == f"{train.output_dir}/hf" and cfg.training_length is None
+        # The family's tokenizer, reading the same files (under the base folder) as training does.
+        assert cfg.tokenizer._component_ == family.tokenizer == train.tokenizer._component_
+        for argument, file in family.tokenizer_files:
+            assert str(cfg.tokenizer[argument]).endswith(f"/{file}"), (argument, cfg.tokenizer[argument])
+        arguments = {k: v for k, v in OmegaConf.to_container(cfg.tokenizer).items() if k != "_component_"}
+        inspect.signature(import_object(cfg.tokenizer._component_)).bind(**arguments)
+        if kind == "perplexity":
+            # Llama 2's uint16 .bin streams hold Llama 2 ids: every other family reads text.
+            assert cfg.dataset.source != "bin"
+            assert max(cfg.eval_lengths) == length and sorted(cfg.eval_lengths) == list(cfg.eval_lengths)
+        else:
+            assert cfg.max_length == length and length % cfg.interval == 0

@@ -46,7 +46,7 @@ from longlora_tune.modules.context_parallel import (
     ring_bytes_per_layer,
     ulysses_bytes_per_layer,
 )
-from longlora_tune.shapes import MODEL_SHAPES, ModelShape
+from longlora_tune.shapes import _SIZE_FIELDS, MODEL_SHAPES, ModelShape
 
 __all__ = [
     "MODEL_SHAPES",
@@ -57,6 +57,7 @@ __all__ = [
     "activation_bytes",
     "load_config_settings",
     "main",
+    "model_family",
     "parameter_counts",
     "plan",
     "s2_segment_lengths",
@@ -120,6 +121,18 @@ def _attention_pairs(seq_len: int, group_size: int | None, wrap_around: bool, ca
     return sum(per_half) / 2
 
 
+def _tied_head_trained(shape: ModelShape, trainable_extras: Sequence[str]) -> bool:
+    """The LM head is the token embedding and the embedding is trained: the head gets a weight gradient."""
+    return shape.tie_word_embeddings and "embed" in tuple(trainable_extras)
+
+
+def _rotates_pairs(shape: ModelShape, family: str | None) -> bool:
+    """RoPE on interleaved pairs (torchtune's Llama/Mistral) rather than head halves (Qwen2)."""
+    from longlora_tune.families import FAMILIES
+
+    return FAMILIES[model_family(shape, family)].qk_permuted
+
+
 @dataclass(frozen=True)
 class FlopEstimate:
     """FLOPs of one training step (one micro-batch), multiply-add = 2 FLOPs.
@@ -171,13 +184,15 @@ def step_flops(
     attention: str = "causal",
     lora_rank: int = 8,
     lora_modules: Sequence[str] = ("q_proj", "k_proj", "v_proj", "output_proj"),
+    trainable_extras: Sequence[str] = ("embed", "norm"),
 ) -> FlopEstimate:
     """FLOPs of one LongLoRA training step.
 
     Base weights are frozen, so their backward only computes input gradients (as many FLOPs as their
     forward); LoRA matrices also get weight gradients (twice their forward). Attention backward is
     counted as twice its forward (the four products for dQ, dK, dV and dScores); kernels that recompute
-    the scores do half a forward more, which is hardware work, not model FLOPs.
+    the scores do half a forward more, which is hardware work, not model FLOPs. A tied LM head (Llama 3.2
+    1B/3B, Qwen2.5 0.5B-3B) is the trained token embedding, so its weight gradient is computed too.
 
     Args:
         shape: Model sizes.
@@ -189,6 +204,7 @@ def step_flops(
         attention: ``"causal"`` or ``"dense"``.
         lora_rank: LoRA rank.
         lora_modules: Attention projections with LoRA.
+        trainable_extras: The recipe's ``trainable_extras`` (a tied head is trained with ``embed``).
 
     Returns:
         The :class:`FlopEstimate`.
@@ -210,7 +226,8 @@ def step_flops(
     layers = shape.num_layers
     forward_matmul = layers * (frozen_layer + lora_layer) + head
     forward_attention = layers * attn_layer
-    backward = layers * (frozen_layer + 2 * lora_layer + 2 * attn_layer) + head
+    head_weight_grad = head if _tied_head_trained(shape, trainable_extras) else 0
+    backward = layers * (frozen_layer + 2 * lora_layer + 2 * attn_layer) + head + head_weight_grad
     # Non-reentrant checkpointing stops recomputing once every saved tensor is rebuilt: the frozen MLP down
     # projection, the layer's last matmul, feeds nothing that backward needs, so it is not rerun.
     down_proj = 2 * tokens * i * d
@@ -271,8 +288,10 @@ def activation_bytes(
     loss_chunks: int = 8,
     lora_rank: int = 8,
     lora_modules: Sequence[str] = ("q_proj", "k_proj", "v_proj", "output_proj"),
+    family: str | None = None,
+    trainable_extras: Sequence[str] = ("embed", "norm"),
 ) -> ActivationEstimate:
-    """Activation bytes of a LongLoRA Llama 2 training step (LoRA on attention, trainable embeddings/norms).
+    """Activation bytes of a LongLoRA training step (LoRA on attention, trainable embeddings/norms).
 
     Per layer, autograd keeps: for each of the two RMSNorms (computed in float32) the float32 input and
     normalised tensor and the float32 inverse RMS; the normed hidden state that the LoRA A matrices read;
@@ -284,6 +303,13 @@ def activation_bytes(
     tensors, the int64 token ids and labels, and the loss keeps float32 log-probabilities for every token
     (chunking the loss bounds only the float32 upcast, not what backward keeps).
 
+    The families differ in two places (GQA needs nothing extra: keys and values are expanded to all heads
+    before attention, as above). Qwen2's RoPE rotates head halves and keeps the cos and sin it casts to the
+    compute dtype, for q and k: ``4 x seq_len x head_dim`` elements per layer (shared by the batch, which
+    has no per-sample positions when unpacked). A tied LM head that is trained (``embed``) keeps its input,
+    the final norm's output, for its weight gradient, and that gradient (``vocab x embed_dim``, plus the
+    one it accumulates into) exists while the loss is back-propagated.
+
     Args:
         shape: Model sizes.
         seq_len: Tokens per sequence.
@@ -294,6 +320,8 @@ def activation_bytes(
         loss_chunks: ``CEWithChunkedOutputLoss`` chunks (1 for a plain cross entropy).
         lora_rank: LoRA rank.
         lora_modules: Attention projections with LoRA.
+        family: The model's family (:func:`model_family`; None infers it from the shape).
+        trainable_extras: The recipe's ``trainable_extras`` (a tied head is trained with ``embed``).
 
     Returns:
         The :class:`ActivationEstimate`.
@@ -315,15 +343,17 @@ def activation_bytes(
     lora = e * hidden + len(lora_modules) * e * t * lora_rank
     attention = 4 * e * hidden + _FP32 * t * shape.num_heads + (e * hidden if s2 else 0)
     mlp = 3 * e * t * i
-    per_layer = 2 * norm + lora + attention + mlp
+    rope = 0 if _rotates_pairs(shape, family) else 4 * e * seq_len * shape.head_dim
+    per_layer = 2 * norm + lora + attention + mlp + rope
     layers_saved = shape.num_layers * (e * hidden if activation_checkpointing else per_layer)
-    head_saved = norm + 2 * _INT64 * t
+    tied = _tied_head_trained(shape, trainable_extras)
+    head_saved = norm + 2 * _INT64 * t + (e * hidden if tied else 0)
     loss_saved = _FP32 * t * v
     # Backward of one layer: gradients of its input and output, dq/dk/dv and two MLP-wide gradients; with
     # checkpointing the layer's own activations are rebuilt first.
     grads = 5 * e * hidden + 2 * e * t * i
     recompute_transient = grads + (per_layer if activation_checkpointing else 0)
-    logits_transient = e * t * v + 2 * _FP32 * t * v // loss_chunks
+    logits_transient = e * t * v + 2 * _FP32 * t * v // loss_chunks + (2 * e * v * d if tied else 0)
     return ActivationEstimate(
         per_layer, layers_saved, head_saved, loss_saved, recompute_transient, logits_transient
     )
@@ -347,25 +377,73 @@ def _resolve_group_size(max_seq_len: int, group_size: int | None, group_size_rat
     return config.resolve_group_size(max_seq_len)
 
 
-@functools.lru_cache(maxsize=16)
+#: The planner's families (:data:`longlora_tune.families.FAMILIES`) and the first name of their published
+#: shapes in :data:`MODEL_SHAPES`; Llama 2's sizes are named ``7b``, ``13b``, ``70b``.
+_FAMILY_PREFIXES = (("llama3", "llama3"), ("mistral", "mistral"), ("qwen2", "qwen2"))
+
+
+def model_family(model: str | ModelShape, family: str | None = None) -> str:
+    """The family whose builder makes ``model``: given, from its :data:`MODEL_SHAPES` name, or its shape.
+
+    A custom :class:`ModelShape` without a family is planned as the family its structure needs: Qwen2 for
+    q/k/v biases, Llama 3 for tied embeddings (Llama 2 and Mistral never tie), else Llama 2 (whose
+    parameters and activations are the same as an untied Llama 3's or a Mistral's of the same sizes).
+
+    Args:
+        model: A :data:`MODEL_SHAPES` name or a shape.
+        family: ``llama2``, ``llama3``, ``mistral`` or ``qwen2``; None infers it.
+
+    Returns:
+        The family name.
+
+    Raises:
+        ValueError: For an unknown family, or one whose builders cannot make the shape (biases outside
+            Qwen2, tied embeddings in Llama 2 or Mistral, Qwen2 without biases).
+    """
+    from longlora_tune.families import FAMILIES
+
+    shape = MODEL_SHAPES.get(model) if isinstance(model, str) else model
+    if family is None:
+        if isinstance(model, str):
+            family = next((f for prefix, f in _FAMILY_PREFIXES if model.startswith(prefix)), "llama2")
+        elif shape is not None and shape.qkv_bias:
+            family = "qwen2"
+        else:
+            family = "llama3" if shape is not None and shape.tie_word_embeddings else "llama2"
+    if family not in FAMILIES:
+        raise ValueError(f"Unknown family {family!r}; choose one of {sorted(FAMILIES)}")
+    if isinstance(shape, ModelShape):
+        spec = FAMILIES[family]
+        if shape.qkv_bias != spec.qkv_bias:
+            has = "has" if shape.qkv_bias else "has no"
+            raise ValueError(f"the shape {has} q/k/v biases and longlora_{family} cannot build it")
+        if shape.tie_word_embeddings and not spec.ties:
+            raise ValueError(f"the shape ties its embeddings and longlora_{family} cannot build it")
+    return family
+
+
+@functools.lru_cache(maxsize=32)
 def _parameter_counts(
-    shape: ModelShape, lora_rank: int, lora_modules: tuple[str, ...], trainable_extras: tuple[str, ...]
+    shape: ModelShape,
+    family: str,
+    lora_rank: int,
+    lora_modules: tuple[str, ...],
+    trainable_extras: tuple[str, ...],
 ) -> tuple[int, int]:
     import torch
 
-    from longlora_tune.models import longlora_llama2, longlora_llama3, longlora_qwen2
+    from longlora_tune.components import import_object
+    from longlora_tune.families import FAMILIES
     from longlora_tune.peft import trainable_param_names
 
-    sizes = {f: getattr(shape, f) for f in ("vocab_size", "num_layers", "num_heads", "num_kv_heads")}
-    sizes.update(embed_dim=shape.embed_dim, intermediate_dim=shape.intermediate_dim)
-    # Llama 2/3 and Mistral count alike; Qwen2 adds q/k/v biases; a tied head needs a builder that ties.
-    builder = longlora_qwen2 if shape.qkv_bias else longlora_llama3 if shape.tie_word_embeddings else None
-    if builder is not None:
+    spec = FAMILIES[family]
+    sizes = {f: getattr(shape, f) for f in _SIZE_FIELDS}
+    if spec.ties:
         sizes["tie_word_embeddings"] = shape.tie_word_embeddings
-    # Parameter counts do not depend on the length or the attention form; the smallest valid ones keep
-    # the meta build cheap (no RoPE cache, no group-size constraint).
+    # Parameter counts do not depend on the length, the RoPE or the attention form; the smallest valid ones
+    # keep the meta build cheap (no RoPE cache, no group-size constraint).
     with torch.device("meta"):
-        model = (builder or longlora_llama2)(
+        model = import_object(spec.builder)(
             **sizes,
             max_seq_len=2,
             lora_rank=lora_rank,
@@ -373,6 +451,7 @@ def _parameter_counts(
             s2_group_size=2,
             use_full_attn=True,
         )
+    # named_parameters lists a tied LM head once: it is the token embedding.
     params = dict(model.named_parameters())
     trainable = sum(params[name].numel() for name in trainable_param_names(model, extras=trainable_extras))
     return trainable, sum(p.numel() for p in params.values())
@@ -384,17 +463,21 @@ def parameter_counts(
     lora_rank: int = 8,
     lora_modules: Sequence[str] = ("q_proj", "k_proj", "v_proj", "output_proj"),
     trainable_extras: Sequence[str] = ("embed", "norm"),
+    family: str | None = None,
 ) -> tuple[int, int]:
-    """Trainable and total parameters of the LongLoRA model the builder makes for ``shape``.
+    """Trainable and total parameters of the LongLoRA model the family's builder makes for ``shape``.
 
-    The model is built on the meta device by ``longlora_tune.models.longlora_llama2`` and the trainable set
-    is :func:`longlora_tune.peft.trainable_param_names`, the function the recipe trains with.
+    The model is built on the meta device by the family's component builder (``longlora_llama2``,
+    ``longlora_llama3``, ``longlora_mistral`` or ``longlora_qwen2``) and the trainable set is
+    :func:`longlora_tune.peft.trainable_param_names`, the function the recipe trains with. A tied LM head
+    is the token embedding: counted once, and trained with it.
 
     Args:
         shape: Model sizes.
         lora_rank: LoRA rank.
         lora_modules: Attention projections with LoRA.
         trainable_extras: The recipe's ``trainable_extras``: a subset of ``("embed", "norm")``.
+        family: The builder's family; None infers it (:func:`model_family`).
 
     Returns:
         ``(trainable, total)`` parameter counts (total = base + LoRA).
@@ -406,7 +489,8 @@ def parameter_counts(
         raise ValueError(
             f"trainable_extras and lora_modules must be lists, got {trainable_extras!r}, {lora_modules!r}"
         )
-    return _parameter_counts(shape, int(lora_rank), tuple(lora_modules), tuple(trainable_extras))
+    family = model_family(shape, family)
+    return _parameter_counts(shape, family, int(lora_rank), tuple(lora_modules), tuple(trainable_extras))
 
 
 @dataclass
@@ -415,6 +499,7 @@ class Plan:
 
     Attributes:
         model: Model name or ``"custom"``.
+        family: The builder's family (``llama2``, ``llama3``, ``mistral``, ``qwen2``).
         shape: Model sizes.
         seq_len: Training length.
         max_seq_len: The model's ``max_seq_len`` (sizes the S² group; >= ``seq_len``).
@@ -456,6 +541,7 @@ class Plan:
     """
 
     model: str
+    family: str
     shape: ModelShape
     seq_len: int
     max_seq_len: int
@@ -518,7 +604,8 @@ class Plan:
     def table(self) -> str:
         """Markdown report: memory breakdown, FLOPs, verdict and suggestions."""
         lines = [
-            f"## {self.model}: {self.seq_len} tokens x {self.batch_size}/GPU on {self.gpus} GPU(s) "
+            f"## {self.model} ({self.family}): {self.seq_len} tokens x {self.batch_size}/GPU on {self.gpus} "
+            "GPU(s) "
             f"of {self.gpu_memory_gib:g} GiB",
             "",
             f"dtype {self.dtype}{self._trainable_dtype_note()}, "
@@ -646,6 +733,8 @@ def _memory(
     quantize_base: bool = False,
     context_parallel_degree: int = 1,
     group_size: int | None = None,
+    family: str | None = None,
+    trainable_extras: Sequence[str] = ("embed", "norm"),
 ) -> tuple[dict[str, int], int]:
     e = _DTYPE_BYTES[dtype]
     shard = gpus if fsdp else 1
@@ -668,6 +757,8 @@ def _memory(
         loss_chunks=loss_chunks,
         lora_rank=lora_rank,
         lora_modules=lora_modules,
+        family=family,
+        trainable_extras=trainable_extras,
     )
     # FSDP2 all-gathers one layer (in the compute dtype) while prefetching the next, and holds one layer's
     # unsharded gradients before the reduce-scatter.
@@ -747,12 +838,14 @@ def plan(
     cpu_offload: bool = False,
     quantize_base: bool = False,
     context_parallel_degree: int = 1,
+    family: str | None = None,
     suggest: bool = True,
 ) -> Plan:
     """Plan one LongLoRA training step per GPU.
 
     Args:
-        model: ``"7b"``, ``"13b"``, ``"70b"`` or a :class:`ModelShape`.
+        model: A :data:`MODEL_SHAPES` name (Llama 2's ``"7b"``, ``"13b"``, ``"70b"``; ``"llama3_1_8b"``,
+            ``"mistral_7b"``, ``"qwen2_5_7b"``, ...) or a :class:`ModelShape`.
         seq_len: Training length in tokens.
         gpus: Data-parallel GPUs (FSDP shards over all of them).
         gpu_memory_gib: Memory per GPU in GiB (an "80 GB" A100 has 80 GiB).
@@ -785,6 +878,8 @@ def plan(
             (a divisor of ``gpus``); activations are per slice, the batch counts ``gpus / degree`` data
             replicas, and the attention traffic of the halo exchange (and of ring / all-to-all designs,
             for comparison) is reported.
+        family: The model's family (``llama2``, ``llama3``, ``mistral``, ``qwen2``): its builder counts the
+            parameters; None infers it from the model name or shape (:func:`model_family`).
         suggest: Compute suggestions and the longest fitting length.
 
     Returns:
@@ -808,6 +903,7 @@ def plan(
         name, shape = "custom", model
     else:
         raise ValueError(f"model must be a name or a ModelShape, got {type(model).__name__}")
+    family = model_family(model, family)
     if dtype not in _DTYPE_BYTES:
         raise ValueError(f"dtype must be one of {sorted(_DTYPE_BYTES)}, got {dtype!r}")
     if optimizer_state_dtype is not None and optimizer_state_dtype not in _DTYPE_BYTES:
@@ -848,7 +944,11 @@ def plan(
         else config_checks.gradient_accumulation_steps(global_batch_size, batch_size, data_parallel)
     )
     trainable, total = parameter_counts(
-        shape, lora_rank=lora_rank, lora_modules=lora_modules, trainable_extras=trainable_extras
+        shape,
+        lora_rank=lora_rank,
+        lora_modules=lora_modules,
+        trainable_extras=trainable_extras,
+        family=family,
     )
 
     def peak_for(length: int, **overrides: Any) -> tuple[dict[str, int], int]:
@@ -871,6 +971,8 @@ def plan(
             quantize_base=quantize_base,
             context_parallel_degree=degree,
             group_size=group_size,
+            family=family,
+            trainable_extras=trainable_extras,
         )
         settings.update(overrides)
         if group_size is not None and length != seq_len and group_size_ratio is not None and not explicit_g:
@@ -885,10 +987,14 @@ def plan(
     micro_batches = shape.num_layers * (grad_accum or 1)
     capacity = gpu_memory_gib * GIB
     flops_kwargs = dict(
-        activation_checkpointing=activation_checkpointing, lora_rank=lora_rank, lora_modules=lora_modules
+        activation_checkpointing=activation_checkpointing,
+        lora_rank=lora_rank,
+        lora_modules=lora_modules,
+        trainable_extras=trainable_extras,
     )
     result = Plan(
         model=name,
+        family=family,
         shape=shape,
         seq_len=seq_len,
         max_seq_len=max_seq_len,
@@ -1022,13 +1128,9 @@ def _communication(
 # Configs and CLI
 # ----------------------------------------------------------------------------------------------------
 
-_BUILDER_SIZES = {
-    "longlora_tune.models.longlora_llama2_7b": "7b",
-    "longlora_tune.models.longlora_llama2_13b": "13b",
-    "longlora_tune.models.longlora_llama2_70b": "70b",
-    # The other families' sized builders are named after their MODEL_SHAPES entries.
-    **{f"longlora_tune.models.longlora_{name}": name for name in MODEL_SHAPES if not name[0].isdigit()},
-}
+# Llama 2's published shapes are named by size alone; every other sized builder longlora_<key> has
+# MODEL_SHAPES[<key>].
+_LLAMA2_SIZED = {"llama2_7b": "7b", "llama2_13b": "13b", "llama2_70b": "70b"}
 
 
 def _config_path(name: str) -> Path:
@@ -1048,7 +1150,9 @@ def _config_path(name: str) -> Path:
 def load_config_settings(name: str) -> dict[str, Any]:
     """Planner arguments read from a shipped config name or a YAML file.
 
-    Reads ``model`` (a sized builder with ``max_seq_len`` or ``longlora_llama2`` with explicit sizes), the
+    Reads ``model`` (a sized builder such as ``longlora_llama3_1_8b`` with ``max_seq_len``, or a family's
+    component builder -- ``longlora_llama2``, ``longlora_llama3``, ``longlora_mistral``, ``longlora_qwen2`` --
+    with explicit sizes), the
     training length as the recipe reads it (``dataset.block_size``, ``dataset.max_seq_len`` or
     ``tokenizer.max_seq_len``; ``model.max_seq_len`` when none is set), ``batch_size``,
     ``global_batch_size``, ``dtype``, ``fp32_trainable_params``, ``trainable_extras``,
@@ -1084,22 +1188,7 @@ def load_config_settings(name: str) -> dict[str, Any]:
         "max_seq_len": int(model["max_seq_len"]),
         "seq_len": int(model["max_seq_len"]) if train_len is None else train_len,
     }
-    if component in _BUILDER_SIZES:
-        settings["model"] = _BUILDER_SIZES[component]
-    elif component.endswith("longlora_llama2"):
-        intermediate = model.get("intermediate_dim") or _llama2_intermediate(int(model["embed_dim"]))
-        settings["model"] = ModelShape(
-            int(model["vocab_size"]),
-            int(model["num_layers"]),
-            int(model["num_heads"]),
-            int(model["num_kv_heads"]),
-            int(model["embed_dim"]),
-            int(intermediate),
-        )
-    else:
-        raise ValueError(
-            f"Config {name!r}: model._component_ {component!r} is not a longlora_tune Llama 2 builder"
-        )
+    settings["model"], settings["family"] = _config_model(name, component, model)
     if model.get("use_full_attn"):
         settings["s2"] = False
     if model.get("s2_group_size"):
@@ -1135,6 +1224,52 @@ def load_config_settings(name: str) -> dict[str, Any]:
     elif loss:
         settings["loss_chunks"] = 1
     return settings
+
+
+def _config_model(name: str, component: str, model: dict[str, Any]) -> tuple[str | ModelShape, str]:
+    """The planned model and its family from a config's ``model`` section."""
+    from longlora_tune.families import family_of_builder
+
+    family = family_of_builder(component)
+    if family is None:
+        raise ValueError(
+            f"Config {name!r}: model._component_ {component!r} is not a longlora_tune.models builder "
+            "(longlora_llama2, longlora_llama3, longlora_mistral, longlora_qwen2 or a sized one)"
+        )
+    builder = component.rsplit(".", 1)[-1]
+    if builder != family.builder.rsplit(".", 1)[-1]:
+        key = builder.removeprefix("longlora_")
+        key = _LLAMA2_SIZED.get(key, key)
+        if key not in MODEL_SHAPES:
+            raise ValueError(f"Config {name!r}: no published shape for model._component_ {component!r}")
+        return key, family.name
+    missing = [f for f in _SIZE_FIELDS[:5] if f not in model]
+    intermediate = model.get("intermediate_dim")
+    if intermediate is None and family.name in ("llama2", "llama3"):
+        # The builders' default SwiGLU width (torchtune's scale_hidden_dim_for_mlp of each family).
+        embed = int(model.get("embed_dim", 0))
+        intermediate = _llama2_intermediate(embed) if family.name == "llama2" else _llama3_intermediate(embed)
+    elif intermediate is None:
+        missing.append("intermediate_dim")
+    if missing:
+        raise ValueError(f"Config {name!r}: {builder} needs model.{', model.'.join(missing)}")
+    shape = ModelShape(
+        int(model["vocab_size"]),
+        int(model["num_layers"]),
+        int(model["num_heads"]),
+        int(model["num_kv_heads"]),
+        int(model["embed_dim"]),
+        int(intermediate),
+        tie_word_embeddings=bool(model.get("tie_word_embeddings", False)),
+        qkv_bias=family.qkv_bias,
+    )
+    return shape, family.name
+
+
+def _llama3_intermediate(embed_dim: int) -> int:
+    # torchtune's Llama 3 rule (used by lora_llama3_2 when intermediate_dim is None): 4 * int(2d/3) rounded
+    # up to a multiple of 256. Published Llama 3 shapes state theirs (14336 for 4096).
+    return 256 * ((4 * int(2 * embed_dim / 3) + 255) // 256)
 
 
 def _llama2_intermediate(embed_dim: int) -> int:

@@ -562,3 +562,71 @@ def test_context_parallel_ranks_share_batches(assets, tmp_path):
 def test_bad_context_parallel_settings_are_one_line(assets, tmp_path, extra, world_size, message):
     err = _error(_cfg(assets, tmp_path / "o", **extra), world_size=world_size)
     assert err.startswith(message) and "\n" not in err, err
+
+
+@pytest.mark.parametrize(
+    ("name", "published", "expected"),
+    [
+        ("llama3_8b_64k", "llama3_8b", ("linear", 8.0, None)),
+        ("llama3_1_8b_256k", "llama3_1_8b", ("llama3", 16.0, 8192)),
+        ("mistral_7b_64k", "mistral_7b", ("linear", 2.0, None)),
+        ("qwen2_5_7b_128k", "qwen2_5_7b", ("yarn", 4.0, 32768)),
+    ],
+)
+def test_family_configs_resolve_their_rope_over_the_published_checkpoint(name, published, expected):
+    """Each family config's rope_scaling over its base's published config.json: one method, the factor."""
+    from longlora_tune.families import family_of_builder
+    from longlora_tune.modules.rope_scaling import RopeScaling, rope_for_training
+    from longlora_tune.shapes import MODEL_SHAPES
+
+    cfg = OmegaConf.load(CONFIGS / f"{name}.yaml")
+    shape = MODEL_SHAPES[published]
+    base = RopeScaling.from_hf_config(
+        {
+            "rope_theta": shape.rope_base,
+            "max_position_embeddings": shape.max_position_embeddings,
+            "rope_scaling": dict(shape.rope_scaling) if shape.rope_scaling else None,
+        }
+    )
+    family = family_of_builder(cfg.model._component_)
+    request = OmegaConf.to_container(cfg.rope_scaling)
+    length = cc.training_length(cfg)
+    rope = rope_for_training(base, length, request=request, default_type=family.default_rope_type)
+    original = rope.original_max_position_embeddings if rope.rope_type != "linear" else None
+    assert (rope.rope_type, rope.factor, original) == expected
+    assert rope.context_len >= length == cfg.model.max_seq_len
+    # The explicit factor is what the family default derives from the length: the config only states it.
+    unpinned = {k: v for k, v in request.items() if k != "factor"}
+    derived = rope_for_training(base, length, request=unpinned, default_type=family.default_rope_type)
+    assert derived.factor == rope.factor
+
+
+@pytest.mark.parametrize("name", ["llama3_8b_64k", "llama3_1_8b_256k", "mistral_7b_64k", "qwen2_5_7b_128k"])
+def test_family_eval_configs_match_their_training_config(name):
+    """Perplexity and passkey configs: the family's tokenizer files, text data, the training length."""
+    import inspect
+
+    from longlora_tune.components import import_object
+    from longlora_tune.families import family_of_builder
+
+    train = OmegaConf.load(CONFIGS / f"{name}.yaml")
+    family = family_of_builder(train.model._component_)
+    length = cc.training_length(train)
+    for kind, recipe in (("perplexity", "longlora_eval_perplexity"), ("passkey", "longlora_eval_passkey")):
+        path = CONFIGS / "eval" / f"{name}_{kind}.yaml"
+        text = path.read_text()
+        assert text.startswith(f"# recipe: {recipe}\n") and f"--config eval/{name}_{kind}" in text
+        cfg = OmegaConf.load(path)
+        assert cfg.checkpoint_dir == f"{train.output_dir}/hf" and cfg.training_length is None
+        # The family's tokenizer, reading the same files (under the base folder) as training does.
+        assert cfg.tokenizer._component_ == family.tokenizer == train.tokenizer._component_
+        for argument, file in family.tokenizer_files:
+            assert str(cfg.tokenizer[argument]).endswith(f"/{file}"), (argument, cfg.tokenizer[argument])
+        arguments = {k: v for k, v in OmegaConf.to_container(cfg.tokenizer).items() if k != "_component_"}
+        inspect.signature(import_object(cfg.tokenizer._component_)).bind(**arguments)
+        if kind == "perplexity":
+            # Llama 2's uint16 .bin streams hold Llama 2 ids: every other family reads text.
+            assert cfg.dataset.source != "bin"
+            assert max(cfg.eval_lengths) == length and sorted(cfg.eval_lengths) == list(cfg.eval_lengths)
+        else:
+            assert cfg.max_length == length and length % cfg.interval == 0

@@ -31,6 +31,7 @@ from longlora_tune.plan import (
     activation_bytes,
     load_config_settings,
     main,
+    model_family,
     parameter_counts,
     plan,
     s2_segment_lengths,
@@ -47,11 +48,16 @@ SHAPES = [
 ]
 
 
+def _sizes(shape: ModelShape) -> dict[str, int]:
+    """The six sizes a component builder takes (the published facts such as tied embeddings are not)."""
+    return {f.name: getattr(shape, f.name) for f in dataclasses.fields(ModelShape)[:6]}
+
+
 def _build(shape: ModelShape, seq_len: int, *, dtype: torch.dtype, s2: bool, checkpoint: bool):
     torch.manual_seed(0)
     with training.set_default_dtype(dtype):
         model = longlora_llama2(
-            **dataclasses.asdict(shape),
+            **_sizes(shape),
             max_seq_len=seq_len,
             s2_backend="sdpa",
             use_full_attn=not s2,
@@ -218,7 +224,7 @@ def test_config_settings_from_yaml(tmp_path):
     assert plan(**settings, gpus=1, gpu_memory_gib=2.0).fits  # 1.5 GiB of it is CUDA context
     broken = tmp_path / "broken.yaml"
     broken.write_text("model:\n  _component_: torchtune.models.llama2.llama2_7b\n  max_seq_len: 4096\n")
-    with pytest.raises(ValueError, match="not a longlora_tune Llama 2 builder"):
+    with pytest.raises(ValueError, match="not a longlora_tune.models builder"):
         load_config_settings(str(broken))
     with pytest.raises(ValueError, match="not found"):
         load_config_settings("no_such_config")
@@ -342,7 +348,7 @@ def test_trainable_extras_follow_the_peft_rule():
 def _builder_error(**kwargs) -> str:
     shape = SHAPES[0][0]
     with torch.device("meta"), pytest.raises(ValueError) as err:
-        longlora_llama2(**dataclasses.asdict(shape), **kwargs)
+        longlora_llama2(**_sizes(shape), **kwargs)
     return str(err.value)
 
 
@@ -565,3 +571,209 @@ def test_context_parallel_configs_fit_only_with_their_degree(name):
     assert split.fits and split.group_size == settings["seq_len"] // 4  # G = N/4 <= 2 * slice (N/8)
     assert split.gradient_accumulation_steps == 64  # global batch 64 over 1 data replica
     assert not plan(**{**settings, "context_parallel_degree": 1}, gpus=8, gpu_memory_gib=80.0).fits
+
+
+# ------------------------------------------------------------------------------------------ model families
+
+# Tiny models of every family (GQA, 4 heads over 2 KV heads), extended past their original context so the
+# family's RoPE extension is the module that runs: linear (Llama 3, Mistral), llama3 over an already
+# scaled Llama 3.1-style checkpoint, YaRN over Qwen2 (half-rotation RoPE, q/k/v biases), tied heads.
+_FAMILY_CASES = {
+    "llama3": ("llama3", ModelShape(256, 2, 4, 2, 64, 128), dict(original_max_seq_len=64)),
+    "llama3_2_tied": (
+        "llama3",
+        ModelShape(256, 2, 4, 2, 64, 128, tie_word_embeddings=True),
+        dict(
+            tie_word_embeddings=True,
+            original_max_seq_len=64,
+            checkpoint_rope_scaling={
+                "rope_type": "llama3",
+                "factor": 2.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 32,
+            },
+        ),  # fmt: skip
+    ),
+    "mistral": ("mistral", ModelShape(256, 2, 4, 2, 64, 128), dict(original_max_seq_len=64)),
+    "qwen2": ("qwen2", ModelShape(256, 2, 4, 2, 64, 128, qkv_bias=True), dict(original_max_seq_len=64)),
+    "qwen2_tied": (
+        "qwen2",
+        ModelShape(256, 2, 4, 2, 64, 128, qkv_bias=True, tie_word_embeddings=True),
+        dict(tie_word_embeddings=True, original_max_seq_len=64),
+    ),
+}
+
+
+def _build_family(case: str, seq_len: int, *, dtype: torch.dtype, s2: bool, checkpoint: bool):
+    from longlora_tune import models
+
+    family, shape, extra = _FAMILY_CASES[case]
+    torch.manual_seed(0)
+    with training.set_default_dtype(dtype):
+        model = getattr(models, f"longlora_{family}")(
+            **_sizes(shape), max_seq_len=seq_len, s2_backend="sdpa", use_full_attn=not s2, **extra
+        )
+    set_trainable_params(model)
+    if checkpoint:
+        training.set_activation_checkpointing(model, auto_wrap_policy={TransformerSelfAttentionLayer})
+    model.train()
+    return model
+
+
+@pytest.mark.parametrize("case", sorted(_FAMILY_CASES))
+@pytest.mark.parametrize("s2", [True, False], ids=["s2", "full"])
+@pytest.mark.parametrize("checkpoint", [False, True], ids=["no_ac", "ac"])
+def test_family_activation_estimate_matches_autograd(case, s2, checkpoint):
+    # The family terms (Qwen2's cos/sin, a trained tied head's input) are 2-7% here: a 0.5% bound sees them.
+    family, shape, _ = _FAMILY_CASES[case]
+    seq_len, batch, chunks = 256, 2, 4
+    model = _build_family(case, seq_len, dtype=torch.bfloat16, s2=s2, checkpoint=checkpoint)
+    measured = _saved_bytes(model, shape, seq_len, batch, chunks)
+    estimate = activation_bytes(
+        shape, seq_len, batch, s2=s2, activation_checkpointing=checkpoint, loss_chunks=chunks, family=family
+    )
+    assert abs(estimate.saved - measured) <= 0.005 * measured, (estimate.saved, measured)
+
+
+@pytest.mark.parametrize("case", ["qwen2_tied", "llama3"])
+def test_family_flops_match_flop_counter(case):
+    # A trained tied head also computes its weight gradient (vocab x embed_dim per token).
+    family, shape, _ = _FAMILY_CASES[case]
+    seq_len, batch = 128, 2
+    model = _build_family(case, seq_len, dtype=torch.float32, s2=True, checkpoint=True)
+    counter = FlopCounterMode(display=False)
+    with sdpa_kernel(SDPBackend.MATH), counter:
+        _loss(model, shape, seq_len, batch, 2).backward()
+    expected = step_flops(shape, seq_len, batch, group_size=seq_len // 4, attention="dense")
+    assert counter.get_total_flops() == pytest.approx(expected.total, rel=1e-9)
+    untrained_head = step_flops(shape, seq_len, batch, group_size=32, attention="dense", trainable_extras=())
+    head_grad = 2 * batch * seq_len * shape.embed_dim * shape.vocab_size
+    assert expected.backward - untrained_head.backward == (head_grad if shape.tie_word_embeddings else 0)
+
+
+@pytest.mark.parametrize("case", sorted(_FAMILY_CASES))
+@pytest.mark.parametrize("extras", [("embed", "norm"), ("norm",), ()], ids=["embed_norm", "norm", "lora"])
+def test_family_parameter_counts_match_the_model(case, extras):
+    # The model the recipe trains, built on meta with the family's builder and made trainable by the
+    # recipe's set_trainable_params (requires_grad), against the planner's numbers.
+    family, shape, extra = _FAMILY_CASES[case]
+    with torch.device("meta"):
+        model = _build_family(case, 256, dtype=torch.float32, s2=True, checkpoint=False)
+    set_trainable_params(model, extras=extras)
+    params = list(model.parameters())  # a tied head is the embedding: listed once
+    trainable, total = sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+    assert parameter_counts(shape, trainable_extras=extras) == (trainable, total)
+    assert parameter_counts(shape, trainable_extras=extras, family=family) == (trainable, total)
+    # LoRA rank 8 on q and o (64 -> 64) and k, v (64 -> 32: 2 KV heads) in 2 layers; 5 RMSNorm scales.
+    lora = 2 * 8 * ((64 + 64) + 2 * (64 + 32) + (64 + 64))
+    assert trainable == lora + ("embed" in extras) * 256 * 64 + ("norm" in extras) * 5 * 64
+    biases = 2 * (64 + 32 + 32) if family == "qwen2" else 0
+    heads = 1 if shape.tie_word_embeddings else 2
+    assert total == lora + heads * 256 * 64 + 2 * (4 * 64 * 64 - 2 * 64 * 32 + 3 * 64 * 128) + 5 * 64 + biases
+
+
+# Published totals (Hugging Face model cards / safetensors metadata) and the LongLoRA trainable set (LoRA
+# rank 8 on q, k, v, o + embeddings + norms; a tied head is the embedding, trained once).
+_PUBLISHED = {
+    "llama3_8b": (8_030_261_248, 532_418_560),
+    "llama3_1_70b": (70_553_706_496, 1_084_760_064),
+    "llama3_2_1b": (1_235_814_400, 264_439_808),
+    "llama3_2_3b": (3_212_749_824, 398_765_056),
+    "mistral_7b": (7_248_023_552, 141_299_712),
+    "qwen2_5_0_5b": (494_032_768, 137_259_904),
+    "qwen2_5_7b": (7_615_616_512, 550_247_936),
+    "qwen2_5_72b": (72_706_203_648, 1_279_795_200),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_PUBLISHED))
+def test_published_family_shapes_give_the_published_parameter_counts(name):
+    from longlora_tune import models
+    from longlora_tune.shapes import MODEL_SHAPES
+
+    total, trainable = _PUBLISHED[name]
+    shape = MODEL_SHAPES[name]
+    result = plan(name, 8192, gpus=8, suggest=False)
+    assert (result.trainable_params, result.total_params - shape.lora_params(8)) == (trainable, total)
+    # The sized builder the configs name makes the same model.
+    with torch.device("meta"):
+        model = getattr(models, f"longlora_{name}")(max_seq_len=8192)
+    set_trainable_params(model)
+    counts = (
+        [p.numel() for p in model.parameters()],
+        [p.numel() for p in model.parameters() if p.requires_grad],
+    )
+    assert (sum(counts[1]), sum(counts[0])) == (result.trainable_params, result.total_params)
+    # Frozen weights sharded over 8 GPUs in bf16: the tied head is not counted twice.
+    assert result.memory["weights (frozen)"] == 2 * (result.total_params - trainable) // 8
+
+
+def test_family_vocabularies_size_the_loss_phase():
+    # The loss keeps fp32 log-probabilities for every token: 4 x tokens x vocab bytes.
+    for name, vocab in (
+        ("7b", 32_000),
+        ("llama3_1_8b", 128_256),
+        ("mistral_7b", 32_768),
+        ("qwen2_5_7b", 152_064),
+    ):
+        estimate = plan(name, 32768, gpus=8, suggest=False)
+        assert estimate.shape.vocab_size == vocab and estimate.family == model_family(name)
+        act = activation_bytes(estimate.shape, 32768, loss_chunks=8, family=estimate.family)
+        assert act.loss_saved == 4 * 32768 * vocab
+        assert estimate.memory["loss phase: fp32 log-probs + logits (*)"] == act.loss_phase
+
+
+def test_family_of_models_shapes_and_configs(tmp_path):
+    assert [model_family(n) for n in ("7b", "70b", "llama3_2_1b", "mistral_7b", "qwen2_5_72b")] == [
+        "llama2",
+        "llama2",
+        "llama3",
+        "mistral",
+        "qwen2",
+    ]
+    assert model_family(ModelShape(256, 2, 4, 2, 64, 128, qkv_bias=True)) == "qwen2"
+    assert model_family(ModelShape(256, 2, 4, 2, 64, 128, tie_word_embeddings=True)) == "llama3"
+    with pytest.raises(ValueError, match="ties its embeddings and longlora_mistral cannot build it"):
+        model_family(ModelShape(256, 2, 4, 2, 64, 128, tie_word_embeddings=True), "mistral")
+    with pytest.raises(ValueError, match="has no q/k/v biases and longlora_qwen2 cannot build it"):
+        plan(ModelShape(256, 2, 4, 2, 64, 128), 256, family="qwen2")
+    with pytest.raises(ValueError, match="Unknown family 'gemma'"):
+        model_family("7b", "gemma")
+    # Sized builders name their published shape; component builders take explicit sizes.
+    sized = tmp_path / "sized.yaml"
+    sized.write_text(
+        "model:\n  _component_: longlora_tune.models.longlora_qwen2_5_7b\n  max_seq_len: 131072\n"
+    )
+    assert {k: load_config_settings(str(sized))[k] for k in ("model", "family")} == {
+        "model": "qwen2_5_7b",
+        "family": "qwen2",
+    }
+    explicit = tmp_path / "explicit.yaml"
+    explicit.write_text(
+        "model:\n  _component_: longlora_tune.models.longlora_qwen2\n  vocab_size: 256\n  num_layers: 2\n"
+        "  num_heads: 4\n  num_kv_heads: 2\n  embed_dim: 64\n  intermediate_dim: 96\n  max_seq_len: 512\n"
+        "  tie_word_embeddings: true\n"
+    )
+    settings = load_config_settings(str(explicit))
+    assert settings["family"] == "qwen2"
+    assert settings["model"] == ModelShape(256, 2, 4, 2, 64, 96, tie_word_embeddings=True, qkv_bias=True)
+    explicit.write_text(explicit.read_text().replace("  intermediate_dim: 96\n", ""))
+    with pytest.raises(ValueError, match="longlora_qwen2 needs model.intermediate_dim"):
+        load_config_settings(str(explicit))
+    llama3 = tmp_path / "llama3.yaml"
+    llama3.write_text(
+        "model:\n  _component_: longlora_tune.models.longlora_llama3\n  vocab_size: 256\n  num_layers: 2\n"
+        "  num_heads: 4\n  num_kv_heads: 2\n  embed_dim: 4096\n  max_seq_len: 512\n"
+    )
+    # torchtune's Llama 3 width rule when intermediate_dim is not given (lora_llama3_2's default).
+    from torchtune.models.llama3._model_utils import scale_hidden_dim_for_mlp
+
+    assert load_config_settings(str(llama3))["model"].intermediate_dim == scale_hidden_dim_for_mlp(4096)
+
+
+@pytest.mark.parametrize("name", ["llama3_8b_64k", "llama3_1_8b_256k", "mistral_7b_64k", "qwen2_5_7b_128k"])
+def test_family_configs_plan_on_the_command_line(name, capsys):
+    assert main(["--config", name, "--gpus", "8", "--gpu-memory", "80"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"## {name} (") and "**FITS**" in out

@@ -30,10 +30,12 @@ from omegaconf import OmegaConf
 from recipe_runner import CONFIGS, RECIPE, RecipeFailed, model_from_adapter, run_recipe, run_recipe_argv
 from safetensors.torch import load_file
 from torchtune import config
+from torchtune.modules import TiedLinear
 
 from longlora_tune import checkpointing, config_checks, tiny
 from longlora_tune.components import import_object
 from longlora_tune.data.sampler import ResumableDistributedSampler
+from longlora_tune.families import family_of_builder
 from longlora_tune.hf import HFBaseModel
 from longlora_tune.peft import trainable_param_names
 
@@ -409,7 +411,8 @@ def test_sampler_resumes_mid_epoch_for_any_world_size():
 # ---------------------------------------------------------------------------------- shipped configs
 
 
-def _expected_base_keys(num_layers: int) -> set[str]:
+def _expected_base_keys(num_layers: int, *, qkv_bias: bool = False, tied: bool = False) -> set[str]:
+    """torchtune's base parameter names: Qwen2 adds q/k/v biases; a tied LM head is the token embedding."""
     per_layer = [
         "attn.q_proj.weight",
         "attn.k_proj.weight",
@@ -421,7 +424,9 @@ def _expected_base_keys(num_layers: int) -> set[str]:
         "sa_norm.scale",
         "mlp_norm.scale",
     ]
-    keys = {"tok_embeddings.weight", "norm.scale", "output.weight"}
+    if qkv_bias:
+        per_layer += ["attn.q_proj.bias", "attn.k_proj.bias", "attn.v_proj.bias"]
+    keys = {"tok_embeddings.weight", "norm.scale"} | (set() if tied else {"output.weight"})
     keys |= {f"layers.{i}.{k}" for i in range(num_layers) for k in per_layer}
     return keys
 
@@ -454,6 +459,10 @@ def test_expected_configs_are_shipped():
         "llama2_7b_8k_full_attn",
         "tiny_demo",
         "tiny_qlora",
+        "llama3_8b_64k",
+        "llama3_1_8b_256k",
+        "mistral_7b_64k",
+        "qwen2_5_7b_128k",
     } <= names
 
 
@@ -475,7 +484,9 @@ def test_shipped_config_instantiates_without_weights(path):
     # Parameter names: a QLoRA model's state_dict() dequantizes its NF4 weights, impossible on meta.
     keys = {k for k, _ in model.named_parameters()}
     lora = {k for k in keys if ".lora_" in k}
-    assert keys - lora == _expected_base_keys(num_layers)
+    family = family_of_builder(cfg.model._component_)
+    tied = isinstance(model.output, TiedLinear)
+    assert keys - lora == _expected_base_keys(num_layers, qkv_bias=family.qkv_bias, tied=tied)
     assert len(lora) == 2 * 4 * num_layers  # A and B for q, k, v, output
     s2 = [m for m in model.modules() if isinstance(m, S2Attention)]
     assert len(s2) == num_layers
@@ -508,7 +519,10 @@ def test_shipped_config_instantiates_without_weights(path):
     assert cfg.dtype == "bf16" and cfg.enable_activation_checkpointing is True
     assert cfg.model.s2_group_size_ratio == 0.25 and list(cfg.trainable_extras) == ["embed", "norm"]
     assert cfg.model.get("use_full_attn", False) == path.stem.endswith("_full_attn")
-    assert "--ignore-patterns" in text and cfg.hf_repo_id in text
+    assert f"tune download {cfg.hf_repo_id} " in text
+    # Meta's and Mistral's repos also ship the original consolidated weights, which the recipe never reads;
+    # Qwen's hold only the Hugging Face files.
+    assert ("--ignore-patterns" in text) == (not cfg.hf_repo_id.startswith("Qwen/"))
 
 
 def _tiny_hf_config(**sizes: int) -> dict:

@@ -26,13 +26,16 @@ from typing import Any, Optional
 import torch
 
 from longlora_tune import checkpointing
+from longlora_tune.families import FAMILIES
 from longlora_tune.hf import HFBaseModel
 from longlora_tune.models.longlora import LongLoRAModelInfo
 from longlora_tune.modules.rope_scaling import RopeScaling
 
 #: Files copied from the base checkpoint next to the merged weights.
 TOKENIZER_FILES = (
-    "tokenizer.model",
+    # What each family's torchtune tokenizer reads (original/tokenizer.model for Llama 3, vocab.json and
+    # merges.txt for Qwen2.5), so an export serves as a base folder for eval and generation too.
+    *dict.fromkeys(file for family in FAMILIES.values() for _, file in family.tokenizer_files),
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
@@ -126,9 +129,10 @@ def copy_tokenizer_files(src_dir: str | Path, dst_dir: str | Path) -> list[str]:
     """
     copied = []
     for name in TOKENIZER_FILES:
-        src = Path(src_dir) / name
+        src, dst = Path(src_dir) / name, Path(dst_dir) / name
         if src.is_file():
-            shutil.copyfile(src, Path(dst_dir) / name)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, dst)
             copied.append(name)
     return copied
 

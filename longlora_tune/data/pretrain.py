@@ -208,8 +208,9 @@ def packed_blocks_dataset(
         A map-style dataset of ``{"tokens": list[int], "labels": list[int]}``, each ``block_size`` long.
 
     Raises:
-        LongLoRAConfigError: (one line naming the file, line and fix) for invalid arguments, missing or
-            unreadable files, a missing or non-text column, or data that yields no full block.
+        LongLoRAConfigError: (one line naming the file, line and fix) for invalid arguments, ``add_bos``
+            with a tokenizer that has no BOS token, missing or unreadable files, a missing or non-text
+            column, or data that yields no full block.
     """
     if not isinstance(block_size, int) or block_size < 2:
         raise LongLoRAConfigError(f"dataset.block_size={block_size!r} must be an integer >= 2")
@@ -217,6 +218,11 @@ def packed_blocks_dataset(
         raise LongLoRAConfigError(f"dataset.num_proc={num_proc!r} must be an integer >= 1")
     if max_documents is not None and max_documents < 1:
         raise LongLoRAConfigError(f"dataset.max_documents={max_documents!r} must be >= 1 or null")
+    if add_bos and getattr(tokenizer, "bos_id", None) is None:
+        # Qwen2.5's tokenizer has no BOS token: blocks would start with None.
+        raise LongLoRAConfigError(
+            f"dataset.add_bos=true but {type(tokenizer).__name__} has no BOS token; set dataset.add_bos=false"
+        )
     # Missing local files fail here, in one line, before the cache key stats them.
     local_data_files(source, data_files, split)
 

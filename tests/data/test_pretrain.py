@@ -184,3 +184,19 @@ def test_redpajama_preset_reads_files_with_mixed_meta(tokenizer, tmp_path, monke
     assert sorted(records["text"]) == ["A paper about cats.", "def f(): pass"]
     ds = packed_blocks_dataset(tokenizer, block_size=4, cache_dir=tmp_path / "cache")  # the default source
     assert len(ds) > 0
+
+
+def test_add_bos_with_a_tokenizer_without_bos_is_one_line(tmp_path):
+    from torchtune.models.qwen2_5 import qwen2_5_tokenizer
+
+    from longlora_tune.tiny import make_qwen2_5_tokenizer
+
+    vocab, merges = make_qwen2_5_tokenizer(tmp_path / "tok")
+    tok = qwen2_5_tokenizer(path=str(vocab), merges_file=str(merges))
+    corpus = make_text_corpus(tmp_path / "c.jsonl", n_docs=8)
+    kwargs = dict(block_size=16, source="json", data_files=str(corpus), cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(LongLoRAConfigError, match="no BOS token; set dataset.add_bos=false") as err:
+        packed_blocks_dataset(tok, **kwargs)
+    assert "\n" not in str(err.value)
+    blocks = packed_blocks_dataset(tok, add_bos=False, **kwargs)
+    assert len(blocks) > 0 and None not in blocks[0]["tokens"]

@@ -1,0 +1,33 @@
+"""An export carries the tokenizer files its family's torchtune tokenizer reads, so it can serve as a base."""
+
+from __future__ import annotations
+
+import pytest
+
+from longlora_tune import tiny
+from longlora_tune.components import import_object
+from longlora_tune.export import copy_tokenizer_files
+from longlora_tune.families import FAMILIES
+
+WRITERS = {
+    "llama2": lambda d: tiny.make_tokenizer(d),
+    "llama3": lambda d: tiny.make_llama3_tokenizer(d / "original"),
+    "mistral": lambda d: tiny.make_mistral_tokenizer(d),
+    "qwen2": lambda d: tiny.make_qwen2_5_tokenizer(d),
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_copied_tokenizer_files_build_the_family_tokenizer(family, tmp_path):
+    spec = FAMILIES[family]
+    base, export = tmp_path / "base", tmp_path / "hf"
+    base.mkdir()
+    export.mkdir()
+    WRITERS[family](base)
+    copied = copy_tokenizer_files(base, export)
+    assert {file for _, file in spec.tokenizer_files} <= set(copied)
+    build = import_object(spec.tokenizer)
+    original = build(**{arg: str(base / file) for arg, file in spec.tokenizer_files})
+    exported = build(**{arg: str(export / file) for arg, file in spec.tokenizer_files})
+    text = "the cat sees a green apple today"
+    assert exported.encode(text) == original.encode(text)

@@ -548,8 +548,9 @@ def check_rope_scaling(cfg: DictConfig) -> None:
     """Check the ``rope_scaling`` key against the model builder and the base checkpoint's own RoPE.
 
     The request must be well formed, the builder must take it, it must not be given twice (also as
-    ``model.rope_scaling``/``model.rope_scaling_factor``), and over the checkpoint's own scaling it must
-    give one ``config.json`` ``rope_type`` (stacking a second method is refused).
+    ``model.rope_scaling``/``model.rope_scaling_factor``), over the checkpoint's own scaling it must
+    give one ``config.json`` ``rope_type`` (stacking a second method is refused), and an explicit factor
+    must cover the training length.
 
     Args:
         cfg: the recipe config (``checkpoint_dir`` already checked).
@@ -575,7 +576,13 @@ def check_rope_scaling(cfg: DictConfig) -> None:
         )
     base = HFBaseModel.read(cfg.checkpoint_dir)
     length = training_length(cfg) or int(cfg.model.get("max_seq_len", 0) or base.original_max_seq_len)
-    rope_for_training(base.rope, length, request=request, default_type=base.family.default_rope_type)
+    rope = rope_for_training(base.rope, length, request=request, default_type=base.family.default_rope_type)
+    if rope.context_len < length:
+        # The exported config.json would state a shorter context than the model is trained on.
+        raise LongLoRAConfigError(
+            f"rope_scaling.factor={request['factor']} gives a {rope.context_len}-token context, below the "
+            f"training length {length}; use a larger factor or factor null"
+        )
 
 
 def check_training_length(train_len: int, model_max_seq_len: int, group_size: Optional[int]) -> None:

@@ -436,7 +436,7 @@ def save_peft_adapter(
             tensors[f"base_model.model.{hf_key}"] = value
             if tied and key == _EMBED_KEY:
                 saved_modules.add("lm_head")
-                tensors["base_model.model.lm_head.weight"] = value
+                tensors["base_model.model.lm_head.weight"] = value.clone()  # safetensors refuses aliases
         else:
             raise ValueError(
                 f"Cannot export {key} to a PEFT adapter: only LoRA weights, tok_embeddings and norm scales "

@@ -128,6 +128,7 @@ class LongLoRARecipeDistributed:
         self.last_checkpoint: Optional[Path] = None
         self.lineage: Optional[checkpointing.Lineage] = None  # rank 0: what this run's checkpoints record
         self.metric_logger = None
+        self.rope_facts: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ setup
 
@@ -335,6 +336,7 @@ class LongLoRARecipeDistributed:
                     f"{rope_facts['rope_base']}; remove model.rope_base"
                 )
             overrides.update(rope_facts)
+            self.rope_facts = rope_facts
         if request is not None:
             overrides["rope_scaling"] = OmegaConf.to_container(request, resolve=True)
         return overrides
@@ -630,7 +632,8 @@ class LongLoRARecipeDistributed:
                 self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
             )
         info = export.LongLoRAExportInfo(
-            model_config=OmegaConf.to_container(self.cfg.model, resolve=True),
+            # With the checkpoint's RoPE facts, longlora.json rebuilds the model without the base config.
+            model_config={**OmegaConf.to_container(self.cfg.model, resolve=True), **self.rope_facts},
             rope_scaling_factor=self.model_info.rope_scaling_factor,
             group_size=self.model_info.group_size,
             trainable_extras=list(self.extras),

@@ -771,8 +771,8 @@ def rope_for_training(
       family's default) for an unscaled checkpoint;
     * ``{type}``: extend with that method (refused over a different existing method);
     * ``{type, factor}``: exactly that factor, never below the checkpoint's own (a lower one would move
-      positions it learned). A larger ``llama3`` factor scales the served context alike (Llama 3.1's 8
-      for 128k -> 16 for 256k), as :meth:`RopeScaling.extend` does.
+      positions it learned). A larger ``llama3`` factor scales the served
+      context alike (Llama 3.1's 8 for 128k -> 16 for 256k), as :meth:`RopeScaling.extend` does.
 
     Args:
         checkpoint: The base checkpoint's setting (:meth:`RopeScaling.from_hf_config`).
@@ -814,16 +814,20 @@ def rope_for_training(
             f"rope_scaling.factor={factor} is below the checkpoint's own {current} factor "
             f"{checkpoint.factor}; positions it learned would move: use at least {checkpoint.factor}"
         )
-    if current == "default":
-        if factor == 1.0 and rope_type != "linear":
-            return checkpoint
-        return RopeScaling(
+    if current == "default" and factor == 1.0 and rope_type != "linear":
+        result = checkpoint
+    elif current == "default":
+        result = RopeScaling(
             rope_type=rope_type,
             factor=factor,
             original_max_position_embeddings=base.original_max_position_embeddings,
             rope_theta=checkpoint.rope_theta,
         )
-    changes: dict[str, Any] = {"factor": factor}
-    if rope_type == "llama3":
-        changes["max_position_embeddings"] = int(round(checkpoint.context_len * factor / checkpoint.factor))
-    return dataclasses.replace(checkpoint, **changes)
+    else:
+        changes: dict[str, Any] = {"factor": factor}
+        if rope_type == "llama3":
+            changes["max_position_embeddings"] = int(
+                round(checkpoint.context_len * factor / checkpoint.factor)
+            )
+        result = dataclasses.replace(checkpoint, **changes)
+    return result

@@ -15,10 +15,11 @@ the ``tiny_demo_<family>`` config, in ``<tmp>/longlora_demo_<family>`` by defaul
 extended with its own ``llama3`` RoPE scaling, Mistral with linear interpolation, Qwen2.5 with YaRN.
 
 With ``--sft`` it writes the same tiny checkpoint and a LongAlpaca-format file instead, and fine-tunes on
-it with the ``tiny_longalpaca`` config (``dataset.data_files=DIR/longalpaca.json``). ``--assets-only``
-writes the files and prints the command without running it; as ``DIR`` defaults to the config's own
-``/tmp/longalpaca_demo``, ``python -m longlora_tune.demo --sft --assets-only`` followed by
-``tune run longlora_distributed --config tiny_longalpaca`` needs no overrides.
+it with the ``tiny_longalpaca`` config (``dataset.data_files=DIR/longalpaca.json``); with ``--family`` too,
+``tiny_longalpaca_<family>`` in the family's own chat format, in ``<tmp>/longalpaca_demo_<family>``.
+``--assets-only`` writes the files and prints the command without running it; as ``DIR`` defaults to the
+config's own ``/tmp/longalpaca_demo``, ``python -m longlora_tune.demo --sft --assets-only`` followed by
+``tune run longlora_distributed --config tiny_longalpaca`` needs no overrides (so for every demo).
 
 (``--nproc 2`` adds ``--nproc_per_node 2``: two CPU processes over gloo). Extra ``key=value`` arguments
 are passed on as config overrides. When the ``tune`` CLI does not know ``longlora_distributed`` (the
@@ -68,6 +69,13 @@ _DEMOS: dict[tuple[str, bool], _Demo] = {
     ("llama2", True): _SFT,
     **{
         (family, False): _Demo(f"tiny_demo_{family}", "corpus.jsonl", f"longlora_demo_{family}", family)
+        for family in ("llama3", "mistral", "qwen2")
+    },
+    # SFT in each family's own chat format (dataset.template=chat).
+    **{
+        (family, True): _Demo(
+            f"tiny_longalpaca_{family}", "longalpaca.json", f"longalpaca_demo_{family}", family, sft=True
+        )
         for family in ("llama3", "mistral", "qwen2")
     },
 }
@@ -123,13 +131,13 @@ def build_command(
             with ``python`` (or torchrun) and the config file path.
         sft: the ``tiny_longalpaca`` fine-tuning demo instead of ``tiny_demo`` pretraining.
         family: the tiny model's family: ``llama2`` (default), ``llama3``, ``mistral`` or ``qwen2``
-            (config ``tiny_demo_<family>``).
+            (config ``tiny_demo_<family>``, or ``tiny_longalpaca_<family>`` with ``sft``).
 
     Returns:
         The argument list.
 
     Raises:
-        ValueError: for a family (and ``sft``) without a shipped demo config.
+        ValueError: for an unknown family.
     """
     demo = _demo(family, sft)
     args = [
@@ -150,12 +158,9 @@ def build_command(
 
 
 def _demo(family: str, sft: bool) -> _Demo:
-    demo = _DEMOS.get((family, sft))
+    demo = _DEMOS.get((family, bool(sft)))
     if demo is None:
-        known = sorted({f for f, _ in _DEMOS})
-        if family not in known:
-            raise ValueError(f"family={family!r}: use one of {', '.join(known)}")
-        raise ValueError(f"--sft has a tiny config for llama2 only, not --family {family}")
+        raise ValueError(f"family={family!r}: use one of {', '.join(_FAMILY_LABELS)}")
     return demo
 
 
@@ -179,15 +184,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--sft",
         action="store_true",
-        help="fine-tune on a tiny LongAlpaca-format file with the tiny_longalpaca config (llama2)",
+        help="fine-tune on a tiny LongAlpaca-format file with the tiny_longalpaca[_<family>] config",
     )
     parser.add_argument(
         "--workdir",
         type=Path,
         default=None,
         help=f"folder for the tiny model, data and outputs (default: {Path(tempfile.gettempdir())}/"
-        f"{_PRETRAIN.workdir}, .../{_SFT.workdir} with --sft, .../{_PRETRAIN.workdir}_<family> with "
-        "--family)",
+        f"{_PRETRAIN.workdir}, .../{_SFT.workdir} with --sft; .../<that>_<family> with --family)",
     )
     parser.add_argument("--nproc", type=int, default=1, help="training processes (CPU, gloo); default 1")
     parser.add_argument(

@@ -55,17 +55,23 @@ def _in_process(cmd: list[str], env: dict | None = None) -> int:
     return 0
 
 
-@pytest.fixture(scope="module", params=list(EXPECTED))
-def demo_run(request, tmp_path_factory) -> dict:
-    family = request.param
-    workdir = tmp_path_factory.mktemp(f"demo_{family}")
+def _run_demo(argv: list[str]) -> str:
+    """``demo.main(argv)`` with its training run in this process; returns what it printed."""
     stdout = io.StringIO()
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(stdout):
         mp.setattr(demo, "registered_recipe_names", lambda: [])  # the python <script> form of the command
         mp.setattr(demo.subprocess, "call", _in_process)
-        argv = ["--family", family, "--workdir", str(workdir), *FAST]
-        assert demo.main(argv if family != "llama2" else argv[2:]) == 0
-    return {"family": family, "workdir": workdir, "out": workdir / "out", "stdout": stdout.getvalue()}
+        assert demo.main(argv) == 0
+    return stdout.getvalue()
+
+
+@pytest.fixture(scope="module", params=list(EXPECTED))
+def demo_run(request, tmp_path_factory) -> dict:
+    family = request.param
+    workdir = tmp_path_factory.mktemp(f"demo_{family}")
+    argv = ["--family", family, "--workdir", str(workdir), *FAST]
+    stdout = _run_demo(argv if family != "llama2" else argv[2:])  # Llama 2 is the default
+    return {"family": family, "workdir": workdir, "out": workdir / "out", "stdout": stdout}
 
 
 def test_demo_prints_its_config_the_exported_rope_and_the_transformers_class(demo_run):
@@ -153,24 +159,78 @@ def test_tiny_base_is_the_family_with_its_tokenizer(demo_run):
     assert len(ids) > 3 and max(ids) < config["vocab_size"]
 
 
+@pytest.mark.parametrize("sft", [False, True], ids=["pretrain", "sft"])
 @pytest.mark.parametrize("family", ["llama3", "mistral", "qwen2"])
-def test_family_configs_default_to_the_demo_workdir(family):
-    cfg = OmegaConf.load(resources.config_path(f"tiny_demo_{family}"))
+def test_family_configs_default_to_the_demo_workdir(family, sft):
+    name = f"tiny_longalpaca_{family}" if sft else f"tiny_demo_{family}"
+    cfg = OmegaConf.load(resources.config_path(name))
     command = demo.assets_command(cfg.checkpoint_dir)
     workdir = Path(cfg.checkpoint_dir).parent
-    assert workdir.name == f"longlora_demo_{family}"
-    assert command == f"python -m longlora_tune.demo --family {family} --assets-only --workdir {workdir}"
-    assert Path(cfg.dataset.data_files) == workdir / "corpus.jsonl"
+    assert workdir.name == (f"longalpaca_demo_{family}" if sft else f"longlora_demo_{family}")
+    flags = f"--family {family}" + (" --sft" if sft else "")
+    assert command == f"python -m longlora_tune.demo {flags} --assets-only --workdir {workdir}"
+    data = workdir / ("longalpaca.json" if sft else "corpus.jsonl")
+    assert Path(cfg.dataset.data_files) == data
     assert Path(cfg.output_dir) == workdir / "out"
-    cmd = demo.build_command(Path("/w"), 1, [], use_tune=True, family=family)
-    assert cmd[4:6] == [f"tiny_demo_{family}", "checkpoint_dir=/w/base"]
+    cmd = demo.build_command(Path("/w"), 1, [], use_tune=True, family=family, sft=sft)
+    assert cmd[4:7] == [name, "checkpoint_dir=/w/base", f"dataset.data_files=/w/{data.name}"]
+    if sft:
+        # The pretraining config's model, tokenizer and RoPE, fine-tuned in the family's chat format.
+        pretrain = OmegaConf.load(resources.config_path(f"tiny_demo_{family}"))
+        for key in ("model", "tokenizer", "rope_scaling"):
+            mine, theirs = (OmegaConf.to_container(c[key], resolve=False) for c in (cfg, pretrain))
+            if key == "model":
+                assert mine.pop("s2_wrap_around") is False  # SFT's right padding needs the no-wrap S2
+            assert mine == theirs, key
+        assert cfg.dataset.template == "chat"
 
 
-def test_demo_refuses_sft_for_a_family_and_a_workdir_of_another_family(tmp_path, capsys):
-    with pytest.raises(SystemExit) as e:
-        demo.main(["--family", "qwen2", "--sft", "--assets-only", "--workdir", str(tmp_path)])
-    assert e.value.code == 2 and "--sft has a tiny config for llama2 only" in capsys.readouterr().err
+# The family's chat template marker in the (ignored) prompt and its end-of-turn token ending the answer.
+CHAT = {
+    "llama3": ("<|start_header_id|>", "<|eot_id|>"),
+    "qwen2": ("<|im_start|>", "<|im_end|>"),
+}
+
+
+@pytest.mark.parametrize("family", ["llama3", "mistral", "qwen2"])
+def test_sft_assets_feed_the_family_chat_format(family, tmp_path, capsys):
+    assert demo.main(["--family", family, "--sft", "--assets-only", "--workdir", str(tmp_path)]) == 0
+    assert f"tiny_longalpaca_{family}" in capsys.readouterr().out
+    cfg = OmegaConf.load(resources.config_path(f"tiny_longalpaca_{family}"))
+    cfg.checkpoint_dir = str(tmp_path / "base")
+    cfg.dataset.data_files = str(tmp_path / "longalpaca.json")
+    assert HFBaseModel.read(cfg.checkpoint_dir).family.name == family
+    tokenizer = tt_config.instantiate(cfg.tokenizer)
+    dataset = tt_config.instantiate(cfg.dataset, tokenizer)
+    assert len(dataset) == 32
+    sample = dataset[0]
+    tokens, labels = sample["tokens"], sample["labels"]
+    prompt = [t for t, lab in zip(tokens, labels) if lab == -100]
+    answer = [lab for lab in labels if lab != -100]
+    assert prompt and answer and len(tokens) <= 256
+    if family == "mistral":
+        assert "[INST]" in tokenizer.decode(prompt) and answer[-1] == tokenizer.eos_id
+    else:
+        start, end = (tokenizer.special_tokens[t] for t in CHAT[family])
+        assert start in prompt and end in answer
+        assert max(tokens) < cfg.model.vocab_size  # the moved special ids fit the tiny model
+
+
+def test_llama3_sft_demo_trains_and_exports_in_its_chat_format(tmp_path):
+    # One family end to end (the others share the path; their datasets are checked above).
+    text = _run_demo(["--family", "llama3", "--sft", "--workdir", str(tmp_path), *FAST])
+    assert f"--config {resources.config_path('tiny_longalpaca_llama3')}" in text
+    assert "rope_scaling llama3 16.0" in text and "from transformers import LlamaForCausalLM" in text
+    hf_config = json.loads((tmp_path / "out" / "hf" / "config.json").read_text())
+    assert hf_config["rope_scaling"]["rope_type"] == "llama3" and hf_config["rope_scaling"]["factor"] == 16.0
+    meta = json.loads((tmp_path / "out" / "adapter" / "longlora.json").read_text())
+    assert meta["model"]["_component_"] == "longlora_tune.models.longlora_llama3"
+    assert (tmp_path / "out" / "peft" / "adapter_model.safetensors").is_file()
+
+
+def test_demo_refuses_a_workdir_of_another_family(tmp_path, capsys):
     tiny.make_hf_checkpoint(tmp_path / "base", family="mistral", with_tokenizer=False)
     with pytest.raises(SystemExit) as e:
         demo.main(["--family", "qwen2", "--assets-only", "--workdir", str(tmp_path)])
     assert e.value.code == 2 and "holds a tiny mistral model, not qwen2" in capsys.readouterr().err
+    assert not (tmp_path / "corpus.jsonl").exists()

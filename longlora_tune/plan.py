@@ -353,14 +353,20 @@ def _parameter_counts(
 ) -> tuple[int, int]:
     import torch
 
-    from longlora_tune.models import longlora_llama2
+    from longlora_tune.models import longlora_llama2, longlora_llama3, longlora_qwen2
     from longlora_tune.peft import trainable_param_names
 
+    sizes = {f: getattr(shape, f) for f in ("vocab_size", "num_layers", "num_heads", "num_kv_heads")}
+    sizes.update(embed_dim=shape.embed_dim, intermediate_dim=shape.intermediate_dim)
+    # Llama 2/3 and Mistral count alike; Qwen2 adds q/k/v biases; a tied head needs a builder that ties.
+    builder = longlora_qwen2 if shape.qkv_bias else longlora_llama3 if shape.tie_word_embeddings else None
+    if builder is not None:
+        sizes["tie_word_embeddings"] = shape.tie_word_embeddings
     # Parameter counts do not depend on the length or the attention form; the smallest valid ones keep
     # the meta build cheap (no RoPE cache, no group-size constraint).
     with torch.device("meta"):
-        model = longlora_llama2(
-            **dataclasses.asdict(shape),
+        model = (builder or longlora_llama2)(
+            **sizes,
             max_seq_len=2,
             lora_rank=lora_rank,
             lora_attn_modules=lora_modules,
@@ -1020,6 +1026,8 @@ _BUILDER_SIZES = {
     "longlora_tune.models.longlora_llama2_7b": "7b",
     "longlora_tune.models.longlora_llama2_13b": "13b",
     "longlora_tune.models.longlora_llama2_70b": "70b",
+    # The other families' sized builders are named after their MODEL_SHAPES entries.
+    **{f"longlora_tune.models.longlora_{name}": name for name in MODEL_SHAPES if not name[0].isdigit()},
 }
 
 

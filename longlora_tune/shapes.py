@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
-__all__ = ["MODEL_SHAPES", "ModelShape"]
+__all__ = ["MODEL_SHAPES", "FamilyShape", "ModelShape"]
 
 
 _SIZE_FIELDS = ("vocab_size", "num_layers", "num_heads", "num_kv_heads", "embed_dim", "intermediate_dim")
@@ -18,10 +18,7 @@ _SIZE_FIELDS = ("vocab_size", "num_layers", "num_heads", "num_kv_heads", "embed_
 
 @dataclass(frozen=True)
 class ModelShape:
-    """Sizes of a Llama-style decoder (and, for the published models, the facts their builders fix).
-
-    The first six fields are the shape; the rest default to Llama 2's values and are set for the other
-    families. Everything is plain Python, so the planner reads the table without importing torch.
+    """Sizes of a Llama-style decoder (Llama 2 style: untied head, no biases).
 
     Attributes:
         vocab_size: Vocabulary size.
@@ -30,13 +27,6 @@ class ModelShape:
         num_kv_heads: Key/value heads (GQA when fewer than ``num_heads``).
         embed_dim: Hidden size.
         intermediate_dim: SwiGLU hidden size.
-        tie_word_embeddings: The LM head is the token embedding (Llama 3.2 1B/3B, Qwen2.5 0.5B-3B).
-        qkv_bias: q/k/v projections have biases (Qwen2).
-        norm_eps: RMSNorm epsilon.
-        rope_base: RoPE theta.
-        max_position_embeddings: The published ``config.json`` ``max_position_embeddings``.
-        rope_scaling: The published ``config.json`` ``rope_scaling`` entry as sorted ``(key, value)``
-            pairs (hashable), or None for unscaled RoPE; ``dict(shape.rope_scaling)`` gives the entry.
     """
 
     vocab_size: int
@@ -45,12 +35,12 @@ class ModelShape:
     num_kv_heads: int
     embed_dim: int
     intermediate_dim: int
-    tie_word_embeddings: bool = False
-    qkv_bias: bool = False
-    norm_eps: float = 1e-5
-    rope_base: float = 10_000.0
-    max_position_embeddings: int = 4096
-    rope_scaling: Optional[tuple[tuple[str, Any], ...]] = None
+
+    #: The LM head is the token embedding (see :class:`FamilyShape`); a class default, not a field, so
+    #: ``dataclasses.asdict`` of a plain shape is still exactly the six builder arguments.
+    tie_word_embeddings: ClassVar[bool] = False
+    #: q/k/v projections have biases (Qwen2).
+    qkv_bias: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         for name in _SIZE_FIELDS:
@@ -93,6 +83,28 @@ class ModelShape:
         return self.num_layers * sum(rank * (d + out_dims[m]) for m in modules)
 
 
+@dataclass(frozen=True)
+class FamilyShape(ModelShape):
+    """A published Llama 3.x / Mistral / Qwen2.5 shape and the facts its sized builder fixes or defaults.
+
+    Attributes:
+        tie_word_embeddings: The LM head is the token embedding (Llama 3.2 1B/3B, Qwen2.5 0.5B-3B).
+        qkv_bias: q/k/v projections have biases (Qwen2).
+        norm_eps: RMSNorm epsilon.
+        rope_base: RoPE theta.
+        max_position_embeddings: The published ``config.json`` ``max_position_embeddings``.
+        rope_scaling: The published ``config.json`` ``rope_scaling`` entry as sorted ``(key, value)``
+            pairs (hashable), or None for unscaled RoPE; ``dict(shape.rope_scaling)`` gives the entry.
+    """
+
+    tie_word_embeddings: bool = False  # type: ignore[misc]
+    qkv_bias: bool = False  # type: ignore[misc]
+    norm_eps: float = 1e-5
+    rope_base: float = 10_000.0
+    max_position_embeddings: int = 4096
+    rope_scaling: Optional[tuple[tuple[str, Any], ...]] = None
+
+
 def _llama3_rope(factor: float) -> tuple[tuple[str, Any], ...]:
     entry = {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
              "original_max_position_embeddings": 8192}  # fmt: skip
@@ -113,22 +125,22 @@ MODEL_SHAPES: dict[str, ModelShape] = {
     "7b": ModelShape(32_000, 32, 32, 32, 4096, 11008),
     "13b": ModelShape(32_000, 40, 40, 40, 5120, 13824),
     "70b": ModelShape(32_000, 80, 64, 8, 8192, 28672),
-    "llama3_8b": ModelShape(128_256, 32, 32, 8, 4096, 14336, **_LLAMA3),
-    "llama3_1_8b": ModelShape(128_256, 32, 32, 8, 4096, 14336, **_LLAMA3_1),
-    "llama3_1_70b": ModelShape(128_256, 80, 64, 8, 8192, 28672, **_LLAMA3_1),
-    "llama3_2_1b": ModelShape(128_256, 16, 32, 8, 2048, 8192, **_LLAMA3_2),
-    "llama3_2_3b": ModelShape(128_256, 28, 24, 8, 3072, 8192, **_LLAMA3_2),
-    "llama3_3_70b": ModelShape(128_256, 80, 64, 8, 8192, 28672, **_LLAMA3_1),
-    "mistral_7b": ModelShape(32_768, 32, 32, 8, 4096, 14336, **_MISTRAL),
-    "qwen2_5_0_5b": ModelShape(
+    "llama3_8b": FamilyShape(128_256, 32, 32, 8, 4096, 14336, **_LLAMA3),
+    "llama3_1_8b": FamilyShape(128_256, 32, 32, 8, 4096, 14336, **_LLAMA3_1),
+    "llama3_1_70b": FamilyShape(128_256, 80, 64, 8, 8192, 28672, **_LLAMA3_1),
+    "llama3_2_1b": FamilyShape(128_256, 16, 32, 8, 2048, 8192, **_LLAMA3_2),
+    "llama3_2_3b": FamilyShape(128_256, 28, 24, 8, 3072, 8192, **_LLAMA3_2),
+    "llama3_3_70b": FamilyShape(128_256, 80, 64, 8, 8192, 28672, **_LLAMA3_1),
+    "mistral_7b": FamilyShape(32_768, 32, 32, 8, 4096, 14336, **_MISTRAL),
+    "qwen2_5_0_5b": FamilyShape(
         151_936, 24, 14, 2, 896, 4864, **dict(_QWEN_SMALL, max_position_embeddings=32_768)
     ),
-    "qwen2_5_1_5b": ModelShape(151_936, 28, 12, 2, 1536, 8960, **_QWEN_SMALL),
-    "qwen2_5_3b": ModelShape(
+    "qwen2_5_1_5b": FamilyShape(151_936, 28, 12, 2, 1536, 8960, **_QWEN_SMALL),
+    "qwen2_5_3b": FamilyShape(
         151_936, 36, 16, 2, 2048, 11008, **dict(_QWEN_SMALL, max_position_embeddings=32_768)
     ),
-    "qwen2_5_7b": ModelShape(152_064, 28, 28, 4, 3584, 18944, **_QWEN),
-    "qwen2_5_14b": ModelShape(152_064, 48, 40, 8, 5120, 13824, **dict(_QWEN, norm_eps=1e-5)),
-    "qwen2_5_32b": ModelShape(152_064, 64, 40, 8, 5120, 27648, **dict(_QWEN, norm_eps=1e-5)),
-    "qwen2_5_72b": ModelShape(152_064, 80, 64, 8, 8192, 29568, **dict(_QWEN, norm_eps=1e-5)),
+    "qwen2_5_7b": FamilyShape(152_064, 28, 28, 4, 3584, 18944, **_QWEN),
+    "qwen2_5_14b": FamilyShape(152_064, 48, 40, 8, 5120, 13824, **dict(_QWEN, norm_eps=1e-5)),
+    "qwen2_5_32b": FamilyShape(152_064, 64, 40, 8, 5120, 27648, **dict(_QWEN, norm_eps=1e-5)),
+    "qwen2_5_72b": FamilyShape(152_064, 80, 64, 8, 8192, 29568, **dict(_QWEN, norm_eps=1e-5)),
 }

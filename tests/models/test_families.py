@@ -553,3 +553,20 @@ def test_builders_refuse_conflicting_factor_and_stacking():
     with pytest.raises(LongLoRAConfigError, match="cannot be written as one"):
         longlora_llama3(VOCAB, 1, 4, 2, 32, 64, intermediate_dim=64, original_max_seq_len=128,
                         checkpoint_rope_scaling=dict(LLAMA3_ROPE), rope_scaling={"type": "yarn"})  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "name, published",
+    [("llama3_1_8b", 8_030_261_248), ("llama3_2_1b", 1_235_814_400), ("mistral_7b", 7_248_023_552),
+     ("qwen2_5_0_5b", 494_032_768), ("qwen2_5_7b", 7_615_616_512)],
+)  # fmt: skip
+def test_planner_counts_tied_heads_and_biases(name, published):
+    from longlora_tune.plan import parameter_counts, plan
+    from longlora_tune.shapes import MODEL_SHAPES
+
+    shape = MODEL_SHAPES[name]
+    _, total = parameter_counts(shape)
+    # The built model (tied head counted once, Qwen's q/k/v biases) equals the table's formula and the
+    # published parameter count.
+    assert total - shape.lora_params(8) == shape.base_params() == published
+    assert plan(name, 32_768, gpus=8, gpu_memory_gib=80) is not None

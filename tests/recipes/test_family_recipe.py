@@ -123,3 +123,43 @@ def test_rope_scaling_needs_a_family_builder_and_is_set_once(qwen_base, tmp_path
     cfg.rope_scaling = {"type": "yarn"}
     with pytest.raises(RecipeFailed, match="rope_scaling is set and so is model.rope_scaling_factor"):
         run_recipe(cfg)
+
+
+@pytest.mark.slow
+def test_two_process_fsdp_run_of_a_tied_model_matches_one_process(qwen_base, tmp_path):
+    """FSDP2 shards the tied embedding (root unit) that the head reads: 2 ranks train what 1 rank trains."""
+    import os
+    import subprocess
+    import sys
+
+    from recipe_runner import RECIPE
+
+    repo = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(repo), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    outs = {}
+    for nproc in (1, 2):
+        out = tmp_path / f"out{nproc}"
+        cfg = _cfg(qwen_base, out, export_formats="[adapter]")
+        path = tmp_path / f"cfg{nproc}.yaml"
+        OmegaConf.save(cfg, path)
+        launcher = [sys.executable]
+        if nproc > 1:
+            launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+        proc = subprocess.run(
+            [*launcher, str(RECIPE), "--config", str(path)],
+            cwd=repo,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        outs[nproc] = model_from_adapter(out / "adapter", qwen_base["base"])
+    tokens = torch.randint(0, 512, (1, 200), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(outs[2](tokens), outs[1](tokens), atol=2e-4, rtol=2e-4)
+        emb1, emb2 = outs[1].tok_embeddings.weight, outs[2].tok_embeddings.weight
+        torch.testing.assert_close(emb2, emb1, atol=1e-5, rtol=1e-5)
+        base = transformers.AutoModelForCausalLM.from_pretrained(qwen_base["base"], dtype=torch.float32)
+        assert (emb1 - base.model.embed_tokens.weight).abs().max() > 0  # the tied embedding was trained

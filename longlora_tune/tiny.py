@@ -1,4 +1,4 @@
-"""Tiny random Llama 2 checkpoints, tokenizers and datasets, made on the spot.
+"""Tiny random checkpoints (Llama 2, Llama 3, Mistral, Qwen2.5), tokenizers and datasets, made on the spot.
 
 The tests and the CPU quick start need a model, a tokenizer and data without downloading anything.
 Everything here is generated deterministically from a seed in a second or two, in the same formats the
@@ -349,56 +349,282 @@ def hf_llama_config(
     return config
 
 
-def make_hf_checkpoint(
-    out_dir: str | Path,
-    *,
-    vocab_size: int = 512,
-    num_layers: int = 2,
-    num_heads: int = 4,
-    num_kv_heads: int = 4,
-    embed_dim: int = 64,
-    intermediate_dim: int = 128,
-    max_position_embeddings: int = 64,
-    rope_scaling: Optional[dict[str, Any]] = None,
-    seed: int = 0,
-    with_tokenizer: bool = True,
-) -> Path:
-    """Write a random Llama-2-shaped checkpoint in Hugging Face format.
+def _special_tokens(family: str) -> dict[str, int]:
+    """torchtune's special tokens of a byte-level BPE family (Llama 3, Qwen2.5), at their released ids."""
+    if family == "llama3":
+        from torchtune.models.llama3._tokenizer import LLAMA3_SPECIAL_TOKENS
 
-    The folder holds ``config.json``, ``model.safetensors`` (Hugging Face parameter names) and, by default,
-    a matching ``tokenizer.model``: the layout ``tune download meta-llama/Llama-2-7b-hf`` produces.
+        return dict(LLAMA3_SPECIAL_TOKENS)
+    from torchtune.models.qwen2_5._tokenizer import QWEN2_5_SPECIAL_TOKENS
+
+    return dict(QWEN2_5_SPECIAL_TOKENS)
+
+
+def _special_id_span(family: str) -> int:
+    """How many ids the family's special tokens take after the BPE (0 for SentencePiece families)."""
+    if family not in ("llama3", "qwen2"):
+        return 0
+    ids = _special_tokens(family).values()
+    return max(ids) - min(ids) + 1
+
+
+#: Tiny shapes and RoPE per family where they differ from Llama 2's (the demo's model): GQA, each family's
+#: RoPE base, Qwen2's tied embeddings and RMSNorm epsilon, Llama 3.1's ``llama3`` RoPE scaling.
+_FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "llama2": {"num_kv_heads": 4, "rope_theta": 10_000.0, "tie_word_embeddings": False, "norm_eps": 1e-5},
+    "llama3": {"num_kv_heads": 2, "rope_theta": 500_000.0, "tie_word_embeddings": False, "norm_eps": 1e-5},
+    "mistral": {"num_kv_heads": 2, "rope_theta": 1_000_000.0, "tie_word_embeddings": False, "norm_eps": 1e-5},
+    "qwen2": {"num_kv_heads": 2, "rope_theta": 1_000_000.0, "tie_word_embeddings": True, "norm_eps": 1e-6},
+}
+#: BPE (or SentencePiece) tokens of the tiny tokenizers; the byte-level families add their special ids.
+_TINY_BPE = 512
+
+#: Hugging Face ``config.json`` identity of each family.
+_HF_IDENTITY = {
+    "llama2": ("llama", "LlamaForCausalLM"),
+    "llama3": ("llama", "LlamaForCausalLM"),
+    "mistral": ("mistral", "MistralForCausalLM"),
+    "qwen2": ("qwen2", "Qwen2ForCausalLM"),
+}
+
+#: The families :func:`make_hf_checkpoint` writes.
+TINY_FAMILIES = tuple(_HF_IDENTITY)
+
+
+def tiny_vocab_size(family: str = "llama2") -> int:
+    """The default ``vocab_size`` of :func:`make_hf_checkpoint` for a family (what its tiny configs use).
+
+    512 SentencePiece tokens for Llama 2 and Mistral; for Llama 3 and Qwen2.5, 512 byte-level BPE tokens
+    followed by the family's special tokens moved down to follow them (257 ids for Llama 3, 22 for Qwen2.5).
 
     Args:
-        out_dir: folder to write into (created if missing).
-        vocab_size: vocabulary size (must match the tokenizer when ``with_tokenizer``).
+        family: ``llama2``, ``llama3``, ``mistral`` or ``qwen2``.
+
+    Returns:
+        The model's vocabulary size.
+
+    Raises:
+        ValueError: for another family.
+    """
+    _check_family(family)
+    return _TINY_BPE + _special_id_span(family)
+
+
+def _check_family(family: str) -> None:
+    if family not in _HF_IDENTITY:
+        raise ValueError(f"family={family!r}: use one of {', '.join(_HF_IDENTITY)}")
+
+
+def default_rope_scaling(family: str, max_position_embeddings: int) -> Optional[dict[str, Any]]:
+    """The RoPE scaling entry a tiny checkpoint of ``family`` has by default.
+
+    Llama 3 is written as Llama 3.1+ is released: Meta's ``llama3`` scaling with factor 4 over a quarter
+    of ``max_position_embeddings`` (3.1 has factor 8 over 8192 in a 131072 context; 4 keeps the tiny
+    original context a multiple of the S2 group), so the demo extends an already-scaled model. The other
+    families are unscaled.
+
+    Args:
+        family: ``llama2``, ``llama3``, ``mistral`` or ``qwen2``.
+        max_position_embeddings: the checkpoint's context length.
+
+    Returns:
+        The ``config.json`` ``rope_scaling`` entry, or None.
+    """
+    if family != "llama3":
+        return None
+    return {
+        "factor": 4.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": max_position_embeddings // 4,
+        "rope_type": "llama3",
+    }
+
+
+def hf_family_config(
+    family: str,
+    *,
+    vocab_size: int,
+    num_layers: int,
+    num_heads: int,
+    num_kv_heads: int,
+    embed_dim: int,
+    intermediate_dim: int,
+    max_position_embeddings: int,
+    rope_theta: float,
+    norm_eps: float,
+    rope_scaling: Optional[dict[str, Any]],
+    tie_word_embeddings: bool,
+    bos_token_id: int,
+    eos_token_id: int,
+) -> dict[str, Any]:
+    """Return a Hugging Face ``config.json`` dict of a family, with the keys its released configs have.
+
+    Llama 2 is :func:`hf_llama_config`'s. Llama 3 adds ``attention_bias``/``mlp_bias`` false and its
+    ``rope_scaling``; Mistral (v0.3 style) has ``sliding_window: null``; Qwen2.5 has
+    ``use_sliding_window: false`` (with ``sliding_window`` and ``max_window_layers`` as released) and
+    ``tie_word_embeddings``.
+
+    Args:
+        family: ``llama2``, ``llama3``, ``mistral`` or ``qwen2``.
+        vocab_size: vocabulary size.
         num_layers: decoder layers.
         num_heads: query heads.
         num_kv_heads: key/value heads.
         embed_dim: hidden size.
         intermediate_dim: MLP hidden size.
-        max_position_embeddings: the original context length written to config.json.
-        rope_scaling: optional existing RoPE scaling entry for config.json.
+        max_position_embeddings: the model's context length.
+        rope_theta: RoPE base.
+        norm_eps: RMSNorm epsilon.
+        rope_scaling: the ``rope_scaling`` entry, or None.
+        tie_word_embeddings: the LM head is the token embedding.
+        bos_token_id: beginning-of-sequence id.
+        eos_token_id: end-of-sequence id.
+
+    Returns:
+        The config dict.
+
+    Raises:
+        ValueError: for another family.
+    """
+    _check_family(family)
+    model_type, architecture = _HF_IDENTITY[family]
+    config = hf_llama_config(
+        vocab_size=vocab_size,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        embed_dim=embed_dim,
+        intermediate_dim=intermediate_dim,
+        max_position_embeddings=max_position_embeddings,
+        rope_theta=rope_theta,
+        norm_eps=norm_eps,
+        rope_scaling=rope_scaling,
+    )
+    config.update(
+        architectures=[architecture],
+        model_type=model_type,
+        tie_word_embeddings=tie_word_embeddings,
+        bos_token_id=bos_token_id,
+        eos_token_id=eos_token_id,
+    )
+    if family in ("mistral", "qwen2"):
+        # Neither release has these keys (their attention has no bias switch, Qwen2's q/k/v always have one).
+        for key in ("attention_bias", "mlp_bias"):
+            config.pop(key)
+    if family == "mistral":
+        config["sliding_window"] = None  # v0.2+: full attention over the whole context
+    if family == "qwen2":
+        config.update(
+            sliding_window=max_position_embeddings, max_window_layers=num_layers, use_sliding_window=False
+        )
+    return config
+
+
+def _token_ids(family: str, vocab_size: int) -> dict[str, int]:
+    """``bos_token_id``/``eos_token_id`` of the released base model's tokens, in the tiny tokenizer's ids."""
+    if family in ("llama2", "mistral"):
+        return {"bos_token_id": 1, "eos_token_id": 2}
+    special = _special_tokens(family)
+    offset = vocab_size - _special_id_span(family) - min(special.values())
+    if family == "llama3":
+        bos, eos = special["<|begin_of_text|>"], special["<|end_of_text|>"]
+    else:
+        bos = eos = special["<|endoftext|>"]  # Qwen2.5 base models name <|endoftext|> for both
+    return {"bos_token_id": bos + offset, "eos_token_id": eos + offset}
+
+
+def _write_family_tokenizer(family: str, out: Path, *, vocab_size: int, seed: int) -> None:
+    """Write the family's tiny tokenizer where its torchtune tokenizer component reads it."""
+    bpe = vocab_size - _special_id_span(family)
+    if family == "llama2":
+        make_tokenizer(out, vocab_size=vocab_size, seed=seed)
+    elif family == "mistral":
+        make_mistral_tokenizer(out, vocab_size=vocab_size, seed=seed)
+    elif family == "llama3":
+        # Meta's tiktoken file lives in original/ of a Hugging Face Llama 3 folder.
+        make_llama3_tokenizer(out / "original", vocab_size=bpe, seed=seed)
+    else:
+        make_qwen2_5_tokenizer(out, vocab_size=bpe, seed=seed)
+
+
+def make_hf_checkpoint(
+    out_dir: str | Path,
+    *,
+    family: str = "llama2",
+    vocab_size: Optional[int] = None,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: Optional[int] = None,
+    embed_dim: int = 64,
+    intermediate_dim: int = 128,
+    max_position_embeddings: int = 64,
+    rope_scaling: Optional[dict[str, Any]] = None,
+    rope_theta: Optional[float] = None,
+    tie_word_embeddings: Optional[bool] = None,
+    seed: int = 0,
+    with_tokenizer: bool = True,
+) -> Path:
+    """Write a random checkpoint of a model family in Hugging Face format.
+
+    The folder holds ``config.json`` (the family's released keys: ``model_type``, ``architectures``,
+    ``rope_theta``, ``rope_scaling``, ...), ``model.safetensors`` (Hugging Face parameter names; Qwen2's
+    q/k/v biases; no ``lm_head.weight`` when tied) and, by default, the family's tokenizer files where
+    ``tune download`` puts them: ``tokenizer.model`` (Llama 2, Mistral: SentencePiece),
+    ``original/tokenizer.model`` + ``original/special_tokens.json`` (Llama 3: tiktoken), ``vocab.json`` +
+    ``merges.txt`` + ``special_tokens.json`` (Qwen2.5). ``bos_token_id``/``eos_token_id`` are the tiny
+    tokenizer's ids of the tokens the released base model names. Llama 2's folder is the same, byte for
+    byte, whatever the family defaults are.
+
+    Args:
+        out_dir: folder to write into (created if missing).
+        family: ``llama2`` (default), ``llama3`` (3.1 style, see :func:`default_rope_scaling`),
+            ``mistral`` or ``qwen2`` (Qwen2.5).
+        vocab_size: vocabulary size (None: :func:`tiny_vocab_size`); for Llama 3 and Qwen2.5 it includes
+            the special tokens, so the BPE has ``vocab_size`` minus 257 (Llama 3) or 22 (Qwen2.5) tokens.
+        num_layers: decoder layers.
+        num_heads: query heads.
+        num_kv_heads: key/value heads (None: 4 for Llama 2, 2 (GQA) for the others).
+        embed_dim: hidden size.
+        intermediate_dim: MLP hidden size.
+        max_position_embeddings: the context length written to config.json.
+        rope_scaling: the ``rope_scaling`` entry for config.json; None gives the family's default
+            (:func:`default_rope_scaling`), ``{}`` none at all.
+        rope_theta: RoPE base (None: 10000 for Llama 2, 500000 for Llama 3, 1e6 for Mistral and Qwen2.5).
+        tie_word_embeddings: LM head = token embedding (None: true for Qwen2.5, as its 0.5B-3B models).
         seed: weight seed.
-        with_tokenizer: also train and write ``tokenizer.model``.
+        with_tokenizer: also train and write the tokenizer files.
 
     Returns:
         The checkpoint folder.
 
     Raises:
-        ValueError: if the head counts do not divide the sizes.
+        ValueError: for an unknown family, head counts that do not divide the sizes, or a vocabulary too
+            small for the tokenizer.
     """
     import torch
     from safetensors.torch import save_file
 
+    _check_family(family)
+    defaults = _FAMILY_DEFAULTS[family]
+    vocab_size = tiny_vocab_size(family) if vocab_size is None else vocab_size
+    num_kv_heads = defaults["num_kv_heads"] if num_kv_heads is None else num_kv_heads
+    rope_theta = defaults["rope_theta"] if rope_theta is None else rope_theta
+    tied = defaults["tie_word_embeddings"] if tie_word_embeddings is None else tie_word_embeddings
+    if rope_scaling is None:
+        rope_scaling = default_rope_scaling(family, max_position_embeddings)
     if embed_dim % num_heads or num_heads % num_kv_heads:
         raise ValueError(
             f"embed_dim={embed_dim} must be divisible by num_heads={num_heads}, "
             f"and num_heads by num_kv_heads={num_kv_heads}"
         )
+    if vocab_size - _special_id_span(family) < 257:
+        raise ValueError(f"vocab_size={vocab_size} is too small for a tiny {family} tokenizer")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     head_dim = embed_dim // num_heads
     gen = torch.Generator().manual_seed(seed)
+    biases = family == "qwen2"
 
     def rand(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=gen) * 0.05
@@ -419,13 +645,19 @@ def make_hf_checkpoint(
         sd[p + "mlp.down_proj.weight"] = rand(embed_dim, intermediate_dim)
         sd[p + "input_layernorm.weight"] = norm()
         sd[p + "post_attention_layernorm.weight"] = norm()
+        if biases:
+            # Drawn after the layer's other tensors, so the families without biases draw the same numbers.
+            for name, rows in (("q", num_heads), ("k", num_kv_heads), ("v", num_kv_heads)):
+                sd[p + f"self_attn.{name}_proj.bias"] = 2 * rand(rows * head_dim)
     sd["model.norm.weight"] = norm()
-    sd["lm_head.weight"] = rand(vocab_size, embed_dim)
+    if not tied:
+        sd["lm_head.weight"] = rand(vocab_size, embed_dim)
     save_file(
         {k: v.contiguous() for k, v in sd.items()}, str(out / "model.safetensors"), metadata={"format": "pt"}
     )
 
-    config = hf_llama_config(
+    config = hf_family_config(
+        family,
         vocab_size=vocab_size,
         num_layers=num_layers,
         num_heads=num_heads,
@@ -433,11 +665,15 @@ def make_hf_checkpoint(
         embed_dim=embed_dim,
         intermediate_dim=intermediate_dim,
         max_position_embeddings=max_position_embeddings,
-        rope_scaling=rope_scaling,
+        rope_theta=rope_theta,
+        norm_eps=defaults["norm_eps"],
+        rope_scaling=rope_scaling or None,
+        tie_word_embeddings=tied,
+        **_token_ids(family, vocab_size),
     )
     (out / "config.json").write_text(json.dumps(config, indent=2))
     if with_tokenizer:
-        make_tokenizer(out, vocab_size=vocab_size, seed=seed)
+        _write_family_tokenizer(family, out, vocab_size=vocab_size, seed=seed)
     return out
 
 

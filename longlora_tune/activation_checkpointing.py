@@ -106,14 +106,15 @@ def apply_activation_checkpointing(model: nn.Module, layers: LayerSetting = ALL_
     from torchtune import training
 
     found = decoder_layers(model)
-    count = checkpoint_layer_count(layers, len(found))
-    if count == 0:
-        return 0
-    if not found:
+    if not found and layers != 0:
+        checkpoint_layer_count(layers, 1)  # a bad value is reported as such first
         raise LongLoRAConfigError(
             f"activation checkpointing: {type(model).__name__} has no torchtune "
             "TransformerSelfAttentionLayer; set enable_activation_checkpointing=false"
         )
+    count = checkpoint_layer_count(layers, len(found))
+    if count == 0:
+        return 0
     # Identity, not type: only the chosen layer objects are wrapped.
     chosen = {id(m) for m in found[:count]}
     policy = functools.partial(lambda_auto_wrap_policy, lambda_fn=lambda module: id(module) in chosen)

@@ -562,3 +562,43 @@ def test_context_parallel_ranks_share_batches(assets, tmp_path):
 def test_bad_context_parallel_settings_are_one_line(assets, tmp_path, extra, world_size, message):
     err = _error(_cfg(assets, tmp_path / "o", **extra), world_size=world_size)
     assert err.startswith(message) and "\n" not in err, err
+
+
+# ----------------------------------------------------------------------- activation_checkpointing_layers
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (
+            {"activation_checkpointing_layers": -1},
+            "activation_checkpointing_layers=-1 must be all or an integer",
+        ),
+        (
+            {"activation_checkpointing_layers": "half"},
+            "activation_checkpointing_layers='half' must be all or",
+        ),
+        ({"activation_checkpointing_layers": 1.5}, "activation_checkpointing_layers=1.5 must be all or"),
+        (
+            {"activation_checkpointing_layers": 1, "enable_activation_checkpointing": "false"},
+            "activation_checkpointing_layers=1 needs enable_activation_checkpointing=true",
+        ),
+    ],
+)
+def test_bad_checkpoint_layer_counts_are_one_line(assets, tmp_path, extra, message):
+    error = _error(_cfg(assets, tmp_path / "o", **extra))
+    assert error.startswith(message) and "\n" not in error
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"activation_checkpointing_layers": "all"},
+        {"activation_checkpointing_layers": 0},
+        {"activation_checkpointing_layers": 2},
+        {"activation_checkpointing_layers": 0, "enable_activation_checkpointing": "false"},
+    ],
+)
+def test_checkpoint_layer_counts_are_accepted(assets, tmp_path, extra):
+    # The bound by the model's layers is checked when the layers are wrapped (the model is not built here).
+    assert cc.validate_config(_cfg(assets, tmp_path / "o", **extra), world_size=1) == 4

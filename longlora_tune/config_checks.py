@@ -83,6 +83,7 @@ RECIPE_KEYS: dict[str, str] = {
     "dtype": "bf16 or fp32",
     "fp32_trainable_params": "keep fp32 master copies of the trainable tensors when dtype=bf16",
     "enable_activation_checkpointing": "recompute each decoder layer in backward",
+    "activation_checkpointing_layers": "all, or recompute only the first N decoder layers (plan suggests N)",
     "enable_activation_offloading": "offload checkpointed activations to CPU (CUDA only)",
     "fsdp_reshard_after_forward": "FSDP2: free gathered weights after forward",
     "compile": "torch.compile each decoder layer and the loss (longlora_tune.compile)",
@@ -295,6 +296,25 @@ def _check_dotted_path(node: DictConfig, key: str) -> None:
         import_object(node.get(key), key)
 
 
+def _check_checkpoint_layers(cfg: DictConfig) -> None:
+    """``activation_checkpointing_layers`` is ``all`` or an int >= 0, and not a count with checkpointing off.
+
+    The bound by the model's layer count is checked when the layers are wrapped
+    (``longlora_tune.activation_checkpointing.checkpoint_layer_count``), once the model is built.
+    """
+    value = cfg.get("activation_checkpointing_layers", "all")
+    if value != "all" and (not _is_int(value) or value < 0):
+        raise LongLoRAConfigError(
+            f"activation_checkpointing_layers={value!r} must be all or an integer >= 0 "
+            "(the first N decoder layers are recomputed)"
+        )
+    if _is_int(value) and value > 0 and cfg.get("enable_activation_checkpointing", True) is False:
+        raise LongLoRAConfigError(
+            f"activation_checkpointing_layers={value} needs enable_activation_checkpointing=true "
+            "(or remove activation_checkpointing_layers)"
+        )
+
+
 def check_values(cfg: DictConfig, world_size: int) -> None:
     """Check the type and range of every value the recipe reads (top level and the sections' numbers).
 
@@ -308,6 +328,7 @@ def check_values(cfg: DictConfig, world_size: int) -> None:
     for key in _BOOL_KEYS:
         if key in cfg and not isinstance(cfg.get(key), bool):
             raise LongLoRAConfigError(f"{key}={cfg.get(key)!r} must be true or false")
+    _check_checkpoint_layers(cfg)
     for key in ("output_dir", "checkpoint_dir"):
         if not isinstance(cfg.get(key, ""), str):
             raise LongLoRAConfigError(f"{key}={cfg.get(key)!r} must be a folder path")

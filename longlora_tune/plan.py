@@ -46,7 +46,7 @@ from longlora_tune.modules.context_parallel import (
     ring_bytes_per_layer,
     ulysses_bytes_per_layer,
 )
-from longlora_tune.shapes import _SIZE_FIELDS, MODEL_SHAPES, ModelShape
+from longlora_tune.shapes import _SIZE_FIELDS, MODEL_SHAPES, FamilyShape, ModelShape
 
 __all__ = [
     "MODEL_SHAPES",
@@ -55,6 +55,7 @@ __all__ = [
     "ModelShape",
     "Plan",
     "activation_bytes",
+    "checkpointed_layers",
     "load_config_settings",
     "main",
     "model_family",
@@ -110,6 +111,38 @@ def s2_segment_lengths(
     return first, [head, *chunks(seq_len - head)]
 
 
+def checkpointed_layers(
+    num_layers: int, activation_checkpointing: bool, checkpoint_layers: int | None
+) -> int:
+    """How many decoder layers are checkpointed (the first N, as ``longlora_tune.activation_checkpointing``).
+
+    Args:
+        num_layers: Decoder layers of the model.
+        activation_checkpointing: The recipe's ``enable_activation_checkpointing``.
+        checkpoint_layers: The recipe's ``activation_checkpointing_layers`` (None = all).
+
+    Returns:
+        N in ``[0, num_layers]``: 0 without checkpointing, ``num_layers`` for "all".
+
+    Raises:
+        ValueError: For a count outside ``[0, num_layers]``, or a positive count with checkpointing off.
+    """
+    if checkpoint_layers is None:
+        return num_layers if activation_checkpointing else 0
+    if isinstance(checkpoint_layers, bool) or not isinstance(checkpoint_layers, int):
+        raise ValueError(f"checkpoint_layers must be an int or None (all), got {checkpoint_layers!r}")
+    if not 0 <= checkpoint_layers <= num_layers:
+        raise ValueError(
+            f"activation_checkpointing_layers={checkpoint_layers} must be in [0, {num_layers}] "
+            f"(the model has {num_layers} decoder layers)"
+        )
+    if checkpoint_layers and not activation_checkpointing:
+        raise ValueError(
+            f"activation_checkpointing_layers={checkpoint_layers} needs activation checkpointing on"
+        )
+    return checkpoint_layers
+
+
 def _attention_pairs(seq_len: int, group_size: int | None, wrap_around: bool, causal: bool) -> float:
     """Query-key pairs scored per head (averaged over the two S² head halves)."""
     segments = (
@@ -141,8 +174,8 @@ class FlopEstimate:
         forward_matmul: Projections, MLP, LoRA and output head in the forward pass.
         forward_attention: Score and value products in the forward pass.
         backward: Input gradients everywhere plus weight gradients of trainable matrices (LoRA).
-        recompute: Forward of the decoder layers again under activation checkpointing (up to the last
-            op whose saved tensors backward needs).
+        recompute: Forward of the checkpointed decoder layers again (up to the last op whose saved tensors
+            backward needs).
         attention: ``"dense"`` or ``"causal"`` (see the module docstring).
     """
 
@@ -181,6 +214,7 @@ def step_flops(
     group_size: int | None = None,
     wrap_around: bool = False,
     activation_checkpointing: bool = True,
+    checkpoint_layers: int | None = None,
     attention: str = "causal",
     lora_rank: int = 8,
     lora_modules: Sequence[str] = ("q_proj", "k_proj", "v_proj", "output_proj"),
@@ -201,6 +235,8 @@ def step_flops(
         group_size: S² group size; None means full causal attention.
         wrap_around: S² Algorithm 1 form (same FLOPs up to the segment clipping).
         activation_checkpointing: Count the recomputed layer forward.
+        checkpoint_layers: With ``activation_checkpointing``, only this many layers are recomputed (the
+            recipe's ``activation_checkpointing_layers``); None = all.
         attention: ``"causal"`` or ``"dense"``.
         lora_rank: LoRA rank.
         lora_modules: Attention projections with LoRA.
@@ -210,7 +246,7 @@ def step_flops(
         The :class:`FlopEstimate`.
 
     Raises:
-        ValueError: On an unknown ``attention`` mode or bad sizes.
+        ValueError: On an unknown ``attention`` mode, bad sizes or a bad ``checkpoint_layers``.
     """
     if attention not in ("causal", "dense"):
         raise ValueError(f"attention must be 'causal' or 'dense', got {attention!r}")
@@ -231,9 +267,8 @@ def step_flops(
     # Non-reentrant checkpointing stops recomputing once every saved tensor is rebuilt: the frozen MLP down
     # projection, the layer's last matmul, feeds nothing that backward needs, so it is not rerun.
     down_proj = 2 * tokens * i * d
-    recompute = 0.0
-    if activation_checkpointing:
-        recompute = layers * (frozen_layer - down_proj + lora_layer + attn_layer)
+    recomputed = checkpointed_layers(layers, activation_checkpointing, checkpoint_layers)
+    recompute = recomputed * (frozen_layer - down_proj + lora_layer + attn_layer)
     return FlopEstimate(forward_matmul, forward_attention, backward, recompute, attention)
 
 
@@ -243,10 +278,12 @@ class ActivationEstimate:
 
     Attributes:
         per_layer_saved: Bytes one decoder layer keeps for backward without checkpointing.
-        layers_saved: Bytes all decoder layers keep (with checkpointing: their inputs only).
+        layers_saved: Bytes all decoder layers keep (a checkpointed layer keeps its input only).
         head_saved: Final norm, token ids and labels.
         loss_saved: Float32 log-probabilities that the cross entropy keeps for backward.
-        recompute_transient: Extra bytes while one checkpointed layer is recomputed and back-propagated.
+        recompute_transient: Bytes beyond ``layers_saved`` at the peak of the layers' backward: the
+            gradients of one layer, plus its rebuilt activations when every layer is checkpointed (with
+            the first N < all checkpointed, the kept layers free theirs before any recompute starts).
         logits_transient: Extra bytes while the loss runs (low-precision logits, one float32 chunk).
     """
 
@@ -285,6 +322,7 @@ def activation_bytes(
     dtype: str = "bf16",
     s2: bool = True,
     activation_checkpointing: bool = True,
+    checkpoint_layers: int | None = None,
     loss_chunks: int = 8,
     lora_rank: int = 8,
     lora_modules: Sequence[str] = ("q_proj", "k_proj", "v_proj", "output_proj"),
@@ -299,7 +337,7 @@ def activation_bytes(
     attention output plus a float32 log-sum-exp per head and token; with S² also the output re-assembled
     from the groups (full attention's output is laid out so that the output projection reads it in
     place); and three ``intermediate_dim`` tensors of the SwiGLU MLP. The frozen projections keep only their
-    weights. With checkpointing a layer keeps just its input. The head keeps the final norm's float32
+    weights. A checkpointed layer keeps just its input. The head keeps the final norm's float32
     tensors, the int64 token ids and labels, and the loss keeps float32 log-probabilities for every token
     (chunking the loss bounds only the float32 upcast, not what backward keeps).
 
@@ -317,6 +355,8 @@ def activation_bytes(
         dtype: Parameter/activation dtype: ``"bf16"``, ``"fp16"`` or ``"fp32"``.
         s2: S² attention (else full attention).
         activation_checkpointing: torchtune's per-layer activation checkpointing.
+        checkpoint_layers: With ``activation_checkpointing``, only the first N layers are checkpointed
+            (the recipe's ``activation_checkpointing_layers``); None = all.
         loss_chunks: ``CEWithChunkedOutputLoss`` chunks (1 for a plain cross entropy).
         lora_rank: LoRA rank.
         lora_modules: Attention projections with LoRA.
@@ -327,10 +367,11 @@ def activation_bytes(
         The :class:`ActivationEstimate`.
 
     Raises:
-        ValueError: On an unknown dtype or bad sizes.
+        ValueError: On an unknown dtype, bad sizes or a bad ``checkpoint_layers``.
     """
     if dtype not in _DTYPE_BYTES:
         raise ValueError(f"dtype must be one of {sorted(_DTYPE_BYTES)}, got {dtype!r}")
+    n_ckpt = checkpointed_layers(shape.num_layers, activation_checkpointing, checkpoint_layers)
     if seq_len < 1 or batch_size < 1 or loss_chunks < 1:
         raise ValueError(
             f"seq_len, batch_size and loss_chunks must be >= 1, got {seq_len}, {batch_size}, {loss_chunks}"
@@ -345,14 +386,16 @@ def activation_bytes(
     mlp = 3 * e * t * i
     rope = 0 if _rotates_pairs(shape, family) else 4 * e * seq_len * shape.head_dim
     per_layer = 2 * norm + lora + attention + mlp + rope
-    layers_saved = shape.num_layers * (e * hidden if activation_checkpointing else per_layer)
+    layers_saved = n_ckpt * e * hidden + (shape.num_layers - n_ckpt) * per_layer
     tied = _tied_head_trained(shape, trainable_extras)
     head_saved = norm + 2 * _INT64 * t + (e * hidden if tied else 0)
     loss_saved = _FP32 * t * v
-    # Backward of one layer: gradients of its input and output, dq/dk/dv and two MLP-wide gradients; with
-    # checkpointing the layer's own activations are rebuilt first.
+    # Backward of one layer: gradients of its input and output, dq/dk/dv and two MLP-wide gradients; a
+    # checkpointed layer's own activations are rebuilt first. Backward runs from the last layer to the first,
+    # so with the first N < all layers checkpointed the kept layers have freed at least one layer's
+    # activations before the first recompute: the rebuilt layer only adds to the peak when all are.
     grads = 5 * e * hidden + 2 * e * t * i
-    recompute_transient = grads + (per_layer if activation_checkpointing else 0)
+    recompute_transient = grads + (per_layer if n_ckpt == shape.num_layers else 0)
     logits_transient = e * t * v + 2 * _FP32 * t * v // loss_chunks + (2 * e * v * d if tied else 0)
     return ActivationEstimate(
         per_layer, layers_saved, head_saved, loss_saved, recompute_transient, logits_transient
@@ -538,6 +581,12 @@ class Plan:
             (ring attention) and ``ulysses`` (head-parallel all-to-all), for comparison; empty at degree 1.
         communication_per_step: The same per optimizer step (all layers and micro-batches).
         suggestions: Changes that make the run fit (empty when it fits).
+        checkpoint_layers: Decoder layers checkpointed (the first N; ``num_layers`` = all, 0 = none).
+        checkpoint_layers_peak_bytes: The peak per GPU with the first N layers checkpointed, for N = 0 ..
+            ``num_layers`` (index N), everything else as planned.
+        checkpoint_suggestion: The smallest N whose peak fits (``layers``), its ``peak_bytes``, and the
+            FLOPs it saves per step against checkpointing every layer (``flops_saved_vs_all``, and as a
+            fraction of that step: ``fraction_of_step_saved_vs_all``); None when no N fits.
     """
 
     model: str
@@ -573,6 +622,9 @@ class Plan:
     communication_per_layer: dict[str, int] = field(default_factory=dict)
     communication_per_step: dict[str, int] = field(default_factory=dict)
     suggestions: list[str] = field(default_factory=list)
+    checkpoint_layers: int = 0
+    checkpoint_layers_peak_bytes: list[int] = field(default_factory=list)
+    checkpoint_suggestion: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dictionary (FLOP estimates expanded with their derived totals)."""
@@ -601,6 +653,29 @@ class Plan:
             return ""
         return f"context parallel {p} ({self.gpus // p} data x {p} context, {self.seq_len // p} tokens/GPU), "
 
+    def _checkpointing_note(self) -> str:
+        n, layers = self.checkpoint_layers, self.shape.num_layers
+        if n == layers:
+            return "on"
+        return "off" if n == 0 else f"on for the first {n} of {layers} layers"
+
+    def _checkpointing_suggestion(self) -> list[str]:
+        layers = self.shape.num_layers
+        if self.checkpoint_suggestion is None:
+            return [
+                f"- activation checkpointing: no number of checkpointed layers fits (peak with all {layers}: "
+                f"{self.checkpoint_layers_peak_bytes[-1] / GIB:.1f} GiB)"
+            ]
+        k = self.checkpoint_suggestion["layers"]
+        saved = self.checkpoint_suggestion["flops_saved_vs_all"]
+        share = self.checkpoint_suggestion["fraction_of_step_saved_vs_all"]
+        return [
+            f"- activation checkpointing: the smallest number of layers to checkpoint that fits is {k} of "
+            f"{layers} (`activation_checkpointing_layers: {k if k < layers else 'all'}`, peak "
+            f"{self.checkpoint_suggestion['peak_bytes'] / GIB:.1f} GiB); against all {layers} it saves "
+            f"{saved / 1e12:.1f} TFLOPs per step ({100 * share:.1f}% of the step)"
+        ]
+
     def table(self) -> str:
         """Markdown report: memory breakdown, FLOPs, verdict and suggestions."""
         lines = [
@@ -609,7 +684,7 @@ class Plan:
             f"of {self.gpu_memory_gib:g} GiB",
             "",
             f"dtype {self.dtype}{self._trainable_dtype_note()}, "
-            f"activation checkpointing {'on' if self.activation_checkpointing else 'off'}"
+            f"activation checkpointing {self._checkpointing_note()}"
             f"{', activation offloading' if self.activation_offloading else ''}"
             f"{', fsdp_cpu_offload' if self.cpu_offload else ''}, "
             f"FSDP {'on' if self.fsdp else 'off'}, "
@@ -673,6 +748,7 @@ class Plan:
             f"longest length that fits with these settings: {self.max_seq_len_fitting or 'none'}",
         ]
         lines += [f"- {s}" for s in self.suggestions]
+        lines += self._checkpointing_suggestion()
         return "\n".join(lines)
 
 
@@ -721,7 +797,7 @@ def _memory(
     fp32_trainable_params: bool,
     trainable: int,
     total: int,
-    activation_checkpointing: bool,
+    checkpoint_layers: int,
     fsdp: bool,
     s2: bool,
     loss_chunks: int,
@@ -753,7 +829,8 @@ def _memory(
         batch_size,
         dtype=dtype,
         s2=s2,
-        activation_checkpointing=activation_checkpointing,
+        activation_checkpointing=checkpoint_layers > 0,
+        checkpoint_layers=checkpoint_layers,
         loss_chunks=loss_chunks,
         lora_rank=lora_rank,
         lora_modules=lora_modules,
@@ -776,12 +853,12 @@ def _memory(
     fsdp_buffers = 3 * layer_full if fsdp and gpus > 1 else 0
     # fsdp_cpu_offload keeps the sharded parameters, gradients and optimizer state in host memory.
     resident = 0 if cpu_offload else 1
-    # Activation offloading moves what the layers keep to host memory, with about two layers in flight.
-    layers_on_gpu = (
-        min(act.layers_saved, 2 * act.layers_saved // shape.num_layers)
-        if activation_offloading
-        else (act.layers_saved)
+    # Activation offloading moves what the layers keep to host memory, with about two layers in flight
+    # (the larger kind of layer when only some are checkpointed).
+    largest_layer = (
+        act.per_layer_saved if checkpoint_layers < shape.num_layers else act.layers_saved // shape.num_layers
     )
+    layers_on_gpu = min(act.layers_saved, 2 * largest_layer) if activation_offloading else act.layers_saved
     memory = {
         "weights (frozen)": resident * frozen_bytes // shard,
         "trainable params": resident * trainable_e * trainable // shard,
@@ -823,6 +900,7 @@ def plan(
     dtype: str = "bf16",
     fp32_trainable_params: bool = True,
     activation_checkpointing: bool = True,
+    checkpoint_layers: int | None = None,
     fsdp: bool = True,
     s2: bool = True,
     max_seq_len: int | None = None,
@@ -855,6 +933,9 @@ def plan(
             trainable tensors, their gradients and AdamW state are fp32 (4 + 4 + 8 bytes per trainable
             parameter, sharded); False keeps them in ``dtype``.
         activation_checkpointing: Per-layer activation checkpointing.
+        checkpoint_layers: The recipe's ``activation_checkpointing_layers``: with ``activation_checkpointing``
+            only the first N decoder layers are checkpointed; None = all. Whatever it is, the plan also
+            reports the peak for every N and the smallest N that fits (``checkpoint_suggestion``).
         fsdp: Shard parameters, gradients and optimizer state (FSDP2, as torchtune's distributed recipes).
         s2: S² attention (False = full attention).
         max_seq_len: The model's ``max_seq_len``, which sizes the S² group; default ``seq_len``. The
@@ -889,7 +970,7 @@ def plan(
         ValueError: On an unknown model, dtype or a bad number, and with the recipe's or the model
             builder's message on settings they refuse (an S² group size that is not an even integer, a
             training length that is not a multiple of it, a ``global_batch_size`` that does not divide,
-            a context-parallel degree the recipe refuses).
+            a context-parallel degree the recipe refuses, a ``checkpoint_layers`` outside the model).
     """
     from longlora_tune import config_checks
 
@@ -950,6 +1031,7 @@ def plan(
         trainable_extras=trainable_extras,
         family=family,
     )
+    n_ckpt = checkpointed_layers(shape.num_layers, activation_checkpointing, checkpoint_layers)
 
     def peak_for(length: int, **overrides: Any) -> tuple[dict[str, int], int]:
         settings = dict(
@@ -959,7 +1041,7 @@ def plan(
             fp32_trainable_params=fp32_trainable_params,
             trainable=trainable,
             total=total,
-            activation_checkpointing=activation_checkpointing,
+            checkpoint_layers=n_ckpt,
             fsdp=fsdp,
             s2=s2,
             loss_chunks=loss_chunks,
@@ -982,12 +1064,12 @@ def plan(
 
     memory, peak = peak_for(seq_len)
     communication = _communication(
-        shape, batch_size, seq_len, group_size, degree, _DTYPE_BYTES[dtype], activation_checkpointing
+        shape, batch_size, seq_len, group_size, degree, _DTYPE_BYTES[dtype], n_ckpt
     )
-    micro_batches = shape.num_layers * (grad_accum or 1)
     capacity = gpu_memory_gib * GIB
     flops_kwargs = dict(
-        activation_checkpointing=activation_checkpointing,
+        activation_checkpointing=n_ckpt > 0,
+        checkpoint_layers=n_ckpt,
         lora_rank=lora_rank,
         lora_modules=lora_modules,
         trainable_extras=trainable_extras,
@@ -1022,9 +1104,38 @@ def plan(
         flops=step_flops(shape, seq_len, batch_size, group_size=group_size, **flops_kwargs),
         flops_full_attention=step_flops(shape, seq_len, batch_size, group_size=None, **flops_kwargs),
         context_parallel_degree=degree,
-        communication_per_layer=communication,
-        communication_per_step={k: v * micro_batches for k, v in communication.items()},
+        communication_per_layer={k: v // shape.num_layers for k, v in communication.items()},
+        communication_per_step={k: v * (grad_accum or 1) for k, v in communication.items()},
+        checkpoint_layers=n_ckpt,
     )
+    # Memory-budgeted activation checkpointing: the peak for every N, and the smallest N that fits.
+    result.checkpoint_layers_peak_bytes = [
+        peak_for(seq_len, checkpoint_layers=n)[1] for n in range(shape.num_layers + 1)
+    ]
+    fitting = [n for n, p in enumerate(result.checkpoint_layers_peak_bytes) if p <= capacity]
+    if fitting:
+        k = fitting[0]
+        every = step_flops(
+            shape,
+            seq_len,
+            batch_size,
+            group_size=group_size,
+            **{**flops_kwargs, "activation_checkpointing": True, "checkpoint_layers": None},
+        )
+        some = step_flops(
+            shape,
+            seq_len,
+            batch_size,
+            group_size=group_size,
+            **{**flops_kwargs, "activation_checkpointing": k > 0, "checkpoint_layers": k},
+        )
+        saved = every.total - some.total
+        result.checkpoint_suggestion = {
+            "layers": k,
+            "peak_bytes": result.checkpoint_layers_peak_bytes[k],
+            "flops_saved_vs_all": saved,
+            "fraction_of_step_saved_vs_all": saved / every.total,
+        }
     if not suggest:
         return result
 
@@ -1044,8 +1155,9 @@ def plan(
     if result.fits:
         return result
     candidates: list[tuple[str, dict[str, Any]]] = []
-    if not activation_checkpointing:
-        candidates.append(("enable_activation_checkpointing=True", {"activation_checkpointing": True}))
+    if n_ckpt < shape.num_layers:
+        text = "enable_activation_checkpointing=True" if not n_ckpt else "activation_checkpointing_layers=all"
+        candidates.append((text, {"checkpoint_layers": shape.num_layers}))
     if not fsdp and gpus > 1:
         candidates.append(("shard with FSDP (torchtune distributed recipe)", {"fsdp": True}))
     if batch_size > 1:
@@ -1100,28 +1212,37 @@ def _communication(
     group_size: int | None,
     degree: int,
     dtype_bytes: int,
-    recompute: bool,
+    recomputed_layers: int,
 ) -> dict[str, int]:
-    """Bytes one GPU receives per layer and micro-batch: the halo design, ring and all-to-all."""
+    """Bytes one GPU receives per micro-batch over all layers: the halo design, ring and all-to-all.
+
+    A recomputed (checkpointed) layer receives its forward traffic twice.
+    """
     if degree <= 1 or group_size is None:
         return {}
     common = dict(batch_size=batch_size, head_dim=shape.head_dim, degree=degree, dtype_bytes=dtype_bytes)
     slice_len = seq_len // degree
-    return {
-        "halo": halo_bytes_per_layer(
-            num_heads=shape.num_heads, group_size=group_size, recompute=recompute, **common
-        ),
-        "ring": ring_bytes_per_layer(
-            num_kv_heads=shape.num_kv_heads, slice_len=slice_len, recompute=recompute, **common
-        ),
-        "ulysses": ulysses_bytes_per_layer(
-            num_heads=shape.num_heads,
-            num_kv_heads=shape.num_kv_heads,
-            slice_len=slice_len,
-            recompute=recompute,
-            **common,
-        ),
-    }
+
+    def per_layer(recompute: bool) -> dict[str, int]:
+        return {
+            "halo": halo_bytes_per_layer(
+                num_heads=shape.num_heads, group_size=group_size, recompute=recompute, **common
+            ),
+            "ring": ring_bytes_per_layer(
+                num_kv_heads=shape.num_kv_heads, slice_len=slice_len, recompute=recompute, **common
+            ),
+            "ulysses": ulysses_bytes_per_layer(
+                num_heads=shape.num_heads,
+                num_kv_heads=shape.num_kv_heads,
+                slice_len=slice_len,
+                recompute=recompute,
+                **common,
+            ),
+        }
+
+    again, once = per_layer(True), per_layer(False)
+    kept = shape.num_layers - recomputed_layers
+    return {k: recomputed_layers * again[k] + kept * once[k] for k in again}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1156,7 +1277,8 @@ def load_config_settings(name: str) -> dict[str, Any]:
     training length as the recipe reads it (``dataset.block_size``, ``dataset.max_seq_len`` or
     ``tokenizer.max_seq_len``; ``model.max_seq_len`` when none is set), ``batch_size``,
     ``global_batch_size``, ``dtype``, ``fp32_trainable_params``, ``trainable_extras``,
-    ``enable_activation_checkpointing``, ``loss.num_output_chunks`` and the S² group settings.
+    ``enable_activation_checkpointing``, ``activation_checkpointing_layers``, ``loss.num_output_chunks`` and
+    the S² group settings.
 
     Args:
         name: Config name in ``configs/`` (without ``.yaml``) or a path.
@@ -1211,6 +1333,9 @@ def load_config_settings(name: str) -> dict[str, Any]:
         settings["fp32_trainable_params"] = bool(cfg["fp32_trainable_params"])
     if "enable_activation_checkpointing" in cfg:
         settings["activation_checkpointing"] = bool(cfg["enable_activation_checkpointing"])
+    layers = cfg.get("activation_checkpointing_layers", "all")
+    if layers != "all":
+        settings["checkpoint_layers"] = _checkpoint_layers_arg(layers)
     if model.get("quantize_base"):
         settings["quantize_base"] = True
     if "enable_activation_offloading" in cfg:
@@ -1253,23 +1378,30 @@ def _config_model(name: str, component: str, model: dict[str, Any]) -> tuple[str
         missing.append("intermediate_dim")
     if missing:
         raise ValueError(f"Config {name!r}: {builder} needs model.{', model.'.join(missing)}")
-    shape = ModelShape(
-        int(model["vocab_size"]),
-        int(model["num_layers"]),
-        int(model["num_heads"]),
-        int(model["num_kv_heads"]),
-        int(model["embed_dim"]),
-        int(intermediate),
-        tie_word_embeddings=bool(model.get("tie_word_embeddings", False)),
-        qkv_bias=family.qkv_bias,
-    )
-    return shape, family.name
+    sizes = [int(model[f]) for f in _SIZE_FIELDS[:5]] + [int(intermediate)]
+    tied = bool(model.get("tie_word_embeddings", False))
+    if not (tied or family.qkv_bias):
+        return ModelShape(*sizes), family.name
+    return FamilyShape(*sizes, tie_word_embeddings=tied, qkv_bias=family.qkv_bias), family.name
 
 
 def _llama3_intermediate(embed_dim: int) -> int:
     # torchtune's Llama 3 rule (used by lora_llama3_2 when intermediate_dim is None): 4 * int(2d/3) rounded
     # up to a multiple of 256. Published Llama 3 shapes state theirs (14336 for 4096).
     return 256 * ((4 * int(2 * embed_dim / 3) + 255) // 256)
+
+
+def _checkpoint_layers_arg(value: Any) -> int | None:
+    """``activation_checkpointing_layers`` / ``--checkpoint-layers``: ``all`` (None) or an int >= 0."""
+    if value is None or value == "all":
+        return None
+    try:
+        count = int(value)
+    except (TypeError, ValueError):
+        count = -1
+    if isinstance(value, bool) or count < 0 or str(count) != str(value).strip():
+        raise ValueError(f"activation_checkpointing_layers={value!r} must be all or an integer >= 0")
+    return count
 
 
 def _llama2_intermediate(embed_dim: int) -> int:
@@ -1311,6 +1443,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--group-size", type=int, help="S2 group size (default: config or 1/4 of the length)")
     parser.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument(
+        "--checkpoint-layers",
+        metavar="N|all",
+        help="checkpoint only the first N decoder layers (the recipe's activation_checkpointing_layers; "
+        "default: config or all); the plan also suggests the smallest N that fits",
+    )
     parser.add_argument("--fsdp", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--activation-offloading", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument(
@@ -1365,6 +1503,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ("dtype", args.dtype),
             ("fp32_trainable_params", args.fp32_trainable_params),
             ("activation_checkpointing", args.activation_checkpointing),
+            ("checkpoint_layers", _checkpoint_layers_arg(args.checkpoint_layers)),
             ("loss_chunks", args.loss_chunks),
             ("activation_offloading", args.activation_offloading),
             ("cpu_offload", args.cpu_offload),

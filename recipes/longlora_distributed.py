@@ -36,10 +36,11 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 from torch.distributed.fsdp import MixedPrecisionPolicy
-from torchtune import config, modules, training, utils
+from torchtune import config, training, utils
 from tqdm import tqdm
 
 from longlora_tune import checkpointing, export, qlora
+from longlora_tune.activation_checkpointing import apply_activation_checkpointing
 from longlora_tune.compile import compile_model_and_loss
 from longlora_tune.components import import_object
 from longlora_tune.config_checks import (
@@ -246,9 +247,9 @@ class LongLoRARecipeDistributed:
             )
 
         if cfg.get("enable_activation_checkpointing", True):
-            training.set_activation_checkpointing(
-                model, auto_wrap_policy={modules.TransformerSelfAttentionLayer}
-            )
+            # The first N layers (all by default); see longlora_tune.activation_checkpointing for why.
+            wrapped = apply_activation_checkpointing(model, cfg.get("activation_checkpointing_layers", "all"))
+            utils.log_rank_zero(log, f"Activation checkpointing: {wrapped} decoder layer(s)")
         mp_policy = None
         if self.dtype != torch.float32 and cfg.get("fp32_trainable_params", True):
             # bf16 cannot hold LoRA+'s small updates: at lr 2e-5 a norm scale near 1.0 (bf16 step 2^-7)

@@ -630,3 +630,43 @@ def test_family_eval_configs_match_their_training_config(name):
             assert max(cfg.eval_lengths) == length and sorted(cfg.eval_lengths) == list(cfg.eval_lengths)
         else:
             assert cfg.max_length == length and length % cfg.interval == 0
+
+
+# ----------------------------------------------------------------------- activation_checkpointing_layers
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (
+            {"activation_checkpointing_layers": -1},
+            "activation_checkpointing_layers=-1 must be all or an integer",
+        ),
+        (
+            {"activation_checkpointing_layers": "half"},
+            "activation_checkpointing_layers='half' must be all or",
+        ),
+        ({"activation_checkpointing_layers": 1.5}, "activation_checkpointing_layers=1.5 must be all or"),
+        (
+            {"activation_checkpointing_layers": 1, "enable_activation_checkpointing": "false"},
+            "activation_checkpointing_layers=1 needs enable_activation_checkpointing=true",
+        ),
+    ],
+)
+def test_bad_checkpoint_layer_counts_are_one_line(assets, tmp_path, extra, message):
+    error = _error(_cfg(assets, tmp_path / "o", **extra))
+    assert error.startswith(message) and "\n" not in error
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"activation_checkpointing_layers": "all"},
+        {"activation_checkpointing_layers": 0},
+        {"activation_checkpointing_layers": 2},
+        {"activation_checkpointing_layers": 0, "enable_activation_checkpointing": "false"},
+    ],
+)
+def test_checkpoint_layer_counts_are_accepted(assets, tmp_path, extra):
+    # The bound by the model's layers is checked when the layers are wrapped (the model is not built here).
+    assert cc.validate_config(_cfg(assets, tmp_path / "o", **extra), world_size=1) == 4

@@ -37,6 +37,7 @@ from longlora_tune.plan import (
     s2_segment_lengths,
     step_flops,
 )
+from longlora_tune.shapes import FamilyShape
 
 _DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -582,7 +583,7 @@ _FAMILY_CASES = {
     "llama3": ("llama3", ModelShape(256, 2, 4, 2, 64, 128), dict(original_max_seq_len=64)),
     "llama3_2_tied": (
         "llama3",
-        ModelShape(256, 2, 4, 2, 64, 128, tie_word_embeddings=True),
+        FamilyShape(256, 2, 4, 2, 64, 128, tie_word_embeddings=True),
         dict(
             tie_word_embeddings=True,
             original_max_seq_len=64,
@@ -596,10 +597,10 @@ _FAMILY_CASES = {
         ),  # fmt: skip
     ),
     "mistral": ("mistral", ModelShape(256, 2, 4, 2, 64, 128), dict(original_max_seq_len=64)),
-    "qwen2": ("qwen2", ModelShape(256, 2, 4, 2, 64, 128, qkv_bias=True), dict(original_max_seq_len=64)),
+    "qwen2": ("qwen2", FamilyShape(256, 2, 4, 2, 64, 128, qkv_bias=True), dict(original_max_seq_len=64)),
     "qwen2_tied": (
         "qwen2",
-        ModelShape(256, 2, 4, 2, 64, 128, qkv_bias=True, tie_word_embeddings=True),
+        FamilyShape(256, 2, 4, 2, 64, 128, qkv_bias=True, tie_word_embeddings=True),
         dict(tie_word_embeddings=True, original_max_seq_len=64),
     ),
 }
@@ -732,10 +733,10 @@ def test_family_of_models_shapes_and_configs(tmp_path):
         "mistral",
         "qwen2",
     ]
-    assert model_family(ModelShape(256, 2, 4, 2, 64, 128, qkv_bias=True)) == "qwen2"
-    assert model_family(ModelShape(256, 2, 4, 2, 64, 128, tie_word_embeddings=True)) == "llama3"
+    assert model_family(FamilyShape(256, 2, 4, 2, 64, 128, qkv_bias=True)) == "qwen2"
+    assert model_family(FamilyShape(256, 2, 4, 2, 64, 128, tie_word_embeddings=True)) == "llama3"
     with pytest.raises(ValueError, match="ties its embeddings and longlora_mistral cannot build it"):
-        model_family(ModelShape(256, 2, 4, 2, 64, 128, tie_word_embeddings=True), "mistral")
+        model_family(FamilyShape(256, 2, 4, 2, 64, 128, tie_word_embeddings=True), "mistral")
     with pytest.raises(ValueError, match="has no q/k/v biases and longlora_qwen2 cannot build it"):
         plan(ModelShape(256, 2, 4, 2, 64, 128), 256, family="qwen2")
     with pytest.raises(ValueError, match="Unknown family 'gemma'"):
@@ -757,7 +758,7 @@ def test_family_of_models_shapes_and_configs(tmp_path):
     )
     settings = load_config_settings(str(explicit))
     assert settings["family"] == "qwen2"
-    assert settings["model"] == ModelShape(256, 2, 4, 2, 64, 96, tie_word_embeddings=True, qkv_bias=True)
+    assert settings["model"] == FamilyShape(256, 2, 4, 2, 64, 96, tie_word_embeddings=True, qkv_bias=True)
     explicit.write_text(explicit.read_text().replace("  intermediate_dim: 96\n", ""))
     with pytest.raises(ValueError, match="longlora_qwen2 needs model.intermediate_dim"):
         load_config_settings(str(explicit))
@@ -777,3 +778,175 @@ def test_family_configs_plan_on_the_command_line(name, capsys):
     assert main(["--config", name, "--gpus", "8", "--gpu-memory", "80"]) == 0
     out = capsys.readouterr().out
     assert out.startswith(f"## {name} (") and "**FITS**" in out
+
+
+# ------------------------------------------------------------- memory-budgeted activation checkpointing
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_activation_estimate_matches_autograd_with_some_layers_checkpointed(layers):
+    from longlora_tune.activation_checkpointing import apply_activation_checkpointing
+
+    shape, seq_len, batch = SHAPES[1]  # 3 layers
+    chunks = 4
+    model = _build(shape, seq_len, dtype=torch.bfloat16, s2=True, checkpoint=False)
+    apply_activation_checkpointing(model, layers)
+    measured = _saved_bytes(model, shape, seq_len, batch, chunks)
+    estimate = activation_bytes(
+        shape, seq_len, batch, dtype="bf16", checkpoint_layers=layers, loss_chunks=chunks
+    )
+    assert abs(estimate.saved - measured) <= 0.15 * measured, (estimate.saved, measured)
+    # Between all and none, in proportion to the layers that keep their activations.
+    every = activation_bytes(shape, seq_len, batch, dtype="bf16", loss_chunks=chunks)
+    none = activation_bytes(
+        shape, seq_len, batch, dtype="bf16", activation_checkpointing=False, loss_chunks=chunks
+    )
+    assert every.saved < estimate.saved < none.saved
+
+
+def test_flops_with_some_layers_checkpointed_match_flop_counter():
+    from longlora_tune.activation_checkpointing import apply_activation_checkpointing
+
+    shape, seq_len, batch = SHAPES[1]
+    model = _build(shape, seq_len, dtype=torch.float32, s2=True, checkpoint=False)
+    apply_activation_checkpointing(model, 1)
+    counter = FlopCounterMode(display=False)
+    with sdpa_kernel(SDPBackend.MATH), counter:
+        _loss(model, shape, seq_len, batch, 2).backward()
+    expected = step_flops(
+        shape, seq_len, batch, group_size=seq_len // 4, checkpoint_layers=1, attention="dense"
+    )
+    assert counter.get_total_flops() == pytest.approx(expected.total, rel=1e-9)
+    every = step_flops(shape, seq_len, batch, group_size=seq_len // 4, attention="dense")
+    assert expected.recompute == pytest.approx(every.recompute / 3, rel=1e-12)
+
+
+def test_peak_for_n_checkpointed_layers_is_the_per_layer_arithmetic():
+    shape, seq_len = plan("7b", 32_768).shape, 32_768
+    layers = shape.num_layers
+    per_layer = activation_bytes(shape, seq_len, activation_checkpointing=False).per_layer_saved
+    layer_input = 2 * seq_len * shape.embed_dim  # bf16 hidden state: all a checkpointed layer keeps
+    every = plan("7b", seq_len, gpus=8, gpu_memory_gib=80)
+    none = plan("7b", seq_len, gpus=8, gpu_memory_gib=80, activation_checkpointing=False)
+    head = every.memory["activations saved"] - layers * layer_input
+    grads = none.memory["layer backward phase: recompute + grads (*)"]
+    assert every.checkpoint_layers == layers and none.checkpoint_layers == 0
+    assert every.checkpoint_layers_peak_bytes == none.checkpoint_layers_peak_bytes
+    assert len(every.checkpoint_layers_peak_bytes) == layers + 1
+    for n in (0, 1, 7, 16, layers - 1, layers):
+        p = plan("7b", seq_len, gpus=8, gpu_memory_gib=80, checkpoint_layers=n)
+        assert p.checkpoint_layers == n
+        assert p.peak_bytes == every.checkpoint_layers_peak_bytes[n]
+        # A checkpointed layer keeps its input, the others everything; the first N are the checkpointed
+        # ones, so a recompute only adds a layer's activations to the backward phase when all N are.
+        assert p.memory["activations saved"] == n * layer_input + (layers - n) * per_layer + head
+        assert p.memory["layer backward phase: recompute + grads (*)"] == grads + (
+            per_layer if n == layers else 0
+        )
+        # Everything else in the plan is unchanged; the peak counts the larger phase, 5% fragmentation and
+        # the CUDA context.
+        phases = max(
+            p.memory["loss phase: fp32 log-probs + logits (*)"],
+            p.memory["layer backward phase: recompute + grads (*)"],
+        )
+        fixed = sum(
+            v
+            for k, v in p.memory.items()
+            if k not in ("activations saved", "overhead (context, fragmentation)") and "(*)" not in k
+        )
+        live = fixed + p.memory["activations saved"] + phases
+        assert p.peak_bytes == live + int(1.5 * 2**30) + int(0.05 * live)
+        assert p.flops.recompute == pytest.approx(every.flops.recompute * n / layers, rel=1e-12)
+    peaks = every.checkpoint_layers_peak_bytes
+    # Each layer that keeps its activations instead of its input adds their difference (times 1.05).
+    assert peaks[0] - peaks[1] == pytest.approx(1.05 * (per_layer - layer_input), abs=2)
+    with pytest.raises(ValueError, match=r"activation_checkpointing_layers=33 must be in \[0, 32\]"):
+        plan("7b", seq_len, checkpoint_layers=33)
+    with pytest.raises(
+        ValueError, match="activation_checkpointing_layers=2 needs activation checkpointing on"
+    ):
+        plan("7b", seq_len, checkpoint_layers=2, activation_checkpointing=False)
+
+
+@pytest.mark.parametrize(
+    ("model", "seq_len", "memory"),
+    [
+        ("7b", 8192, 80),
+        ("7b", 16_384, 80),
+        ("7b", 32_768, 80),
+        ("7b", 100_000, 80),
+        ("13b", 32_768, 80),
+        ("13b", 16_384, 40),
+    ],
+)
+def test_suggestion_is_the_smallest_number_of_checkpointed_layers_that_fits(model, seq_len, memory):
+    result = plan(model, seq_len, gpus=8, gpu_memory_gib=memory)
+    layers = result.shape.num_layers
+    capacity = memory * 2**30
+    suggestion = result.checkpoint_suggestion
+    k = suggestion["layers"]
+    assert plan(model, seq_len, gpus=8, gpu_memory_gib=memory, checkpoint_layers=k).fits
+    assert suggestion["peak_bytes"] == result.checkpoint_layers_peak_bytes[k] <= capacity
+    for fewer in range(k):
+        assert not plan(
+            model, seq_len, gpus=8, gpu_memory_gib=memory, checkpoint_layers=fewer, suggest=False
+        ).fits
+    every = result.flops
+    assert suggestion["flops_saved_vs_all"] == pytest.approx(
+        every.recompute * (layers - k) / layers, rel=1e-12
+    )
+    assert suggestion["fraction_of_step_saved_vs_all"] == pytest.approx(
+        suggestion["flops_saved_vs_all"] / every.total
+    )
+    assert f"is {k} of {layers}" in result.table()
+
+
+def test_checkpointing_suggestions_at_both_ends():
+    # 7B at 8k on 80 GiB fits without any recompute: a quarter of the step's FLOPs is saved.
+    short = plan("7b", 8192, gpus=8, gpu_memory_gib=80).checkpoint_suggestion
+    assert short["layers"] == 0 and 0.25 < short["fraction_of_step_saved_vs_all"] < 1 / 3
+    # 70B at 32k on 8 x 80 GiB does not fit with any number of checkpointed layers.
+    big = plan("70b", 32_768, gpus=8, gpu_memory_gib=80)
+    assert not big.fits and big.checkpoint_suggestion is None
+    assert "no number of checkpointed layers fits" in big.table()
+    # Only some layers checkpointed and too big: the planner says that all of them would fit.
+    some = plan("7b", 32_768, gpus=8, gpu_memory_gib=80, checkpoint_layers=4)
+    assert not some.fits and "activation_checkpointing_layers=all: fits" in some.suggestions
+
+
+def test_context_parallel_traffic_counts_only_recomputed_layers_twice():
+    from longlora_tune.modules.context_parallel import halo_bytes_per_layer
+
+    kwargs = dict(gpus=8, context_parallel_degree=8, global_batch_size=64, loss_chunks=16)
+    halo = dict(batch_size=1, num_heads=32, head_dim=128, group_size=65_536, degree=8, dtype_bytes=2)
+    twice, once = halo_bytes_per_layer(**halo, recompute=True), halo_bytes_per_layer(**halo, recompute=False)
+    assert twice > once
+    some = plan("7b", 262_144, checkpoint_layers=10, **kwargs)
+    assert some.communication_per_step["halo"] == (10 * twice + 22 * once) * 64
+
+
+def test_cli_and_config_read_the_number_of_checkpointed_layers(tmp_path, capsys):
+    args = ["--config", "llama2_7b_100k", "--gpus", "8", "--gpu-memory", "80"]
+    assert main([*args, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["checkpoint_layers"] == 32 and len(out["checkpoint_layers_peak_bytes"]) == 33
+    k = out["checkpoint_suggestion"]["layers"]
+    assert 0 < k < 32 and out["checkpoint_layers_peak_bytes"][k - 1] > 80 * 2**30
+    assert main(args) == 0
+    assert f"`activation_checkpointing_layers: {k}`" in capsys.readouterr().out
+    assert main([*args, "--checkpoint-layers", "4", "--json"]) == 1
+    assert json.loads(capsys.readouterr().out)["checkpoint_layers"] == 4
+    for bad, message in (
+        ("40", "must be in [0, 32]"),
+        ("x", "activation_checkpointing_layers='x' must be all"),
+    ):
+        assert main([*args, "--checkpoint-layers", bad]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        "model:\n  _component_: longlora_tune.models.longlora_llama2_7b\n  max_seq_len: 32768\n"
+        "enable_activation_checkpointing: true\nactivation_checkpointing_layers: 22\n"
+    )
+    assert load_config_settings(str(config))["checkpoint_layers"] == 22
+    assert plan(**load_config_settings(str(config))).checkpoint_layers == 22

@@ -30,9 +30,9 @@ from typing import Any
 
 import torch
 from torchtune import training
-from torchtune.modules import TransformerSelfAttentionLayer
 from torchtune.modules.loss import CEWithChunkedOutputLoss
 
+from longlora_tune.activation_checkpointing import apply_activation_checkpointing
 from longlora_tune.compile import compile_model_and_loss
 from longlora_tune.distributed import resolve_device, resolve_dtype
 from longlora_tune.errors import LongLoRAConfigError
@@ -121,6 +121,8 @@ class Case:
         repeats: Timed steps after the warm-up.
         threads: torch CPU threads.
         activation_checkpointing: torchtune's per-layer activation checkpointing.
+        checkpoint_layers: With ``activation_checkpointing``, checkpoint only the first N decoder layers (the
+            recipe's ``activation_checkpointing_layers``); None checkpoints all of them.
         loss_chunks: Token chunks of the loss.
         loss_impl: ``chunked``: torchtune's ``CEWithChunkedOutputLoss`` on the model's chunked logits;
             ``fused``: :class:`longlora_tune.linear_ce.ChunkedLinearCrossEntropyLoss` (projection and loss in
@@ -145,6 +147,7 @@ class Case:
     repeats: int = 3
     threads: int = 1
     activation_checkpointing: bool = True
+    checkpoint_layers: int | None = None
     loss_chunks: int = 8
     peak_tflops: float | None = None
     compile: bool = False
@@ -174,6 +177,8 @@ class Case:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.layers is not None and self.layers < 1:
             raise ValueError(f"layers must be >= 1, got {self.layers}")
+        if self.checkpoint_layers is not None and self.checkpoint_layers < 0:
+            raise ValueError(f"checkpoint_layers must be >= 0 or None (all), got {self.checkpoint_layers}")
         if self.seq_len % 8:
             raise ValueError(
                 f"seq_len must be a multiple of 8 (the S2 group seq_len/4 must be even), got {self.seq_len}"
@@ -295,7 +300,10 @@ def run_case(case: Case) -> dict[str, Any]:
         except LongLoRAConfigError as e:
             raise ValueError(str(e)) from e
     if case.activation_checkpointing:
-        training.set_activation_checkpointing(model, auto_wrap_policy={TransformerSelfAttentionLayer})
+        try:
+            apply_activation_checkpointing(model, case.checkpoint_layers)
+        except LongLoRAConfigError as e:
+            raise ValueError(str(e)) from e
     model.train()
     if case.loss_impl == "fused":
         loss_fn.set_model_output(model)
@@ -459,6 +467,7 @@ def add_flops(
         case.batch_size,
         group_size=group,
         activation_checkpointing=case.activation_checkpointing,
+        checkpoint_layers=case.checkpoint_layers,
     )
     result.update(
         model_flops=flops.model, executed_flops=flops.total, model_tflops_per_s=flops.model / median / 1e12

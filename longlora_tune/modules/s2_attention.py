@@ -308,8 +308,6 @@ def _s2_sdpa(
     dropout_p: float,
     scale: float | None,
 ) -> Tensor:
-    if mask is None and not wrap_around:
-        return _s2_sdpa_segments(q, k, v, group_size, dropout_p, scale)
     b, heads, n, _ = q.shape
     half, shift = heads // 2, group_size // 2
     # Each head half: (q, k, v) in its attention order, the offset of its slots from original positions
@@ -350,45 +348,6 @@ def _s2_sdpa(
     if wrap_around:
         out2 = torch.roll(out2, shifts=shift, dims=2)
     return torch.cat([out1, out2], dim=1)
-
-
-def _s2_sdpa_segments(
-    q: Tensor, k: Tensor, v: Tensor, group_size: int, dropout_p: float, scale: float | None
-) -> Tensor:
-    """No-wrap S² without a mask: one SDPA call per run of whole groups, on views of q, k, v.
-
-    A run of ``m`` whole groups of a head half, ``[b, h/2, m*G, d]``, is viewed as ``[b*m, h/2, G, d]``
-    (groups become batch rows: a view whenever ``b == 1`` or q, k, v are laid out ``[b, n, h, d]`` as
-    torchtune's attention makes them, a copy otherwise), so the groups are never gathered by ``torch.cat``.
-    Segments of the first head half: one run of whole groups and a short last group when ``G`` does not
-    divide ``n``; of the shifted half: its first ``G/2`` tokens, one run and a short tail. The output is
-    assembled in ``[b, n, h, d]`` memory and returned as its ``[b, h, n, d]`` transpose, so torchtune's
-    ``transpose(1, 2).contiguous()`` after attention costs nothing.
-    """
-    b, heads, n, d = q.shape
-    half = heads // 2
-
-    def attend(x: tuple[Tensor, Tensor, Tensor]) -> Tensor:
-        # Causal attention in groups of G over one segment [b, h/2, length, d] (one short group or whole
-        # groups), returned as [b, length, h/2, d].
-        length = x[0].shape[2]
-        rows = max(length // group_size, 1)
-        q_, k_, v_ = (t.unflatten(2, (rows, length // rows)).transpose(1, 2).flatten(0, 1) for t in x)
-        out = F.scaled_dot_product_attention(q_, k_, v_, dropout_p=dropout_p, is_causal=True, scale=scale)
-        return out.transpose(1, 2).reshape(b, length, half, d)
-
-    halves = []
-    # split, not slicing: its backward is one cat, where each slice's backward would zero-fill a gradient
-    # of the whole tensor and add it up.
-    for qkv, first in zip(zip(*(t.split(half, dim=1) for t in (q, k, v))), (0, group_size // 2)):
-        bounds = [0, first] if 0 < first < n else [0]
-        for end in (bounds[-1] + (n - bounds[-1]) // group_size * group_size, n):
-            if end > bounds[-1]:
-                bounds.append(end)
-        lengths = [e - a for a, e in zip(bounds[:-1], bounds[1:])]
-        pieces = [attend(seg) for seg in zip(*(t.split(lengths, dim=2) for t in qkv))]
-        halves.append(torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0])
-    return torch.cat(halves, dim=2).transpose(1, 2)
 
 
 def _mask_block(mask: Tensor, start: int, length: int, n: int, batch: int) -> Tensor:

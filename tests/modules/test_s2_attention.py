@@ -106,47 +106,6 @@ def test_sdpa_matches_dense_reference_forward_backward(shape, wrap):
     check_against_reference(*shape, wrap=wrap, backend="sdpa")
 
 
-@pytest.mark.parametrize("shape", SHAPES)
-def test_sdpa_on_torchtune_layout_matches_dense_reference(shape):
-    # torchtune hands attention q, k, v laid out [b, n, h, d] and transposed; the group views of the
-    # no-wrap path then have non-trivial strides (and need a copy when b > 1).
-    b, h, n, g = shape
-    gen = torch.Generator().manual_seed(n + g)
-    q, k, v = (torch.randn(b, n, h, 8, generator=gen, dtype=torch.float64).requires_grad_() for _ in range(3))
-    out = shifted_sparse_attention(*(x.transpose(1, 2) for x in (q, k, v)), g, backend="sdpa")
-    ref = dense_attention(*(x.transpose(1, 2) for x in (q, k, v)), s2_allowed(n, g, h, False)[None])
-    torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-10)
-    w = torch.randn_like(ref)
-    for got, want in zip(
-        torch.autograd.grad((out * w).sum(), (q, k, v)), torch.autograd.grad((ref * w).sum(), (q, k, v))
-    ):
-        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
-
-
-def test_sdpa_no_wrap_views_the_groups_and_returns_torchtune_layout():
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Ops(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.calls = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.calls.append(func.overloadpacket.__name__)
-            return func(*args, **(kwargs or {}))
-
-    b, h, n, g = 1, 4, 64, 16
-    q, k, v = (torch.randn(b, n, h, 8).transpose(1, 2) for _ in range(3))
-    with Ops() as ops:
-        out = shifted_sparse_attention(q, k, v, g, backend="sdpa")
-    # One SDPA call per segment: the first half's whole groups; the shifted half's head, whole groups, tail.
-    assert ops.calls.count("_scaled_dot_product_flash_attention_for_cpu") == 4
-    # Groups are views: no copy of q, k, v; the only copies assemble the output (shifted half, then heads).
-    assert ops.calls.count("cat") == 2 and "clone" not in ops.calls and "copy_" not in ops.calls
-    # [b, n, h, d] memory, so torchtune's transpose(1, 2).contiguous() after attention copies nothing.
-    assert out.shape == (b, h, n, 8) and out.transpose(1, 2).is_contiguous()
-
-
 @pytest.mark.parametrize("wrap", [False, True])
 @pytest.mark.parametrize("shape", SHAPES[:5])
 def test_flex_matches_dense_reference(shape, wrap):

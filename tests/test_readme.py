@@ -90,3 +90,11 @@ def test_tune_run_names_exist(recipe: str, config: str) -> None:
 @pytest.mark.parametrize("path", PATHS)
 def test_repository_paths_exist(path: str) -> None:
     assert (REPO / path).exists(), path
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    # .ci/run must test exactly as a user following the README would.
+    block = README.split("Run the tests", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0].strip()
+    assert block.startswith("python -m pytest"), block
+    ci = (REPO / ".ci" / "run").read_text()
+    assert f"\n{block} " in ci or f"\n{block}\n" in ci, (block, ci)

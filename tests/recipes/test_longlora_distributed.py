@@ -467,7 +467,7 @@ def test_expected_configs_are_shipped():
 
 
 @pytest.mark.parametrize("path", TRAINING_CONFIGS, ids=lambda p: p.stem)
-def test_shipped_config_instantiates_without_weights(path):
+def test_shipped_config_instantiates_without_weights(path, tmp_path):
     from longlora_tune.modules.s2_attention import S2Attention
 
     text = path.read_text()
@@ -503,7 +503,9 @@ def test_shipped_config_instantiates_without_weights(path):
     if path.stem.startswith("tiny_"):
         # tiny_qlora is wider: NF4 needs whole 16384-weight scale groups per shard.
         sizes = {"embed_dim": 256, "intermediate_dim": 512} if path.stem == "tiny_qlora" else {}
-        base = HFBaseModel(Path("tiny"), _tiny_hf_config(**sizes), weight_files=())
+        # The tiny configs must match what the demo writes for their family.
+        folder = tiny.make_hf_checkpoint(tmp_path / "base", family=family.name, with_tokenizer=False, **sizes)
+        base = HFBaseModel.read(folder)
         kw = base.builder_kwargs
         for key in ("vocab_size", "num_layers", "num_heads", "num_kv_heads", "embed_dim", "intermediate_dim"):
             assert cfg.model[key] == kw[key], key
@@ -523,26 +525,6 @@ def test_shipped_config_instantiates_without_weights(path):
     # Meta's and Mistral's repos also ship the original consolidated weights, which the recipe never reads;
     # Qwen's hold only the Hugging Face files.
     assert ("--ignore-patterns" in text) == (not cfg.hf_repo_id.startswith("Qwen/"))
-
-
-def _tiny_hf_config(**sizes: int) -> dict:
-    import inspect
-
-    defaults = {
-        k: v.default
-        for k, v in inspect.signature(tiny.make_hf_checkpoint).parameters.items()
-        if v.default is not v.empty
-    }
-    defaults.update(sizes)
-    return tiny.hf_llama_config(
-        vocab_size=defaults["vocab_size"],
-        num_layers=defaults["num_layers"],
-        num_heads=defaults["num_heads"],
-        num_kv_heads=defaults["num_kv_heads"],
-        embed_dim=defaults["embed_dim"],
-        intermediate_dim=defaults["intermediate_dim"],
-        max_position_embeddings=defaults["max_position_embeddings"],
-    )
 
 
 # ---------------------------------------------------------------------------------- demo

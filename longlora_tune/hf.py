@@ -11,15 +11,21 @@ derives the builder arguments the same way.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
+from longlora_tune.components import import_object
 from longlora_tune.errors import LongLoRAConfigError
 from longlora_tune.families import ModelFamily, detect_family
-from longlora_tune.modules.position_interpolation import rope_scaling_factor_from_hf_config
+from longlora_tune.modules.position_interpolation import (
+    position_interpolation_factor,
+    rope_scaling_factor_from_hf_config,
+)
 from longlora_tune.modules.rope_scaling import RopeScaling
 
 __all__ = ["HFBaseModel", "download_command"]
@@ -174,6 +180,72 @@ class HFBaseModel:
             "rope_base": float(rope.rope_theta),
             "checkpoint_rope_scaling": entry,
         }
+
+    def rope_kwargs_for(self, component: str) -> dict[str, Any]:
+        """:meth:`builder_rope_kwargs` when the builder ``component`` takes them, else nothing.
+
+        Every longlora_tune builder takes ``checkpoint_rope_scaling``; a user's own builder may not.
+
+        Args:
+            component: Dotted path of the model builder.
+
+        Returns:
+            The RoPE facts as builder arguments, or an empty dict.
+
+        Raises:
+            LongLoRAConfigError: If ``component`` cannot be imported.
+        """
+        builder = import_object(component, "model._component_")
+        if "checkpoint_rope_scaling" not in inspect.signature(builder).parameters:
+            return {}
+        return self.builder_rope_kwargs()
+
+    def training_overrides(
+        self, model: Mapping[str, Any], rope_scaling: Optional[Mapping[str, Any]]
+    ) -> dict[str, Any]:
+        """Builder arguments of a training run that come from this checkpoint rather than the config.
+
+        ``original_max_seq_len`` is the checkpoint's ``max_position_embeddings`` (and must agree with the
+        config when set). Builders that take ``checkpoint_rope_scaling`` (every longlora_tune builder) also
+        get the checkpoint's ``rope_theta`` and ``rope_scaling``, and the ``rope_scaling`` request when set.
+        A checkpoint that already has a linear RoPE factor keeps it when it covers the training length and
+        is replaced by ``ceil(length / original)`` otherwise (never compounded), unless the config sets
+        ``rope_scaling_factor`` or ``rope_scaling``.
+
+        Args:
+            model: The config's ``model`` section (``_component_`` and builder arguments).
+            rope_scaling: The config's top-level ``rope_scaling`` request, or None.
+
+        Returns:
+            Keyword arguments for the builder, on top of the ``model`` section.
+
+        Raises:
+            LongLoRAConfigError: If ``model.original_max_seq_len`` or ``model.rope_base`` contradict
+                ``config.json``.
+        """
+        checkpoint_ctx = self.original_max_seq_len
+        configured = model.get("original_max_seq_len", None)
+        if configured is not None and int(configured) != checkpoint_ctx:
+            raise LongLoRAConfigError(
+                f"model.original_max_seq_len={configured} but {self.path}/config.json has "
+                f"max_position_embeddings={checkpoint_ctx}; set model.original_max_seq_len={checkpoint_ctx}"
+            )
+        overrides: dict[str, Any] = {"original_max_seq_len": checkpoint_ctx}
+        existing = self.rope.factor if self.rope.rope_type == "linear" else 1.0
+        if existing > 1.0 and model.get("rope_scaling_factor", None) is None and rope_scaling is None:
+            target = int(model.get("max_seq_len", checkpoint_ctx))
+            overrides["rope_scaling_factor"] = position_interpolation_factor(target, checkpoint_ctx, existing)
+        rope_facts = self.rope_kwargs_for(model["_component_"])
+        configured = model.get("rope_base", None)
+        if rope_facts and configured is not None and float(configured) != rope_facts["rope_base"]:
+            raise LongLoRAConfigError(
+                f"model.rope_base={configured} but {self.path}/config.json has rope_theta="
+                f"{rope_facts['rope_base']}; remove model.rope_base"
+            )
+        overrides.update(rope_facts)
+        if rope_scaling is not None:
+            overrides["rope_scaling"] = dict(rope_scaling)
+        return overrides
 
     @property
     def builder_kwargs(self) -> dict[str, Any]:

@@ -75,7 +75,6 @@ from longlora_tune.modules.context_parallel import (
     context_parallel_attention,
     split_batch_for_context_parallel,
 )
-from longlora_tune.modules.position_interpolation import position_interpolation_factor
 from longlora_tune.modules.s2_attention import describe_backend
 from longlora_tune.peft import set_trainable_params, trainable_param_names, unwrapped_name
 from longlora_tune.resume import apply_optimizer_settings, compare_with_checkpoint
@@ -213,7 +212,15 @@ class LongLoRARecipeDistributed:
         cfg = self.cfg
         try:
             with training.set_default_dtype(self.dtype), torch.device("meta"):
-                model = config.instantiate(cfg.model, **self._builder_overrides())
+                request = cfg.get("rope_scaling", None)
+                overrides = self.base.training_overrides(
+                    OmegaConf.to_container(cfg.model, resolve=True),
+                    None if request is None else OmegaConf.to_container(request, resolve=True),
+                )
+                # With the checkpoint's RoPE facts, longlora.json rebuilds the model without the base config.
+                family_builder = "checkpoint_rope_scaling" in overrides
+                self.rope_facts = self.base.builder_rope_kwargs() if family_builder else {}
+                model = config.instantiate(cfg.model, **overrides)
         except (ValueError, TypeError) as e:
             raise LongLoRAConfigError(f"model: {e}") from e
         self.model_info = describe(model)
@@ -305,45 +312,6 @@ class LongLoRARecipeDistributed:
             f"gradient accumulation {self.grad_accum}",
         )
         return model
-
-    def _builder_overrides(self) -> dict[str, Any]:
-        """Builder arguments that come from the base checkpoint rather than the config.
-
-        ``original_max_seq_len`` is the checkpoint's ``max_position_embeddings`` (and must agree with the
-        config when set). Builders that take ``checkpoint_rope_scaling`` (every longlora_tune family builder)
-        also get the checkpoint's ``rope_theta`` and ``rope_scaling``, and the top-level ``rope_scaling``
-        request when set. A checkpoint that already has a linear RoPE factor keeps it when it covers the
-        training length and is replaced by ``ceil(length / original)`` otherwise (never compounded),
-        unless the config sets ``rope_scaling_factor``.
-        """
-        checkpoint_ctx = self.base.original_max_seq_len
-        configured = self.cfg.model.get("original_max_seq_len", None)
-        if configured is not None and int(configured) != checkpoint_ctx:
-            raise LongLoRAConfigError(
-                f"model.original_max_seq_len={configured} but {self.base.path}/config.json has "
-                f"max_position_embeddings={checkpoint_ctx}; set model.original_max_seq_len={checkpoint_ctx}"
-            )
-        overrides: dict[str, Any] = {"original_max_seq_len": checkpoint_ctx}
-        existing = self.base.rope.factor if self.base.rope.rope_type == "linear" else 1.0
-        request = self.cfg.get("rope_scaling", None)
-        if existing > 1.0 and self.cfg.model.get("rope_scaling_factor", None) is None and request is None:
-            target = int(self.cfg.model.get("max_seq_len", checkpoint_ctx))
-            overrides["rope_scaling_factor"] = position_interpolation_factor(target, checkpoint_ctx, existing)
-        builder = import_object(self.cfg.model._component_, "model._component_")
-        if "checkpoint_rope_scaling" in inspect.signature(builder).parameters:
-            # Family builders: the checkpoint's RoPE facts (theta, scaling) and the requested extension.
-            rope_facts = self.base.builder_rope_kwargs()
-            configured = self.cfg.model.get("rope_base", None)
-            if configured is not None and float(configured) != rope_facts["rope_base"]:
-                raise LongLoRAConfigError(
-                    f"model.rope_base={configured} but {self.base.path}/config.json has rope_theta="
-                    f"{rope_facts['rope_base']}; remove model.rope_base"
-                )
-            overrides.update(rope_facts)
-            self.rope_facts = rope_facts
-        if request is not None:
-            overrides["rope_scaling"] = OmegaConf.to_container(request, resolve=True)
-        return overrides
 
     def _setup_data(self) -> None:
         cfg = self.cfg
@@ -636,7 +604,6 @@ class LongLoRARecipeDistributed:
                 self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
             )
         info = export.LongLoRAExportInfo(
-            # With the checkpoint's RoPE facts, longlora.json rebuilds the model without the base config.
             model_config={**OmegaConf.to_container(self.cfg.model, resolve=True), **self.rope_facts},
             rope_scaling_factor=self.model_info.rope_scaling_factor,
             group_size=self.model_info.group_size,

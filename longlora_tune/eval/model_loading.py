@@ -22,7 +22,6 @@ disagreement between the two is a warning naming both.
 from __future__ import annotations
 
 import importlib
-import inspect
 import json
 import logging
 from pathlib import Path
@@ -156,15 +155,6 @@ def eval_rope(
     return rope
 
 
-def _builder_takes(component: str, argument: str) -> bool:
-    module, _, name = str(component).rpartition(".")
-    try:
-        builder = getattr(importlib.import_module(module), name)
-        return argument in inspect.signature(builder).parameters
-    except (ImportError, AttributeError, TypeError, ValueError):
-        return False
-
-
 def _read_adapter_meta(adapter_dir: Path) -> dict[str, Any]:
     path = adapter_dir / "longlora.json"
     if not path.is_file():
@@ -282,9 +272,10 @@ def load_eval_model(
             s2_group_size_ratio=None,
             lora_dropout=0.0,
         )
-        if _builder_takes(meta["model"]["_component_"], "checkpoint_rope_scaling"):
+        rope_facts = base.rope_kwargs_for(meta["model"]["_component_"])
+        if rope_facts:
             # The base folder's RoPE facts, exactly as the training recipe passed them.
-            overrides.update(base.builder_rope_kwargs())
+            overrides.update(rope_facts)
             if meta["model"].get("rope_scaling") is not None:
                 overrides["rope_scaling"] = {**meta["model"]["rope_scaling"], "factor": factor}
         with training.set_default_dtype(dtype), device:

@@ -10,7 +10,7 @@ from torchtune.modules import TransformerDecoder
 from longlora_tune.models.longlora import apply_longlora
 from longlora_tune.modules.rope_scaling import RopeScaling, check_rope_request, rope_for_training
 from longlora_tune.modules.s2_attention import S2AttentionConfig
-from longlora_tune.shapes import MODEL_SHAPES
+from longlora_tune.shapes import _SIZE_FIELDS, MODEL_SHAPES
 
 LORA_ATTN_MODULES_DEFAULT = ("q_proj", "k_proj", "v_proj", "output_proj")
 
@@ -127,10 +127,7 @@ def sized(
     recipe overrides with the checkpoint's own (an Instruct variant may state a different context).
     """
     shape = MODEL_SHAPES[name]
-    fixed: dict[str, Any] = {
-        f: getattr(shape, f)
-        for f in ("vocab_size", "num_layers", "num_heads", "num_kv_heads", "embed_dim", "intermediate_dim")
-    }
+    fixed: dict[str, Any] = {f: getattr(shape, f) for f in _SIZE_FIELDS}
     fixed["norm_eps"] = shape.norm_eps
     if takes_tie:
         fixed["tie_word_embeddings"] = shape.tie_word_embeddings

@@ -14,15 +14,17 @@ from typing import Any, Optional
 from torchtune.models.llama2 import lora_llama2
 from torchtune.modules import TransformerDecoder
 
-from longlora_tune.models._common import resolve_rope
+from longlora_tune.models._common import (
+    LORA_ATTN_MODULES_DEFAULT,
+    check_lora_attn_modules,
+    resolve_rope,
+    s2_config,
+)
 from longlora_tune.models.longlora import apply_longlora
 from longlora_tune.modules.position_interpolation import position_interpolation_factor
-from longlora_tune.modules.s2_attention import S2AttentionConfig
-from longlora_tune.shapes import MODEL_SHAPES
+from longlora_tune.shapes import _SIZE_FIELDS, MODEL_SHAPES
 
 __all__ = ["longlora_llama2", "longlora_llama2_13b", "longlora_llama2_70b", "longlora_llama2_7b"]
-
-LORA_ATTN_MODULES_DEFAULT = ("q_proj", "k_proj", "v_proj", "output_proj")
 
 
 def longlora_llama2(
@@ -102,21 +104,12 @@ def longlora_llama2(
     Raises:
         ValueError: On invalid S², RoPE or LoRA settings.
     """
-    if isinstance(lora_attn_modules, str) or not lora_attn_modules:
-        raise ValueError(
-            f"lora_attn_modules must be a non-empty list such as {list(LORA_ATTN_MODULES_DEFAULT)}, "
-            f"got {lora_attn_modules!r}"
-        )
-    unknown = set(lora_attn_modules) - set(LORA_ATTN_MODULES_DEFAULT)
-    if unknown:
-        raise ValueError(
-            f"Unknown lora_attn_modules {sorted(unknown)}; choose from {list(LORA_ATTN_MODULES_DEFAULT)}"
-        )
-    s2 = S2AttentionConfig(
-        group_size_ratio=s2_group_size_ratio,
-        group_size=s2_group_size,
-        wrap_around=s2_wrap_around,
-        backend=s2_backend,
+    modules = check_lora_attn_modules(lora_attn_modules)
+    s2 = s2_config(
+        s2_group_size_ratio=s2_group_size_ratio,
+        s2_group_size=s2_group_size,
+        s2_wrap_around=s2_wrap_around,
+        s2_backend=s2_backend,
         use_full_attn=use_full_attn,
     )
     checkpoint_type = (checkpoint_rope_scaling or {}).get(
@@ -137,7 +130,7 @@ def longlora_llama2(
         existing = float((checkpoint_rope_scaling or {}).get("factor", 1.0))
         rope_scaling_factor = position_interpolation_factor(max_seq_len, original_max_seq_len, existing)
     model = lora_llama2(
-        lora_attn_modules=list(lora_attn_modules),
+        lora_attn_modules=modules,
         apply_lora_to_mlp=apply_lora_to_mlp,
         apply_lora_to_output=apply_lora_to_output,
         vocab_size=vocab_size,
@@ -160,12 +153,9 @@ def longlora_llama2(
     return apply_longlora(model, s2=s2, rope_scaling_factor=rope_scaling_factor, rope_base=rope_base)
 
 
-_SHAPE_FIELDS = ("vocab_size", "num_layers", "num_heads", "num_kv_heads", "embed_dim", "intermediate_dim")
-
-
 def _sized(size: str, max_seq_len: int, knobs: dict[str, Any]) -> TransformerDecoder:
     published = MODEL_SHAPES[size]
-    shape = {f: getattr(published, f) for f in _SHAPE_FIELDS}
+    shape = {f: getattr(published, f) for f in _SIZE_FIELDS}
     fixed = set(shape) & set(knobs)
     if fixed:
         raise ValueError(

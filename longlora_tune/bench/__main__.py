@@ -527,10 +527,20 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         args.dtype = "bf16" if args.device == "cuda" else "fp32"
     if args.seq_lens is None:
         args.seq_lens = [256] if args.shape == "tiny" else [8192]
+    check_counts(parser, args)
+    return args
+
+
+def check_counts(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Exit through ``parser.error`` when a count option shared by the bench CLIs is below 1.
+
+    Args:
+        parser: The parser whose error (exit 2, one line) reports it.
+        args: Parsed arguments with ``repeats``, ``rounds``, ``threads``, ``batch_size`` and ``loss_chunks``.
+    """
     for name in ("repeats", "rounds", "threads", "batch_size", "loss_chunks"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    return args
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:

@@ -509,9 +509,9 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
         args.seq_lens = [256] if args.shape == "tiny" else [8192]
     if args.context_parallel < 2:
         parser.error(f"--context-parallel must be >= 2 (it is compared with 1), got {args.context_parallel}")
-    for name in ("repeats", "rounds", "threads", "batch_size", "loss_chunks"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    from longlora_tune.bench.__main__ import check_counts
+
+    check_counts(parser, args)
     for seq_len in args.seq_lens:
         try:
             check_context_parallel(seq_len, args.context_parallel, _group_size(seq_len))

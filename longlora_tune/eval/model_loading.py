@@ -152,6 +152,15 @@ def eval_rope(
         return rope_for_training(rope, rope.context_len, request=request)
     if training_length is not None and rope.rope_type == "default":
         return rope_for_training(rope, int(training_length), default_type=default_type)
+    if training_length is not None and int(training_length) > rope.context_len:
+        log.warning(
+            "RoPE: the checkpoint's %s setting (factor %g) serves %d tokens, less than training_length=%d; "
+            "using the checkpoint's setting (set rope_scaling_factor to override)",
+            rope.rope_type,
+            rope.factor,
+            rope.context_len,
+            int(training_length),
+        )
     return rope
 
 
@@ -255,6 +264,15 @@ def load_eval_model(
                     base, training_length=training_length, rope_scaling_factor=rope_scaling_factor
                 )
             factor = float(rope_scaling_factor or meta.get("rope_scaling_factor") or 1.0)
+            trained_at = meta.get("training_length")
+            if training_length is not None and trained_at is not None and int(training_length) != trained_at:
+                log.warning(
+                    "RoPE: the adapter was trained at %d tokens with factor %g (longlora.json); "
+                    "training_length=%d does not change that (set rope_scaling_factor to override)",
+                    trained_at,
+                    factor,
+                    int(training_length),
+                )
         else:
             factor = eval_rope_factor(
                 base,

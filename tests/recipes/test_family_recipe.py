@@ -8,6 +8,7 @@ transformers, ``adapter/`` through our eval loader, with equal logits past 4x th
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -65,7 +66,7 @@ def _cfg(assets: dict[str, Path], out: Path, **extra):
     return cfg
 
 
-def test_qwen2_recipe_trains_with_yarn_and_exports_it(qwen_base, tmp_path):
+def test_qwen2_recipe_trains_with_yarn_and_exports_it(qwen_base, tmp_path, caplog):
     cfg = _cfg(qwen_base, tmp_path / "out")
     cfg.rope_scaling = {"type": "yarn"}
     run_recipe(cfg)
@@ -98,6 +99,23 @@ def test_qwen2_recipe_trains_with_yarn_and_exports_it(qwen_base, tmp_path):
         assert (base.eval()(tokens).logits - expected).abs().max() > 1e-3
         torch.testing.assert_close(hf(tokens).logits, expected, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(evaluated(tokens), expected, atol=1e-5, rtol=1e-5)
+
+    # A training_length the recorded setting does not follow is named, never silently dropped.
+    caplog.set_level(logging.WARNING, logger="longlora_tune.eval.model_loading")
+    caplog.clear()
+    load_eval_model(qwen_base["base"], adapter_dir=out / "adapter", max_seq_len=SEQ, training_length=SEQ)
+    assert "RoPE" not in caplog.text
+    same, _ = load_eval_model(
+        qwen_base["base"], adapter_dir=out / "adapter", max_seq_len=SEQ, training_length=4 * SEQ
+    )
+    assert "trained at 256 tokens with factor 4" in caplog.text and "training_length=1024" in caplog.text
+    caplog.clear()
+    merged, merged_info = load_eval_model(out / "hf", max_seq_len=SEQ, training_length=4 * SEQ)
+    assert "serves 256 tokens, less than training_length=1024" in caplog.text
+    assert merged_info["rope_scaling"]["factor"] == 4.0
+    with torch.no_grad():
+        torch.testing.assert_close(same(tokens), expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(merged(tokens), expected, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize(

@@ -27,9 +27,13 @@ against one process, with the halo bytes per layer measured.
 ``--profile N`` profiles one more step of every case (after the timed ones, with ``torch.profiler``) and
 prints its N most expensive operators by self time, for ours and the peer alike.
 
-``--compile`` runs every case twice, eagerly and with ``torch.compile`` (decoder layers and loss, as
-``compile: true`` does), and adds the eager/compiled step-time ratios; ``warmup_s`` (the first step)
-shows the compile time.
+``--compile`` runs every case of ours twice, eagerly and with ``torch.compile`` (decoder layers and loss,
+as ``compile: true`` does), and adds the eager/compiled step-time ratios; ``warmup_s`` (the first step)
+shows the compile time. The peer always runs eagerly: it is the stack a user assembles.
+
+``--checkpoint-layers N [N ...]`` recomputes only the first N decoder layers of ours (the recipe's
+``activation_checkpointing_layers``; ``all`` is the default); each value is its own case, labelled
+``+acN``. The peer's gradient checkpointing always covers every layer.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ from typing import Any
 import torch
 
 from longlora_tune._io import atomic_write_json
+from longlora_tune.activation_checkpointing import ALL_LAYERS
 from longlora_tune.bench.train_step import (
     BENCH_SHAPES,
     LORA_IMPLS,
@@ -75,11 +80,12 @@ def _cases(args: argparse.Namespace) -> list[Case]:
     for seq_len in args.seq_lens:
         for variant in variants:
             ours = variant != PEER_VARIANT
-            for backend, loss, lora in (
-                (b, loss, lora)
+            for backend, loss, lora, ac_layers in (
+                (b, loss, lora, ac_layers)
                 for b in (backends if variant == "longlora" else ["sdpa"])
                 for loss in (args.losses if ours else ["chunked"])
                 for lora in (args.lora_impls if ours else ["torchtune"])
+                for ac_layers in (args.checkpoint_layers if ours else [None])
             ):
                 cases.append(
                     Case(
@@ -94,6 +100,7 @@ def _cases(args: argparse.Namespace) -> list[Case]:
                         repeats=args.repeats,
                         threads=args.threads,
                         activation_checkpointing=args.activation_checkpointing,
+                        checkpoint_layers=ac_layers,
                         loss_chunks=args.loss_chunks,
                         peak_tflops=args.peak_tflops,
                         profile=args.profile,
@@ -102,7 +109,12 @@ def _cases(args: argparse.Namespace) -> list[Case]:
                     )
                 )
     if args.compile:
-        cases = [replace(case, compile=compiled) for case in cases for compiled in (False, True)]
+        # The peer is what a user assembles without compiling; only our cases run both ways.
+        cases = [
+            replace(case, compile=compiled)
+            for case in cases
+            for compiled in ((False, True) if case.variant != PEER_VARIANT else (False,))
+        ]
     return cases
 
 
@@ -185,6 +197,8 @@ def _label(result: dict[str, Any]) -> str:
         label += f"+{result['loss_impl']}-loss"
     if result.get("lora_impl", "torchtune") != "torchtune" and result["variant"] != PEER_VARIANT:
         label += f"+{result['lora_impl']}-lora"
+    if result.get("checkpoint_layers") is not None and result["activation_checkpointing"]:
+        label += f"+ac{result['checkpoint_layers']}"
     return label + ("+compile" if result.get("compile") else "")
 
 
@@ -430,6 +444,18 @@ def markdown(results: list[dict[str, Any]], ratios: list[dict[str, Any]]) -> str
     return "\n".join(lines)
 
 
+def _checkpoint_layers(value: str) -> int | None:
+    if value == ALL_LAYERS:
+        return None
+    try:
+        count = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is neither 'all' nor an integer") from None
+    if count < 0:
+        raise argparse.ArgumentTypeError(f"{count} is negative; use 0 (no layer recomputed) or more")
+    return count
+
+
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m longlora_tune.bench", description=__doc__.splitlines()[0]
@@ -467,6 +493,16 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument(
+        "--checkpoint-layers",
+        nargs="+",
+        type=_checkpoint_layers,
+        default=[None],
+        metavar="N",
+        help="our activation checkpointing: recompute only the first N decoder layers (the recipe's "
+        "activation_checkpointing_layers), 'all' (default); each value runs as its own case, the peer "
+        "recomputes every layer",
+    )
     parser.add_argument("--loss-chunks", type=int, default=8)
     parser.add_argument(
         "--lora-impls",
@@ -528,6 +564,18 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.seq_lens is None:
         args.seq_lens = [256] if args.shape == "tiny" else [8192]
     check_counts(parser, args)
+    if args.checkpoint_layers != [None]:
+        if not args.activation_checkpointing:
+            parser.error(
+                "--checkpoint-layers needs activation checkpointing; drop --no-activation-checkpointing"
+            )
+        num_layers = resolve_shape(args.shape, args.layers).num_layers
+        too_many = [n for n in args.checkpoint_layers if n is not None and n > num_layers]
+        if too_many:
+            parser.error(
+                f"--checkpoint-layers {too_many[0]} is more than the {args.shape} shape's "
+                f"{num_layers} layers; use at most {num_layers} or 'all'"
+            )
     return args
 
 

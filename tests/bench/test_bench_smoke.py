@@ -184,3 +184,53 @@ def test_fused_lora_case_trains_like_torchtune_lora(capsys):
     assert [r["lora_impl"] for r in results] == ["torchtune", "fused"]
     assert results[1]["loss"] == pytest.approx(results[0]["loss"], rel=1e-5)
     assert "| longlora[sdpa]+fused-lora | 32 |" in capsys.readouterr().out
+
+
+def test_checkpoint_layers_cases_train_alike_and_the_peer_recomputes_every_layer(capsys):
+    # tiny has 2 layers: all, the first 1, none. Recomputation changes the schedule, never the numbers.
+    results = bench_main(
+        ["--shape", "tiny", "--seq-lens", "32", "--repeats", "2", "--device", "cpu", "--in-process"]
+        + ["--variants", "longlora", "--peer", "--loss-chunks", "2", "--checkpoint-layers", "all", "1", "0"]
+    )
+    table = capsys.readouterr().out
+    assert [(r["variant"], r["checkpoint_layers"]) for r in results] == [
+        ("longlora", None),
+        ("longlora", 1),
+        ("longlora", 0),
+        ("peer", None),
+    ]
+    assert all("error" not in r for r in results)
+    for r in results[1:3]:
+        assert r["loss"] == pytest.approx(results[0]["loss"], rel=1e-6)
+    # Every one of ours is compared with the peer under its own label.
+    for label in ("longlora[sdpa]", "longlora[sdpa]+ac1", "longlora[sdpa]+ac0"):
+        assert f"| 32 | {label} | " in table
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--checkpoint-layers", "3"], "--checkpoint-layers 3 is more than the tiny shape's 2 layers"),
+        (["--checkpoint-layers", "-1"], "-1 is negative"),
+        (["--checkpoint-layers", "some"], "'some' is neither 'all' nor an integer"),
+        (["--checkpoint-layers", "1", "--no-activation-checkpointing"], "needs activation checkpointing"),
+    ],
+)
+def test_checkpoint_layers_bad_values_are_one_line_errors(extra, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench_main(["--shape", "tiny", "--device", "cpu", *extra])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_compile_runs_only_our_cases_both_ways(monkeypatch):
+    from longlora_tune.bench.__main__ import _cases, _parse
+
+    cases = _cases(
+        _parse(["--shape", "tiny", "--device", "cpu", "--variants", "longlora", "--peer", "--compile"])
+    )
+    assert [(c.variant, c.compile) for c in cases] == [
+        ("longlora", False),
+        ("longlora", True),
+        ("peer", False),
+    ]

@@ -75,6 +75,7 @@ _CONTEXT_BYTES = int(1.5 * GIB)
 _FRAGMENTATION = 0.05
 # The two phases of a step that do not overlap: only the larger one adds to the peak.
 _LOSS_PHASE = "loss phase: fp32 log-probs + logits (*)"
+_LINEAR_CE_PHASE = "loss phase: one chunk's logits + hidden-state gradient (*)"
 _LAYER_PHASE = "layer backward phase: recompute + grads (*)"
 
 
@@ -280,11 +281,13 @@ class ActivationEstimate:
         per_layer_saved: Bytes one decoder layer keeps for backward without checkpointing.
         layers_saved: Bytes all decoder layers keep (a checkpointed layer keeps its input only).
         head_saved: Final norm, token ids and labels.
-        loss_saved: Float32 log-probabilities that the cross entropy keeps for backward.
+        loss_saved: What the loss keeps for backward: float32 log-probabilities (torchtune's chunked cross
+            entropy), or the hidden-state gradient computed in forward (``ChunkedLinearCrossEntropyLoss``).
         recompute_transient: Bytes beyond ``layers_saved`` at the peak of the layers' backward: the
             gradients of one layer, plus its rebuilt activations when every layer is checkpointed (with
             the first N < all checkpointed, the kept layers free theirs before any recompute starts).
-        logits_transient: Extra bytes while the loss runs (low-precision logits, one float32 chunk).
+        logits_transient: Extra bytes while the loss runs (low-precision logits and one float32 chunk, or
+            one chunk's logits and their gradient with ``ChunkedLinearCrossEntropyLoss``).
     """
 
     per_layer_saved: int
@@ -328,6 +331,7 @@ def activation_bytes(
     lora_modules: Sequence[str] = ("q_proj", "k_proj", "v_proj", "output_proj"),
     family: str | None = None,
     trainable_extras: Sequence[str] = ("embed", "norm"),
+    linear_ce: bool = False,
 ) -> ActivationEstimate:
     """Activation bytes of a LongLoRA training step (LoRA on attention, trainable embeddings/norms).
 
@@ -348,6 +352,11 @@ def activation_bytes(
     the final norm's output, for its weight gradient, and that gradient (``vocab x embed_dim``, plus the
     one it accumulates into) exists while the loss is back-propagated.
 
+    With ``linear_ce`` (:class:`longlora_tune.linear_ce.ChunkedLinearCrossEntropyLoss`) no logits outlive
+    the loss: it keeps the hidden-state gradient (``tokens x embed_dim`` in the compute dtype) and, for a
+    trained tied head, the weight gradient; while it runs, one chunk's logits exist in the compute dtype,
+    float32 and as a compute-dtype gradient (plus the float32 weight-gradient accumulator when tied).
+
     Args:
         shape: Model sizes.
         seq_len: Tokens per sequence.
@@ -357,11 +366,12 @@ def activation_bytes(
         activation_checkpointing: torchtune's per-layer activation checkpointing.
         checkpoint_layers: With ``activation_checkpointing``, only the first N layers are checkpointed
             (the recipe's ``activation_checkpointing_layers``); None = all.
-        loss_chunks: ``CEWithChunkedOutputLoss`` chunks (1 for a plain cross entropy).
+        loss_chunks: Chunks of the loss (1 for a plain cross entropy).
         lora_rank: LoRA rank.
         lora_modules: Attention projections with LoRA.
         family: The model's family (:func:`model_family`; None infers it from the shape).
         trainable_extras: The recipe's ``trainable_extras`` (a tied head is trained with ``embed``).
+        linear_ce: The loss is ``ChunkedLinearCrossEntropyLoss`` instead of ``CEWithChunkedOutputLoss``.
 
     Returns:
         The :class:`ActivationEstimate`.
@@ -388,15 +398,20 @@ def activation_bytes(
     per_layer = 2 * norm + lora + attention + mlp + rope
     layers_saved = n_ckpt * e * hidden + (shape.num_layers - n_ckpt) * per_layer
     tied = _tied_head_trained(shape, trainable_extras)
-    head_saved = norm + 2 * _INT64 * t + (e * hidden if tied else 0)
-    loss_saved = _FP32 * t * v
+    # The fused loss computes the tied head's weight gradient in forward: it keeps no head input.
+    head_saved = norm + 2 * _INT64 * t + (e * hidden if tied and not linear_ce else 0)
+    loss_saved = e * hidden + (e * v * d if tied else 0) if linear_ce else _FP32 * t * v
     # Backward of one layer: gradients of its input and output, dq/dk/dv and two MLP-wide gradients; a
     # checkpointed layer's own activations are rebuilt first. Backward runs from the last layer to the first,
     # so with the first N < all layers checkpointed the kept layers have freed at least one layer's
     # activations before the first recompute: the rebuilt layer only adds to the peak when all are.
     grads = 5 * e * hidden + 2 * e * t * i
     recompute_transient = grads + (per_layer if n_ckpt == shape.num_layers else 0)
-    logits_transient = e * t * v + 2 * _FP32 * t * v // loss_chunks + (2 * e * v * d if tied else 0)
+    if linear_ce:
+        chunk = -(-t // loss_chunks)
+        logits_transient = (2 * e + _FP32) * chunk * v + (2 * _FP32 * v * d if tied else 0)
+    else:
+        logits_transient = e * t * v + 2 * _FP32 * t * v // loss_chunks + (2 * e * v * d if tied else 0)
     return ActivationEstimate(
         per_layer, layers_saved, head_saved, loss_saved, recompute_transient, logits_transient
     )
@@ -587,6 +602,8 @@ class Plan:
         checkpoint_suggestion: The smallest N whose peak fits (``layers``), its ``peak_bytes``, and the
             FLOPs it saves per step against checkpointing every layer (``flops_saved_vs_all``, and as a
             fraction of that step: ``fraction_of_step_saved_vs_all``); None when no N fits.
+        linear_ce: The loss is ``ChunkedLinearCrossEntropyLoss`` (else torchtune's
+            ``CEWithChunkedOutputLoss``).
     """
 
     model: str
@@ -625,6 +642,7 @@ class Plan:
     checkpoint_layers: int = 0
     checkpoint_layers_peak_bytes: list[int] = field(default_factory=list)
     checkpoint_suggestion: dict[str, Any] | None = None
+    linear_ce: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dictionary (FLOP estimates expanded with their derived totals)."""
@@ -690,7 +708,8 @@ class Plan:
             f"FSDP {'on' if self.fsdp else 'off'}, "
             f"{self._context_parallel_note()}"
             f"attention {'S2 G=' + str(self.group_size) if self.s2 else 'full'}"
-            f", loss chunks {self.loss_chunks}, trainable {self.trainable_params / 1e6:.1f}M of "
+            f", loss {'ChunkedLinearCrossEntropyLoss' if self.linear_ce else 'CEWithChunkedOutputLoss'} "
+            f"in {self.loss_chunks} chunks, trainable {self.trainable_params / 1e6:.1f}M of "
             f"{self.total_params / 1e9:.2f}B"
             + (
                 f", gradient accumulation {self.gradient_accumulation_steps}"
@@ -811,6 +830,7 @@ def _memory(
     group_size: int | None = None,
     family: str | None = None,
     trainable_extras: Sequence[str] = ("embed", "norm"),
+    linear_ce: bool = False,
 ) -> tuple[dict[str, int], int]:
     e = _DTYPE_BYTES[dtype]
     shard = gpus if fsdp else 1
@@ -836,6 +856,7 @@ def _memory(
         lora_modules=lora_modules,
         family=family,
         trainable_extras=trainable_extras,
+        linear_ce=linear_ce,
     )
     # FSDP2 all-gathers one layer (in the compute dtype) while prefetching the next, and holds one layer's
     # unsharded gradients before the reduce-scatter.
@@ -867,7 +888,7 @@ def _memory(
         "fsdp buffers": (fsdp_buffers if not cpu_offload else max(fsdp_buffers, 3 * layer_full))
         + nf4_transient,
         "activations saved": layers_on_gpu + act.head_saved,
-        _LOSS_PHASE: act.loss_phase,
+        (_LINEAR_CE_PHASE if linear_ce else _LOSS_PHASE): act.loss_phase,
         _LAYER_PHASE: act.recompute_transient
         + _seam_bytes(shape, batch_size, e, context_parallel_degree, group_size),
     }
@@ -917,6 +938,7 @@ def plan(
     quantize_base: bool = False,
     context_parallel_degree: int = 1,
     family: str | None = None,
+    linear_ce: bool = False,
     suggest: bool = True,
 ) -> Plan:
     """Plan one LongLoRA training step per GPU.
@@ -942,7 +964,7 @@ def plan(
             recipe refuses a training length above it or not a multiple of the group size.
         group_size: S² group size (``model.s2_group_size``); default ``group_size_ratio * max_seq_len``.
         group_size_ratio: ``model.s2_group_size_ratio``, used when ``group_size`` is None.
-        loss_chunks: ``CEWithChunkedOutputLoss`` chunks.
+        loss_chunks: Chunks of the loss.
         lora_rank: LoRA rank.
         lora_modules: Attention projections with LoRA.
         trainable_extras: The recipe's ``trainable_extras``: trained besides LoRA.
@@ -961,6 +983,9 @@ def plan(
             for comparison) is reported.
         family: The model's family (``llama2``, ``llama3``, ``mistral``, ``qwen2``): its builder counts the
             parameters; None infers it from the model name or shape (:func:`model_family`).
+        linear_ce: The recipe's ``loss`` is :class:`longlora_tune.linear_ce.ChunkedLinearCrossEntropyLoss`
+            (no float32 log-probabilities kept for backward) instead of torchtune's
+            ``CEWithChunkedOutputLoss``.
         suggest: Compute suggestions and the longest fitting length.
 
     Returns:
@@ -1055,6 +1080,7 @@ def plan(
             group_size=group_size,
             family=family,
             trainable_extras=trainable_extras,
+            linear_ce=linear_ce,
         )
         settings.update(overrides)
         if group_size is not None and length != seq_len and group_size_ratio is not None and not explicit_g:
@@ -1090,6 +1116,7 @@ def plan(
         s2=s2,
         group_size=group_size,
         loss_chunks=loss_chunks,
+        linear_ce=bool(linear_ce),
         lora_rank=lora_rank,
         trainable_extras=tuple(trainable_extras),
         global_batch_size=global_batch_size,
@@ -1277,8 +1304,8 @@ def load_config_settings(name: str) -> dict[str, Any]:
     training length as the recipe reads it (``dataset.block_size``, ``dataset.max_seq_len`` or
     ``tokenizer.max_seq_len``; ``model.max_seq_len`` when none is set), ``batch_size``,
     ``global_batch_size``, ``dtype``, ``fp32_trainable_params``, ``trainable_extras``,
-    ``enable_activation_checkpointing``, ``activation_checkpointing_layers``, ``loss.num_output_chunks`` and
-    the S² group settings.
+    ``enable_activation_checkpointing``, ``activation_checkpointing_layers``, the ``loss`` (its
+    ``num_output_chunks``, and whether it is ``ChunkedLinearCrossEntropyLoss``) and the S² group settings.
 
     Args:
         name: Config name in ``configs/`` (without ``.yaml``) or a path.
@@ -1344,8 +1371,10 @@ def load_config_settings(name: str) -> dict[str, Any]:
         settings["context_parallel_degree"] = int(cfg["context_parallel_degree"])
     # fsdp_cpu_offload is not read: longlora_distributed ignores the key, so the run would not offload.
     loss = cfg.get("loss") or {}
-    if "ChunkedOutput" in str(loss.get("_component_", "")):
+    loss_component = str(loss.get("_component_", ""))
+    if "ChunkedOutput" in loss_component or "ChunkedLinearCrossEntropy" in loss_component:
         settings["loss_chunks"] = int(loss.get("num_output_chunks", 8))
+        settings["linear_ce"] = "ChunkedLinearCrossEntropy" in loss_component
     elif loss:
         settings["loss_chunks"] = 1
     return settings
@@ -1470,8 +1499,13 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         type=int,
         help="GPUs sharing each sequence (the recipe's context_parallel_degree; default: config or 1)",
     )
+    parser.add_argument("--loss-chunks", type=int, help="chunks of the loss (default: config or 8)")
     parser.add_argument(
-        "--loss-chunks", type=int, help="CEWithChunkedOutputLoss chunks (default: config or 8)"
+        "--linear-ce",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="plan longlora_tune.linear_ce.ChunkedLinearCrossEntropyLoss, which keeps no fp32 log-probs "
+        "for backward (default: the config's loss, else torchtune's CEWithChunkedOutputLoss)",
     )
     parser.add_argument("--json", nargs="?", const="-", metavar="PATH", help="write JSON to PATH (or stdout)")
     args = parser.parse_args(argv)
@@ -1505,6 +1539,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ("activation_checkpointing", args.activation_checkpointing),
             ("checkpoint_layers", _checkpoint_layers_arg(args.checkpoint_layers)),
             ("loss_chunks", args.loss_chunks),
+            ("linear_ce", args.linear_ce),
             ("activation_offloading", args.activation_offloading),
             ("cpu_offload", args.cpu_offload),
             ("quantize_base", args.quantize_base),

@@ -950,3 +950,90 @@ def test_cli_and_config_read_the_number_of_checkpointed_layers(tmp_path, capsys)
     )
     assert load_config_settings(str(config))["checkpoint_layers"] == 22
     assert plan(**load_config_settings(str(config))).checkpoint_layers == 22
+
+
+def _linear_ce_held_bytes(model, shape: ModelShape, seq_len: int, batch: int, chunks: int) -> int:
+    """What forward + ChunkedLinearCrossEntropyLoss hold for backward: packed tensors and the op's gradients.
+
+    The op computes its input gradients in forward and keeps them on its autograd node (not through
+    ``save_for_backward``), so they are read from that node.
+    """
+    from longlora_tune.linear_ce import ChunkedLinearCrossEntropyLoss
+
+    loss_fn = ChunkedLinearCrossEntropyLoss(num_output_chunks=chunks)
+    loss_fn.set_model_output(model)
+    excluded = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    storages: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in excluded:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    generator = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, shape.vocab_size, (batch, seq_len), generator=generator)
+    labels = torch.randint(0, shape.vocab_size, (batch, seq_len), generator=generator)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), loss_fn.scoring(labels):
+        loss = model(tokens)
+    assert torch.isfinite(loss)
+    nodes, seen, held = [loss.grad_fn], set(), []
+    while nodes:
+        node = nodes.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if hasattr(node, "grads"):
+            held += [g for g in node.grads if g is not None]
+        nodes += [n for n, _ in node.next_functions]
+    assert held, "the linear cross-entropy node was not found"
+    return sum(storages.values()) + sum(g.untyped_storage().nbytes() for g in held)
+
+
+@pytest.mark.parametrize("case", ["llama2", "qwen2_tied"])
+@pytest.mark.parametrize("checkpoint", [False, True], ids=["no_ac", "ac"])
+def test_linear_ce_activation_estimate_matches_autograd(case, checkpoint):
+    # No vocabulary-sized tensor is held for backward: the estimate drops the fp32 log-probs and the tied
+    # head's input, and keeps the hidden-state (and tied weight) gradient.
+    if case == "llama2":
+        family, (shape, seq_len, batch) = "llama2", SHAPES[0]
+        model = _build(shape, seq_len, dtype=torch.bfloat16, s2=True, checkpoint=checkpoint)
+    else:
+        family, shape, _ = _FAMILY_CASES[case]
+        seq_len, batch = 256, 2
+        model = _build_family(case, seq_len, dtype=torch.bfloat16, s2=True, checkpoint=checkpoint)
+    measured = _linear_ce_held_bytes(model, shape, seq_len, batch, 4)
+    estimate = activation_bytes(
+        shape,
+        seq_len,
+        batch,
+        activation_checkpointing=checkpoint,
+        loss_chunks=4,
+        family=family,
+        linear_ce=True,
+    )
+    assert abs(estimate.saved - measured) <= 0.01 * measured, (estimate.saved, measured)
+    chunked = activation_bytes(
+        shape, seq_len, batch, activation_checkpointing=checkpoint, loss_chunks=4, family=family
+    )
+    assert chunked.loss_saved == 4 * batch * seq_len * shape.vocab_size > estimate.loss_saved
+
+
+def test_linear_ce_is_read_from_the_config_and_the_cli(tmp_path, capsys):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(
+        "model:\n  _component_: longlora_tune.models.longlora_llama2_7b\n  max_seq_len: 100000\n"
+        "loss:\n  _component_: longlora_tune.linear_ce.ChunkedLinearCrossEntropyLoss\n"
+        "  num_output_chunks: 16\n"
+    )
+    settings = load_config_settings(str(cfg))
+    assert settings["linear_ce"] is True and settings["loss_chunks"] == 16
+    fused, plain = plan(**settings), plan(**{**settings, "linear_ce": False})
+    # 100k tokens x 32000 vocabulary: the fp32 log-probs alone are 11.9 GiB; the fused loss keeps 0.76 GiB.
+    assert plain.memory["loss phase: fp32 log-probs + logits (*)"] > 19 * 2**30
+    assert fused.memory["loss phase: one chunk's logits + hidden-state gradient (*)"] < 3 * 2**30
+    assert fused.checkpoint_suggestion["layers"] < plain.checkpoint_suggestion["layers"]
+    assert main(["--config", str(cfg), "--no-linear-ce"]) == 0
+    assert "loss CEWithChunkedOutputLoss in 16 chunks" in capsys.readouterr().out
+    assert main(["--config", "llama2_7b_100k", "--linear-ce"]) == 0
+    assert "loss ChunkedLinearCrossEntropyLoss in 16 chunks" in capsys.readouterr().out

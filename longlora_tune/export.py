@@ -36,6 +36,7 @@ TOKENIZER_FILES = (
     # What each family's torchtune tokenizer reads (original/tokenizer.model for Llama 3, vocab.json and
     # merges.txt for Qwen2.5), so an export serves as a base folder for eval and generation too.
     *dict.fromkeys(file for family in FAMILIES.values() for _, file in family.tokenizer_files),
+    *dict.fromkeys(f.special_tokens_file for f in FAMILIES.values() if f.special_tokens_file),
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",

@@ -49,6 +49,9 @@ class ModelFamily:
             the family never ties.
         tokenizer: Dotted path of torchtune's tokenizer builder.
         tokenizer_files: Tokenizer builder argument -> file in the checkpoint folder.
+        special_tokens_file: A file in the checkpoint folder that, when present, the tokenizer builder reads
+            as ``special_tokens_path`` (special tokens at other ids than the released model's, as in the
+            tiny test checkpoints); released checkpoints have none and get torchtune's defaults.
         default_rope_type: How an unscaled checkpoint is extended when the config does not say (a scaled
             one keeps its own method).
         qk_permuted: torchtune's Hugging Face conversion permutes q/k rows into interleaved RoPE pairs (all
@@ -65,6 +68,7 @@ class ModelFamily:
     tied_checkpointer_model_type: Optional[str]
     tokenizer: str
     tokenizer_files: tuple[tuple[str, str], ...]
+    special_tokens_file: Optional[str] = None
     default_rope_type: str = "linear"
     qk_permuted: bool = True
     qkv_bias: bool = False
@@ -106,6 +110,7 @@ FAMILIES: dict[str, ModelFamily] = {
         tied_checkpointer_model_type="LLAMA3_2",
         tokenizer="torchtune.models.llama3.llama3_tokenizer",
         tokenizer_files=(("path", "original/tokenizer.model"),),
+        special_tokens_file="original/special_tokens.json",
         ties=True,
     ),
     "mistral": ModelFamily(
@@ -127,6 +132,7 @@ FAMILIES: dict[str, ModelFamily] = {
         tied_checkpointer_model_type="QWEN2",  # torchtune's QWEN2 conversion reads tie_word_embeddings
         tokenizer="torchtune.models.qwen2_5.qwen2_5_tokenizer",
         tokenizer_files=(("path", "vocab.json"), ("merges_file", "merges.txt")),
+        special_tokens_file="special_tokens.json",
         default_rope_type="yarn",  # Qwen2.5's own long-context method
         qk_permuted=False,
         qkv_bias=True,

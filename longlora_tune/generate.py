@@ -4,11 +4,21 @@
 
     python -m longlora_tune.generate --checkpoint /path/to/run/hf --file paper.txt \\
         --question "Summarize the paper in five sentences." \\
-        [--max-new-tokens 512 --temperature 0.6 --top-p 0.9 --template llama2_chat]
+        [--max-new-tokens 512 --temperature 0.6 --top-p 0.9 --template chat]
 
-The prompt is LongLoRA's inference prompt, ``[INST]{material}\\n{question}[/INST]`` for the default
-``llama2_chat`` template (the same function renders LongAlpaca training prompts); ``alpaca`` and
-``none`` (material, newline, question) are available too. The model uses full attention, a KV cache
+Every supported family works (Llama 2, Llama 3, Mistral, Qwen2.5): the checkpoint's ``config.json`` picks
+the model and torchtune's tokenizer of its family, read from the files where the checkpoint keeps them
+(:meth:`longlora_tune.hf.HFBaseModel.tokenizer_config`). The prompt template defaults by family:
+
+* Llama 2: ``llama2_chat``, LongLoRA's inference prompt ``[INST]{material}\\n{question}[/INST]`` (the same
+  function renders LongAlpaca training prompts);
+* Llama 3, Mistral, Qwen2.5: ``chat``, the tokenizer's own chat format with ``{material}\\n{question}`` as
+  the user turn, up to the assistant header (what ``dataset.template: chat`` trains on,
+  :class:`longlora_tune.data.chat_format.ChatFormat`).
+
+``alpaca`` and ``none`` (material, newline, question) are available too. Generation stops at the
+tokenizer's stop tokens (Llama 3's ``<|eot_id|>``, Qwen's ``<|im_end|>``). The model uses full attention, a KV
+cache
 and the RoPE factor of the training length (``--training-length``/``--rope-scaling-factor``, else the
 checkpoint's ``rope_scaling``). ``--adapter`` loads an unmerged ``adapter/`` folder on top of a base
 checkpoint. Defaults follow LongLoRA's ``inference.py`` (temperature 0.6, top-p 0.9); temperature 0 is
@@ -33,7 +43,9 @@ import torch
 
 from longlora_tune.errors import LongLoRAConfigError, report_errors
 
-TEMPLATES = ("llama2_chat", "alpaca", "none")
+#: Prompt templates: text templates rendered by :func:`build_prompt`, and ``chat`` (the tokenizer's own).
+TEMPLATES = ("chat", "llama2_chat", "alpaca", "none")
+_TEXT_TEMPLATES = TEMPLATES[1:]
 
 
 def build_prompt(material: str, question: str, template: str = "llama2_chat") -> str:
@@ -42,7 +54,8 @@ def build_prompt(material: str, question: str, template: str = "llama2_chat") ->
     Args:
         material: the long text.
         question: the question about it.
-        template: ``llama2_chat`` (``[INST]{material}\\n{question}[/INST]``), ``alpaca`` or ``none``.
+        template: ``llama2_chat`` (``[INST]{material}\\n{question}[/INST]``), ``alpaca`` or ``none``
+            (``chat`` is rendered by the tokenizer: :func:`prompt_ids`).
 
     Returns:
         The prompt text (without BOS).
@@ -50,14 +63,84 @@ def build_prompt(material: str, question: str, template: str = "llama2_chat") ->
     Raises:
         LongLoRAConfigError: for an unknown template.
     """
-    if template not in TEMPLATES:
-        raise LongLoRAConfigError(f"--template {template!r} is not one of {', '.join(TEMPLATES)}")
+    if template not in _TEXT_TEMPLATES:
+        raise LongLoRAConfigError(f"--template {template!r} is not one of {', '.join(_TEXT_TEMPLATES)}")
     instruction = f"{material}\n{question}"
     if template == "none":
         return instruction
     from longlora_tune.data.longalpaca import longalpaca_prompt
 
     return longalpaca_prompt(instruction, "", template)
+
+
+def prompt_ids(tokenizer: Any, material: str, question: str, template: str) -> list[int]:
+    """Token ids of the prompt, BOS included: a text template encoded, or the tokenizer's chat format.
+
+    Args:
+        tokenizer: the family's torchtune tokenizer.
+        material: the long text.
+        question: the question about it.
+        template: one of :data:`TEMPLATES`.
+
+    Returns:
+        The ids to prefill.
+
+    Raises:
+        LongLoRAConfigError: for an unknown template, or ``chat`` with a tokenizer without a chat format
+            (Llama 2's: use ``llama2_chat``).
+    """
+    if template == "chat":
+        from longlora_tune.data.chat_format import ChatFormat
+
+        try:
+            return ChatFormat(tokenizer).prompt_ids(f"{material}\n{question}")
+        except LongLoRAConfigError as e:
+            raise LongLoRAConfigError(f"--template chat: {e}") from None
+    return tokenizer.encode(build_prompt(material, question, template), add_bos=True, add_eos=False)
+
+
+def default_template(family: str) -> str:
+    """The prompt template a model of ``family`` answers in: LongLoRA's for Llama 2, else its chat format.
+
+    Args:
+        family: a :data:`longlora_tune.families.FAMILIES` name.
+
+    Returns:
+        ``llama2_chat`` or ``chat``.
+    """
+    return "llama2_chat" if family == "llama2" else "chat"
+
+
+def load_tokenizer(checkpoint: str | Path, tokenizer_path: str | None = None) -> tuple[Any, str]:
+    """The checkpoint family's torchtune tokenizer, from the files in the checkpoint folder.
+
+    Args:
+        checkpoint: the Hugging Face checkpoint folder (``config.json`` names the family).
+        tokenizer_path: replaces the tokenizer's main file (``path``: ``tokenizer.model``, Llama 3's
+            ``original/tokenizer.model``, Qwen's ``vocab.json``).
+
+    Returns:
+        ``(tokenizer, family name)``.
+
+    Raises:
+        LongLoRAConfigError: for a missing ``config.json`` or tokenizer file (naming it and ``--tokenizer``).
+    """
+    from omegaconf import OmegaConf
+    from torchtune import config as tt_config
+
+    from longlora_tune.hf import HFBaseModel
+
+    base = HFBaseModel.read(checkpoint)
+    section = base.tokenizer_config()
+    if tokenizer_path:
+        section["path"] = str(tokenizer_path)
+    for arg, file in section.items():
+        if arg != "_component_" and not Path(file).is_file():
+            hint = "pass --tokenizer /path/to/it" if arg == "path" else f"put it in {checkpoint}"
+            raise LongLoRAConfigError(f"tokenizer file not found: {file} ({base.family.name} {arg}); {hint}")
+    if base.family.name == "llama2":
+        section["prompt_template"] = None  # the prompt is rendered here, not by torchtune's template
+    return tt_config.instantiate(OmegaConf.create(section)), base.family.name
 
 
 def trained_context_length(
@@ -168,13 +251,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--temperature", type=float, default=0.6, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=0.9)
-    p.add_argument("--template", default="llama2_chat", choices=TEMPLATES)
+    p.add_argument(
+        "--template",
+        default=None,
+        choices=TEMPLATES,
+        help="prompt format (default: llama2_chat for Llama 2, the tokenizer's chat format for the others)",
+    )
     p.add_argument(
         "--training-length", type=int, default=None, help="context length the model was trained at"
     )
     p.add_argument("--rope-scaling-factor", type=float, default=None, help="explicit RoPE factor")
     p.add_argument(
-        "--tokenizer", default=None, help="tokenizer.model (default: <checkpoint>/tokenizer.model)"
+        "--tokenizer",
+        default=None,
+        help="the tokenizer's main file (default: the family's, in --checkpoint: tokenizer.model, "
+        "original/tokenizer.model for Llama 3, vocab.json for Qwen2.5)",
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default: bf16 on CUDA, fp32 on CPU)")
@@ -197,8 +288,6 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     Raises:
         LongLoRAConfigError: for missing files or bad values (reported as one line, exit code 2).
     """
-    from torchtune.models.llama2 import llama2_tokenizer
-
     from longlora_tune.distributed import resolve_device, resolve_dtype
     from longlora_tune.eval.generation import generate
     from longlora_tune.eval.model_loading import load_eval_model
@@ -208,11 +297,6 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     material_path = Path(args.file)
     if not material_path.is_file():
         raise LongLoRAConfigError(f"--file {args.file} does not exist")
-    tokenizer_path = Path(args.tokenizer) if args.tokenizer else Path(args.checkpoint) / "tokenizer.model"
-    if not tokenizer_path.is_file():
-        raise LongLoRAConfigError(
-            f"tokenizer not found: {tokenizer_path}; pass --tokenizer /path/to/tokenizer.model"
-        )
     if args.max_new_tokens < 1:
         raise LongLoRAConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.temperature < 0 or not 0 < args.top_p <= 1:
@@ -220,9 +304,9 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
             f"--temperature must be >= 0 and --top-p in (0, 1], got {args.temperature} and {args.top_p}"
         )
 
-    tokenizer = llama2_tokenizer(str(tokenizer_path), prompt_template=None)
-    prompt = build_prompt(material_path.read_text(), args.question, args.template)
-    ids = tokenizer.encode(prompt, add_bos=True, add_eos=False)
+    tokenizer, family = load_tokenizer(args.checkpoint, args.tokenizer)
+    template = args.template or default_template(family)
+    ids = prompt_ids(tokenizer, material_path.read_text(), args.question, template)
     device = resolve_device(args.device)
     model, info = load_eval_model(
         args.checkpoint,
@@ -255,7 +339,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         top_p=args.top_p,
-        stop_tokens=[tokenizer.eos_id],
+        stop_tokens=list(getattr(tokenizer, "stop_tokens", None) or [tokenizer.eos_id]),
         prefill_chunk_size=args.prefill_chunk_size,
         on_token=streamer,
         generator=torch.Generator(device=device).manual_seed(args.seed),

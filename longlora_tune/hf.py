@@ -158,10 +158,13 @@ class HFBaseModel:
             **extra: further tokenizer arguments (``max_seq_len``, ...).
 
         Returns:
-            ``{"_component_": ..., "path": <folder>/<file>, ...}``.
+            ``{"_component_": ..., "path": <folder>/<file>, ...}``, with ``special_tokens_path`` when the
+            folder has the family's special-tokens file.
         """
         family = self.family
         files = {arg: str(self.path / name) for arg, name in family.tokenizer_files}
+        if family.special_tokens_file and (self.path / family.special_tokens_file).is_file():
+            files["special_tokens_path"] = str(self.path / family.special_tokens_file)
         return {"_component_": family.tokenizer, **files, **extra}
 
     def builder_rope_kwargs(self) -> dict[str, Any]:

@@ -139,3 +139,87 @@ def test_prompt_longer_than_the_trained_context_warns_once(
     # --training-length overrides the checkpoint-derived context.
     main([*argv, "8", "--file", str(long_file), "--training-length", "4096"], out=io.StringIO())
     assert not [line for line in _stderr_lines(capsys) if "warning" in line]
+
+
+# Each family's torchtune tokenizer, built from the files where a Hugging Face folder keeps them: independent
+# of longlora_tune's table, so a wrong entry there shows here.
+_FAMILY_TOKENIZERS = {
+    "llama3": lambda ckpt: __import__("torchtune.models.llama3", fromlist=["x"]).llama3_tokenizer(
+        str(ckpt / "original/tokenizer.model"),
+        special_tokens_path=str(ckpt / "original/special_tokens.json"),
+    ),
+    "mistral": lambda ckpt: __import__("torchtune.models.mistral", fromlist=["x"]).mistral_tokenizer(
+        str(ckpt / "tokenizer.model")
+    ),
+    "qwen2": lambda ckpt: __import__("torchtune.models.qwen2_5", fromlist=["x"]).qwen2_5_tokenizer(
+        str(ckpt / "vocab.json"),
+        str(ckpt / "merges.txt"),
+        special_tokens_path=str(ckpt / "special_tokens.json"),
+    ),
+}
+
+
+@pytest.mark.parametrize("family", sorted(_FAMILY_TOKENIZERS))
+def test_generate_answers_in_the_family_chat_format(family: str, tmp_path: Path) -> None:
+    from torchtune.data import Message
+
+    from longlora_tune.eval.generation import generate
+    from longlora_tune.eval.model_loading import load_eval_model
+    from longlora_tune.tiny import make_hf_checkpoint
+
+    ckpt = make_hf_checkpoint(tmp_path / "hf", family=family, max_position_embeddings=256)
+    material = tmp_path / "long.txt"
+    material.write_text(" ".join(make_documents(2, seed=1)))
+    question = "What does the cat see?"
+    out = RecordingStream()
+    argv = ["--checkpoint", str(ckpt), "--file", str(material), "--question", question, "--temperature", "0"]
+    assert main([*argv, "--max-new-tokens", "10"], out=out) == 0
+
+    # The prompt is the family tokenizer's own conversation up to the assistant header: what two
+    # conversations with different answers share.
+    tok = _FAMILY_TOKENIZERS[family](ckpt)
+    user = f"{material.read_text()}\n{question}"
+    a, b = (
+        tok.tokenize_messages(
+            [Message(role="user", content=user), Message(role="assistant", content=answer)]
+        )[0]
+        for answer in ("A bird.", "Zebras never do.")
+    )
+    ids = a[: next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)]
+    # Mistral's [INST] markers are text; the others' headers are special tokens, kept in this decode.
+    shown = tok.decode(ids) if family == "mistral" else tok.decode(ids, skip_special_tokens=False)
+    assert shown.rstrip().endswith(
+        {"llama3": "<|end_header_id|>", "mistral": "[/INST]", "qwen2": "assistant"}[family]
+    )
+    model, _ = load_eval_model(ckpt, max_seq_len=len(ids) + 10)
+    expected = generate(model, ids, max_new_tokens=10, use_cache=False, stop_tokens=tok.stop_tokens)
+    assert out.getvalue() == tok.decode(expected) + "\n"
+
+
+def test_tokenizer_and_template_errors_are_one_line(tmp_path: Path, tiny_ckpt: Path, capsys) -> None:
+    from longlora_tune.tiny import make_hf_checkpoint
+
+    material = tmp_path / "m.txt"
+    material.write_text("The cat sees the red ball today.")
+    qwen = make_hf_checkpoint(tmp_path / "qwen", family="qwen2")
+    (qwen / "merges.txt").unlink()
+    for checkpoint, extra, message in [
+        (qwen, [], f"tokenizer file not found: {qwen / 'merges.txt'} (qwen2 merges_file); put it in {qwen}"),
+        (
+            tiny_ckpt,
+            ["--tokenizer", str(tmp_path / "none.model")],
+            f"tokenizer file not found: {tmp_path / 'none.model'} (llama2 path); "
+            "pass --tokenizer /path/to/it",
+        ),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--checkpoint", str(checkpoint), "--file", str(material), "--question", "q", *extra])
+        assert exit_info.value.code == 2
+        assert _stderr_lines(capsys) == [f"longlora_tune: error: {message}"]
+    # Llama 2's tokenizer has no chat format of its own: LongLoRA's [INST] prompt is its template.
+    with pytest.raises(SystemExit):
+        main(
+            ["--checkpoint", str(tiny_ckpt), "--file", str(material), "--question", "q", "--template", "chat"]
+        )
+    (line,) = _stderr_lines(capsys)
+    assert line.startswith("longlora_tune: error: --template chat: ") and "llama2_chat" in line

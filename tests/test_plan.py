@@ -78,9 +78,9 @@ def _loss(model, shape: ModelShape, seq_len: int, batch: int, chunks: int) -> to
     return CEWithChunkedOutputLoss(num_output_chunks=chunks)(model(tokens), labels)
 
 
-def _saved_bytes(model, shape: ModelShape, seq_len: int, batch: int, chunks: int) -> int:
+def _counting_saved_storages(model, storages: dict[int, int]):
+    """Hooks that record, once per storage, the bytes of every non-parameter tensor autograd packs."""
     excluded = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
-    storages: dict[int, int] = {}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         storage = tensor.untyped_storage()
@@ -88,7 +88,12 @@ def _saved_bytes(model, shape: ModelShape, seq_len: int, batch: int, chunks: int
             storages[storage.data_ptr()] = storage.nbytes()
         return tensor
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+    return torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor)
+
+
+def _saved_bytes(model, shape: ModelShape, seq_len: int, batch: int, chunks: int) -> int:
+    storages: dict[int, int] = {}
+    with _counting_saved_storages(model, storages):
         loss = _loss(model, shape, seq_len, batch, chunks)
     assert torch.isfinite(loss)
     return sum(storages.values())
@@ -962,19 +967,11 @@ def _linear_ce_held_bytes(model, shape: ModelShape, seq_len: int, batch: int, ch
 
     loss_fn = ChunkedLinearCrossEntropyLoss(num_output_chunks=chunks)
     loss_fn.set_model_output(model)
-    excluded = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
     storages: dict[int, int] = {}
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in excluded:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
     generator = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, shape.vocab_size, (batch, seq_len), generator=generator)
     labels = torch.randint(0, shape.vocab_size, (batch, seq_len), generator=generator)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), loss_fn.scoring(labels):
+    with _counting_saved_storages(model, storages), loss_fn.scoring(labels):
         loss = model(tokens)
     assert torch.isfinite(loss)
     nodes, seen, held = [loss.grad_fn], set(), []

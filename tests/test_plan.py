@@ -569,7 +569,7 @@ def test_context_parallel_degrees_the_recipe_refuses(kwargs, message):
         plan("7b", 32_768, **{"gpus": 8, **kwargs})
 
 
-@pytest.mark.parametrize("name", ["llama2_7b_256k", "llama2_7b_1016k"])
+@pytest.mark.parametrize("name", ["llama2_7b_256k", "llama2_7b_1008k"])
 def test_context_parallel_configs_fit_only_with_their_degree(name):
     settings = load_config_settings(name)
     assert settings["context_parallel_degree"] == 8 and settings["seq_len"] % (8 * 1024) == 0
@@ -1034,3 +1034,45 @@ def test_linear_ce_is_read_from_the_config_and_the_cli(tmp_path, capsys):
     assert "loss CEWithChunkedOutputLoss in 16 chunks" in capsys.readouterr().out
     assert main(["--config", "llama2_7b_100k", "--linear-ce"]) == 0
     assert "loss ChunkedLinearCrossEntropyLoss in 16 chunks" in capsys.readouterr().out
+
+
+def test_fsdp_root_is_gathered_through_forward_and_backward_as_planned(tmp_path):
+    # The recipe's shard_model: the root unit (embeddings, norm, head) is all-gathered while the layers run
+    # forward and again while they run backward, so a full compute-dtype copy is held through both phases.
+    import torch.distributed as dist
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+    from torch.distributed.tensor import DTensor
+
+    from longlora_tune.distributed import shard_model
+
+    shape = SHAPES[0][0]
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        model = _build(shape, 64, dtype=torch.float32, s2=True, checkpoint=False)
+        shard_model(model, mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16))
+        root = {"embed": lambda: model.tok_embeddings.weight, "head": lambda: model.output.weight}
+        seen: dict[str, dict[str, tuple[bool, torch.dtype]]] = {}
+
+        def probe(phase: str):
+            def hook(*_):
+                seen[phase] = {k: (isinstance(get(), DTensor), get().dtype) for k, get in root.items()}
+
+            return hook
+
+        model.layers[-1].register_forward_pre_hook(probe("last layer forward"))
+        model.layers[0].register_full_backward_pre_hook(probe("first layer backward"))
+        _loss(model, shape, 64, 1, 2).backward()
+        gathered = {k: (False, torch.bfloat16) for k in root}
+        assert seen == {"last layer forward": gathered, "first layer backward": gathered}
+        assert all(isinstance(get(), DTensor) for get in root.values())  # resharded after the step
+        planned = plan(shape, 64, gpus=2, dtype="bf16", suggest=False).memory
+        full_bytes = sum(2 * get().numel() for get in root.values())
+        assert planned["fsdp root gathered (embeddings, head)"] == full_bytes
+        assert (
+            plan(shape, 64, gpus=2, fsdp=False, suggest=False).memory["fsdp root gathered (embeddings, head)"]
+            == 0
+        )
+    finally:
+        dist.destroy_process_group()

@@ -18,8 +18,9 @@
 #   2. imports.log          every module the check imports, and one PEFT LoRA layer built next to torchao
 #   3. backend_check.*      correctness first: sdpa/flex S² against a float64 dense reference on CUDA, fp32
 #                           and bf16, forward and q/k/v gradients (JSON rewritten after every comparison)
-#   4. bench_32768_peer.*   ours (S² sdpa, flex) vs the transformers + PEFT peer, bf16, 7B width, 2 layers,
-#                           32768 tokens (JSON rewritten after every case, markdown table in the log)
+#   4. bench_32768_peer.*   ours (S² sdpa; every layer recomputed, and none) vs the transformers + PEFT
+#                           peer, bf16, 7B width, 2 layers, 32768 tokens (JSON rewritten after every case,
+#                           markdown table in the log)
 #   5. bench_8192.*         all variants (LongLoRA sdpa/flex, full attention, plain LoRA) at 8192 tokens
 #   6. bench_32768.*        full attention and plain LoRA at 32768 tokens
 #   7. pytest_s2.log        the S² unit tests (float64 on the CPU; flex forward and backward on CUDA)
@@ -177,7 +178,7 @@ if ((DRY_RUN)); then
   run_step backend_check 60 "$PYTHON" -m longlora_tune.bench.backend_check --device cpu --small \
     --out "$OUT_DIR/backend_check.json"
   run_step bench_64 120 "$PYTHON" -m longlora_tune.bench --shape tiny --seq-lens 64 --repeats 1 \
-    --device cpu --in-process --peer --out "$OUT_DIR/bench_64.json"
+    --device cpu --in-process --peer --checkpoint-layers all 0 --out "$OUT_DIR/bench_64.json"
   log "pytest_s2: dry run, not run: $PYTHON -m pytest tests/modules/test_s2_attention.py -q"
   echo "pytest_s2 dry-run" >>"$SUMMARY"
 else
@@ -186,8 +187,8 @@ else
     --out "$OUT_DIR/backend_check.json"
   # Each case is its own process (about 20-40 s on an H200 at 7B width, 2 layers); the headline first.
   BENCH=("$PYTHON" -m longlora_tune.bench --shape 7b --layers 2 --device cuda --repeats 3 --case-timeout 90)
-  run_step bench_32768_peer 170 "${BENCH[@]}" --seq-lens 32768 --variants longlora --backends sdpa flex \
-    --peer --out "$OUT_DIR/bench_32768_peer.json"
+  run_step bench_32768_peer 170 "${BENCH[@]}" --seq-lens 32768 --variants longlora --backends sdpa \
+    --checkpoint-layers all 0 --peer --out "$OUT_DIR/bench_32768_peer.json"
   run_step bench_8192 120 "${BENCH[@]}" --seq-lens 8192 --backends sdpa flex --out "$OUT_DIR/bench_8192.json"
   run_step bench_32768 100 "${BENCH[@]}" --seq-lens 32768 --variants full_attn lora \
     --out "$OUT_DIR/bench_32768.json"

@@ -122,7 +122,9 @@ def test_gpu_check_dry_run(tmp_path):
     assert "ok   peft builds a LoRA layer" in logs["imports.log"] and "torch" in logs["info.txt"]
     bench = json.loads((tmp_path / "bench_64.json").read_text())
     assert {r["variant"] for r in bench["results"]} == {"longlora", "full_attn", "lora", "peer"}
-    assert len(bench["peer"]) == 1 and "flash-attn" in (tmp_path / "gpu_check.log").read_text()
+    # Ours with every layer recomputed and with none, each against the peer.
+    assert [q["ours"] for q in bench["peer"]] == ["longlora[sdpa]", "longlora[sdpa]+ac0"]
+    assert "flash-attn" in (tmp_path / "gpu_check.log").read_text()
     assert "PASS sdpa" in logs["backend_check.log"]
 
 

@@ -151,6 +151,27 @@ class HFBaseModel:
         """torchtune ``FullModelHFCheckpointer`` ``model_type`` (``LLAMA3_2`` for a tied Llama 3)."""
         return self.family.checkpointer_type(self.tie_word_embeddings)
 
+    def document_end_id(self, tokenizer_eos_id: Optional[int]) -> Optional[int]:
+        """The token that ends a pretraining document, when the tokenizer's EOS is not the model's.
+
+        The base model was pretrained with documents ending in its ``config.json`` ``eos_token_id``.
+        torchtune's tokenizer can name another token EOS: its Qwen2.5 tokenizer ends text with the chat
+        token ``<|im_end|>``, while Qwen2.5 base models end documents with ``<|endoftext|>``. Continued
+        pretraining should keep the base model's.
+
+        Args:
+            tokenizer_eos_id: the tokenizer's ``eos_id``.
+
+        Returns:
+            The config's ``eos_token_id`` (the first, when it lists several) if the tokenizer's is not
+            among them, else None (the tokenizer's is right, or the config names none).
+        """
+        ids = self.config.get("eos_token_id")
+        ids = [ids] if isinstance(ids, int) and not isinstance(ids, bool) else list(ids or [])
+        if not ids or tokenizer_eos_id in ids:
+            return None
+        return int(ids[0])
+
     def tokenizer_config(self, **extra: Any) -> dict[str, Any]:
         """The ``tokenizer`` config section for this checkpoint: the family's torchtune tokenizer, its files.
 

@@ -29,6 +29,7 @@ Tokenized cache
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -91,10 +92,13 @@ def _init_worker(tokenizer: Any) -> None:
     _WORKER_TOKENIZER = tokenizer
 
 
-def _encode_docs(docs: list[str], tokenizer: Any = None) -> list[list[int]]:
+def _encode_docs(docs: list[str], tokenizer: Any = None, eos_id: Optional[int] = None) -> list[list[int]]:
     tok = tokenizer if tokenizer is not None else _WORKER_TOKENIZER
     # Empty or whitespace-only documents would only add a lone EOS.
-    return [tok.encode(d, add_bos=False, add_eos=True) for d in docs if d and not d.isspace()]
+    docs = [d for d in docs if d and not d.isspace()]
+    if eos_id is None:
+        return [tok.encode(d, add_bos=False, add_eos=True) for d in docs]
+    return [tok.encode(d, add_bos=False, add_eos=False) + [eos_id] for d in docs]
 
 
 def _doc_chunks(records: Any, column: str) -> Iterator[list[str]]:
@@ -186,6 +190,7 @@ def packed_blocks_dataset(
     num_proc: int = 1,
     max_documents: Optional[int] = None,
     add_bos: bool = True,
+    eos_id: Optional[int] = None,
 ) -> PackedBlocksDataset:
     """Continued-pretraining dataset of fixed blocks of ``block_size`` tokens (the paper's RedPajama setup).
 
@@ -203,6 +208,10 @@ def packed_blocks_dataset(
         num_proc: tokenizer processes.
         max_documents: use only the first ``max_documents`` documents.
         add_bos: start every block with BOS (see the module docstring).
+        eos_id: the token that ends every document; None: the tokenizer's ``eos_id``. The training recipe
+            sets it to the base checkpoint's ``eos_token_id`` when the tokenizer's differs
+            (:meth:`longlora_tune.hf.HFBaseModel.document_end_id`: Qwen2.5 base models end documents
+            with ``<|endoftext|>``, torchtune's Qwen2.5 tokenizer with the chat token ``<|im_end|>``).
 
     Returns:
         A map-style dataset of ``{"tokens": list[int], "labels": list[int]}``, each ``block_size`` long.
@@ -223,6 +232,16 @@ def packed_blocks_dataset(
         raise LongLoRAConfigError(
             f"dataset.add_bos=true but {type(tokenizer).__name__} has no BOS token; set dataset.add_bos=false"
         )
+    vocab_size = getattr(tokenizer, "vocab_size", None)
+    if eos_id is not None and (
+        isinstance(eos_id, bool)
+        or not isinstance(eos_id, int)
+        or eos_id < 0
+        or (vocab_size is not None and eos_id >= vocab_size)
+    ):
+        raise LongLoRAConfigError(
+            f"dataset.eos_id={eos_id!r} must be a token id in [0, {vocab_size}) or null (the tokenizer's)"
+        )
     # Missing local files fail here, in one line, before the cache key stats them.
     local_data_files(source, data_files, split)
 
@@ -236,8 +255,9 @@ def packed_blocks_dataset(
         "max_documents": max_documents,
         "tokenizer": tokenizer_fingerprint(tokenizer),
     }
+    if eos_id is not None:
+        key["eos_id"] = eos_id  # another document end is another stream (absent: earlier caches stay valid)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
-    vocab_size = getattr(tokenizer, "vocab_size", None)
     dtype = "uint16" if vocab_size is not None and vocab_size <= 2**16 else "uint32"
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     folder.mkdir(parents=True, exist_ok=True)
@@ -263,7 +283,7 @@ def packed_blocks_dataset(
                 )
             if max_documents is not None:
                 records = records.select(range(min(max_documents, len(records))))
-            _tokenize_to_stream(tokenizer, records, column, stream_path, key, dtype, num_proc)
+            _tokenize_to_stream(tokenizer, records, column, stream_path, key, dtype, num_proc, eos_id)
         else:
             _wait_for(stream_path)
     else:
@@ -279,6 +299,7 @@ def _tokenize_to_stream(
     key: dict[str, Any],
     dtype: str,
     num_proc: int,
+    eos_id: Optional[int] = None,
 ) -> None:
     from tqdm import tqdm
 
@@ -291,9 +312,11 @@ def _tokenize_to_stream(
             chunks = _doc_chunks(records, column)
             if num_proc > 1:
                 pool = multiprocessing.Pool(num_proc, initializer=_init_worker, initargs=(tokenizer,))
-                encoded_chunks: Iterator[list[list[int]]] = pool.imap(_encode_docs, chunks)
+                encoded_chunks: Iterator[list[list[int]]] = pool.imap(
+                    functools.partial(_encode_docs, eos_id=eos_id), chunks
+                )
             else:
-                encoded_chunks = (_encode_docs(c, tokenizer) for c in chunks)
+                encoded_chunks = (_encode_docs(c, tokenizer, eos_id) for c in chunks)
             with tqdm(total=len(records), desc="Tokenizing documents", unit="doc") as bar:
                 for encoded in encoded_chunks:
                     flat = np.fromiter(itertools.chain.from_iterable(encoded), dtype=np.int64)

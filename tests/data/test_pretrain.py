@@ -200,3 +200,34 @@ def test_add_bos_with_a_tokenizer_without_bos_is_one_line(tmp_path):
     assert "\n" not in str(err.value)
     blocks = packed_blocks_dataset(tok, add_bos=False, **kwargs)
     assert len(blocks) > 0 and None not in blocks[0]["tokens"]
+
+
+@pytest.mark.parametrize("num_proc", [1, 2])
+def test_eos_id_ends_every_document_and_is_its_own_cache_entry(tokenizer, tmp_path, num_proc):
+    corpus = make_text_corpus(tmp_path / "c.jsonl", n_docs=12, seed=8)
+    docs = _read_docs(corpus)
+    kwargs = dict(source="json", data_files=str(corpus), block_size=32, cache_dir=tmp_path / "cache")
+    plain = packed_blocks_dataset(tokenizer, **kwargs, add_bos=False, num_proc=num_proc)
+    other = packed_blocks_dataset(tokenizer, **kwargs, add_bos=False, num_proc=num_proc, eos_id=7)
+    expected = [t for d in docs for t in tokenizer.encode(d, add_bos=False, add_eos=False) + [7]]
+    tokens = [t for i in range(len(other)) for t in other[i]["tokens"]]
+    assert tokens == expected[: len(tokens)] and len(expected) - len(tokens) < 32
+    assert [plain[i] for i in range(len(plain))] != [other[i] for i in range(len(other))]
+    assert len(list((tmp_path / "cache").glob("*.bin"))) == 2  # not served from the tokenizer-EOS stream
+    for bad in (-1, tokenizer.vocab_size, "2", True):
+        with pytest.raises(LongLoRAConfigError, match=r"^dataset.eos_id=.* must be a token id in \[0, "):
+            packed_blocks_dataset(tokenizer, **kwargs, eos_id=bad)
+
+
+def test_document_end_is_the_base_models_eos_when_the_tokenizer_names_another():
+    from longlora_tune.hf import HFBaseModel
+
+    def end(eos, tokenizer_eos):
+        return HFBaseModel("base", {"model_type": "qwen2", "eos_token_id": eos}, ()).document_end_id(
+            tokenizer_eos
+        )
+
+    assert end(151643, 151645) == 151643  # Qwen2.5 base: <|endoftext|>, torchtune: <|im_end|>
+    assert end(2, 2) is None and end(None, 2) is None
+    assert end([128001, 128008, 128009], 128009) is None  # an instruct model lists several
+    assert end([128001, 128008], 128009) == 128001

@@ -234,3 +234,26 @@ def test_demo_refuses_a_workdir_of_another_family(tmp_path, capsys):
         demo.main(["--family", "qwen2", "--assets-only", "--workdir", str(tmp_path)])
     assert e.value.code == 2 and "holds a tiny mistral model, not qwen2" in capsys.readouterr().err
     assert not (tmp_path / "corpus.jsonl").exists()
+
+
+def test_pretraining_documents_end_with_the_base_models_eos(demo_run):
+    # Qwen2.5 base models end documents with <|endoftext|> (config.json eos_token_id); torchtune's tokenizer
+    # ends text with the chat token <|im_end|>. The packed stream keeps the base model's.
+    import numpy as np
+
+    family, out = demo_run["family"], demo_run["out"]
+    config = json.loads((demo_run["workdir"] / "base" / "config.json").read_text())
+    (sidecar,) = (out / "data_cache").glob("*.json")
+    meta = json.loads(sidecar.read_text())
+    stream = np.fromfile(sidecar.with_suffix(".bin"), dtype=meta["dtype"])
+    ends = int((stream == config["eos_token_id"]).sum())
+    assert ends == meta["num_documents"] > 0
+    if family == "qwen2":
+        assert meta["eos_id"] == config["eos_token_id"]
+        name = "tiny_demo_qwen2"
+        cfg = OmegaConf.load(resources.config_path(name))
+        cfg.checkpoint_dir = str(demo_run["workdir"] / "base")
+        im_end = tt_config.instantiate(cfg.tokenizer).eos_id
+        assert im_end != config["eos_token_id"] and not (stream == im_end).any()
+    else:
+        assert "eos_id" not in meta  # the tokenizer's EOS is the model's: the cache key is unchanged

@@ -12,9 +12,10 @@ the model and torchtune's tokenizer of its family, read from the files where the
 
 * Llama 2: ``llama2_chat``, LongLoRA's inference prompt ``[INST]{material}\\n{question}[/INST]`` (the same
   function renders LongAlpaca training prompts);
-* Llama 3, Mistral, Qwen2.5: ``chat``, the tokenizer's own chat format with ``{material}\\n{question}`` as
-  the user turn, up to the assistant header (what ``dataset.template: chat`` trains on,
-  :class:`longlora_tune.data.chat_format.ChatFormat`).
+* Llama 3, Mistral, Qwen2.5 chat models (a ``chat_template`` in ``tokenizer_config.json``): ``chat``, the
+  tokenizer's own chat format with ``{material}\\n{question}`` as the user turn, up to the assistant header
+  (what ``dataset.template: chat`` trains on, :class:`longlora_tune.data.chat_format.ChatFormat`); their
+  base models: ``none``.
 
 ``alpaca`` and ``none`` (material, newline, question) are available too. Generation stops at the
 tokenizer's stop tokens (Llama 3's ``<|eot_id|>``, Qwen's ``<|im_end|>``). The model uses full attention, a KV
@@ -42,6 +43,7 @@ from typing import Any, TextIO
 import torch
 
 from longlora_tune.errors import LongLoRAConfigError, report_errors
+from longlora_tune.modules.rope_scaling import RopeScaling
 
 #: Prompt templates: text templates rendered by :func:`build_prompt`, and ``chat`` (the tokenizer's own).
 TEMPLATES = ("chat", "llama2_chat", "alpaca", "none")
@@ -99,16 +101,28 @@ def prompt_ids(tokenizer: Any, material: str, question: str, template: str) -> l
     return tokenizer.encode(build_prompt(material, question, template), add_bos=True, add_eos=False)
 
 
-def default_template(family: str) -> str:
-    """The prompt template a model of ``family`` answers in: LongLoRA's for Llama 2, else its chat format.
+def default_template(family: str, checkpoint: str | Path) -> str:
+    """The prompt template a model answers in, when ``--template`` is not given.
+
+    Llama 2: LongLoRA's ``llama2_chat``. The other families: their tokenizer's chat format when the
+    checkpoint is a chat model (its ``tokenizer_config.json`` has a ``chat_template``: an instruct model,
+    or an export of one), else ``none`` (a base model never saw its family's chat header tokens).
 
     Args:
         family: a :data:`longlora_tune.families.FAMILIES` name.
+        checkpoint: the checkpoint folder the tokenizer files come from.
 
     Returns:
-        ``llama2_chat`` or ``chat``.
+        ``llama2_chat``, ``chat`` or ``none``.
     """
-    return "llama2_chat" if family == "llama2" else "chat"
+    if family == "llama2":
+        return "llama2_chat"
+    path = Path(checkpoint) / "tokenizer_config.json"
+    try:
+        chat = path.is_file() and bool(json.loads(path.read_text()).get("chat_template"))
+    except (json.JSONDecodeError, AttributeError):
+        chat = False
+    return "chat" if chat else "none"
 
 
 def load_tokenizer(checkpoint: str | Path, tokenizer_path: str | None = None) -> tuple[Any, str]:
@@ -154,13 +168,15 @@ def trained_context_length(
 
     In order: ``--training-length`` when given; the ``training_length`` an unmerged adapter's
     ``longlora.json`` records (when the model uses that adapter's RoPE factor); else the RoPE factor the
-    model is loaded with times the checkpoint's ``max_position_embeddings`` (a merged LongLoRA export
-    keeps the base's ``max_position_embeddings`` and records the factor in ``rope_scaling``, so a 4096
-    base trained at 32768 reads 8 x 4096; a checkpoint without scaling gives its own context).
+    model is loaded with times the checkpoint's ``max_position_embeddings`` (a merged linear LongLoRA
+    export keeps the base's ``max_position_embeddings`` and records the factor in ``rope_scaling``, so a
+    4096 base trained at 32768 reads 8 x 4096; a checkpoint without scaling gives its own context), or for
+    a yarn or llama3 setting the context it serves (which such exports write as
+    ``max_position_embeddings``).
 
     Args:
         hf_config: the checkpoint's ``config.json``.
-        rope_scaling_factor: the linear RoPE factor the model was loaded with.
+        rope_scaling_factor: the RoPE factor the model was loaded with.
         training_length: the ``--training-length`` argument, if given.
         adapter_meta: the adapter's ``longlora.json``, if an adapter was loaded.
 
@@ -173,8 +189,14 @@ def trained_context_length(
         recorded = adapter_meta.get("rope_scaling_factor")
         if recorded is None or float(recorded) == float(rope_scaling_factor):
             return int(adapter_meta["training_length"]), "training_length in the adapter's longlora.json"
-    original = int(hf_config.get("max_position_embeddings", 4096))
     factor = float(rope_scaling_factor)
+    rope = RopeScaling.from_hf_config(hf_config)
+    if rope.rope_type in ("yarn", "llama3"):
+        # Their exports write the served context as max_position_embeddings already (context_len); a
+        # factor other than the recorded one serves proportionally more or less.
+        context = round(rope.context_len * factor / rope.factor)
+        return context, f"the {rope.rope_type} RoPE setting in config.json, factor {factor:g}"
+    original = int(hf_config.get("max_position_embeddings", 4096))
     return round(factor * original), f"RoPE factor {factor:g} x max_position_embeddings {original}"
 
 
@@ -255,7 +277,8 @@ def _parser() -> argparse.ArgumentParser:
         "--template",
         default=None,
         choices=TEMPLATES,
-        help="prompt format (default: llama2_chat for Llama 2, the tokenizer's chat format for the others)",
+        help="prompt format (default: llama2_chat for Llama 2; for the others their tokenizer's chat format "
+        "when the checkpoint has a chat_template, else none)",
     )
     p.add_argument(
         "--training-length", type=int, default=None, help="context length the model was trained at"
@@ -305,7 +328,12 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         )
 
     tokenizer, family = load_tokenizer(args.checkpoint, args.tokenizer)
-    template = args.template or default_template(family)
+    template = args.template or default_template(family, args.checkpoint)
+    if template == "chat" and family == "llama2":
+        raise LongLoRAConfigError(
+            "--template chat: Llama 2's tokenizer has no chat format of its own; use --template llama2_chat "
+            "(LongLoRA's [INST] prompt)"
+        )
     ids = prompt_ids(tokenizer, material_path.read_text(), args.question, template)
     device = resolve_device(args.device)
     model, info = load_eval_model(

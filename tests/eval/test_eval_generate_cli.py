@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import pytest
@@ -165,9 +166,15 @@ def test_generate_answers_in_the_family_chat_format(family: str, tmp_path: Path)
 
     from longlora_tune.eval.generation import generate
     from longlora_tune.eval.model_loading import load_eval_model
+    from longlora_tune.generate import default_template
     from longlora_tune.tiny import make_hf_checkpoint
 
     ckpt = make_hf_checkpoint(tmp_path / "hf", family=family, max_position_embeddings=256)
+    # A base model never saw its chat headers: plain text by default. A chat model (a chat_template in
+    # tokenizer_config.json, as instruct checkpoints and their exports have) answers in its chat format.
+    assert default_template(family, ckpt) == "none"
+    (ckpt / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages }}"}))
+    assert default_template(family, ckpt) == "chat"
     material = tmp_path / "long.txt"
     material.write_text(" ".join(make_documents(2, seed=1)))
     question = "What does the cat see?"
@@ -221,5 +228,33 @@ def test_tokenizer_and_template_errors_are_one_line(tmp_path: Path, tiny_ckpt: P
         main(
             ["--checkpoint", str(tiny_ckpt), "--file", str(material), "--question", "q", "--template", "chat"]
         )
-    (line,) = _stderr_lines(capsys)
-    assert line.startswith("longlora_tune: error: --template chat: ") and "llama2_chat" in line
+    assert _stderr_lines(capsys) == [
+        "longlora_tune: error: --template chat: Llama 2's tokenizer has no chat format of its own; use "
+        "--template llama2_chat (LongLoRA's [INST] prompt)"
+    ]
+
+
+def test_trained_context_of_a_yarn_or_llama3_export_is_the_context_it_serves() -> None:
+    from longlora_tune.generate import trained_context_length
+
+    # What a yarn x4 export of a 256-token base writes: max_position_embeddings is the served context.
+    yarn = {
+        "max_position_embeddings": 1024,
+        "rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256},
+    }
+    assert trained_context_length(yarn, rope_scaling_factor=4.0) == (
+        1024,
+        "the yarn RoPE setting in config.json, factor 4",
+    )
+    assert trained_context_length(yarn, rope_scaling_factor=8.0)[0] == 2048
+    llama31 = {
+        "max_position_embeddings": 131072,
+        "rope_scaling": {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    }
+    assert trained_context_length(llama31, rope_scaling_factor=8.0)[0] == 131072

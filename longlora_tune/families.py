@@ -52,6 +52,9 @@ class ModelFamily:
         special_tokens_file: A file in the checkpoint folder that, when present, the tokenizer builder reads
             as ``special_tokens_path`` (special tokens at other ids than the released model's, as in the
             tiny test checkpoints); released checkpoints have none and get torchtune's defaults.
+        chat_eos: torchtune's tokenizer names the chat end-of-turn token EOS (Qwen2.5's ``<|im_end|>``) where
+            the base model ends documents with another (``config.json`` ``eos_token_id``); packed
+            pretraining then takes the latter (:meth:`longlora_tune.hf.HFBaseModel.document_end_id`).
         default_rope_type: How an unscaled checkpoint is extended when the config does not say (a scaled
             one keeps its own method).
         qk_permuted: torchtune's Hugging Face conversion permutes q/k rows into interleaved RoPE pairs (all
@@ -69,6 +72,7 @@ class ModelFamily:
     tokenizer: str
     tokenizer_files: tuple[tuple[str, str], ...]
     special_tokens_file: Optional[str] = None
+    chat_eos: bool = False
     default_rope_type: str = "linear"
     qk_permuted: bool = True
     qkv_bias: bool = False
@@ -133,6 +137,7 @@ FAMILIES: dict[str, ModelFamily] = {
         tokenizer="torchtune.models.qwen2_5.qwen2_5_tokenizer",
         tokenizer_files=(("path", "vocab.json"), ("merges_file", "merges.txt")),
         special_tokens_file="special_tokens.json",
+        chat_eos=True,
         default_rope_type="yarn",  # Qwen2.5's own long-context method
         qk_permuted=False,
         qkv_bias=True,

@@ -157,15 +157,19 @@ class HFBaseModel:
         The base model was pretrained with documents ending in its ``config.json`` ``eos_token_id``.
         torchtune's tokenizer can name another token EOS: its Qwen2.5 tokenizer ends text with the chat
         token ``<|im_end|>``, while Qwen2.5 base models end documents with ``<|endoftext|>``. Continued
-        pretraining should keep the base model's.
+        pretraining should keep the base model's. Only families whose tokenizer does that
+        (``ModelFamily.chat_eos``) are changed: elsewhere ``eos_token_id`` is the generation stop token,
+        which an instruct model sets to its end-of-turn token (Llama 3 Instruct's ``<|eot_id|>``).
 
         Args:
             tokenizer_eos_id: the tokenizer's ``eos_id``.
 
         Returns:
-            The config's ``eos_token_id`` (the first, when it lists several) if the tokenizer's is not
-            among them, else None (the tokenizer's is right, or the config names none).
+            The config's ``eos_token_id`` (the first, when it lists several) if the family's tokenizer ends
+            text with a chat token and the tokenizer's is not among them, else None.
         """
+        if not self.family.chat_eos:
+            return None
         ids = self.config.get("eos_token_id")
         ids = [ids] if isinstance(ids, int) and not isinstance(ids, bool) else list(ids or [])
         if not ids or tokenizer_eos_id in ids:

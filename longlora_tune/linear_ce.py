@@ -61,6 +61,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             lse = torch.logsumexp(logits, dim=-1, keepdim=True)
             total += ((lse - logits.gather(1, target)).squeeze(1) * ok).sum()
             if not (need_hidden or need_weight):
+                del logits  # freed before the next chunk's logits exist, not when the name is rebound
                 continue
             # d(mean loss)/d(logits) = (softmax - onehot(target)) / denom on scored rows, 0 elsewhere;
             # built in place in the fp32 logits, which are not needed afterwards.
@@ -72,6 +73,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 torch.mm(grad, weight, out=grad_hidden[start : start + size])
             if need_weight:
                 grad_weight += (grad.t() @ h).to(acc)
+            # One chunk at a time: this chunk's fp32 logits and gradient go before the next chunk's are made.
+            del logits, grad
         ctx.grads = (grad_hidden, grad_weight.to(weight.dtype) if need_weight else None)
         return total / denom
 
@@ -102,8 +105,8 @@ def linear_cross_entropy(
         hidden: ``[..., dim]`` final hidden states (after the final norm).
         weight: ``[vocab, dim]`` output projection weight.
         labels: ``[...]`` target token ids (already shifted for next-token prediction).
-        num_chunks: How many token chunks the logits are made in (peak extra memory ~ ``tokens / num_chunks
-            x vocab x 10`` bytes in bf16).
+        num_chunks: How many token chunks the logits are made in (peak extra memory ``tokens / num_chunks
+            x vocab x 8`` bytes: one chunk's fp32 logits and the fp32 temporary of their logsumexp).
         ignore_index: Label of tokens that are not scored.
 
     Returns:

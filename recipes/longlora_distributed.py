@@ -318,13 +318,14 @@ class LongLoRARecipeDistributed:
         extra = {}
         builder = import_object(cfg.dataset.get("_component_"), "dataset._component_")
         if "eos_id" not in cfg.dataset and "eos_id" in inspect.signature(builder).parameters:
-            end = self.base.document_end_id(getattr(self.tokenizer, "eos_id", None))
+            tokenizer_eos = getattr(self.tokenizer, "eos_id", None)
+            end = self.base.document_end_id(tokenizer_eos)
             if end is not None:
                 extra["eos_id"] = end
                 utils.log_rank_zero(
                     log,
                     f"Documents end with the base model's eos_token_id {end} (config.json), not the "
-                    f"tokenizer's eos_id {self.tokenizer.eos_id} (set dataset.eos_id to choose)",
+                    f"tokenizer's eos_id {tokenizer_eos} (set dataset.eos_id to choose)",
                 )
         try:
             dataset = config.instantiate(cfg.dataset, self.tokenizer, **extra)

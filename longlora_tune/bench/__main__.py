@@ -576,6 +576,10 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
                 f"--checkpoint-layers {too_many[0]} is more than the {args.shape} shape's "
                 f"{num_layers} layers; use at most {num_layers} or 'all'"
             )
+        # N = the layer count is 'all': one case each, in the order given.
+        args.checkpoint_layers = list(
+            dict.fromkeys(None if n == num_layers else n for n in args.checkpoint_layers)
+        )
     return args
 
 

@@ -242,6 +242,8 @@ def packed_blocks_dataset(
         raise LongLoRAConfigError(
             f"dataset.eos_id={eos_id!r} must be a token id in [0, {vocab_size}) or null (the tokenizer's)"
         )
+    if eos_id == getattr(tokenizer, "eos_id", None):
+        eos_id = None  # the same stream as the default: one cache entry
     # Missing local files fail here, in one line, before the cache key stats them.
     local_data_files(source, data_files, split)
 

@@ -125,9 +125,10 @@ def eval_rope(
 ) -> RopeScaling:
     """The full RoPE setting for evaluating a merged checkpoint: the one its ``config.json`` states.
 
-    A scaled checkpoint records what it was trained with, which wins. An unscaled one evaluated for a
-    ``training_length`` gets the family's default extension of that length (what training used);
-    ``rope_scaling_factor`` pins the factor of the checkpoint's (or the family's default) method.
+    A scaled checkpoint records what it was trained with, which wins (a ``training_length`` longer than
+    the context it serves is a warning naming both). An unscaled one evaluated for a ``training_length``
+    gets the family's default extension of that length (what training used); ``rope_scaling_factor`` pins
+    the factor of the checkpoint's (or the family's default) method.
 
     Args:
         base: the checkpoint.

@@ -236,3 +236,11 @@ def test_compile_runs_only_our_cases_both_ways(monkeypatch):
         ("longlora", True),
         ("peer", False),
     ]
+
+
+def test_checkpoint_layers_equal_to_the_layer_count_is_all_and_each_setting_runs_once():
+    from longlora_tune.bench.__main__ import _parse
+
+    # tiny has 2 layers: 2 is 'all'.
+    args = _parse(["--shape", "tiny", "--device", "cpu", "--checkpoint-layers", "2", "0", "all", "0"])
+    assert args.checkpoint_layers == [None, 0]

@@ -214,6 +214,8 @@ def test_eos_id_ends_every_document_and_is_its_own_cache_entry(tokenizer, tmp_pa
     assert tokens == expected[: len(tokens)] and len(expected) - len(tokens) < 32
     assert [plain[i] for i in range(len(plain))] != [other[i] for i in range(len(other))]
     assert len(list((tmp_path / "cache").glob("*.bin"))) == 2  # not served from the tokenizer-EOS stream
+    same = packed_blocks_dataset(tokenizer, **kwargs, add_bos=False, eos_id=tokenizer.eos_id)
+    assert same.stream_path == plain.stream_path  # the tokenizer's own EOS is the default's stream
     for bad in (-1, tokenizer.vocab_size, "2", True):
         with pytest.raises(LongLoRAConfigError, match=r"^dataset.eos_id=.* must be a token id in \[0, "):
             packed_blocks_dataset(tokenizer, **kwargs, eos_id=bad)
@@ -222,12 +224,13 @@ def test_eos_id_ends_every_document_and_is_its_own_cache_entry(tokenizer, tmp_pa
 def test_document_end_is_the_base_models_eos_when_the_tokenizer_names_another():
     from longlora_tune.hf import HFBaseModel
 
-    def end(eos, tokenizer_eos):
-        return HFBaseModel("base", {"model_type": "qwen2", "eos_token_id": eos}, ()).document_end_id(
-            tokenizer_eos
-        )
+    def end(eos, tokenizer_eos, **config):
+        config = {"model_type": "qwen2", "eos_token_id": eos, **config}
+        return HFBaseModel("base", config, ()).document_end_id(tokenizer_eos)
 
     assert end(151643, 151645) == 151643  # Qwen2.5 base: <|endoftext|>, torchtune: <|im_end|>
     assert end(2, 2) is None and end(None, 2) is None
-    assert end([128001, 128008, 128009], 128009) is None  # an instruct model lists several
-    assert end([128001, 128008], 128009) == 128001
+    assert end([151645, 151643], 151645) is None  # the tokenizer's EOS among those listed
+    assert end([151643, 151644], 151645) == 151643
+    # Elsewhere eos_token_id is the stop token: Llama 3 Instruct's <|eot_id|> must not end documents.
+    assert end(128009, 128001, model_type="llama", rope_theta=500_000.0) is None

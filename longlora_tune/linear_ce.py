@@ -58,14 +58,19 @@ class _LinearCrossEntropy(torch.autograd.Function):
             h, ok = hidden[start : start + size], valid[start : start + size]
             target = labels[start : start + size].where(ok, 0)[:, None]  # ignored rows read column 0
             logits = (h @ weight.t()).to(acc)
-            lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-            total += ((lse - logits.gather(1, target)).squeeze(1) * ok).sum()
+            picked = logits.gather(1, target)
+            # Log-sum-exp in place (torch.logsumexp would allocate another fp32 chunk for exp(x - max)):
+            # the logits become exp(logits - max), the softmax times its row sum.
+            row_max = logits.amax(dim=-1, keepdim=True)
+            row_sum = logits.sub_(row_max).exp_().sum(dim=-1, keepdim=True)
+            lse = row_sum.log().add_(row_max)
+            total += ((lse - picked).squeeze(1) * ok).sum()
             if not (need_hidden or need_weight):
                 del logits  # freed before the next chunk's logits exist, not when the name is rebound
                 continue
             # d(mean loss)/d(logits) = (softmax - onehot(target)) / denom on scored rows, 0 elsewhere;
-            # built in place in the fp32 logits, which are not needed afterwards.
-            grad = logits.sub_(lse).exp_()
+            # built in place in the fp32 chunk, which is not needed afterwards.
+            grad = logits.div_(row_sum)
             grad.scatter_add_(1, target, torch.full_like(target, -1, dtype=grad.dtype))
             grad.mul_((ok / denom)[:, None])
             grad = grad.to(hidden.dtype)
@@ -106,7 +111,7 @@ def linear_cross_entropy(
         weight: ``[vocab, dim]`` output projection weight.
         labels: ``[...]`` target token ids (already shifted for next-token prediction).
         num_chunks: How many token chunks the logits are made in (peak extra memory ``tokens / num_chunks
-            x vocab x 8`` bytes: one chunk's fp32 logits and the fp32 temporary of their logsumexp).
+            x vocab x 6`` bytes in bf16: one chunk's fp32 logits and their bf16 copy or gradient).
         ignore_index: Label of tokens that are not scored.
 
     Returns:

@@ -355,7 +355,7 @@ def activation_bytes(
     With ``linear_ce`` (:class:`longlora_tune.linear_ce.ChunkedLinearCrossEntropyLoss`) no logits outlive
     the loss: it keeps the hidden-state gradient (``tokens x embed_dim`` in the compute dtype) and, for a
     trained tied head, the weight gradient; while it runs, its input (the final norm's output) and one
-    chunk's float32 logits with logsumexp's float32 temporary exist (plus the float32 weight-gradient
+    chunk's float32 logits with their compute-dtype copy exist (plus the float32 weight-gradient
     accumulators when tied).
 
     Args:
@@ -409,11 +409,14 @@ def activation_bytes(
     grads = 5 * e * hidden + 2 * e * t * i
     recompute_transient = grads + (per_layer if n_ckpt == shape.num_layers else 0)
     if linear_ce:
-        # One chunk's fp32 logits and the fp32 temporary logsumexp makes of them (ATen's exp(x - max)),
-        # which outweigh the compute-dtype copy made or cast next to them; the final norm's output, the
-        # op's input, is alive throughout; fp32 weight-gradient accumulators when tied.
+        # One chunk's fp32 logits with their compute-dtype copy (the matmul's output, or the gradient cast
+        # for the backward matmuls; none in fp32); the final norm's output, the op's input, is alive
+        # throughout. A trained tied head adds its fp32 weight-gradient accumulator and each chunk's fp32
+        # contribution (in fp32 the accumulator is the gradient kept, counted in loss_saved).
         chunk = -(-t // loss_chunks)
-        logits_transient = 2 * _FP32 * chunk * v + e * hidden + (2 * _FP32 * v * d if tied else 0)
+        low = e if e != _FP32 else 0
+        accumulators = (_FP32 + (_FP32 if low else 0)) * v * d if tied else 0
+        logits_transient = (_FP32 + low) * chunk * v + e * hidden + accumulators
     else:
         logits_transient = e * t * v + 2 * _FP32 * t * v // loss_chunks + (2 * e * v * d if tied else 0)
     return ActivationEstimate(

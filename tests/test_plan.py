@@ -296,51 +296,56 @@ def test_fp32_trainable_params_changes_only_the_trainable_state():
     assert full[0].memory["optimizer (AdamW)"] == 8 * 139_726_848 // 8
 
 
-def test_trainable_state_bytes_match_what_fsdp2_and_adamw_hold(tmp_path):
-    # The recipe's arrangement (_setup_model) on one CPU rank: bf16 model, trainable tensors cast to fp32,
-    # FSDP2 with MixedPrecisionPolicy(bf16, reduce fp32), AdamW over the trainable set after one step.
+@pytest.fixture
+def single_rank_group(tmp_path):
+    """A one-process gloo group, as the recipe's FSDP2 sharding needs (skipped if one already exists)."""
     import torch.distributed as dist
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    shape = SHAPES[0][0]
     if dist.is_initialized():
         pytest.skip("a process group is already initialised in this process")
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
-    try:
-        for fp32_masters in (True, False):
-            model = _build(shape, 64, dtype=torch.bfloat16, s2=True, checkpoint=False)
-            policy = None
-            if fp32_masters:
-                for p in model.parameters():
-                    if p.requires_grad:
-                        p.data = p.data.to(torch.float32)
-                policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-            for name, module in reversed(list(model.named_modules())):
-                if training.get_shard_conditions(name, module):
-                    fully_shard(module, mp_policy=policy or MixedPrecisionPolicy())
-            fully_shard(model, mp_policy=policy or MixedPrecisionPolicy())
-            trainable = [p for p in model.parameters() if p.requires_grad]
-            optimizer = torch.optim.AdamW(trainable, lr=1e-3)
-            _loss(model, shape, 64, 1, 2).backward()
-            optimizer.step()
+    yield
+    dist.destroy_process_group()
 
-            def local_bytes(t: torch.Tensor) -> int:
-                t = t.to_local()
-                return t.numel() * t.element_size()
 
-            held = {
-                "trainable params": sum(local_bytes(p) for p in trainable),
-                "gradients": sum(local_bytes(p.grad) for p in trainable),
-                "optimizer (AdamW)": sum(
-                    local_bytes(v) for p in trainable for k, v in optimizer.state[p].items() if k != "step"
-                ),
-            }
-            planned = plan(
-                shape, 64, gpus=1, dtype="bf16", fp32_trainable_params=fp32_masters, suggest=False
-            ).memory
-            assert held == {k: planned[k] for k in held}, fp32_masters
-    finally:
-        dist.destroy_process_group()
+def test_trainable_state_bytes_match_what_fsdp2_and_adamw_hold(single_rank_group):
+    # The recipe's arrangement (_setup_model) on one CPU rank: bf16 model, trainable tensors cast to fp32,
+    # FSDP2 with MixedPrecisionPolicy(bf16, reduce fp32), AdamW over the trainable set after one step.
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    shape = SHAPES[0][0]
+    for fp32_masters in (True, False):
+        model = _build(shape, 64, dtype=torch.bfloat16, s2=True, checkpoint=False)
+        policy = None
+        if fp32_masters:
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.data = p.data.to(torch.float32)
+            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        for name, module in reversed(list(model.named_modules())):
+            if training.get_shard_conditions(name, module):
+                fully_shard(module, mp_policy=policy or MixedPrecisionPolicy())
+        fully_shard(model, mp_policy=policy or MixedPrecisionPolicy())
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=1e-3)
+        _loss(model, shape, 64, 1, 2).backward()
+        optimizer.step()
+
+        def local_bytes(t: torch.Tensor) -> int:
+            t = t.to_local()
+            return t.numel() * t.element_size()
+
+        held = {
+            "trainable params": sum(local_bytes(p) for p in trainable),
+            "gradients": sum(local_bytes(p.grad) for p in trainable),
+            "optimizer (AdamW)": sum(
+                local_bytes(v) for p in trainable for k, v in optimizer.state[p].items() if k != "step"
+            ),
+        }
+        planned = plan(
+            shape, 64, gpus=1, dtype="bf16", fp32_trainable_params=fp32_masters, suggest=False
+        ).memory
+        assert held == {k: planned[k] for k in held}, fp32_masters
 
 
 def test_trainable_extras_follow_the_peft_rule():
@@ -1039,46 +1044,39 @@ def test_linear_ce_is_read_from_the_config_and_the_cli(tmp_path, capsys):
     assert "loss ChunkedLinearCrossEntropyLoss in 16 chunks" in capsys.readouterr().out
 
 
-def test_fsdp_root_is_gathered_through_forward_and_backward_as_planned(tmp_path):
+def test_fsdp_root_is_gathered_through_forward_and_backward_as_planned(single_rank_group):
     # The recipe's shard_model: the root unit (embeddings, norm, head) is all-gathered while the layers run
     # forward and again while they run backward, so a full compute-dtype copy is held through both phases.
-    import torch.distributed as dist
     from torch.distributed.fsdp import MixedPrecisionPolicy
     from torch.distributed.tensor import DTensor
 
     from longlora_tune.distributed import shard_model
 
     shape = SHAPES[0][0]
-    if dist.is_initialized():
-        pytest.skip("a process group is already initialised in this process")
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
-    try:
-        model = _build(shape, 64, dtype=torch.float32, s2=True, checkpoint=False)
-        shard_model(model, mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16))
-        root = {"embed": lambda: model.tok_embeddings.weight, "head": lambda: model.output.weight}
-        seen: dict[str, dict[str, tuple[bool, torch.dtype]]] = {}
+    model = _build(shape, 64, dtype=torch.float32, s2=True, checkpoint=False)
+    shard_model(model, mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16))
+    root = {"embed": lambda: model.tok_embeddings.weight, "head": lambda: model.output.weight}
+    seen: dict[str, dict[str, tuple[bool, torch.dtype]]] = {}
 
-        def probe(phase: str):
-            def hook(*_):
-                seen[phase] = {k: (isinstance(get(), DTensor), get().dtype) for k, get in root.items()}
+    def probe(phase: str):
+        def hook(*_):
+            seen[phase] = {k: (isinstance(get(), DTensor), get().dtype) for k, get in root.items()}
 
-            return hook
+        return hook
 
-        model.layers[-1].register_forward_pre_hook(probe("last layer forward"))
-        model.layers[0].register_full_backward_pre_hook(probe("first layer backward"))
-        _loss(model, shape, 64, 1, 2).backward()
-        gathered = {k: (False, torch.bfloat16) for k in root}
-        assert seen == {"last layer forward": gathered, "first layer backward": gathered}
-        assert all(isinstance(get(), DTensor) for get in root.values())  # resharded after the step
-        planned = plan(shape, 64, gpus=2, dtype="bf16", suggest=False).memory
-        full_bytes = sum(2 * get().numel() for get in root.values())
-        assert planned["fsdp root gathered (embeddings, head)"] == full_bytes
-        assert (
-            plan(shape, 64, gpus=2, fsdp=False, suggest=False).memory["fsdp root gathered (embeddings, head)"]
-            == 0
-        )
-    finally:
-        dist.destroy_process_group()
+    model.layers[-1].register_forward_pre_hook(probe("last layer forward"))
+    model.layers[0].register_full_backward_pre_hook(probe("first layer backward"))
+    _loss(model, shape, 64, 1, 2).backward()
+    gathered = {k: (False, torch.bfloat16) for k in root}
+    assert seen == {"last layer forward": gathered, "first layer backward": gathered}
+    assert all(isinstance(get(), DTensor) for get in root.values())  # resharded after the step
+    planned = plan(shape, 64, gpus=2, dtype="bf16", suggest=False).memory
+    full_bytes = sum(2 * get().numel() for get in root.values())
+    assert planned["fsdp root gathered (embeddings, head)"] == full_bytes
+    assert (
+        plan(shape, 64, gpus=2, fsdp=False, suggest=False).memory["fsdp root gathered (embeddings, head)"]
+        == 0
+    )
 
 
 class _LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):

@@ -54,8 +54,8 @@ import torch
 
 from longlora_tune._io import atomic_write_json
 from longlora_tune.activation_checkpointing import ALL_LAYERS
+from longlora_tune.bench.cli import add_step_arguments, resolve_step_arguments
 from longlora_tune.bench.train_step import (
-    BENCH_SHAPES,
     LORA_IMPLS,
     LOSSES,
     PEER_VARIANT,
@@ -460,16 +460,12 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m longlora_tune.bench", description=__doc__.splitlines()[0]
     )
-    parser.add_argument("--shape", choices=sorted(BENCH_SHAPES), default="7b-proxy")
-    parser.add_argument("--layers", type=int, default=None, help="override the shape's layer count")
-    parser.add_argument(
-        "--seq-lens",
-        type=int,
-        nargs="+",
-        default=None,
-        help="sequence lengths (default: 256 for tiny, 8192 otherwise)",
+    add_step_arguments(
+        parser,
+        unit="case",
+        rounds_help="interleaved sweeps, each case in a fresh process",
+        seq_help="sequence lengths (default: 256 for tiny, 8192 otherwise)",
     )
-    parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS))
     parser.add_argument(
         "--backends",
@@ -478,21 +474,11 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         default=["sdpa", "flash", "flex"],
         help="S² backends on CUDA (flash skipped if absent)",
     )
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    parser.add_argument(
-        "--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="default fp32 on CPU, bf16 on CUDA"
-    )
-    parser.add_argument("--repeats", type=int, default=3, help="timed steps per case and round (median)")
-    parser.add_argument(
-        "--rounds", type=int, default=1, help="interleaved sweeps, each case in a fresh process"
-    )
     parser.add_argument(
         "--peer",
         action="store_true",
         help="also run the transformers + PEFT step with the same S² (interleaved with ours)",
     )
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
-    parser.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument(
         "--checkpoint-layers",
         nargs="+",
@@ -503,7 +489,6 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         "activation_checkpointing_layers), 'all' (default); each value runs as its own case, the peer "
         "recomputes every layer",
     )
-    parser.add_argument("--loss-chunks", type=int, default=8)
     parser.add_argument(
         "--lora-impls",
         nargs="+",
@@ -555,15 +540,9 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.profile < 0:
         parser.error(f"--profile must be >= 0, got {args.profile}")
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    resolve_step_arguments(parser, args)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but torch.cuda.is_available() is False; use --device cpu")
-    if args.dtype is None:
-        args.dtype = "bf16" if args.device == "cuda" else "fp32"
-    if args.seq_lens is None:
-        args.seq_lens = [256] if args.shape == "tiny" else [8192]
-    check_counts(parser, args)
     if args.checkpoint_layers != [None]:
         if not args.activation_checkpointing:
             parser.error(
@@ -581,18 +560,6 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
             dict.fromkeys(None if n == num_layers else n for n in args.checkpoint_layers)
         )
     return args
-
-
-def check_counts(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Exit through ``parser.error`` when a count option shared by the bench CLIs is below 1.
-
-    Args:
-        parser: The parser whose error (exit 2, one line) reports it.
-        args: Parsed arguments with ``repeats``, ``rounds``, ``threads``, ``batch_size`` and ``loss_chunks``.
-    """
-    for name in ("repeats", "rounds", "threads", "batch_size", "loss_chunks"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:

@@ -57,8 +57,8 @@ from torchtune.modules import TransformerSelfAttentionLayer
 from torchtune.modules.loss import CEWithChunkedOutputLoss
 
 from longlora_tune._io import atomic_write_json
+from longlora_tune.bench.cli import add_step_arguments, resolve_step_arguments
 from longlora_tune.bench.train_step import (
-    BENCH_SHAPES,
     VARIANTS,
     Case,
     add_flops,
@@ -472,46 +472,23 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument(
         "--context-parallel", type=int, default=2, metavar="P", help="degree compared with 1 (default 2)"
     )
-    parser.add_argument("--shape", choices=sorted(BENCH_SHAPES), default="7b-proxy")
-    parser.add_argument("--layers", type=int, default=None, help="override the shape's layer count")
-    parser.add_argument(
-        "--seq-lens",
-        type=int,
-        nargs="+",
-        default=None,
-        help="whole-sequence lengths (default: 256 tiny, 8192)",
+    add_step_arguments(
+        parser,
+        unit="run",
+        rounds_help="interleaved sweeps (cp=1 and cp=P), each in fresh processes",
+        seq_help="whole-sequence lengths (default: 256 tiny, 8192)",
     )
-    parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    parser.add_argument(
-        "--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="default fp32 on CPU, bf16 on CUDA"
-    )
-    parser.add_argument("--repeats", type=int, default=3, help="timed steps per run and round")
-    parser.add_argument(
-        "--rounds", type=int, default=1, help="interleaved sweeps (cp=1 and cp=P), each in fresh processes"
-    )
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per process (default 1)")
-    parser.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--loss-chunks", type=int, default=8)
     parser.add_argument("--case-timeout", type=float, default=None, help="seconds per run (all ranks)")
     parser.add_argument("--out", type=Path, default=None, help="write results as JSON here")
     args = parser.parse_args(argv)
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    resolve_step_arguments(parser, args)
     if args.device == "cuda" and torch.cuda.device_count() < args.context_parallel:
         parser.error(
             f"--context-parallel {args.context_parallel} needs as many GPUs; "
             f"found {torch.cuda.device_count()}"
         )
-    if args.dtype is None:
-        args.dtype = "bf16" if args.device == "cuda" else "fp32"
-    if args.seq_lens is None:
-        args.seq_lens = [256] if args.shape == "tiny" else [8192]
     if args.context_parallel < 2:
         parser.error(f"--context-parallel must be >= 2 (it is compared with 1), got {args.context_parallel}")
-    from longlora_tune.bench.__main__ import check_counts
-
-    check_counts(parser, args)
     for seq_len in args.seq_lens:
         try:
             check_context_parallel(seq_len, args.context_parallel, _group_size(seq_len))

@@ -42,7 +42,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -63,6 +62,7 @@ from longlora_tune.bench.train_step import (
     Case,
     resolve_shape,
     run_case,
+    step_time_fields,
 )
 from longlora_tune.modules.s2_attention import flash_attn_available
 from longlora_tune.plan import step_flops
@@ -170,18 +170,12 @@ def _merge_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     merged = dict(ok[-1])
     times = [t for r in ok for t in r["step_s"]]
     cpu_times = [t for r in ok for t in r["cpu_step_s"]]
-    median = statistics.median(times)
+    merged.update(step_time_fields(times, cpu_times, merged["batch_size"] * merged["seq_len"]))
+    median = merged["median_s"]
     merged.update(
-        step_s=times,
-        cpu_step_s=cpu_times,
-        median_cpu_s=statistics.median(cpu_times),
         min_cpu_s=min(cpu_times),
         max_cpu_s=max(cpu_times),
         rounds=len(ok),
-        median_s=median,
-        min_s=min(times),
-        max_s=max(times),
-        tokens_per_s=merged["batch_size"] * merged["seq_len"] / median,
         model_tflops_per_s=merged["model_flops"] / median / 1e12,
         peak_mem_bytes=max((r["peak_mem_bytes"] or 0) for r in ok) or None,
         peak_mem_over_model_bytes=max((r["peak_mem_over_model_bytes"] or 0) for r in ok) or None,

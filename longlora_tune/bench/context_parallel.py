@@ -40,7 +40,6 @@ import json
 import os
 import platform
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -64,6 +63,7 @@ from longlora_tune.bench.train_step import (
     add_flops,
     measure_steps,
     resolve_shape,
+    step_time_fields,
 )
 from longlora_tune.distributed import (
     close_process_group,
@@ -236,18 +236,11 @@ def combine_ranks(ranks: list[dict[str, Any]]) -> dict[str, Any]:
     out.pop("rank", None)
     times = [max(ts) for ts in zip(*(r["step_s"] for r in ranks))]
     cpu = [sum(ts) for ts in zip(*(r["cpu_step_s"] for r in ranks))]
-    median = statistics.median(times)
     over = [r.get("peak_mem_over_model_bytes") for r in ranks]
     peaks = [r.get("peak_mem_bytes") for r in ranks]
+    out.update(step_time_fields(times, cpu, out["batch_size"] * out["seq_len"]))
     out.update(
-        step_s=times,
-        median_s=median,
-        min_s=min(times),
-        max_s=max(times),
-        cpu_step_s=cpu,
-        median_cpu_s=statistics.median(cpu),
-        tokens_per_s=out["batch_size"] * out["seq_len"] / median,
-        model_tflops_per_s=out["model_flops"] / median / 1e12,
+        model_tflops_per_s=out["model_flops"] / out["median_s"] / 1e12,
         warmup_s=max(r["warmup_s"] for r in ranks),
         loss=sum(r["loss"] for r in ranks),  # each rank's share of the global mean
         peak_mem_bytes=max(peaks) if None not in peaks else None,

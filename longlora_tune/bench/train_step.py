@@ -334,6 +334,30 @@ def run_case(case: Case) -> dict[str, Any]:
     return result
 
 
+def step_time_fields(times: list[float], cpu_times: list[float], tokens_per_step: int) -> dict[str, Any]:
+    """The timing fields of a result from its timed steps: the median step is the figure reported.
+
+    Args:
+        times: Wall-clock seconds of each timed step.
+        cpu_times: Process CPU seconds of each timed step.
+        tokens_per_step: Tokens one step trains on (batch x sequence length).
+
+    Returns:
+        ``step_s``, ``median_s``, ``min_s``, ``max_s``, ``cpu_step_s``, ``median_cpu_s`` and
+        ``tokens_per_s`` (from the median step).
+    """
+    median = statistics.median(times)
+    return dict(
+        step_s=times,
+        median_s=median,
+        min_s=min(times),
+        max_s=max(times),
+        cpu_step_s=cpu_times,
+        median_cpu_s=statistics.median(cpu_times),
+        tokens_per_s=tokens_per_step / median,
+    )
+
+
 def measure_steps(
     case: Case, device: torch.device, step: Callable[[], float], *, load_before: tuple[float, ...]
 ) -> dict[str, Any]:
@@ -371,15 +395,8 @@ def measure_steps(
         cpu_times.append(time.process_time() - cpu_start)
 
     result: dict[str, Any] = asdict(case)
-    median = statistics.median(times)
     result.update(
-        step_s=times,
-        median_s=median,
-        min_s=min(times),
-        max_s=max(times),
-        cpu_step_s=cpu_times,
-        median_cpu_s=statistics.median(cpu_times),
-        tokens_per_s=case.batch_size * case.seq_len / median,
+        step_time_fields(times, cpu_times, case.batch_size * case.seq_len),
         loss=loss,
         warmup_s=warmup_s,
         load_avg_before=load_before,

@@ -228,6 +228,28 @@ class HFBaseModel:
             return {}
         return self.builder_rope_kwargs()
 
+    def dataset_overrides(self, dataset: Mapping[str, Any], tokenizer: Any) -> dict[str, Any]:
+        """Dataset builder arguments of a training run that come from this checkpoint.
+
+        ``eos_id`` (:meth:`document_end_id`) for a builder that takes it (``packed_blocks_dataset``),
+        unless the config sets it.
+
+        Args:
+            dataset: The config's ``dataset`` section (``_component_`` and builder arguments).
+            tokenizer: The run's tokenizer.
+
+        Returns:
+            Keyword arguments for the dataset builder, on top of the ``dataset`` section (often none).
+
+        Raises:
+            LongLoRAConfigError: If the dataset ``_component_`` cannot be imported.
+        """
+        builder = import_object(dataset.get("_component_"), "dataset._component_")
+        if "eos_id" in dataset or "eos_id" not in inspect.signature(builder).parameters:
+            return {}
+        end = self.document_end_id(getattr(tokenizer, "eos_id", None))
+        return {} if end is None else {"eos_id": end}
+
     def training_overrides(
         self, model: Mapping[str, Any], rope_scaling: Optional[Mapping[str, Any]]
     ) -> dict[str, Any]:

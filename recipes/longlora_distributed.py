@@ -315,18 +315,14 @@ class LongLoRARecipeDistributed:
 
     def _setup_data(self) -> None:
         cfg = self.cfg
-        extra = {}
-        builder = import_object(cfg.dataset.get("_component_"), "dataset._component_")
-        if "eos_id" not in cfg.dataset and "eos_id" in inspect.signature(builder).parameters:
-            tokenizer_eos = getattr(self.tokenizer, "eos_id", None)
-            end = self.base.document_end_id(tokenizer_eos)
-            if end is not None:
-                extra["eos_id"] = end
-                utils.log_rank_zero(
-                    log,
-                    f"Documents end with the base model's eos_token_id {end} (config.json), not the "
-                    f"tokenizer's eos_id {tokenizer_eos} (set dataset.eos_id to choose)",
-                )
+        extra = self.base.dataset_overrides(cfg.dataset, self.tokenizer)
+        if "eos_id" in extra:
+            utils.log_rank_zero(
+                log,
+                f"Documents end with the base model's eos_token_id {extra['eos_id']} (config.json), not "
+                f"the tokenizer's eos_id {getattr(self.tokenizer, 'eos_id', None)} (set dataset.eos_id to "
+                "choose)",
+            )
         try:
             dataset = config.instantiate(cfg.dataset, self.tokenizer, **extra)
         except (ValueError, FileNotFoundError) as e:

@@ -234,3 +234,17 @@ def test_document_end_is_the_base_models_eos_when_the_tokenizer_names_another():
     assert end([151643, 151644], 151645) == 151643
     # Elsewhere eos_token_id is the stop token: Llama 3 Instruct's <|eot_id|> must not end documents.
     assert end(128009, 128001, model_type="llama", rope_theta=500_000.0) is None
+
+
+def test_dataset_overrides_give_the_document_end_only_where_the_builder_takes_it():
+    from types import SimpleNamespace
+
+    from longlora_tune.hf import HFBaseModel
+
+    base = HFBaseModel("base", {"model_type": "qwen2", "eos_token_id": 151643}, ())
+    tokenizer = SimpleNamespace(eos_id=151645)
+    packed = {"_component_": "longlora_tune.data.packed_blocks_dataset", "block_size": 8}
+    assert base.dataset_overrides(packed, tokenizer) == {"eos_id": 151643}
+    assert base.dataset_overrides({**packed, "eos_id": 5}, tokenizer) == {}  # the config's choice stands
+    sft = {"_component_": "longlora_tune.data.longalpaca_dataset"}
+    assert base.dataset_overrides(sft, tokenizer) == {}

@@ -436,6 +436,10 @@ def _manifest_problem(m: Any) -> Optional[str]:
         for v in files.values()
     ):
         return "lacks a valid file list"
+    # A name is a file inside the checkpoint folder: `ckpt / name` must never read or hash another file.
+    foreign = next((n for n in files if not _is_plain_file_name(n)), None)
+    if foreign is not None:
+        return f"lists {foreign!r}, which is not a file name inside the checkpoint folder"
     ref = m.get("resumed_from")
     if ref is not None:
         try:
@@ -443,6 +447,16 @@ def _manifest_problem(m: Any) -> Optional[str]:
         except (KeyError, TypeError, ValueError, AttributeError):
             return "has an invalid resumed_from entry"
     return None
+
+
+def _is_plain_file_name(name: Any) -> bool:
+    return (
+        isinstance(name, str)
+        and name not in ("", ".", "..")
+        and "/" not in name
+        and "\\" not in name
+        and "\0" not in name
+    )
 
 
 def _step_from_name(name: str) -> Optional[int]:
@@ -799,6 +813,37 @@ def read_recipe_state(checkpoint: str | Path) -> dict[str, Any]:
     """
     ckpt, _ = _checked_file(checkpoint, RECIPE_STATE_FILE)
     return _load_pt(ckpt, RECIPE_STATE_FILE)
+
+
+def read_saved_config(checkpoint: str | Path) -> dict[str, Any]:
+    """Read ``config.yaml`` of a checkpoint as plain data, after checking it against the manifest.
+
+    It is parsed with a safe YAML loader and never resolved: a folder from elsewhere may hold
+    ``${oc.env:...}`` interpolations, which must compare as text rather than read this machine's
+    environment into the log.
+
+    Args:
+        checkpoint: the checkpoint folder.
+
+    Returns:
+        The saved config as nested dicts and lists.
+
+    Raises:
+        CheckpointDamagedError: if the file is missing, fails its manifest check or is not a YAML mapping.
+    """
+    import yaml
+    from omegaconf import OmegaConf
+
+    ckpt, path = _checked_file(checkpoint, CONFIG_FILE)
+    try:
+        # OmegaConf's own (safe) YAML loader reads values exactly as the run's config was read.
+        saved = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    except (UnicodeDecodeError, yaml.YAMLError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointDamagedError(ckpt, CONFIG_FILE, f"is not valid YAML ({first})") from None
+    if not isinstance(saved, dict):
+        raise CheckpointDamagedError(ckpt, CONFIG_FILE, "is not a YAML mapping")
+    return saved
 
 
 def read_optimizer_state(checkpoint: str | Path) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from typing import Any, Optional
 import torch
 
 from longlora_tune import checkpointing
+from longlora_tune._io import atomic_path
 from longlora_tune.families import FAMILIES
 from longlora_tune.hf import HFBaseModel
 from longlora_tune.models.longlora import LongLoRAModelInfo
@@ -138,9 +139,15 @@ def copy_tokenizer_files(src_dir: str | Path, dst_dir: str | Path) -> list[str]:
     return copied
 
 
-def _save_sharded_safetensors(sd: dict[str, torch.Tensor], out_dir: Path, max_shard_bytes: int) -> None:
+def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     from safetensors.torch import save_file
 
+    # Through the atomic writer: safetensors alone creates its file 0600, unreadable by a serving account.
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+
+
+def _save_sharded_safetensors(sd: dict[str, torch.Tensor], out_dir: Path, max_shard_bytes: int) -> None:
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for k, v in sd.items():
@@ -151,12 +158,12 @@ def _save_sharded_safetensors(sd: dict[str, torch.Tensor], out_dir: Path, max_sh
         shards[-1][k] = v.contiguous()
         size += n
     if len(shards) == 1:
-        save_file(shards[0], str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+        _save_safetensors(shards[0], out_dir / "model.safetensors")
         return
     weight_map = {}
     for i, shard in enumerate(shards, 1):
         fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(out_dir / fname), metadata={"format": "pt"})
+        _save_safetensors(shard, out_dir / fname)
         weight_map.update(dict.fromkeys(shard, fname))
     total = sum(v.numel() * v.element_size() for v in sd.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}

@@ -32,7 +32,7 @@ from typing import Any, Optional
 
 from longlora_tune.errors import LongLoRAConfigError
 
-__all__ = ["FAMILIES", "ModelFamily", "detect_family", "family_of_builder"]
+__all__ = ["FAMILIES", "ModelFamily", "detect_family", "family_of_builder", "trusted_builder"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,3 +221,32 @@ def family_of_builder(component: str) -> Optional[ModelFamily]:
         if name == short or name.startswith(short + "_"):
             return family
     return None
+
+
+def trusted_builder(component: Any, where: str) -> Any:
+    """The LongLoRA builder a file from a checkpoint or adapter folder names, if it is one of ours.
+
+    A folder from someone else is data: its ``_component_`` may only name a builder that
+    :mod:`longlora_tune.models` exports, never an arbitrary callable (``torch.hub.load`` with a local
+    ``hubconf.py`` would run code shipped in the folder).
+
+    Args:
+        component: the recorded dotted path, e.g. ``longlora_tune.models.longlora_llama2``.
+        where: the file and key, for the message.
+
+    Returns:
+        The builder function.
+
+    Raises:
+        LongLoRAConfigError: if the path is not one of the library's model builders.
+    """
+    from longlora_tune import models  # torch: imported only when a folder is actually loaded
+
+    prefix = "longlora_tune.models."
+    name = component[len(prefix) :] if isinstance(component, str) and component.startswith(prefix) else None
+    if name is None or name not in models.__all__ or name == "apply_longlora":
+        raise LongLoRAConfigError(
+            f"{where}={component!r} is not a longlora_tune model builder; refusing to load a folder that "
+            f"names other code (expected {prefix}<builder>, e.g. {FAMILIES['llama2'].builder})"
+        )
+    return getattr(models, name)

@@ -199,7 +199,7 @@ class LongLoRARecipeDistributed:
                 checkpointing.verify_checkpoint(found)
             if found is not None:
                 # Settings that define the run must match the checkpoint's; the others take effect.
-                saved = OmegaConf.load(found / checkpointing.CONFIG_FILE)
+                saved = checkpointing.read_saved_config(found)
                 for change in compare_with_checkpoint(self.cfg, saved, str(found)):
                     log.info(f"Resume changes {change}")
             self.lineage = checkpointing.start_lineage(found)

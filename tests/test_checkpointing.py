@@ -610,3 +610,38 @@ def test_pruning_with_ancestors_bounds_a_many_times_resumed_run(tmp_path):
         f"step_000003.abandoned-{run_a.run_id[:8]}",
         f"step_000004.abandoned-{run_a.run_id[:8]}",
     ]
+
+
+@pytest.mark.parametrize("name", ["../outside.txt", "/etc/passwd", "sub/trainable.safetensors", "..", "a\\b"])
+def test_a_manifest_naming_a_file_outside_the_checkpoint_is_refused(tmp_path, name):
+    ckpt = _save(tmp_path / "checkpoints", 3, checkpointing.start_lineage())
+    (tmp_path / "outside.txt").write_text("someone else's file")
+    manifest = json.loads((ckpt / checkpointing.MANIFEST_FILE).read_text())
+    manifest["files"][name] = {"size": 19, "sha256": "0" * 64}
+    (ckpt / checkpointing.MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointDamagedError, match="not a file name inside the checkpoint folder"):
+        checkpointing.verify_checkpoint(ckpt)
+
+
+def _rewrite_listed(ckpt, name, text):
+    """Replace a checkpoint file and its manifest entry, as a folder made elsewhere would have them."""
+    import hashlib
+
+    data = text.encode()
+    (ckpt / name).write_bytes(data)
+    manifest = json.loads((ckpt / checkpointing.MANIFEST_FILE).read_text())
+    manifest["files"][name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (ckpt / checkpointing.MANIFEST_FILE).write_text(json.dumps(manifest))
+
+
+def test_saved_config_is_read_as_data_without_resolving_interpolations(tmp_path, monkeypatch):
+    monkeypatch.setenv("LONGLORA_TEST_SECRET", "hunter2")
+    ckpt = _save(tmp_path / "checkpoints", 3, checkpointing.start_lineage())
+    # Its config.yaml asks for this machine's environment.
+    text = "max_steps: 30\nlr: 2.0e-05\nnote: ${oc.env:LONGLORA_TEST_SECRET}\n"
+    _rewrite_listed(ckpt, checkpointing.CONFIG_FILE, text)
+    saved = checkpointing.read_saved_config(ckpt)
+    assert saved == {"max_steps": 30, "lr": 2e-5, "note": "${oc.env:LONGLORA_TEST_SECRET}"}
+    _rewrite_listed(ckpt, checkpointing.CONFIG_FILE, "a: [unclosed\n")
+    with pytest.raises(CheckpointDamagedError, match="config.yaml is not valid YAML"):
+        checkpointing.read_saved_config(ckpt)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import stat
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from longlora_tune import export, tiny
+from longlora_tune import _io, export, tiny
 from longlora_tune.errors import LongLoRAConfigError
 from longlora_tune.hf import HFBaseModel
 from longlora_tune.models.longlora import LongLoRAModelInfo
@@ -119,3 +120,6 @@ def test_merged_hf_checkpoint_is_sharded_and_folds_lora(tmp_path):
         torch.testing.assert_close(loaded[k], expected[k], rtol=1e-6, atol=1e-6)
     assert json.loads((out / "config.json").read_text())["rope_scaling"]["factor"] == 4.0
     assert (out / "tokenizer.model").read_bytes() == b"sp"
+    # Readable by a serving account like every other output (safetensors alone writes 0600).
+    mode = 0o666 & ~_io.current_umask()
+    assert {stat.S_IMODE((out / name).stat().st_mode) for name in shards} == {mode}

@@ -22,13 +22,13 @@ disagreement between the two is a warning naming both.
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import logging
 from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 from torch import nn
 from torchtune import config as tt_config
 from torchtune import training
@@ -43,6 +43,7 @@ from longlora_tune.distributed import (
     resolve_dtype,
 )
 from longlora_tune.errors import LongLoRAConfigError
+from longlora_tune.families import trusted_builder
 from longlora_tune.hf import HFBaseModel
 from longlora_tune.models import apply_longlora
 from longlora_tune.modules.position_interpolation import check_rope_factor, position_interpolation_factor
@@ -166,13 +167,17 @@ def eval_rope(
 
 
 def _read_adapter_meta(adapter_dir: Path) -> dict[str, Any]:
+    """``longlora.json``, checked as data: our builder, plain values, arguments the builder takes."""
     path = adapter_dir / "longlora.json"
     if not path.is_file():
         raise LongLoRAConfigError(
             f"adapter_dir={str(adapter_dir)!r} has no longlora.json; point it at the adapter/ folder a "
             "longlora_distributed run writes"
         )
-    meta = json.loads(path.read_text())
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LongLoRAConfigError(f"{path} is not valid JSON ({e})") from None
     if (
         not isinstance(meta, dict)
         or not isinstance(meta.get("model"), dict)
@@ -181,7 +186,46 @@ def _read_adapter_meta(adapter_dir: Path) -> dict[str, Any]:
         raise LongLoRAConfigError(
             f"{path} has no 'model' entry with a _component_ (not a longlora.json export)"
         )
+    builder = trusted_builder(meta["model"]["_component_"], f"{path}: model._component_")
+    params = inspect.signature(builder).parameters
+    for key, value in meta["model"].items():
+        if key == "_component_":
+            continue
+        if key not in params:
+            raise LongLoRAConfigError(
+                f"{path}: model.{key} is not an argument of {meta['model']['_component_']}; "
+                "the file was not written by longlora_tune"
+            )
+        _check_plain(value, f"{path}: model.{key}")
+    for key in ("base_checkpoint_dir",):
+        if meta.get(key) is not None and not isinstance(meta[key], str):
+            raise LongLoRAConfigError(f"{path}: {key}={meta[key]!r} must be a path string")
     return meta
+
+
+def _check_plain(value: Any, where: str) -> None:
+    """Refuse anything but JSON scalars, lists and string-keyed mappings without components.
+
+    A nested ``_component_`` would be instantiated and a ``${...}`` string resolved by OmegaConf; a
+    recorded builder argument never needs either.
+    """
+    if value is None or isinstance(value, (bool, int, float)):
+        return
+    if isinstance(value, str):
+        if "${" in value:
+            raise LongLoRAConfigError(f"{where}={value!r} holds an interpolation; refusing it")
+        return
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_plain(item, f"{where}[{i}]")
+        return
+    if isinstance(value, dict):
+        for k, item in value.items():
+            if k == "_component_":
+                raise LongLoRAConfigError(f"{where} names a _component_; refusing to instantiate it")
+            _check_plain(item, f"{where}.{k}")
+        return
+    raise LongLoRAConfigError(f"{where} has a value of type {type(value).__name__}; expected plain JSON")
 
 
 def load_eval_model(
@@ -297,8 +341,10 @@ def load_eval_model(
             overrides.update(rope_facts)
             if meta["model"].get("rope_scaling") is not None:
                 overrides["rope_scaling"] = {**meta["model"]["rope_scaling"], "factor": factor}
+        builder = trusted_builder(meta["model"]["_component_"], "longlora.json: model._component_")
+        recorded = {k: v for k, v in meta["model"].items() if k != "_component_"}
         with training.set_default_dtype(dtype), device:
-            model = tt_config.instantiate(OmegaConf.create(meta["model"]), **overrides)
+            model = builder(**{**recorded, **overrides})
         missing, unexpected = model.load_state_dict(weights, strict=False)
         if unexpected:
             raise LongLoRAConfigError(

@@ -91,6 +91,39 @@ def test_missing_files_raise_config_errors(tmp_path: Path, tiny_ckpt: Path) -> N
         load_eval_model(tmp_path / "nothing", max_seq_len=64)
     with pytest.raises(LongLoRAConfigError, match="longlora.json"):
         load_eval_model(tiny_ckpt, adapter_dir=tmp_path, max_seq_len=64)
-    (tmp_path / "longlora.json").write_text(json.dumps({"model": {"_component_": "x"}}))
+    meta = {"model": {"_component_": "longlora_tune.models.longlora_llama2"}}
+    (tmp_path / "longlora.json").write_text(json.dumps(meta))
     with pytest.raises(LongLoRAConfigError, match="trainable.safetensors"):
         load_eval_model(tiny_ckpt, adapter_dir=tmp_path, max_seq_len=64)
+
+
+_OURS = "longlora_tune.models.longlora_llama2"
+_HUBCONF = """
+import pathlib
+pathlib.Path(__file__).with_name("ran").write_text("code from the adapter folder ran")
+def model(**kwargs):
+    raise SystemExit("hubconf entry point called")
+"""
+
+
+@pytest.mark.parametrize(
+    ("model", "refused"),
+    [
+        # torch.hub.load with source=local imports the folder's hubconf.py: code execution.
+        ({"_component_": "torch.hub.load", "source": "local", "model": "model"}, "not a longlora_tune model"),
+        ({"_component_": "longlora_tune.models.longlora_llama2_evil"}, "not a longlora_tune model"),
+        ({"_component_": "longlora_tune.models.apply_longlora"}, "not a longlora_tune model"),
+        ({"_component_": _OURS, "rope_scaling": {"_component_": "os.system"}}, "names a _component_"),
+        ({"_component_": _OURS, "rope_scaling": {"type": "${oc.env:HOME}"}}, "interpolation"),
+        ({"_component_": _OURS, "hubconf": "x"}, "not an argument"),
+    ],
+)
+def test_adapter_folder_is_data_not_code(tmp_path: Path, tiny_ckpt: Path, model: dict, refused: str) -> None:
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "hubconf.py").write_text(_HUBCONF)
+    meta = {"model": {**model, "repo_or_dir": str(adapter)}} if "source" in model else {"model": model}
+    (adapter / "longlora.json").write_text(json.dumps(meta))
+    with pytest.raises(LongLoRAConfigError, match=refused):
+        load_eval_model(tiny_ckpt, adapter_dir=adapter, max_seq_len=64)
+    assert not (adapter / "ran").exists()

@@ -3,7 +3,7 @@
 ``longlora_tune_hook.pth`` (installed next to this module in site-packages by setup.py) imports this
 module at every interpreter start-up. It only puts a tiny finder at the front of ``sys.meta_path``;
 when ``torchtune._recipe_registry`` is imported later, the finder wraps that one module's loader so
-that, right after the module has run, ``longlora_tune._tune_registry.register`` appends our entries
+that, right after the module has run, ``longlora_tune.config.tune_registry.register`` appends our entries
 to its ``_ALL_RECIPES``. Nothing here imports torch or torchtune, it does nothing when torchtune is
 absent, and every error is swallowed: a start-up hook must never break the interpreter.
 """
@@ -17,7 +17,7 @@ _MARKER = "_longlora_tune_registry_hook"
 def _register(module: object) -> None:
     """Append our recipes to the freshly executed registry module; report, never raise, on failure."""
     try:
-        from longlora_tune._tune_registry import register
+        from longlora_tune.config.tune_registry import register
 
         register(module)
     except Exception as exc:  # a broken plugin must not break torchtune

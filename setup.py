@@ -3,7 +3,7 @@
 All metadata lives in pyproject.toml. Two things pyproject cannot express:
 
 * ``longlora_tune_hook.pth`` at the top of site-packages: it imports ``_longlora_tune_hook`` at start-up
-  so that the stock ``tune`` CLI learns our recipe names (see longlora_tune/_tune_registry.py). It is
+  so that the stock ``tune`` CLI learns our recipe names (see longlora_tune/config/tune_registry.py). It is
   written into the wheel root for normal wheels, and into the editable wheel's root for
   ``pip install -e .`` (PEP 660), where ``build_py`` runs with ``editable_mode`` and the wheel contents are
   staged in the ``install`` command's ``install_lib``.

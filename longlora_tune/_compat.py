@@ -135,3 +135,35 @@ def wrap_distributed_launch(before_launch: Callable[[str, list[str], Any, Any], 
     _run_distributed._longlora_preflight = True  # type: ignore[attr-defined]
     Run._run_distributed = _run_distributed
     return True
+
+
+def import_object(path: Any, where: str = "component") -> Any:
+    """The object a config's dotted path names (``_component_``, ``collate_fn``), found as torchtune finds it.
+
+    Why private: ``torchtune.config._utils._get_component_from_path`` is the lookup ``config.instantiate``
+    uses; resolving a path with it means a config check accepts exactly what instantiation will accept.
+    Its multi-line ``InstantiationError`` becomes one config-error line naming the key.
+
+    Args:
+        path: the dotted path (``package.module.attribute``).
+        where: the config key, for the message (``model._component_``).
+
+    Returns:
+        The object.
+
+    Raises:
+        LongLoRAConfigError: if the path is not a string or cannot be imported.
+    """
+    from torchtune.config._errors import InstantiationError
+    from torchtune.config._utils import _get_component_from_path
+
+    from longlora_tune.errors import LongLoRAConfigError
+
+    if not isinstance(path, str) or not path or any(not part for part in path.split(".")):
+        raise LongLoRAConfigError(f"{where}={path!r} must be a dotted path such as torch.optim.AdamW")
+    try:
+        return _get_component_from_path(path)
+    except InstantiationError as e:
+        cause = e.__cause__ if e.__cause__ is not None else e
+        message = f"{where}={path} cannot be imported ({cause}); check the dotted path"
+        raise LongLoRAConfigError(message) from e

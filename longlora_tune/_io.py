@@ -14,14 +14,17 @@ import contextlib
 import errno
 import json
 import os
+import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Optional
 
 from longlora_tune.errors import CheckpointWriteError
 
 __all__ = [
+    "atomic_directory",
     "atomic_open",
     "atomic_path",
     "atomic_write_bytes",
@@ -215,3 +218,75 @@ def atomic_write_json(path: str | Path, obj: Any, **json_kwargs: Any) -> Path:
     """
     json_kwargs.setdefault("indent", 2)
     return atomic_write_text(path, json.dumps(obj, **json_kwargs) + "\n")
+
+
+class _NotGiven:
+    """Marks an argument that was left out (None is a meaningful value for ``previous``)."""
+
+
+_NOT_GIVEN = _NotGiven()
+
+
+@contextlib.contextmanager
+def atomic_directory(
+    final_path: str | Path,
+    *,
+    previous: str | Path | None | _NotGiven = _NOT_GIVEN,
+    keep_replaced: Optional[Path] = None,
+) -> Iterator[Path]:
+    """Write a folder all-or-nothing.
+
+    Yields a fresh hidden temporary folder next to ``final_path``. When the block ends normally, every file
+    in it is fsynced and the folder is renamed to ``final_path`` (an existing ``final_path`` is replaced only
+    then). When the block raises, the temporary folder is deleted and ``final_path`` is left untouched.
+
+    Args:
+        final_path: where the finished folder should appear.
+        previous: for checkpoints, the intact earlier checkpoint (None: there is none) that a disk-full
+            error names; leave it out for other folders (exports).
+        keep_replaced: move an existing ``final_path`` here (must not exist) instead of deleting it.
+
+    Yields:
+        The temporary folder to write into.
+
+    Raises:
+        CheckpointWriteError: when writing failed because the disk is full (the temporary folder is gone).
+    """
+    final = Path(final_path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
+    # mkdtemp creates the folder private (0700); give it the permissions a plain mkdir would.
+    os.chmod(tmp, 0o777 & ~current_umask())
+    try:
+        yield tmp
+        for root, _, files in os.walk(tmp):
+            for name in files:
+                fsync_file(Path(root) / name)
+            fsync_dir(Path(root))
+        if final.exists() and keep_replaced is not None:
+            # Old folder aside first, new one in second: a crash in between leaves the old one under its new
+            # name and the new one hidden, never a lost checkpoint.
+            os.replace(final, keep_replaced)
+            os.replace(tmp, final)
+        elif final.exists():
+            # A folder cannot be os.replace'd onto a non-empty one: move the old one aside first, and
+            # delete it only after the new one is in place.
+            old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        fsync_dir(final.parent)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, Exception) and is_disk_full(e):
+            where = final
+            if isinstance(e, CheckpointWriteError):
+                # Name the file inside the finished folder, not the temporary one that is gone.
+                with contextlib.suppress(ValueError):
+                    where = final / Path(e.path).relative_to(tmp)
+            if isinstance(previous, _NotGiven):
+                raise CheckpointWriteError(where, checkpoint=False) from e
+            raise CheckpointWriteError(where, previous=previous) from e
+        raise

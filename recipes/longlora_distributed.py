@@ -39,11 +39,8 @@ from torch.distributed.fsdp import MixedPrecisionPolicy
 from torchtune import config, training, utils
 from tqdm import tqdm
 
-from longlora_tune import checkpointing, export, qlora
-from longlora_tune.activation_checkpointing import apply_activation_checkpointing
-from longlora_tune.compile import compile_model_and_loss
-from longlora_tune.components import import_object
-from longlora_tune.config_checks import (
+from longlora_tune._compat import import_object
+from longlora_tune.config.validation import (
     DEFAULT_REPO_HINT,
     EXPORT_FORMATS,
     batch_settings,
@@ -55,7 +52,22 @@ from longlora_tune.config_checks import (
 )
 from longlora_tune.data import check_dataset_source
 from longlora_tune.data.loader import DEFAULT_COLLATE, build_dataloader, pad_multiple
-from longlora_tune.distributed import (
+from longlora_tune.errors import LongLoRAConfigError, TrainingDivergedError, report_errors
+from longlora_tune.hf import export
+from longlora_tune.hf.base import HFBaseModel
+from longlora_tune.models.longlora import describe
+from longlora_tune.models.trainable import set_trainable_params, trainable_param_names, unwrapped_name
+from longlora_tune.modules.context_parallel import (
+    check_context_parallel,
+    context_parallel_attention,
+    split_batch_for_context_parallel,
+)
+from longlora_tune.modules.loss import summed_token_loss
+from longlora_tune.modules.s2_attention import describe_backend
+from longlora_tune.training import checkpointing, qlora
+from longlora_tune.training.activation_checkpointing import apply_activation_checkpointing
+from longlora_tune.training.compile import compile_model_and_loss
+from longlora_tune.training.distributed import (
     close_process_group,
     init_process_group,
     parallel_layout,
@@ -65,20 +77,9 @@ from longlora_tune.distributed import (
     run_on_rank_zero,
     shard_model,
 )
-from longlora_tune.errors import LongLoRAConfigError, TrainingDivergedError, report_errors
-from longlora_tune.hf import HFBaseModel
-from longlora_tune.loss import summed_token_loss
-from longlora_tune.metric_logging import build_metric_logger, check_metric_logger
-from longlora_tune.models.longlora import describe
-from longlora_tune.modules.context_parallel import (
-    check_context_parallel,
-    context_parallel_attention,
-    split_batch_for_context_parallel,
-)
-from longlora_tune.modules.s2_attention import describe_backend
-from longlora_tune.peft import set_trainable_params, trainable_param_names, unwrapped_name
-from longlora_tune.resume import apply_optimizer_settings, compare_with_checkpoint
-from longlora_tune.weights import starting_state
+from longlora_tune.training.metric_logging import build_metric_logger, check_metric_logger
+from longlora_tune.training.resume import apply_optimizer_settings, compare_with_checkpoint
+from longlora_tune.training.weights import starting_state
 
 log = utils.get_logger("INFO")
 
@@ -158,7 +159,7 @@ class LongLoRARecipeDistributed:
         if self.loss_fn.__class__.__name__ == "CEWithChunkedOutputLoss":
             self.model.set_num_output_chunks(self.loss_fn.num_output_chunks)
         elif hasattr(self.loss_fn, "set_model_output"):
-            # longlora_tune.linear_ce: the model's forward ends with the fused projection + loss.
+            # longlora_tune.modules.linear_ce: the model's forward ends with the fused projection + loss.
             self.loss_fn.set_model_output(self.model)
 
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -254,7 +255,8 @@ class LongLoRARecipeDistributed:
             )
 
         if cfg.get("enable_activation_checkpointing", True):
-            # The first N layers (all by default); see longlora_tune.activation_checkpointing for why.
+            # The first N layers (all by default); see longlora_tune.training.activation_checkpointing for
+            # why.
             wrapped = apply_activation_checkpointing(model, cfg.get("activation_checkpointing_layers", "all"))
             utils.log_rank_zero(log, f"Activation checkpointing: {wrapped} decoder layer(s)")
         mp_policy = None

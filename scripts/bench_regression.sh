@@ -4,7 +4,7 @@
 # Usage: scripts/bench_regression.sh [--record] [--result FILE] [--baseline FILE] [--rounds N] [--repeats N]
 #                                    [--metric auto|median_ratio|best_ratio|cpu_median_ratio] [--tolerance 0.10]
 #                                    [--note TEXT]
-#   (no option)     rerun the 7B-proxy comparison (python -m longlora_tune.bench --shape 7b-proxy
+#   (no option)     rerun the 7B-proxy comparison (python -m benchmarks --shape 7b-proxy
 #                   --seq-lens 8192 --variants longlora --peer, interleaved rounds, one thread) and compare
 #                   ours/peer with scripts/bench_baseline.json: exits 1 with one REGRESSION line when the
 #                   ratio dropped by more than the tolerance (10%), 2 when the run failed or cannot be
@@ -48,7 +48,7 @@ if [[ -z "$result" ]]; then
   trap 'rm -rf "$workdir"' EXIT
   result="$workdir/bench.json"
   # The bench's tables go to stderr with its progress, so that stdout's last line is the verdict.
-  if ! OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 "$PY" -m longlora_tune.bench --shape 7b-proxy --seq-lens 8192 \
+  if ! OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 "$PY" -m benchmarks --shape 7b-proxy --seq-lens 8192 \
       --variants longlora --peer --threads 1 --rounds "$rounds" --repeats "$repeats" --out "$result" >&2; then
     if [[ ! -s "$result" ]]; then
       echo "bench regression: CANNOT COMPARE: the benchmark run failed before writing a result (see above)"
@@ -59,4 +59,4 @@ if [[ -z "$result" ]]; then
 fi
 
 # "check" exits 0 ok, 1 regression, 2 cannot compare; "record" 0 or 2.
-exec "$PY" -m longlora_tune.bench.regression "$action" "$result" ${compare_args[@]+"${compare_args[@]}"}
+exec "$PY" -m benchmarks.regression "$action" "$result" ${compare_args[@]+"${compare_args[@]}"}

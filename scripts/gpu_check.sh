@@ -172,21 +172,21 @@ if ((INFO_STATUS != 0)); then
   FAILED=1
 fi
 
-run_step imports 90 "$PYTHON" -m longlora_tune.bench.gpu_imports
+run_step imports 90 "$PYTHON" -m benchmarks.gpu_imports
 
 if ((DRY_RUN)); then
-  run_step backend_check 60 "$PYTHON" -m longlora_tune.bench.backend_check --device cpu --small \
+  run_step backend_check 60 "$PYTHON" -m benchmarks.backend_check --device cpu --small \
     --out "$OUT_DIR/backend_check.json"
-  run_step bench_64 120 "$PYTHON" -m longlora_tune.bench --shape tiny --seq-lens 64 --repeats 1 \
+  run_step bench_64 120 "$PYTHON" -m benchmarks --shape tiny --seq-lens 64 --repeats 1 \
     --device cpu --in-process --peer --checkpoint-layers all 0 --out "$OUT_DIR/bench_64.json"
   log "pytest_s2: dry run, not run: $PYTHON -m pytest tests/modules/test_s2_attention.py -q"
   echo "pytest_s2 dry-run" >>"$SUMMARY"
 else
   # Correctness first: if S² is wrong on this GPU, its speed does not matter.
-  run_step backend_check 100 "$PYTHON" -m longlora_tune.bench.backend_check --device cuda \
+  run_step backend_check 100 "$PYTHON" -m benchmarks.backend_check --device cuda \
     --out "$OUT_DIR/backend_check.json"
   # Each case is its own process (about 20-40 s on an H200 at 7B width, 2 layers); the headline first.
-  BENCH=("$PYTHON" -m longlora_tune.bench --shape 7b --layers 2 --device cuda --repeats 3 --case-timeout 90)
+  BENCH=("$PYTHON" -m benchmarks --shape 7b --layers 2 --device cuda --repeats 3 --case-timeout 90)
   run_step bench_32768_peer 170 "${BENCH[@]}" --seq-lens 32768 --variants longlora --backends sdpa \
     --checkpoint-layers all 0 --peer --out "$OUT_DIR/bench_32768_peer.json"
   run_step bench_8192 120 "${BENCH[@]}" --seq-lens 8192 --backends sdpa flex --out "$OUT_DIR/bench_8192.json"

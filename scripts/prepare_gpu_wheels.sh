@@ -21,7 +21,7 @@ REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 DEST="${1:-$REPO_ROOT/.whl}"
 PYTHON="${PYTHON:-python3}"
 
-# Parsed by longlora_tune.bench.gpu_env.wheel_specs: one `name==version` per line between the markers.
+# Parsed by benchmarks.gpu_env.wheel_specs: one `name==version` per line between the markers.
 # --- wheels ---
 WHEELS=(
   torchtune==0.6.1

@@ -8,14 +8,14 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import Checkpoi
 from torchtune.modules import TransformerSelfAttentionLayer
 from torchtune.modules.loss import CEWithChunkedOutputLoss
 
-from longlora_tune.activation_checkpointing import (
+from longlora_tune.errors import LongLoRAConfigError
+from longlora_tune.models import longlora_llama2
+from longlora_tune.models.trainable import set_trainable_params
+from longlora_tune.training.activation_checkpointing import (
     apply_activation_checkpointing,
     checkpoint_layer_count,
     decoder_layers,
 )
-from longlora_tune.errors import LongLoRAConfigError
-from longlora_tune.models import longlora_llama2
-from longlora_tune.peft import set_trainable_params
 
 LAYERS = 3
 SEQ = 64

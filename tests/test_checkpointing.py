@@ -8,9 +8,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from longlora_tune import checkpointing, export, tiny
 from longlora_tune.errors import CheckpointDamagedError, CheckpointWriteError, LongLoRAConfigError
-from longlora_tune.schedulers import get_constant_schedule_with_warmup
+from longlora_tune.hf import export
+from longlora_tune.models import trainable
+from longlora_tune.quickstart import tiny
+from longlora_tune.training import checkpointing
+from longlora_tune.training.schedulers import get_constant_schedule_with_warmup
 
 
 def _write_ckpt(root, step, payload):
@@ -76,7 +79,7 @@ def test_trainable_state_round_trip_into_model(tmp_path):
     checkpointing.save_trainable_state(trained, path)
     bias_before = dst[0].bias.detach().clone()
 
-    loaded = checkpointing.load_trainable_state(dst, path)
+    loaded = trainable.load_trainable_state(dst, path)
 
     assert loaded == ["0.weight", "1.bias"]
     torch.testing.assert_close(dst[0].weight.detach(), trained["0.weight"], rtol=0, atol=0)
@@ -90,10 +93,10 @@ def test_load_trainable_state_rejects_foreign_names_and_shapes(tmp_path):
     path = tmp_path / "t.safetensors"
     checkpointing.save_trainable_state({"lora_a.weight": torch.zeros(2, 2)}, path)
     with pytest.raises(LongLoRAConfigError, match="lora_a.weight"):
-        checkpointing.load_trainable_state(model, path)
+        trainable.load_trainable_state(model, path)
     checkpointing.save_trainable_state({"weight": torch.zeros(2, 2)}, path)
     with pytest.raises(LongLoRAConfigError, match=r"shape \(2, 2\).*\(3, 4\)"):
-        checkpointing.load_trainable_state(model, path)
+        trainable.load_trainable_state(model, path)
 
 
 def test_merged_hf_config_sets_rope_scaling_in_both_spellings():
@@ -258,7 +261,7 @@ def test_resumed_branch_is_latest_and_never_collides_with_the_abandoned_one(tmp_
 
     # Run C resumes B's newest and reaches step 15, which run A also wrote: A's folder is moved aside.
     run_c = checkpointing.start_lineage(checkpointing.find_resumable_checkpoint(root))
-    with caplog.at_level("WARNING", logger="longlora_tune.checkpointing"):
+    with caplog.at_level("WARNING", logger="longlora_tune.training.checkpointing"):
         for step in (14, 15):
             _save(root, step, run_c)
     aside = root / f"step_000015.abandoned-{run_a.run_id[:8]}"
@@ -358,7 +361,7 @@ def test_find_resumable_skips_damaged_checkpoints_along_the_lineage_only(tmp_pat
     _damage_garbage_recipe_state(root / "step_000011")
     before = sorted(p.name for p in root.iterdir())
 
-    with caplog.at_level("WARNING", logger="longlora_tune.checkpointing"):
+    with caplog.at_level("WARNING", logger="longlora_tune.training.checkpointing"):
         found = checkpointing.find_resumable_checkpoint(root)
 
     # B's damaged checkpoints are skipped back to the one B resumed from, never to A's later 15 or 20.
@@ -392,7 +395,7 @@ def test_pre_manifest_checkpoints_are_accepted_with_a_warning_when_their_files_l
     root = tmp_path / "checkpoints"
     for step in (10, 20, 30):
         _save_pre_manifest(root, step)
-    with caplog.at_level("WARNING", logger="longlora_tune.checkpointing"):
+    with caplog.at_level("WARNING", logger="longlora_tune.training.checkpointing"):
         assert checkpointing.verify_checkpoint(root / "step_000020") is None
     assert "no manifest.json" in caplog.text
     _damage_truncate_trainable(root / "step_000030")
@@ -417,7 +420,7 @@ def test_pruning_deletes_only_this_runs_oldest_and_never_the_resumed_from(tmp_pa
         _save(root, step, run_a)
     run_b = checkpointing.start_lineage(root / "step_000010")
     deleted = []
-    with caplog.at_level("INFO", logger="longlora_tune.checkpointing"):
+    with caplog.at_level("INFO", logger="longlora_tune.training.checkpointing"):
         for step in (11, 12, 13):
             _save(root, step, run_b)
             deleted += checkpointing.prune_checkpoints(
@@ -459,7 +462,7 @@ def test_clean_leftovers_removes_interrupted_saves_and_restores_a_half_replaced_
     unrelated = root / ".keep-me"
     unrelated.write_text("x")
 
-    with caplog.at_level("INFO", logger="longlora_tune.checkpointing"):
+    with caplog.at_level("INFO", logger="longlora_tune.training.checkpointing"):
         removed = checkpointing.clean_leftovers(root)
 
     assert sorted(_names(removed)) == sorted([partial.name, replaced.name, deleting.name])
@@ -471,7 +474,7 @@ def test_clean_leftovers_removes_interrupted_saves_and_restores_a_half_replaced_
 
 _HOLD_LOCK = """
 import sys
-from longlora_tune.checkpointing import OutputDirLock
+from longlora_tune.training.checkpointing import OutputDirLock
 lock = OutputDirLock(sys.argv[1]).acquire()
 print("locked", flush=True)
 sys.stdin.read()

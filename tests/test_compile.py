@@ -11,12 +11,12 @@ from torchtune import training
 from torchtune.modules import TransformerSelfAttentionLayer
 from torchtune.modules.loss import CEWithChunkedOutputLoss
 
-from longlora_tune.compile import check_compile_supported, compile_model_and_loss
-from longlora_tune.distributed import shard_model
 from longlora_tune.errors import LongLoRAConfigError
-from longlora_tune.loss import summed_token_loss
 from longlora_tune.models import longlora_llama2
-from longlora_tune.peft import set_trainable_params
+from longlora_tune.models.trainable import set_trainable_params
+from longlora_tune.modules.loss import summed_token_loss
+from longlora_tune.training.compile import check_compile_supported, compile_model_and_loss
+from longlora_tune.training.distributed import shard_model
 
 CPU = torch.device("cpu")
 N, G = 64, 16

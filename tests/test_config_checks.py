@@ -1,4 +1,4 @@
-"""Up-front config validation of the training recipe (longlora_tune/config_checks.py).
+"""Up-front config validation of the training recipe (longlora_tune/config/validation.py).
 
 Everything here runs without a process group or a model: the checks read the config, the tiny base model's
 folder and whether CUDA exists.
@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from longlora_tune import config_checks as cc
-from longlora_tune import resources, tiny
+from longlora_tune import resources
+from longlora_tune.config import validation as cc
 from longlora_tune.errors import LongLoRAConfigError
+from longlora_tune.quickstart import tiny
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = resources.configs_dir()
@@ -219,7 +220,7 @@ def test_required_component_arguments_and_open_kwargs(assets, tmp_path):
     del cfg.lr_scheduler["num_warmup_steps"]
     assert _error(cfg) == (
         "lr_scheduler.num_warmup_steps is required by "
-        "longlora_tune.schedulers.get_constant_schedule_with_warmup; set it in the config"
+        "longlora_tune.training.schedulers.get_constant_schedule_with_warmup; set it in the config"
     )
     # DiskLogger takes **kwargs; a builder taking **knobs likewise accepts any key.
     cfg = _cfg(assets, tmp_path / "o", **{"metric_logger.anything": 1, "compile": "false"})
@@ -364,7 +365,7 @@ def _launcher_args(assets: dict[str, Path], out: Path, *extra: str) -> list[str]
 
 
 def test_torchrun_world_size():
-    from longlora_tune.preflight import torchrun_world_size
+    from longlora_tune.config.preflight import torchrun_world_size
 
     assert torchrun_world_size("2", "1") == 2
     assert torchrun_world_size(8, "2") == 16
@@ -373,7 +374,7 @@ def test_torchrun_world_size():
 
 
 def test_preflight_parses_the_config_as_the_workers_do(assets, tmp_path, monkeypatch):
-    from longlora_tune.preflight import load_config, preflight
+    from longlora_tune.config.preflight import load_config, preflight
 
     argv = ["tune", "run"]
     monkeypatch.setattr("sys.argv", argv)
@@ -413,7 +414,7 @@ def test_tune_run_launcher_checks_our_recipes_before_torchrun(assets, tmp_path, 
     import torchtune
     from torchtune._cli import run as tune_run
 
-    from longlora_tune import _tune_registry
+    from longlora_tune.config import tune_registry as _tune_registry
 
     assert _tune_registry.install_preflight() is True
     assert _tune_registry.install_preflight() is True  # idempotent: wrapped once
@@ -484,7 +485,7 @@ def test_tune_run_distributed_reports_a_config_error_once(assets, tmp_path):
 _WORKER = """
 import sys
 from omegaconf import OmegaConf
-from longlora_tune import config_checks
+from longlora_tune.config import validation as config_checks
 from longlora_tune.errors import report_errors
 
 @report_errors
@@ -575,9 +576,9 @@ def test_bad_context_parallel_settings_are_one_line(assets, tmp_path, extra, wor
 )
 def test_family_configs_resolve_their_rope_over_the_published_checkpoint(name, published, expected):
     """Each family config's rope_scaling over its base's published config.json: one method, the factor."""
-    from longlora_tune.families import family_of_builder
+    from longlora_tune.models.families import family_of_builder
+    from longlora_tune.models.shapes import MODEL_SHAPES
     from longlora_tune.modules.rope_scaling import RopeScaling, rope_for_training
-    from longlora_tune.shapes import MODEL_SHAPES
 
     cfg = OmegaConf.load(CONFIGS / f"{name}.yaml")
     shape = MODEL_SHAPES[published]
@@ -606,8 +607,8 @@ def test_family_eval_configs_match_their_training_config(name):
     """Perplexity and passkey configs: the family's tokenizer files, text data, the training length."""
     import inspect
 
-    from longlora_tune.components import import_object
-    from longlora_tune.families import family_of_builder
+    from longlora_tune._compat import import_object
+    from longlora_tune.models.families import family_of_builder
 
     train = OmegaConf.load(CONFIGS / f"{name}.yaml")
     family = family_of_builder(train.model._component_)

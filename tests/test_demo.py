@@ -1,4 +1,4 @@
-"""``python -m longlora_tune.demo --sft``: tiny LongAlpaca assets and the tiny_longalpaca training command."""
+"""``python -m longlora_tune.quickstart.demo --sft``: tiny LongAlpaca assets and its training command."""
 
 import subprocess
 import sys
@@ -8,8 +8,9 @@ import pytest
 from omegaconf import OmegaConf
 from torchtune.models.llama2 import llama2_tokenizer
 
-from longlora_tune import demo, resources
+from longlora_tune import resources
 from longlora_tune.data import check_dataset_source, longalpaca_dataset
+from longlora_tune.quickstart import demo
 
 RECIPE = str(resources.recipe_path("longlora_distributed"))
 
@@ -65,7 +66,9 @@ def test_assets_command_names_the_demo_that_creates_a_tiny_base(tmp_path):
     for config, flag in (("tiny_demo", ""), ("tiny_longalpaca", " --sft")):
         base = OmegaConf.load(resources.config_path(config)).checkpoint_dir
         command = demo.assets_command(base)
-        assert command == f"python -m longlora_tune.demo{flag} --assets-only --workdir {Path(base).parent}"
+        parent = Path(base).parent
+        expected = f"python -m longlora_tune.quickstart.demo{flag} --assets-only --workdir {parent}"
+        assert command == expected
         # Running it creates exactly the folder the config reads.
         workdir = tmp_path / Path(base).parent.name
         args = command.split()[3:-1] + [str(workdir)]
@@ -78,7 +81,8 @@ def test_assets_command_names_the_demo_that_creates_a_tiny_base(tmp_path):
 @pytest.mark.slow
 def test_sft_demo_trains_and_exports(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "longlora_tune.demo", "--sft", "--workdir", str(tmp_path), "max_steps=2"],
+        [sys.executable, "-m", "longlora_tune.quickstart.demo", "--sft", "--workdir", str(tmp_path),
+         "max_steps=2"],  # fmt: skip
         capture_output=True,
         text=True,
         timeout=300,
@@ -90,7 +94,8 @@ def test_sft_demo_trains_and_exports(tmp_path):
 
 
 def test_tiny_eval_configs_default_to_the_quick_start_output():
-    # `python -m longlora_tune.demo` (default workdir <tmp>/longlora_demo) then the eval commands of the
+    # `python -m longlora_tune.quickstart.demo` (default workdir <tmp>/longlora_demo) then the eval commands
+    # of the
     # README with no overrides evaluate what the demo trained, with the checkpoint's own RoPE factor.
     import tempfile
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from longlora_tune import tiny
-from longlora_tune.components import import_object
-from longlora_tune.export import copy_tokenizer_files
-from longlora_tune.families import FAMILIES
+from longlora_tune._compat import import_object
+from longlora_tune.hf.export import copy_tokenizer_files
+from longlora_tune.models.families import FAMILIES
+from longlora_tune.quickstart import tiny
 
 WRITERS = {
     "llama2": lambda d: tiny.make_tokenizer(d),

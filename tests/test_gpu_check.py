@@ -23,7 +23,7 @@ from packaging.specifiers import SpecifierSet
 from packaging.tags import sys_tags
 from packaging.utils import parse_wheel_filename
 
-from longlora_tune.bench.gpu_env import (
+from benchmarks.gpu_env import (
     GPU_MACHINE_PACKAGES,
     PINNED_OVER_GPU_MACHINE,
     distribution_closure,
@@ -31,7 +31,7 @@ from longlora_tune.bench.gpu_env import (
     normalize,
     wheel_specs,
 )
-from longlora_tune.bench.gpu_imports import CHECK_MODULES, CHECK_TEST_FILES
+from benchmarks.gpu_imports import CHECK_MODULES, CHECK_TEST_FILES
 
 REPO = Path(__file__).resolve().parents[1]
 PREPARE = REPO / "scripts" / "prepare_gpu_wheels.sh"
@@ -201,7 +201,7 @@ def test_dry_run_imports_the_check_from_the_prepared_wheels(tmp_path):
     assert bare.returncode != 0 and "No module named 'torchtune'" in bare.stderr
     code = (
         "import sys\n"
-        "from longlora_tune.bench import gpu_imports\n"
+        "from benchmarks import gpu_imports\n"
         "rc = gpu_imports.main()\n"
         "import torchtune, torchao, omegaconf, datasets, torchdata\n"
         "for m in (torchtune, torchao, omegaconf, datasets, torchdata):\n"

@@ -9,10 +9,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from longlora_tune import _io, export, tiny
+from longlora_tune import _io
 from longlora_tune.errors import LongLoRAConfigError
-from longlora_tune.hf import HFBaseModel
+from longlora_tune.hf import export
+from longlora_tune.hf.base import HFBaseModel
 from longlora_tune.models.longlora import LongLoRAModelInfo
+from longlora_tune.quickstart import tiny
 
 
 def _config(**extra) -> dict:

@@ -11,9 +11,9 @@ from torchtune.modules import TiedLinear
 from torchtune.modules.loss import CEWithChunkedOutputLoss
 
 from longlora_tune.errors import LongLoRAConfigError
-from longlora_tune.linear_ce import ChunkedLinearCrossEntropyLoss, linear_cross_entropy
-from longlora_tune.loss import summed_token_loss
 from longlora_tune.models import longlora_llama2
+from longlora_tune.modules.linear_ce import ChunkedLinearCrossEntropyLoss, linear_cross_entropy
+from longlora_tune.modules.loss import summed_token_loss
 
 IGNORE = -100
 

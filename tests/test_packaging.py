@@ -116,7 +116,8 @@ def _real_recipes(package: Path) -> list[str]:
 
 def test_wheel_contents_and_installed_copy(installed: SimpleNamespace) -> None:
     names = set(zipfile.ZipFile(installed.wheel).namelist())
-    assert {"longlora_tune_hook.pth", "_longlora_tune_hook.py", "longlora_tune/_tune_registry.py"} <= names
+    hook = {"longlora_tune_hook.pth", "_longlora_tune_hook.py", "longlora_tune/config/tune_registry.py"}
+    assert hook <= names
     assert not any(n.split("/")[0] in ("recipes", "configs", "tests") for n in names)
     packaged = [p.relative_to(installed.src).as_posix() for p in (installed.src / "longlora_tune").rglob("*")]
     packaged = [p for p in packaged if p.endswith((".py", ".yaml"))]
@@ -254,7 +255,7 @@ def test_training_recipe_by_name_fails_cleanly_without_weights(installed: Simple
 
 def test_copied_recipe_trains_from_an_unrelated_folder(installed: SimpleNamespace) -> None:
     # The torchtune workflow: copy the recipe and a config, edit them, run the copy by path.
-    from longlora_tune import tiny
+    from longlora_tune.quickstart import tiny
 
     work = installed.root / "my_project"
     work.mkdir()

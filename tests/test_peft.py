@@ -9,10 +9,10 @@ from torchtune.modules import TransformerSelfAttentionLayer
 from torchtune.modules.peft import DoRALinear, LoRALinear
 from torchtune.training import set_activation_checkpointing
 
+from longlora_tune.hf.peft import save_peft_adapter
 from longlora_tune.models import longlora_llama2, longlora_llama2_7b
-from longlora_tune.peft import (
+from longlora_tune.models.trainable import (
     TRAINABLE_EXTRAS,
-    save_peft_adapter,
     set_trainable_params,
     trainable_param_names,
     trainable_state_dict,
@@ -331,7 +331,7 @@ def test_peft_export_errors(tmp_path, change, message):
 
 @pytest.mark.parametrize("quantized", [False, True])
 def test_model_card_notes_an_nf4_base_only_for_qlora(quantized):
-    from longlora_tune.peft import _peft_model_card
+    from longlora_tune.hf.peft import _peft_model_card
 
     card = _peft_model_card(
         base_model_name_or_path="meta-llama/Llama-2-7b-hf",

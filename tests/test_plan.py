@@ -25,8 +25,9 @@ from torchtune.modules import TransformerSelfAttentionLayer
 from torchtune.modules.loss import CEWithChunkedOutputLoss
 
 from longlora_tune.models import longlora_llama2
-from longlora_tune.peft import set_trainable_params
-from longlora_tune.plan import (
+from longlora_tune.models.shapes import FamilyShape
+from longlora_tune.models.trainable import set_trainable_params
+from longlora_tune.plan.planner import (
     ModelShape,
     activation_bytes,
     load_config_settings,
@@ -37,7 +38,6 @@ from longlora_tune.plan import (
     s2_segment_lengths,
     step_flops,
 )
-from longlora_tune.shapes import FamilyShape
 
 _DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -476,7 +476,7 @@ def test_nf4_bytes_match_torchao_and_a_hand_count():
     import torch
     from torchao.dtypes.nf4tensor import to_nf4
 
-    from longlora_tune.plan import nf4_bytes
+    from longlora_tune.plan.planner import nf4_bytes
 
     for rows, cols, dtype, name in ((256, 512, torch.bfloat16, "bf16"), (128, 256, torch.float32, "fp32")):
         nf4 = to_nf4(torch.randn(rows, cols, dtype=dtype))
@@ -491,7 +491,7 @@ def test_nf4_bytes_match_torchao_and_a_hand_count():
 
 
 def test_qlora_frozen_weights_and_verdicts():
-    from longlora_tune.plan import nf4_bytes, plan
+    from longlora_tune.plan.planner import nf4_bytes, plan
 
     p = plan("7b", 32768, gpus=1, gpu_memory_gib=48, quantize_base=True)
     d, i, layers = 4096, 11008, 32
@@ -511,7 +511,7 @@ def test_qlora_frozen_weights_and_verdicts():
 
 
 def test_config_quantize_base_reaches_the_plan():
-    from longlora_tune.plan import load_config_settings
+    from longlora_tune.plan.planner import load_config_settings
 
     assert load_config_settings("llama2_7b_longalpaca_32k_qlora")["quantize_base"] is True
     assert "quantize_base" not in load_config_settings("llama2_7b_longalpaca_32k")
@@ -701,7 +701,7 @@ _PUBLISHED = {
 @pytest.mark.parametrize("name", sorted(_PUBLISHED))
 def test_published_family_shapes_give_the_published_parameter_counts(name):
     from longlora_tune import models
-    from longlora_tune.shapes import MODEL_SHAPES
+    from longlora_tune.models.shapes import MODEL_SHAPES
 
     total, trainable = _PUBLISHED[name]
     shape = MODEL_SHAPES[name]
@@ -795,7 +795,7 @@ def test_family_configs_plan_on_the_command_line(name, capsys):
 
 @pytest.mark.parametrize("layers", [1, 2])
 def test_activation_estimate_matches_autograd_with_some_layers_checkpointed(layers):
-    from longlora_tune.activation_checkpointing import apply_activation_checkpointing
+    from longlora_tune.training.activation_checkpointing import apply_activation_checkpointing
 
     shape, seq_len, batch = SHAPES[1]  # 3 layers
     chunks = 4
@@ -815,7 +815,7 @@ def test_activation_estimate_matches_autograd_with_some_layers_checkpointed(laye
 
 
 def test_flops_with_some_layers_checkpointed_match_flop_counter():
-    from longlora_tune.activation_checkpointing import apply_activation_checkpointing
+    from longlora_tune.training.activation_checkpointing import apply_activation_checkpointing
 
     shape, seq_len, batch = SHAPES[1]
     model = _build(shape, seq_len, dtype=torch.float32, s2=True, checkpoint=False)
@@ -968,7 +968,7 @@ def _linear_ce_held_bytes(model, shape: ModelShape, seq_len: int, batch: int, ch
     The op computes its input gradients in forward and keeps them on its autograd node (not through
     ``save_for_backward``), so they are read from that node.
     """
-    from longlora_tune.linear_ce import ChunkedLinearCrossEntropyLoss
+    from longlora_tune.modules.linear_ce import ChunkedLinearCrossEntropyLoss
 
     loss_fn = ChunkedLinearCrossEntropyLoss(num_output_chunks=chunks)
     loss_fn.set_model_output(model)
@@ -1025,7 +1025,7 @@ def test_linear_ce_is_read_from_the_config_and_the_cli(tmp_path, capsys):
     cfg = tmp_path / "run.yaml"
     cfg.write_text(
         "model:\n  _component_: longlora_tune.models.longlora_llama2_7b\n  max_seq_len: 100000\n"
-        "loss:\n  _component_: longlora_tune.linear_ce.ChunkedLinearCrossEntropyLoss\n"
+        "loss:\n  _component_: longlora_tune.modules.linear_ce.ChunkedLinearCrossEntropyLoss\n"
         "  num_output_chunks: 16\n"
     )
     settings = load_config_settings(str(cfg))
@@ -1050,7 +1050,7 @@ def test_fsdp_root_is_gathered_through_forward_and_backward_as_planned(single_ra
     from torch.distributed.fsdp import MixedPrecisionPolicy
     from torch.distributed.tensor import DTensor
 
-    from longlora_tune.distributed import shard_model
+    from longlora_tune.training.distributed import shard_model
 
     shape = SHAPES[0][0]
     model = _build(shape, 64, dtype=torch.float32, s2=True, checkpoint=False)
@@ -1113,7 +1113,7 @@ class _LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
 def test_linear_ce_loss_phase_is_what_the_op_allocates(dtype, tied):
     # The op alone, its input made before: the gradients it keeps, one chunk's logits, the tied head's
     # fp32 weight-gradient accumulators.
-    from longlora_tune.linear_ce import linear_cross_entropy
+    from longlora_tune.modules.linear_ce import linear_cross_entropy
 
     shape = FamilyShape(512, 1, 4, 4, 64, 128, tie_word_embeddings=tied)
     tokens, chunks, torch_dtype = 1024, 4, _DTYPES[dtype]

@@ -1,4 +1,4 @@
-"""In-process tests of the torchtune recipe registration (longlora_tune/_tune_registry.py) and its hook."""
+"""In-process tests of the torchtune recipe registration (longlora_tune/config/tune_registry.py), its hook."""
 
 import copy
 import importlib.util
@@ -14,7 +14,8 @@ import torchtune
 from torchtune import _recipe_registry
 
 import _longlora_tune_hook as hook
-from longlora_tune import _tune_registry, resources
+from longlora_tune import resources
+from longlora_tune.config import tune_registry as _tune_registry
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -197,7 +198,7 @@ def test_hook_reports_but_never_raises(
 
 def test_hook_import_is_torch_free_and_installs_once() -> None:
     code = (
-        "import sys, _longlora_tune_hook, longlora_tune._tune_registry\n"
+        "import sys, _longlora_tune_hook, longlora_tune.config.tune_registry\n"
         "_longlora_tune_hook.install()\n"
         "hooks = [f for f in sys.meta_path if getattr(f, '_longlora_tune_registry_hook', False)]\n"
         "print(len(hooks), 'torch' in sys.modules, 'torchtune' in sys.modules)\n"

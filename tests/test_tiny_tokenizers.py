@@ -9,7 +9,11 @@ from torchtune.models.mistral import mistral_tokenizer
 from torchtune.models.qwen2._tokenizer import bytes_to_unicode
 from torchtune.models.qwen2_5 import qwen2_5_tokenizer
 
-from longlora_tune.tiny import make_llama3_tokenizer, make_mistral_tokenizer, make_qwen2_5_tokenizer
+from longlora_tune.quickstart.tiny import (
+    make_llama3_tokenizer,
+    make_mistral_tokenizer,
+    make_qwen2_5_tokenizer,
+)
 
 # Newlines, a blank line, repeated spaces, digits and non-ASCII: what a long-document SFT sample holds.
 TEXT = "Below is a story.\nThe cat sees the red ball today.\n\nWho  sees it? 12345 héllo — ünïcode"

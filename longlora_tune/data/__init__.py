@@ -1,7 +1,6 @@
 """Datasets and collation for LongLoRA training: pretraining blocks, LongAlpaca SFT, S²-friendly padding."""
 
 from longlora_tune.data.chat_format import ChatFormat
-from longlora_tune.data.checks import check_dataset_source
 from longlora_tune.data.collate import padded_collate_s2
 from longlora_tune.data.longalpaca import (
     LLAMA2_DEFAULT_SYSTEM_PROMPT,
@@ -11,6 +10,7 @@ from longlora_tune.data.longalpaca import (
     longalpaca_prompt,
 )
 from longlora_tune.data.pretrain import PackedBlocksDataset, packed_blocks_dataset
+from longlora_tune.data.sources import check_dataset_source
 
 __all__ = [
     "LLAMA2_DEFAULT_SYSTEM_PROMPT",

@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchtune.data import padded_collate_packed
 
-from longlora_tune.components import import_object
+from longlora_tune._compat import import_object
 from longlora_tune.data.sampler import ResumableDistributedSampler
 from longlora_tune.errors import LongLoRAConfigError
 

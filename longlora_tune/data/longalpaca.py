@@ -39,7 +39,7 @@ from torchtune.utils import log_rank_zero
 
 from longlora_tune.data._load import LONGALPACA_12K, DataFiles
 from longlora_tune.data.chat_format import ChatFormat
-from longlora_tune.data.checks import (
+from longlora_tune.data.sources import (
     LONGALPACA_FIELDS,
     RecordFieldError,
     diagnose_local_files,

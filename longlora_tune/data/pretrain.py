@@ -46,7 +46,7 @@ from torch.utils.data import Dataset
 
 from longlora_tune._io import atomic_open, atomic_write_json
 from longlora_tune.data._load import REDPAJAMA_SAMPLE, DataFiles, describe_data_files
-from longlora_tune.data.checks import diagnose_local_files, local_data_files, pretrain_fields, read_records
+from longlora_tune.data.sources import diagnose_local_files, local_data_files, pretrain_fields, read_records
 from longlora_tune.errors import LongLoRAConfigError
 
 log = logging.getLogger(__name__)
@@ -210,7 +210,7 @@ def packed_blocks_dataset(
         add_bos: start every block with BOS (see the module docstring).
         eos_id: the token that ends every document; None: the tokenizer's ``eos_id``. The training recipe
             sets it to the base checkpoint's ``eos_token_id`` when the tokenizer's differs
-            (:meth:`longlora_tune.hf.HFBaseModel.document_end_id`: Qwen2.5 base models end documents
+            (:meth:`longlora_tune.hf.base.HFBaseModel.document_end_id`: Qwen2.5 base models end documents
             with ``<|endoftext|>``, torchtune's Qwen2.5 tokenizer with the chat token ``<|im_end|>``).
 
     Returns:

@@ -3,17 +3,17 @@
 * :mod:`~longlora_tune.eval.perplexity`: LongLoRA ``eval.py`` windows and scores, token streams.
 * :mod:`~longlora_tune.eval.passkey`: LongLoRA ``passkey_retrivial.py`` prompts, token-length targeting,
   exact-match scoring.
-* :mod:`~longlora_tune.eval.generation`: greedy / nucleus decoding with torchtune's KV cache and a
+* :mod:`~longlora_tune.eval.decoding`: greedy / nucleus decoding with torchtune's KV cache and a
   streaming callback.
 * :mod:`~longlora_tune.eval.model_loading`: the full-attention evaluation model from a merged HF
   checkpoint or base + unmerged adapter, with the RoPE factor of the training length.
 * :mod:`~longlora_tune.eval.reporting`: JSON, CSV, table and PNG outputs.
 
 The recipes ``recipes/longlora_eval_perplexity.py`` and ``longlora_eval_passkey.py`` and
-the command ``python -m longlora_tune.generate`` are built from these pieces.
+the command ``python -m longlora_tune.eval.generate`` are built from these pieces.
 """
 
-from longlora_tune.eval.generation import generate, prepare_kv_cache, sample_next_token
+from longlora_tune.eval.decoding import generate, prepare_kv_cache, sample_next_token
 from longlora_tune.eval.model_loading import eval_rope_factor, load_eval_model
 from longlora_tune.eval.passkey import (
     PasskeyPrompt,

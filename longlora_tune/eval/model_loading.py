@@ -4,7 +4,7 @@ Two layouts are supported:
 
 * a merged Hugging Face checkpoint (``<output_dir>/hf`` of our training recipe, or any supported HF
   folder): the family's torchtune component (``llama2``, ``llama3_2``, ``mistral``, ``qwen2``; picked from
-  ``config.json`` by :mod:`longlora_tune.families`) with :func:`~longlora_tune.models.apply_longlora`
+  ``config.json`` by :mod:`longlora_tune.models.families`) with :func:`~longlora_tune.models.apply_longlora`
   (full attention) and the checkpoint's weights. The RoPE is the checkpoint's own method and factor
   (linear, yarn or llama3, exactly as its ``config.json`` states them);
 * a base HF checkpoint plus our unmerged ``adapter/`` folder: the LongLoRA builder named in the
@@ -34,20 +34,20 @@ from torchtune import config as tt_config
 from torchtune import training
 from torchtune.models.llama2 import llama2
 
-from longlora_tune.checkpointing import TRAINABLE_FILE, load_trainable_state
-from longlora_tune.distributed import (
+from longlora_tune.errors import LongLoRAConfigError
+from longlora_tune.hf.base import HFBaseModel
+from longlora_tune.models import apply_longlora
+from longlora_tune.models.families import trusted_builder
+from longlora_tune.models.trainable import TRAINABLE_FILE, load_trainable_state
+from longlora_tune.modules.position_interpolation import check_rope_factor, position_interpolation_factor
+from longlora_tune.modules.rope_scaling import RopeScaling, rope_for_training
+from longlora_tune.training.distributed import (
     close_process_group,
     init_process_group,
     rank_and_world_size,
     resolve_device,
     resolve_dtype,
 )
-from longlora_tune.errors import LongLoRAConfigError
-from longlora_tune.families import trusted_builder
-from longlora_tune.hf import HFBaseModel
-from longlora_tune.models import apply_longlora
-from longlora_tune.modules.position_interpolation import check_rope_factor, position_interpolation_factor
-from longlora_tune.modules.rope_scaling import RopeScaling, rope_for_training
 
 __all__ = [
     "close_eval_runtime",

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from longlora_tune.eval.generation import generate
+from longlora_tune.eval.decoding import generate
 from longlora_tune.eval.memory import eval_length_must_fit
 
 __all__ = [

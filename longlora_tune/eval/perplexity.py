@@ -48,7 +48,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from longlora_tune.errors import LongLoRAConfigError
-from longlora_tune.eval.generation import drop_kv_caches
+from longlora_tune.eval.decoding import drop_kv_caches
 from longlora_tune.eval.memory import eval_length_must_fit
 
 __all__ = [

@@ -8,9 +8,9 @@ from typing import Any, Optional
 from torchtune.modules import TransformerDecoder
 
 from longlora_tune.models.longlora import apply_longlora
+from longlora_tune.models.shapes import _SIZE_FIELDS, MODEL_SHAPES
 from longlora_tune.modules.rope_scaling import RopeScaling, check_rope_request, rope_for_training
 from longlora_tune.modules.s2_attention import S2AttentionConfig
-from longlora_tune.shapes import _SIZE_FIELDS, MODEL_SHAPES
 
 LORA_ATTN_MODULES_DEFAULT = ("q_proj", "k_proj", "v_proj", "output_proj")
 

@@ -21,8 +21,8 @@ from longlora_tune.models._common import (
     s2_config,
 )
 from longlora_tune.models.longlora import apply_longlora
+from longlora_tune.models.shapes import _SIZE_FIELDS, MODEL_SHAPES
 from longlora_tune.modules.position_interpolation import position_interpolation_factor
-from longlora_tune.shapes import _SIZE_FIELDS, MODEL_SHAPES
 
 __all__ = ["longlora_llama2", "longlora_llama2_13b", "longlora_llama2_70b", "longlora_llama2_7b"]
 

@@ -47,7 +47,7 @@ from torch import Tensor
 from torch.nn.attention.bias import causal_lower_right
 
 from longlora_tune.errors import LongLoRAConfigError
-from longlora_tune.loss import shift_labels
+from longlora_tune.modules.loss import shift_labels
 from longlora_tune.modules.s2_attention import S2Attention, shifted_sparse_attention
 
 __all__ = [
@@ -637,7 +637,7 @@ def halo_bytes_per_layer(
 
     The forward tail travels from rank ``r`` to ``r + 1`` and its gradient back, so this is what a middle
     rank receives when ``P > 2``; at ``P = 2`` the last rank receives the forward part and rank 0 the
-    gradient part (measured by :func:`count_halo_traffic` in ``python -m longlora_tune.bench
+    gradient part (measured by :func:`count_halo_traffic` in ``python -m benchmarks
     --context-parallel 2``).
 
     Forward: ``2 * b * H/2 * G/2 * d`` elements (keys and values, expanded heads); backward: their

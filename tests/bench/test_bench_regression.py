@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from longlora_tune.bench.regression import (
+from benchmarks.regression import (
     DEFAULT_BASELINE,
     baseline_from_result,
     compare_to_baseline,
@@ -32,11 +32,11 @@ CASE = {
 
 
 def _result(median: float = 1.30, best: float = 1.25, cpu: float = 1.28, **case: object) -> dict:
-    """A ``python -m longlora_tune.bench --peer --out`` JSON with one ours-vs-peer row at 8192."""
+    """A ``python -m benchmarks --peer --out`` JSON with one ours-vs-peer row at 8192."""
     ours = {**CASE, "variant": "longlora", "seq_len": 8192, **case}
     peer = {**CASE, "variant": "peer", "seq_len": 8192}
     return {
-        "command": "python -m longlora_tune.bench --shape 7b-proxy --seq-lens 8192 --peer",
+        "command": "python -m benchmarks --shape 7b-proxy --seq-lens 8192 --peer",
         "host": "h",
         "cpu_count": 2,
         "torch": "2.13.0",

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from longlora_tune.bench.__main__ import main as bench_main
-from longlora_tune.bench.backend_check import main as backend_check_main
-from longlora_tune.bench.train_step import Case, detect_peak_tflops, resolve_shape, run_case
+from benchmarks.__main__ import main as bench_main
+from benchmarks.backend_check import main as backend_check_main
+from benchmarks.train_step import Case, detect_peak_tflops, resolve_shape, run_case
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "gpu_check.sh"
@@ -118,7 +118,7 @@ def test_gpu_check_dry_run(tmp_path):
         logs = {Path(m.name).name: archive.extractfile(m).read().decode() for m in members}
     summary = (tmp_path / "summary.txt").read_text().split("\n")
     assert "info 0" in summary and "backend_check 0" in summary and "bench_64 0" in summary
-    assert "imports 0" in summary and "ok   import longlora_tune.bench.peer" in logs["imports.log"]
+    assert "imports 0" in summary and "ok   import benchmarks.peer" in logs["imports.log"]
     assert "ok   peft builds a LoRA layer" in logs["imports.log"] and "torch" in logs["info.txt"]
     bench = json.loads((tmp_path / "bench_64.json").read_text())
     assert {r["variant"] for r in bench["results"]} == {"longlora", "full_attn", "lora", "peer"}
@@ -226,7 +226,7 @@ def test_checkpoint_layers_bad_values_are_one_line_errors(extra, message, capsys
 
 
 def test_compile_runs_only_our_cases_both_ways(monkeypatch):
-    from longlora_tune.bench.__main__ import _cases, _parse
+    from benchmarks.__main__ import _cases, _parse
 
     cases = _cases(
         _parse(["--shape", "tiny", "--device", "cpu", "--variants", "longlora", "--peer", "--compile"])
@@ -239,7 +239,7 @@ def test_compile_runs_only_our_cases_both_ways(monkeypatch):
 
 
 def test_checkpoint_layers_equal_to_the_layer_count_is_all_and_each_setting_runs_once():
-    from longlora_tune.bench.__main__ import _parse
+    from benchmarks.__main__ import _parse
 
     # tiny has 2 layers: 2 is 'all'.
     args = _parse(["--shape", "tiny", "--device", "cpu", "--checkpoint-layers", "2", "0", "all", "0"])

@@ -6,15 +6,15 @@ import json
 
 import pytest
 
-from longlora_tune.bench.__main__ import main as bench_main
-from longlora_tune.bench.context_parallel import (
+from benchmarks.__main__ import main as bench_main
+from benchmarks.context_parallel import (
     combine_ranks,
     comparisons,
     launch,
     markdown,
     run_rank,
 )
-from longlora_tune.bench.train_step import Case, resolve_shape
+from benchmarks.train_step import Case, resolve_shape
 
 
 def _rank(rank: int, step_s: list[float], cpu_step_s: list[float], sent: int, received: int) -> dict:
@@ -110,7 +110,7 @@ def test_cli_refuses_lengths_that_do_not_split(capsys):
 
 
 def test_worker_reports_errors_as_one_line(capsys):
-    from longlora_tune.bench.context_parallel import main as cp_main
+    from benchmarks.context_parallel import main as cp_main
 
     for degree, seq_len, message in ((3, 64, "context_parallel_degree=3"), (2, 64, "needs a process group")):
         spec = {"case": {"shape": "tiny", "seq_len": seq_len, "variant": "longlora"}, "degree": degree}

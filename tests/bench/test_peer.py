@@ -8,10 +8,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from longlora_tune.bench.__main__ import main as bench_main
-from longlora_tune.bench.backend_check import reference_s2_attention
-from longlora_tune.bench.peer import run_peer_case, s2_sdpa_attention, s2_sdpa_reference
-from longlora_tune.bench.train_step import Case
+from benchmarks.__main__ import main as bench_main
+from benchmarks.backend_check import reference_s2_attention
+from benchmarks.peer import run_peer_case, s2_sdpa_attention, s2_sdpa_reference
+from benchmarks.train_step import Case
 from longlora_tune.modules.s2_attention import shifted_sparse_attention
 
 

@@ -16,7 +16,7 @@ from torchtune.modules.transforms.tokenizers import SentencePieceBaseTokenizer
 
 from longlora_tune.data import ChatFormat, LongAlpacaDataset, longalpaca_dataset
 from longlora_tune.errors import LongLoRAConfigError
-from longlora_tune.tiny import (
+from longlora_tune.quickstart.tiny import (
     make_llama3_tokenizer,
     make_longalpaca_json,
     make_mistral_tokenizer,

@@ -9,7 +9,7 @@ from torchtune.models.llama2 import llama2_tokenizer
 
 from longlora_tune.data import check_dataset_source, longalpaca_dataset, packed_blocks_dataset
 from longlora_tune.errors import LongLoRAConfigError
-from longlora_tune.tiny import make_longalpaca_json, make_text_corpus, make_tokenizer
+from longlora_tune.quickstart.tiny import make_longalpaca_json, make_text_corpus, make_tokenizer
 
 PRETRAIN = "longlora_tune.data.packed_blocks_dataset"
 SFT = "longlora_tune.data.longalpaca_dataset"

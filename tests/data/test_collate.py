@@ -12,7 +12,7 @@ from torchtune.models.llama2 import llama2_tokenizer
 from longlora_tune.data import longalpaca_dataset, padded_collate_s2
 from longlora_tune.models import longlora_llama2
 from longlora_tune.modules.s2_attention import S2Attention
-from longlora_tune.tiny import make_tokenizer
+from longlora_tune.quickstart.tiny import make_tokenizer
 
 IGNORE = -100
 GROUP = 4

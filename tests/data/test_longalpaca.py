@@ -13,7 +13,7 @@ from longlora_tune.data import (
     longalpaca_prompt,
 )
 from longlora_tune.errors import LongLoRAConfigError
-from longlora_tune.tiny import make_longalpaca_json, make_tokenizer
+from longlora_tune.quickstart.tiny import make_longalpaca_json, make_tokenizer
 
 IGNORE = -100
 QUESTION = "What is the first sentence of the story?"

@@ -9,7 +9,7 @@ from torchtune.models.llama2 import llama2_tokenizer
 
 from longlora_tune.data import _load, packed_blocks_dataset
 from longlora_tune.errors import LongLoRAConfigError
-from longlora_tune.tiny import make_documents, make_text_corpus, make_tokenizer
+from longlora_tune.quickstart.tiny import make_documents, make_text_corpus, make_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -189,7 +189,7 @@ def test_redpajama_preset_reads_files_with_mixed_meta(tokenizer, tmp_path, monke
 def test_add_bos_with_a_tokenizer_without_bos_is_one_line(tmp_path):
     from torchtune.models.qwen2_5 import qwen2_5_tokenizer
 
-    from longlora_tune.tiny import make_qwen2_5_tokenizer
+    from longlora_tune.quickstart.tiny import make_qwen2_5_tokenizer
 
     vocab, merges = make_qwen2_5_tokenizer(tmp_path / "tok")
     tok = qwen2_5_tokenizer(path=str(vocab), merges_file=str(merges))
@@ -222,7 +222,7 @@ def test_eos_id_ends_every_document_and_is_its_own_cache_entry(tokenizer, tmp_pa
 
 
 def test_document_end_is_the_base_models_eos_when_the_tokenizer_names_another():
-    from longlora_tune.hf import HFBaseModel
+    from longlora_tune.hf.base import HFBaseModel
 
     def end(eos, tokenizer_eos, **config):
         config = {"model_type": "qwen2", "eos_token_id": eos, **config}
@@ -239,7 +239,7 @@ def test_document_end_is_the_base_models_eos_when_the_tokenizer_names_another():
 def test_dataset_overrides_give_the_document_end_only_where_the_builder_takes_it():
     from types import SimpleNamespace
 
-    from longlora_tune.hf import HFBaseModel
+    from longlora_tune.hf.base import HFBaseModel
 
     base = HFBaseModel("base", {"model_type": "qwen2", "eos_token_id": 151643}, ())
     tokenizer = SimpleNamespace(eos_id=151645)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from longlora_tune.tiny import make_hf_checkpoint
+from longlora_tune.quickstart.tiny import make_hf_checkpoint
 
 
 @pytest.fixture(scope="session")

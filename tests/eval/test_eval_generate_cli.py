@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from longlora_tune.generate import build_prompt, main
-from longlora_tune.tiny import make_documents
+from longlora_tune.eval.generate import build_prompt, main
+from longlora_tune.quickstart.tiny import make_documents
 
 
 class RecordingStream(io.StringIO):
@@ -48,7 +48,7 @@ def test_generate_streams_tokens_and_matches_greedy_decode(tmp_path: Path, tiny_
     # Greedy answer equals decoding the same prompt through the library directly.
     from torchtune.models.llama2 import llama2_tokenizer
 
-    from longlora_tune.eval.generation import generate
+    from longlora_tune.eval.decoding import generate
     from longlora_tune.eval.model_loading import load_eval_model
 
     tok = llama2_tokenizer(str(tiny_ckpt / "tokenizer.model"), prompt_template=None)
@@ -77,7 +77,7 @@ def test_missing_file_is_one_line_error(
 
 
 def test_trained_context_comes_from_training_length_adapter_or_rope_factor() -> None:
-    from longlora_tune.generate import trained_context_length
+    from longlora_tune.eval.generate import trained_context_length
 
     merged = {"max_position_embeddings": 64, "rope_scaling": {"type": "linear", "factor": 4.0}}
     assert trained_context_length(merged, rope_scaling_factor=4.0) == (
@@ -102,7 +102,7 @@ def test_prompt_longer_than_the_trained_context_warns_once(
 ) -> None:
     from torchtune.models.llama2 import llama2_tokenizer
 
-    from longlora_tune.tiny import make_hf_checkpoint
+    from longlora_tune.quickstart.tiny import make_hf_checkpoint
 
     # A merged export's config: original context 64, trained with RoPE factor 4, i.e. on 256 tokens.
     ckpt = make_hf_checkpoint(tmp_path / "hf", rope_scaling={"type": "linear", "factor": 4.0})
@@ -164,10 +164,10 @@ _FAMILY_TOKENIZERS = {
 def test_generate_answers_in_the_family_chat_format(family: str, tmp_path: Path) -> None:
     from torchtune.data import Message
 
-    from longlora_tune.eval.generation import generate
+    from longlora_tune.eval.decoding import generate
+    from longlora_tune.eval.generate import default_template
     from longlora_tune.eval.model_loading import load_eval_model
-    from longlora_tune.generate import default_template
-    from longlora_tune.tiny import make_hf_checkpoint
+    from longlora_tune.quickstart.tiny import make_hf_checkpoint
 
     ckpt = make_hf_checkpoint(tmp_path / "hf", family=family, max_position_embeddings=256)
     # A base model never saw its chat headers: plain text by default. A chat model (a chat_template in
@@ -204,7 +204,7 @@ def test_generate_answers_in_the_family_chat_format(family: str, tmp_path: Path)
 
 
 def test_tokenizer_and_template_errors_are_one_line(tmp_path: Path, tiny_ckpt: Path, capsys) -> None:
-    from longlora_tune.tiny import make_hf_checkpoint
+    from longlora_tune.quickstart.tiny import make_hf_checkpoint
 
     material = tmp_path / "m.txt"
     material.write_text("The cat sees the red ball today.")
@@ -235,7 +235,7 @@ def test_tokenizer_and_template_errors_are_one_line(tmp_path: Path, tiny_ckpt: P
 
 
 def test_trained_context_of_a_yarn_or_llama3_export_is_the_context_it_serves() -> None:
-    from longlora_tune.generate import trained_context_length
+    from longlora_tune.eval.generate import trained_context_length
 
     # What a yarn x4 export of a 256-token base writes: max_position_embeddings is the served context.
     yarn = {

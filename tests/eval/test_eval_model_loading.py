@@ -15,7 +15,7 @@ from longlora_tune.eval.model_loading import load_eval_model
 def test_hf_checkpoint_matches_transformers_with_its_rope_scaling(tmp_path: Path) -> None:
     import transformers
 
-    from longlora_tune.tiny import make_hf_checkpoint
+    from longlora_tune.quickstart.tiny import make_hf_checkpoint
 
     ckpt = make_hf_checkpoint(
         tmp_path / "hf", num_kv_heads=2, rope_scaling={"type": "linear", "factor": 3.0}, with_tokenizer=False
@@ -29,11 +29,11 @@ def test_hf_checkpoint_matches_transformers_with_its_rope_scaling(tmp_path: Path
 
 
 def test_adapter_on_base_equals_trained_model_and_merged_export(tmp_path: Path, tiny_ckpt: Path) -> None:
-    from longlora_tune.export import LongLoRAExportInfo, save_adapter, save_merged_hf_checkpoint
-    from longlora_tune.hf import HFBaseModel
+    from longlora_tune.hf.base import HFBaseModel
+    from longlora_tune.hf.export import LongLoRAExportInfo, save_adapter, save_merged_hf_checkpoint
     from longlora_tune.models import longlora_llama2
     from longlora_tune.models.longlora import describe
-    from longlora_tune.peft import trainable_state_dict
+    from longlora_tune.models.trainable import trainable_state_dict
 
     kwargs = dict(
         vocab_size=512, num_layers=2, num_heads=4, num_kv_heads=4, embed_dim=64, intermediate_dim=128

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from longlora_tune.eval.generation import generate, sample_next_token
+from longlora_tune.eval.decoding import generate, sample_next_token
 from longlora_tune.eval.model_loading import load_eval_model
 from longlora_tune.eval.passkey import (
     build_prompts,

@@ -74,7 +74,7 @@ def test_select_windows_spreads_evenly() -> None:
 
 def test_factor_is_the_checkpoints_own_and_training_length_only_fills_a_gap(tiny_ckpt: Path, caplog) -> None:
     from longlora_tune.errors import LongLoRAConfigError
-    from longlora_tune.hf import HFBaseModel
+    from longlora_tune.hf.base import HFBaseModel
 
     base = HFBaseModel.read(tiny_ckpt)  # max_position_embeddings 64, no scaling
     assert eval_rope_factor(base) == 1.0
@@ -147,7 +147,7 @@ def test_bin_source_reads_a_uint16_stream(tmp_path: Path, tiny_tokenizer) -> Non
     stream = load_token_stream(source="bin", path=str(data), tokenizer=tiny_tokenizer)
     assert isinstance(stream, np.memmap) and stream.tolist() == ids.tolist()
     # A real tokenized corpus (thousands of bytes) is not mistaken for text.
-    from longlora_tune.tiny import make_documents
+    from longlora_tune.quickstart.tiny import make_documents
 
     corpus = [t for doc in make_documents(20) for t in tiny_tokenizer.encode(doc)]
     np.asarray(corpus, dtype=np.uint16).tofile(data)

@@ -18,16 +18,16 @@ from torchtune.modules import MultiHeadAttention, TiedLinear
 from torchtune.modules.peft import LoRALinear
 from torchtune.training.checkpointing import FullModelHFCheckpointer
 
-from longlora_tune import export
-from longlora_tune.components import import_object
+from longlora_tune._compat import import_object
 from longlora_tune.errors import LongLoRAConfigError
 from longlora_tune.eval.model_loading import load_eval_model
-from longlora_tune.families import FAMILIES, detect_family, family_of_builder
-from longlora_tune.hf import HFBaseModel
+from longlora_tune.hf import export
+from longlora_tune.hf.base import HFBaseModel
 from longlora_tune.models import longlora_llama3, longlora_mistral, longlora_qwen2
+from longlora_tune.models.families import FAMILIES, detect_family, family_of_builder
 from longlora_tune.models.longlora import describe
+from longlora_tune.models.trainable import set_trainable_params, trainable_state_dict
 from longlora_tune.modules.rope_scaling import RopeScaling, rope_for_training
-from longlora_tune.peft import set_trainable_params, trainable_state_dict
 
 transformers = pytest.importorskip("transformers")
 
@@ -561,8 +561,8 @@ def test_builders_refuse_conflicting_factor_and_stacking():
      ("qwen2_5_0_5b", 494_032_768), ("qwen2_5_7b", 7_615_616_512)],
 )  # fmt: skip
 def test_planner_counts_tied_heads_and_biases(name, published):
-    from longlora_tune.plan import parameter_counts, plan
-    from longlora_tune.shapes import MODEL_SHAPES
+    from longlora_tune.models.shapes import MODEL_SHAPES
+    from longlora_tune.plan.planner import parameter_counts, plan
 
     shape = MODEL_SHAPES[name]
     _, total = parameter_counts(shape)

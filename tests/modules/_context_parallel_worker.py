@@ -97,7 +97,7 @@ def _run(rank: int, world: int, degrees: list, init_file: str, out_path: str, ca
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    from longlora_tune.distributed import build_device_mesh
+    from longlora_tune.training.distributed import build_device_mesh
 
     results = {}
     for degree in degrees:  # one process start serves several meshes (starts dominate the test's time)

@@ -12,9 +12,7 @@ import pytest
 import torch
 
 from longlora_tune.data.loader import pad_multiple
-from longlora_tune.distributed import build_device_mesh
 from longlora_tune.errors import LongLoRAConfigError
-from longlora_tune.loss import summed_token_loss
 from longlora_tune.modules.context_parallel import (
     check_context_parallel,
     context_parallel_attention,
@@ -26,7 +24,9 @@ from longlora_tune.modules.context_parallel import (
     split_for_context_parallel,
     ulysses_bytes_per_layer,
 )
+from longlora_tune.modules.loss import summed_token_loss
 from longlora_tune.modules.s2_attention import S2Attention, shifted_sparse_attention
+from longlora_tune.training.distributed import build_device_mesh
 
 WORKER = Path(__file__).with_name("_context_parallel_worker.py")
 

@@ -408,7 +408,7 @@ def test_half_rotation_unscaled_equals_torchtune_qwen2_rope_and_yarn_changes_it(
 
 @pytest.mark.parametrize("rope", [ROUND_TRIP[3], ROUND_TRIP[7]])
 def test_export_config_carries_the_method_and_transformers_reads_it(rope, tmp_path):
-    from longlora_tune.export import merged_hf_config
+    from longlora_tune.hf.export import merged_hf_config
 
     base = {"model_type": "llama", **_shape(16), "num_hidden_layers": 1, "vocab_size": 8, "rope_theta": 5.0}
     written = merged_hf_config(base, 1.0, torch.bfloat16, rope=rope)

@@ -11,7 +11,7 @@ from torch.nn.attention.flex_attention import create_block_mask
 from torchtune.models.llama2 import llama2
 
 import longlora_tune.modules.s2_attention as s2mod
-from longlora_tune.bench.backend_check import check_backend
+from benchmarks.backend_check import check_backend
 from longlora_tune.modules.s2_attention import (
     S2Attention,
     S2AttentionConfig,

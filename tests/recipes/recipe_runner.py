@@ -18,9 +18,9 @@ from omegaconf import DictConfig, OmegaConf
 from torchtune import config
 
 from longlora_tune import resources
-from longlora_tune.config_checks import training_length
+from longlora_tune.config.validation import training_length
 from longlora_tune.data.loader import build_dataloader, pad_multiple
-from longlora_tune.hf import HFBaseModel
+from longlora_tune.hf.base import HFBaseModel
 from longlora_tune.models.longlora import describe
 
 RECIPE = resources.recipe_path("longlora_distributed")
@@ -78,13 +78,14 @@ def model_from_adapter(adapter_dir: Path, base_dir: Path) -> torch.nn.Module:
     """
     import json
 
-    from longlora_tune import checkpointing
+    from longlora_tune.models import trainable
+    from longlora_tune.training import checkpointing
 
     meta = json.loads((adapter_dir / "longlora.json").read_text())
     model = config.instantiate(OmegaConf.create(meta["model"]))
     missing, unexpected = model.load_state_dict(HFBaseModel.read(base_dir).load_state_dict(), strict=False)
     assert not unexpected
-    loaded = checkpointing.load_trainable_state(model, adapter_dir / checkpointing.TRAINABLE_FILE)
+    loaded = trainable.load_trainable_state(model, adapter_dir / checkpointing.TRAINABLE_FILE)
     assert set(missing) <= set(loaded)
     return model.eval()
 

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from recipe_runner import CONFIGS, RecipeFailed, run_recipe
 from test_longlora_distributed import _env, _losses, _overrides, _recipe_cmd
 
-from longlora_tune import tiny
+from longlora_tune.quickstart import tiny
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = CONFIGS / "tiny_demo.yaml"

@@ -21,7 +21,8 @@ from recipe_runner import CONFIGS
 from safetensors.torch import load_file
 from test_longlora_distributed import _env, _losses, _recipe_cmd
 
-from longlora_tune import checkpointing, tiny
+from longlora_tune.quickstart import tiny
+from longlora_tune.training import checkpointing
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = CONFIGS / "tiny_demo.yaml"

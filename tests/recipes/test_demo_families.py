@@ -1,4 +1,5 @@
-"""``python -m longlora_tune.demo --family F`` for every family: tiny model, training, exports that agree.
+"""``python -m longlora_tune.quickstart.demo --family F`` for every family: tiny model, training, exports
+that agree.
 
 One demo run per family (module-scoped fixture, 2 optimizer steps): ``demo.main`` itself, with its
 training subprocess replaced by the same recipe script run in this process (``recipe_runner``), which
@@ -20,9 +21,10 @@ from omegaconf import OmegaConf
 from recipe_runner import RECIPE, run_recipe_argv
 from torchtune import config as tt_config
 
-from longlora_tune import demo, resources, tiny
+from longlora_tune import resources
 from longlora_tune.eval.model_loading import load_eval_model
-from longlora_tune.hf import HFBaseModel
+from longlora_tune.hf.base import HFBaseModel
+from longlora_tune.quickstart import demo, tiny
 
 transformers = pytest.importorskip("transformers")
 
@@ -168,7 +170,7 @@ def test_family_configs_default_to_the_demo_workdir(family, sft):
     workdir = Path(cfg.checkpoint_dir).parent
     assert workdir.name == (f"longalpaca_demo_{family}" if sft else f"longlora_demo_{family}")
     flags = f"--family {family}" + (" --sft" if sft else "")
-    assert command == f"python -m longlora_tune.demo {flags} --assets-only --workdir {workdir}"
+    assert command == f"python -m longlora_tune.quickstart.demo {flags} --assets-only --workdir {workdir}"
     data = workdir / ("longalpaca.json" if sft else "corpus.jsonl")
     assert Path(cfg.dataset.data_files) == data
     assert Path(cfg.output_dir) == workdir / "out"

@@ -16,8 +16,8 @@ import torch
 from omegaconf import OmegaConf
 from recipe_runner import CONFIGS, RecipeFailed, model_from_adapter, run_recipe
 
-from longlora_tune import tiny
 from longlora_tune.eval.model_loading import load_eval_model
+from longlora_tune.quickstart import tiny
 
 transformers = pytest.importorskip("transformers")
 

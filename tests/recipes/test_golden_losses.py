@@ -1,8 +1,9 @@
 """The quick start's per-step losses, recorded before the recipe moved out of the package.
 
-Restructuring must not change what a user gets: ``python -m longlora_tune.demo`` (tiny Llama 2, 40 steps,
+Restructuring must not change what a user gets: ``python -m longlora_tune.quickstart.demo`` (tiny Llama 2, 40
+steps,
 one CPU process) must reproduce these losses. They were recorded from main at 661200f (the recipe still
-inside ``longlora_tune/recipes/``) with ``python -m longlora_tune.demo --workdir /tmp/golden``.
+inside ``longlora_tune/recipes/``) with ``python -m longlora_tune.quickstart.demo --workdir /tmp/golden``.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import re
 
 import pytest
 
-from longlora_tune import demo
+from longlora_tune.quickstart import demo
 
 GOLDEN_LOSSES = [
     6.293192545572917,

@@ -23,13 +23,14 @@ from recipe_runner import CONFIGS, run_recipe, training_parts
 from test_longlora_distributed import _bind, _env, _expected_base_keys, _losses, _recipe_cmd
 from torchtune import config
 
-from longlora_tune import config_checks, tiny
-from longlora_tune.components import import_object
+from longlora_tune._compat import import_object
+from longlora_tune.config import validation as config_checks
 from longlora_tune.data import padded_collate_s2
 from longlora_tune.data.loader import pad_multiple
 from longlora_tune.errors import LongLoRAConfigError
-from longlora_tune.loss import summed_token_loss
 from longlora_tune.models.longlora import describe
+from longlora_tune.modules.loss import summed_token_loss
+from longlora_tune.quickstart import tiny
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = CONFIGS / "tiny_longalpaca.yaml"
@@ -298,7 +299,8 @@ def test_sft_config_instantiates_without_weights(path):
     assert config_checks.gradient_accumulation_steps(cfg.global_batch_size, cfg.batch_size, 8) == 8
     assert cfg.batch_size == 1 and cfg.max_steps is None
     assert cfg.optimizer.lr == 2e-5 and cfg.optimizer.weight_decay == 0.0
-    assert cfg.lr_scheduler._component_ == "longlora_tune.schedulers.get_constant_schedule_with_warmup"
+    schedule = "longlora_tune.training.schedulers.get_constant_schedule_with_warmup"
+    assert cfg.lr_scheduler._component_ == schedule
     assert cfg.lr_scheduler.num_warmup_steps == 20
     assert cfg.dtype == "bf16" and cfg.enable_activation_checkpointing is True
     assert cfg.model.s2_group_size_ratio == 0.25 and list(cfg.trainable_extras) == ["embed", "norm"]

@@ -32,12 +32,14 @@ from safetensors.torch import load_file
 from torchtune import config
 from torchtune.modules import TiedLinear
 
-from longlora_tune import checkpointing, config_checks, tiny
-from longlora_tune.components import import_object
+from longlora_tune._compat import import_object
+from longlora_tune.config import validation as config_checks
 from longlora_tune.data.sampler import ResumableDistributedSampler
-from longlora_tune.families import family_of_builder
-from longlora_tune.hf import HFBaseModel
-from longlora_tune.peft import trainable_param_names
+from longlora_tune.hf.base import HFBaseModel
+from longlora_tune.models.families import family_of_builder
+from longlora_tune.models.trainable import trainable_param_names
+from longlora_tune.quickstart import tiny
+from longlora_tune.training import checkpointing
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = CONFIGS / "tiny_demo.yaml"
@@ -368,7 +370,7 @@ def test_fused_linear_cross_entropy_gives_the_chunked_losses_under_fsdp2(assets,
         tmp_path / "fused",
         nproc=2,
         **extra,
-        **{"loss._component_": "longlora_tune.linear_ce.ChunkedLinearCrossEntropyLoss"},
+        **{"loss._component_": "longlora_tune.modules.linear_ce.ChunkedLinearCrossEntropyLoss"},
     )
     assert sorted(fused) == [1, 2, 3]
     for step, loss in chunked.items():
@@ -531,7 +533,7 @@ def test_shipped_config_instantiates_without_weights(path, tmp_path):
 
 
 def test_demo_command_is_the_documented_one(tmp_path):
-    from longlora_tune import demo
+    from longlora_tune.quickstart import demo
 
     cmd = demo.build_command(tmp_path, 1, ["max_steps=5"], use_tune=True)
     assert cmd[1:] == [
@@ -711,7 +713,7 @@ def test_missing_tiny_base_points_at_the_demo_command(tmp_path):
         run_recipe_argv(["--config", CONFIGS / "tiny_longalpaca.yaml", f"checkpoint_dir={missing}"])
     assert str(e.value) == (
         f"tiny base model not found: {missing / 'config.json'}; create the tiny model and data with: "
-        f"python -m longlora_tune.demo --sft --assets-only --workdir {missing.parent}"
+        f"python -m longlora_tune.quickstart.demo --sft --assets-only --workdir {missing.parent}"
     )
 
 

@@ -17,8 +17,8 @@ from omegaconf import OmegaConf
 from recipe_runner import CONFIGS, model_from_adapter
 from test_longlora_distributed import _env, _losses, _overrides, _recipe_cmd
 
-from longlora_tune import tiny
-from longlora_tune.hf import HFBaseModel
+from longlora_tune.hf.base import HFBaseModel
+from longlora_tune.quickstart import tiny
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = CONFIGS / "tiny_qlora.yaml"
@@ -118,9 +118,9 @@ def test_qlora_peft_card_states_the_quantized_base(runs):
 
 
 def test_qlora_refuses_a_world_size_that_cuts_nf4_groups(tmp_path):
-    from longlora_tune import qlora
     from longlora_tune.errors import LongLoRAConfigError
     from longlora_tune.models import longlora_llama2
+    from longlora_tune.training import qlora
 
     with torch.device("meta"):
         model = longlora_llama2(512, 2, 4, 4, 256, 256, intermediate_dim=512, quantize_base=True)
@@ -133,7 +133,7 @@ def test_qlora_refuses_a_world_size_that_cuts_nf4_groups(tmp_path):
 
 
 def test_quantize_base_passes_config_checks(tmp_path):
-    from longlora_tune import config_checks
+    from longlora_tune.config import validation as config_checks
 
     base = tiny.make_hf_checkpoint(tmp_path / "base", embed_dim=256, intermediate_dim=512)
     cfg = OmegaConf.load(CONFIG)

@@ -1,0 +1,384 @@
+"""A Hugging Face base-model folder, read once.
+
+The training recipe, the exports and the evaluation loader all need the same facts about the base
+checkpoint (what ``tune download meta-llama/Llama-2-7b-hf`` writes): its ``config.json``, its model family
+(:mod:`longlora_tune.models.families`: Llama 2, Llama 3.x, Mistral, Qwen2), the builder arguments it implies,
+its
+context length and RoPE setting, its tokenizer, and its weights in torchtune names. :class:`HFBaseModel`
+reads the folder once and answers all of them, so a run parses ``config.json`` once and every consumer
+derives the builder arguments the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from longlora_tune._compat import import_object
+from longlora_tune.errors import LongLoRAConfigError
+from longlora_tune.models.families import ModelFamily, detect_family
+from longlora_tune.modules.position_interpolation import (
+    position_interpolation_factor,
+    rope_scaling_factor_from_hf_config,
+)
+from longlora_tune.modules.rope_scaling import RopeScaling
+
+__all__ = ["HFBaseModel", "download_command"]
+
+#: Keys every supported ``config.json`` has (a Llama-style decoder).
+_REQUIRED_KEYS = (
+    "vocab_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "hidden_size",
+    "intermediate_size",
+)
+
+
+def download_command(repo_id: Optional[str], checkpoint_dir: str | Path) -> str:
+    """Return the ``tune download`` command that fills ``checkpoint_dir`` with a Hugging Face checkpoint.
+
+    Args:
+        repo_id: Hugging Face repository id (e.g. ``meta-llama/Llama-2-7b-hf``); a placeholder when None.
+        checkpoint_dir: the folder the recipe reads.
+
+    Returns:
+        The command line (original ``.pth`` files are skipped: only the HF safetensors are needed).
+    """
+    repo = repo_id or "<hf-repo-id>"
+    return f'tune download {repo} --output-dir {checkpoint_dir} --ignore-patterns "*.pth"'
+
+
+def _missing(what: str, path: Path, repo_id: Optional[str], checkpoint_dir: Path) -> LongLoRAConfigError:
+    return LongLoRAConfigError(
+        f"{what} not found: {path}; download the base model with: {download_command(repo_id, checkpoint_dir)}"
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class HFBaseModel:
+    """A Hugging Face checkpoint folder (Llama 2/3.x, Mistral, Qwen2): config parsed, weight files listed.
+
+    Build it with :meth:`read`. Weights are loaded only when :meth:`load_state_dict` is called.
+
+    Attributes:
+        path: the folder.
+        config: the parsed ``config.json``.
+        weight_files: ``*.safetensors`` files, or ``pytorch_model*.bin`` when there are none.
+        repo_id: the Hugging Face repository id, used only in download hints.
+    """
+
+    path: Path
+    config: dict[str, Any]
+    weight_files: tuple[Path, ...]
+    repo_id: Optional[str] = None
+
+    @classmethod
+    def read(cls, checkpoint_dir: str | Path, *, repo_id: Optional[str] = None) -> HFBaseModel:
+        """Read ``config.json`` and list the weight files of a checkpoint folder.
+
+        Args:
+            checkpoint_dir: the folder.
+            repo_id: Hugging Face repository id for the download hint in error messages.
+
+        Returns:
+            The checkpoint description.
+
+        Raises:
+            LongLoRAConfigError: naming the missing file and the ``tune download`` command, or when
+                ``config.json`` is unreadable, not a Llama-style config, of an unsupported ``model_type``
+                or with a RoPE scaling LongLoRA cannot continue from.
+        """
+        ckpt = Path(checkpoint_dir).expanduser()
+        path = ckpt / "config.json"
+        if not path.is_file():
+            raise _missing("model config", path, repo_id, ckpt)
+        try:
+            config = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise LongLoRAConfigError(f"cannot read {path}: {e}") from e
+        if not isinstance(config, dict):
+            raise LongLoRAConfigError(f"{path} is not a JSON object: not a Hugging Face config")
+        absent = [k for k in _REQUIRED_KEYS if k not in config]
+        if absent:
+            raise LongLoRAConfigError(f"{path} lacks {', '.join(absent)}: not a Hugging Face Llama config")
+        files = sorted(ckpt.glob("*.safetensors")) or sorted(ckpt.glob("pytorch_model*.bin"))
+        if not files:
+            what = "model weights (*.safetensors or pytorch_model*.bin)"
+            raise _missing(what, ckpt / "*.safetensors", repo_id, ckpt)
+        base = cls(path=ckpt, config=config, weight_files=tuple(files), repo_id=repo_id)
+        # Refuse an unsupported family or RoPE scaling at read time, not at export.
+        _ = base.family
+        _ = base.rope
+        return base
+
+    @property
+    def family(self) -> ModelFamily:
+        """The model family (see :func:`longlora_tune.models.families.detect_family`).
+
+        Raises:
+            LongLoRAConfigError: for an unsupported ``model_type`` or feature.
+        """
+        try:
+            return detect_family(self.config)
+        except LongLoRAConfigError as e:
+            raise LongLoRAConfigError(f"{self.path}: {e}") from None
+
+    @property
+    def rope(self) -> RopeScaling:
+        """The checkpoint's RoPE setting (method, factor, original context, theta).
+
+        Raises:
+            LongLoRAConfigError: for a RoPE type LongLoRA cannot continue from (dynamic, longrope, ...).
+        """
+        try:
+            return RopeScaling.from_hf_config(self.config)
+        except LongLoRAConfigError as e:
+            raise LongLoRAConfigError(f"{self.path}: {e}") from None
+
+    @property
+    def tie_word_embeddings(self) -> bool:
+        """Whether the LM head is the token embedding (absent = False, as for every supported family)."""
+        return bool(self.config.get("tie_word_embeddings", False))
+
+    @property
+    def checkpointer_model_type(self) -> str:
+        """torchtune ``FullModelHFCheckpointer`` ``model_type`` (``LLAMA3_2`` for a tied Llama 3)."""
+        return self.family.checkpointer_type(self.tie_word_embeddings)
+
+    def document_end_id(self, tokenizer_eos_id: Optional[int]) -> Optional[int]:
+        """The token that ends a pretraining document, when the tokenizer's EOS is not the model's.
+
+        The base model was pretrained with documents ending in its ``config.json`` ``eos_token_id``.
+        torchtune's tokenizer can name another token EOS: its Qwen2.5 tokenizer ends text with the chat
+        token ``<|im_end|>``, while Qwen2.5 base models end documents with ``<|endoftext|>``. Continued
+        pretraining should keep the base model's. Only families whose tokenizer does that
+        (``ModelFamily.chat_eos``) are changed: elsewhere ``eos_token_id`` is the generation stop token,
+        which an instruct model sets to its end-of-turn token (Llama 3 Instruct's ``<|eot_id|>``).
+
+        Args:
+            tokenizer_eos_id: the tokenizer's ``eos_id``.
+
+        Returns:
+            The config's ``eos_token_id`` (the first, when it lists several) if the family's tokenizer ends
+            text with a chat token and the tokenizer's is not among them, else None.
+        """
+        if not self.family.chat_eos:
+            return None
+        ids = self.config.get("eos_token_id")
+        ids = [ids] if isinstance(ids, int) and not isinstance(ids, bool) else list(ids or [])
+        if not ids or tokenizer_eos_id in ids:
+            return None
+        return int(ids[0])
+
+    def tokenizer_config(self, **extra: Any) -> dict[str, Any]:
+        """The ``tokenizer`` config section for this checkpoint: the family's torchtune tokenizer, its files.
+
+        Args:
+            **extra: further tokenizer arguments (``max_seq_len``, ...).
+
+        Returns:
+            ``{"_component_": ..., "path": <folder>/<file>, ...}``, with ``special_tokens_path`` when the
+            folder has the family's special-tokens file.
+        """
+        family = self.family
+        files = {arg: str(self.path / name) for arg, name in family.tokenizer_files}
+        if family.special_tokens_file and (self.path / family.special_tokens_file).is_file():
+            files["special_tokens_path"] = str(self.path / family.special_tokens_file)
+        return {"_component_": family.tokenizer, **files, **extra}
+
+    def builder_rope_kwargs(self) -> dict[str, Any]:
+        """The RoPE facts of the checkpoint as LongLoRA builder arguments (for all four families).
+
+        Returns:
+            ``original_max_seq_len`` (``max_position_embeddings``), ``rope_base`` (theta) and
+            ``checkpoint_rope_scaling`` (the ``config.json`` entry, None when unscaled).
+        """
+        rope = self.rope
+        entry = rope.rope_entry()
+        if entry is not None:
+            entry = {k: v for k, v in entry.items() if k != "type"}
+        return {
+            "original_max_seq_len": self.original_max_seq_len,
+            "rope_base": float(rope.rope_theta),
+            "checkpoint_rope_scaling": entry,
+        }
+
+    def rope_kwargs_for(self, component: str) -> dict[str, Any]:
+        """:meth:`builder_rope_kwargs` when the builder ``component`` takes them, else nothing.
+
+        Every longlora_tune builder takes ``checkpoint_rope_scaling``; a user's own builder may not.
+
+        Args:
+            component: Dotted path of the model builder.
+
+        Returns:
+            The RoPE facts as builder arguments, or an empty dict.
+
+        Raises:
+            LongLoRAConfigError: If ``component`` cannot be imported.
+        """
+        builder = import_object(component, "model._component_")
+        if "checkpoint_rope_scaling" not in inspect.signature(builder).parameters:
+            return {}
+        return self.builder_rope_kwargs()
+
+    def dataset_overrides(self, dataset: Mapping[str, Any], tokenizer: Any) -> dict[str, Any]:
+        """Dataset builder arguments of a training run that come from this checkpoint.
+
+        ``eos_id`` (:meth:`document_end_id`) for a builder that takes it (``packed_blocks_dataset``),
+        unless the config sets it.
+
+        Args:
+            dataset: The config's ``dataset`` section (``_component_`` and builder arguments).
+            tokenizer: The run's tokenizer.
+
+        Returns:
+            Keyword arguments for the dataset builder, on top of the ``dataset`` section (often none).
+
+        Raises:
+            LongLoRAConfigError: If the dataset ``_component_`` cannot be imported.
+        """
+        builder = import_object(dataset.get("_component_"), "dataset._component_")
+        if "eos_id" in dataset or "eos_id" not in inspect.signature(builder).parameters:
+            return {}
+        end = self.document_end_id(getattr(tokenizer, "eos_id", None))
+        return {} if end is None else {"eos_id": end}
+
+    def training_overrides(
+        self, model: Mapping[str, Any], rope_scaling: Optional[Mapping[str, Any]]
+    ) -> dict[str, Any]:
+        """Builder arguments of a training run that come from this checkpoint rather than the config.
+
+        ``original_max_seq_len`` is the checkpoint's ``max_position_embeddings`` (and must agree with the
+        config when set). Builders that take ``checkpoint_rope_scaling`` (every longlora_tune builder) also
+        get the checkpoint's ``rope_theta`` and ``rope_scaling``, and the ``rope_scaling`` request when set.
+        A checkpoint that already has a linear RoPE factor keeps it when it covers the training length and
+        is replaced by ``ceil(length / original)`` otherwise (never compounded), unless the config sets
+        ``rope_scaling_factor`` or ``rope_scaling``.
+
+        Args:
+            model: The config's ``model`` section (``_component_`` and builder arguments).
+            rope_scaling: The config's top-level ``rope_scaling`` request, or None.
+
+        Returns:
+            Keyword arguments for the builder, on top of the ``model`` section.
+
+        Raises:
+            LongLoRAConfigError: If ``model.original_max_seq_len`` or ``model.rope_base`` contradict
+                ``config.json``.
+        """
+        checkpoint_ctx = self.original_max_seq_len
+        configured = model.get("original_max_seq_len", None)
+        if configured is not None and int(configured) != checkpoint_ctx:
+            raise LongLoRAConfigError(
+                f"model.original_max_seq_len={configured} but {self.path}/config.json has "
+                f"max_position_embeddings={checkpoint_ctx}; set model.original_max_seq_len={checkpoint_ctx}"
+            )
+        overrides: dict[str, Any] = {"original_max_seq_len": checkpoint_ctx}
+        existing = self.rope.factor if self.rope.rope_type == "linear" else 1.0
+        if existing > 1.0 and model.get("rope_scaling_factor", None) is None and rope_scaling is None:
+            target = int(model.get("max_seq_len", checkpoint_ctx))
+            overrides["rope_scaling_factor"] = position_interpolation_factor(target, checkpoint_ctx, existing)
+        rope_facts = self.rope_kwargs_for(model["_component_"])
+        configured = model.get("rope_base", None)
+        if rope_facts and configured is not None and float(configured) != rope_facts["rope_base"]:
+            raise LongLoRAConfigError(
+                f"model.rope_base={configured} but {self.path}/config.json has rope_theta="
+                f"{rope_facts['rope_base']}; remove model.rope_base"
+            )
+        overrides.update(rope_facts)
+        if rope_scaling is not None:
+            overrides["rope_scaling"] = dict(rope_scaling)
+        return overrides
+
+    @property
+    def builder_kwargs(self) -> dict[str, Any]:
+        """Shape arguments of the model builders (``longlora_llama2``, torchtune's ``llama2``).
+
+        Returns:
+            ``vocab_size``, ``num_layers``, ``num_heads``, ``num_kv_heads``, ``embed_dim``,
+            ``intermediate_dim``, ``norm_eps`` and ``rope_base``; plus ``tie_word_embeddings`` for the
+            families whose builders take it (Llama 3, Qwen2).
+        """
+        c = self.config
+        # transformers 5 writes the RoPE base only inside rope_parameters.
+        rope_base = c.get("rope_theta") or (c.get("rope_parameters") or {}).get("rope_theta") or 10_000.0
+        kwargs = {
+            "vocab_size": int(c["vocab_size"]),
+            "num_layers": int(c["num_hidden_layers"]),
+            "num_heads": int(c["num_attention_heads"]),
+            "num_kv_heads": int(c.get("num_key_value_heads", c["num_attention_heads"])),
+            "embed_dim": int(c["hidden_size"]),
+            "intermediate_dim": int(c["intermediate_size"]),
+            "norm_eps": float(c.get("rms_norm_eps", 1e-5)),
+            "rope_base": float(rope_base),
+        }
+        if self.family.ties:
+            kwargs["tie_word_embeddings"] = self.tie_word_embeddings
+        return kwargs
+
+    @property
+    def head_dim(self) -> Optional[int]:
+        """The explicit ``head_dim`` of the config, or None when it is ``hidden_size / heads``."""
+        value = self.config.get("head_dim")
+        return int(value) if value else None
+
+    @property
+    def original_max_seq_len(self) -> int:
+        """The unscaled context the RoPE factor multiplies (``max_position_embeddings``, 4096 if absent)."""
+        return int(self.config.get("max_position_embeddings", 4096))
+
+    @property
+    def rope_scaling_factor(self) -> float:
+        """The checkpoint's own linear RoPE factor (1.0 without ``rope_scaling``); see :attr:`rope` for all.
+
+        Raises:
+            LongLoRAConfigError: for RoPE scaling other than linear.
+        """
+        try:
+            return rope_scaling_factor_from_hf_config(self.config)
+        except ValueError as exc:
+            raise LongLoRAConfigError(f"{self.path}/config.json: {exc}") from None
+
+    def load_state_dict(self, dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
+        """Load the weights in torchtune parameter names.
+
+        Args:
+            dtype: cast each floating tensor to this dtype while loading (halves peak memory for fp32
+                files); None keeps the stored dtype.
+
+        The family's torchtune conversion: Llama-style q/k row permutation (all but Qwen2), Qwen2's
+        biases; a tied checkpoint's ``lm_head.weight``, if the files hold one, is dropped (the model's
+        head is its embedding, as torchtune's ``LLAMA3_2``/``QWEN2`` checkpointers do).
+
+        Returns:
+            The state dict (``tok_embeddings.weight``, ``layers.0.attn.q_proj.weight``, ...).
+        """
+        from safetensors.torch import load_file
+        from torchtune.models.convert_weights import hf_to_tune
+        from torchtune.models.qwen2 import qwen2_hf_to_tune
+
+        hf_sd: dict[str, torch.Tensor] = {}
+        for f in self.weight_files:
+            if f.suffix == ".safetensors":
+                part = load_file(str(f))
+            else:
+                part = torch.load(f, map_location="cpu", weights_only=True)
+            for k, v in part.items():
+                hf_sd[k] = v.to(dtype) if dtype is not None and v.is_floating_point() else v
+            del part
+        kw = self.builder_kwargs
+        shape = dict(num_heads=kw["num_heads"], num_kv_heads=kw["num_kv_heads"], dim=kw["embed_dim"])
+        tied = self.tie_word_embeddings
+        if tied:
+            hf_sd.pop("lm_head.weight", None)
+        if not self.family.qk_permuted:
+            return qwen2_hf_to_tune(hf_sd, **shape, head_dim=self.head_dim, tie_word_embeddings=tied)
+        return hf_to_tune(hf_sd, **shape, head_dim=self.head_dim)

@@ -1,0 +1,252 @@
+"""The model families LongLoRA trains, and how a Hugging Face ``config.json`` picks one.
+
+One table, read by the training recipe, the evaluation loader and the exports (through
+:class:`longlora_tune.hf.base.HFBaseModel`), so the three can never disagree about a checkpoint:
+
+============  ================  ==================  =================  ===========================
+family        config.json       LongLoRA builder    checkpointer type  tokenizer (files)
+============  ================  ==================  =================  ===========================
+``llama2``    ``llama``         ``longlora_llama2``  ``LLAMA2``         ``llama2_tokenizer``
+                                                                        (``tokenizer.model``)
+``llama3``    ``llama``         ``longlora_llama3``  ``LLAMA3``         ``llama3_tokenizer``
+                                                     (``LLAMA3_2`` tied) (``original/tokenizer.model``)
+``mistral``   ``mistral``       ``longlora_mistral`` ``MISTRAL``        ``mistral_tokenizer``
+                                                                        (``tokenizer.model``)
+``qwen2``     ``qwen2``         ``longlora_qwen2``   ``QWEN2``          ``qwen2_5_tokenizer``
+                                                                        (``vocab.json``, ``merges.txt``)
+============  ================  ==================  =================  ===========================
+
+Llama 2 and Llama 3 share ``model_type: llama`` and the architecture; they differ in RoPE base,
+tokenizer and (3.1+) RoPE scaling. The rule: **Llama 3** when ``rope_theta >= 500000``, or the RoPE
+scaling is ``llama3``, or ``vocab_size >= 128000`` (Llama 3's 128256-token tiktoken vocabulary); **Llama 2**
+otherwise (theta 10000, 32000 tokens, the LongLoRA paper's models and our tiny test models).
+
+Pure Python (no torch import at module level), so the planner and config checks can read it cheaply.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, Optional
+
+from longlora_tune.errors import LongLoRAConfigError
+
+__all__ = ["FAMILIES", "ModelFamily", "detect_family", "family_of_builder", "trusted_builder"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelFamily:
+    """What LongLoRA needs to know about one model family.
+
+    Attributes:
+        name: ``llama2``, ``llama3``, ``mistral`` or ``qwen2``.
+        hf_model_type: ``config.json`` ``model_type``.
+        builder: Dotted path of the LongLoRA component builder (takes every shape).
+        base_builder: Dotted path of torchtune's plain (non-LoRA) component builder, for merged checkpoints.
+        checkpointer_model_type: torchtune ``FullModelHFCheckpointer`` ``model_type`` (untied).
+        tied_checkpointer_model_type: The same for checkpoints with ``tie_word_embeddings``, or None when
+            the family never ties.
+        tokenizer: Dotted path of torchtune's tokenizer builder.
+        tokenizer_files: Tokenizer builder argument -> file in the checkpoint folder.
+        special_tokens_file: A file in the checkpoint folder that, when present, the tokenizer builder reads
+            as ``special_tokens_path`` (special tokens at other ids than the released model's, as in the
+            tiny test checkpoints); released checkpoints have none and get torchtune's defaults.
+        chat_eos: torchtune's tokenizer names the chat end-of-turn token EOS (Qwen2.5's ``<|im_end|>``) where
+            the base model ends documents with another (``config.json`` ``eos_token_id``); packed
+            pretraining then takes the latter (:meth:`longlora_tune.hf.base.HFBaseModel.document_end_id`).
+        default_rope_type: How an unscaled checkpoint is extended when the config does not say (a scaled
+            one keeps its own method).
+        qk_permuted: torchtune's Hugging Face conversion permutes q/k rows into interleaved RoPE pairs (all
+            but Qwen2, whose RoPE rotates head halves as Hugging Face does).
+        qkv_bias: q/k/v projections have biases.
+        ties: The builder takes ``tie_word_embeddings``.
+    """
+
+    name: str
+    hf_model_type: str
+    builder: str
+    base_builder: str
+    checkpointer_model_type: str
+    tied_checkpointer_model_type: Optional[str]
+    tokenizer: str
+    tokenizer_files: tuple[tuple[str, str], ...]
+    special_tokens_file: Optional[str] = None
+    chat_eos: bool = False
+    default_rope_type: str = "linear"
+    qk_permuted: bool = True
+    qkv_bias: bool = False
+    ties: bool = False
+
+    def checkpointer_type(self, tie_word_embeddings: bool) -> str:
+        """torchtune's checkpointer ``model_type`` for a checkpoint (``LLAMA3_2`` for tied Llama 3).
+
+        Args:
+            tie_word_embeddings: the checkpoint's ``tie_word_embeddings``.
+
+        Returns:
+            The model type string.
+        """
+        if tie_word_embeddings and self.tied_checkpointer_model_type:
+            return self.tied_checkpointer_model_type
+        return self.checkpointer_model_type
+
+
+#: The supported families, by name.
+FAMILIES: dict[str, ModelFamily] = {
+    "llama2": ModelFamily(
+        name="llama2",
+        hf_model_type="llama",
+        builder="longlora_tune.models.longlora_llama2",
+        base_builder="torchtune.models.llama2.llama2",
+        checkpointer_model_type="LLAMA2",
+        tied_checkpointer_model_type=None,
+        tokenizer="torchtune.models.llama2.llama2_tokenizer",
+        tokenizer_files=(("path", "tokenizer.model"),),
+    ),
+    "llama3": ModelFamily(
+        name="llama3",
+        hf_model_type="llama",
+        builder="longlora_tune.models.longlora_llama3",
+        # llama3_2 is the one torchtune Llama 3 builder with tie_word_embeddings; its RoPE is replaced.
+        base_builder="torchtune.models.llama3_2.llama3_2",
+        checkpointer_model_type="LLAMA3",
+        tied_checkpointer_model_type="LLAMA3_2",
+        tokenizer="torchtune.models.llama3.llama3_tokenizer",
+        tokenizer_files=(("path", "original/tokenizer.model"),),
+        special_tokens_file="original/special_tokens.json",
+        ties=True,
+    ),
+    "mistral": ModelFamily(
+        name="mistral",
+        hf_model_type="mistral",
+        builder="longlora_tune.models.longlora_mistral",
+        base_builder="torchtune.models.mistral.mistral",
+        checkpointer_model_type="MISTRAL",
+        tied_checkpointer_model_type=None,
+        tokenizer="torchtune.models.mistral.mistral_tokenizer",
+        tokenizer_files=(("path", "tokenizer.model"),),
+    ),
+    "qwen2": ModelFamily(
+        name="qwen2",
+        hf_model_type="qwen2",
+        builder="longlora_tune.models.longlora_qwen2",
+        base_builder="torchtune.models.qwen2.qwen2",
+        checkpointer_model_type="QWEN2",
+        tied_checkpointer_model_type="QWEN2",  # torchtune's QWEN2 conversion reads tie_word_embeddings
+        tokenizer="torchtune.models.qwen2_5.qwen2_5_tokenizer",
+        tokenizer_files=(("path", "vocab.json"), ("merges_file", "merges.txt")),
+        special_tokens_file="special_tokens.json",
+        chat_eos=True,
+        default_rope_type="yarn",  # Qwen2.5's own long-context method
+        qk_permuted=False,
+        qkv_bias=True,
+        ties=True,
+    ),
+}
+
+_SUPPORTED = "llama (Llama 2, Llama 3/3.1/3.2/3.3), mistral (Mistral 7B v0.2+), qwen2 (Qwen2/Qwen2.5)"
+
+
+def _is_llama3(config: Mapping[str, Any]) -> bool:
+    theta = config.get("rope_theta") or (config.get("rope_parameters") or {}).get("rope_theta") or 0
+    scalings = [config.get("rope_scaling") or {}, config.get("rope_parameters") or {}]
+    llama3_rope = any(
+        s.get("rope_type", s.get("type")) == "llama3" for s in scalings if isinstance(s, Mapping)
+    )
+    return float(theta) >= 500_000 or llama3_rope or int(config.get("vocab_size", 0)) >= 128_000
+
+
+def detect_family(config: Mapping[str, Any]) -> ModelFamily:
+    """The family of a Hugging Face ``config.json`` (see the module docstring for the Llama 2/3 rule).
+
+    A config without ``model_type`` is read as ``llama`` (early Llama 2 conversions omit it). Checks
+    what LongLoRA's models cannot reproduce: sliding-window attention, biases outside Qwen2's q/k/v, and
+    a ``head_dim`` other than ``hidden_size / num_attention_heads``.
+
+    Args:
+        config: the parsed ``config.json``.
+
+    Returns:
+        The family.
+
+    Raises:
+        LongLoRAConfigError: for an unsupported ``model_type`` (listing the supported ones) or feature.
+    """
+    model_type = config.get("model_type", "llama")
+    if model_type == "llama":
+        family = FAMILIES["llama3" if _is_llama3(config) else "llama2"]
+    else:
+        family = next((f for f in FAMILIES.values() if f.hf_model_type == model_type), None)
+        if family is None:
+            raise LongLoRAConfigError(
+                f"config.json model_type={model_type!r} is not supported; LongLoRA supports {_SUPPORTED}"
+            )
+    window = config.get("sliding_window")
+    uses_window = config.get("use_sliding_window", model_type == "mistral")
+    if window and uses_window and int(window) < int(config.get("max_position_embeddings", 0) or 0):
+        raise LongLoRAConfigError(
+            f"config.json has sliding_window={window}; LongLoRA trains full/S2 attention, which differs "
+            "from a sliding window: use a checkpoint without one (e.g. Mistral-7B-v0.3)"
+        )
+    for key in ("attention_bias", "mlp_bias"):
+        if config.get(key):
+            raise LongLoRAConfigError(
+                f"config.json has {key}=true; torchtune's {family.name} has no such biases"
+            )
+    head_dim = config.get("head_dim")
+    heads, hidden = config.get("num_attention_heads"), config.get("hidden_size")
+    if head_dim and heads and hidden and int(head_dim) * int(heads) != int(hidden):
+        raise LongLoRAConfigError(
+            f"config.json head_dim={head_dim} is not hidden_size/num_attention_heads={hidden}/{heads}; "
+            f"torchtune's {family.name} builder cannot express it"
+        )
+    return family
+
+
+def family_of_builder(component: str) -> Optional[ModelFamily]:
+    """The family whose LongLoRA builders a ``model._component_`` names (component or sized builder).
+
+    Args:
+        component: e.g. ``longlora_tune.models.longlora_qwen2_5_7b``.
+
+    Returns:
+        The family, or None for a builder outside :mod:`longlora_tune.models`.
+    """
+    if not str(component).startswith("longlora_tune.models."):
+        return None
+    name = str(component).rsplit(".", 1)[-1]
+    for family in FAMILIES.values():
+        short = family.builder.rsplit(".", 1)[-1]
+        if name == short or name.startswith(short + "_"):
+            return family
+    return None
+
+
+def trusted_builder(component: Any, where: str) -> Any:
+    """The LongLoRA builder a file from a checkpoint or adapter folder names, if it is one of ours.
+
+    A folder from someone else is data: its ``_component_`` may only name a builder that
+    :mod:`longlora_tune.models` exports, never an arbitrary callable (``torch.hub.load`` with a local
+    ``hubconf.py`` would run code shipped in the folder).
+
+    Args:
+        component: the recorded dotted path, e.g. ``longlora_tune.models.longlora_llama2``.
+        where: the file and key, for the message.
+
+    Returns:
+        The builder function.
+
+    Raises:
+        LongLoRAConfigError: if the path is not one of the library's model builders.
+    """
+    from longlora_tune import models
+
+    prefix = "longlora_tune.models."
+    name = component[len(prefix) :] if isinstance(component, str) and component.startswith(prefix) else None
+    if name is None or name not in models.__all__ or name == "apply_longlora":
+        raise LongLoRAConfigError(
+            f"{where}={component!r} is not a longlora_tune model builder; refusing to load a folder that "
+            f"names other code (expected {prefix}<builder>, e.g. {FAMILIES['llama2'].builder})"
+        )
+    return getattr(models, name)

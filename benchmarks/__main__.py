@@ -58,9 +58,10 @@ from benchmarks.train_step import (
     PEER_VARIANT,
     VARIANTS,
     Case,
+    merge_rounds,
     resolve_shape,
     run_case,
-    step_time_fields,
+    worker_env,
 )
 from longlora_tune._io import atomic_write_json
 from longlora_tune.modules.s2_attention import flash_attn_available
@@ -118,25 +119,6 @@ def _cases(args: argparse.Namespace) -> list[Case]:
     return cases
 
 
-def worker_env(case: Case) -> dict[str, str]:
-    """The environment of a worker process that measures ``case``.
-
-    Args:
-        case: The case the worker runs.
-
-    Returns:
-        A copy of ``os.environ`` that imports this copy of the package and matches the thread pools.
-    """
-    env = dict(os.environ)
-    # The worker imports this package by name: make sure it resolves to this copy, installed or not.
-    package_parent = str(Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_parent, env.get("PYTHONPATH", "")) if p)
-    if case.device == "cpu":
-        # Intra-op pools of MKL/OpenMP must match torch's thread count or they oversubscribe the cores.
-        env.update(OMP_NUM_THREADS=str(case.threads), MKL_NUM_THREADS=str(case.threads))
-    return env
-
-
 def _run_in_subprocess(case: Case, timeout: float | None) -> dict[str, Any]:
     env = worker_env(case)
     cmd = [sys.executable, "-m", "benchmarks", _WORKER_FLAG, json.dumps(asdict(case))]
@@ -160,29 +142,6 @@ def _run_here(case: Case) -> dict[str, Any]:
         return run_case(case)
     except ValueError as err:
         return {**asdict(case), "error": str(err)}
-
-
-def _merge_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
-    """Pool the timed steps of one case measured in several rounds (each round a fresh process)."""
-    ok = [r for r in rounds if "error" not in r]
-    if not ok:
-        return rounds[-1]
-    merged = dict(ok[-1])
-    times = [t for r in ok for t in r["step_s"]]
-    cpu_times = [t for r in ok for t in r["cpu_step_s"]]
-    merged.update(step_time_fields(times, cpu_times, merged["batch_size"] * merged["seq_len"]))
-    median = merged["median_s"]
-    merged.update(
-        min_cpu_s=min(cpu_times),
-        max_cpu_s=max(cpu_times),
-        rounds=len(ok),
-        model_tflops_per_s=merged["model_flops"] / median / 1e12,
-        peak_mem_bytes=max((r["peak_mem_bytes"] or 0) for r in ok) or None,
-        peak_mem_over_model_bytes=max((r["peak_mem_over_model_bytes"] or 0) for r in ok) or None,
-    )
-    if merged.get("peak_tflops"):
-        merged["mfu"] = merged["model_flops"] / median / (merged["peak_tflops"] * 1e12)
-    return merged
 
 
 def _label(result: dict[str, Any]) -> str:
@@ -582,7 +541,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     measured: dict[Case, list[dict[str, Any]]] = {case: [] for case in cases}
 
     def summarise() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        results = [_merge_rounds(rounds) for rounds in measured.values() if rounds]
+        results = [merge_rounds(rounds) for rounds in measured.values() if rounds]
         return results, _ratios(results)
 
     def save() -> None:

@@ -12,8 +12,7 @@ shifted before the split, global RoPE positions, the halo-exchange S² of
 global token count, and an AdamW step. The ranks are launched as ``torchrun`` would (``RANK``,
 ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``) and join through
 :func:`longlora_tune.training.distributed.init_process_group`: gloo on CPU, nccl (with gloo beside it) on
-CUDA.
-Each rank times its steps with :func:`~benchmarks.train_step.measure_steps` (one warm-up, then
+CUDA. Each rank times its steps with :func:`~benchmarks.train_step.measure_steps` (one warm-up, then
 ``--repeats`` steps); ``--rounds`` repeats the sweep with degree 1 and ``P`` interleaved, each run in fresh
 processes.
 
@@ -25,8 +24,8 @@ per step summed over the ranks, tokens/s of the whole sequence, each rank's peak
   :func:`~longlora_tune.modules.context_parallel.count_halo_traffic` during every step, per layer per step
   across one rank boundary (forward tails, once more for the activation-checkpointing recomputation, and
   their gradients back), checked against
-  :func:`~longlora_tune.modules.context_parallel.halo_bytes_per_layer` (``halo_matches_formula``); ring
-  attention's bytes for the same step (:func:`~longlora_tune.modules.context_parallel.ring_bytes_per_layer`)
+  :func:`~longlora_tune.plan.communication.halo_bytes_per_layer` (``halo_matches_formula``); ring
+  attention's bytes for the same step (:func:`~longlora_tune.plan.communication.ring_bytes_per_layer`)
   for comparison;
 * **gradients**: the benchmark replicates the model on every rank (no FSDP) and all-reduces the trainable
   gradients once per step in one flat buffer; its payload per rank is reported separately. The recipe's
@@ -62,8 +61,10 @@ from benchmarks.train_step import (
     Case,
     add_flops,
     measure_steps,
+    merge_rounds,
     resolve_shape,
     step_time_fields,
+    worker_env,
 )
 from longlora_tune._io import atomic_write_json
 from longlora_tune.errors import LongLoRAConfigError
@@ -74,11 +75,13 @@ from longlora_tune.modules.context_parallel import (
     check_context_parallel,
     context_parallel_attention,
     count_halo_traffic,
-    halo_bytes_per_layer,
-    ring_bytes_per_layer,
     split_batch_for_context_parallel,
 )
 from longlora_tune.modules.loss import summed_token_loss
+from longlora_tune.plan.communication import (
+    halo_bytes_per_layer,
+    ring_bytes_per_layer,
+)
 from longlora_tune.training.distributed import (
     close_process_group,
     init_process_group,
@@ -294,8 +297,6 @@ def launch(case: Case, degree: int, timeout: float | None) -> dict[str, Any]:
     Returns:
         :func:`combine_ranks` of the ranks' results, or the case with ``error`` (one line).
     """
-    from benchmarks.__main__ import worker_env
-
     env = worker_env(case)
     env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(degree))
     spec = json.dumps({"case": asdict(case), "degree": degree})
@@ -352,9 +353,7 @@ def _worker(spec: str) -> None:
 
 
 def _merge(rounds: list[dict[str, Any]]) -> dict[str, Any]:
-    from benchmarks.__main__ import _merge_rounds
-
-    merged = _merge_rounds(rounds)
+    merged = merge_rounds(rounds)
     ok = [r for r in rounds if "error" not in r]
     if ok:
         # Per rank: the largest over the rounds (each round is a fresh set of processes).

@@ -63,7 +63,7 @@ def main() -> int:
             continue
         version = getattr(module, "__version__", "")
         print(f"ok   import {name} {version}".rstrip(), flush=True)
-    repo = Path(__file__).resolve().parents[2]
+    repo = Path(__file__).resolve().parents[1]
     for rel in CHECK_TEST_FILES:
         path = repo / rel
         try:

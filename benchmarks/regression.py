@@ -44,7 +44,7 @@ __all__ = [
 ]
 
 #: The versioned baseline next to the script.
-DEFAULT_BASELINE = Path(__file__).resolve().parents[2] / "scripts" / "bench_baseline.json"
+DEFAULT_BASELINE = Path(__file__).resolve().parents[1] / "scripts" / "bench_baseline.json"
 #: A drop of more than this fraction of the recorded ratio fails the check.
 DEFAULT_TOLERANCE = 0.10
 #: Ratios of ``benchmarks``'s ``peer`` rows that a baseline records.

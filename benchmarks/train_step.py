@@ -3,10 +3,9 @@
 A *case* is one (variant, S² backend, sequence length) on one device. It builds the model with
 :func:`longlora_tune.models.longlora_llama2`, sets the trainable set with
 :func:`longlora_tune.models.trainable.set_trainable_params`, turns on torchtune's activation checkpointing
-and times
-full training steps: forward, ``CEWithChunkedOutputLoss``, backward and an AdamW step over the trainable
-parameters. One warm-up step runs first; the timed steps follow. :func:`run_case` measures in the current
-process; the CLI runs every case in a fresh process (see :mod:`benchmarks.__main__`) so that
+and times full training steps: forward, ``CEWithChunkedOutputLoss``, backward and an AdamW step over the
+trainable parameters. One warm-up step runs first; the timed steps follow. :func:`run_case` measures in
+the current process; the CLI runs every case in a fresh process (see :mod:`benchmarks.__main__`) so that
 memory peaks of one case do not leak into the next.
 
 Time: wall-clock per step (``step_s``) and the process's CPU time per step (``cpu_step_s``). On a CPU shared
@@ -52,13 +51,15 @@ __all__ = [
     "LOSSES",
     "PEER_VARIANT",
     "VARIANTS",
-    "Case",
     "add_flops",
+    "Case",
     "detect_peak_tflops",
     "measure_steps",
+    "merge_rounds",
     "profile_step",
     "resolve_shape",
     "run_case",
+    "worker_env",
 ]
 
 #: Benchmark model shapes. ``7b-proxy`` keeps Llama 2 7B's MLP/attention width ratio (11008/4096 ~ 1376/512)
@@ -128,8 +129,7 @@ class Case:
         loss_chunks: Token chunks of the loss.
         loss_impl: ``chunked``: torchtune's ``CEWithChunkedOutputLoss`` on the model's chunked logits;
             ``fused``: :class:`longlora_tune.modules.linear_ce.ChunkedLinearCrossEntropyLoss` (projection and
-            loss in
-            one chunked op, no logits kept for backward).
+            loss in one chunked op, no logits kept for backward).
         lora_impl: ``torchtune``: ``LoRALinear`` as built; ``fused``: its dropout-free fast path
             (:func:`longlora_tune.modules.lora_fused.enable_fused_lora`).
         peak_tflops: Device bf16 dense peak for MFU (None: detect on CUDA, no MFU on CPU).
@@ -497,3 +497,45 @@ def add_flops(
         peak_tflops = detect_peak_tflops(result["device_name"])
     result["peak_tflops"] = peak_tflops
     result["mfu"] = flops.model / median / (peak_tflops * 1e12) if peak_tflops else None
+
+
+def worker_env(case: Case) -> dict[str, str]:
+    """The environment of a worker process that measures ``case``.
+
+    Args:
+        case: The case the worker runs.
+
+    Returns:
+        A copy of ``os.environ`` that imports this copy of the package and matches the thread pools.
+    """
+    env = dict(os.environ)
+    # The worker imports this package by name: make sure it resolves to this copy, installed or not.
+    package_parent = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_parent, env.get("PYTHONPATH", "")) if p)
+    if case.device == "cpu":
+        # Intra-op pools of MKL/OpenMP must match torch's thread count or they oversubscribe the cores.
+        env.update(OMP_NUM_THREADS=str(case.threads), MKL_NUM_THREADS=str(case.threads))
+    return env
+
+
+def merge_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Pool the timed steps of one case measured in several rounds (each round a fresh process)."""
+    ok = [r for r in rounds if "error" not in r]
+    if not ok:
+        return rounds[-1]
+    merged = dict(ok[-1])
+    times = [t for r in ok for t in r["step_s"]]
+    cpu_times = [t for r in ok for t in r["cpu_step_s"]]
+    merged.update(step_time_fields(times, cpu_times, merged["batch_size"] * merged["seq_len"]))
+    median = merged["median_s"]
+    merged.update(
+        min_cpu_s=min(cpu_times),
+        max_cpu_s=max(cpu_times),
+        rounds=len(ok),
+        model_tflops_per_s=merged["model_flops"] / median / 1e12,
+        peak_mem_bytes=max((r["peak_mem_bytes"] or 0) for r in ok) or None,
+        peak_mem_over_model_bytes=max((r["peak_mem_over_model_bytes"] or 0) for r in ok) or None,
+    )
+    if merged.get("peak_tflops"):
+        merged["mfu"] = merged["model_flops"] / median / (merged["peak_tflops"] * 1e12)
+    return merged

@@ -99,7 +99,8 @@ def _guarded(node: ast.AST, parents: dict[ast.AST, ast.AST]) -> bool:
 
 def _external_imports() -> dict[str, set[str]]:
     """Top-level names of third-party imports reachable from the check's modules -> importing files."""
-    todo = [f for f in (_module_file(m) for m in CHECK_MODULES if m.startswith("longlora_tune")) if f]
+    ours = [m for m in CHECK_MODULES if m.startswith(("longlora_tune", "benchmarks"))]
+    todo = [f for f in (_module_file(m) for m in ours) if f]
     todo += [REPO / rel for rel in CHECK_TEST_FILES]
     seen: set[Path] = set()
     found: dict[str, set[str]] = {}
@@ -120,7 +121,7 @@ def _external_imports() -> dict[str, set[str]]:
             if _guarded(node, parents):
                 continue
             for name in names:
-                if name.split(".")[0] == "longlora_tune":
+                if name.split(".")[0] in ("longlora_tune", "benchmarks"):
                     # Follow the project's own modules (a package's __init__ runs first, too).
                     parts = name.split(".")
                     todo += [

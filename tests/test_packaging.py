@@ -119,6 +119,14 @@ def test_wheel_contents_and_installed_copy(installed: SimpleNamespace) -> None:
     hook = {"longlora_tune_hook.pth", "_longlora_tune_hook.py", "longlora_tune/config/tune_registry.py"}
     assert hook <= names
     assert not any(n.split("/")[0] in ("recipes", "configs", "tests") for n in names)
+    # What the wheel holds, folder by folder: the library, its recipes and configs, nothing of the
+    # benchmarks or the GPU-machine harness (they stay in the repository).
+    tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
+    assert tops == {"longlora_tune", "longlora_tune_hook.pth", "_longlora_tune_hook.py"}
+    folders = {n.split("/")[1] for n in names if n.startswith("longlora_tune/") and n.count("/") >= 2}
+    library = {"modules", "models", "hf", "data", "training", "config", "quickstart", "plan", "eval"}
+    assert folders == library | {"recipes", "configs"}
+    assert not any("bench" in n or "gpu_" in n or n.endswith(".sh") for n in names), sorted(names)
     packaged = [p.relative_to(installed.src).as_posix() for p in (installed.src / "longlora_tune").rglob("*")]
     packaged = [p for p in packaged if p.endswith((".py", ".yaml"))]
     # The top-level recipes/ and configs/ travel inside the package.

@@ -521,7 +521,7 @@ def test_config_quantize_base_reaches_the_plan():
 
 
 def test_context_parallel_divides_activations_and_reports_halo_traffic(capsys):
-    from longlora_tune.modules.context_parallel import halo_bytes_per_layer, ring_bytes_per_layer
+    from longlora_tune.plan.communication import halo_bytes_per_layer, ring_bytes_per_layer
 
     split = plan("7b", 262_144, gpus=8, context_parallel_degree=8, global_batch_size=64, loss_chunks=16)
     shape = split.shape
@@ -925,7 +925,7 @@ def test_checkpointing_suggestions_at_both_ends():
 
 
 def test_context_parallel_traffic_counts_only_recomputed_layers_twice():
-    from longlora_tune.modules.context_parallel import halo_bytes_per_layer
+    from longlora_tune.plan.communication import halo_bytes_per_layer
 
     kwargs = dict(gpus=8, context_parallel_degree=8, global_batch_size=64, loss_chunks=16)
     halo = dict(batch_size=1, num_heads=32, head_dim=128, group_size=65_536, degree=8, dtype_bytes=2)

@@ -199,8 +199,7 @@ def install_preflight() -> bool:
     """Make ``tune run`` check our recipes' configs once before torchrun starts the workers (idempotent).
 
     Only our recipe files are checked (:func:`longlora_tune.config.preflight.check_before_launch`);
-    torchtune's
-    recipes and single-process runs go through unchanged.
+    torchtune's recipes and single-process runs go through unchanged.
 
     Returns:
         Whether the check is in place (False when torchtune's run command cannot be wrapped; the workers

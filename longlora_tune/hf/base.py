@@ -3,8 +3,7 @@
 The training recipe, the exports and the evaluation loader all need the same facts about the base
 checkpoint (what ``tune download meta-llama/Llama-2-7b-hf`` writes): its ``config.json``, its model family
 (:mod:`longlora_tune.models.families`: Llama 2, Llama 3.x, Mistral, Qwen2), the builder arguments it implies,
-its
-context length and RoPE setting, its tokenizer, and its weights in torchtune names. :class:`HFBaseModel`
+its context length and RoPE setting, its tokenizer, and its weights in torchtune names. :class:`HFBaseModel`
 reads the folder once and answers all of them, so a run parses ``config.json`` once and every consumer
 derives the builder arguments the same way.
 """

@@ -1,0 +1,44 @@
+"""The planner: memory and FLOPs of a training run before it runs, and settings that make it fit.
+
+``python -m longlora_tune.plan --config NAME --gpus P --gpu-memory GiB``. Importable without torch (the
+terms are arithmetic over :mod:`longlora_tune.models.shapes`); only the checks that build a model on the
+meta device import it, inside the function that needs it.
+
+* :mod:`~longlora_tune.plan.planner`: FLOPs, activation and state memory per phase, the verdict and its
+  suggestions, the CLI;
+* :mod:`~longlora_tune.plan.communication`: bytes per layer of each context-parallel design.
+"""
+
+from longlora_tune.plan.planner import (
+    MODEL_SHAPES,
+    ActivationEstimate,
+    FlopEstimate,
+    ModelShape,
+    Plan,
+    activation_bytes,
+    checkpointed_layers,
+    load_config_settings,
+    main,
+    model_family,
+    parameter_counts,
+    plan,
+    s2_segment_lengths,
+    step_flops,
+)
+
+__all__ = [
+    "MODEL_SHAPES",
+    "ActivationEstimate",
+    "FlopEstimate",
+    "ModelShape",
+    "Plan",
+    "activation_bytes",
+    "checkpointed_layers",
+    "load_config_settings",
+    "main",
+    "model_family",
+    "parameter_counts",
+    "plan",
+    "s2_segment_lengths",
+    "step_flops",
+]

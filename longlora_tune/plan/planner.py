@@ -17,8 +17,7 @@ bf16 run the trainable tensors (LoRA, embeddings, norms) are fp32 master copies,
 (FSDP2 reduces in fp32) and AdamW's two moments take 4 + 4 + 8 bytes per trainable parameter, sharded over
 the GPUs, while the frozen base weights stay in the compute dtype. Settings the recipe derives are derived
 by the same functions: the trainable set by :func:`longlora_tune.models.trainable.trainable_param_names` on
-the model
-the builder makes (on the meta device), the S² group size by
+the model the builder makes (on the meta device), the S² group size by
 :meth:`~longlora_tune.modules.s2_attention.S2AttentionConfig.resolve_group_size`, and the training length,
 its check against the group size and the gradient accumulation by the recipe's own functions, so a config
 the recipe refuses is refused here with the same message.
@@ -42,8 +41,7 @@ from typing import Any
 
 from longlora_tune._io import atomic_write_json
 from longlora_tune.models.shapes import _SIZE_FIELDS, MODEL_SHAPES, FamilyShape, ModelShape
-from longlora_tune.modules.context_parallel import (
-    check_context_parallel,
+from longlora_tune.plan.communication import (
     halo_bytes_per_layer,
     ring_bytes_per_layer,
     ulysses_bytes_per_layer,
@@ -1061,6 +1059,8 @@ def plan(
             f"context_parallel_degree={degree} needs S2 attention (full attention would need ring attention)"
         )
     if degree > 1:
+        from longlora_tune.modules.context_parallel import check_context_parallel  # torch
+
         check_context_parallel(seq_len, degree, group_size)
     data_parallel = gpus // degree
     grad_accum = (

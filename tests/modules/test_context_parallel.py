@@ -18,14 +18,16 @@ from longlora_tune.modules.context_parallel import (
     context_parallel_attention,
     context_parallel_s2_attention,
     document_ids_from_positions,
-    halo_bytes_per_layer,
-    ring_bytes_per_layer,
     split_batch_for_context_parallel,
     split_for_context_parallel,
-    ulysses_bytes_per_layer,
 )
 from longlora_tune.modules.loss import summed_token_loss
 from longlora_tune.modules.s2_attention import S2Attention, shifted_sparse_attention
+from longlora_tune.plan.communication import (
+    halo_bytes_per_layer,
+    ring_bytes_per_layer,
+    ulysses_bytes_per_layer,
+)
 from longlora_tune.training.distributed import build_device_mesh
 
 WORKER = Path(__file__).with_name("_context_parallel_worker.py")

@@ -31,9 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
-    get_optimizer_state_dict,
     set_model_state_dict,
-    set_optimizer_state_dict,
 )
 from torch.distributed.fsdp import MixedPrecisionPolicy
 from torchtune import config, training, utils
@@ -66,6 +64,7 @@ from longlora_tune.modules.loss import summed_token_loss
 from longlora_tune.modules.s2_attention import describe_backend
 from longlora_tune.training import checkpointing, qlora
 from longlora_tune.training.activation_checkpointing import apply_activation_checkpointing
+from longlora_tune.training.checkpoint_manager import CheckpointManager, TrainingPosition, gather_full_state
 from longlora_tune.training.compile import compile_model_and_loss
 from longlora_tune.training.distributed import (
     close_process_group,
@@ -78,7 +77,6 @@ from longlora_tune.training.distributed import (
     shard_model,
 )
 from longlora_tune.training.metric_logging import build_metric_logger, check_metric_logger
-from longlora_tune.training.resume import apply_optimizer_settings, compare_with_checkpoint
 from longlora_tune.training.weights import starting_state
 
 log = utils.get_logger("INFO")
@@ -106,7 +104,6 @@ class LongLoRARecipeDistributed:
         self.device = resolve_device(cfg.get("device", None))
         self.dtype = resolve_dtype(cfg.get("dtype", "bf16"), self.device)
         self.output_dir = Path(cfg.output_dir).expanduser()
-        self.checkpoints_dir = self.output_dir / "checkpoints"
         self.seed = int(cfg.get("seed", 0))
         # With ``epochs`` instead, set from the dataset's size in ``_setup_data``.
         self.max_steps = int(cfg.max_steps) if cfg.get("max_steps", None) is not None else 0
@@ -117,17 +114,19 @@ class LongLoRARecipeDistributed:
         self.global_batch_size, self.grad_accum = batch_settings(cfg, self.layout.dp_size)
         self.clip_grad_norm = cfg.get("clip_grad_norm", None)
         self.save_every_n_steps = int(cfg.get("save_every_n_steps", 0) or 0)
-        self.keep_last_n = cfg.get("keep_last_n", None)
         self.log_every_n_steps = int(cfg.get("log_every_n_steps", 1))
         self.log_peak_memory = bool(cfg.get("log_peak_memory_stats", True)) and self.device.type == "cuda"
         self.extras = tuple(cfg.get("trainable_extras", ("embed", "norm")))
         self.export_formats = tuple(cfg.get("export_formats", EXPORT_FORMATS))
         # Recipe state, restored on resume.
-        self.global_step = 0
-        self.epoch = 0
-        self.epoch_position = 0
-        self.last_checkpoint: Optional[Path] = None
-        self.lineage: Optional[checkpointing.Lineage] = None  # rank 0: what this run's checkpoints record
+        self.position = TrainingPosition()
+        self.checkpoints = CheckpointManager(
+            self.output_dir / "checkpoints",
+            cfg=cfg,
+            device=self.device,
+            global_batch_size=self.global_batch_size,
+            keep_last_n=cfg.get("keep_last_n", None),
+        )
         self.metric_logger = None
         self.rope_facts: dict[str, Any] = {}
 
@@ -141,7 +140,7 @@ class LongLoRARecipeDistributed:
         """
         cfg = self.cfg
         training.set_seed(seed=self.seed)
-        resume_dir = self._resume_dir()
+        resume_dir = self.checkpoints.resume_point(cfg.get("resume_from_checkpoint", False))
         if self.is_rank_zero:
             self.metric_logger = build_metric_logger(cfg.get("metric_logger", None), self.output_dir / "logs")
         if self.metric_logger is not None:
@@ -166,47 +165,17 @@ class LongLoRARecipeDistributed:
         self.optimizer = config.instantiate(cfg.optimizer, params)
         self.lr_scheduler = self._make_scheduler()
         if resume_dir is not None:
-            self._load_training_state(resume_dir)
+            self.position = self.checkpoints.load(
+                resume_dir,
+                model=self.model,
+                optimizer=self.optimizer,
+                lr_scheduler=self.lr_scheduler,
+                optimizer_cfg=cfg.optimizer,
+            )
+            utils.log_rank_zero(log, f"Resumed from {resume_dir} at step {self.position.global_step}")
         self.act_ctx = training.get_act_offloading_ctx_manager(
             self.model, bool(cfg.get("enable_activation_offloading", False))
         )
-
-    def _resume_dir(self) -> Optional[Path]:
-        """The checkpoint to resume from (verified), or None; starts this run's checkpoint lineage."""
-        resume = self.cfg.get("resume_from_checkpoint", False)
-
-        def find() -> Optional[Path]:
-            # Interrupted saves and deletions leave hidden folders (GBs each at 7B); we hold the lock.
-            checkpointing.clean_leftovers(self.checkpoints_dir)
-            if resume in (False, None):
-                # An earlier run's checkpoints would be what a later resume_from_checkpoint=true picks up.
-                stale = checkpointing.latest_checkpoint(self.checkpoints_dir)
-                if stale is not None:
-                    raise LongLoRAConfigError(
-                        f"{self.checkpoints_dir} holds checkpoints of an earlier run (newest: {stale.name}); "
-                        "set resume_from_checkpoint=true to continue it, or use a new output_dir"
-                    )
-                found = None
-            elif resume is True:
-                # The newest intact checkpoint of the latest run (damaged ones are skipped with a warning).
-                found = checkpointing.find_resumable_checkpoint(self.checkpoints_dir)
-                if found is None:
-                    raise LongLoRAConfigError(
-                        f"resume_from_checkpoint=true but {self.checkpoints_dir} holds no checkpoint; "
-                        "set resume_from_checkpoint=false to start a new run"
-                    )
-            else:
-                found = Path(str(resume)).expanduser()
-                checkpointing.verify_checkpoint(found)
-            if found is not None:
-                # Settings that define the run must match the checkpoint's; the others take effect.
-                saved = checkpointing.read_saved_config(found)
-                for change in compare_with_checkpoint(self.cfg, saved, str(found)):
-                    log.info(f"Resume changes {change}")
-            self.lineage = checkpointing.start_lineage(found)
-            return found
-
-        return run_on_rank_zero(find)
 
     def _build_model(self) -> torch.nn.Module:
         """The model on the meta device (no memory), checked against the training length."""
@@ -381,44 +350,6 @@ class LongLoRARecipeDistributed:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def _load_training_state(self, ckpt: Path) -> None:
-        state = run_on_rank_zero(lambda: checkpointing.read_recipe_state(ckpt))
-        if int(state["global_batch_size"]) != self.global_batch_size:
-            raise LongLoRAConfigError(
-                f"{ckpt} was trained with global_batch_size={state['global_batch_size']}, the config says "
-                f"{self.global_batch_size}; resume with the same global batch"
-            )
-        opt_sd = run_on_rank_zero(lambda: checkpointing.read_optimizer_state(ckpt), share_result=False) or {}
-        set_optimizer_state_dict(
-            self.model,
-            self.optimizer,
-            opt_sd,
-            options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True),
-        )
-        if self.lr_scheduler is not None and state.get("lr_scheduler") is not None:
-            self.lr_scheduler.load_state_dict(state["lr_scheduler"])
-        apply_optimizer_settings(self.optimizer, self.lr_scheduler, self.cfg.optimizer)
-        self.global_step = int(state["global_step"])
-        self.epoch = int(state["epoch"])
-        self.epoch_position = int(state["epoch_position"])
-        rng = state["rng"]
-        # Same world size: every rank continues its own streams; otherwise all take rank 0's.
-        checkpointing.set_rng_state(rng[self.rank] if len(rng) == self.world_size else rng[0], self.device)
-        self.last_checkpoint = ckpt
-        utils.log_rank_zero(log, f"Resumed from {ckpt} at step {self.global_step}")
-
-    def _full_trainable_state(self) -> dict[str, torch.Tensor]:
-        """All-gather every trainable tensor; the full tensors are kept (on CPU) on rank 0 only."""
-        sharded = self.model.state_dict()
-        out: dict[str, torch.Tensor] = {}
-        for name in self.trainable_names:
-            t = sharded[name]
-            full = t.full_tensor() if hasattr(t, "full_tensor") else t
-            if self.is_rank_zero:
-                out[name] = full.detach().to("cpu", copy=True)
-            del full
-        return out
-
     def _check_finite_weights(self) -> None:
         bad = torch.zeros((), device=self.device)
         for p in self.model.parameters():
@@ -429,7 +360,7 @@ class LongLoRARecipeDistributed:
                     break
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         if bad.item():
-            self._diverged(f"trainable weights became NaN/inf after step {self.global_step}")
+            self._diverged(f"trainable weights became NaN/inf after step {self.position.global_step}")
 
     def save_checkpoint(self) -> Path:
         """Write a resumable checkpoint of the current step (rank 0 writes, all ranks gather).
@@ -438,54 +369,22 @@ class LongLoRARecipeDistributed:
             The checkpoint folder.
         """
         self._check_finite_weights()
-        trainable = self._full_trainable_state()
-        opt_sd = get_optimizer_state_dict(
-            self.model, self.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return self.checkpoints.save(
+            self.position,
+            model=self.model,
+            optimizer=self.optimizer,
+            lr_scheduler=self.lr_scheduler,
+            trainable_names=self.trainable_names,
+            recipe_state={
+                "world_size": self.world_size,
+                "context_parallel_degree": self.layout.cp_degree,
+                "seed": self.seed,
+            },
         )
-        rng_all: list[Any] = [None] * self.world_size
-        dist.all_gather_object(rng_all, checkpointing.rng_state(self.device))
-        final = self.checkpoints_dir / checkpointing.step_dir_name(self.global_step)
-        state = {
-            "global_step": self.global_step,
-            "epoch": self.epoch,
-            "epoch_position": self.epoch_position,
-            "global_batch_size": self.global_batch_size,
-            "world_size": self.world_size,
-            "context_parallel_degree": self.layout.cp_degree,
-            "seed": self.seed,
-            "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None,
-            "rng": rng_all,
-        }
-
-        def write() -> None:
-            checkpointing.write_checkpoint(
-                final,
-                trainable=trainable,
-                optimizer_state=opt_sd,
-                recipe_state=state,
-                config=self.cfg,
-                lineage=self.lineage,
-            )
-            # Only this run's older checkpoints go; the one it resumed from and other runs' stay.
-            resumed = self.lineage.resumed_from_path
-            checkpointing.prune_checkpoints(
-                self.checkpoints_dir,
-                self.keep_last_n,
-                run_id=self.lineage.run_id,
-                protected=[resumed] if resumed is not None else [],
-            )
-            log.info(f"Saved checkpoint {final}")
-
-        # A full disk on rank 0 stops every rank (rather than leaving them at the barrier).
-        run_on_rank_zero(write, share_result=False)
-        dist.barrier()
-        self.last_checkpoint = final
-        return final
 
     def _diverged(self, what: str) -> None:
-        where = (
-            f"last good checkpoint: {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint saved"
-        )
+        last = self.checkpoints.last
+        where = f"last good checkpoint: {last}" if last else "no checkpoint saved"
         raise TrainingDivergedError(
             f"{what}; stopped without saving this state ({where}); lower the learning rate or check the data"
         )
@@ -498,13 +397,16 @@ class LongLoRARecipeDistributed:
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-        saved_step = self.global_step if self.last_checkpoint is not None else -1
+        saved_step = self.position.global_step if self.checkpoints.last is not None else -1
         # The context manager closes the bar before an error message is printed.
         with tqdm(
-            total=self.max_steps, initial=self.global_step, disable=not self.is_rank_zero, desc="train"
+            total=self.max_steps,
+            initial=self.position.global_step,
+            disable=not self.is_rank_zero,
+            desc="train",
         ) as pbar:
-            while self.global_step < self.max_steps:
-                self.sampler.set_position(self.epoch, self.epoch_position)
+            while self.position.global_step < self.max_steps:
+                self.sampler.set_position(self.position.epoch, self.position.epoch_position)
                 micro, seen = 0, 0
                 loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
                 tokens = torch.zeros((), device=self.device, dtype=torch.int64)
@@ -518,19 +420,20 @@ class LongLoRARecipeDistributed:
                     if micro < self.grad_accum:
                         continue
                     metrics = self._optimizer_step(loss_sum, tokens)
-                    self.global_step += 1
-                    self.epoch_position += self.global_batch_size
+                    self.position.global_step += 1
+                    self.position.epoch_position += self.global_batch_size
                     metrics["tokens_per_second_per_gpu"] = seen / (time.perf_counter() - t0)
                     if self.log_peak_memory:
                         metrics.update(training.get_memory_stats(device=self.device))
-                    if self.metric_logger is not None and self.global_step % self.log_every_n_steps == 0:
-                        self.metric_logger.log_dict(metrics, step=self.global_step)
+                    step = self.position.global_step
+                    if self.metric_logger is not None and step % self.log_every_n_steps == 0:
+                        self.metric_logger.log_dict(metrics, step=step)
                     pbar.update(1)
                     pbar.set_postfix(loss=f"{metrics['loss']:.4f}")
-                    if self.save_every_n_steps and self.global_step % self.save_every_n_steps == 0:
+                    if self.save_every_n_steps and self.position.global_step % self.save_every_n_steps == 0:
                         self.save_checkpoint()
-                        saved_step = self.global_step
-                    if self.global_step >= self.max_steps:
+                        saved_step = self.position.global_step
+                    if self.position.global_step >= self.max_steps:
                         break
                     micro, seen = 0, 0
                     loss_sum.zero_()
@@ -538,9 +441,9 @@ class LongLoRARecipeDistributed:
                     t0 = time.perf_counter()
                 else:
                     # The sampler yields whole steps only, so an exhausted epoch has no leftover micro-batch.
-                    self.epoch += 1
-                    self.epoch_position = 0
-        if saved_step != self.global_step:
+                    self.position.epoch += 1
+                    self.position.epoch_position = 0
+        if saved_step != self.position.global_step:
             self.save_checkpoint()
 
     def _forward_backward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -573,7 +476,7 @@ class LongLoRARecipeDistributed:
         total = int(tokens.item())
         loss = float(loss_sum.item()) / max(total, 1)
         if not math.isfinite(loss):
-            self._diverged(f"loss is {loss} at step {self.global_step + 1}")
+            self._diverged(f"loss is {loss} at step {self.position.global_step + 1}")
         # FSDP averages gradients over ranks; undo that and divide by the global token count instead.
         training.scale_grads(self.model, torch.tensor(self.world_size / max(total, 1)))
         metrics = {"loss": loss, "lr": training.get_lr(self.optimizer)}
@@ -585,7 +488,7 @@ class LongLoRARecipeDistributed:
                 grad_norm = grad_norm.full_tensor()
             grad_norm = float(grad_norm)
             if not math.isfinite(grad_norm):
-                self._diverged(f"gradient norm is {grad_norm} at step {self.global_step + 1}")
+                self._diverged(f"gradient norm is {grad_norm} at step {self.position.global_step + 1}")
             metrics["grad_norm"] = grad_norm
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -604,7 +507,7 @@ class LongLoRARecipeDistributed:
         out: dict[str, Path] = {}
         if not self.export_formats:
             return out
-        trainable = self._full_trainable_state()
+        trainable = gather_full_state(self.model, self.trainable_names)
         full = {}
         if "hf" in self.export_formats and self.quantized:
             # The NF4 base dequantized: the weights the adapter was trained against.
@@ -621,7 +524,7 @@ class LongLoRARecipeDistributed:
             base_checkpoint_dir=str(self.base.path),
             hf_repo_id=self.cfg.get("hf_repo_id", None),
             training_length=training_length(self.cfg),
-            global_step=self.global_step,
+            global_step=self.position.global_step,
             rope=self.model_info.rope,
         )
         if self.is_rank_zero:
@@ -676,7 +579,7 @@ def run(cfg: DictConfig) -> dict[str, Path]:
         recipe.train()
         outputs = recipe.export()
         if recipe.is_rank_zero:
-            where = {"checkpoint": recipe.last_checkpoint, **outputs, "logs": recipe.output_dir / "logs"}
+            where = {"checkpoint": recipe.checkpoints.last, **outputs, "logs": recipe.output_dir / "logs"}
             print("LongLoRA training finished. Outputs:", file=sys.stderr)
             for name, path in where.items():
                 print(f"  {name:>10}: {path}", file=sys.stderr)

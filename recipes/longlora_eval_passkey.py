@@ -9,8 +9,10 @@ Run with torchtune's CLI (add torchrun flags such as ``--nproc_per_node 8`` to s
 Prompts are exactly the reference's five-part text (:mod:`longlora_tune.eval.passkey`); lengths are in
 tokens by default (``length_unit: chars`` gives the reference's filler character counts). ``lengths``
 lists them, or ``interval`` and ``max_length`` give ``interval, 2*interval, ..., max_length``. Each length
-runs ``num_trials`` trials with seeds 0..N-1; greedy decoding with a KV cache; exact token match. Writes
-``<output_dir>/<output_name>.{json,csv,png}`` and prints a table.
+runs ``num_trials`` trials with seeds 0..N-1; greedy decoding with a KV cache for the answer's tokens as
+written after the prompt (a space token and the digits for a byte-level BPE); a trial passes when the
+decoded answer's first number is the key. Writes ``<output_dir>/<output_name>.{json,csv,png}`` and prints
+a table.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from longlora_tune.eval.model_loading import (
     eval_runtime,
     tokenizer_from_config,
 )
-from longlora_tune.eval.passkey import build_prompts, evaluate_passkey
+from longlora_tune.eval.passkey import build_prompts, evaluate_passkey, expected_answer
 from longlora_tune.eval.reporting import write_results
 
 
@@ -81,14 +83,14 @@ class PasskeyRecipe:
             self.prompts = build_prompts(self.tokenizer, self.lengths, self.num_trials, self.length_unit)
         except ValueError as e:
             raise LongLoRAConfigError(str(e)) from e
-        longest = max(len(ids) for trials in self.prompts for _, ids in trials)
-        longest_answer = max(
-            len(self.tokenizer.encode(p.answer, add_bos=False, add_eos=False))
+        # The model must hold the longest prompt plus the tokens generated after it.
+        max_seq_len = max(
+            len(ids) + expected_answer(self.tokenizer, prompt, ids).max_new_tokens
             for trials in self.prompts
-            for p, _ in trials
+            for prompt, ids in trials
         )
         self.model, self.model_info = eval_model_from_config(
-            cfg, max_seq_len=longest + longest_answer, device=self.device, dtype=self.dtype
+            cfg, max_seq_len=max_seq_len, device=self.device, dtype=self.dtype
         )
 
     def evaluate(self) -> list[dict[str, Any]]:

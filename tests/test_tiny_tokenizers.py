@@ -8,8 +8,10 @@ from torchtune.models.llama3 import llama3_tokenizer
 from torchtune.models.mistral import mistral_tokenizer
 from torchtune.models.qwen2._tokenizer import bytes_to_unicode
 from torchtune.models.qwen2_5 import qwen2_5_tokenizer
+from torchtune.modules.transforms.tokenizers import HuggingFaceBaseTokenizer
 
 from longlora_tune.quickstart.tiny import (
+    make_hf_tokenizer_json,
     make_llama3_tokenizer,
     make_mistral_tokenizer,
     make_qwen2_5_tokenizer,
@@ -89,6 +91,20 @@ def test_mistral_tokenizer_round_trips_with_whitespace_kept(tmp_path):
     # Identity normalization (Mistral's released tokenizer's): newlines and double spaces survive.
     assert tok.decode(ids) == TEXT
     assert len(tok.encode(KNOWN, add_bos=False, add_eos=False)) < len(KNOWN) // 3
+
+
+def test_hf_tokenizer_json_round_trips_with_a_space_token_before_digits(tmp_path):
+    path = make_hf_tokenizer_json(tmp_path, vocab_size=450)
+    config = tmp_path / "tokenizer_config.json"
+    tok = HuggingFaceBaseTokenizer(str(path), tokenizer_config_json_path=str(config))
+    assert (tok.bos_id, tok.eos_id, tok.tokenizer.get_vocab_size()) == (1, 2, 450)
+    ids = tok.encode(TEXT, add_bos=True, add_eos=True)
+    assert (ids[0], ids[-1]) == (1, 2) and tok.decode(ids) == TEXT
+    assert len(tok.encode(KNOWN, add_bos=False, add_eos=False)) < len(KNOWN) // 3
+    # SmolLM2's layout: the space before a number is its own token, then one token per digit.
+    pieces = [tok.tokenizer.id_to_token(i) for i in tok.encode("is 305", add_bos=False, add_eos=False)]
+    assert pieces == ["is", "Ġ", "3", "0", "5"]
+    assert make_hf_tokenizer_json(tmp_path / "again", vocab_size=450).read_bytes() == path.read_bytes()
 
 
 @pytest.mark.parametrize("writer", [make_llama3_tokenizer, make_qwen2_5_tokenizer])

@@ -2,7 +2,7 @@
 
 * :mod:`~longlora_tune.eval.perplexity`: LongLoRA ``eval.py`` windows and scores, token streams.
 * :mod:`~longlora_tune.eval.passkey`: LongLoRA ``passkey_retrivial.py`` prompts, token-length targeting,
-  exact-match scoring.
+  scoring by the key's digits in the decoded answer (the answer tokenized after the prompt).
 * :mod:`~longlora_tune.eval.decoding`: greedy / nucleus decoding with torchtune's KV cache and a
   streaming callback.
 * :mod:`~longlora_tune.eval.model_loading`: the full-attention evaluation model from a merged HF
@@ -18,8 +18,10 @@ from longlora_tune.eval.model_loading import eval_rope_factor, load_eval_model
 from longlora_tune.eval.passkey import (
     PasskeyPrompt,
     PasskeyResult,
+    answer_matches_key,
     build_prompts,
     evaluate_passkey,
+    expected_answer,
     make_passkey_prompt,
     prompt_for_token_length,
     score_passkey,
@@ -38,10 +40,12 @@ __all__ = [
     "PasskeyPrompt",
     "PasskeyResult",
     "PerplexityResult",
+    "answer_matches_key",
     "build_prompts",
     "eval_rope_factor",
     "evaluate_passkey",
     "evaluate_perplexity",
+    "expected_answer",
     "format_table",
     "generate",
     "load_eval_model",

@@ -11,17 +11,28 @@ Lengths are requested in TOKENS: :func:`prompt_for_token_length` searches the fi
 measured with the evaluation tokenizer. The reference's character counts are available too
 (``length_unit: chars``).
 
-Scoring: greedy decoding (KV cache) for as many tokens as the answer has; a trial passes when the
-generated tokens equal the answer's tokens exactly. The answer is ``str(k)`` encoded without BOS/EOS
-(SentencePiece adds the word-start piece, which is what follows ``"... The pass key is"``).
+Scoring, by what the model means rather than by token ids (:func:`score_passkey`):
 
-Every trial is recorded (:class:`PasskeyTrial`: seed, expected key, generated text and ids, prompt
-length, where the key sat, match), so a result file shows what the model answered, not only how often it
-was right; under torchrun the records of all ranks are gathered.
+* The expected answer is the key as the tokenizer writes it after the question: the tokens of
+  ``prompt + " " + k`` that follow the prompt's own tokens (:func:`expected_answer`). Byte-level BPE
+  tokenizers (Llama 3's tiktoken, Qwen2.5's, SmolLM2's ``tokenizer.json``) write a space token and then
+  the digits; ``str(k)`` encoded alone lacks the space, so a model answering ``" 43568"`` would be cut off
+  and scored wrong. SentencePiece (Llama 2) writes its word-start piece either way, so its answer tokens
+  are the reference's ``str(k)`` ones.
+* Greedy decoding (KV cache) runs for as many tokens as that answer has, one more when its first token
+  already holds a digit (a model may spend a token of its own on the space).
+* A trial passes when the first run of digits in the decoded generation is the key
+  (:func:`answer_matches_key`): ``" 43568"`` and ``"43568"`` both pass, ``"4356"`` and ``"435680"`` do not.
+  The reference's criterion, the generated tokens equal the expected ones exactly, is recorded beside it.
+
+Every trial is recorded (:class:`PasskeyTrial`: seed, key, expected and generated text and ids, prompt
+length, where the key sat, pass and exact token match), so a result file shows what the model answered,
+not only how often it was right; under torchrun the records of all ranks are gathered.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -39,11 +50,14 @@ __all__ = [
     "KEY_LINE",
     "QUESTION",
     "TASK_DESCRIPTION",
+    "PasskeyAnswer",
     "PasskeyPrompt",
     "PasskeyResult",
     "PasskeyTrial",
+    "answer_matches_key",
     "build_prompts",
     "evaluate_passkey",
+    "expected_answer",
     "make_passkey_prompt",
     "prompt_for_token_length",
     "score_passkey",
@@ -57,6 +71,8 @@ FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. Th
 KEY_LINE = "The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = "What is the pass key? The pass key is"
 MAX_KEY = 50_000
+# ASCII digits, the ones a key is written in (\d would also run other scripts' digits into the number).
+_DIGITS = re.compile(r"[0-9]+")
 
 
 def _filler_prefix(num_chars: int) -> str:
@@ -84,7 +100,7 @@ class PasskeyPrompt:
 
     @property
     def answer(self) -> str:
-        """The expected answer text."""
+        """The key's digits, the answer the question asks for."""
         return str(self.key)
 
 
@@ -118,8 +134,9 @@ def make_passkey_prompt(num_chars: int, seed: int) -> PasskeyPrompt:
     return PasskeyPrompt("\n".join(parts), key, position, num_chars, seed)
 
 
-def _prompt_tokens(tokenizer: Any, prompt: PasskeyPrompt) -> list[int]:
-    return tokenizer.encode(prompt.text, add_bos=True, add_eos=False)
+def _encode_as_read(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of ``text`` as the model reads a prompt: BOS first, no EOS."""
+    return tokenizer.encode(text, add_bos=True, add_eos=False)
 
 
 def prompt_for_token_length(tokenizer: Any, target_tokens: int, seed: int) -> tuple[PasskeyPrompt, list[int]]:
@@ -144,7 +161,7 @@ def prompt_for_token_length(tokenizer: Any, target_tokens: int, seed: int) -> tu
 
     def count(n: int) -> tuple[int, PasskeyPrompt, list[int]]:
         prompt = make_passkey_prompt(n, seed)
-        ids = _prompt_tokens(tokenizer, prompt)
+        ids = _encode_as_read(tokenizer, prompt.text)
         return len(ids), prompt, ids
 
     lo_tokens, lo_prompt, lo_ids = count(1)
@@ -189,42 +206,78 @@ def prompt_for_token_length(tokenizer: Any, target_tokens: int, seed: int) -> tu
     return lo_prompt, lo_ids
 
 
-@torch.inference_mode()
-def score_passkey(
-    model: nn.Module,
-    tokenizer: Any,
-    prompt_ids: Sequence[int],
-    answer: str,
-    *,
-    use_cache: bool = True,
-    prefill_chunk_size: int = 2048,
-    device: torch.device | str | None = None,
-) -> tuple[bool, list[int], list[int]]:
-    """Greedy-decode as many tokens as the answer has and compare token by token.
+@dataclass(frozen=True)
+class PasskeyAnswer:
+    """The expected answer of one prompt, tokenized where the model writes it: right after the prompt.
+
+    Attributes:
+        ids: the answer's token ids: those of ``prompt + " " + key`` after the prompt's tokens (see
+            :func:`expected_answer` for a tokenizer that merges across that boundary).
+        text: ``ids`` decoded (``" 43568"`` for a byte-level BPE, ``"43568"`` for SentencePiece).
+        in_context: whether the prompt's tokens were exactly the start of the tokens of prompt and answer.
+        max_new_tokens: tokens to generate: ``len(ids)``, plus one when the first of them already holds a
+            digit.
+    """
+
+    ids: list[int]
+    text: str
+    in_context: bool
+    max_new_tokens: int
+
+
+def expected_answer(tokenizer: Any, prompt: PasskeyPrompt, prompt_ids: Sequence[int]) -> PasskeyAnswer:
+    """Tokenize the expected answer in context: the tokens ``prompt + " " + key`` adds to the prompt's.
+
+    The space is what a model writes after "The pass key is"; a byte-level BPE gives it a token of its
+    own, which the key's digits encoded alone do not have. When the tokenizer merges across the boundary
+    (the prompt's tokens are not the start of the longer text's), the answer is every token after the
+    longest common start, merged boundary token included, and ``in_context`` is False: the budget still
+    covers the space and the digits, and only the recorded exact token match loses its meaning (the
+    prompt the model reads ends with the unmerged token).
+
+    One token is added to the generation budget when the answer's first token already holds a digit
+    (a space merged into the digits, or no space at all), because a model that writes the space as a
+    token of its own would otherwise run out of tokens one digit early.
 
     Args:
-        model: decoder in eval mode (full attention).
-        tokenizer: the tokenizer that made ``prompt_ids``.
-        prompt_ids: prompt token ids (BOS included).
-        answer: expected answer text (the key).
-        use_cache: decode with a KV cache.
-        prefill_chunk_size: prompt tokens per forward pass when filling the cache.
-        device: device of the model inputs.
+        tokenizer: the tokenizer that made ``prompt_ids``, with ``encode(text, add_bos, add_eos)`` and
+            ``decode(ids)``.
+        prompt: the prompt (its text and key).
+        prompt_ids: the prompt's token ids, BOS included, as the model reads them.
 
     Returns:
-        ``(passed, generated ids, answer ids)``.
+        The answer's ids and text, whether it was tokenized in context, and the generation budget.
     """
-    answer_ids = tokenizer.encode(answer, add_bos=False, add_eos=False)
-    out = generate(
-        model,
-        prompt_ids,
-        max_new_tokens=len(answer_ids),
-        temperature=0.0,
-        use_cache=use_cache,
-        prefill_chunk_size=prefill_chunk_size,
-        device=device,
+    prompt_ids = list(prompt_ids)
+    full = _encode_as_read(tokenizer, f"{prompt.text} {prompt.answer}")
+    common = 0
+    while common < min(len(full), len(prompt_ids)) and full[common] == prompt_ids[common]:
+        common += 1
+    ids = full[common:]
+    margin = 1 if _DIGITS.search(tokenizer.decode(ids[:1])) else 0
+    return PasskeyAnswer(
+        ids=ids,
+        text=tokenizer.decode(ids),
+        in_context=common == len(prompt_ids),
+        max_new_tokens=len(ids) + margin,
     )
-    return out == answer_ids, out, answer_ids
+
+
+def answer_matches_key(generated: str, key: int) -> bool:
+    """Whether a decoded generation answers ``key``: its first run of digits is the key's digits.
+
+    Leading whitespace, a word-start piece or punctuation around the number do not matter; a number cut
+    short or running on (``"4356"``, ``"435680"`` for 43568) does.
+
+    Args:
+        generated: the decoded generation.
+        key: the pass key.
+
+    Returns:
+        True when the first run of ASCII digits in ``generated`` equals ``str(key)``.
+    """
+    digits = _DIGITS.search(generated)
+    return digits is not None and digits.group() == str(key)
 
 
 @dataclass
@@ -234,15 +287,17 @@ class PasskeyTrial:
     Attributes:
         seed: the trial seed (draws the key and its position; the same seed gives the same prompt).
         key: the expected pass key.
-        expected: the expected answer text (``str(key)``).
-        generated: the decoded greedy answer (as many tokens as the expected answer has).
+        expected: the expected answer text as tokenized after the prompt (:attr:`PasskeyAnswer.text`).
+        generated: the decoded greedy answer (:attr:`PasskeyAnswer.max_new_tokens` tokens).
         expected_ids: token ids of the expected answer.
         generated_ids: token ids the model generated.
         prompt_tokens: prompt length in tokens, BOS included.
         position: filler characters before the key line.
         num_chars: filler characters in the prompt (``n``).
         depth: ``position / num_chars``: where the key sat (0 = right after the task, 1 = at the question).
-        passed: whether the generated ids equal the expected ids.
+        passed: whether the generation's first run of digits is the key (:func:`answer_matches_key`).
+        token_match: whether the generated ids start with the expected ids (the reference's criterion).
+        expected_in_context: :attr:`PasskeyAnswer.in_context`.
     """
 
     seed: int
@@ -256,6 +311,61 @@ class PasskeyTrial:
     num_chars: int
     depth: float
     passed: bool
+    token_match: bool
+    expected_in_context: bool
+
+
+@torch.inference_mode()
+def score_passkey(
+    model: nn.Module,
+    tokenizer: Any,
+    prompt: PasskeyPrompt,
+    prompt_ids: Sequence[int],
+    *,
+    use_cache: bool = True,
+    prefill_chunk_size: int = 2048,
+    device: torch.device | str | None = None,
+) -> PasskeyTrial:
+    """Run one trial: greedy-decode the answer's budget of tokens and check the decoded digits.
+
+    Args:
+        model: decoder in eval mode (full attention).
+        tokenizer: the tokenizer that made ``prompt_ids``.
+        prompt: the prompt (its text, key and where the key sits).
+        prompt_ids: prompt token ids (BOS included).
+        use_cache: decode with a KV cache.
+        prefill_chunk_size: prompt tokens per forward pass when filling the cache.
+        device: device of the model inputs.
+
+    Returns:
+        The trial's record.
+    """
+    answer = expected_answer(tokenizer, prompt, prompt_ids)
+    generated_ids = generate(
+        model,
+        prompt_ids,
+        max_new_tokens=answer.max_new_tokens,
+        temperature=0.0,
+        use_cache=use_cache,
+        prefill_chunk_size=prefill_chunk_size,
+        device=device,
+    )
+    generated = tokenizer.decode(generated_ids)
+    return PasskeyTrial(
+        seed=prompt.seed,
+        key=prompt.key,
+        expected=answer.text,
+        generated=generated,
+        expected_ids=answer.ids,
+        generated_ids=generated_ids,
+        prompt_tokens=len(prompt_ids),
+        position=prompt.position,
+        num_chars=prompt.num_chars,
+        depth=prompt.position / prompt.num_chars,
+        passed=answer_matches_key(generated, prompt.key),
+        token_match=generated_ids[: len(answer.ids)] == answer.ids,
+        expected_in_context=answer.in_context,
+    )
 
 
 @dataclass
@@ -268,7 +378,7 @@ class PasskeyResult:
         min_prompt_tokens: shortest prompt.
         max_prompt_tokens: longest prompt.
         num_trials: trials run.
-        num_passed: trials whose answer matched exactly.
+        num_passed: trials whose answer held the key (:attr:`PasskeyTrial.passed`).
         accuracy: ``num_passed / num_trials``.
         trials: every trial of this length, in seed order.
     """
@@ -317,7 +427,7 @@ def build_prompts(
                 trials.append(prompt_for_token_length(tokenizer, int(length), seed))
             else:
                 prompt = make_passkey_prompt(int(length), seed)
-                trials.append((prompt, _prompt_tokens(tokenizer, prompt)))
+                trials.append((prompt, _encode_as_read(tokenizer, prompt.text)))
         sweep.append(trials)
     return sweep
 
@@ -362,28 +472,15 @@ def evaluate_passkey(
     for li, ti in bar:
         prompt, ids = prompts[li][ti]
         with eval_length_must_fit(len(ids), "lower lengths or prefill_chunk_size"):
-            ok, generated, expected = score_passkey(
+            records[(li, ti)] = score_passkey(
                 model,
                 tokenizer,
+                prompt,
                 ids,
-                prompt.answer,
                 use_cache=use_cache,
                 prefill_chunk_size=prefill_chunk_size,
                 device=device,
             )
-        records[(li, ti)] = PasskeyTrial(
-            seed=prompt.seed,
-            key=prompt.key,
-            expected=prompt.answer,
-            generated=tokenizer.decode(generated),
-            expected_ids=list(expected),
-            generated_ids=list(generated),
-            prompt_tokens=len(ids),
-            position=prompt.position,
-            num_chars=prompt.num_chars,
-            depth=prompt.position / prompt.num_chars,
-            passed=bool(ok),
-        )
         bar.set_postfix(length=len(ids))
     if world_size > 1:
         # Objects, not tensors: the records hold text. gloo and nccl both gather objects.

@@ -8,7 +8,8 @@ code that reads real checkpoints and datasets.
 
 Chat-format tokenizers of other families, in their released formats: :func:`make_llama3_tokenizer`
 (tiktoken BPE), :func:`make_qwen2_5_tokenizer` (``vocab.json`` + ``merges.txt``) and
-:func:`make_mistral_tokenizer` (SentencePiece).
+:func:`make_mistral_tokenizer` (SentencePiece). :func:`make_hf_tokenizer_json` writes a Hugging Face
+``tokenizer.json`` byte-level BPE (SmolLM2's layout) for torchtune's ``HuggingFaceBaseTokenizer``.
 """
 
 from __future__ import annotations
@@ -291,6 +292,53 @@ def make_qwen2_5_tokenizer(out_dir: str | Path, *, vocab_size: int = 512, seed: 
         out / "special_tokens.json", QWEN2_5_SPECIAL_TOKENS, vocab_size - first_special
     )
     return vocab_path, merges_path
+
+
+def make_hf_tokenizer_json(out_dir: str | Path, *, vocab_size: int = 512, seed: int = 0) -> Path:
+    """Train a tiny byte-level BPE ``tokenizer.json`` laid out as SmolLM2's, for ``HuggingFaceBaseTokenizer``.
+
+    Trained with the ``tokenizers`` library: ``<|endoftext|>`` = 0, ``<|im_start|>`` = 1 (BOS) and
+    ``<|im_end|>`` = 2 (EOS) as special tokens, then the 256 byte characters and merges; digits are split
+    one by one before the byte-level pre-tokenizer, so a space before a number is a token of its own
+    (``Ġ``), as in SmolLM2. ``tokenizer_config.json`` beside it names BOS and EOS.
+
+    Args:
+        out_dir: folder to write ``tokenizer.json`` and ``tokenizer_config.json`` into (created if
+            missing).
+        vocab_size: vocabulary size including the three special tokens, 259 to about 1000.
+        seed: seed of the training corpus.
+
+    Returns:
+        Path of the written ``tokenizer.json`` (pass it, and ``tokenizer_config_json_path`` =
+        ``<folder>/tokenizer_config.json``, to ``HuggingFaceBaseTokenizer``).
+
+    Raises:
+        ValueError: if ``vocab_size`` is too small for the special and byte tokens.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    if vocab_size < len(special) + 256:
+        raise ValueError(f"vocab_size={vocab_size} is too small: a byte-level BPE has 256 byte tokens")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=special,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(_bpe_corpus(seed), trainer)
+    path = out / "tokenizer.json"
+    tokenizer.save(str(path))
+    config = {"bos_token": special[1], "eos_token": special[2], "tokenizer_class": "GPT2Tokenizer"}
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
+    return path
 
 
 def hf_llama_config(

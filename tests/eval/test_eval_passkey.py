@@ -1,4 +1,4 @@
-"""Passkey prompts (exact reference text, token-length targeting), scoring, and KV-cache decoding."""
+"""Passkey prompts (exact reference text, token-length targeting), scoring per tokenizer, KV-cache decode."""
 
 from __future__ import annotations
 
@@ -6,22 +6,34 @@ import json
 import os
 import re
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
+from torchtune.models.llama3 import llama3_tokenizer
+from torchtune.models.qwen2_5 import qwen2_5_tokenizer
+from torchtune.modules.transforms.tokenizers import HuggingFaceBaseTokenizer
 
 from longlora_tune.eval.decoding import generate, sample_next_token
 from longlora_tune.eval.model_loading import load_eval_model
 from longlora_tune.eval.passkey import (
+    answer_matches_key,
     build_prompts,
     evaluate_passkey,
+    expected_answer,
     make_passkey_prompt,
     prompt_for_token_length,
+    score_passkey,
 )
 from longlora_tune.eval.perplexity import evaluate_perplexity
+from longlora_tune.quickstart.tiny import (
+    make_hf_tokenizer_json,
+    make_llama3_tokenizer,
+    make_qwen2_5_tokenizer,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -79,12 +91,17 @@ class KeyOracle(nn.Module):
 
     It honours the interface of :func:`generate`: ``forward(tokens, input_pos=None, mask=None)`` returning
     ``[1, s, vocab]`` logits, plus the KV-cache methods (it tracks the tokens it has seen as its "cache").
+    ``answer_ids(key)`` gives the tokens it answers with (default: ``str(key)`` encoded alone); once they
+    are out it repeats the last one.
     """
 
-    def __init__(self, tokenizer, vocab_size: int) -> None:
+    def __init__(
+        self, tokenizer, vocab_size: int, answer_ids: Callable[[int], list[int]] | None = None
+    ) -> None:
         super().__init__()
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
+        self.answer_ids = answer_ids or (lambda key: tokenizer.encode(str(key), add_bos=False, add_eos=False))
         self.anchor = nn.Parameter(torch.zeros(1))  # gives the module a device and dtype
         self.seen: list[int] = []
         self.decoder_max_cache_seq_len = None
@@ -111,7 +128,7 @@ class KeyOracle(nn.Module):
         key = re.search(r"The pass key is (\d+)\.", text)
         if key is None or "What is the pass key? The pass key is" not in text:
             return logits  # still inside the prompt (chunked prefill)
-        answer = self.tokenizer.encode(key.group(1), add_bos=False, add_eos=False)
+        answer = self.answer_ids(int(key.group(1)))
         prompt_text = text[: text.rindex("The pass key is") + len("The pass key is")]
         emitted = len(self.seen) - len(self.tokenizer.encode(prompt_text, add_bos=True, add_eos=False))
         logits[0, -1, answer[min(emitted, len(answer) - 1)]] = 1.0
@@ -161,6 +178,169 @@ def test_every_trial_is_recorded_with_what_the_model_answered(tiny_ckpt: Path, t
     # The records serialise as plain JSON inside the result row.
     row = results[0].to_dict()
     assert json.loads(json.dumps(row))["trials"][1]["seed"] == 1
+
+
+# Family tokenizers: (name, whether it is a byte-level BPE). Byte-level ones write a space token before
+# the key's digits; SentencePiece writes its word-start piece.
+FAMILIES = [("llama2", False), ("llama3", True), ("qwen2_5", True), ("hf_tokenizer_json", True)]
+ORACLE_VOCAB = 1024  # above every id of the tiny tokenizers (compact special ids included)
+
+
+@pytest.fixture(scope="module", params=FAMILIES, ids=[name for name, _ in FAMILIES])
+def family_tokenizer(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """``(tokenizer, byte_level)`` for each tokenizer format the project evaluates, built from tiny files."""
+    name, byte_level = request.param
+    out = tmp_path_factory.mktemp(name)
+    if name == "llama2":
+        return request.getfixturevalue("tiny_tokenizer"), byte_level
+    if name == "llama3":
+        path = make_llama3_tokenizer(out)
+        tok = llama3_tokenizer(
+            str(path), special_tokens_path=str(out / "special_tokens.json"), prompt_template=None
+        )
+    elif name == "qwen2_5":
+        vocab, merges = make_qwen2_5_tokenizer(out)
+        special = str(out / "special_tokens.json")
+        tok = qwen2_5_tokenizer(str(vocab), str(merges), special_tokens_path=special, prompt_template=None)
+    else:
+        path = make_hf_tokenizer_json(out)
+        tok = HuggingFaceBaseTokenizer(
+            str(path), tokenizer_config_json_path=str(out / "tokenizer_config.json")
+        )
+    return tok, byte_level
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return tokenizer.encode(text, add_bos=False, add_eos=False)
+
+
+def test_expected_answer_is_tokenized_after_the_prompt(family_tokenizer) -> None:
+    tok, byte_level = family_tokenizer
+    for seed in range(3):
+        prompt, ids = prompt_for_token_length(tok, 200, seed)
+        key = str(prompt.key)
+        answer = expected_answer(tok, prompt, ids)
+        assert ids + answer.ids == tok.encode(f"{prompt.text} {key}", add_bos=True, add_eos=False)
+        assert answer.in_context
+        # The first answer token is the space (or SentencePiece's bare word-start piece): the budget covers
+        # it and needs no extra token.
+        assert tok.decode(answer.ids[:1]).strip() == ""
+        assert answer.max_new_tokens == len(answer.ids)
+        if byte_level:
+            assert answer.text == f" {key}"
+            assert answer.ids == _encode(tok, " ") + _encode(tok, key)
+            assert answer.ids != _encode(tok, key)  # the digits alone, as the reference encodes them
+        else:
+            assert answer.text == key
+            assert answer.ids == _encode(tok, key)  # Llama 2: the reference's answer tokens
+
+
+def test_passkey_passes_on_the_key_the_model_means(family_tokenizer) -> None:
+    tok, byte_level = family_tokenizer
+    prompts = build_prompts(tok, [200], num_trials=3)
+    # (what the model answers, passes, exact token match). A trailing "." ends the number (the oracle
+    # repeats its last token).
+    cases = [
+        (lambda k: f" {k}.", True, True),  # as the tokenizer writes it after the prompt
+        (lambda k: f"{k}.", True, not byte_level),  # no space: the same digits
+        (lambda k: f" {k + 1}.", False, False),  # a wrong key
+    ]
+    for answer_text, passes, token_match in cases:
+        oracle = KeyOracle(tok, ORACLE_VOCAB, answer_ids=lambda k, text=answer_text: _encode(tok, text(k)))
+        (result,) = evaluate_passkey(oracle, tok, [200], prompts, progress=False)
+        assert result.num_passed == (3 if passes else 0)
+        for record, (prompt, ids) in zip(result.trials, prompts[0], strict=True):
+            answer = expected_answer(tok, prompt, ids)
+            assert (record.key, record.expected, record.expected_ids) == (prompt.key, answer.text, answer.ids)
+            # The budget's worth of the model's answer, decoded as it wrote it.
+            assert record.generated_ids == _encode(tok, answer_text(prompt.key))[: answer.max_new_tokens]
+            assert record.generated == tok.decode(record.generated_ids)
+            assert (record.passed, record.token_match, record.expected_in_context) == (
+                passes,
+                token_match,
+                True,
+            )
+
+
+@pytest.mark.parametrize(
+    "generated,passes",
+    [
+        (" 43568", True),
+        ("43568", True),
+        ("\n43568.", True),
+        ("▁43568 is", True),
+        ("is 43568", True),
+        (" 4356", False),  # cut short
+        (" 435680", False),  # runs on
+        (" 1 43568", False),  # another number first
+        (" forty-three", False),
+        ("", False),
+    ],
+)
+def test_answer_matches_key_compares_the_first_number(generated: str, passes: bool) -> None:
+    assert answer_matches_key(generated, 43568) is passes
+
+
+class PieceTokenizer:
+    """A greedy longest-match tokenizer over ASCII characters and a few multi-character pieces (BOS = 0).
+
+    It makes the tokenizations no tiny family tokenizer has: a piece across the prompt/answer boundary
+    (``"s "``) or a space merged into a digit (``" 4"``).
+    """
+
+    bos_id = 0
+
+    def __init__(self, pieces: list[str]) -> None:
+        self.vocab = ["<s>", *pieces, "\n", *map(chr, range(32, 127))]
+        self.pieces = sorted(pieces, key=len, reverse=True)
+
+    def encode(self, text: str, add_bos: bool = True, add_eos: bool = False) -> list[int]:
+        ids, i = [self.bos_id] if add_bos else [], 0
+        while i < len(text):
+            piece = next((p for p in self.pieces if text.startswith(p, i)), text[i])
+            ids.append(self.vocab.index(piece))
+            i += len(piece)
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(self.vocab[i] for i in ids if i != self.bos_id)
+
+
+def test_a_piece_across_the_boundary_falls_back_to_the_tokens_after_the_common_start() -> None:
+    tok = PieceTokenizer(["s "])
+    prompt = make_passkey_prompt(300, 0)
+    key = str(prompt.key)
+    ids = tok.encode(prompt.text)
+    answer = expected_answer(tok, prompt, ids)
+    # "...key is" ends with "s"; with the answer the tokenizer writes "s " instead, so the answer starts
+    # one token early and the budget covers the space and every digit.
+    assert not answer.in_context
+    assert answer.ids == tok.encode(f"s {key}", add_bos=False) and answer.text == f"s {key}"
+    assert answer.max_new_tokens == len(key) + 1
+    oracle = KeyOracle(tok, ORACLE_VOCAB, answer_ids=lambda k: tok.encode(f" {k}.", add_bos=False))
+    trial = score_passkey(oracle, tok, prompt, ids)
+    assert trial.generated == f" {key}" and trial.passed
+    assert not trial.token_match and not trial.expected_in_context
+
+
+def test_a_space_merged_into_the_first_digit_gets_one_more_token() -> None:
+    tok = PieceTokenizer([f" {d}" for d in "0123456789"])
+    prompt = make_passkey_prompt(300, 0)
+    key = str(prompt.key)
+    ids = tok.encode(prompt.text)
+    answer = expected_answer(tok, prompt, ids)
+    assert answer.in_context and answer.ids == tok.encode(f" {key}", add_bos=False)
+    assert len(answer.ids) == len(key) and answer.max_new_tokens == len(key) + 1
+    space, digits = tok.encode(" ", add_bos=False), [tok.encode(d, add_bos=False)[0] for d in key]
+    period = tok.encode(".", add_bos=False)
+    # A model writing the space as its own token still gets every digit out.
+    oracle = KeyOracle(tok, ORACLE_VOCAB, answer_ids=lambda k: space + digits + period)
+    trial = score_passkey(oracle, tok, prompt, ids)
+    assert (trial.generated, trial.passed, trial.token_match) == (f" {key}", True, False)
+    # One writing it as the tokenizer does passes with an exact token match.
+    oracle = KeyOracle(tok, ORACLE_VOCAB, answer_ids=lambda k: tok.encode(f" {k}.", add_bos=False))
+    trial = score_passkey(oracle, tok, prompt, ids)
+    assert (trial.generated, trial.passed, trial.token_match) == (f" {key}.", True, True)
 
 
 def test_kv_cache_greedy_equals_full_recompute(tiny_ckpt: Path) -> None:

@@ -18,8 +18,8 @@ Each rank then computes:
 * the bulk: :func:`~longlora_tune.modules.s2_attention.shifted_sparse_attention` on its own slice with
   ``start=p0``, which lays out both head sets' groups as in the whole sequence, cut at the slice;
 * the seam: the first ``G/2`` queries of the straddling heads attend to the ``G/2`` halo keys and their own
-  first ``G/2`` keys (one small causal-with-offset SDPA), replacing those rows of the bulk result. A rank
-  where no head straddles (one head, unshifted there) has no seam and an empty halo.
+  first ``G/2`` keys (one small causal-with-offset SDPA), replacing those rows of the bulk result. With a
+  single head (shifted, none unshifted) a rank starting mid-group has no seam and an empty halo.
 
 Rank 0 runs the seam too, with every halo key masked out: its result equals the bulk's, but every rank then
 takes part in the halo exchange's backward (a rank that skipped it would leave its neighbour waiting).

@@ -21,6 +21,7 @@ import torch
 
 from longlora_tune._io import atomic_write_json
 from longlora_tune.modules.s2_attention import flash_attn_available, shifted_sparse_attention
+from longlora_tune.modules.s2_heads import shifted_heads
 
 __all__ = ["check_backend", "main", "reference_s2_attention"]
 
@@ -31,7 +32,7 @@ _TOLERANCE = {torch.float32: 2e-4, torch.bfloat16: 3e-2}
 def reference_s2_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_size: int
 ) -> torch.Tensor:
-    """No-wrap S² attention in float64 with a dense mask: first head half groups from 0, second from G/2.
+    """No-wrap S² attention in float64 with a dense mask: heads ``[0, H//2)`` group from 0, the rest from G/2.
 
     Args:
         q: ``[b, h, n, d]``.
@@ -49,7 +50,8 @@ def reference_s2_attention(
         (kj <= qi) & ((qi + shift) // group_size == (kj + shift) // group_size)
         for shift in (0, group_size // 2)
     ]
-    allowed = torch.stack([halves[0]] * (heads // 2) + [halves[1]] * (heads // 2))
+    unshifted = shifted_heads(heads).start
+    allowed = torch.stack([halves[0]] * unshifted + [halves[1]] * (heads - unshifted))
     q64, k64, v64 = q.double(), k.double(), v.double()
     scores = (q64 @ k64.transpose(-1, -2)) / math.sqrt(q.shape[-1])
     scores = scores.masked_fill(~allowed, float("-inf"))
@@ -74,7 +76,7 @@ def check_backend(
         dtype: Input dtype.
         device: Device.
         batch: Batch size.
-        heads: Heads (even).
+        heads: Heads (any count >= 1).
         n: Sequence length.
         head_dim: Head dimension.
         group: ``G``.
@@ -127,11 +129,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         backends.append("flex")
         if flash_attn_available():
             backends.append("flash")
-    # (batch, heads, n, head_dim, G): aligned and not aligned to G; flex gets 128-aligned half groups.
+    # (batch, heads, n, head_dim, G): aligned and not aligned to G, an odd head count (4 unshifted + 5
+    # shifted, one varlen row per head for flash); flex gets 128-aligned half groups.
     shapes = (
-        [(1, 4, 64, 16, 16), (2, 4, 60, 16, 16)]
+        [(1, 4, 64, 16, 16), (2, 4, 60, 16, 16), (2, 9, 60, 16, 16)]
         if args.small
-        else [(2, 8, 1024, 64, 256), (1, 8, 1000, 128, 256)]
+        else [(2, 8, 1024, 64, 256), (1, 8, 1000, 128, 256), (2, 9, 1024, 64, 256)]
     )
     results = []
     for backend in backends:

@@ -49,7 +49,7 @@ def _causal_groups(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: int
 def s2_sdpa_reference(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: int, scale: float | None = None
 ) -> torch.Tensor:
-    """No-wrap S² over ``[b, h, n, d]``: heads ``[0, h/2)`` in groups from 0, the rest shifted by ``G/2``.
+    """No-wrap S² over ``[b, h, n, d]``: heads ``[0, h//2)`` in groups from 0, the rest shifted by ``G/2``.
 
     Args:
         q: Queries ``[b, h, n, d]``.

@@ -132,10 +132,14 @@ def test_checkpointing_and_s2_change_activations_in_the_right_direction():
     assert base.per_layer_saved - full.per_layer_saved == 2 * 32768 * 4096
 
 
+# 9 query / 3 KV heads (SmolLM2's): 4 unshifted and 5 shifted heads, whose segments differ.
+ODD_HEADS = (ModelShape(512, 1, 9, 3, 144, 352), 384, 1)
+
+
 @pytest.mark.parametrize("s2", [True, False], ids=["s2", "full"])
 @pytest.mark.parametrize("checkpoint", [False, True], ids=["no_ac", "ac"])
-def test_flops_match_flop_counter(s2, checkpoint):
-    shape, seq_len, batch = SHAPES[1]
+@pytest.mark.parametrize("shape,seq_len,batch", [SHAPES[1], ODD_HEADS], ids=["gqa", "odd_heads"])
+def test_flops_match_flop_counter(s2, checkpoint, shape, seq_len, batch):
     model = _build(shape, seq_len, dtype=torch.float32, s2=s2, checkpoint=checkpoint)
     counter = FlopCounterMode(display=False)
     with sdpa_kernel(SDPBackend.MATH), counter:
@@ -922,6 +926,22 @@ def test_checkpointing_suggestions_at_both_ends():
     # Only some layers checkpointed and too big: the planner says that all of them would fit.
     some = plan("7b", 32_768, gpus=8, gpu_memory_gib=80, checkpoint_layers=4)
     assert not some.fits and "activation_checkpointing_layers=all: fits" in some.suggestions
+
+
+def test_odd_head_count_plans_with_the_shifted_heads_at_the_seam():
+    # SmolLM2-135M's 9 query heads: 4 unshifted, 5 shifted. A slice start at a multiple of G has the 5
+    # shifted heads straddling it, so the halo and the seam are sized for 5 heads.
+    from longlora_tune.plan.communication import halo_bytes_per_layer
+    from longlora_tune.plan.planner import _LAYER_PHASE
+
+    smol = ModelShape(49_152, 30, 9, 3, 576, 1536)
+    split = plan(smol, 16_384, gpus=2, context_parallel_degree=2)  # G = 4096, slices of 8192
+    halo = dict(batch_size=1, num_heads=9, head_dim=64, group_size=4096, degree=2, dtype_bytes=2)
+    assert split.communication_per_layer["halo"] == halo_bytes_per_layer(**halo, recompute=True)
+    alone = plan(smol, 8192, gpus=2, group_size=4096)
+    # Halo k+v, the seam's k+v (G keys) and its output, bf16, for 5 heads of dim 64.
+    seam = 2 * 5 * 64 * (2 * 2048 + 2 * 4096 + 2048)
+    assert split.memory[_LAYER_PHASE] - alone.memory[_LAYER_PHASE] == seam
 
 
 def test_context_parallel_traffic_counts_only_recomputed_layers_twice():

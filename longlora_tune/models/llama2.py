@@ -66,7 +66,7 @@ def longlora_llama2(
     Args:
         vocab_size: Vocabulary size.
         num_layers: Decoder layers.
-        num_heads: Query heads (even, for S²).
+        num_heads: Query heads, any count: S² shifts heads ``[num_heads // 2, num_heads)``.
         num_kv_heads: Key/value heads (GQA when fewer than ``num_heads``).
         embed_dim: Hidden size.
         max_seq_len: Longest sequence the model is trained/run on (the extended context); sizes the

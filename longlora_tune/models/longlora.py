@@ -44,10 +44,12 @@ def apply_longlora(
       ``G = s2.resolve_group_size(mha.max_seq_len)``. It uses S² only in training mode. With ``s2=None``
       (evaluation and generation: always full attention) the attention call is left as it is.
 
-    GQA: S² splits the *query* heads in two halves. torchtune's attention expands the key/value heads to one
-    per query head before the attention call, so each half is shifted together with its own copies of the
-    keys and values; any ``num_kv_heads`` dividing ``num_heads`` -- 1 (MQA) or an odd count such as 3 --
-    gives exactly the per-head S² pattern. Only ``num_heads`` must be even.
+    GQA: S² splits the *query* heads in two sets, ``[0, H//2)`` unshifted and ``[H//2, H)`` shifted
+    (:func:`~longlora_tune.modules.s2_heads.shifted_heads`; any count, e.g. SmolLM2's 9 heads as 4 + 5).
+    torchtune's attention expands the key/value heads to one per query head before the attention call, so
+    each query head is shifted together with its own copy of the keys and values; any ``num_kv_heads``
+    dividing ``num_heads`` -- 1 (MQA) or an odd count such as 3, whose heads may serve query heads of both
+    sets -- gives exactly the per-head S² pattern.
 
     Neither replacement has parameters or persistent buffers, so ``state_dict`` keys are unchanged and
     torchtune's checkpointers load and save the model as before. The new RoPE is created on the device of
@@ -70,8 +72,7 @@ def apply_longlora(
 
     Raises:
         ValueError: If the model has no ``MultiHeadAttention``, LongLoRA was already applied, a layer's
-            positional embedding is not plain RoPE, its head count is odd while S² is enabled, or a
-            setting is invalid.
+            positional embedding is not plain RoPE, or a setting is invalid.
     """
     if s2 is not None and not isinstance(s2, S2AttentionConfig):
         raise ValueError(f"s2 must be an S2AttentionConfig or None, got {type(s2).__name__}")
@@ -114,11 +115,6 @@ def apply_longlora(
             )
         if s2 is None:
             continue
-        if mha.num_heads % 2 and not s2.use_full_attn:
-            raise ValueError(
-                f"{name} has {mha.num_heads} heads; S2 attention splits heads in two halves and needs an "
-                "even count (or set use_full_attn=True)"
-            )
         group_sizes[name] = s2.resolve_group_size(mha.max_seq_len)
 
     scaled: dict[int, RotaryPositionalEmbeddings] = {}

@@ -56,10 +56,11 @@ def longlora_mistral(
     Args:
         vocab_size: Vocabulary size.
         num_layers: Decoder layers.
-        num_heads: Query heads (even, for S²: it splits the query heads in two halves).
+        num_heads: Query heads, any count: S² shifts heads ``[num_heads // 2, num_heads)`` (9 heads: 4
+            unshifted, 5 shifted).
         num_kv_heads: Key/value heads (GQA). Any divisor of ``num_heads``, 1 and odd counts included:
             torchtune expands the KV heads to one per query head before the attention call, so each
-            half of the query heads is shifted together with its own copies of the keys and values.
+            query head is shifted together with its own copy of the keys and values.
         embed_dim: Hidden size.
         max_seq_len: Longest sequence the model is trained/run on (the extended context); sizes the
             RoPE cache and the S² group.

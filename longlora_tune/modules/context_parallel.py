@@ -2,28 +2,31 @@
 
 Design (halo exchange). A sequence of ``N = P * L`` tokens is split over the ``P`` ranks of a context-
 parallel group; rank ``r`` holds global positions ``[r*L, (r+1)*L)`` of q, k, v (RoPE already applied at
-global positions). In S² (no-wrap form) a query sees only keys of its own group: heads ``[0, H/2)`` use
-groups ``[jG, (j+1)G)``, heads ``[H/2, H)`` groups shifted by ``G/2``. When ``L`` is a multiple of ``G/2``,
-every slice start ``p0 = r*L`` is a group boundary of one head half and the middle of a group of the other
-half. So rank ``r > 0`` needs exactly one thing from the outside: the previous rank's last ``G/2`` keys and
-values of the half whose group straddles ``p0``. One point-to-point message per layer forward (and its
-gradient back in backward), of ``b * H/2 * G/2 * d`` keys plus as many values, independent of ``L`` and
-of ``P``; ring attention instead rotates all of K and V around the ring.
+global positions). In S² (no-wrap form) a query sees only keys of its own group: the unshifted heads
+``[0, H//2)`` use groups ``[jG, (j+1)G)``, the shifted heads ``[H//2, H)``
+(:func:`~longlora_tune.modules.s2_heads.shifted_heads`) groups shifted by ``G/2``. When ``L`` is a
+multiple of ``G/2``, every slice start ``p0 = r*L`` is a group boundary of one head set and the middle of a
+group of the other: the shifted heads straddle ``p0`` when ``p0 % G == 0``, the unshifted ones when
+``p0 % G == G/2``. So rank ``r > 0`` needs exactly one thing from the outside: the previous rank's last
+``G/2`` keys and values of the heads whose group straddles ``p0``. One point-to-point message per layer
+forward (and its gradient back in backward), of ``b * H/2 * G/2 * d`` keys plus as many values
+(``ceil(H/2)`` or ``floor(H/2)`` heads for an odd ``H``), independent of ``L`` and of ``P``; ring attention
+instead rotates all of K and V around the ring.
 
 Each rank then computes:
 
-* the bulk: :func:`~longlora_tune.modules.s2_attention.shifted_sparse_attention` on its own slice, with the
-  two head halves swapped when ``p0`` is mid-group of the unshifted half (``p0 % G == G/2``), so that the
-  local group layout of both halves matches the global one;
-* the seam: the first ``G/2`` queries of the straddling half attend to the ``G/2`` halo keys and their own
-  first ``G/2`` keys (one small causal-with-offset SDPA), replacing those rows of the bulk result.
+* the bulk: :func:`~longlora_tune.modules.s2_attention.shifted_sparse_attention` on its own slice with
+  ``start=p0``, which lays out both head sets' groups as in the whole sequence, cut at the slice;
+* the seam: the first ``G/2`` queries of the straddling heads attend to the ``G/2`` halo keys and their own
+  first ``G/2`` keys (one small causal-with-offset SDPA), replacing those rows of the bulk result. With a
+  single head (shifted, none unshifted) a rank starting mid-group has no seam and an empty halo.
 
 Rank 0 runs the seam too, with every halo key masked out: its result equals the bulk's, but every rank then
 takes part in the halo exchange's backward (a rank that skipped it would leave its neighbour waiting).
 
 Refused (one-line ``ValueError``/``LongLoRAConfigError``): ``L`` not a multiple of ``G/2`` (which includes
 ``G > 2L``: a group would span more than two ranks), the wrap-around form (it would need a message from the
-last rank to the first), an odd head count, and mismatched shapes.
+last rank to the first), no heads, and mismatched shapes.
 
 Masks use the single-process semantics in global positions: ``key_padding_mask`` (bool ``[b, L]``, True =
 real token) and ``document_ids`` (int ``[b, L]``, packed documents) give the dense mask
@@ -49,6 +52,7 @@ from torch.nn.attention.bias import causal_lower_right
 from longlora_tune.errors import LongLoRAConfigError
 from longlora_tune.modules.loss import shift_labels
 from longlora_tune.modules.s2_attention import S2Attention, shifted_sparse_attention
+from longlora_tune.modules.s2_heads import straddling_heads
 
 __all__ = [
     "ContextParallelAttention",
@@ -166,12 +170,14 @@ def _exchange(
     group,
     kind: str,
 ):
+    # An empty tensor (no head straddles that boundary: one head in all) is not posted; the peer computes
+    # the same head set from the same positions and posts nothing either.
     ops = []
     sent = received = 0
-    if send is not None and dst is not None:
+    if send is not None and dst is not None and send.numel():
         ops.append(dist.P2POp(dist.isend, send, group=group, group_peer=dst))
         sent = send.numel() * send.element_size()
-    if recv is not None and src is not None:
+    if recv is not None and src is not None and recv.numel():
         ops.append(dist.P2POp(dist.irecv, recv, group=group, group_peer=src))
         received = recv.numel() * recv.element_size()
     for counter in _COUNTERS:
@@ -187,28 +193,30 @@ def _exchange(
 class _HaloFromPrevious(torch.autograd.Function):
     """Send ``tail`` to the next rank and return what the previous rank sent (zeros on rank 0).
 
-    Backward sends the halo's gradient to the previous rank and receives the tail's from the next one
-    (zeros on the last rank): send/recv is not autograd-aware, so the reverse message is written here.
+    ``tail`` is ``[b, heads, ...]`` and the halo ``[b, halo_heads, ...]``: for an odd head count the heads
+    straddling the slice's end and its start can differ by one. Backward sends the halo's gradient to the
+    previous rank and receives the tail's from the next one (zeros on the last rank): send/recv is not
+    autograd-aware, so the reverse message is written here.
     """
 
     @staticmethod
-    def forward(ctx: Any, tail: Tensor, group: Any, rank: int, world: int) -> Tensor:
-        ctx.group, ctx.rank, ctx.world = group, rank, world
+    def forward(ctx: Any, tail: Tensor, halo_heads: int, group: Any, rank: int, world: int) -> Tensor:
+        ctx.group, ctx.rank, ctx.world, ctx.tail_shape = group, rank, world, tail.shape
         tail = tail.contiguous()
-        halo = torch.zeros_like(tail)
+        halo = tail.new_zeros((tail.shape[0], halo_heads, *tail.shape[2:]))
         nxt = rank + 1 if rank + 1 < world else None
         prev = rank - 1 if rank > 0 else None
         _exchange(tail, halo, nxt, prev, group, "forward")
         return halo
 
     @staticmethod
-    def backward(ctx: Any, grad_halo: Tensor) -> tuple[Optional[Tensor], None, None, None]:
+    def backward(ctx: Any, grad_halo: Tensor) -> tuple[Optional[Tensor], None, None, None, None]:
         rank, world = ctx.rank, ctx.world
-        grad_tail = torch.zeros_like(grad_halo)
+        grad_tail = grad_halo.new_zeros(ctx.tail_shape)
         nxt = rank + 1 if rank + 1 < world else None
         prev = rank - 1 if rank > 0 else None
         _exchange(grad_halo.contiguous(), grad_tail, prev, nxt, ctx.group, "backward")
-        return grad_tail, None, None, None
+        return grad_tail, None, None, None, None
 
 
 def _mask_halo(tail: Tensor, group: Any, rank: int, world: int) -> Tensor:
@@ -227,11 +235,6 @@ def _mask_halo(tail: Tensor, group: Any, rank: int, world: int) -> Tensor:
 # ----------------------------------------------------------------------------------------------------
 # The attention op
 # ----------------------------------------------------------------------------------------------------
-
-
-def _straddling_half(start: int, group_size: int) -> int:
-    """Which head half has a group straddling global position ``start`` (1 when ``start % G == 0``)."""
-    return 1 if start % group_size == 0 else 0
 
 
 def context_parallel_s2_attention(
@@ -268,7 +271,7 @@ def context_parallel_s2_attention(
         Attention output ``[b, h, L, d]`` of this rank's slice.
 
     Raises:
-        ValueError: On bad shapes, an odd head count, a bad group size, or ``L`` not a multiple of ``G/2``.
+        ValueError: On bad shapes, no heads, a bad group size, or ``L`` not a multiple of ``G/2``.
     """
     if q.dim() != 4 or k.shape != q.shape or v.shape[:3] != q.shape[:3]:
         raise ValueError(
@@ -276,8 +279,6 @@ def context_parallel_s2_attention(
             f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
         )
     b, heads, length, _ = q.shape
-    if heads % 2:
-        raise ValueError(f"S2 attention needs an even number of heads, got {heads}")
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 2 or group_size % 2:
         raise ValueError(f"group_size must be an even int >= 2, got {group_size!r}")
     shift = group_size // 2
@@ -295,13 +296,8 @@ def context_parallel_s2_attention(
     rank = dist.get_rank(group) if dist.is_initialized() else 0
     world = dist.get_world_size(group) if dist.is_initialized() else 1
     start = rank * length
-    half = heads // 2
-    # Order the halves [A, B] so that B is the one whose group straddles this slice's start: then the
-    # public function's layout (A from 0 in groups of G, B shifted by G/2) is the global layout here.
-    swap = _straddling_half(start, group_size) == 0
-
-    def order(x: Tensor) -> Tensor:
-        return torch.cat([x[:, half:], x[:, :half]], dim=1) if swap else x
+    seam_heads = straddling_heads(start, group_size, heads)
+    tail_heads = straddling_heads(start + length, group_size, heads)  # the next rank's seam heads
 
     with_mask = key_padding_mask is not None or document_ids is not None
     valid = key_padding_mask if key_padding_mask is not None else torch.ones(b, length, dtype=torch.bool)
@@ -318,16 +314,13 @@ def context_parallel_s2_attention(
         dense = valid[:, None, :] & (docs[:, :, None] == docs[:, None, :])
     elif key_padding_mask is not None:
         dense = valid[:, None, :].expand(b, length, length)  # a view: no L x L memory
-    qo, ko, vo = order(q), order(k), order(v)
     bulk = shifted_sparse_attention(
-        qo, ko, vo, group_size, mask=dense, backend="sdpa", dropout_p=dropout_p, scale=scale
+        q, k, v, group_size, mask=dense, backend="sdpa", dropout_p=dropout_p, scale=scale, start=start
     )
 
-    # The halo: the next rank's straddling half, last G/2 keys and values, stacked on the feature axis.
-    next_half = _straddling_half(start + length, group_size)
-    heads_next = slice(half, heads) if next_half == 1 else slice(0, half)
-    tail = torch.cat([k[:, heads_next, -shift:], v[:, heads_next, -shift:]], dim=-1)
-    halo = _HaloFromPrevious.apply(tail, group, rank, world)
+    # The halo: the next rank's straddling heads, last G/2 keys and values, stacked on the feature axis.
+    tail = torch.cat([k[:, tail_heads, -shift:], v[:, tail_heads, -shift:]], dim=-1)
+    halo = _HaloFromPrevious.apply(tail, seam_heads.stop - seam_heads.start, group, rank, world)
     halo_k, halo_v = halo.split([k.shape[-1], v.shape[-1]], dim=-1)
 
     halo_valid = torch.full((b, shift), rank > 0, dtype=torch.bool, device=q.device)
@@ -336,11 +329,16 @@ def context_parallel_s2_attention(
         info = _mask_halo(torch.stack([valid[:, -shift:].long(), docs[:, -shift:]]), group, rank, world)
         halo_valid = halo_valid & info[0].bool()
         halo_docs = info[1]
+    if seam_heads.start == seam_heads.stop:
+        # No head straddles this start (one head, unshifted here), but the empty halo stays in the graph
+        # so that this rank's backward receives the next rank's gradient message for its tail.
+        return bulk + 0.0 * halo.sum()
 
-    # The seam: B's first G/2 queries see the G/2 halo keys and their own first G/2 keys (causally).
-    qs = qo[:, half:, :shift]
-    ks = torch.cat([halo_k, ko[:, half:, :shift]], dim=2)
-    vs = torch.cat([halo_v, vo[:, half:, :shift]], dim=2)
+    # The seam: the straddling heads' first G/2 queries see the G/2 halo keys and their own first G/2 keys
+    # (causally).
+    qs = q[:, seam_heads, :shift]
+    ks = torch.cat([halo_k, k[:, seam_heads, :shift]], dim=2)
+    vs = torch.cat([halo_v, v[:, seam_heads, :shift]], dim=2)
     key_valid = torch.cat([halo_valid, valid[:, :shift]], dim=1)
     key_docs = torch.cat([halo_docs, docs[:, :shift]], dim=1)
     if not with_mask:
@@ -373,8 +371,8 @@ def context_parallel_s2_attention(
         )
         seam = seam.masked_fill(empty[:, None], 0.0)
 
-    out = torch.cat([bulk[:, :half], torch.cat([seam, bulk[:, half:, shift:]], dim=2)], dim=1)
-    return order(out)
+    seamed = torch.cat([seam, bulk[:, seam_heads, shift:]], dim=2)
+    return torch.cat([bulk[:, : seam_heads.start], seamed, bulk[:, seam_heads.stop :]], dim=1)
 
 
 # ----------------------------------------------------------------------------------------------------

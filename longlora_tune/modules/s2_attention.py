@@ -1,16 +1,18 @@
 """Shifted sparse attention (S²-Attn) for torchtune attention layers.
 
-S²-Attn (LongLoRA) splits the attention heads in two halves. Heads ``[0, H/2)`` attend causally inside
-groups of ``G`` consecutive tokens ``[0, G), [G, 2G), ...``; heads ``[H/2, H)`` do the same inside groups
-shifted by ``G/2``. No token attends across its group within a layer, so attention costs ``O(N * G)``
+S²-Attn (LongLoRA) splits the attention heads in two sets
+(:func:`~longlora_tune.modules.s2_heads.shifted_heads`). Heads ``[0, H//2)``
+attend causally inside groups of ``G`` consecutive tokens ``[0, G), [G, 2G), ...``; heads ``[H//2, H)`` do
+the same inside groups shifted by ``G/2`` (for an odd ``H`` the shifted set is one head larger, as in
+LongLoRA's non-flash code). No token attends across its group within a layer, so attention costs ``O(N * G)``
 instead of ``O(N^2)``, while the shift lets information flow between neighbouring groups across layers.
 
 Two forms are provided:
 
 * **No wrap-around (default).** The shifted groups are ``[0, G/2), [G/2, 3G/2), ...`` clipped at ``N``:
   the first and last shifted groups are short. Query ``q`` may see key ``k`` iff
-  ``k <= q and (q + s) // G == (k + s) // G`` with ``s = 0`` for the first half of the heads and
-  ``s = G/2`` for the second. Nothing from the future is ever visible, so right padding needs no mask.
+  ``k <= q and (q + s) // G == (k + s) // G`` with ``s = 0`` for the unshifted heads and ``s = G/2`` for
+  the shifted ones. Nothing from the future is ever visible, so right padding needs no mask.
 * **Wrap-around** (``wrap_around=True``): the paper's Algorithm 1. The shifted heads' tokens are rolled by
   ``-G/2`` along the sequence, attend causally in groups of the rolled order and are rolled back. The
   last rolled group then holds tokens ``N-G/2 .. N-1`` followed by ``0 .. G/2-1``, so on those heads the
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -39,6 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask, and_masks, create_block_mask, flex_attention
+
+from longlora_tune.modules.s2_heads import shifted_heads
 
 __all__ = [
     "BACKENDS",
@@ -166,6 +171,17 @@ def _check_group_size(group_size: int, what: str = "group_size") -> None:
         raise ValueError(f"{what} must be even (groups are shifted by half a group), got {group_size}")
 
 
+def _head_sets(num_heads: int, group_size: int, start: int) -> list[tuple[int, int]]:
+    """``(head count, group shift)`` of the unshifted, then the shifted heads; an empty set is left out.
+
+    The shift is in the positions of a tensor whose first token is at global position ``start``: a head
+    set whose groups are ``(p + s) // G`` globally has local groups ``(i + (start + s) % G) // G``.
+    """
+    shifted = shifted_heads(num_heads)
+    sets = [(shifted.start, 0), (shifted.stop - shifted.start, group_size // 2)]
+    return [(count, (start + shift) % group_size) for count, shift in sets if count]
+
+
 # ----------------------------------------------------------------------------------------------------
 # Public function
 # ----------------------------------------------------------------------------------------------------
@@ -182,6 +198,7 @@ def shifted_sparse_attention(
     backend: str = "auto",
     dropout_p: float = 0.0,
     scale: float | None = None,
+    start: int = 0,
 ) -> Tensor:
     """Shifted sparse attention over ``[batch, heads, seq, head_dim]`` tensors.
 
@@ -203,18 +220,21 @@ def shifted_sparse_attention(
         q: Queries ``[b, h, n, d]`` with RoPE applied at global positions.
         k: Keys ``[b, h, n, d]`` (already expanded to all query heads).
         v: Values ``[b, h, n, d]``.
-        group_size: ``G``, even, >= 2. May exceed ``n`` (then the first half of the heads is full causal).
+        group_size: ``G``, even, >= 2. May exceed ``n`` (then the unshifted heads are full causal).
         wrap_around: Use the paper's roll-based form (leaks ``G/2`` future tokens; see module docstring).
         mask: Optional bool ``[b or 1, n, n]`` (True = may attend) or a flex ``BlockMask``.
         backend: ``"auto"``, ``"sdpa"``, ``"flash"`` or ``"flex"``.
         dropout_p: Attention dropout probability (not supported by flex).
         scale: Softmax scale; ``1/sqrt(d)`` when None.
+        start: Global position of the first token when q, k, v hold the slice ``[start, start + n)`` of a
+            longer sequence (context parallelism): the groups are those of the whole sequence, clipped to
+            the slice, so no key before the slice is seen. No-wrap form only.
 
     Returns:
         Attention output ``[b, h, n, d]``.
 
     Raises:
-        ValueError: On an odd head count, a bad group size, mismatched shapes, a bad mask, an unknown
+        ValueError: On no heads, a bad group size or ``start``, mismatched shapes, a bad mask, an unknown
             backend, or a backend that cannot serve the request.
     """
     _check_group_size(group_size)
@@ -225,10 +245,11 @@ def shifted_sparse_attention(
             f"q, k, v must be [batch, heads, seq, head_dim] with equal batch/heads/seq (k/v expanded, no KV "
             f"cache); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
         )
-    if q.shape[1] % 2:
-        raise ValueError(
-            f"S2 attention needs an even number of heads to split in two halves, got {q.shape[1]}"
-        )
+    if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+        raise ValueError(f"start must be an int >= 0, got {start!r}")
+    if wrap_around and start:
+        raise ValueError("wrap_around=True needs the whole sequence (start=0): the roll wraps at its end")
+    head_sets = _head_sets(q.shape[1], group_size, start)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     if mask is not None and not isinstance(mask, BlockMask):
@@ -250,7 +271,7 @@ def shifted_sparse_attention(
     if backend == "sdpa":
         if isinstance(mask, BlockMask):
             raise ValueError("backend='sdpa' cannot take a flex BlockMask; use backend='flex' or 'auto'")
-        return _s2_sdpa(q, k, v, group_size, wrap_around, mask, dropout_p, scale)
+        return _s2_sdpa(q, k, v, group_size, head_sets, wrap_around, mask, dropout_p, scale)
     if backend == "flash":
         if mask is not None:
             raise ValueError(
@@ -260,10 +281,10 @@ def shifted_sparse_attention(
             raise ValueError(
                 "backend='flash' needs flash-attn and a CUDA device; use backend='auto' or 'sdpa'"
             )
-        return _s2_flash(q, k, v, group_size, wrap_around, dropout_p, scale)
+        return _s2_flash(q, k, v, group_size, head_sets, wrap_around, dropout_p, scale)
     if dropout_p > 0.0:
         raise ValueError(f"backend='flex' does not support dropout (got dropout_p={dropout_p}); use 'sdpa'")
-    return _s2_flex(q, k, v, group_size, wrap_around, mask, scale)
+    return _s2_flex(q, k, v, group_size, head_sets, wrap_around, mask, scale)
 
 
 def _check_dense_mask(mask: Tensor, q: Tensor) -> None:
@@ -284,10 +305,11 @@ def _check_dense_mask(mask: Tensor, q: Tensor) -> None:
 
 
 def _group_starts(n: int, group_size: int, shift: int) -> list[int]:
-    """Segment boundaries of one head half in original positions: 0, first group end, ..., n.
+    """Segment boundaries of one head set in its tensor's positions: 0, first group end, ..., n.
 
-    With ``shift`` = G/2 the groups are [0, G/2), [G/2, 3G/2), ...; boundaries at or past ``n`` are
-    dropped, so the last segment is short when ``n`` is not aligned.
+    Position ``i`` is in group ``(i + shift) // G``: with ``shift`` = G/2 the groups are [0, G/2),
+    [G/2, 3G/2), ...; boundaries at or past ``n`` are dropped, so the last segment is short when ``n`` is
+    not aligned.
     """
     first = group_size - shift
     return [0, *range(first, n, group_size), n] if n > 0 else [0]
@@ -303,58 +325,59 @@ def _s2_sdpa(
     k: Tensor,
     v: Tensor,
     group_size: int,
+    head_sets: list[tuple[int, int]],
     wrap_around: bool,
     mask: Tensor | None,
     dropout_p: float,
     scale: float | None,
 ) -> Tensor:
-    b, heads, n, _ = q.shape
-    half, shift = heads // 2, group_size // 2
-    # Each head half: (q, k, v) in its attention order, the offset of its slots from original positions
+    b, _, n, _ = q.shape
+    counts = [count for count, _ in head_sets]
+    # Each head set: (q, k, v) in its attention order, the offset of its slots from original positions
     # and the shift of its groups. Wrap-around attends in the rolled order (slot r holds token
     # (r + G/2) mod n, i.e. torch.roll by -G/2) with unshifted groups. Positions stay Python ints so that
     # torch.compile traces this without reading tensor values (no graph break).
-    q1, q2 = q.split(half, dim=1)
-    k1, k2 = k.split(half, dim=1)
-    v1, v2 = v.split(half, dim=1)
-    if wrap_around:
-        q2, k2, v2 = (torch.roll(x, shifts=-shift, dims=2) for x in (q2, k2, v2))
-        halves = [((q1, k1, v1), 0, 0), ((q2, k2, v2), shift, 0)]
-    else:
-        halves = [((q1, k1, v1), 0, 0), ((q2, k2, v2), 0, shift)]
+    sets = []
+    for qkv, (_, shift) in zip(zip(*(x.split(counts, dim=1) for x in (q, k, v))), head_sets):
+        if wrap_around and shift:
+            sets.append((tuple(torch.roll(x, shifts=-shift, dims=2) for x in qkv), shift, 0))
+        else:
+            sets.append((qkv, 0, shift))
 
-    # Cut every half into its groups (split: one cheap backward, no per-slice zero-filled gradients) and
-    # batch all groups of equal length into one SDPA call, groups becoming batch rows.
-    by_length: dict[int, list[tuple[int, int, int]]] = {}  # length -> [(half index, group index, start)]
+    # Cut every set into its groups (split: one cheap backward, no per-slice zero-filled gradients) and
+    # batch all groups of equal length and head count into one SDPA call, groups becoming batch rows (for
+    # an odd H the two sets differ by one head and so never share a call).
+    calls: dict[tuple[int, int], list[tuple[int, int, int]]] = {}  # (length, heads) -> [(set, group, start)]
     pieces: list[list[tuple[Tensor, Tensor, Tensor]]] = []
-    for hi, (qkv, _, s) in enumerate(halves):
+    for si, (qkv, _, s) in enumerate(sets):
         bounds = _group_starts(n, group_size, s)
         lengths = [e - a for a, e in zip(bounds[:-1], bounds[1:])]
         pieces.append(list(zip(*(x.split(lengths, dim=2) for x in qkv))))
         for gi, (a, length) in enumerate(zip(bounds[:-1], lengths)):
-            by_length.setdefault(length, []).append((hi, gi, a))
+            calls.setdefault((length, counts[si]), []).append((si, gi, a))
 
     outputs: list[list[Tensor | None]] = [[None] * len(p) for p in pieces]
-    for length, groups in by_length.items():
-        qg, kg, vg = (torch.cat([pieces[hi][gi][j] for hi, gi, _ in groups]) for j in range(3))
+    for (length, _), groups in calls.items():
+        qg, kg, vg = (torch.cat([pieces[si][gi][j] for si, gi, _ in groups]) for j in range(3))
         attn_mask = None
         if mask is not None:
-            blocks = [_mask_block(mask, a + halves[hi][1], length, n, b) for hi, _, a in groups]
+            blocks = [_mask_block(mask, a + sets[si][1], length, n, b) for si, _, a in groups]
             attn_mask = torch.cat(blocks)[:, None]
         out = _causal_sdpa(qg, kg, vg, attn_mask, dropout_p, scale)
-        for (hi, gi, _), o in zip(groups, out.split(b)):
-            outputs[hi][gi] = o
-    out1, out2 = (torch.cat(parts, dim=2) if len(parts) > 1 else parts[0] for parts in outputs)
-    if wrap_around:
-        out2 = torch.roll(out2, shifts=shift, dims=2)
-    return torch.cat([out1, out2], dim=1)
+        for (si, gi, _), o in zip(groups, out.split(b)):
+            outputs[si][gi] = o
+    outs = []
+    for parts, (_, offset, _) in zip(outputs, sets):
+        out = torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
+        outs.append(torch.roll(out, shifts=offset, dims=2) if offset else out)
+    return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
 
 
 def _mask_block(mask: Tensor, start: int, length: int, n: int, batch: int) -> Tensor:
     """The caller's mask restricted to one group, as [batch, L, L].
 
     The group holds the tokens at original positions ``(start + i) mod n`` for ``i < length`` (only the
-    wrapped group of the rolled half actually wraps).
+    wrapped group of the rolled heads actually wraps).
     """
     start %= n
     if start + length <= n:  # contiguous (everything but the wrapped group)
@@ -409,30 +432,45 @@ def _flash_varlen(
 
 
 def _s2_flash(
-    q: Tensor, k: Tensor, v: Tensor, group_size: int, wrap_around: bool, dropout_p: float, scale: float | None
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    group_size: int,
+    head_sets: list[tuple[int, int]],
+    wrap_around: bool,
+    dropout_p: float,
+    scale: float | None,
 ) -> Tensor:
-    b, heads, n, d = q.shape
-    half = heads // 2
-    shift = group_size // 2
+    b, heads, n, _ = q.shape
+    # The kernel gives every varlen row one head count, so a row is a chunk of `width` heads of one sample
+    # and one head set: H/2 heads for an even H (LongLoRA's layout, a row per head half and sample), a
+    # single head for an odd H (the sets differ by one head).
+    width = math.gcd(*(count for count, _ in head_sets))
+    chunks = heads // width
+    shifts = [shift for count, shift in head_sets for _ in range(count // width)]  # group shift per chunk
+    # Wrap-around rolls the shifted heads' chunks (the trailing ones) and then groups them from 0.
+    kept = chunks - sum(1 for shift in shifts if shift) if wrap_around else chunks
+
+    def roll(x: Tensor, shift: int) -> Tensor:
+        # x: [chunks, b, n, width, d]; only the chunks from `kept` on move.
+        return torch.cat([x[:kept], torch.roll(x[kept:], shifts=shift, dims=2)]) if kept < chunks else x
 
     def pack(x: Tensor) -> Tensor:
-        # [b, H, n, d] -> [2, b, n, H/2, d]: each head half of each sample is one varlen "row" of n tokens.
-        x = x.reshape(b, 2, half, n, x.shape[-1]).permute(1, 0, 3, 2, 4)
-        if wrap_around:
-            x = torch.stack([x[0], torch.roll(x[1], shifts=-shift, dims=1)])
-        return x.reshape(2 * b * n, half, x.shape[-1])
+        # [b, H, n, d] -> [chunks, b, n, width, d]: each chunk of each sample is one varlen "row" of n tokens.
+        x = x.reshape(b, chunks, width, n, x.shape[-1]).permute(1, 0, 3, 2, 4)
+        return roll(x, -(group_size // 2)).reshape(chunks * b * n, width, x.shape[-1])
 
-    # Boundaries depend only on positions, head half and G (never on a batch maximum), and every row has
+    # Boundaries depend only on positions, head set and G (never on a batch maximum), and every row has
     # exactly n tokens, so row r's boundaries are offset by r * n and stay monotonic.
-    first = torch.tensor(_group_starts(n, group_size, 0), dtype=torch.int32)
-    second = first if wrap_around else torch.tensor(_group_starts(n, group_size, shift), dtype=torch.int32)
-    rows = [first[:-1] + r * n for r in range(b)] + [second[:-1] + (b + r) * n for r in range(b)]
-    cu_seqlens = torch.cat([*rows, torch.tensor([2 * b * n], dtype=torch.int32)]).to(q.device)
+    bounds = {
+        shift: torch.tensor(_group_starts(n, group_size, 0 if wrap_around else shift), dtype=torch.int32)
+        for shift in dict.fromkeys(shifts)
+    }
+    rows = [bounds[shift][:-1] + (c * b + r) * n for c, shift in enumerate(shifts) for r in range(b)]
+    cu_seqlens = torch.cat([*rows, torch.tensor([chunks * b * n], dtype=torch.int32)]).to(q.device)
     max_len = min(group_size, n)
     out = _flash_varlen(pack(q), pack(k), pack(v), cu_seqlens, max_len, dropout_p, scale)
-    out = out.reshape(2, b, n, half, out.shape[-1])
-    if wrap_around:
-        out = torch.stack([out[0], torch.roll(out[1], shifts=shift, dims=1)])
+    out = roll(out.reshape(chunks, b, n, width, out.shape[-1]), group_size // 2)
     return out.permute(1, 0, 3, 2, 4).reshape(b, heads, n, out.shape[-1])
 
 
@@ -442,7 +480,7 @@ def _s2_flash(
 
 
 def _s2_mask_mod(n: int, group_size: int, shift: int, wrap_around: bool) -> Callable:
-    """flex ``mask_mod`` of one head half (``shift`` 0 or G/2) in original positions."""
+    """flex ``mask_mod`` of one head set in original positions (``shift``: its groups' shift, < G)."""
     if wrap_around and shift:
 
         def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
@@ -490,12 +528,12 @@ def _s2_flex(
     k: Tensor,
     v: Tensor,
     group_size: int,
+    head_sets: list[tuple[int, int]],
     wrap_around: bool,
     mask: _MaskType,
     scale: float | None,
 ) -> Tensor:
-    b, heads, n, _ = q.shape
-    half = heads // 2
+    n = q.shape[2]
     attend = _flex_cuda if q.is_cuda else flex_attention
     other_mod, mask_batch = None, None
     if isinstance(mask, BlockMask):
@@ -504,8 +542,9 @@ def _s2_flex(
         other_mod, mask_batch = mask.mask_mod, mask.kv_num_blocks.shape[0]
     elif mask is not None:
         other_mod, mask_batch = _dense_mask_mod(mask), mask.shape[0]
+    counts = [count for count, _ in head_sets]
     outs = []
-    for part, shift in ((slice(0, half), 0), (slice(half, heads), group_size // 2)):
+    for qh, kh, vh, (_, shift) in zip(*(x.split(counts, dim=1) for x in (q, k, v)), head_sets):
         if other_mod is None and not torch.compiler.is_compiling():
             block_mask = _cached_s2_block_mask(n, group_size, shift, wrap_around, str(q.device))
         elif other_mod is None:
@@ -517,8 +556,8 @@ def _s2_flex(
             block_mask = create_block_mask(
                 mod, mask_batch if mask_batch > 1 else None, None, n, n, device=q.device
             )
-        outs.append(attend(q[:, part], k[:, part], v[:, part], block_mask=block_mask, scale=scale))
-    return torch.cat(outs, dim=1)
+        outs.append(attend(qh, kh, vh, block_mask=block_mask, scale=scale))
+    return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
 
 
 # ----------------------------------------------------------------------------------------------------

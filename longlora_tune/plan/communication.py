@@ -7,6 +7,8 @@ Ulysses are computed for comparison. Pure arithmetic, no torch, so the planner i
 
 from __future__ import annotations
 
+from longlora_tune.modules.s2_heads import straddling_heads
+
 __all__ = ["halo_bytes_per_layer", "ring_bytes_per_layer", "ulysses_bytes_per_layer"]
 
 def halo_bytes_per_layer(
@@ -24,12 +26,14 @@ def halo_bytes_per_layer(
 
     The forward tail travels from rank ``r`` to ``r + 1`` and its gradient back, so this is what a middle
     rank receives when ``P > 2``; at ``P = 2`` the last rank receives the forward part and rank 0 the
-    gradient part (measured by :func:`count_halo_traffic` in ``python -m benchmarks
-    --context-parallel 2``).
+    gradient part (measured by :func:`~longlora_tune.modules.context_parallel.count_halo_traffic` in
+    ``python -m benchmarks --context-parallel 2``).
 
     Forward: ``2 * b * H/2 * G/2 * d`` elements (keys and values, expanded heads); backward: their
     gradient, the same size; activation checkpointing repeats the forward. Masks add ``2 * b * G/2`` int64
-    per forward. Independent of the slice length; zero when ``degree`` is 1.
+    per forward. Independent of the slice length; zero when ``degree`` is 1. For an odd ``H`` a boundary
+    at a multiple of ``G`` carries the ``ceil(H/2)`` shifted heads and one at ``G/2`` past it the
+    ``floor(H/2)`` unshifted ones; this counts the busier kind.
 
     Args:
         batch_size: sequences per micro-batch ``b``.
@@ -46,7 +50,8 @@ def halo_bytes_per_layer(
     """
     if degree <= 1:
         return 0
-    forward = 2 * batch_size * (num_heads // 2) * (group_size // 2) * head_dim * dtype_bytes
+    heads = straddling_heads(0, group_size, num_heads)
+    forward = 2 * batch_size * (heads.stop - heads.start) * (group_size // 2) * head_dim * dtype_bytes
     mask = 2 * batch_size * (group_size // 2) * 8 if masks else 0
     forwards = 2 if recompute else 1
     return forwards * (forward + mask) + forward

@@ -41,6 +41,7 @@ from typing import Any
 
 from longlora_tune._io import atomic_write_json
 from longlora_tune.models.shapes import _SIZE_FIELDS, MODEL_SHAPES, FamilyShape, ModelShape
+from longlora_tune.modules.s2_heads import shifted_heads
 from longlora_tune.plan.communication import (
     halo_bytes_per_layer,
     ring_bytes_per_layer,
@@ -81,16 +82,16 @@ _LAYER_PHASE = "layer backward phase: recompute + grads (*)"
 def s2_segment_lengths(
     seq_len: int, group_size: int, *, wrap_around: bool = False
 ) -> tuple[list[int], list[int]]:
-    """Lengths of the causal attention segments of the two S² head halves.
+    """Lengths of the causal attention segments of the two S² head sets (unshifted and shifted heads).
 
     Args:
         seq_len: Sequence length ``N``.
         group_size: ``G`` (even).
-        wrap_around: Paper Algorithm 1 (rolled tokens: the shifted half has the same segment lengths as
-            the first half) instead of the no-wrap form (``[0, G/2), [G/2, 3G/2), ...`` clipped at ``N``).
+        wrap_around: Paper Algorithm 1 (rolled tokens: the shifted heads have the same segment lengths as
+            the unshifted ones) instead of the no-wrap form (``[0, G/2), [G/2, 3G/2), ...`` clipped at ``N``).
 
     Returns:
-        ``(first_half, shifted_half)`` lists of segment lengths, each summing to ``seq_len``.
+        ``(unshifted, shifted)`` lists of segment lengths, each summing to ``seq_len``.
 
     Raises:
         ValueError: If ``group_size`` is not an even int >= 2 or ``seq_len`` < 1.
@@ -144,15 +145,19 @@ def checkpointed_layers(
     return checkpoint_layers
 
 
-def _attention_pairs(seq_len: int, group_size: int | None, wrap_around: bool, causal: bool) -> float:
-    """Query-key pairs scored per head (averaged over the two S² head halves)."""
+def _attention_pairs(
+    seq_len: int, group_size: int | None, wrap_around: bool, causal: bool, num_heads: int
+) -> float:
+    """Query-key pairs scored per head (averaged over the heads of the two S² head sets)."""
     segments = (
         ([seq_len], [seq_len])
         if group_size is None
         else s2_segment_lengths(seq_len, group_size, wrap_around=wrap_around)
     )
-    per_half = [sum(g * (g + 1) / 2 if causal else g * g for g in half) for half in segments]
-    return sum(per_half) / 2
+    per_set = [sum(g * (g + 1) / 2 if causal else g * g for g in lengths) for lengths in segments]
+    unshifted = shifted_heads(num_heads).start
+    # Weights of exactly 1/2 for an even count, so the result equals the plain mean of the two sets.
+    return (unshifted * per_set[0] + (num_heads - unshifted) * per_set[1]) / num_heads
 
 
 def _tied_head_trained(shape: ModelShape, trainable_extras: Sequence[str]) -> bool:
@@ -257,7 +262,7 @@ def step_flops(
     d, kv, i = shape.embed_dim, shape.kv_dim, shape.intermediate_dim
     frozen_layer = 2 * tokens * (2 * d * d + 2 * d * kv + 3 * d * i)
     lora_layer = 2 * tokens * shape.lora_params(lora_rank, lora_modules) / shape.num_layers
-    pairs = _attention_pairs(seq_len, group_size, wrap_around, attention == "causal")
+    pairs = _attention_pairs(seq_len, group_size, wrap_around, attention == "causal", shape.num_heads)
     attn_layer = 2 * 2 * batch_size * shape.num_heads * shape.head_dim * pairs
     head = 2 * tokens * d * shape.vocab_size
     layers = shape.num_layers
@@ -922,9 +927,11 @@ def _seam_bytes(shape: ModelShape, batch_size: int, e: int, degree: int, group_s
     """
     if degree <= 1 or not group_size:
         return 0
-    half_heads, half_group, d = shape.num_heads // 2, group_size // 2, shape.head_dim
+    # The seam runs on the heads straddling the slice start: at most the shifted ones (ceil(H/2)).
+    heads = shifted_heads(shape.num_heads)
+    seam_heads, half_group, d = heads.stop - heads.start, group_size // 2, shape.head_dim
     # Halo k+v received, the seam's concatenated k+v (G keys) and its output.
-    return e * batch_size * half_heads * d * (2 * half_group + 2 * group_size + half_group)
+    return e * batch_size * seam_heads * d * (2 * half_group + 2 * group_size + half_group)
 
 
 def plan(
@@ -1043,8 +1050,6 @@ def plan(
             raise ValueError(f"{label} must be a positive int, got {value!r}")
     if not gpu_memory_gib > 0:
         raise ValueError(f"gpu_memory_gib must be > 0, got {gpu_memory_gib}")
-    if s2 and shape.num_heads % 2:
-        raise ValueError(f"S2 needs an even number of heads, the model has {shape.num_heads}")
     max_seq_len = seq_len if max_seq_len is None else max_seq_len
     explicit_g = group_size is not None
     # The builder resolves the group size even for full attention, so a setting it refuses fails here too.

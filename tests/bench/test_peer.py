@@ -13,19 +13,24 @@ from benchmarks.backend_check import reference_s2_attention
 from benchmarks.peer import run_peer_case, s2_sdpa_attention, s2_sdpa_reference
 from benchmarks.train_step import Case
 from longlora_tune.modules.s2_attention import shifted_sparse_attention
+from longlora_tune.modules.s2_heads import shifted_heads
 
 
+@pytest.mark.parametrize("heads", [4, 9])
 @pytest.mark.parametrize(("n", "group"), [(64, 16), (60, 16), (40, 8), (6, 16), (24, 24)])
-def test_peer_s2_equals_ours_and_the_dense_reference(n, group):
+def test_peer_s2_equals_ours_and_the_dense_reference(n, group, heads):
     gen = torch.Generator().manual_seed(n)
-    q, k, v = (torch.randn(2, 4, n, 8, generator=gen, dtype=torch.float64) for _ in range(3))
+    q, k, v = (torch.randn(2, heads, n, 8, generator=gen, dtype=torch.float64) for _ in range(3))
     peer = s2_sdpa_reference(q, k, v, group)
     torch.testing.assert_close(peer, shifted_sparse_attention(q, k, v, group, backend="sdpa"))
     torch.testing.assert_close(peer, reference_s2_attention(q, k, v, group))
-    # The shifted half differs from plain grouped attention once a sequence spans two groups.
+    # The shifted heads differ from plain grouped attention once a sequence spans two groups (the first
+    # half of a doubled head set is every head grouped from 0).
     if n > group:
-        unshifted = s2_sdpa_reference(q[:, :2].repeat(1, 2, 1, 1), k[:, :2].repeat(1, 2, 1, 1), v, group)
-        assert not torch.allclose(unshifted[:, 2:], peer[:, 2:])
+        unshifted = s2_sdpa_reference(*(torch.cat([x, x], dim=1) for x in (q, k, v)), group)[:, :heads]
+        shifted = shifted_heads(heads)
+        torch.testing.assert_close(unshifted[:, : shifted.start], peer[:, : shifted.start])
+        assert not torch.allclose(unshifted[:, shifted], peer[:, shifted])
 
 
 def test_attention_interface_function_expands_kv_heads_and_returns_bnhd():

@@ -3,8 +3,9 @@
 Usage: python _context_parallel_worker.py WORLD CP_DEGREES OUT_JSON [CASE_INDICES] (comma-separated lists).
 Spawns WORLD processes, builds each (dp, cp) mesh in turn, and for every case compares each rank's forward
 output and q/k/v gradients (float64) with the matching slices of the single-process
-``shifted_sparse_attention``. Rank 0 writes the largest absolute errors per case (reduced over all ranks)
-to OUT_JSON; the test asserts on them.
+``shifted_sparse_attention``. With fewer KV heads than query heads, k and v are expanded as torchtune does
+and the gradients compared are of the unexpanded ones. Rank 0 writes the largest absolute errors per case
+(reduced over all ranks) to OUT_JSON; the test asserts on them.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.utils.checkpoint
 
-# (G, L, mask kind): G = L, G = L/2, G = 2L, L = 3G/2 (odd ranks start mid-group of the unshifted half).
+# (G, L, mask kind[, query heads, KV heads]; 4 and 4 when not given): G = L, G = L/2, G = 2L, L = 3G/2
+# (odd ranks start mid-group of the unshifted heads).
 CASES = [(8, 8, m) for m in ("none", "padding", "documents")] + [
     (4, 8, "none"),
     (4, 8, "padding"),
@@ -28,7 +30,20 @@ CASES = [(8, 8, m) for m in ("none", "padding", "documents")] + [
     (8, 12, "none"),
     (8, 12, "padding"),
     (8, 8, "documents-checkpointed"),  # activation checkpointing re-runs the exchange during backward
+    # Odd head counts: the halos at alternate boundaries differ by one head; KV head 1 of 3 serves query
+    # heads on both sides of the 9-head split; one head has no seam (and an empty halo) at mid-group starts.
+    (8, 12, "none", 9, 3),
+    (16, 8, "documents", 9, 3),
+    (8, 8, "padding", 3, 1),
+    (8, 12, "none", 1, 1),
+    (8, 12, "padding", 1, 1),
 ]
+
+
+def case_key(case: tuple) -> str:
+    """The result key of a case, e.g. ``G=8 L=12 none`` or ``G=8 L=12 none H=9/3``."""
+    group_size, length, kind, *heads = case
+    return f"G={group_size} L={length} {kind}" + (f" H={heads[0]}/{heads[1]}" if heads else "")
 
 
 def _masks(kind: str, batch: int, n: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -45,14 +60,28 @@ def _masks(kind: str, batch: int, n: int) -> tuple[torch.Tensor | None, torch.Te
     return valid, starts.cumsum(dim=1)
 
 
-def _case(group_size: int, length: int, kind: str, cp_group, cp_rank: int, cp_size: int) -> list[float]:
+def _case(
+    group_size: int,
+    length: int,
+    kind: str,
+    h: int,
+    kv_heads: int,
+    cp_group,
+    cp_rank: int,
+    cp_size: int,
+) -> list[float]:
     from longlora_tune.modules.context_parallel import context_parallel_s2_attention
     from longlora_tune.modules.s2_attention import shifted_sparse_attention
 
-    b, h, d = 2, 4, 8
+    b, d = 2, 8
     n = length * cp_size
     gen = torch.Generator().manual_seed(1000 * group_size + length + len(kind))
     q, k, v, up = (torch.randn(b, h, n, d, generator=gen, dtype=torch.float64) for _ in range(4))
+    k, v = k[:, :kv_heads], v[:, :kv_heads]
+
+    def expand(x: torch.Tensor) -> torch.Tensor:
+        return x.repeat_interleave(h // kv_heads, dim=1)
+
     checkpointed = kind.endswith("-checkpointed")
     valid, docs = _masks(kind.removesuffix("-checkpointed"), b, n)
     dense = None
@@ -60,9 +89,10 @@ def _case(group_size: int, length: int, kind: str, cp_group, cp_rank: int, cp_si
         docs_full = docs if docs is not None else torch.zeros(b, n, dtype=torch.long)
         dense = valid[:, None, :] & (docs_full[:, :, None] == docs_full[:, None, :])
     ref_in = [x.clone().requires_grad_() for x in (q, k, v)]
-    ref = shifted_sparse_attention(*ref_in, group_size, mask=dense, backend="sdpa")
+    ref_k, ref_v = expand(ref_in[1]), expand(ref_in[2])
+    ref = shifted_sparse_attention(ref_in[0], ref_k, ref_v, group_size, mask=dense, backend="sdpa")
     if checkpointed:
-        ref = shifted_sparse_attention(ref, ref_in[1], ref_in[2], group_size, mask=dense, backend="sdpa")
+        ref = shifted_sparse_attention(ref, ref_k, ref_v, group_size, mask=dense, backend="sdpa")
     ref.backward(up)
 
     part = slice(cp_rank * length, (cp_rank + 1) * length)
@@ -71,8 +101,8 @@ def _case(group_size: int, length: int, kind: str, cp_group, cp_rank: int, cp_si
     def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return context_parallel_s2_attention(
             q,
-            k,
-            v,
+            expand(k),
+            expand(v),
             group_size,
             group=cp_group,
             key_padding_mask=None if valid is None else valid[:, part],
@@ -105,11 +135,12 @@ def _run(rank: int, world: int, degrees: list, init_file: str, out_path: str, ca
         cp_group = mesh["cp"].get_group()
         cp_rank, cp_size = mesh["cp"].get_local_rank(), mesh["cp"].size()
         found = {"mesh": [mesh["dp"].size(), cp_size], "cp_rank_matches": float(cp_rank == rank % degree)}
-        for group_size, length, kind in cases:
-            errs = _case(group_size, length, kind, cp_group, cp_rank, cp_size)
+        for case in cases:
+            group_size, length, kind, h, kv_heads = (*case, 4, 4)[:5]
+            errs = _case(group_size, length, kind, h, kv_heads, cp_group, cp_rank, cp_size)
             errs = torch.tensor(errs, dtype=torch.float64)
             dist.all_reduce(errs, op=dist.ReduceOp.MAX)
-            found[f"G={group_size} L={length} {kind}"] = errs.tolist()
+            found[case_key(case)] = errs.tolist()
         results[f"cp={degree}"] = found
     if rank == 0:
         with open(out_path, "w") as f:

@@ -63,28 +63,34 @@ def test_two_ranks_match_single_process_forward_and_backward(tmp_path: Path) -> 
     expected = ("G=8 L=8 none", "G=8 L=8 padding", "G=8 L=8 documents", "G=4 L=8 none", "G=4 L=8 padding")
     expected += ("G=16 L=8 none", "G=16 L=8 documents", "G=8 L=12 none", "G=8 L=12 padding")
     expected += ("G=8 L=8 documents-checkpointed",)
+    # Odd head counts with GQA, and one head (rank 1 of L = 3G/2 has no seam).
+    expected += ("G=8 L=12 none H=9/3", "G=16 L=8 documents H=9/3", "G=8 L=8 padding H=3/1")
+    expected += ("G=8 L=12 none H=1/1", "G=8 L=12 padding H=1/1")
     _assert_matches(results, expected)
 
 
 @pytest.mark.slow
 def test_four_ranks_as_two_by_two_and_one_by_four(tmp_path: Path) -> None:
     cases = ("G=8 L=8 documents", "G=16 L=8 documents", "G=8 L=12 padding")
-    results = _run_worker(tmp_path, world=4, degrees="2,4", cases="2,6,8")
+    cases += ("G=8 L=12 none H=9/3", "G=8 L=12 none H=1/1")
+    results = _run_worker(tmp_path, world=4, degrees="2,4", cases="2,6,8,10,13")
     # Context groups {0,1} and {2,3}: peers are addressed by group-local rank, not global rank.
     assert results["cp=2"]["mesh"] == [2, 2]
     _assert_matches(results["cp=2"], cases)
     # One group of four: the middle ranks both receive a halo and send one; with L = 3G/2 they alternate
-    # which head half straddles their start.
+    # which heads straddle their start (9 heads: 5 or 4; one head: rank 1 has no seam but must still
+    # receive rank 2's gradient for its tail).
     assert results["cp=4"]["mesh"] == [1, 4]
     _assert_matches(results["cp=4"], cases)
 
 
+@pytest.mark.parametrize("heads", [4, 9, 1])
 @pytest.mark.parametrize("group_size,n", [(8, 16), (16, 8), (4, 12)])
 @pytest.mark.parametrize("masked", [False, True])
-def test_one_rank_equals_shifted_sparse_attention(group_size: int, n: int, masked: bool) -> None:
+def test_one_rank_equals_shifted_sparse_attention(group_size: int, n: int, masked: bool, heads: int) -> None:
     # Without a process group the op is rank 0 of 1: bulk plus a seam whose halo is fully masked.
     gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, 4, n, 8, generator=gen, dtype=torch.float64) for _ in range(3))
+    q, k, v = (torch.randn(2, heads, n, 8, generator=gen, dtype=torch.float64) for _ in range(3))
     valid = torch.arange(n)[None, :] < torch.tensor([[n], [n // 2 + 1]]) if masked else None
     dense = valid[:, None, :].expand(2, n, n) if masked else None
     ref = shifted_sparse_attention(q, k, v, group_size, mask=dense, backend="sdpa")
@@ -96,10 +102,8 @@ def test_refuses_slice_not_multiple_of_half_group() -> None:
     q = torch.zeros(1, 2, 6, 4)
     with pytest.raises(ValueError, match="multiple of G/2=4"):
         context_parallel_s2_attention(q, q, q, 8)
-    with pytest.raises(ValueError, match="even number of heads"):
-        context_parallel_s2_attention(
-            torch.zeros(1, 3, 8, 4), torch.zeros(1, 3, 8, 4), torch.zeros(1, 3, 8, 4), 8
-        )
+    with pytest.raises(ValueError, match="at least one head, got 0"):
+        context_parallel_s2_attention(*[torch.zeros(1, 0, 8, 4)] * 3, 8)
     with pytest.raises(ValueError, match="key_padding_mask must be"):
         context_parallel_s2_attention(q, q, q, 4, key_padding_mask=torch.ones(1, 5, dtype=torch.bool))
 
@@ -151,6 +155,8 @@ def test_bytes_halo_is_independent_of_slice_and_far_below_ring() -> None:
     assert (
         halo_bytes_per_layer(num_heads=32, group_size=8192, masks=True, **common) == halo + 2 * 2 * 4096 * 8
     )
+    # 9 heads: the busier boundaries carry the 5 shifted heads.
+    assert halo_bytes_per_layer(num_heads=9, group_size=8192, **common) == 3 * 2 * 5 * 4096 * 128 * 2
 
 
 # ----------------------------------------------------------------------------------------------------

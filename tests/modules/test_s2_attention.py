@@ -18,6 +18,7 @@ from longlora_tune.modules.s2_attention import (
     flash_attn_available,
     shifted_sparse_attention,
 )
+from longlora_tune.modules.s2_heads import shifted_heads
 
 # --------------------------------------------------------------------------------------------------
 # Independent reference: explicit [H, N, N] allowed pattern from the definitions, dense softmax.
@@ -25,7 +26,8 @@ from longlora_tune.modules.s2_attention import (
 
 
 def s2_allowed(n: int, g: int, heads: int, wrap_around: bool) -> torch.Tensor:
-    """Bool [heads, n, n]: may query i (row) see key j (column)."""
+    """Bool [heads, n, n]: may query i (row) see key j (column). The head split is shifted_heads (pinned by
+    test_shifted_heads_is_longloras_split)."""
     qi = torch.arange(n)[:, None]
     kj = torch.arange(n)[None, :]
     causal = kj <= qi
@@ -39,7 +41,8 @@ def s2_allowed(n: int, g: int, heads: int, wrap_around: bool) -> torch.Tensor:
         second[perm[:, None], perm[None, :]] = first
     else:
         second = causal & ((qi + s) // g == (kj + s) // g)
-    return torch.stack([first] * (heads // 2) + [second] * (heads // 2))
+    unshifted = shifted_heads(heads).start
+    return torch.stack([first] * unshifted + [second] * (heads - unshifted))
 
 
 def dense_attention(q, k, v, allowed):
@@ -56,22 +59,44 @@ def rand_qkv(b, h, n, d=8, seed=0, dtype=torch.float64):
     return [torch.randn(b, h, n, d, generator=gen, dtype=dtype).requires_grad_() for _ in range(3)]
 
 
-def check_against_reference(b, h, n, g, wrap, backend, mask=None, block_mask=None, backward=True):
+def check_against_reference(
+    b, h, n, g, kv_heads=None, *, wrap, backend, mask=None, block_mask=None, backward=True, start=0
+):
+    """S² of one random case equals the dense reference, forward and (optionally) the gradients.
+
+    With ``kv_heads``, keys and values have that many heads and are expanded to the query heads as
+    torchtune does (KV head j serves query heads j*r .. j*r+r-1), and the gradients are of the unexpanded
+    ones: a KV head serving query heads on both sides of the split gets both sides' gradient. With
+    ``start`` the inputs are the slice ``[start, start + n)`` of a longer sequence.
+    """
     q, k, v = rand_qkv(b, h, n, seed=n * 100 + g + b)
+    if kv_heads is not None:
+        k, v = (x[:, :kv_heads].detach().requires_grad_() for x in (k, v))
+    leaves = (q, k, v)
     if not backward:
-        q, k, v = (x.detach() for x in (q, k, v))
-    allowed = s2_allowed(n, g, h, wrap)[None]
+        leaves = tuple(x.detach() for x in leaves)
+    q, k, v = leaves
+    if kv_heads is not None:
+        k, v = (x.repeat_interleave(h // kv_heads, dim=1) for x in (k, v))
+    allowed = s2_allowed(start + n, g, h, wrap)[None, :, start:, start:]
     if mask is not None:
         allowed = allowed & mask[:, None]
     out = shifted_sparse_attention(
-        q, k, v, g, wrap_around=wrap, backend=backend, mask=block_mask if block_mask is not None else mask
+        q,
+        k,
+        v,
+        g,
+        wrap_around=wrap,
+        backend=backend,
+        mask=block_mask if block_mask is not None else mask,
+        start=start,
     )
     ref = dense_attention(q, k, v, allowed)
     torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-10)
     if backward:
         w = torch.randn_like(ref)
-        grads = torch.autograd.grad((out * w).sum(), (q, k, v))
-        ref_grads = torch.autograd.grad((ref * w).sum(), (q, k, v))
+        grads = torch.autograd.grad((out * w).sum(), leaves)
+        ref_grads = torch.autograd.grad((ref * w).sum(), leaves)
         for got, want in zip(grads, ref_grads):
             torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
 
@@ -87,6 +112,28 @@ SHAPES = [
     (1, 2, 9, 2),
     (2, 2, 3, 8),
 ]
+# Odd query-head counts (batch, heads, seq, group, KV heads): GQA with a KV head serving query heads on both
+# sides of the split (9/3: KV head 1 serves heads 3 | 4, 5), a single KV head, one head (nothing unshifted),
+# with N a multiple of G and not.
+ODD_SHAPES = [
+    (2, 9, 16, 4, 3),
+    (2, 9, 13, 4, 3),
+    (3, 3, 22, 8, 1),
+    (2, 3, 12, 4, 3),
+    (2, 1, 16, 8, 1),
+    (2, 1, 9, 4, 1),
+]
+
+
+def test_shifted_heads_is_longloras_split():
+    # LongLoRA's non-flash path shifts qkv[:, num_heads // 2:]: 9 heads = 4 unshifted + 5 shifted.
+    assert shifted_heads(9) == slice(4, 9)
+    assert shifted_heads(8) == slice(4, 8)
+    assert shifted_heads(3) == slice(1, 3)
+    assert shifted_heads(1) == slice(0, 1)
+    for bad in (0, -2, 2.0, True):
+        with pytest.raises(ValueError, match="at least one head"):
+            shifted_heads(bad)
 
 
 def test_reference_pattern_matches_listed_segments():
@@ -101,13 +148,13 @@ def test_reference_pattern_matches_listed_segments():
 
 
 @pytest.mark.parametrize("wrap", [False, True])
-@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("shape", SHAPES + ODD_SHAPES)
 def test_sdpa_matches_dense_reference_forward_backward(shape, wrap):
     check_against_reference(*shape, wrap=wrap, backend="sdpa")
 
 
 @pytest.mark.parametrize("wrap", [False, True])
-@pytest.mark.parametrize("shape", SHAPES[:5])
+@pytest.mark.parametrize("shape", SHAPES[:5] + ODD_SHAPES)
 def test_flex_matches_dense_reference(shape, wrap):
     # flex_attention has no CPU backward (even on a machine that has CUDA): the float64 forward is checked
     # here, the backward on CUDA below.
@@ -116,11 +163,30 @@ def test_flex_matches_dense_reference(shape, wrap):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="flex_attention's backward needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_flex_forward_backward_on_cuda_match_float64_reference(dtype):
+@pytest.mark.parametrize("heads", [4, 9])
+def test_flex_forward_backward_on_cuda_match_float64_reference(dtype, heads):
     result = check_backend(
-        "flex", dtype, torch.device("cuda"), batch=2, heads=4, n=256, head_dim=16, group=64
+        "flex", dtype, torch.device("cuda"), batch=2, heads=heads, n=256, head_dim=16, group=64
     )
     assert result["ok"], result
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("backend", ["sdpa", "flex"])
+@pytest.mark.parametrize("start", [2, 3, 6])
+@pytest.mark.parametrize("shape", [(2, 4, 12, 4), (2, 9, 12, 4, 3), (2, 1, 10, 4, 1)])
+def test_slice_start_lays_out_groups_of_the_whole_sequence(shape, start, backend, masked):
+    # A slice [start, start + n) of a longer sequence (context parallelism) gets the whole sequence's groups,
+    # cut at the slice; start = G/2 (mid-group of the unshifted heads), an unaligned start, G + G/2.
+    mask = torch.rand(shape[0], shape[2], shape[2], generator=torch.Generator().manual_seed(start)) < 0.7
+    check_against_reference(
+        *shape,
+        wrap=False,
+        backend=backend,
+        start=start,
+        mask=mask if masked else None,
+        backward=backend == "sdpa",
+    )
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "flex"])
@@ -130,7 +196,7 @@ def test_random_dense_mask_is_anded(backend, wrap):
     gen = torch.Generator().manual_seed(1)
     mask = torch.rand(b, n, n, generator=gen) < 0.6
     mask[1, 5] = False  # a query row with no allowed key must give zeros, not NaN
-    check_against_reference(b, h, n, g, wrap, backend, mask=mask, backward=backend == "sdpa")
+    check_against_reference(b, h, n, g, wrap=wrap, backend=backend, mask=mask, backward=backend == "sdpa")
     q, k, v = (x.detach() for x in rand_qkv(b, h, n))
     out = shifted_sparse_attention(q, k, v, g, wrap_around=wrap, mask=mask, backend=backend)
     assert torch.equal(out[1, :, 5], torch.zeros_like(out[1, :, 5]))
@@ -265,18 +331,27 @@ def fake_flash(monkeypatch):
 
 
 @pytest.mark.parametrize("wrap", [False, True])
-@pytest.mark.parametrize("shape", [(1, 2, 16, 4), (3, 4, 13, 4), (2, 2, 6, 16)])
+@pytest.mark.parametrize("shape", [(1, 2, 16, 4), (3, 4, 13, 4), (2, 2, 6, 16), *ODD_SHAPES[::2]])
 def test_flash_varlen_layout_matches_reference(fake_flash, shape, wrap):
-    check_against_reference(*shape, wrap=wrap, backend="flash", backward=False)
+    # The stand-in is differentiable, so the packing's backward (reshapes, rolls) is checked too.
+    check_against_reference(*shape, wrap=wrap, backend="flash")
     bounds, max_len = fake_flash[-1]
     assert bounds == sorted(bounds) and max_len == min(shape[3], shape[2])
 
 
-def test_flash_cu_seqlens_from_positions_only(fake_flash):
-    q, k, v = rand_qkv(2, 2, 16)
+@pytest.mark.parametrize("shape", [(2, 4, 12, 4), (2, 9, 13, 4, 3), (2, 1, 10, 4, 1)])
+def test_flash_varlen_slice_start_matches_reference(fake_flash, shape):
+    check_against_reference(*shape, wrap=False, backend="flash", start=6)
+
+
+@pytest.mark.parametrize("heads", [2, 3])
+def test_flash_cu_seqlens_from_positions_only(fake_flash, heads):
+    q, k, v = rand_qkv(2, heads, 16)
     shifted_sparse_attention(q, k, v, 4, backend="flash")
     first, second = [0, 4, 8, 12], [0, 2, 6, 10, 14]
-    want = first + [16 + x for x in first] + [32 + x for x in second] + [48 + x for x in second] + [64]
+    # One varlen row per head set and sample for 2 heads, per head and sample for 3 (heads 1 and 2 shifted).
+    row_bounds = [first] * 2 + [second] * (2 * heads - 2)
+    want = [16 * row + x for row, bounds in enumerate(row_bounds) for x in bounds] + [16 * 2 * heads]
     assert fake_flash[-1] == (want, 4)
 
 
@@ -285,10 +360,15 @@ def test_flash_cu_seqlens_from_positions_only(fake_flash):
 # --------------------------------------------------------------------------------------------------
 
 
-def tiny_llama(max_seq_len=32):
+def tiny_llama(max_seq_len=32, num_heads=4, num_kv_heads=2, embed_dim=32):
     torch.manual_seed(0)
     return llama2(
-        vocab_size=64, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=32, max_seq_len=max_seq_len
+        vocab_size=64,
+        num_layers=2,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        embed_dim=embed_dim,
+        max_seq_len=max_seq_len,
     ).double()
 
 
@@ -341,10 +421,13 @@ def test_torchtune_model_padded_batch_equals_samples_alone(use_mask):
             torch.testing.assert_close(batched[i : i + 1, :length], alone, rtol=1e-6, atol=1e-6)
 
 
-def test_torchtune_model_train_matches_dense_reference_at_attention_call():
-    # The S² call inside a real MultiHeadAttention sees exactly what the reference expects (GQA expanded).
+@pytest.mark.parametrize("heads,kv_heads,embed_dim", [(4, 2, 32), (9, 3, 36)])
+def test_torchtune_model_train_matches_dense_reference_at_attention_call(heads, kv_heads, embed_dim):
+    # The S² call inside a real MultiHeadAttention sees exactly what the reference expects (GQA expanded),
+    # also for SmolLM2's 9 query / 3 KV heads.
     g, n = 4, 10
-    model = install(tiny_llama(), g, S2AttentionConfig(group_size=g, backend="sdpa")).train()
+    model = tiny_llama(num_heads=heads, num_kv_heads=kv_heads, embed_dim=embed_dim)
+    model = install(model, g, S2AttentionConfig(group_size=g, backend="sdpa")).train()
     seen = {}
     call = model.layers[0].attn._attention_call
 
@@ -355,7 +438,7 @@ def test_torchtune_model_train_matches_dense_reference_at_attention_call():
     model(torch.randint(0, 64, (2, n)))
     handle.remove()
     q, k, v = seen["qkv"]
-    torch.testing.assert_close(seen["out"], dense_attention(q, k, v, s2_allowed(n, g, 4, False)[None]))
+    torch.testing.assert_close(seen["out"], dense_attention(q, k, v, s2_allowed(n, g, heads, False)[None]))
 
 
 def test_s2attention_delegates_without_s2():
@@ -411,8 +494,12 @@ def test_config_validation_messages():
 
 def test_function_validation_messages():
     q = torch.randn(1, 2, 8, 4)
-    with pytest.raises(ValueError, match="even number of heads.*got 3"):
-        shifted_sparse_attention(*[torch.randn(1, 3, 8, 4)] * 3, 4)
+    with pytest.raises(ValueError, match="at least one head, got 0"):
+        shifted_sparse_attention(*[torch.randn(1, 0, 8, 4)] * 3, 4)
+    with pytest.raises(ValueError, match="start must be an int >= 0, got -1"):
+        shifted_sparse_attention(q, q, q, 4, start=-1)
+    with pytest.raises(ValueError, match="wrap_around=True needs the whole sequence"):
+        shifted_sparse_attention(q, q, q, 4, wrap_around=True, start=2)
     with pytest.raises(ValueError, match="group_size must be even"):
         shifted_sparse_attention(q, q, q, 5)
     with pytest.raises(ValueError, match="Unknown S2 attention backend 'cuda'"):

@@ -191,7 +191,9 @@ class LongLoRARecipeDistributed:
                 family_builder = "checkpoint_rope_scaling" in overrides
                 self.rope_facts = self.base.builder_rope_kwargs() if family_builder else {}
                 model = config.instantiate(cfg.model, **overrides)
-        except (ValueError, TypeError) as e:
+        except LongLoRAConfigError as e:
+            # Only the builders' argument checks become a config error line; any other exception is a bug
+            # and keeps its traceback.
             raise LongLoRAConfigError(f"model: {e}") from e
         self.model_info = describe(model)
         # S² needs every training sequence to be made of whole groups; the built model's own length

@@ -7,6 +7,7 @@ from typing import Any, Optional
 
 from torchtune.modules import TransformerDecoder
 
+from longlora_tune.errors import LongLoRAConfigError
 from longlora_tune.models.longlora import apply_longlora
 from longlora_tune.models.shapes import _SIZE_FIELDS, MODEL_SHAPES
 from longlora_tune.modules.rope_scaling import RopeScaling, check_rope_request, rope_for_training
@@ -18,13 +19,13 @@ LORA_ATTN_MODULES_DEFAULT = ("q_proj", "k_proj", "v_proj", "output_proj")
 def check_lora_attn_modules(lora_attn_modules: Sequence[str]) -> list[str]:
     """The LoRA targets as a list, or ValueError for a string, an empty list or an unknown name."""
     if isinstance(lora_attn_modules, str) or not lora_attn_modules:
-        raise ValueError(
+        raise LongLoRAConfigError(
             f"lora_attn_modules must be a non-empty list such as {list(LORA_ATTN_MODULES_DEFAULT)}, "
             f"got {lora_attn_modules!r}"
         )
     unknown = set(lora_attn_modules) - set(LORA_ATTN_MODULES_DEFAULT)
     if unknown:
-        raise ValueError(
+        raise LongLoRAConfigError(
             f"Unknown lora_attn_modules {sorted(unknown)}; choose from {list(LORA_ATTN_MODULES_DEFAULT)}"
         )
     return list(lora_attn_modules)
@@ -64,7 +65,7 @@ def resolve_rope(
             request = {"type": current if current != "default" else default_type}
         given = request.get("factor")
         if given is not None and float(given) != float(rope_scaling_factor):
-            raise ValueError(
+            raise LongLoRAConfigError(
                 f"rope_scaling_factor={rope_scaling_factor} disagrees with rope_scaling.factor={given}; "
                 "set one of them"
             )
@@ -134,7 +135,7 @@ def sized(
     clash = set(fixed) & set(knobs)
     if clash:
         family = builder.__name__
-        raise ValueError(
+        raise LongLoRAConfigError(
             f"longlora_{name} fixes {sorted(clash)}; use longlora_tune.models.{family} to choose model shapes"
         )
     rope_defaults = {

@@ -14,6 +14,7 @@ from typing import Any, Optional
 from torchtune.models.llama2 import lora_llama2
 from torchtune.modules import TransformerDecoder
 
+from longlora_tune.errors import LongLoRAConfigError
 from longlora_tune.models._common import (
     LORA_ATTN_MODULES_DEFAULT,
     check_lora_attn_modules,
@@ -158,7 +159,7 @@ def _sized(size: str, max_seq_len: int, knobs: dict[str, Any]) -> TransformerDec
     shape = {f: getattr(published, f) for f in _SIZE_FIELDS}
     fixed = set(shape) & set(knobs)
     if fixed:
-        raise ValueError(
+        raise LongLoRAConfigError(
             f"longlora_llama2_{size} fixes {sorted(fixed)}; use longlora_tune.models.longlora_llama2 "
             "to choose model shapes"
         )

@@ -18,6 +18,7 @@ from torchtune.models.qwen2 import Qwen2RotaryPositionalEmbeddings
 from torchtune.modules import MultiHeadAttention, RotaryPositionalEmbeddings
 
 from longlora_tune._compat import attention_call, set_attention_call
+from longlora_tune.errors import LongLoRAConfigError
 from longlora_tune.modules.position_interpolation import LinearScaledRotaryPositionalEmbeddings
 from longlora_tune.modules.rope_scaling import SCALED_ROPE_MODULES, RopeScaling
 from longlora_tune.modules.s2_attention import S2Attention, S2AttentionConfig
@@ -79,7 +80,7 @@ def apply_longlora(
     if rope_base is not None and (
         isinstance(rope_base, bool) or not isinstance(rope_base, (int, float)) or not rope_base > 0
     ):
-        raise ValueError(f"rope_base must be a positive number or None, got {rope_base!r}")
+        raise LongLoRAConfigError(f"rope_base must be a positive number or None, got {rope_base!r}")
     if rope is not None:
         if not isinstance(rope, RopeScaling) or rope_scaling_factor is not None or rope_base is not None:
             raise ValueError("pass either rope=RopeScaling(...) or rope_scaling_factor/rope_base, not both")

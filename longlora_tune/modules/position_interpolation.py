@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torchtune.modules import RotaryPositionalEmbeddings
 
+from longlora_tune.errors import LongLoRAConfigError
+
 __all__ = [
     "LinearScaledRotaryPositionalEmbeddings",
     "check_rope_factor",
@@ -26,7 +28,7 @@ __all__ = [
 
 def _check_positive_int(value: Any, name: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
+        raise LongLoRAConfigError(f"{name} must be a positive int, got {value!r}")
 
 
 def check_rope_factor(value: Any, name: str) -> float:
@@ -43,11 +45,13 @@ def check_rope_factor(value: Any, name: str) -> float:
         ValueError: if ``value`` is not a finite number >= 1.
     """
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be a number >= 1, got {value!r}")
+        raise LongLoRAConfigError(f"{name} must be a number >= 1, got {value!r}")
     value = float(value)
     # A linear factor below 1 would stretch positions (extrapolate), which PI never does.
     if not math.isfinite(value) or value < 1.0:
-        raise ValueError(f"{name} must be a finite number >= 1 (1 = no interpolation), got {value!r}")
+        raise LongLoRAConfigError(
+            f"{name} must be a finite number >= 1 (1 = no interpolation), got {value!r}"
+        )
     return value
 
 

@@ -227,7 +227,9 @@ class YaRNScaledRotaryPositionalEmbeddings(_FrequencyScaledRoPE):
             ),
         )
         if not 0 < settings["beta_slow"] <= settings["beta_fast"]:
-            raise ValueError(f"YaRN needs 0 < beta_slow <= beta_fast, got {beta_slow!r} and {beta_fast!r}")
+            raise LongLoRAConfigError(
+                f"YaRN needs 0 < beta_slow <= beta_fast, got {beta_slow!r} and {beta_fast!r}"
+            )
         self._set(half_rotation, **settings)
         super().__init__(dim=dim, max_seq_len=max_seq_len, base=base)
 
@@ -293,7 +295,7 @@ class Llama3ScaledRotaryPositionalEmbeddings(_FrequencyScaledRoPE):
         half_rotation: bool = False,
     ) -> None:
         if not 0 < float(low_freq_factor) < float(high_freq_factor):
-            raise ValueError(
+            raise LongLoRAConfigError(
                 f"llama3 RoPE needs 0 < low_freq_factor < high_freq_factor, got {low_freq_factor!r} and "
                 f"{high_freq_factor!r}"
             )
@@ -331,7 +333,7 @@ SCALED_ROPE_MODULES = (LinearScaledRotaryPositionalEmbeddings, _FrequencyScaledR
 
 def _positive_int(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
+        raise LongLoRAConfigError(f"{name} must be a positive int, got {value!r}")
     return value
 
 

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask, and_masks, create_block_mask, flex_attention
 
+from longlora_tune.errors import LongLoRAConfigError
 from longlora_tune.modules.s2_heads import shifted_heads
 
 __all__ = [
@@ -119,15 +120,17 @@ class S2AttentionConfig:
 
     def __post_init__(self) -> None:
         if self.group_size is None and self.group_size_ratio is None:
-            raise ValueError("S2AttentionConfig needs group_size or group_size_ratio; both are None")
+            raise LongLoRAConfigError("S2AttentionConfig needs group_size or group_size_ratio; both are None")
         if self.group_size_ratio is not None and not (0.0 < float(self.group_size_ratio) <= 1.0):
-            raise ValueError(f"group_size_ratio must be in (0, 1], got {self.group_size_ratio}")
+            raise LongLoRAConfigError(f"group_size_ratio must be in (0, 1], got {self.group_size_ratio}")
         if self.group_size is not None:
             _check_group_size(self.group_size)
         if self.backend not in BACKENDS:
-            raise ValueError(f"Unknown S2 attention backend {self.backend!r}; choose one of {BACKENDS}")
+            raise LongLoRAConfigError(
+                f"Unknown S2 attention backend {self.backend!r}; choose one of {BACKENDS}"
+            )
         if not isinstance(self.wrap_around, bool) or not isinstance(self.use_full_attn, bool):
-            raise ValueError(
+            raise LongLoRAConfigError(
                 "wrap_around and use_full_attn must be bool, got "
                 f"{self.wrap_around!r}, {self.use_full_attn!r}"
             )
@@ -145,30 +148,34 @@ class S2AttentionConfig:
             ValueError: If the result is not an even integer >= 2 or exceeds ``max_seq_len``.
         """
         if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 2:
-            raise ValueError(f"max_seq_len must be an int >= 2, got {max_seq_len!r}")
+            raise LongLoRAConfigError(f"max_seq_len must be an int >= 2, got {max_seq_len!r}")
         if self.group_size is not None:
             size = self.group_size
         else:
             exact = float(self.group_size_ratio) * max_seq_len
             size = round(exact)
             if abs(exact - size) > 1e-6:
-                raise ValueError(
+                raise LongLoRAConfigError(
                     f"group_size_ratio {self.group_size_ratio} * max_seq_len {max_seq_len} = {exact} is not "
                     "an integer; pick a ratio that divides max_seq_len or set group_size"
                 )
             _check_group_size(size, what=f"group_size_ratio {self.group_size_ratio} * {max_seq_len}")
         if size > max_seq_len:
-            raise ValueError(f"group_size {size} exceeds max_seq_len {max_seq_len}; use a smaller group size")
+            raise LongLoRAConfigError(
+                f"group_size {size} exceeds max_seq_len {max_seq_len}; use a smaller group size"
+            )
         return size
 
 
 def _check_group_size(group_size: int, what: str = "group_size") -> None:
     if isinstance(group_size, bool) or not isinstance(group_size, int):
-        raise ValueError(f"{what} must be an int, got {group_size!r}")
+        raise LongLoRAConfigError(f"{what} must be an int, got {group_size!r}")
     if group_size < 2:
-        raise ValueError(f"{what} must be >= 2, got {group_size}")
+        raise LongLoRAConfigError(f"{what} must be >= 2, got {group_size}")
     if group_size % 2:
-        raise ValueError(f"{what} must be even (groups are shifted by half a group), got {group_size}")
+        raise LongLoRAConfigError(
+            f"{what} must be even (groups are shifted by half a group), got {group_size}"
+        )
 
 
 def _head_sets(num_heads: int, group_size: int, start: int) -> list[tuple[int, int]]:

@@ -245,6 +245,25 @@ def test_group_size_must_divide_training_length(assets, tmp_path):
         run_recipe(_cfg(assets, tmp_path / "o", **{"dataset.block_size": 200}))
 
 
+def test_a_bug_in_a_model_builder_is_not_reported_as_a_config_error(assets, tmp_path, monkeypatch):
+    import functools
+
+    from longlora_tune import models
+
+    real = models.longlora_llama2
+
+    @functools.wraps(real)  # same signature: the up-front checks accept the config
+    def broken(*args, **kwargs):
+        raise TypeError("a programming bug inside the builder")
+
+    monkeypatch.setattr(models, "longlora_llama2", broken)
+    cfg = _cfg(assets, tmp_path / "o")
+    cfg.model._component_ = "longlora_tune.models.longlora_llama2"
+    # Only the config boundary turns an exception into a one-line config error (exit 2); a bug propagates.
+    with pytest.raises(TypeError, match="a programming bug inside the builder"):
+        run_recipe(cfg)
+
+
 def test_missing_base_model_names_path_and_download_command(tmp_path):
     missing = tmp_path / "Llama-2-7b-hf"
     argv = ["--config", CONFIGS / "llama2_7b_100k.yaml", f"checkpoint_dir={missing}", "device=cpu"]

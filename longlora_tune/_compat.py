@@ -99,7 +99,8 @@ def registered_recipe_names() -> set[str]:
 
 def wrap_distributed_launch(before_launch: Callable[[str, list[str], Any, Any], None]) -> bool:
     """Call ``before_launch(recipe, recipe_args, nproc_per_node, nnodes)`` in the ``tune run`` launcher,
-    right before it starts torchrun for a registered recipe (idempotent).
+    right before it starts torchrun for a registered recipe (idempotent); a run stopped by SIGINT/SIGTERM
+    then ends the launcher with the workers' exit code instead of torchrun's traceback.
 
     Why private: torchtune 0.6.1 offers no hook between resolving a recipe and launching torchrun; wrapping
     ``torchtune._cli.run.Run._run_distributed(self, args, is_builtin)`` is the only place to check a config
@@ -128,9 +129,20 @@ def wrap_distributed_launch(before_launch: Callable[[str, list[str], Any, Any], 
     @functools.wraps(original)
     def _run_distributed(self: Any, args: Any, is_builtin: bool) -> Any:
         # is_builtin: the recipe came from the registry (ours are registered with absolute paths).
-        if is_builtin:
-            before_launch(str(args.recipe), list(args.recipe_args), args.nproc_per_node, args.nnodes)
-        return original(self, args, is_builtin)
+        if not is_builtin:
+            return original(self, args, is_builtin)
+        before_launch(str(args.recipe), list(args.recipe_args), args.nproc_per_node, args.nnodes)
+        from longlora_tune.interrupts import exit_code_for
+
+        try:
+            return original(self, args, is_builtin)
+        except BaseException as e:
+            # Ctrl-C reaches torchrun and its workers alike: the workers report it (rank 0, one line), so
+            # torchrun's SignalException / ChildFailedError traceback would only repeat it.
+            code = exit_code_for(e)
+            if code is None:
+                raise
+            sys.exit(code)
 
     _run_distributed._longlora_preflight = True  # type: ignore[attr-defined]
     Run._run_distributed = _run_distributed

@@ -20,6 +20,7 @@ import gc
 import inspect
 import math
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -53,6 +54,7 @@ from longlora_tune.data.loader import DEFAULT_COLLATE, build_dataloader, pad_mul
 from longlora_tune.errors import LongLoRAConfigError, TrainingDivergedError, report_errors
 from longlora_tune.hf import export
 from longlora_tune.hf.base import HFBaseModel
+from longlora_tune.interrupts import SignalWatch, exit_code_for, stop_on_signals
 from longlora_tune.models.longlora import describe
 from longlora_tune.models.trainable import set_trainable_params, trainable_param_names, unwrapped_name
 from longlora_tune.modules.context_parallel import (
@@ -574,23 +576,44 @@ def run(cfg: DictConfig) -> dict[str, Path]:
     # One run per output_dir: two runs pruning and resuming the same checkpoints lose data.
     lock = checkpointing.OutputDirLock(cfg.output_dir)
     recipe = None
-    try:
-        run_on_rank_zero(lock.acquire, share_result=False)
-        recipe = LongLoRARecipeDistributed(cfg)
-        recipe.setup()
-        recipe.train()
-        outputs = recipe.export()
-        if recipe.is_rank_zero:
-            where = {"checkpoint": recipe.checkpoints.last, **outputs, "logs": recipe.output_dir / "logs"}
-            print("LongLoRA training finished. Outputs:", file=sys.stderr)
-            for name, path in where.items():
-                print(f"  {name:>10}: {path}", file=sys.stderr)
-        return outputs
-    finally:
-        if recipe is not None:
-            recipe.cleanup()
-        lock.release()
-        close_process_group(created)
+    with stop_on_signals() as watch:
+        try:
+            run_on_rank_zero(lock.acquire, share_result=False)
+            recipe = LongLoRARecipeDistributed(cfg)
+            recipe.setup()
+            recipe.train()
+            outputs = recipe.export()
+            if recipe.is_rank_zero:
+                where = {"checkpoint": recipe.checkpoints.last, **outputs, "logs": recipe.output_dir / "logs"}
+                print("LongLoRA training finished. Outputs:", file=sys.stderr)
+                for name, path in where.items():
+                    print(f"  {name:>10}: {path}", file=sys.stderr)
+            return outputs
+        except BaseException as e:
+            if not watch.explains(e):
+                raise
+            # Every rank got the signal (or lost a peer that did); rank 0 says where the run stands.
+            if rank_and_world_size()[0] == 0:
+                print(f"longlora_tune: {interrupted_message(watch, recipe)}", file=sys.stderr, flush=True)
+            raise SystemExit(watch.exit_code or exit_code_for(e)) from None
+        finally:
+            if recipe is not None:
+                recipe.cleanup()
+            lock.release()
+            close_process_group(created)
+
+
+def interrupted_message(watch: SignalWatch, recipe: Optional[LongLoRARecipeDistributed]) -> str:
+    """The one line a stopped run prints: the signal, the step, the intact checkpoint and how to go on."""
+    what = "stopped by " + (signal.Signals(watch.signum).name if watch.signum else "KeyboardInterrupt")
+    if recipe is None or recipe.checkpoints.last is None:
+        step = f" at step {recipe.position.global_step}" if recipe is not None else ""
+        return f"{what}{step}; no checkpoint was saved yet, so a new run starts over"
+    last = recipe.checkpoints.last
+    return (
+        f"{what} at step {recipe.position.global_step}; checkpoint {last} is intact: run the same command "
+        "with resume_from_checkpoint=true to continue from it"
+    )
 
 
 @report_errors

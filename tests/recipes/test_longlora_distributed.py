@@ -20,6 +20,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -755,3 +756,47 @@ def test_compile_true_gives_the_eager_losses(assets, tmp_path, monkeypatch):
     assert sorted(compiled) == [1, 2, 3]
     for step, loss in eager.items():
         assert compiled[step] == pytest.approx(loss, rel=1e-4), step
+
+
+_TUNE = "import sys, _longlora_tune_hook; from torchtune._cli.tune import main; sys.exit(main())"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_under_tune_run_stops_every_rank_with_one_line_and_resume_gives_the_same_losses(
+    assets, runs, tmp_path, signum
+):
+    """Ctrl-C (SIGINT to the launcher's process group, as a terminal sends it) or SIGTERM during a
+    2-process ``tune run``: no traceback from any rank or from torchrun, exit 130/143, the resume line
+    once; ``resume_from_checkpoint=true`` then reaches the uninterrupted run's losses."""
+    import time
+
+    out = tmp_path / "o"
+    ckpts = out / "checkpoints"
+    overrides = _overrides(assets, out, save_every_n_steps=1, keep_last_n=2)
+    cmd = [sys.executable, "-c", _TUNE, "run", "--nproc_per_node", "2", "longlora_distributed",
+           "--config", str(TINY), *overrides]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), start_new_session=True, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    deadline = time.monotonic() + 300
+    while not (ckpts / "step_000002" / checkpointing.MANIFEST_FILE).is_file():
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before saving step 2"
+        time.sleep(0.02)
+    os.killpg(proc.pid, signum)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == {signal.SIGINT: 130, signal.SIGTERM: 143}[signum], stderr[-3000:]
+    assert "Traceback" not in stdout + stderr, stderr[-6000:]
+    lines = [x for x in stderr.splitlines() if "resume_from_checkpoint=true" in x]
+    assert len(lines) == 1, stderr[-3000:]
+    assert lines[0].startswith(f"longlora_tune: stopped by {signal.Signals(signum).name} at step ")
+    newest = checkpointing.find_resumable_checkpoint(ckpts)
+    assert f"checkpoint {newest} is intact" in lines[0]
+
+    before = set((out / "logs").glob("*.txt"))
+    _train(assets, out, nproc=2, resume_from_checkpoint="true")
+    (log,) = set((out / "logs").glob("*.txt")) - before
+    resumed = {int(m.group(1)): float(m.group(2))
+               for m in re.finditer(r"^Step (\d+) \| loss:(\S+)", log.read_text(), flags=re.M)}  # fmt: skip
+    assert min(resumed) == int(newest.name.removeprefix("step_")) + 1 and max(resumed) == STEPS
+    for step, loss in resumed.items():
+        assert loss == pytest.approx(runs["two"][step], rel=1e-5), step

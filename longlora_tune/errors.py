@@ -2,14 +2,24 @@
 
 Every recipe's ``recipe_main`` catches these, prints ``longlora_tune: error: <message>`` to stderr and exits
 with a non-zero code, so a wrong path or an inconsistent config reads like a command-line error.
+
+A recipe that runs its work inside :func:`signals_as_interrupts` is stopped by SIGINT (Ctrl-C) or SIGTERM
+(``kill``, a scheduler's time limit, torchrun passing either on) with an :class:`Interrupted` exception: it
+can write what it finished, and ``report_errors`` then ends it with ``longlora_tune: stopped by <SIGNAL>...``
+and the shell's code for that signal, 128 + its number (130 for SIGINT, 143 for SIGTERM), without a
+traceback.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from functools import wraps
+from types import FrameType
 from typing import Any, Optional, TypeVar
 
 #: Exit code for a bad config or missing files (the argparse convention for usage errors).
@@ -95,6 +105,76 @@ class RaisedOnRankZero(Exception):
         self.code = code
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped the run (raised by the handlers :func:`signals_as_interrupts` installs).
+
+    A ``KeyboardInterrupt``, so ``except Exception`` blocks let it through and code that already cleans up
+    after Ctrl-C does so for SIGTERM too.
+
+    Attributes:
+        signum: the signal's number.
+        detail: what the run kept, for the one line ``report_errors`` prints (None: nothing to add).
+    """
+
+    def __init__(self, signum: int, detail: Optional[str] = None) -> None:
+        # Both arguments kept in args, so the exception pickles (crosses process boundaries) unchanged.
+        super().__init__(signum, detail)
+        self.signum = signum
+        self.detail = detail
+
+    def __str__(self) -> str:
+        text = f"stopped by {self.signal_name}"
+        return f"{text}; {self.detail}" if self.detail else text
+
+    @property
+    def signal_name(self) -> str:
+        """The signal's name, e.g. ``SIGINT``."""
+        return signal.Signals(self.signum).name
+
+    @property
+    def code(self) -> int:
+        """The exit code: 128 + the signal number, as a shell reports a process the signal ended."""
+        return 128 + self.signum
+
+    def with_detail(self, detail: str) -> Interrupted:
+        """The same interruption with ``detail`` (what was kept) added to its message.
+
+        Args:
+            detail: e.g. ``"2 of 3 lengths finished; partial results in out/perplexity.json"``.
+
+        Returns:
+            A new :class:`Interrupted` for the same signal.
+        """
+        return Interrupted(self.signum, detail)
+
+
+@contextlib.contextmanager
+def signals_as_interrupts() -> Iterator[None]:
+    """Raise :class:`Interrupted` in the main thread on SIGINT or SIGTERM while the block runs.
+
+    Python's default SIGTERM ends the process at once, so a run could not keep what it finished; the
+    default SIGINT raises a bare ``KeyboardInterrupt`` that ``report_errors`` leaves alone. The previous
+    handlers come back when the block ends. Outside the main thread (where handlers cannot be set) this
+    does nothing.
+
+    Yields:
+        Nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Optional[FrameType]) -> None:
+        raise Interrupted(signum)
+
+    previous = {s: signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 def exit_code(error: BaseException) -> Optional[int]:
     """The exit code :func:`report_errors` gives an error, or None when it is not one of ours.
 
@@ -102,8 +182,11 @@ def exit_code(error: BaseException) -> Optional[int]:
         error: the exception.
 
     Returns:
-        2 (config), 3 (diverged), 4 (disk full), rank 0's code, or None.
+        2 (config), 3 (diverged), 4 (disk full), rank 0's code, 128 + the signal number (interrupted), or
+        None.
     """
+    if isinstance(error, Interrupted):
+        return error.code
     if isinstance(error, LongLoRAConfigError):
         return CONFIG_ERROR_EXIT_CODE
     if isinstance(error, TrainingDivergedError):
@@ -124,7 +207,9 @@ def report_errors(fn: _F) -> _F:
     ``LongLoRAConfigError`` (including ``CheckpointDamagedError``) exits with code 2,
     ``TrainingDivergedError`` with code 3 and ``CheckpointWriteError`` (disk full) with code 4, each after
     printing ``longlora_tune: error: <message>`` to stderr; ``RaisedOnRankZero`` exits with rank 0's code
-    without printing (rank 0 did); other exceptions propagate unchanged (with traceback).
+    without printing (rank 0 did); :class:`Interrupted` prints ``longlora_tune: stopped by <SIGNAL>...``
+    and exits with 128 + the signal number; other exceptions, a bare ``KeyboardInterrupt`` included,
+    propagate unchanged (with traceback).
 
     Args:
         fn: the function to wrap (usually ``recipe_main``; put this decorator *above* ``@config.parse``).
@@ -139,6 +224,9 @@ def report_errors(fn: _F) -> _F:
             return fn(*args, **kwargs)
         except RaisedOnRankZero as e:
             sys.exit(e.code)  # rank 0 prints the message
+        except Interrupted as e:
+            print(f"longlora_tune: {e}", file=sys.stderr, flush=True)
+            sys.exit(e.code)
         except (LongLoRAConfigError, TrainingDivergedError, CheckpointWriteError) as e:
             _exit_with(e, exit_code(e))
 

@@ -10,7 +10,7 @@ Prompts are exactly the reference's five-part text (:mod:`longlora_tune.eval.pas
 tokens by default (``length_unit: chars`` gives the reference's filler character counts). ``lengths``
 lists them, or ``interval`` and ``max_length`` give ``interval, 2*interval, ..., max_length``. Each length
 runs ``num_trials`` trials with seeds 0..N-1; greedy decoding with a KV cache; exact token match. Writes
-``<output_dir>/<output_name>.{json,csv,png}`` and prints a table.
+``<output_dir>/<output_name>.{json,csv,txt,png}`` and prints the table (the ``.txt``).
 """
 
 from __future__ import annotations
@@ -131,7 +131,8 @@ class PasskeyRecipe:
                 ylabel="passkey accuracy",
                 title=f"Passkey retrieval (RoPE factor {self.model_info['rope_scaling_factor']:g})",
                 y_limits=(-0.05, 1.05),
-                print_columns=["target_length", "mean_prompt_tokens", "num_trials", "num_passed", "accuracy"],
+                columns=["target_length", "mean_prompt_tokens", "num_trials", "num_passed", "accuracy"],
+                echo=True,
             )
         return rows
 

@@ -10,8 +10,8 @@ Run with torchtune's CLI, on one process or sharded over GPUs with torchrun flag
 The model uses full attention and the RoPE factor of the TRAINING length (``training_length`` or
 ``rope_scaling_factor``, else the checkpoint's ``rope_scaling``); see
 :mod:`longlora_tune.eval.model_loading`. The protocol (window starts, scoring, edge cases) is documented
-in :mod:`longlora_tune.eval.perplexity`. Writes ``<output_dir>/<output_name>.{json,csv,png}`` and prints
-a table.
+in :mod:`longlora_tune.eval.perplexity`. Writes ``<output_dir>/<output_name>.{json,csv,txt,png}`` and
+prints the table (the ``.txt``).
 """
 
 from __future__ import annotations
@@ -113,7 +113,6 @@ class PerplexityRecipe:
                 "world_size": self.world_size,
                 "seconds": round(time.perf_counter() - start, 3),
             }
-            columns = ["eval_length", "num_windows", "perplexity", "token_perplexity", "loss", "skipped"]
             write_results(
                 self.cfg.output_dir,
                 self.cfg.get("output_name", "perplexity"),
@@ -124,7 +123,8 @@ class PerplexityRecipe:
                 xlabel="evaluation context length (tokens)",
                 ylabel="perplexity",
                 title=f"Perplexity (RoPE factor {self.model_info['rope_scaling_factor']:g})",
-                print_columns=columns,
+                columns=["eval_length", "num_windows", "perplexity", "token_perplexity", "loss"],
+                echo=True,
             )
         return rows
 

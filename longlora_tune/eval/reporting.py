@@ -23,7 +23,15 @@ from typing import Any
 
 from longlora_tune._io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
-__all__ = ["format_table", "plot_series", "series_figure", "write_csv", "write_json", "write_results"]
+__all__ = [
+    "SKIPPED_KEY",
+    "format_table",
+    "plot_series",
+    "series_figure",
+    "write_csv",
+    "write_json",
+    "write_results",
+]
 
 #: The row key whose value, when set, is the reason a length was skipped.
 SKIPPED_KEY = "skipped"

@@ -132,14 +132,14 @@ def wrap_distributed_launch(before_launch: Callable[[str, list[str], Any, Any], 
         if not is_builtin:
             return original(self, args, is_builtin)
         before_launch(str(args.recipe), list(args.recipe_args), args.nproc_per_node, args.nnodes)
-        from longlora_tune.interrupts import exit_code_for
+        from longlora_tune.errors import stop_exit_code
 
         try:
             return original(self, args, is_builtin)
         except BaseException as e:
             # Ctrl-C reaches torchrun and its workers alike: the workers report it (rank 0, one line), so
             # torchrun's SignalException / ChildFailedError traceback would only repeat it.
-            code = exit_code_for(e)
+            code = stop_exit_code(e)
             if code is None:
                 raise
             sys.exit(code)

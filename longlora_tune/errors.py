@@ -2,14 +2,24 @@
 
 Every recipe's ``recipe_main`` catches these, prints ``longlora_tune: error: <message>`` to stderr and exits
 with a non-zero code, so a wrong path or an inconsistent config reads like a command-line error.
+
+A recipe that runs its work inside :func:`signals_as_interrupts` is stopped by SIGINT (Ctrl-C) or SIGTERM
+(``kill``, a scheduler's time limit, torchrun passing either on) with an :class:`Interrupted` exception: it
+can write what it finished, and ``report_errors`` then ends it with ``longlora_tune: stopped by <SIGNAL>...``
+and the shell's code for that signal, 128 + its number (130 for SIGINT, 143 for SIGTERM), without a
+traceback.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from functools import wraps
+from types import FrameType
 from typing import Any, Optional, TypeVar
 
 #: Exit code for a bad config or missing files (the argparse convention for usage errors).
@@ -95,6 +105,134 @@ class RaisedOnRankZero(Exception):
         self.code = code
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped the run (raised by the handlers :func:`signals_as_interrupts` installs).
+
+    A ``KeyboardInterrupt``, so ``except Exception`` blocks let it through and code that already cleans up
+    after Ctrl-C does so for SIGTERM too.
+
+    Attributes:
+        signum: the signal's number.
+        detail: what the run kept, for the one line ``report_errors`` prints (None: nothing to add).
+    """
+
+    def __init__(self, signum: int, detail: Optional[str] = None) -> None:
+        # Both arguments kept in args, so the exception pickles (crosses process boundaries) unchanged.
+        super().__init__(signum, detail)
+        self.signum = signum
+        self.detail = detail
+
+    def __str__(self) -> str:
+        text = f"stopped by {self.signal_name}"
+        return f"{text}; {self.detail}" if self.detail else text
+
+    @property
+    def signal_name(self) -> str:
+        """The signal's name, e.g. ``SIGINT``."""
+        return signal.Signals(self.signum).name
+
+    @property
+    def code(self) -> int:
+        """The exit code: 128 + the signal number, as a shell reports a process the signal ended."""
+        return 128 + self.signum
+
+    def with_detail(self, detail: str) -> Interrupted:
+        """The same interruption with ``detail`` (what was kept) added to its message.
+
+        Args:
+            detail: e.g. ``"2 of 3 lengths finished; partial results in out/perplexity.json"``.
+
+        Returns:
+            A new :class:`Interrupted` for the same signal.
+        """
+        return Interrupted(self.signum, detail)
+
+
+class SignalWatch:
+    """What :func:`signals_as_interrupts` saw: the first SIGINT or SIGTERM, if any.
+
+    Attributes:
+        signum: the first signal's number, or None.
+    """
+
+    def __init__(self) -> None:
+        self.signum: Optional[int] = None
+
+    def explains(self, error: BaseException) -> bool:
+        """Whether ``error`` is the stop: the interruption itself, or any error raised after the signal.
+
+        A rank blocked in a collective when its peer stopped sees a communication error, not the signal.
+
+        Args:
+            error: the exception that ended the run.
+
+        Returns:
+            True if it is a stop rather than a failure.
+        """
+        return isinstance(error, KeyboardInterrupt) or self.signum is not None
+
+
+@contextlib.contextmanager
+def signals_as_interrupts() -> Iterator[SignalWatch]:
+    """Raise :class:`Interrupted` in the main thread on the first SIGINT or SIGTERM while the block runs.
+
+    Python's default SIGTERM ends the process at once, so a run could not keep what it finished; the
+    default SIGINT raises a bare ``KeyboardInterrupt`` that ``report_errors`` leaves alone. A second signal
+    while the stop unwinds is recorded but raises nothing, so cleanup (writing partial results, closing the
+    process group, releasing the output-folder lock) still runs. The previous handlers come back when the
+    block ends. Outside the main thread (where handlers cannot be set) this does nothing.
+
+    Yields:
+        The :class:`SignalWatch` of this block.
+    """
+    watch = SignalWatch()
+    if threading.current_thread() is not threading.main_thread():
+        yield watch
+        return
+
+    def interrupt(signum: int, frame: Optional[FrameType]) -> None:
+        if watch.signum is not None:
+            return  # already stopping
+        watch.signum = signum
+        raise Interrupted(signum)
+
+    previous = {s: signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield watch
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def stop_exit_code(error: BaseException) -> Optional[int]:
+    """The exit code of a stop that ``error`` reports in the ``tune run`` launcher, or None.
+
+    Recognises :class:`Interrupted`, ``KeyboardInterrupt`` (130), torchrun's ``SignalException`` (the
+    launcher itself was signalled) and torchrun's ``ChildFailedError`` when every worker ended with an
+    interruption's code (the workers printed the line).
+
+    Args:
+        error: an exception that ended a run or its launcher.
+
+    Returns:
+        128 + the signal number, or None.
+    """
+    if isinstance(error, Interrupted):
+        return error.code
+    if isinstance(error, KeyboardInterrupt):
+        return 128 + signal.SIGINT
+    sigval = getattr(error, "sigval", None)  # torch.distributed.elastic's SignalException
+    if sigval is not None:
+        return 128 + int(sigval)
+    failures = getattr(error, "failures", None)  # torch.distributed.elastic's ChildFailedError
+    if isinstance(failures, dict) and failures:
+        codes = {getattr(f, "exitcode", None) for f in failures.values()}
+        stops = {128 + signal.SIGINT, 128 + signal.SIGTERM}
+        if len(codes) == 1 and codes <= stops:
+            return codes.pop()
+    return None
+
+
 def exit_code(error: BaseException) -> Optional[int]:
     """The exit code :func:`report_errors` gives an error, or None when it is not one of ours.
 
@@ -102,8 +240,11 @@ def exit_code(error: BaseException) -> Optional[int]:
         error: the exception.
 
     Returns:
-        2 (config), 3 (diverged), 4 (disk full), rank 0's code, or None.
+        2 (config), 3 (diverged), 4 (disk full), rank 0's code, 128 + the signal number (interrupted), or
+        None.
     """
+    if isinstance(error, Interrupted):
+        return error.code
     if isinstance(error, LongLoRAConfigError):
         return CONFIG_ERROR_EXIT_CODE
     if isinstance(error, TrainingDivergedError):
@@ -124,7 +265,9 @@ def report_errors(fn: _F) -> _F:
     ``LongLoRAConfigError`` (including ``CheckpointDamagedError``) exits with code 2,
     ``TrainingDivergedError`` with code 3 and ``CheckpointWriteError`` (disk full) with code 4, each after
     printing ``longlora_tune: error: <message>`` to stderr; ``RaisedOnRankZero`` exits with rank 0's code
-    without printing (rank 0 did); other exceptions propagate unchanged (with traceback).
+    without printing (rank 0 did); :class:`Interrupted` prints ``longlora_tune: stopped by <SIGNAL>...``
+    and exits with 128 + the signal number; other exceptions, a bare ``KeyboardInterrupt`` included,
+    propagate unchanged (with traceback).
 
     Args:
         fn: the function to wrap (usually ``recipe_main``; put this decorator *above* ``@config.parse``).
@@ -139,6 +282,9 @@ def report_errors(fn: _F) -> _F:
             return fn(*args, **kwargs)
         except RaisedOnRankZero as e:
             sys.exit(e.code)  # rank 0 prints the message
+        except Interrupted as e:
+            print(f"longlora_tune: {e}", file=sys.stderr, flush=True)
+            sys.exit(e.code)
         except (LongLoRAConfigError, TrainingDivergedError, CheckpointWriteError) as e:
             _exit_with(e, exit_code(e))
 

@@ -51,10 +51,16 @@ from longlora_tune.config.validation import (
 )
 from longlora_tune.data import check_dataset_source
 from longlora_tune.data.loader import DEFAULT_COLLATE, build_dataloader, pad_multiple
-from longlora_tune.errors import LongLoRAConfigError, TrainingDivergedError, report_errors
+from longlora_tune.errors import (
+    Interrupted,
+    LongLoRAConfigError,
+    RaisedOnRankZero,
+    TrainingDivergedError,
+    report_errors,
+    signals_as_interrupts,
+)
 from longlora_tune.hf import export
 from longlora_tune.hf.base import HFBaseModel
-from longlora_tune.interrupts import SignalWatch, exit_code_for, stop_on_signals
 from longlora_tune.models.longlora import describe
 from longlora_tune.models.trainable import set_trainable_params, trainable_param_names, unwrapped_name
 from longlora_tune.modules.context_parallel import (
@@ -576,7 +582,7 @@ def run(cfg: DictConfig) -> dict[str, Path]:
     # One run per output_dir: two runs pruning and resuming the same checkpoints lose data.
     lock = checkpointing.OutputDirLock(cfg.output_dir)
     recipe = None
-    with stop_on_signals() as watch:
+    with signals_as_interrupts() as watch:
         try:
             run_on_rank_zero(lock.acquire, share_result=False)
             recipe = LongLoRARecipeDistributed(cfg)
@@ -593,9 +599,10 @@ def run(cfg: DictConfig) -> dict[str, Path]:
             if not watch.explains(e):
                 raise
             # Every rank got the signal (or lost a peer that did); rank 0 says where the run stands.
+            stop = Interrupted(watch.signum or signal.SIGINT, resume_hint(recipe))
             if rank_and_world_size()[0] == 0:
-                print(f"longlora_tune: {interrupted_message(watch, recipe)}", file=sys.stderr, flush=True)
-            raise SystemExit(watch.exit_code or exit_code_for(e)) from None
+                raise stop from None
+            raise RaisedOnRankZero(stop.code, str(stop)) from None
         finally:
             if recipe is not None:
                 recipe.cleanup()
@@ -603,16 +610,17 @@ def run(cfg: DictConfig) -> dict[str, Path]:
             close_process_group(created)
 
 
-def interrupted_message(watch: SignalWatch, recipe: Optional[LongLoRARecipeDistributed]) -> str:
-    """The one line a stopped run prints: the signal, the step, the intact checkpoint and how to go on."""
-    what = "stopped by " + (signal.Signals(watch.signum).name if watch.signum else "KeyboardInterrupt")
-    if recipe is None or recipe.checkpoints.last is None:
-        step = f" at step {recipe.position.global_step}" if recipe is not None else ""
-        return f"{what}{step}; no checkpoint was saved yet, so a new run starts over"
-    last = recipe.checkpoints.last
+def resume_hint(recipe: Optional[LongLoRARecipeDistributed]) -> str:
+    """What a stopped run has kept and how to go on, for its one line (rank 0)."""
+    step = f"at step {recipe.position.global_step}; " if recipe is not None else ""
+    # What resume_from_checkpoint=true will pick, read from disk: the signal may land between a save
+    # finishing and the recipe noting it.
+    newest = recipe.checkpoints.newest_intact() if recipe is not None else None
+    if newest is None:
+        return f"{step}no checkpoint was saved yet, so a new run starts over"
     return (
-        f"{what} at step {recipe.position.global_step}; checkpoint {last} is intact: run the same command "
-        "with resume_from_checkpoint=true to continue from it"
+        f"{step}checkpoint {newest} is intact: run the same command with resume_from_checkpoint=true to "
+        "continue from it"
     )
 
 

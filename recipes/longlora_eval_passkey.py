@@ -11,8 +11,9 @@ tokens by default (``length_unit: chars`` gives the reference's filler character
 lists them, or ``interval`` and ``max_length`` give ``interval, 2*interval, ..., max_length``. Each length
 runs ``num_trials`` trials with seeds 0..N-1; greedy decoding with a KV cache for the answer's tokens as
 written after the prompt (a space token and the digits for a byte-level BPE); a trial passes when the
-decoded answer's first number is the key. Writes ``<output_dir>/<output_name>.{json,csv,png}`` and prints
-a table.
+decoded answer's first number is the key. Writes ``<output_dir>/<output_name>.{json,csv,txt,png}`` and
+prints the table (the ``.txt``). SIGINT or SIGTERM writes the lengths finished so far, marked incomplete,
+and exits 130 or 143 (:mod:`longlora_tune.eval.sweep`).
 """
 
 from __future__ import annotations
@@ -24,15 +25,16 @@ from typing import Any
 from omegaconf import DictConfig
 from torchtune import config
 
-from longlora_tune.errors import LongLoRAConfigError, report_errors
+from longlora_tune.errors import LongLoRAConfigError, report_errors, signals_as_interrupts
 from longlora_tune.eval.model_loading import (
     close_eval_runtime,
     eval_model_from_config,
     eval_runtime,
     tokenizer_from_config,
 )
-from longlora_tune.eval.passkey import build_prompts, evaluate_passkey, expected_answer
+from longlora_tune.eval.passkey import PasskeyResult, build_prompts, evaluate_passkey, expected_answer
 from longlora_tune.eval.reporting import write_results
+from longlora_tune.eval.sweep import Sweep
 
 
 def _lengths(cfg: DictConfig) -> list[int]:
@@ -98,21 +100,32 @@ class PasskeyRecipe:
 
         Returns:
             The result rows (one dict per length).
+
+        Raises:
+            Interrupted: after writing the finished lengths, when SIGINT or SIGTERM stopped the sweep.
         """
         start = time.perf_counter()
-        results = evaluate_passkey(
-            self.model,
-            self.tokenizer,
-            self.lengths,
-            self.prompts,
-            use_cache=bool(self.cfg.get("use_cache", True)),
-            prefill_chunk_size=int(self.cfg.get("prefill_chunk_size", 2048)),
-            device=self.device,
-            rank=self.rank,
-            world_size=self.world_size,
-            progress=bool(self.cfg.get("progress", True)),
-        )
-        rows = [r.to_dict() for r in results]
+        sweep: Sweep[PasskeyResult] = Sweep(self.lengths)
+        with sweep.until_interrupted() as finished:
+            # One call per length, so a stopped run keeps the lengths done. evaluate_passkey gives trial j
+            # of a call to rank j % world_size: shifting the rank by the trials of the lengths before this
+            # one keeps the round robin over the whole sweep, so the ranks share the trials as evenly as
+            # one call for all lengths would (10 trials on 8 GPUs: 12-13 each, not 20 on ranks 0 and 1).
+            for index, (length, trials) in enumerate(zip(self.lengths, self.prompts)):
+                finished += evaluate_passkey(
+                    self.model,
+                    self.tokenizer,
+                    [length],
+                    [trials],
+                    use_cache=bool(self.cfg.get("use_cache", True)),
+                    prefill_chunk_size=int(self.cfg.get("prefill_chunk_size", 2048)),
+                    device=self.device,
+                    rank=(self.rank - index * self.num_trials) % self.world_size,
+                    world_size=self.world_size,
+                    progress=bool(self.cfg.get("progress", True)),
+                )
+        rows = [r.to_dict() for r in sweep.results]
+        files = None
         if self.rank == 0:
             meta = {
                 "recipe": "longlora_eval_passkey",
@@ -122,7 +135,7 @@ class PasskeyRecipe:
                 "world_size": self.world_size,
                 "seconds": round(time.perf_counter() - start, 3),
             }
-            write_results(
+            files = write_results(
                 self.cfg.output_dir,
                 self.cfg.get("output_name", "passkey"),
                 rows=rows,
@@ -133,8 +146,11 @@ class PasskeyRecipe:
                 ylabel="passkey accuracy",
                 title=f"Passkey retrieval (RoPE factor {self.model_info['rope_scaling_factor']:g})",
                 y_limits=(-0.05, 1.05),
-                print_columns=["target_length", "mean_prompt_tokens", "num_trials", "num_passed", "accuracy"],
+                columns=["target_length", "mean_prompt_tokens", "num_trials", "num_passed", "accuracy"],
+                echo=True,
+                incomplete=sweep.incomplete,
             )
+        sweep.raise_if_stopped(files, self.cfg.output_dir)
         return rows
 
     def cleanup(self) -> None:
@@ -150,10 +166,11 @@ def recipe_main(cfg: DictConfig) -> None:
     Args:
         cfg: the parsed config with command-line overrides applied.
     """
-    recipe = PasskeyRecipe(cfg)
-    recipe.setup()
-    recipe.evaluate()
-    recipe.cleanup()
+    with signals_as_interrupts():
+        recipe = PasskeyRecipe(cfg)
+        recipe.setup()
+        recipe.evaluate()
+        recipe.cleanup()
 
 
 if __name__ == "__main__":

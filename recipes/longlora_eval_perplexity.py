@@ -10,8 +10,12 @@ Run with torchtune's CLI, on one process or sharded over GPUs with torchrun flag
 The model uses full attention and the RoPE factor of the TRAINING length (``training_length`` or
 ``rope_scaling_factor``, else the checkpoint's ``rope_scaling``); see
 :mod:`longlora_tune.eval.model_loading`. The protocol (window starts, scoring, edge cases) is documented
-in :mod:`longlora_tune.eval.perplexity`. Writes ``<output_dir>/<output_name>.{json,csv,png}`` and prints
-a table.
+in :mod:`longlora_tune.eval.perplexity`. Writes ``<output_dir>/<output_name>.{json,csv,txt,png}`` and
+prints the table (the ``.txt``).
+
+A length the data is too short for is reported as skipped; when every length would be, the run stops with
+a config error (exit 2) before loading the model and earlier results stay as they were. SIGINT or SIGTERM
+writes the lengths finished so far, marked incomplete, and exits 130 or 143 (:mod:`longlora_tune.eval.sweep`).
 """
 
 from __future__ import annotations
@@ -23,15 +27,21 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from torchtune import config
 
-from longlora_tune.errors import LongLoRAConfigError, report_errors
+from longlora_tune.errors import LongLoRAConfigError, report_errors, signals_as_interrupts
 from longlora_tune.eval.model_loading import (
     close_eval_runtime,
     eval_model_from_config,
     eval_runtime,
     tokenizer_from_config,
 )
-from longlora_tune.eval.perplexity import evaluate_perplexity, load_token_stream
+from longlora_tune.eval.perplexity import (
+    PerplexityResult,
+    evaluate_perplexity,
+    load_token_stream,
+    skip_reason,
+)
 from longlora_tune.eval.reporting import write_results
+from longlora_tune.eval.sweep import Sweep
 
 
 def _eval_lengths(cfg: DictConfig) -> list[int]:
@@ -64,11 +74,17 @@ class PerplexityRecipe:
         self.max_windows = cfg.get("max_windows")
         if self.max_windows is not None and int(self.max_windows) < 1:
             raise LongLoRAConfigError(f"max_windows must be >= 1 or null, got {self.max_windows}")
+        self.drop_last = bool(cfg.get("drop_last", True))
         if not cfg.get("output_dir"):
             raise LongLoRAConfigError("output_dir is not set; give a folder for the result files")
 
     def setup(self) -> None:
-        """Device, process group, tokenizer, token stream and model."""
+        """Device, process group, tokenizer, token stream and model.
+
+        Raises:
+            LongLoRAConfigError: for a missing or bad setting, or when the data is too short for every
+                evaluation length (checked before the model is loaded).
+        """
         cfg = self.cfg
         self.device, self.dtype, self.rank, self.world_size = eval_runtime(cfg)
         tokenizer = tokenizer_from_config(cfg)
@@ -77,6 +93,13 @@ class PerplexityRecipe:
             raise LongLoRAConfigError("dataset.source is not set; use bin, text or hf")
         data_kwargs = OmegaConf.to_container(data_cfg, resolve=True)
         self.stream = load_token_stream(tokenizer=tokenizer, **data_kwargs)
+        num_tokens = int(self.stream.shape[0])
+        reasons = [skip_reason(num_tokens, n, self.stride, self.drop_last) for n in self.eval_lengths]
+        if all(reasons):
+            raise LongLoRAConfigError(
+                f"every evaluation length was skipped, so nothing was evaluated and the results in "
+                f"{cfg.output_dir} are unchanged: {'; '.join(reasons)}; lower eval_lengths or use longer data"
+            )
         self.model, self.model_info = eval_model_from_config(
             cfg, max_seq_len=max(self.eval_lengths), device=self.device, dtype=self.dtype
         )
@@ -86,22 +109,29 @@ class PerplexityRecipe:
 
         Returns:
             The result rows (one dict per length).
+
+        Raises:
+            Interrupted: after writing the finished lengths, when SIGINT or SIGTERM stopped the sweep.
         """
         start = time.perf_counter()
-        results = evaluate_perplexity(
-            self.model,
-            self.stream,
-            self.eval_lengths,
-            stride=self.stride,
-            max_windows=None if self.max_windows is None else int(self.max_windows),
-            drop_last=bool(self.cfg.get("drop_last", True)),
-            device=self.device,
-            logits_chunks=int(self.cfg.get("logits_chunks", 8)),
-            rank=self.rank,
-            world_size=self.world_size,
-            progress=bool(self.cfg.get("progress", True)),
-        )
-        rows = [r.to_dict() for r in results]
+        sweep: Sweep[PerplexityResult] = Sweep(self.eval_lengths)
+        with sweep.until_interrupted() as finished:
+            evaluate_perplexity(
+                self.model,
+                self.stream,
+                self.eval_lengths,
+                stride=self.stride,
+                max_windows=None if self.max_windows is None else int(self.max_windows),
+                drop_last=self.drop_last,
+                device=self.device,
+                logits_chunks=int(self.cfg.get("logits_chunks", 8)),
+                rank=self.rank,
+                world_size=self.world_size,
+                progress=bool(self.cfg.get("progress", True)),
+                on_result=finished.append,
+            )
+        rows = [r.to_dict() for r in sweep.results]
+        files = None
         if self.rank == 0:
             meta = {
                 "recipe": "longlora_eval_perplexity",
@@ -113,8 +143,7 @@ class PerplexityRecipe:
                 "world_size": self.world_size,
                 "seconds": round(time.perf_counter() - start, 3),
             }
-            columns = ["eval_length", "num_windows", "perplexity", "token_perplexity", "loss", "skipped"]
-            write_results(
+            files = write_results(
                 self.cfg.output_dir,
                 self.cfg.get("output_name", "perplexity"),
                 rows=rows,
@@ -124,8 +153,11 @@ class PerplexityRecipe:
                 xlabel="evaluation context length (tokens)",
                 ylabel="perplexity",
                 title=f"Perplexity (RoPE factor {self.model_info['rope_scaling_factor']:g})",
-                print_columns=columns,
+                columns=["eval_length", "num_windows", "perplexity", "token_perplexity", "loss"],
+                echo=True,
+                incomplete=sweep.incomplete,
             )
+        sweep.raise_if_stopped(files, self.cfg.output_dir)
         return rows
 
     def cleanup(self) -> None:
@@ -141,10 +173,11 @@ def recipe_main(cfg: DictConfig) -> None:
     Args:
         cfg: the parsed config with command-line overrides applied.
     """
-    recipe = PerplexityRecipe(cfg)
-    recipe.setup()
-    recipe.evaluate()
-    recipe.cleanup()
+    with signals_as_interrupts():
+        recipe = PerplexityRecipe(cfg)
+        recipe.setup()
+        recipe.evaluate()
+        recipe.cleanup()
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@
 * :mod:`~longlora_tune.eval.model_loading`: the full-attention evaluation model from a merged HF
   checkpoint or base + unmerged adapter, with the RoPE factor of the training length.
 * :mod:`~longlora_tune.eval.reporting`: JSON, CSV, table and PNG outputs.
+* :mod:`~longlora_tune.eval.sweep`: the lengths of a run, kept as they finish when SIGINT/SIGTERM stops it.
 
 The recipes ``recipes/longlora_eval_perplexity.py`` and ``longlora_eval_passkey.py`` and
 the command ``python -m longlora_tune.eval.generate`` are built from these pieces.

@@ -36,7 +36,7 @@ from __future__ import annotations
 import codecs
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -59,6 +59,7 @@ __all__ = [
     "read_token_bin",
     "score_window",
     "select_windows",
+    "skip_reason",
     "window_starts",
 ]
 
@@ -115,6 +116,28 @@ def window_starts(num_tokens: int, window_len: int, stride: int = 256, drop_last
     if drop_last and starts:
         starts.pop()
     return starts
+
+
+def skip_reason(num_tokens: int, window_len: int, stride: int = 256, drop_last: bool = True) -> str | None:
+    """Why a stream of ``num_tokens`` tokens has no window of ``window_len`` tokens, or None when it has one.
+
+    Args:
+        num_tokens: tokens in the stream.
+        window_len: the evaluation length.
+        stride: distance between window starts.
+        drop_last: the last start is dropped (the reference's rule).
+
+    Returns:
+        The reason the length is skipped, naming the tokens it needs, or None.
+    """
+    if window_starts(num_tokens, window_len, stride, drop_last):
+        return None
+    if drop_last:
+        need = window_len + stride + 1
+        why = f"one window of {window_len} tokens plus the dropped last start at stride {stride}"
+    else:
+        need, why = window_len + 1, f"one window of {window_len} tokens and the token after it"
+    return f"the data has {num_tokens} tokens; length {window_len} needs at least {need} ({why})"
 
 
 def select_windows(starts: Sequence[int], max_windows: int | None) -> list[int]:
@@ -187,6 +210,7 @@ def evaluate_perplexity(
     rank: int = 0,
     world_size: int = 1,
     progress: bool = True,
+    on_result: Callable[[PerplexityResult], None] | None = None,
 ) -> list[PerplexityResult]:
     """Sliding-window perplexity at every evaluation length (see the module docstring for the protocol).
 
@@ -202,6 +226,8 @@ def evaluate_perplexity(
         rank: this process's rank (windows ``rank::world_size`` are scored here).
         world_size: number of processes; sums are all-reduced when > 1.
         progress: show a progress bar (rank 0 only).
+        on_result: called with each length's result as soon as it is done, so a caller keeps the finished
+            lengths of a run that is stopped part-way (:class:`~longlora_tune.eval.sweep.Sweep`).
 
     Returns:
         One :class:`PerplexityResult` per evaluation length, in the given order.
@@ -229,49 +255,81 @@ def evaluate_perplexity(
         length = int(length)
         if max_len is not None and length - 1 > max_len:
             raise ValueError(f"eval length {length} exceeds the model's max_seq_len {max_len}")
-        starts = select_windows(window_starts(n, length, stride, drop_last), max_windows)
-        if not starts:
-            need = length + stride + 1 if drop_last else length + 1
-            results.append(
-                PerplexityResult(
-                    eval_length=length,
-                    skipped=f"the data has {n} tokens; length {length} needs at least {need} "
-                    f"(one window of {length} tokens plus the dropped last start at stride {stride})",
-                )
+        skipped = skip_reason(n, length, stride, drop_last)
+        if skipped is None:
+            starts = select_windows(window_starts(n, length, stride, drop_last), max_windows)
+            result = _score_length(
+                model,
+                stream,
+                length,
+                starts[rank::world_size],
+                device=device,
+                logits_chunks=logits_chunks,
+                world_size=world_size,
+                progress=progress and rank == 0,
             )
-            continue
-        mine = starts[rank::world_size]
-        # [sum of per-window mean losses, windows, sum of token losses, tokens], float64 for exact sums.
-        sums = torch.zeros(4, dtype=torch.float64)
-        bar = tqdm(mine, desc=f"ppl@{length}", disable=not progress or rank != 0, unit="win")
-        for s in bar:
-            window = torch.as_tensor(np.asarray(stream[s : s + length], dtype=np.int64), device=device)
-            with (
-                torch.inference_mode(),
-                eval_length_must_fit(length, "lower eval_lengths or raise logits_chunks"),
-            ):
-                loss_sum, count = score_window(model, window, logits_chunks=logits_chunks)
-            sums += torch.tensor([loss_sum / count, 1.0, loss_sum, count], dtype=torch.float64)
-            bar.set_postfix(ppl=f"{math.exp(sums[0].item() / sums[1].item()):.3f}")
-        if world_size > 1:
-            reduce_on = device if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
-            buf = sums.to(reduce_on)
-            torch.distributed.all_reduce(buf)
-            sums = buf.cpu()
-        mean_loss = sums[0].item() / sums[1].item()
-        token_loss = sums[2].item() / sums[3].item()
-        results.append(
-            PerplexityResult(
-                eval_length=length,
-                num_windows=int(sums[1].item()),
-                num_tokens=int(sums[3].item()),
-                loss=mean_loss,
-                perplexity=math.exp(mean_loss),
-                token_loss=token_loss,
-                token_perplexity=math.exp(token_loss),
-            )
-        )
+        else:
+            result = PerplexityResult(eval_length=length, skipped=skipped)
+        results.append(result)
+        if on_result is not None:
+            on_result(result)
     return results
+
+
+def _score_length(
+    model: nn.Module,
+    stream: np.ndarray | torch.Tensor,
+    length: int,
+    starts: Sequence[int],
+    *,
+    device: torch.device,
+    logits_chunks: int,
+    world_size: int,
+    progress: bool,
+) -> PerplexityResult:
+    """Score this rank's windows of one length and all-reduce the sums over ``world_size`` ranks.
+
+    Args:
+        model: the evaluation model.
+        stream: 1-D token ids.
+        length: the window length.
+        starts: this rank's window starts.
+        device: device of the model.
+        logits_chunks: output projection chunks per window.
+        world_size: number of processes; sums are all-reduced when > 1.
+        progress: show a progress bar.
+
+    Returns:
+        The length's :class:`PerplexityResult` over all ranks.
+    """
+    # [sum of per-window mean losses, windows, sum of token losses, tokens], float64 for exact sums.
+    sums = torch.zeros(4, dtype=torch.float64)
+    bar = tqdm(starts, desc=f"ppl@{length}", disable=not progress, unit="win")
+    for s in bar:
+        window = torch.as_tensor(np.asarray(stream[s : s + length], dtype=np.int64), device=device)
+        with (
+            torch.inference_mode(),
+            eval_length_must_fit(length, "lower eval_lengths or raise logits_chunks"),
+        ):
+            loss_sum, count = score_window(model, window, logits_chunks=logits_chunks)
+        sums += torch.tensor([loss_sum / count, 1.0, loss_sum, count], dtype=torch.float64)
+        bar.set_postfix(ppl=f"{math.exp(sums[0].item() / sums[1].item()):.3f}")
+    if world_size > 1:
+        reduce_on = device if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
+        buf = sums.to(reduce_on)
+        torch.distributed.all_reduce(buf)
+        sums = buf.cpu()
+    mean_loss = sums[0].item() / sums[1].item()
+    token_loss = sums[2].item() / sums[3].item()
+    return PerplexityResult(
+        eval_length=length,
+        num_windows=int(sums[1].item()),
+        num_tokens=int(sums[3].item()),
+        loss=mean_loss,
+        perplexity=math.exp(mean_loss),
+        token_loss=token_loss,
+        token_perplexity=math.exp(token_loss),
+    )
 
 
 # Bytes read from the start of a .bin file to tell a text file from a token stream.

@@ -1,8 +1,15 @@
-"""Result files of the evaluation recipes: JSON, CSV, a printed table and a PNG plot.
+"""Result files of the evaluation recipes: JSON, CSV, a table (printed and as text) and a PNG plot.
 
-Every file is written atomically (temporary file in the same folder, fsync, ``os.replace``), so an
-interrupted run never leaves a half-written result next to a finished one. Plots use matplotlib's
-``Agg`` backend: no display is needed.
+Every file is written atomically (temporary file in the same folder, fsync, ``os.replace``) and only after
+all of them have been rendered, so a failure (a plot that cannot be drawn, a value JSON cannot hold) leaves
+the previous results as they were, and an interrupted run never leaves a half-written file. Rows in which
+no length was evaluated are not written at all: an empty table never replaces earlier results.
+
+A row whose ``skipped`` value is a reason (a perplexity length the data is too short for) is a skipped
+length: the JSON and CSV keep the reason in that column, the table marks the row ``skipped`` and gives
+the reason below it, the plot marks its x position on the axis. An interrupted run's results carry a note
+(``incomplete``: which signal stopped it, which lengths were not evaluated) in the JSON, under the table
+and in the plot's title. Plots use matplotlib's ``Agg`` backend: no display is needed.
 """
 
 from __future__ import annotations
@@ -16,7 +23,22 @@ from typing import Any
 
 from longlora_tune._io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
-__all__ = ["format_table", "plot_series", "series_figure", "write_csv", "write_json", "write_results"]
+__all__ = [
+    "SKIPPED_KEY",
+    "format_table",
+    "plot_series",
+    "series_figure",
+    "write_csv",
+    "write_json",
+    "write_results",
+]
+
+#: The row key whose value, when set, is the reason a length was skipped.
+SKIPPED_KEY = "skipped"
+
+
+def _skip_reason(row: Mapping[str, Any]) -> str | None:
+    return row.get(SKIPPED_KEY) or None
 
 
 def _json_safe(value: Any) -> Any:
@@ -47,6 +69,24 @@ def _is_nested(value: Any) -> bool:
     return isinstance(value, (Mapping, list, tuple))
 
 
+def _flat_columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    # Nested values (lists and dicts, such as the passkey results' per-trial records) have no place in a
+    # flat table; the JSON file keeps them.
+    return [k for k in rows[0] if not any(_is_nested(r.get(k)) for r in rows)]
+
+
+def _csv_text(rows: Sequence[Mapping[str, Any]]) -> str:
+    if not rows:
+        raise ValueError("write_csv needs at least one row")
+    columns = _flat_columns(rows)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n", extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in columns})
+    return buf.getvalue()
+
+
 def write_csv(path: str | Path, rows: Sequence[Mapping[str, Any]]) -> Path:
     """Write rows (dicts with the same keys) as CSV with a header line.
 
@@ -63,41 +103,57 @@ def write_csv(path: str | Path, rows: Sequence[Mapping[str, Any]]) -> Path:
     Raises:
         ValueError: if there are no rows.
     """
-    if not rows:
-        raise ValueError("write_csv needs at least one row")
-    columns = [k for k in rows[0] if not any(_is_nested(r.get(k)) for r in rows)]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n", extrasaction="ignore")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in columns})
-    return atomic_write_text(path, buf.getvalue())
+    return atomic_write_text(path, _csv_text(rows))
 
 
-def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], *, precision: int = 4) -> str:
-    """Format rows as an aligned plain-text table.
+def format_table(
+    rows: Sequence[Mapping[str, Any]],
+    columns: Sequence[str],
+    *,
+    precision: int = 4,
+    incomplete: str | None = None,
+) -> str:
+    """Format rows as an aligned plain-text table, each column as wide as its widest value or header.
+
+    A skipped row (``skipped`` holds a reason) shows its missing values as ``-`` and ``skipped`` in a last
+    ``note`` column; its reason follows the table as ``skipped <first column's value>: <reason>``, so a
+    long reason does not widen every row.
 
     Args:
         rows: the rows.
-        columns: keys to show, in order.
+        columns: keys to show, in order (numbers right-aligned).
         precision: significant digits of floats.
+        incomplete: when the run was interrupted, the note saying so (last line: ``incomplete: <note>``).
 
     Returns:
-        The table, one line per row plus a header and a rule.
+        The table (a header, a rule, one line per row), then the skip reasons and the incomplete note.
     """
 
-    def fmt(v: Any) -> str:
-        if v is None:
+    def fmt(v: Any, skipped: bool) -> str:
+        if v is None or (skipped and isinstance(v, float) and math.isnan(v)):
             return "-"
         if isinstance(v, float):
             return "nan" if math.isnan(v) else f"{v:.{precision}g}"
         return str(v)
 
-    cells = [[fmt(r.get(c)) for c in columns] for r in rows]
-    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths))]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in cells]
+    reasons = [_skip_reason(r) for r in rows]
+    header = list(columns)
+    cells = [[fmt(r.get(c), why is not None) for c in columns] for r, why in zip(rows, reasons)]
+    notes = [f"skipped {row[0]}: {why}" for row, why in zip(cells, reasons) if why is not None]
+    if notes:
+        header.append("note")
+        for row, why in zip(cells, reasons):
+            row.append("" if why is None else "skipped")
+    widths = [max([len(h)] + [len(row[i]) for row in cells]) for i, h in enumerate(header)]
+
+    def line(values: Sequence[str]) -> str:
+        aligned = [v.rjust(w) for v, w in zip(values[: len(columns)], widths)]
+        aligned += [v.ljust(w) for v, w in zip(values[len(columns) :], widths[len(columns) :])]
+        return "  ".join(aligned).rstrip()
+
+    lines = [line(header), line(["-" * w for w in widths]), *map(line, cells), *notes]
+    if incomplete is not None:
+        lines.append(f"incomplete: {incomplete}")
     return "\n".join(lines)
 
 
@@ -124,11 +180,13 @@ def series_figure(
     title: str,
     log_x: bool | None = None,
     y_limits: tuple[float, float] | None = None,
+    skipped: Sequence[float] = (),
 ) -> Any:
     """Build the matplotlib figure of one line with markers (NaN points are left out).
 
     The x axis has one tick at every x value, labelled with that value (rounded to a whole number), and
-    no other ticks: every evaluated length is named under its point.
+    no other ticks: every evaluated length is named under its point. A skipped length has no y value; an
+    ``x`` on the axis at its tick, labelled "skipped", says so instead of leaving a bare tick.
 
     Args:
         x: x values (the evaluated lengths).
@@ -139,6 +197,7 @@ def series_figure(
         log_x: base-2 logarithmic x axis; None chooses it when the x values grow by a factor of at least
             1.5 from one to the next (context lengths that double), else linear.
         y_limits: fixed y range, e.g. (0, 1) for accuracy.
+        skipped: the x values of the skipped lengths.
 
     Returns:
         The ``matplotlib.figure.Figure`` (Agg canvas, no display needed).
@@ -159,6 +218,32 @@ def series_figure(
     if points:
         xs, ys = zip(*points)
         ax.plot(xs, ys, marker="o")
+    if skipped:
+        # x in data units, y in axes units: the marks sit on the x axis whatever the y range is.
+        on_axis = ax.get_xaxis_transform()
+        ax.plot(
+            list(skipped),
+            [0.0] * len(skipped),
+            linestyle="none",
+            marker="x",
+            markersize=9,
+            markeredgewidth=2,
+            color="tab:red",
+            transform=on_axis,
+            clip_on=False,
+        )
+        for s in skipped:
+            ax.annotate(
+                "skipped",
+                (s, 0.0),
+                xycoords=on_axis,
+                xytext=(0, 8),
+                textcoords="offset points",
+                ha="center",
+                va="bottom",
+                color="tab:red",
+                fontsize=8,
+            )
     if _use_log_x(ticks) if log_x is None else log_x:
         ax.set_xscale("log", base=2)
     if ticks:
@@ -183,6 +268,12 @@ def series_figure(
     return fig
 
 
+def _png_bytes(fig: Any) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
 def plot_series(
     path: str | Path,
     x: Sequence[float],
@@ -193,6 +284,7 @@ def plot_series(
     title: str,
     log_x: bool | None = None,
     y_limits: tuple[float, float] | None = None,
+    skipped: Sequence[float] = (),
 ) -> Path:
     """Plot one line with markers to a PNG file, one labelled x tick per point (see :func:`series_figure`).
 
@@ -205,14 +297,15 @@ def plot_series(
         title: plot title.
         log_x: base-2 logarithmic x axis; None chooses by the spacing of ``x``.
         y_limits: fixed y range, e.g. (0, 1) for accuracy.
+        skipped: the x values of the skipped lengths (marked on the axis).
 
     Returns:
         The path.
     """
-    fig = series_figure(x, y, xlabel=xlabel, ylabel=ylabel, title=title, log_x=log_x, y_limits=y_limits)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return atomic_write_bytes(path, buf.getvalue())
+    fig = series_figure(
+        x, y, xlabel=xlabel, ylabel=ylabel, title=title, log_x=log_x, y_limits=y_limits, skipped=skipped
+    )
+    return atomic_write_bytes(path, _png_bytes(fig))
 
 
 def write_results(
@@ -227,17 +320,21 @@ def write_results(
     ylabel: str,
     title: str,
     y_limits: tuple[float, float] | None = None,
-    print_columns: Sequence[str] | None = None,
+    columns: Sequence[str] | None = None,
+    echo: bool = False,
+    incomplete: str | None = None,
 ) -> dict[str, Path]:
-    """Write ``<stem>.json`` (meta + rows), ``<stem>.csv`` (rows) and ``<stem>.png`` (``y_key`` vs ``x_key``).
+    """Write ``<stem>.json`` (meta + rows), ``.csv`` (rows), ``.txt`` (the table) and ``.png`` (``y_key`` vs
+    ``x_key``), all rendered before the first is written; write nothing when no row was evaluated.
 
-    The CSV holds the flat columns only (per-trial lists stay in the JSON); the plot labels every x value
-    and uses a log2 x axis only for doubling sweeps (:func:`series_figure`).
+    The CSV holds the flat columns only (per-trial lists stay in the JSON); the plot labels every x value,
+    marks the skipped ones and uses a log2 x axis only for doubling sweeps (:func:`series_figure`). The
+    JSON's ``incomplete`` is None for a finished run, else the note saying what stopped it.
 
     Args:
         output_dir: folder (created if missing).
         stem: file name without extension.
-        rows: result rows.
+        rows: result rows; a row with a ``skipped`` reason is a skipped length.
         meta: run settings stored next to the rows in the JSON file.
         x_key: row key of the x values.
         y_key: row key of the y values.
@@ -245,26 +342,38 @@ def write_results(
         ylabel: y axis label.
         title: plot title.
         y_limits: fixed y range of the plot.
-        print_columns: when given, also print the rows as a table of these columns and the written paths.
+        columns: row keys shown in the table; None: every flat column but ``skipped`` (its reasons
+            follow the table).
+        echo: also print the table and the written paths.
+        incomplete: for an interrupted run, what stopped it and which lengths were not evaluated.
 
     Returns:
-        ``{"json": path, "csv": path, "png": path}``.
+        ``{"json": path, "csv": path, "txt": path, "png": path}``, or ``{}`` when every row was skipped
+        (or there are none): earlier results in ``output_dir`` are then left as they were.
     """
+    if all(_skip_reason(r) is not None for r in rows):
+        return {}
     out = Path(output_dir)
+    if columns is None:
+        columns = [c for c in _flat_columns(rows) if c != SKIPPED_KEY]
+    table = format_table(rows, columns, incomplete=incomplete)
+    figure = series_figure(
+        [r[x_key] for r in rows],
+        [r[y_key] for r in rows],
+        xlabel=xlabel,
+        ylabel=ylabel,
+        title=title if incomplete is None else f"{title} (incomplete)",
+        y_limits=y_limits,
+        skipped=[r[x_key] for r in rows if _skip_reason(r) is not None],
+    )
+    csv_text, png = _csv_text(rows), _png_bytes(figure)
     files = {
-        "json": write_json(out / f"{stem}.json", {**meta, "results": list(rows)}),
-        "csv": write_csv(out / f"{stem}.csv", rows),
-        "png": plot_series(
-            out / f"{stem}.png",
-            [r[x_key] for r in rows],
-            [r[y_key] for r in rows],
-            xlabel=xlabel,
-            ylabel=ylabel,
-            title=title,
-            y_limits=y_limits,
-        ),
+        "json": write_json(out / f"{stem}.json", {**meta, "incomplete": incomplete, "results": list(rows)}),
+        "csv": atomic_write_text(out / f"{stem}.csv", csv_text),
+        "txt": atomic_write_text(out / f"{stem}.txt", table + "\n"),
+        "png": atomic_write_bytes(out / f"{stem}.png", png),
     }
-    if print_columns is not None:
-        print(format_table(rows, print_columns), flush=True)
-        print(f"results: {files['json']} {files['csv']} {files['png']}", flush=True)
+    if echo:
+        print(table, flush=True)
+        print("results: " + " ".join(str(p) for p in files.values()), flush=True)
     return files

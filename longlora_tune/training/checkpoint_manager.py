@@ -128,6 +128,14 @@ class CheckpointManager:
 
         return run_on_rank_zero(find)
 
+    def newest_intact(self) -> Optional[Path]:
+        """The checkpoint ``resume_from_checkpoint=true`` would continue from now (read from disk).
+
+        Returns:
+            Its folder, or None when there is none.
+        """
+        return checkpointing.find_resumable_checkpoint(self.checkpoints_dir)
+
     def load(
         self,
         ckpt: Path,

@@ -425,3 +425,30 @@ def test_passkey_recipe_via_tune_run(tmp_path: Path, tiny_ckpt: Path, tiny_token
         assert row["mean_prompt_tokens"] == pytest.approx(
             np.mean([t["prompt_tokens"] for t in row["trials"]])
         )
+
+
+def test_a_signalled_passkey_run_writes_the_finished_lengths_marked_incomplete(
+    tmp_path: Path, tiny_ckpt: Path, run_eval_recipe_signalled
+) -> None:
+    out = tmp_path / "out"
+    # Two trials per length: the 3rd trial scored is the first of length 256, where SIGINT arrives.
+    proc = run_eval_recipe_signalled(
+        "longlora_eval_passkey",
+        "eval/tiny_passkey",
+        f"checkpoint_dir={tiny_ckpt}",
+        "training_length=512",
+        "lengths=[160,256]",
+        "num_trials=2",
+        f"output_dir={out}",
+        signal_in="longlora_tune.eval.passkey.score_passkey",
+        on_call=3,
+        signum=2,
+    )
+    assert proc.returncode == 130, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr  # no traceback
+    assert lines[0].startswith("longlora_tune: stopped by SIGINT; 1 of 2 lengths finished")
+    result = json.loads((out / "passkey.json").read_text())
+    assert result["incomplete"] == "stopped by SIGINT after 1 of 2 lengths; not evaluated: 256"
+    assert [(r["target_length"], r["num_trials"]) for r in result["results"]] == [(160, 2)]
+    assert f"incomplete: {result['incomplete']}" in proc.stdout.splitlines()

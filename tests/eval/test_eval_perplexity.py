@@ -277,3 +277,132 @@ def test_recipe_config_error_is_one_line(
     assert exit_info.value.code == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("longlora_tune: error: ") and "missing" in lines[0]
+
+
+def _tiny_run(tmp_path: Path, tiny_ckpt: Path, *overrides: str) -> tuple[Path, list[str]]:
+    """A 400-token uint16 stream and the overrides that evaluate it (stride 64) into ``tmp_path/out``."""
+    data = tmp_path / "val.bin"
+    if not data.exists():
+        np.random.default_rng(1).integers(3, 512, size=400).astype(np.uint16).tofile(data)
+    out = tmp_path / "out"
+    args = [
+        f"checkpoint_dir={tiny_ckpt}",
+        "dataset.source=bin",
+        f"dataset.path={data}",
+        "stride=64",
+        "max_windows=null",
+        "training_length=256",
+        f"output_dir={out}",
+        *overrides,
+    ]
+    return out, args
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_a_run_where_every_length_is_skipped_is_a_config_error_and_keeps_earlier_results(
+    tmp_path: Path, tiny_ckpt: Path, run_eval_recipe, capsys: pytest.CaptureFixture
+) -> None:
+    out, args = _tiny_run(tmp_path, tiny_ckpt)
+    with pytest.raises(SystemExit) as first:
+        run_eval_recipe("longlora_eval_perplexity", "eval/tiny_perplexity", *args, "eval_lengths=[48]")
+    assert not first.value.code
+    before = _files(out)
+    capsys.readouterr()
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_eval_recipe(
+            "longlora_eval_perplexity", "eval/tiny_perplexity", *args, "eval_lengths=[100000,200000]"
+        )
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("longlora_tune: error: "), captured.err
+    # Which lengths, why, and that nothing was replaced.
+    assert "100000" in lines[0] and "200000" in lines[0] and "400 tokens" in lines[0]
+    assert str(out) in lines[0] and "unchanged" in lines[0]
+    assert captured.out == ""
+    assert _files(out) == before
+
+
+def test_a_mixed_run_marks_the_skipped_length_in_a_compact_table(
+    tmp_path: Path, tiny_ckpt: Path, run_eval_recipe, capsys: pytest.CaptureFixture
+) -> None:
+    out, args = _tiny_run(tmp_path, tiny_ckpt, "eval_lengths=[48,512]")
+    with pytest.raises(SystemExit) as exit_info:
+        run_eval_recipe("longlora_eval_perplexity", "eval/tiny_perplexity", *args)
+    assert not exit_info.value.code
+    printed = capsys.readouterr().out.strip().splitlines()
+    table = printed[:4]  # header, rule, two rows; then the reason, then the written paths
+    assert table[0].split()[0] == "eval_length" and table[3].split()[0] == "512"
+    assert table[3].split()[-1] == "skipped"
+    assert max(len(line) for line in table) <= 80, "\n".join(table)
+    assert printed[4].startswith("skipped 512: the data has 400 tokens")
+
+    result = json.loads((out / "perplexity.json").read_text())
+    assert result["incomplete"] is None
+    assert "400 tokens" in result["results"][1]["skipped"] and result["results"][0]["skipped"] is None
+    with (out / "perplexity.csv").open() as f:
+        csv_rows = list(csv.DictReader(f))
+    assert csv_rows[1]["skipped"] == result["results"][1]["skipped"] and csv_rows[0]["skipped"] == ""
+    assert (out / "perplexity.txt").read_text().splitlines() == printed[:5]
+
+
+@pytest.mark.parametrize("signum", [2, 15], ids=["SIGINT", "SIGTERM"])
+def test_a_signalled_run_writes_the_finished_lengths_marked_incomplete(
+    tmp_path: Path, tiny_ckpt: Path, run_eval_recipe_signalled, signum: int
+) -> None:
+    import signal
+
+    name = signal.Signals(signum).name
+    out, args = _tiny_run(tmp_path, tiny_ckpt, "eval_lengths=[48,96,512]")
+    # Length 48 has 5 windows: the 6th window scored is the first of length 96, where the signal arrives.
+    proc = run_eval_recipe_signalled(
+        "longlora_eval_perplexity",
+        "eval/tiny_perplexity",
+        *args,
+        signal_in="longlora_tune.eval.perplexity.score_window",
+        on_call=6,
+        signum=signum,
+    )
+    assert proc.returncode == 128 + signum, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr  # no traceback
+    assert lines[0].startswith(f"longlora_tune: stopped by {name}; 1 of 3 lengths finished")
+    assert str(out / "perplexity.json") in lines[0]
+
+    result = json.loads((out / "perplexity.json").read_text())
+    assert [r["eval_length"] for r in result["results"]] == [48]
+    assert result["incomplete"] == f"stopped by {name} after 1 of 3 lengths; not evaluated: 96, 512"
+    with (out / "perplexity.csv").open() as f:
+        assert [int(r["eval_length"]) for r in csv.DictReader(f)] == [48]
+    note = f"incomplete: {result['incomplete']}"
+    assert note in proc.stdout.splitlines()
+    assert (out / "perplexity.txt").read_text().splitlines()[-1] == note
+    assert (out / "perplexity.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_a_run_signalled_before_any_length_finished_writes_nothing(
+    tmp_path: Path, tiny_ckpt: Path, run_eval_recipe_signalled
+) -> None:
+    out, args = _tiny_run(tmp_path, tiny_ckpt, "eval_lengths=[48,96]")
+    out.mkdir()
+    for suffix in ("json", "csv", "txt", "png"):
+        (out / f"perplexity.{suffix}").write_text(f"an earlier run's {suffix}")
+    before = _files(out)
+    proc = run_eval_recipe_signalled(
+        "longlora_eval_perplexity",
+        "eval/tiny_perplexity",
+        *args,
+        signal_in="longlora_tune.eval.perplexity.score_window",
+        on_call=1,
+        signum=2,
+    )
+    assert proc.returncode == 130, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines() == [
+        "longlora_tune: stopped by SIGINT; 0 of 2 lengths finished; nothing was written "
+        f"and the results in {out} are unchanged"
+    ]
+    assert _files(out) == before

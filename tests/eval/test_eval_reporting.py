@@ -1,21 +1,31 @@
-"""Result files: every evaluated length labelled on the plot, nested per-trial records kept out of the CSV."""
+"""Result files: every length labelled on the plot, skipped lengths marked, nested per-trial records kept out
+of the CSV, incomplete runs marked, nothing replaced when rendering fails or nothing was evaluated."""
 
 from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from longlora_tune.eval.reporting import write_results
+from longlora_tune.eval.reporting import format_table, write_results
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def _plotted_figure(monkeypatch: pytest.MonkeyPatch, out: Path, x: list[float], y: list[float]) -> Figure:
+def _plotted_figure(
+    monkeypatch: pytest.MonkeyPatch,
+    out: Path,
+    x: list[float],
+    y: list[float],
+    skipped: list[str | None] | None = None,
+    **kwargs: Any,
+) -> Figure:
     """Write results as the eval recipes do and catch the figure saved (the PNG alone cannot be inspected)."""
     saved: list[Figure] = []
     original = Figure.savefig
@@ -26,6 +36,8 @@ def _plotted_figure(monkeypatch: pytest.MonkeyPatch, out: Path, x: list[float], 
 
     monkeypatch.setattr(Figure, "savefig", savefig)
     rows = [{"mean_prompt_tokens": a, "accuracy": b} for a, b in zip(x, y)]
+    for row, reason in zip(rows, skipped or []):
+        row["skipped"] = reason
     files = write_results(
         out,
         "passkey",
@@ -37,6 +49,7 @@ def _plotted_figure(monkeypatch: pytest.MonkeyPatch, out: Path, x: list[float], 
         ylabel="passkey accuracy",
         title="t",
         y_limits=(-0.05, 1.05),
+        **kwargs,
     )
     assert files["png"].read_bytes()[:8] == PNG_MAGIC and len(saved) == 1
     return saved[0]
@@ -105,3 +118,102 @@ def test_nested_trial_records_stay_in_json_and_out_of_csv(tmp_path: Path) -> Non
     payload = json.loads(files["json"].read_text())
     assert payload["results"][0]["trials"] == [{"seed": 0, "passed": True}]
     assert payload["results"][1]["accuracy"] is None  # JSON has no NaN
+
+
+REASON = "the data has 400 tokens; length 512 needs at least 577"
+
+
+def _perplexity_rows() -> list[dict[str, Any]]:
+    return [
+        {"eval_length": 48, "num_windows": 5, "perplexity": 582.19, "skipped": None},
+        {"eval_length": 96, "num_windows": 4, "perplexity": 562.77, "skipped": None},
+        {"eval_length": 512, "num_windows": 0, "perplexity": math.nan, "skipped": REASON},
+    ]
+
+
+def _write(out: Path, rows: list[dict[str, Any]], **kwargs: Any) -> dict[str, Path]:
+    return write_results(
+        out,
+        "perplexity",
+        rows=rows,
+        meta={"recipe": "x"},
+        x_key="eval_length",
+        y_key="perplexity",
+        xlabel="l",
+        ylabel="p",
+        title="Perplexity",
+        **kwargs,
+    )
+
+
+def test_the_table_is_as_wide_as_its_values_and_gives_skip_reasons_below() -> None:
+    lines = format_table(_perplexity_rows(), ["eval_length", "num_windows", "perplexity"]).splitlines()
+    table, notes = lines[:5], lines[5:]
+    assert table[0].split() == ["eval_length", "num_windows", "perplexity", "note"]
+    assert table[2].split() == ["48", "5", "582.2"]
+    assert table[4].split() == ["512", "0", "-", "skipped"]
+    # Widths from the values and headers: no cell is padded to the reason's length.
+    assert max(len(line) for line in table) == len("eval_length  num_windows  perplexity  skipped")
+    assert notes == [f"skipped 512: {REASON}"]
+
+
+def test_a_skipped_length_is_marked_on_the_axis(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fig = _plotted_figure(
+        monkeypatch, tmp_path, [2048, 4096, 8192], [9.0, 8.0, math.nan], skipped=[None, None, "too short"]
+    )
+    FigureCanvasAgg(fig).draw()
+    ax = fig.axes[0]
+    marks = [line for line in ax.get_lines() if line.get_marker() == "x"]
+    assert len(marks) == 1 and list(marks[0].get_xdata()) == [8192]
+    # On the x axis (bottom of the plot area) whatever the y range.
+    _, y_shown = marks[0].get_transform().transform((8192, marks[0].get_ydata()[0]))
+    assert y_shown == pytest.approx(ax.bbox.y0)
+    assert [(t.get_text(), t.xy[0]) for t in ax.texts] == [("skipped", 8192)]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["2048", "4096", "8192"]
+
+
+def test_an_incomplete_run_is_marked_in_every_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    note = "stopped by SIGINT after 2 of 3 lengths; not evaluated: 8192"
+    fig = _plotted_figure(
+        monkeypatch, tmp_path, [2048, 4096], [0.5, 0.5], incomplete=note, columns=["accuracy"], echo=True
+    )
+    assert "incomplete" in fig.axes[0].get_title()
+    assert json.loads((tmp_path / "passkey.json").read_text())["incomplete"] == note
+    table = (tmp_path / "passkey.txt").read_text().splitlines()
+    assert table[-1] == f"incomplete: {note}"
+    assert capsys.readouterr().out.splitlines()[: len(table)] == table
+
+    _write(tmp_path, _perplexity_rows()[:1])
+    assert json.loads((tmp_path / "perplexity.json").read_text())["incomplete"] is None
+
+
+def _earlier_results(out: Path) -> dict[str, bytes]:
+    out.mkdir(exist_ok=True)
+    for suffix in ("json", "csv", "txt", "png"):
+        (out / f"perplexity.{suffix}").write_text(f"an earlier run's {suffix}")
+    return {p.name: p.read_bytes() for p in out.iterdir()}
+
+
+def test_a_plot_that_fails_to_render_replaces_no_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    before = _earlier_results(tmp_path)
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("renderer broke")
+
+    monkeypatch.setattr(Figure, "savefig", broken)
+    with pytest.raises(RuntimeError, match="renderer broke"):
+        _write(tmp_path, _perplexity_rows())
+    # Every file is rendered before the first is replaced; no temporary file is left behind.
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_rows_with_nothing_evaluated_replace_no_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    before = _earlier_results(tmp_path)
+    assert _write(tmp_path, _perplexity_rows()[2:], echo=True) == {}
+    assert _write(tmp_path, [], incomplete="stopped by SIGINT after 0 of 1 lengths; not evaluated: 48") == {}
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    assert capsys.readouterr().out == ""

@@ -788,7 +788,7 @@ def test_ctrl_c_under_tune_run_stops_every_rank_with_one_line_and_resume_gives_t
     assert "Traceback" not in stdout + stderr, stderr[-6000:]
     lines = [x for x in stderr.splitlines() if "resume_from_checkpoint=true" in x]
     assert len(lines) == 1, stderr[-3000:]
-    assert lines[0].startswith(f"longlora_tune: stopped by {signal.Signals(signum).name} at step ")
+    assert lines[0].startswith(f"longlora_tune: stopped by {signal.Signals(signum).name}; at step ")
     newest = checkpointing.find_resumable_checkpoint(ckpts)
     assert f"checkpoint {newest} is intact" in lines[0]
 

@@ -40,6 +40,7 @@ from torchtune import config, training, utils
 from tqdm import tqdm
 
 from longlora_tune._compat import import_object
+from longlora_tune.config import loading
 from longlora_tune.config.validation import (
     DEFAULT_REPO_HINT,
     EXPORT_FORMATS,
@@ -689,7 +690,7 @@ def run(cfg: DictConfig) -> dict[str, Path]:
 
 
 @report_errors
-@config.parse
+@loading.parse
 def recipe_main(cfg: DictConfig) -> None:
     """LongLoRA continued pretraining / long-context fine-tuning (see the module docstring)."""
     run(cfg)

@@ -20,8 +20,8 @@ import time
 from typing import Any
 
 from omegaconf import DictConfig
-from torchtune import config
 
+from longlora_tune.config import loading
 from longlora_tune.errors import LongLoRAConfigError, report_errors
 from longlora_tune.eval.model_loading import (
     close_eval_runtime,
@@ -141,7 +141,7 @@ class PasskeyRecipe:
 
 
 @report_errors
-@config.parse
+@loading.parse
 def recipe_main(cfg: DictConfig) -> None:
     """Entry point for ``tune run``.
 

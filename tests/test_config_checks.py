@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from longlora_tune import resources
+from longlora_tune import errors, resources
 from longlora_tune.config import validation as cc
 from longlora_tune.errors import LongLoRAConfigError
 from longlora_tune.quickstart import tiny
@@ -334,7 +334,7 @@ def test_gradient_accumulation_steps_can_replace_global_batch_size(assets, tmp_p
 
 def test_only_local_rank_zero_reports_a_config_error(assets, tmp_path, monkeypatch, capsys):
     cfg = _cfg(assets, tmp_path / "o", max_step=3)
-    monkeypatch.setattr(cc, "_QUIET_RANK_GRACE_S", 0.0)
+    monkeypatch.setattr(errors, "QUIET_RANK_GRACE_S", 0.0)
     monkeypatch.setenv("LOCAL_RANK", "1")
     with pytest.raises(SystemExit) as e:
         cc.validate_config_in_worker(cfg, world_size=2)
@@ -374,7 +374,8 @@ def test_torchrun_world_size():
 
 
 def test_preflight_parses_the_config_as_the_workers_do(assets, tmp_path, monkeypatch):
-    from longlora_tune.config.preflight import load_config, preflight
+    from longlora_tune.config.loading import load_config
+    from longlora_tune.config.preflight import preflight
 
     argv = ["tune", "run"]
     monkeypatch.setattr("sys.argv", argv)
@@ -391,7 +392,7 @@ def test_preflight_parses_the_config_as_the_workers_do(assets, tmp_path, monkeyp
     assert __import__("sys").argv is argv
     with pytest.raises(LongLoRAConfigError, match="cannot read the config .*key=value, got max_steps"):
         load_config(["--config", str(TINY), "max_steps"])
-    with pytest.raises(LongLoRAConfigError, match="cannot read the config .*nope.yaml"):
+    with pytest.raises(LongLoRAConfigError, match="config file not found: .*nope.yaml"):
         load_config(["--config", str(tmp_path / "nope.yaml")])
 
     # The recipe's --config is already a path when tune run hands it over.
@@ -519,6 +520,85 @@ def test_torchrun_workers_print_a_config_error_once(assets, tmp_path):
     assert proc.returncode != 0
     message = "longlora_tune: error: unknown config key 'max_step'; did you mean 'max_steps'?"
     assert proc.stderr.count(message) == 1, proc.stderr[-3000:]
+
+
+# ------------------------------------------------------------------------- reading the config: one line
+
+
+_BAD_YAML = "output_dir: {out}\nmodel:\n  lora_attn_modules: [q_proj\nseed: 0\n"
+
+
+def test_config_reading_errors_are_one_line(tmp_path):
+    from longlora_tune.config.loading import load_config
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(_BAD_YAML.format(out=tmp_path / "o"))
+    with pytest.raises(LongLoRAConfigError) as e:
+        load_config(["--config", str(bad)])
+    assert str(e.value) == (
+        f"{bad}:4:5: YAML syntax error: did not find expected ',' or ']' (while parsing a flow sequence); "
+        "fix the file at that line"
+    )
+    with pytest.raises(LongLoRAConfigError) as e:
+        load_config(["--config", str(tmp_path / "nope.yaml")])
+    assert str(e.value) == (
+        f"config file not found: {tmp_path / 'nope.yaml'}; give a config name that `tune ls` lists or the "
+        "path of a YAML file"
+    )
+    with pytest.raises(LongLoRAConfigError) as e:
+        load_config(["--config", str(TINY), "output_dir=${nope"])
+    assert str(e.value) == (
+        "cannot read the config: output_dir: no viable alternative at input '${nope'; fix that value "
+        "(interpolation: ${key})"
+    )
+    with pytest.raises(LongLoRAConfigError) as e:
+        load_config(["--config", str(TINY), "output_dir=${nope}/out"])
+    assert str(e.value) == "the config does not resolve: Interpolation key 'nope' not found"
+    assert not (tmp_path / "o").exists()
+
+
+def test_recipe_config_reading_reports_on_local_rank_zero_only(tmp_path, monkeypatch, capsys):
+    from longlora_tune.config import loading
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(_BAD_YAML.format(out=tmp_path / "o"))
+    ran = []
+    main = errors.report_errors(loading.parse(ran.append))
+    monkeypatch.setattr("sys.argv", ["recipe.py", "--config", str(bad)])
+    monkeypatch.setattr(errors, "QUIET_RANK_GRACE_S", 0.0)
+    for local_rank, printed in (("1", ""), ("0", f"longlora_tune: error: {bad}:4:5: YAML syntax error")):
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+        with pytest.raises(SystemExit) as e:
+            main()
+        assert e.value.code == 2 and not ran
+        err = capsys.readouterr().err
+        assert err.startswith(printed) and err.count("\n") == (1 if printed else 0), err
+    monkeypatch.setattr("sys.argv", ["recipe.py", "--config", str(TINY), "seed=3"])
+    with pytest.raises(SystemExit) as e:
+        main()
+    assert e.value.code is None and ran[0].seed == 3  # recipe_main's return value is the exit code
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("recipe", "nproc"),
+    [("longlora_distributed", 1), ("longlora_distributed", 2), ("longlora_eval_passkey", 1)],
+)
+def test_tune_run_reports_a_yaml_error_in_one_line(tmp_path, recipe, nproc):
+    import subprocess
+    import sys
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(_BAD_YAML.format(out=tmp_path / "o"))
+    dist = ["--nproc_per_node", str(nproc)] if nproc > 1 else []
+    cmd = [sys.executable, "-c", _TUNE, "run", *dist, recipe, "--config", str(bad)]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=_tune_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines() == [
+        f"longlora_tune: error: {bad}:4:5: YAML syntax error: did not find expected ',' or ']' "
+        "(while parsing a flow sequence); fix the file at that line"
+    ]
+    assert not (tmp_path / "o").exists()
 
 
 # ------------------------------------------------------------------------------------ context parallelism

@@ -13,9 +13,6 @@ from __future__ import annotations
 import difflib
 import inspect
 import math
-import os
-import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple, NoReturn, Optional
@@ -26,7 +23,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 # Only check_base_files reads the base model's folder, through this module attribute.
 from longlora_tune._compat import flex_attention_supported, import_object
-from longlora_tune.errors import CONFIG_ERROR_EXIT_CODE, LongLoRAConfigError
+from longlora_tune.errors import LongLoRAConfigError, config_error_once_per_node
 from longlora_tune.hf.base import HFBaseModel, download_command
 from longlora_tune.models.trainable import TRAINABLE_EXTRAS
 from longlora_tune.modules.rope_scaling import check_rope_request, rope_for_training
@@ -792,18 +789,10 @@ def validate_config(cfg: DictConfig, world_size: int) -> int:
     return ga
 
 
-#: How long a worker whose local rank is not 0 waits before it exits on a config error (see below).
-_QUIET_RANK_GRACE_S = 60.0
-
-
 def validate_config_in_worker(cfg: DictConfig, world_size: int) -> int:
     """:func:`validate_config` for a recipe process that may be one of several torchrun workers.
 
-    The checks give every process on a node the same answer (same config, world size, files and CUDA),
-    so only local rank 0 reports a config error: it raises, and ``report_errors`` prints the one line.
-    The node's other workers exit with code 2 without printing. They first wait a little (torchrun stops
-    the other workers when the first one exits, so an early exit could stop local rank 0 before it
-    printed); torchrun ends them as soon as local rank 0 has exited.
+    Only local rank 0 reports a config error (:func:`~longlora_tune.errors.config_error_once_per_node`).
 
     Args:
         cfg: the recipe config.
@@ -815,14 +804,4 @@ def validate_config_in_worker(cfg: DictConfig, world_size: int) -> int:
     Raises:
         LongLoRAConfigError: on local rank 0 (or without torchrun) on the first problem found.
     """
-    try:
-        return validate_config(cfg, world_size)
-    except LongLoRAConfigError:
-        if int(os.environ.get("LOCAL_RANK", "0") or 0) == 0:
-            raise
-        _exit_quietly()
-
-
-def _exit_quietly() -> NoReturn:
-    time.sleep(_QUIET_RANK_GRACE_S)
-    sys.exit(CONFIG_ERROR_EXIT_CODE)
+    return config_error_once_per_node(lambda: validate_config(cfg, world_size))

@@ -240,9 +240,23 @@ def test_peft_export_matches_recipe_model(runs, assets):
 # --------------------------------------------------------------------------------- bad inputs (fast)
 
 
-def test_group_size_must_divide_training_length(assets, tmp_path):
-    with pytest.raises(RecipeFailed, match="training length 200 is not divisible by the S2 group size 64"):
-        run_recipe(_cfg(assets, tmp_path / "o", **{"dataset.block_size": 200}))
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"dataset.block_size": 200}, "training length 200 is not divisible by the S2 group size 64; use a "
+         "length that is a multiple of 64 or change model.s2_group_size_ratio"),
+        ({"model.s2_group_size": 64},
+         "model.s2_group_size=64 and model.s2_group_size_ratio=0.25 are both set"),
+        ({"model.lora_rank": 0}, "model.lora_rank=0 must be a positive integer (LoRA rank, 8 in LongLoRA)"),
+    ],
+)  # fmt: skip
+def test_config_errors_come_before_output_dir_is_touched(assets, tmp_path, extra, message):
+    out = tmp_path / "o"
+    with pytest.raises(RecipeFailed) as e:
+        run_recipe(_cfg(assets, out, **extra))
+    assert e.value.code == 2 and str(e.value).startswith(message), e.value.stderr[-3000:]
+    assert "Traceback" not in e.value.stderr
+    assert not out.exists()
 
 
 def test_missing_base_model_names_path_and_download_command(tmp_path):
@@ -265,6 +279,7 @@ def test_dataset_without_a_full_block_is_refused(assets, tmp_path):
     cfg = _cfg(assets, tmp_path / "o", **{"dataset.data_files": short, "dataset.cache_dir": tmp_path / "c"})
     with pytest.raises(RecipeFailed, match="dataset: .*0 blocks of 256 tokens"):
         run_recipe(cfg)
+    assert not (tmp_path / "o" / "logs").exists()  # the metric logger comes after the data
 
 
 def test_nan_stops_run_and_keeps_last_good_checkpoint(assets, tmp_path):
@@ -383,6 +398,7 @@ def test_training_length_is_checked_against_a_builder_default_max_seq_len(assets
     cfg.model = OmegaConf.create({"_component_": "longlora_tune.models.longlora_llama2_7b"})
     with pytest.raises(RecipeFailed, match="training length 16384 exceeds model.max_seq_len=8192"):
         run_recipe(cfg)
+    assert not (tmp_path / "o").exists()
 
 
 def test_sampler_resumes_mid_epoch_for_any_world_size():

@@ -669,6 +669,59 @@ def test_tune_run_reports_a_yaml_error_in_one_line(tmp_path, recipe, nproc):
     assert not (tmp_path / "o").exists()
 
 
+# ------------------------------------------------------------------ python -m longlora_tune.config.check
+
+
+def test_config_names_resolve_as_tune_run_resolves_them(tmp_path):
+    import torchtune
+
+    from longlora_tune.config.tune_registry import config_file
+
+    assert config_file("tiny_demo") == str(resources.config_path("tiny_demo"))
+    assert config_file("eval/tiny_passkey") == str(resources.config_path("eval/tiny_passkey"))
+    assert Path(config_file("llama2/7B_lora")).is_relative_to(Path(torchtune.__file__).parents[1])
+    assert config_file(str(tmp_path / "mine.yaml")) == str(tmp_path / "mine.yaml")
+
+
+def test_check_prints_the_derived_settings_and_writes_nothing(assets, tmp_path, capsys):
+    from longlora_tune.config import check, preflight
+
+    # One home: the check runs the function the recipe's workers and the tune run launcher run.
+    assert check.validate_config is cc.validate_config is preflight.PREFLIGHT_CHECKS["longlora_distributed"]
+    out, cache = tmp_path / "o", tmp_path / "cache"
+    overrides = _launcher_args(assets, out, f"dataset.cache_dir={cache}")[2:]
+    assert check.main(["--config", "tiny_demo", "--nproc_per_node", "2", *overrides]) == 0
+    assert capsys.readouterr().out == (
+        "config OK: tiny_demo: training length 256, S2 group 64, RoPE linear x4, LoRA rank 8 alpha 16, world "
+        "size 2 (2 data x 1 context parallel): global batch 4 = 1 per rank x 2 x 2 accumulation steps, "
+        "40 steps (assumed: --nproc_per_node 2 --nnodes 1)\n"
+    )
+    with pytest.raises(SystemExit) as e:
+        check.main(["--config", "tiny_demo", *overrides, "max_step=3"])
+    assert e.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == "longlora_tune: error: unknown config key 'max_step'; did you mean 'max_steps'?\n"
+    with pytest.raises(SystemExit) as e:
+        check.main(["--config", "tiny_demo", "--nnodes", "1:2", *overrides])
+    assert e.value.code == 2 and "gives no fixed number of ranks" in capsys.readouterr().err
+    assert not out.exists() and not cache.exists()
+
+
+def test_check_runs_as_a_module(assets, tmp_path):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "longlora_tune.config.check", "--config", "tiny_demo"]
+    cmd += _launcher_args(assets, tmp_path / "o", "model.s2_group_size=64")[2:]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=_tune_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.splitlines() == [
+        "longlora_tune: error: model.s2_group_size=64 and model.s2_group_size_ratio=0.25 are both set; "
+        "set one of them (model.s2_group_size_ratio=null for a fixed group size, or model.s2_group_size=null)"
+    ]
+
+
 # ------------------------------------------------------------------------------------ context parallelism
 
 

@@ -73,9 +73,10 @@ from longlora_tune.training.distributed import (
     resolve_device,
     resolve_dtype,
     run_on_rank_zero,
+    seed_rank,
     shard_model,
 )
-from longlora_tune.training.metric_logging import build_metric_logger
+from longlora_tune.training.metric_logging import build_metric_logger, rounded_metrics
 from longlora_tune.training.resume import apply_optimizer_settings, compare_with_checkpoint
 from longlora_tune.training.weights import starting_state
 
@@ -138,7 +139,7 @@ class LongLoRARecipeDistributed:
         dataset) comes before the base weights are loaded, which takes minutes at 7B.
         """
         cfg = self.cfg
-        training.set_seed(seed=self.seed)
+        seed_rank(self.seed)
         resume_dir = self._resume_dir()
 
         repo_id = cfg.get("hf_repo_id", None) or DEFAULT_REPO_HINT
@@ -150,7 +151,9 @@ class LongLoRARecipeDistributed:
         self._setup_data()
         # Only now: the model and data checks above leave no logs/ behind when they fail.
         if self.is_rank_zero:
-            self.metric_logger = build_metric_logger(cfg.get("metric_logger", None), self.output_dir / "logs")
+            self.metric_logger = build_metric_logger(
+                cfg.get("metric_logger", None), self.output_dir / "logs", self.lineage.run_id
+            )
             self.metric_logger.log_config(cfg)
         self.model = self._load_model(model, resume_dir)
         # Detected by class name as in torchtune: the model must return the logits in the same chunks.
@@ -501,7 +504,7 @@ class LongLoRARecipeDistributed:
                     if self.log_peak_memory:
                         metrics.update(training.get_memory_stats(device=self.device))
                     if self.metric_logger is not None and self.global_step % self.log_every_n_steps == 0:
-                        self.metric_logger.log_dict(metrics, step=self.global_step)
+                        self.metric_logger.log_dict(rounded_metrics(metrics), step=self.global_step)
                     pbar.update(1)
                     pbar.set_postfix(loss=f"{metrics['loss']:.4f}")
                     if self.save_every_n_steps and self.global_step % self.save_every_n_steps == 0:

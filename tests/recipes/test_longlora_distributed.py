@@ -83,9 +83,14 @@ def _train(assets: dict[str, Path], out: Path, nproc: int, **extra: object) -> d
     return _losses(out)
 
 
+def _log_files(out: Path) -> list[Path]:
+    """The run's log files, oldest first (named after run ids, so by time): later runs' steps win."""
+    return sorted((out / "logs").glob("*.txt"), key=lambda f: f.stat().st_mtime_ns)
+
+
 def _losses(out: Path) -> dict[int, float]:
     losses = {}
-    for f in sorted((out / "logs").glob("*.txt")):
+    for f in _log_files(out):
         for m in re.finditer(r"^Step (\d+) \| loss:(\S+)", f.read_text(), flags=re.M):
             losses[int(m.group(1))] = float(m.group(2))
     return losses
@@ -598,10 +603,24 @@ def test_damaged_checkpoint_is_one_line_once_and_rank_zero_failures_stop_every_r
 
 def _lrs(out: Path) -> dict[int, float]:
     lrs = {}
-    for f in sorted((out / "logs").glob("*.txt")):
+    for f in _log_files(out):
         for m in re.finditer(r"^Step (\d+) \| .*?lr:(\S+)", f.read_text(), flags=re.M):
             lrs[int(m.group(1))] = float(m.group(2))
     return lrs
+
+
+def test_log_file_is_named_after_the_run_and_holds_rounded_values(assets, tmp_path):
+    out = tmp_path / "o"
+    warm_up = {"lr_scheduler.num_warmup_steps": 5}
+    run_recipe(_cfg(assets, out, max_steps=2, save_every_n_steps=1, export_formats="[]", **warm_up))
+    run_id = json.loads((out / "checkpoints" / "step_000002" / "manifest.json").read_text())["run_id"]
+    assert [f.name for f in _log_files(out)] == [f"log_{run_id}.txt"]
+    first = _log_files(out)[0].read_text().splitlines()[0]
+    values = dict(item.split(":") for item in first.removeprefix("Step 1 | ").split())
+    assert list(values) == ["loss", "lr", "grad_norm", "tokens_per_second_per_gpu"], first
+    assert values["lr"] == "0.0006", first  # 3e-3 x 1/5 of the warm-up, not 0.0006000000000000001
+    digits = {k: len(v.replace(".", "").lstrip("0")) for k, v in values.items()}
+    assert digits["loss"] <= 10 and digits["grad_norm"] <= 6 and digits["tokens_per_second_per_gpu"] <= 7
 
 
 def test_resume_applies_a_changed_learning_rate_and_logs_it(assets, tmp_path, caplog):

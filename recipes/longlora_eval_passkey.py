@@ -119,6 +119,8 @@ class PasskeyRecipe:
                 "num_trials": self.num_trials,
                 "world_size": self.world_size,
                 "seconds": round(time.perf_counter() - start, 3),
+                # What to make of the numbers (the tiny configs: a random model cannot retrieve the key).
+                "note": self.cfg.get("note", None),
             }
             write_results(
                 self.cfg.output_dir,

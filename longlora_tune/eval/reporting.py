@@ -238,7 +238,8 @@ def write_results(
         output_dir: folder (created if missing).
         stem: file name without extension.
         rows: result rows.
-        meta: run settings stored next to the rows in the JSON file.
+        meta: run settings stored next to the rows in the JSON file; a ``note`` among them is printed
+            under the table too.
         x_key: row key of the x values.
         y_key: row key of the y values.
         xlabel: x axis label.
@@ -266,5 +267,7 @@ def write_results(
     }
     if print_columns is not None:
         print(format_table(rows, print_columns), flush=True)
+        if meta.get("note"):
+            print(f"note: {meta['note']}", flush=True)
         print(f"results: {files['json']} {files['csv']} {files['png']}", flush=True)
     return files

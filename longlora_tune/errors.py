@@ -163,7 +163,7 @@ def report_errors(fn: _F) -> _F:
     without printing (rank 0 did); other exceptions propagate unchanged (with traceback).
 
     Args:
-        fn: the function to wrap (usually ``recipe_main``; put this decorator *above* ``@config.parse``).
+        fn: the function to wrap (usually ``recipe_main``; put this decorator *above* ``@loading.parse``).
 
     Returns:
         The wrapped function.

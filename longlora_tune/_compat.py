@@ -8,8 +8,9 @@ module without pulling in torch.
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 
 def attention_call(mha: Any) -> Callable[..., Any]:
@@ -95,6 +96,33 @@ def registered_recipe_names() -> set[str]:
     except ImportError:
         return set()
     return {r.name for r in get_all_recipes()}
+
+
+def registered_config_file(name: str, recipe: str) -> Optional[Path]:
+    """The file ``tune run <recipe> --config <name>`` reads when ``name`` is a registered config name.
+
+    Why private: the lookup is ``torchtune._cli.run.Run._get_config`` (the named recipe's configs first,
+    then every recipe's) and its entries' ``file_path`` is joined onto ``torchtune._cli.run.ROOT``
+    (absolute for ours, relative for torchtune's own); neither is public.
+
+    Args:
+        name: the ``--config`` value.
+        recipe: the recipe the config is run with.
+
+    Returns:
+        The config file, or None when ``name`` is no registered config (``tune run`` then reads it as a
+        path).
+    """
+    from torchtune._cli.run import ROOT
+    from torchtune._recipe_registry import get_all_recipes
+
+    recipes = get_all_recipes()
+    ordered = [r for r in recipes if r.name == recipe] + [r for r in recipes if r.name != recipe]
+    for entry in ordered:
+        for config in entry.configs:
+            if config.name == name:
+                return Path(ROOT) / "recipes" / "configs" / config.file_path
+    return None
 
 
 def wrap_distributed_launch(before_launch: Callable[[str, list[str], Any, Any], None]) -> bool:

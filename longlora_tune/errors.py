@@ -17,10 +17,11 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from functools import wraps
 from types import FrameType
-from typing import Any, Optional, TypeVar
+from typing import Any, NoReturn, Optional, TypeVar
 
 #: Exit code for a bad config or missing files (the argparse convention for usage errors).
 CONFIG_ERROR_EXIT_CODE = 2
@@ -257,6 +258,41 @@ def exit_code(error: BaseException) -> Optional[int]:
 
 
 _F = TypeVar("_F", bound=Callable[..., Any])
+_T = TypeVar("_T")
+
+#: How long a worker whose local rank is not 0 waits before it exits on a config error (see below).
+QUIET_RANK_GRACE_S = 60.0
+
+
+def config_error_once_per_node(check: Callable[[], _T]) -> _T:
+    """Run ``check`` in a recipe process that may be one of several torchrun workers on this node.
+
+    Reading and checking a config gives every process on a node the same answer (same files, overrides,
+    world size and CUDA), so only local rank 0 reports a :class:`LongLoRAConfigError`: it raises, and
+    :func:`report_errors` prints the one line. The node's other workers exit with code 2 without printing.
+    They first wait a little (torchrun stops the other workers when the first one exits, so an early exit
+    could stop local rank 0 before it printed); torchrun ends them as soon as local rank 0 has exited.
+
+    Args:
+        check: the reading or checking to run.
+
+    Returns:
+        What ``check`` returns.
+
+    Raises:
+        LongLoRAConfigError: on local rank 0 (or without torchrun), when ``check`` raises it.
+    """
+    try:
+        return check()
+    except LongLoRAConfigError:
+        if int(os.environ.get("LOCAL_RANK", "0") or 0) == 0:
+            raise
+        _exit_quietly()
+
+
+def _exit_quietly() -> NoReturn:
+    time.sleep(QUIET_RANK_GRACE_S)
+    sys.exit(CONFIG_ERROR_EXIT_CODE)
 
 
 def report_errors(fn: _F) -> _F:
@@ -270,7 +306,7 @@ def report_errors(fn: _F) -> _F:
     propagate unchanged (with traceback).
 
     Args:
-        fn: the function to wrap (usually ``recipe_main``; put this decorator *above* ``@config.parse``).
+        fn: the function to wrap (usually ``recipe_main``; put this decorator *above* ``@loading.parse``).
 
     Returns:
         The wrapped function.

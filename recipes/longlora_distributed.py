@@ -39,17 +39,17 @@ from torchtune import config, training, utils
 from tqdm import tqdm
 
 from longlora_tune._compat import import_object
+from longlora_tune.config import loading
 from longlora_tune.config.validation import (
     DEFAULT_REPO_HINT,
     EXPORT_FORMATS,
     batch_settings,
+    build_meta_model,
     check_dataset_size,
-    check_training_length,
     data_parallel_size,
     training_length,
     validate_config_in_worker,
 )
-from longlora_tune.data import check_dataset_source
 from longlora_tune.data.loader import DEFAULT_COLLATE, build_dataloader, pad_multiple
 from longlora_tune.errors import (
     Interrupted,
@@ -61,10 +61,8 @@ from longlora_tune.errors import (
 )
 from longlora_tune.hf import export
 from longlora_tune.hf.base import HFBaseModel
-from longlora_tune.models.longlora import describe
 from longlora_tune.models.trainable import set_trainable_params, trainable_param_names, unwrapped_name
 from longlora_tune.modules.context_parallel import (
-    check_context_parallel,
     context_parallel_attention,
     split_batch_for_context_parallel,
 )
@@ -82,9 +80,10 @@ from longlora_tune.training.distributed import (
     resolve_device,
     resolve_dtype,
     run_on_rank_zero,
+    seed_rank,
     shard_model,
 )
-from longlora_tune.training.metric_logging import build_metric_logger, check_metric_logger
+from longlora_tune.training.metric_logging import build_metric_logger, rounded_metrics
 from longlora_tune.training.weights import starting_state
 
 log = utils.get_logger("INFO")
@@ -147,12 +146,8 @@ class LongLoRARecipeDistributed:
         dataset) comes before the base weights are loaded, which takes minutes at 7B.
         """
         cfg = self.cfg
-        training.set_seed(seed=self.seed)
+        seed_rank(self.seed)
         resume_dir = self.checkpoints.resume_point(cfg.get("resume_from_checkpoint", False))
-        if self.is_rank_zero:
-            self.metric_logger = build_metric_logger(cfg.get("metric_logger", None), self.output_dir / "logs")
-        if self.metric_logger is not None:
-            self.metric_logger.log_config(cfg)
 
         repo_id = cfg.get("hf_repo_id", None) or DEFAULT_REPO_HINT
         self.base = HFBaseModel.read(cfg.checkpoint_dir, repo_id=repo_id)
@@ -161,6 +156,12 @@ class LongLoRARecipeDistributed:
         self.loss_fn = config.instantiate(cfg.loss)
         self.ignore_index = int(getattr(self.loss_fn, "ignore_index", -100))
         self._setup_data()
+        # Only now: the model and data checks above leave no logs/ behind when they fail.
+        if self.is_rank_zero:
+            self.metric_logger = build_metric_logger(
+                cfg.get("metric_logger", None), self.output_dir / "logs", self.checkpoints.run_id
+            )
+            self.metric_logger.log_config(cfg)
         self.model = self._load_model(model, resume_dir)
         # Detected by class name as in torchtune: the model must return the logits in the same chunks.
         if self.loss_fn.__class__.__name__ == "CEWithChunkedOutputLoss":
@@ -187,32 +188,9 @@ class LongLoRARecipeDistributed:
 
     def _build_model(self) -> torch.nn.Module:
         """The model on the meta device (no memory), checked against the training length."""
-        cfg = self.cfg
-        try:
-            with training.set_default_dtype(self.dtype), torch.device("meta"):
-                request = cfg.get("rope_scaling", None)
-                overrides = self.base.training_overrides(
-                    OmegaConf.to_container(cfg.model, resolve=True),
-                    None if request is None else OmegaConf.to_container(request, resolve=True),
-                )
-                # With the checkpoint's RoPE facts, longlora.json rebuilds the model without the base config.
-                family_builder = "checkpoint_rope_scaling" in overrides
-                self.rope_facts = self.base.builder_rope_kwargs() if family_builder else {}
-                model = config.instantiate(cfg.model, **overrides)
-        except LongLoRAConfigError as e:
-            # Only the builders' argument checks become a config error line; any other exception is a bug
-            # and keeps its traceback.
-            raise LongLoRAConfigError(f"model: {e}") from e
-        self.model_info = describe(model)
-        # S² needs every training sequence to be made of whole groups; the built model's own length
-        # (a builder default such as longlora_llama2_7b's 8192 counts too) bounds the training length.
-        train_len = training_length(cfg)
-        if train_len is not None:
-            max_seq_len = self.model_info.max_seq_len or int(cfg.model.get("max_seq_len", train_len))
-            check_training_length(train_len, max_seq_len, self.model_info.group_size)
-            if self.layout.cp_degree > 1:
-                check_context_parallel(train_len, self.layout.cp_degree, self.model_info.group_size)
-        return model
+        built = build_meta_model(self.cfg, self.base, self.dtype)
+        self.model_info, self.rope_facts = built.info, built.rope_facts
+        return built.model
 
     def _load_model(self, model: torch.nn.Module, resume_dir: Optional[Path]) -> torch.nn.Module:
         """Trainable set, activation checkpointing, FSDP2, then the weights (base, LoRA init, resumed)."""
@@ -437,7 +415,7 @@ class LongLoRARecipeDistributed:
                         metrics.update(training.get_memory_stats(device=self.device))
                     step = self.position.global_step
                     if self.metric_logger is not None and step % self.log_every_n_steps == 0:
-                        self.metric_logger.log_dict(metrics, step=step)
+                        self.metric_logger.log_dict(rounded_metrics(metrics), step=step)
                     pbar.update(1)
                     pbar.set_postfix(loss=f"{metrics['loss']:.4f}")
                     if self.save_every_n_steps and self.position.global_step % self.save_every_n_steps == 0:
@@ -576,8 +554,6 @@ def run(cfg: DictConfig) -> dict[str, Path]:
         TrainingDivergedError: when the loss, gradients or weights stop being finite.
     """
     validate_config_in_worker(cfg, int(os.environ.get("WORLD_SIZE", "1")))
-    check_metric_logger(cfg.get("metric_logger", None))
-    check_dataset_source(cfg.dataset)
     created = init_process_group(resolve_device(cfg.get("device", None)), solo_group=True)
     # One run per output_dir: two runs pruning and resuming the same checkpoints lose data.
     lock = checkpointing.OutputDirLock(cfg.output_dir)
@@ -625,7 +601,7 @@ def resume_hint(recipe: Optional[LongLoRARecipeDistributed]) -> str:
 
 
 @report_errors
-@config.parse
+@loading.parse
 def recipe_main(cfg: DictConfig) -> None:
     """LongLoRA continued pretraining / long-context fine-tuning (see the module docstring)."""
     run(cfg)

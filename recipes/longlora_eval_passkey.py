@@ -23,8 +23,8 @@ import time
 from typing import Any
 
 from omegaconf import DictConfig
-from torchtune import config
 
+from longlora_tune.config import loading
 from longlora_tune.errors import LongLoRAConfigError, report_errors, signals_as_interrupts
 from longlora_tune.eval.model_loading import (
     close_eval_runtime,
@@ -134,6 +134,8 @@ class PasskeyRecipe:
                 "num_trials": self.num_trials,
                 "world_size": self.world_size,
                 "seconds": round(time.perf_counter() - start, 3),
+                # What to make of the numbers (the tiny configs: a random model cannot retrieve the key).
+                "note": self.cfg.get("note", None),
             }
             files = write_results(
                 self.cfg.output_dir,
@@ -159,7 +161,7 @@ class PasskeyRecipe:
 
 
 @report_errors
-@config.parse
+@loading.parse
 def recipe_main(cfg: DictConfig) -> None:
     """Entry point for ``tune run``.
 

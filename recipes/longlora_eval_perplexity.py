@@ -25,8 +25,8 @@ import time
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
-from torchtune import config
 
+from longlora_tune.config import loading
 from longlora_tune.errors import LongLoRAConfigError, report_errors, signals_as_interrupts
 from longlora_tune.eval.model_loading import (
     close_eval_runtime,
@@ -166,7 +166,7 @@ class PerplexityRecipe:
 
 
 @report_errors
-@config.parse
+@loading.parse
 def recipe_main(cfg: DictConfig) -> None:
     """Entry point for ``tune run``.
 

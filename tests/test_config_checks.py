@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from longlora_tune import resources
+from longlora_tune import errors, resources
 from longlora_tune.config import validation as cc
 from longlora_tune.errors import LongLoRAConfigError
 from longlora_tune.quickstart import tiny
@@ -28,7 +28,8 @@ def assets(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("assets")
     base = tiny.make_hf_checkpoint(root / "base")
     corpus = tiny.make_text_corpus(root / "corpus.jsonl", n_docs=4)
-    return {"root": root, "base": base, "corpus": corpus, "cache": root / "cache"}
+    sft = tiny.make_longalpaca_json(root / "longalpaca.json", n=4)
+    return {"root": root, "base": base, "corpus": corpus, "sft": sft, "cache": root / "cache"}
 
 
 def _cfg(assets: dict[str, Path], out: Path, config: Path = TINY, **extra: object):
@@ -36,9 +37,16 @@ def _cfg(assets: dict[str, Path], out: Path, config: Path = TINY, **extra: objec
     values = {"checkpoint_dir": assets["base"], "output_dir": out, **extra}
     if config == TINY:
         values = {"dataset.data_files": assets["corpus"], "dataset.cache_dir": assets["cache"], **values}
+    if config == TINY_SFT:
+        values = {"dataset.data_files": assets["sft"], **values}
     cfg = OmegaConf.load(config)
     cfg.merge_with_dotlist([f"{k}={v}" for k, v in values.items()])
     return cfg
+
+
+def _steps(cfg, *, world_size: int) -> int:
+    """The gradient accumulation steps :func:`validate_config` derives (after every check passed)."""
+    return cc.validate_config(cfg, world_size=world_size).gradient_accumulation_steps
 
 
 # ----------------------------------------------------------------------------- moved from the recipe tests
@@ -89,7 +97,7 @@ def test_flex_backend_is_refused_for_cpu_training(assets, tmp_path):
 
 def test_world_size_must_divide_global_batch(assets, tmp_path):
     cfg = _cfg(assets, tmp_path / "o")
-    assert cc.validate_config(cfg, world_size=2) == 2
+    assert _steps(cfg, world_size=2) == 2
     with pytest.raises(
         LongLoRAConfigError, match="global_batch_size=4 is not divisible by batch_size=1 x world_size=3"
     ):
@@ -148,7 +156,7 @@ def test_packing_with_full_attention_or_wrap_around_is_accepted(assets, tmp_path
         {"dataset.packed": "true", "model.s2_wrap_around": "true"},
         {"dataset.packed": "true", "model.s2_backend": "flash", "model.use_full_attn": "true"},
     ):
-        assert cc.validate_config(_cfg(assets, tmp_path / "o", TINY_SFT, **extra), world_size=1) == 2
+        assert _steps(_cfg(assets, tmp_path / "o", TINY_SFT, **extra), world_size=1) == 2
         cc.check_sft_batching(_cfg(assets, tmp_path / "o", TINY_SFT, **extra))
 
 
@@ -224,7 +232,7 @@ def test_required_component_arguments_and_open_kwargs(assets, tmp_path):
     )
     # DiskLogger takes **kwargs; a builder taking **knobs likewise accepts any key.
     cfg = _cfg(assets, tmp_path / "o", **{"metric_logger.anything": 1, "compile": "false"})
-    assert cc.validate_config(cfg, world_size=1) == 4
+    assert _steps(cfg, world_size=1) == 4
 
 
 def test_every_key_the_recipe_reads_is_in_the_schema():
@@ -284,6 +292,65 @@ def test_bad_values_are_one_line_errors(assets, tmp_path, extra, message):
     assert _error(_cfg(assets, tmp_path / "o", **extra)).startswith(message)
 
 
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"model.lora_rank": 0}, "model.lora_rank=0 must be a positive integer (LoRA rank, 8 in LongLoRA)"),
+        ({"model.lora_rank": 2.5}, "model.lora_rank=2.5 must be a positive integer"),
+        ({"model.lora_alpha": 0}, "model.lora_alpha=0 must be a positive number (e.g. 16)"),
+        ({"model.lora_alpha": -1.0}, "model.lora_alpha=-1.0 must be a positive number"),
+        ({"model.lora_dropout": 1.0}, "model.lora_dropout=1.0 must be a number in [0, 1) (0 = no dropout)"),
+        ({"model.lora_dropout": -0.1}, "model.lora_dropout=-0.1 must be a number in [0, 1)"),
+    ],
+)
+def test_bad_lora_settings_are_one_line_errors(assets, tmp_path, extra, message):
+    assert _error(_cfg(assets, tmp_path / "o", **extra)).startswith(message)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (
+            {"model.s2_group_size": 64},
+            "model.s2_group_size=64 and model.s2_group_size_ratio=0.25 are both set; set one of them "
+            "(model.s2_group_size_ratio=null for a fixed group size, or model.s2_group_size=null)",
+        ),
+        (
+            {"model.s2_group_size_ratio": 0.3},
+            "model.s2_group_size_ratio 0.3 * model.max_seq_len 256 = 76.8 is not an integer; pick a ratio "
+            "that divides model.max_seq_len or set model.s2_group_size",
+        ),
+        (
+            {"model.s2_group_size_ratio": 1.5},
+            "model.s2_group_size_ratio must be in (0, 1], got 1.5",
+        ),
+        (
+            {"model.s2_group_size": 63, "model.s2_group_size_ratio": "null"},
+            "model.s2_group_size must be even (groups are shifted by half a group), got 63",
+        ),
+        (
+            {"model.s2_group_size": 48, "model.s2_group_size_ratio": "null"},
+            "training length 256 is not divisible by the S2 group size 48; use a length that is a multiple "
+            "of 48 or change model.s2_group_size",
+        ),
+    ],
+)
+def test_s2_group_errors_name_the_config_keys(assets, tmp_path, extra, message):
+    assert _error(_cfg(assets, tmp_path / "o", **extra)) == message
+
+
+def test_the_checks_derive_the_run_settings(assets, tmp_path):
+    checked = cc.validate_config(_cfg(assets, tmp_path / "o", **{"model.lora_rank": 4}), world_size=2)
+    assert (checked.training_length, checked.model.group_size, checked.model.lora_rank) == (256, 64, 4)
+    assert checked.summary() == (
+        "training length 256, S2 group 64, RoPE linear x4, LoRA rank 4 alpha 16, world size 2 (2 data x 1 "
+        "context parallel): global batch 4 = 1 per rank x 2 x 2 accumulation steps, 40 steps"
+    )
+    fixed = {"model.s2_group_size": 128, "model.s2_group_size_ratio": "null", "model.use_full_attn": "true"}
+    checked = cc.validate_config(_cfg(assets, tmp_path / "o", **fixed), world_size=1)
+    assert checked.summary().startswith("training length 256, full attention, RoPE linear x4, LoRA rank 8")
+
+
 def test_values_at_the_edge_of_their_range_are_accepted(assets, tmp_path):
     extra = {
         "save_every_n_steps": 0,
@@ -296,7 +363,7 @@ def test_values_at_the_edge_of_their_range_are_accepted(assets, tmp_path):
         "export_formats": "[]",
         "resume_from_checkpoint": "null",
     }
-    assert cc.validate_config(_cfg(assets, tmp_path / "o", **extra), world_size=1) == 4
+    assert _steps(_cfg(assets, tmp_path / "o", **extra), world_size=1) == 4
     # torchtune seeds rank r with seed + r, which must stay a uint32.
     assert _error(_cfg(assets, tmp_path / "o", **extra), world_size=2).startswith("seed=4294967295 must be")
 
@@ -308,7 +375,7 @@ def test_gradient_accumulation_steps_can_replace_global_batch_size(assets, tmp_p
     torchtune_style = {"global_batch_size": "null", "gradient_accumulation_steps": 3, "batch_size": 2}
     cfg = _cfg(assets, tmp_path / "o", **torchtune_style)
     assert cc.batch_settings(cfg, world_size=2) == (12, 3)
-    assert cc.validate_config(cfg, world_size=2) == 3
+    assert _steps(cfg, world_size=2) == 3
     # Both set: fine when they agree ...
     assert cc.batch_settings(_cfg(assets, tmp_path / "o", gradient_accumulation_steps=2), 2) == (4, 2)
     assert cc.batch_settings(_cfg(assets, tmp_path / "o"), 2) == (4, 2)
@@ -334,7 +401,7 @@ def test_gradient_accumulation_steps_can_replace_global_batch_size(assets, tmp_p
 
 def test_only_local_rank_zero_reports_a_config_error(assets, tmp_path, monkeypatch, capsys):
     cfg = _cfg(assets, tmp_path / "o", max_step=3)
-    monkeypatch.setattr(cc, "_QUIET_RANK_GRACE_S", 0.0)
+    monkeypatch.setattr(errors, "QUIET_RANK_GRACE_S", 0.0)
     monkeypatch.setenv("LOCAL_RANK", "1")
     with pytest.raises(SystemExit) as e:
         cc.validate_config_in_worker(cfg, world_size=2)
@@ -346,7 +413,8 @@ def test_only_local_rank_zero_reports_a_config_error(assets, tmp_path, monkeypat
     monkeypatch.delenv("LOCAL_RANK")
     with pytest.raises(LongLoRAConfigError, match="unknown config key 'max_step'"):
         cc.validate_config_in_worker(cfg, world_size=2)
-    assert cc.validate_config_in_worker(_cfg(assets, tmp_path / "o"), world_size=2) == 2
+    checked = cc.validate_config_in_worker(_cfg(assets, tmp_path / "o"), world_size=2)
+    assert checked.gradient_accumulation_steps == 2
 
 
 # ------------------------------------------------------------------ pre-flight in the `tune run` launcher
@@ -374,7 +442,8 @@ def test_torchrun_world_size():
 
 
 def test_preflight_parses_the_config_as_the_workers_do(assets, tmp_path, monkeypatch):
-    from longlora_tune.config.preflight import load_config, preflight
+    from longlora_tune.config.loading import load_config
+    from longlora_tune.config.preflight import preflight
 
     argv = ["tune", "run"]
     monkeypatch.setattr("sys.argv", argv)
@@ -391,7 +460,7 @@ def test_preflight_parses_the_config_as_the_workers_do(assets, tmp_path, monkeyp
     assert __import__("sys").argv is argv
     with pytest.raises(LongLoRAConfigError, match="cannot read the config .*key=value, got max_steps"):
         load_config(["--config", str(TINY), "max_steps"])
-    with pytest.raises(LongLoRAConfigError, match="cannot read the config .*nope.yaml"):
+    with pytest.raises(LongLoRAConfigError, match="config file not found: .*nope.yaml"):
         load_config(["--config", str(tmp_path / "nope.yaml")])
 
     # The recipe's --config is already a path when tune run hands it over.
@@ -521,14 +590,146 @@ def test_torchrun_workers_print_a_config_error_once(assets, tmp_path):
     assert proc.stderr.count(message) == 1, proc.stderr[-3000:]
 
 
+# ------------------------------------------------------------------------- reading the config: one line
+
+
+_BAD_YAML = "output_dir: {out}\nmodel:\n  lora_attn_modules: [q_proj\nseed: 0\n"
+
+
+def test_config_reading_errors_are_one_line(tmp_path):
+    from longlora_tune.config.loading import load_config
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(_BAD_YAML.format(out=tmp_path / "o"))
+    with pytest.raises(LongLoRAConfigError) as e:
+        load_config(["--config", str(bad)])
+    assert str(e.value) == (
+        f"{bad}:4:5: YAML syntax error: did not find expected ',' or ']' (while parsing a flow sequence); "
+        "fix the file at that line"
+    )
+    with pytest.raises(LongLoRAConfigError) as e:
+        load_config(["--config", str(tmp_path / "nope.yaml")])
+    assert str(e.value) == (
+        f"config file not found: {tmp_path / 'nope.yaml'}; give a config name that `tune ls` lists or the "
+        "path of a YAML file"
+    )
+    with pytest.raises(LongLoRAConfigError) as e:
+        load_config(["--config", str(TINY), "output_dir=${nope"])
+    assert str(e.value) == (
+        "cannot read the config: output_dir: no viable alternative at input '${nope'; fix that value "
+        "(interpolation: ${key})"
+    )
+    with pytest.raises(LongLoRAConfigError) as e:
+        load_config(["--config", str(TINY), "output_dir=${nope}/out"])
+    assert str(e.value) == "the config does not resolve: Interpolation key 'nope' not found"
+    assert not (tmp_path / "o").exists()
+
+
+def test_recipe_config_reading_reports_on_local_rank_zero_only(tmp_path, monkeypatch, capsys):
+    from longlora_tune.config import loading
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(_BAD_YAML.format(out=tmp_path / "o"))
+    ran = []
+    main = errors.report_errors(loading.parse(ran.append))
+    monkeypatch.setattr("sys.argv", ["recipe.py", "--config", str(bad)])
+    monkeypatch.setattr(errors, "QUIET_RANK_GRACE_S", 0.0)
+    for local_rank, printed in (("1", ""), ("0", f"longlora_tune: error: {bad}:4:5: YAML syntax error")):
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+        with pytest.raises(SystemExit) as e:
+            main()
+        assert e.value.code == 2 and not ran
+        err = capsys.readouterr().err
+        assert err.startswith(printed) and err.count("\n") == (1 if printed else 0), err
+    monkeypatch.setattr("sys.argv", ["recipe.py", "--config", str(TINY), "seed=3"])
+    with pytest.raises(SystemExit) as e:
+        main()
+    assert e.value.code is None and ran[0].seed == 3  # recipe_main's return value is the exit code
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("recipe", "nproc"),
+    [("longlora_distributed", 1), ("longlora_distributed", 2), ("longlora_eval_passkey", 1)],
+)
+def test_tune_run_reports_a_yaml_error_in_one_line(tmp_path, recipe, nproc):
+    import subprocess
+    import sys
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(_BAD_YAML.format(out=tmp_path / "o"))
+    dist = ["--nproc_per_node", str(nproc)] if nproc > 1 else []
+    cmd = [sys.executable, "-c", _TUNE, "run", *dist, recipe, "--config", str(bad)]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=_tune_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines() == [
+        f"longlora_tune: error: {bad}:4:5: YAML syntax error: did not find expected ',' or ']' "
+        "(while parsing a flow sequence); fix the file at that line"
+    ]
+    assert not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------ python -m longlora_tune.config.check
+
+
+def test_config_names_resolve_as_tune_run_resolves_them(tmp_path):
+    import torchtune
+
+    from longlora_tune.config.tune_registry import config_file
+
+    assert config_file("tiny_demo") == str(resources.config_path("tiny_demo"))
+    assert config_file("eval/tiny_passkey") == str(resources.config_path("eval/tiny_passkey"))
+    assert Path(config_file("llama2/7B_lora")).is_relative_to(Path(torchtune.__file__).parents[1])
+    assert config_file(str(tmp_path / "mine.yaml")) == str(tmp_path / "mine.yaml")
+
+
+def test_check_prints_the_derived_settings_and_writes_nothing(assets, tmp_path, capsys):
+    from longlora_tune.config import check, preflight
+
+    # One home: the check runs the function the recipe's workers and the tune run launcher run.
+    assert check.validate_config is cc.validate_config is preflight.PREFLIGHT_CHECKS["longlora_distributed"]
+    out, cache = tmp_path / "o", tmp_path / "cache"
+    overrides = _launcher_args(assets, out, f"dataset.cache_dir={cache}")[2:]
+    assert check.main(["--config", "tiny_demo", "--nproc_per_node", "2", *overrides]) == 0
+    assert capsys.readouterr().out == (
+        "config OK: tiny_demo: training length 256, S2 group 64, RoPE linear x4, LoRA rank 8 alpha 16, world "
+        "size 2 (2 data x 1 context parallel): global batch 4 = 1 per rank x 2 x 2 accumulation steps, "
+        "40 steps (assumed: --nproc_per_node 2 --nnodes 1)\n"
+    )
+    with pytest.raises(SystemExit) as e:
+        check.main(["--config", "tiny_demo", *overrides, "max_step=3"])
+    assert e.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == "longlora_tune: error: unknown config key 'max_step'; did you mean 'max_steps'?\n"
+    with pytest.raises(SystemExit) as e:
+        check.main(["--config", "tiny_demo", "--nnodes", "1:2", *overrides])
+    assert e.value.code == 2 and "gives no fixed number of ranks" in capsys.readouterr().err
+    assert not out.exists() and not cache.exists()
+
+
+def test_check_runs_as_a_module(assets, tmp_path):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "longlora_tune.config.check", "--config", "tiny_demo"]
+    cmd += _launcher_args(assets, tmp_path / "o", "model.s2_group_size=64")[2:]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=_tune_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.splitlines() == [
+        "longlora_tune: error: model.s2_group_size=64 and model.s2_group_size_ratio=0.25 are both set; "
+        "set one of them (model.s2_group_size_ratio=null for a fixed group size, or model.s2_group_size=null)"
+    ]
+
+
 # ------------------------------------------------------------------------------------ context parallelism
 
 
 def test_context_parallel_ranks_share_batches(assets, tmp_path):
     # tiny_demo: global batch 4, batch_size 1. Four processes as 2 data x 2 context ranks accumulate 2
     # micro-batches (each data replica sees 2 sequences), not 1.
-    assert cc.validate_config(_cfg(assets, tmp_path / "o", context_parallel_degree=2), world_size=4) == 2
-    assert cc.validate_config(_cfg(assets, tmp_path / "o", context_parallel_degree=4), world_size=4) == 4
+    assert _steps(_cfg(assets, tmp_path / "o", context_parallel_degree=2), world_size=4) == 2
+    assert _steps(_cfg(assets, tmp_path / "o", context_parallel_degree=4), world_size=4) == 4
     assert cc.data_parallel_size(_cfg(assets, tmp_path / "o"), 8) == 8  # default: off
     with pytest.raises(
         LongLoRAConfigError, match="context_parallel_degree=2 with compile=true is not supported"
@@ -670,4 +871,4 @@ def test_bad_checkpoint_layer_counts_are_one_line(assets, tmp_path, extra, messa
 )
 def test_checkpoint_layer_counts_are_accepted(assets, tmp_path, extra):
     # The bound by the model's layers is checked when the layers are wrapped (the model is not built here).
-    assert cc.validate_config(_cfg(assets, tmp_path / "o", **extra), world_size=1) == 4
+    assert _steps(_cfg(assets, tmp_path / "o", **extra), world_size=1) == 4

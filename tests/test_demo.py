@@ -89,6 +89,9 @@ def test_sft_demo_trains_and_exports(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "--config tiny_longalpaca" in proc.stdout
+    # Next steps: passkey and generate on hf/ (no plain-text corpus for perplexity), with the passkey note.
+    assert "--config eval/tiny_passkey" in proc.stdout and "eval/tiny_perplexity" not in proc.stdout
+    assert "expected to fail retrieval" in proc.stdout and "-m longlora_tune.eval.generate" in proc.stdout
     assert (tmp_path / "out" / "hf" / "config.json").is_file()
     assert (tmp_path / "out" / "peft" / "adapter_config.json").is_file()
 

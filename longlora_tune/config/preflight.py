@@ -3,22 +3,23 @@
 Under ``tune run --nproc_per_node N <recipe> ...`` every worker parses and validates the config itself, so
 a config error used to be printed once per rank and then buried under torchrun's ``ChildFailedError``
 report (and the launcher's exit code was 1). The registry hook (:func:`longlora_tune.config.tune_registry.
-install_preflight`) calls :func:`check_before_launch` in the launcher instead: it builds the config exactly
-as the workers will (torchtune's own ``config.parse``), runs the recipe's up-front checks with the world
-size torchrun is about to use, and on a problem prints ``longlora_tune: error: ...`` once and exits with
-code 2 before any worker exists. A config that passes is launched unchanged (the workers check it again).
+install_preflight`) calls :func:`check_before_launch` in the launcher instead: it reads the config exactly
+as the workers will (:func:`~longlora_tune.config.loading.load_config`, torchtune's own parser), for every
+recipe of ours, runs the recipe's up-front checks with the world size torchrun is about to use, and on a
+problem prints ``longlora_tune: error: ...`` once and exits with code 2 before any worker exists. A config
+that passes is launched unchanged (the workers check it again).
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
 from omegaconf import DictConfig
 
+from longlora_tune.config.loading import load_config
 from longlora_tune.config.validation import validate_config
-from longlora_tune.errors import LongLoRAConfigError, report_errors
+from longlora_tune.errors import report_errors
 
 #: Recipe name -> its up-front checks ``(cfg, world_size)``. Recipes without an entry launch unchecked.
 PREFLIGHT_CHECKS: dict[str, Callable[[DictConfig, int], Any]] = {"longlora_distributed": validate_config}
@@ -45,46 +46,8 @@ def torchrun_world_size(nproc_per_node: Any, nnodes: Any) -> Optional[int]:
     return per_node * min_nodes if min_nodes == max_nodes else None
 
 
-def load_config(recipe_args: Sequence[str]) -> DictConfig:
-    """The config a recipe will get from ``--config <file> key=value ...``, parsed as its workers parse it.
-
-    Args:
-        recipe_args: the recipe's arguments (``--config`` path and overrides).
-
-    Returns:
-        The merged config.
-
-    Raises:
-        LongLoRAConfigError: when the file cannot be read or an override is malformed.
-    """
-    from torchtune import config
-
-    captured: list[DictConfig] = []
-
-    # torchtune's own parser (file + overrides, `~key` removal, `section=path` for a _component_), exactly as
-    # the recipe's @config.parse will run it in each worker; it reads sys.argv and ends with sys.exit.
-    @config.parse
-    def _capture(cfg: DictConfig) -> int:
-        captured.append(cfg)
-        return 0
-
-    argv = sys.argv
-    sys.argv = ["recipe", *recipe_args]
-    try:
-        _capture()
-    except SystemExit:
-        if not captured:
-            raise  # argparse already printed its usage error
-    except Exception as e:  # YAML syntax, a missing file, an override without "=" ...
-        reason = " ".join(str(e).split()) or type(e).__name__
-        raise LongLoRAConfigError(f"cannot read the config ({' '.join(recipe_args)}): {reason}") from e
-    finally:
-        sys.argv = argv
-    return captured[0]
-
-
 def preflight(recipe_name: str, recipe_args: Sequence[str], world_size: Optional[int]) -> bool:
-    """Run a recipe's up-front checks on the config its workers will get.
+    """Read the config a recipe's workers will get, and run the recipe's up-front checks on it.
 
     Args:
         recipe_name: the recipe's registered name.
@@ -92,15 +55,17 @@ def preflight(recipe_name: str, recipe_args: Sequence[str], world_size: Optional
         world_size: the ranks torchrun will start, or None when unknown (the checks then run in the workers).
 
     Returns:
-        Whether checks ran (False: no checks for this recipe, or the world size is not known yet).
+        Whether checks ran (False: no checks for this recipe, or the world size is not known yet; the
+        config was still read).
 
     Raises:
-        LongLoRAConfigError: on the first config problem.
+        LongLoRAConfigError: when the config cannot be read, or on the first config problem.
     """
+    cfg = load_config(recipe_args)
     checks = PREFLIGHT_CHECKS.get(recipe_name)
     if checks is None or world_size is None:
         return False
-    checks(load_config(recipe_args), world_size)
+    checks(cfg, world_size)
     return True
 
 

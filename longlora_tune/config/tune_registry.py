@@ -47,7 +47,7 @@ from types import ModuleType
 from typing import Any
 
 from longlora_tune import resources
-from longlora_tune._compat import recipe_list, wrap_distributed_launch
+from longlora_tune._compat import recipe_list, registered_config_file, wrap_distributed_launch
 
 DEFAULT_RECIPE = "longlora_distributed"
 
@@ -193,6 +193,24 @@ def register(
         added.append(name)
     install_preflight()
     return added
+
+
+def config_file(config: str, recipe: str = DEFAULT_RECIPE) -> str:
+    """The file ``tune run <recipe> --config <config>`` reads: a registered name's file, else ``config``.
+
+    Our recipes and configs are registered first (:func:`register`, idempotent), so names resolve in a
+    checkout without the start-up hook too.
+
+    Args:
+        config: a config name (``tiny_demo``, ``eval/tiny_passkey``, one of torchtune's) or a file path.
+        recipe: the recipe whose configs are searched first, as ``tune run`` does.
+
+    Returns:
+        The path to read (``config`` itself when it names no registered config).
+    """
+    register()
+    found = registered_config_file(config, recipe)
+    return config if found is None else str(found)
 
 
 def install_preflight() -> bool:

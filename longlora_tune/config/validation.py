@@ -1,11 +1,12 @@
 """Every up-front validation of the training recipe, and the recipe's key schema.
 
-These checks need neither a process group nor a model: they read the config, the file system (the base
-model's files) and whether CUDA exists, so they can run before any heavy work -- in every rank of a
-run, and once more in the ``tune run`` launcher before torchrun starts the workers
-(:mod:`longlora_tune.config.preflight`). Every problem is one
-:class:`~longlora_tune.errors.LongLoRAConfigError`
-line naming the value and the fix.
+These checks need neither a process group nor weights: they read the config, the file system (the base
+model's ``config.json`` and which files exist, the dataset's first records), whether CUDA exists, and build
+the model on the meta device (no memory, a fraction of a second at 70B) to read its S² group and RoPE
+factor. So they can run before any heavy work and before ``output_dir`` is touched -- in every rank of a
+run, once more in the ``tune run`` launcher before torchrun starts the workers
+(:mod:`longlora_tune.config.preflight`), and on their own (``python -m longlora_tune.config.check``).
+Every problem is one :class:`~longlora_tune.errors.LongLoRAConfigError` line naming the value and the fix.
 """
 
 from __future__ import annotations
@@ -13,9 +14,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import math
-import os
-import sys
-import time
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple, NoReturn, Optional
@@ -23,13 +22,19 @@ from typing import Any, NamedTuple, NoReturn, Optional
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+from torchtune import config, training
 
 # Only check_base_files reads the base model's folder, through this module attribute.
 from longlora_tune._compat import flex_attention_supported, import_object
-from longlora_tune.errors import CONFIG_ERROR_EXIT_CODE, LongLoRAConfigError
+from longlora_tune.data import check_dataset_source
+from longlora_tune.errors import LongLoRAConfigError, config_error_once_per_node
 from longlora_tune.hf.base import HFBaseModel, download_command
+from longlora_tune.models.longlora import LongLoRAModelInfo, describe
 from longlora_tune.models.trainable import TRAINABLE_EXTRAS
+from longlora_tune.modules.context_parallel import check_context_parallel
 from longlora_tune.modules.rope_scaling import check_rope_request, rope_for_training
+from longlora_tune.training.distributed import resolve_dtype
+from longlora_tune.training.metric_logging import check_metric_logger
 
 #: Hugging Face repository used in download hints when the config names none.
 DEFAULT_REPO_HINT = "meta-llama/Llama-2-7b-hf"
@@ -383,6 +388,15 @@ def check_values(cfg: DictConfig, world_size: int) -> None:
             raise LongLoRAConfigError(f"dataset.{key}={cfg.dataset.get(key)!r} must be true or false")
     _check_int(cfg.dataset, "num_proc", 1, prefix="dataset.", nullable=True)
     _check_int(cfg.loss, "num_output_chunks", 1, prefix="loss.", nullable=False)
+    # LoRA: rank 0 would only fail when the weights load (a shape mismatch deep in FSDP2), a dropout
+    # outside [0, 1) in torch's Dropout with the builder's argument name.
+    _check_int(cfg.model, "lora_rank", 1, prefix="model.", nullable=False, fix="LoRA rank, 8 in LongLoRA")
+    _check_number(cfg.model, "lora_alpha", prefix="model.", positive=True, nullable=False, fix="e.g. 16")
+    dropout = cfg.model.get("lora_dropout", 0.0)
+    if not _is_number(dropout) or not 0 <= dropout < 1:
+        raise LongLoRAConfigError(
+            f"model.lora_dropout={dropout!r} must be a number in [0, 1) (0 = no dropout)"
+        )
 
     opt = cfg.optimizer
     _check_number(opt, "lr", prefix="optimizer.", positive=True, nullable=False)
@@ -606,13 +620,20 @@ def check_rope_scaling(cfg: DictConfig) -> None:
         )
 
 
-def check_training_length(train_len: int, model_max_seq_len: int, group_size: Optional[int]) -> None:
+def check_training_length(
+    train_len: int,
+    model_max_seq_len: int,
+    group_size: Optional[int],
+    *,
+    group_key: str = "model.s2_group_size_ratio",
+) -> None:
     """Check the training sequence length against the model and the S² group size.
 
     Args:
         train_len: tokens per training sequence (``dataset.block_size`` or ``tokenizer.max_seq_len``).
         model_max_seq_len: the model's ``max_seq_len``.
         group_size: the S² group size, or None when training with full attention.
+        group_key: the config key that set the group size, for the fix.
 
     Raises:
         LongLoRAConfigError: if the length exceeds the model or is not a multiple of the group size.
@@ -625,7 +646,7 @@ def check_training_length(train_len: int, model_max_seq_len: int, group_size: Op
     if group_size is not None and train_len % group_size:
         raise LongLoRAConfigError(
             f"training length {train_len} is not divisible by the S2 group size {group_size}; "
-            f"use a length that is a multiple of {group_size} or change model.s2_group_size_ratio"
+            f"use a length that is a multiple of {group_size} or change {group_key}"
         )
 
 
@@ -674,6 +695,103 @@ def training_length(cfg: DictConfig) -> Optional[int]:
         if length is not None:
             return int(length)
     return None
+
+
+def check_s2_keys(cfg: DictConfig) -> str:
+    """Refuse a config that sets the S² group both ways, and name the key that sets it.
+
+    The builders take ``s2_group_size`` over ``s2_group_size_ratio``, so a config with both would train with
+    a group its ratio does not describe.
+
+    Args:
+        cfg: the recipe config.
+
+    Returns:
+        The key that sets the group size: ``model.s2_group_size`` or ``model.s2_group_size_ratio``.
+
+    Raises:
+        LongLoRAConfigError: naming both keys when both are set.
+    """
+    size, ratio = cfg.model.get("s2_group_size", None), cfg.model.get("s2_group_size_ratio", None)
+    if size is not None and ratio is not None:
+        raise LongLoRAConfigError(
+            f"model.s2_group_size={size} and model.s2_group_size_ratio={ratio} are both set; set one of them "
+            "(model.s2_group_size_ratio=null for a fixed group size, or model.s2_group_size=null)"
+        )
+    return "model.s2_group_size" if size is not None else "model.s2_group_size_ratio"
+
+
+#: The builders' own names in their errors (``S2AttentionConfig``'s fields, the model length), as the
+#: config spells them. Not preceded by a word character or a dot: ``model.max_seq_len`` and
+#: ``s2_group_size`` are already config names.
+_BUILDER_NAMES = {
+    "group_size_ratio": "model.s2_group_size_ratio",
+    "group_size": "model.s2_group_size",
+    "max_seq_len": "model.max_seq_len",
+}
+_BUILDER_NAME = re.compile(r"(?<![\w.])(" + "|".join(_BUILDER_NAMES) + r")\b")
+
+
+class MetaModel(NamedTuple):
+    """The model a config builds, on the meta device (no memory).
+
+    Attributes:
+        model: the model (parameters on the meta device).
+        info: what it is (:func:`~longlora_tune.models.longlora.describe`): S² group, RoPE, LoRA.
+        rope_facts: the base checkpoint's RoPE facts the builder was given (for the exports), or {} for a
+            builder that does not take them.
+    """
+
+    model: torch.nn.Module
+    info: LongLoRAModelInfo
+    rope_facts: dict[str, Any]
+
+
+def build_meta_model(cfg: DictConfig, base: HFBaseModel, dtype: torch.dtype) -> MetaModel:
+    """Build the config's model on the meta device and check it against the training length.
+
+    The builder gets the base checkpoint's context and RoPE facts
+    (:meth:`~longlora_tune.hf.base.HFBaseModel.training_overrides`). The built model's own length (a
+    builder default such as ``longlora_llama2_7b``'s 8192 counts too) bounds the training length, which
+    must be made of whole S² groups (and of whole half-groups per rank under context parallelism).
+
+    Args:
+        cfg: the recipe config (already checked by :func:`check_values`).
+        base: the base model folder.
+        dtype: the parameter dtype the run uses.
+
+    Returns:
+        The model, its description and the RoPE facts.
+
+    Raises:
+        LongLoRAConfigError: for arguments the builder refuses (named as config keys) or a training length
+            that does not fit the model.
+    """
+    group_key = check_s2_keys(cfg)
+    try:
+        with training.set_default_dtype(dtype), torch.device("meta"):
+            request = cfg.get("rope_scaling", None)
+            overrides = base.training_overrides(
+                OmegaConf.to_container(cfg.model, resolve=True),
+                None if request is None else OmegaConf.to_container(request, resolve=True),
+            )
+            # With the checkpoint's RoPE facts, longlora.json rebuilds the model without the base config.
+            rope_facts = base.builder_rope_kwargs() if "checkpoint_rope_scaling" in overrides else {}
+            model = config.instantiate(cfg.model, **overrides)
+    except LongLoRAConfigError as e:
+        # Only the builders' argument checks become a config error line; any other exception is a bug
+        # and keeps its traceback.
+        message = _BUILDER_NAME.sub(lambda m: _BUILDER_NAMES[m.group(1)], str(e))
+        raise LongLoRAConfigError(message if message.startswith("model.") else f"model: {message}") from e
+    info = describe(model)
+    train_len = training_length(cfg)
+    if train_len is not None:
+        max_seq_len = info.max_seq_len or int(cfg.model.get("max_seq_len", train_len))
+        check_training_length(train_len, max_seq_len, info.group_size, group_key=group_key)
+        degree = int(cfg.get("context_parallel_degree", 1))
+        if degree > 1:
+            check_context_parallel(train_len, degree, info.group_size)
+    return MetaModel(model, info, rope_facts)
 
 
 def check_sft_batching(cfg: DictConfig) -> None:
@@ -725,20 +843,81 @@ def check_resolvable(cfg: DictConfig) -> None:
         raise LongLoRAConfigError(f"the config does not resolve: {reason}") from e
 
 
-def validate_config(cfg: DictConfig, world_size: int) -> int:
-    """Checks that need neither a process group nor a model; run before any heavy work.
+class CheckedConfig(NamedTuple):
+    """What :func:`validate_config` derived: the settings a run on ``world_size`` ranks gets.
+
+    Attributes:
+        world_size: ranks the checks assumed.
+        context_parallel_degree: ranks sharing each sequence (``world_size / degree`` data-parallel ranks).
+        batch_size: sequences per micro-batch on one rank.
+        global_batch_size: sequences per optimizer step over all ranks.
+        gradient_accumulation_steps: micro-batches per optimizer step.
+        max_steps: optimizer steps, or None when the run is set in ``epochs``.
+        epochs: passes over the data, or None when the run is set in ``max_steps``.
+        training_length: tokens per training sequence (None: the config sets none).
+        model: the built model's S² group, RoPE setting and LoRA settings.
+    """
+
+    world_size: int
+    context_parallel_degree: int
+    batch_size: int
+    global_batch_size: int
+    gradient_accumulation_steps: int
+    max_steps: Optional[int]
+    epochs: Optional[int]
+    training_length: Optional[int]
+    model: LongLoRAModelInfo
+
+    def summary(self) -> str:
+        """One line: training length, S² group, RoPE, LoRA, ranks and batch, run length.
+
+        Returns:
+            E.g. ``training length 256, S2 group 64, RoPE linear x4, LoRA rank 8 alpha 16, world size 2
+            (2 data x 1 context parallel): global batch 4 = 1 per rank x 2 x 2 accumulation steps, 40 steps``.
+        """
+        info = self.model
+        group = "full attention" if info.group_size is None else f"S2 group {info.group_size}"
+        lora = (
+            "no LoRA" if info.lora_rank is None else f"LoRA rank {info.lora_rank} alpha {info.lora_alpha:g}"
+        )
+        data = self.world_size // self.context_parallel_degree
+        length = "not set" if self.training_length is None else str(self.training_length)
+        run = f"{self.max_steps} steps" if self.max_steps is not None else f"{self.epochs} epoch(s)"
+        return (
+            f"training length {length}, {group}, {_rope_summary(info)}, {lora}, world size {self.world_size} "
+            f"({data} data x {self.context_parallel_degree} context parallel): global batch "
+            f"{self.global_batch_size} = {self.batch_size} per rank x {data} x "
+            f"{self.gradient_accumulation_steps} accumulation steps, {run}"
+        )
+
+
+def _rope_summary(info: LongLoRAModelInfo) -> str:
+    if info.rope is not None:
+        rope = info.rope
+        if rope.rope_type == "default":
+            return "RoPE unscaled"
+        return f"RoPE {rope.rope_type} x{rope.factor:g} (from {rope.original_max_position_embeddings} tokens)"
+    if info.rope_scaling_factor == 1.0:
+        return "RoPE unscaled"
+    return f"RoPE linear x{info.rope_scaling_factor:g}"
+
+
+def validate_config(cfg: DictConfig, world_size: int) -> CheckedConfig:
+    """Every check the training recipe runs before it touches ``output_dir`` or loads weights.
 
     In this order: interpolations resolve; every top-level key is one the recipe reads
     (:data:`RECIPE_KEYS`); the required keys are there; each ``_component_`` section's keys are arguments
     of its builder; every value has its type and range (:func:`check_values`); then the settings that
-    depend on each other, the batch on ``world_size`` ranks, and the base model's files.
+    depend on each other, the batch on ``world_size`` ranks, the base model's files, the device, the model
+    built on the meta device against the training length (:func:`build_meta_model`), the metric logger's
+    package and the dataset's local files.
 
     Args:
         cfg: the recipe config.
         world_size: number of ranks the run will use.
 
     Returns:
-        Gradient accumulation steps.
+        The derived settings (batch, accumulation, training length, the model's S² group and RoPE).
 
     Raises:
         LongLoRAConfigError: on the first problem found, as one line naming the value and the fix.
@@ -763,7 +942,7 @@ def validate_config(cfg: DictConfig, world_size: int) -> int:
         if value is not None and value < 1:
             raise LongLoRAConfigError(f"{name}={value} must be >= 1")
     check_sft_batching(cfg)
-    _, ga = batch_settings(cfg, data_parallel_size(cfg, world_size))
+    global_batch, ga = batch_settings(cfg, data_parallel_size(cfg, world_size))
     check_output_dir(cfg.output_dir, cfg.checkpoint_dir)
     if cfg.model.get("use_dora", False):
         raise LongLoRAConfigError(
@@ -789,40 +968,36 @@ def validate_config(cfg: DictConfig, world_size: int) -> int:
         raise LongLoRAConfigError(
             "model.s2_backend=flex cannot train on CPU (no FlexAttention backward there); use sdpa or auto"
         )
-    return ga
+    dtype = resolve_dtype(cfg.get("dtype", "bf16"), torch.device(device))
+    info = build_meta_model(cfg, HFBaseModel.read(cfg.checkpoint_dir, repo_id=repo), dtype).info
+    check_metric_logger(cfg.get("metric_logger", None))
+    check_dataset_source(cfg.dataset)
+    return CheckedConfig(
+        world_size=world_size,
+        context_parallel_degree=int(cfg.get("context_parallel_degree", 1)),
+        batch_size=int(cfg.batch_size),
+        global_batch_size=global_batch,
+        gradient_accumulation_steps=ga,
+        max_steps=max_steps,
+        epochs=epochs,
+        training_length=training_length(cfg),
+        model=info,
+    )
 
 
-#: How long a worker whose local rank is not 0 waits before it exits on a config error (see below).
-_QUIET_RANK_GRACE_S = 60.0
-
-
-def validate_config_in_worker(cfg: DictConfig, world_size: int) -> int:
+def validate_config_in_worker(cfg: DictConfig, world_size: int) -> CheckedConfig:
     """:func:`validate_config` for a recipe process that may be one of several torchrun workers.
 
-    The checks give every process on a node the same answer (same config, world size, files and CUDA),
-    so only local rank 0 reports a config error: it raises, and ``report_errors`` prints the one line.
-    The node's other workers exit with code 2 without printing. They first wait a little (torchrun stops
-    the other workers when the first one exits, so an early exit could stop local rank 0 before it
-    printed); torchrun ends them as soon as local rank 0 has exited.
+    Only local rank 0 reports a config error (:func:`~longlora_tune.errors.config_error_once_per_node`).
 
     Args:
         cfg: the recipe config.
         world_size: number of ranks the run will use.
 
     Returns:
-        Gradient accumulation steps.
+        What :func:`validate_config` returns.
 
     Raises:
         LongLoRAConfigError: on local rank 0 (or without torchrun) on the first problem found.
     """
-    try:
-        return validate_config(cfg, world_size)
-    except LongLoRAConfigError:
-        if int(os.environ.get("LOCAL_RANK", "0") or 0) == 0:
-            raise
-        _exit_quietly()
-
-
-def _exit_quietly() -> NoReturn:
-    time.sleep(_QUIET_RANK_GRACE_S)
-    sys.exit(CONFIG_ERROR_EXIT_CODE)
+    return config_error_once_per_node(lambda: validate_config(cfg, world_size))

@@ -335,7 +335,8 @@ def write_results(
         output_dir: folder (created if missing).
         stem: file name without extension.
         rows: result rows; a row with a ``skipped`` reason is a skipped length.
-        meta: run settings stored next to the rows in the JSON file.
+        meta: run settings stored next to the rows in the JSON file; a ``note`` among them is printed
+            under the table too.
         x_key: row key of the x values.
         y_key: row key of the y values.
         xlabel: x axis label.
@@ -375,5 +376,7 @@ def write_results(
     }
     if echo:
         print(table, flush=True)
+        if meta.get("note"):
+            print(f"note: {meta['note']}", flush=True)
         print("results: " + " ".join(str(p) for p in files.values()), flush=True)
     return files

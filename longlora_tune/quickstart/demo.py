@@ -3,8 +3,9 @@
     python -m longlora_tune.quickstart.demo [--family F] [--sft] [--workdir DIR] [--nproc N] [--overwrite]
         [--assets-only] [k=v ...]
 
-Writes a tiny random Llama 2 checkpoint (Hugging Face format, with a SentencePiece tokenizer) and a small
-text corpus into ``DIR``, then runs the real training command on them::
+Writes a tiny random Llama 2 checkpoint (Hugging Face format, with a SentencePiece tokenizer), a small
+text corpus and a short ``material.txt`` (for the closing generate hint) into ``DIR``, then runs the real
+training command on them::
 
     tune run longlora_distributed --config tiny_demo checkpoint_dir=DIR/base \\
         dataset.data_files=DIR/corpus.jsonl output_dir=DIR/out
@@ -23,6 +24,10 @@ config's own ``/tmp/longalpaca_demo``, ``python -m longlora_tune.quickstart.demo
 followed by
 ``tune run longlora_distributed --config tiny_longalpaca`` needs no overrides (so for every demo).
 
+After training it prints the next steps on ``DIR/out/hf`` (:func:`next_steps`): the perplexity and passkey
+evaluations with the tiny eval configs, ``python -m longlora_tune.eval.generate`` and loading ``hf/`` in
+transformers.
+
 (``--nproc 2`` adds ``--nproc_per_node 2``: two CPU processes over gloo). Extra ``key=value`` arguments
 are passed on as config overrides. When the ``tune`` CLI does not know ``longlora_distributed`` (the
 package is not installed, so its registry hook is absent) the same recipe script runs with ``python``
@@ -33,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -91,6 +97,8 @@ _FAMILY_LABELS = {
 }
 # Records for --sft: as the tiny_longalpaca.yaml header makes them (32 records fill 8 steps of 4).
 _SFT_RECORDS = 32
+# A short text for the generate hint, well inside the tiny models' 256 trained tokens.
+_MATERIAL = "material.txt"
 
 
 def assets_command(checkpoint_dir: str | Path) -> Optional[str]:
@@ -151,15 +159,62 @@ def build_command(
         f"output_dir={workdir / 'out'}",
         *overrides,
     ]
+    return _recipe_command(_RECIPE, demo.config, args, use_tune, nproc)
+
+
+def _recipe_command(recipe: str, config: str, args: list[str], use_tune: bool, nproc: int = 1) -> list[str]:
+    """``tune run [--nproc_per_node N] RECIPE --config CONFIG ARGS``, or the script and file by path."""
     dist = ["--nproc_per_node", str(nproc)] if nproc > 1 else []
     if use_tune:
         tune = shutil.which("tune") or str(Path(sys.executable).with_name("tune"))
-        return [tune, "run", *dist, _RECIPE, "--config", demo.config, *args]
-    config = str(resources.config_path(demo.config))
+        return [tune, "run", *dist, recipe, "--config", config, *args]
+    config_file = str(resources.config_path(config))
     launcher = (
         [sys.executable, "-m", "torch.distributed.run", "--standalone", *dist] if dist else [sys.executable]
     )
-    return [*launcher, str(resources.recipe_path(_RECIPE)), "--config", config, *args]
+    return [*launcher, str(resources.recipe_path(recipe)), "--config", config_file, *args]
+
+
+def next_steps(
+    workdir: Path, *, use_tune: bool, sft: bool = False, family: str = "llama2"
+) -> list[tuple[str, list[str]]]:
+    """What to try on a finished demo's merged ``hf/`` export: evaluations, then generation.
+
+    Perplexity on the demo corpus (pretraining demos), passkey retrieval (the ``eval/tiny_*`` configs, with
+    the family's tokenizer files from ``hf/`` for the families other than Llama 2, whose tokenizer those
+    configs name) and ``python -m longlora_tune.eval.generate`` on the demo's short ``material.txt``.
+
+    Args:
+        workdir: the demo's work folder (``out/hf`` trained).
+        use_tune: name recipes and configs for the ``tune`` CLI; otherwise scripts and files by path.
+        sft: the LongAlpaca demo (no plain-text corpus to measure perplexity on).
+        family: the tiny model's family.
+
+    Returns:
+        ``(what it shows, command)`` pairs.
+    """
+    from omegaconf import OmegaConf
+
+    from longlora_tune.hf.base import HFBaseModel
+
+    demo = _demo(family, sft)
+    hf = workdir / "out" / "hf"
+    tokenizer = []
+    if family != "llama2":
+        tokenizer = [f"tokenizer.{k}={v}" for k, v in HFBaseModel.read(hf).tokenizer_config().items()]
+    common = [f"checkpoint_dir={hf}", f"output_dir={workdir / 'eval'}", *tokenizer]
+    steps = []
+    if not sft:
+        data = [*common, f"dataset.path={workdir / demo.data_file}"]
+        perplexity = _recipe_command("longlora_eval_perplexity", "eval/tiny_perplexity", data, use_tune)
+        steps.append(("perplexity on the demo corpus", perplexity))
+    passkey = _recipe_command("longlora_eval_passkey", "eval/tiny_passkey", common, use_tune)
+    note = OmegaConf.load(resources.config_path("eval/tiny_passkey")).note  # a random model's 0%
+    steps.append((f"passkey retrieval: {note}", passkey))
+    generate = [sys.executable, "-m", "longlora_tune.eval.generate", "--checkpoint", str(hf)]
+    generate += ["--file", str(workdir / _MATERIAL), "--question", "What does the teacher find?"]
+    steps.append(("a question about a text file, any family", [*generate, "--max-new-tokens", "16"]))
+    return steps
 
 
 def _demo(family: str, sft: bool) -> _Demo:
@@ -243,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
             tiny.make_longalpaca_json(data, n=_SFT_RECORDS)
         else:
             tiny.make_text_corpus(data, n_docs=200)
+    if not (workdir / _MATERIAL).is_file():
+        (workdir / _MATERIAL).write_text(tiny.make_documents(1, seed=1, max_sentences=8)[0] + "\n")
 
     use_tune = _RECIPE in registered_recipe_names()
     cmd = build_command(
@@ -271,8 +328,11 @@ def main(argv: list[str] | None = None) -> int:
         ("logs", "per-step loss, lr, tokens/s"),
     ):
         print(f"  {out / name}: {what}")
+    print(f"[demo] next steps (results under {workdir / 'eval'}):")
+    for what, command in next_steps(workdir, use_tune=use_tune, sft=args.sft, family=demo.family):
+        print(f"  # {what}\n  {shlex.join(command)}")
     print(
-        f'[demo] try: python -c "from transformers import {hf_class}; '
+        f'  # the merged model in transformers\n  python -c "from transformers import {hf_class}; '
         f"print({hf_class}.from_pretrained('{out / 'hf'}'))\""
     )
     return 0

@@ -128,6 +128,13 @@ class CheckpointManager:
 
         return run_on_rank_zero(find)
 
+    @property
+    def run_id(self) -> str:
+        """This run's id (rank 0, after :meth:`resume_point`): its checkpoints and its log file carry it."""
+        if self._lineage is None:
+            raise RuntimeError("run_id is known on rank 0 after resume_point()")
+        return self._lineage.run_id
+
     def newest_intact(self) -> Optional[Path]:
         """The checkpoint ``resume_from_checkpoint=true`` would continue from now (read from disk).
 

@@ -7,6 +7,7 @@ one-rank process group (the training recipe does, so one code path serves 1 and 
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Callable, Iterable
@@ -30,6 +31,7 @@ __all__ = [
     "resolve_device",
     "resolve_dtype",
     "run_on_rank_zero",
+    "seed_rank",
     "shard_model",
 ]
 
@@ -98,6 +100,26 @@ def resolve_dtype(dtype: Optional[str], device: torch.device) -> torch.dtype:
     if out == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise LongLoRAConfigError("dtype=bf16 but this GPU does not support bf16; use fp32")
     return out
+
+
+def seed_rank(seed: int) -> None:
+    """Seed torch, numpy and ``random`` on this rank with ``seed + rank`` (torchtune's ``set_seed``), quietly.
+
+    torchtune announces the seed with a DEBUG line on its shared logger, which its own modules set to DEBUG
+    whenever they are imported, so the line reaches the console although it only repeats the config's seed.
+
+    Args:
+        seed: the run's seed (``seed`` in the config).
+    """
+    from torchtune import training, utils
+
+    logger = utils.get_logger()
+    level = logger.level
+    logger.setLevel(max(level, logging.INFO))
+    try:
+        training.set_seed(seed=seed)
+    finally:
+        logger.setLevel(level)
 
 
 def init_process_group(device: torch.device, *, solo_group: bool) -> bool:

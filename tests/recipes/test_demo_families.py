@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import shlex
 from pathlib import Path
 
 import pytest
@@ -83,6 +84,43 @@ def test_demo_prints_its_config_the_exported_rope_and_the_transformers_class(dem
     assert f"--config {resources.config_path(config)}" in text
     assert f"rope_scaling {rope['rope_type']} {rope['factor']}" in text
     assert f"from transformers import {hf_class}; print({hf_class}.from_pretrained(" in text
+
+
+def _run_step(cmd: list[str]) -> str:
+    """One of the demo's next-step commands, in this process; returns what it printed."""
+    import importlib
+    import runpy
+    import sys
+
+    generate = importlib.import_module("longlora_tune.eval.generate")  # the package exports a function
+    stdout = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(stdout):
+        if cmd[1:3] == ["-m", "longlora_tune.eval.generate"]:
+            assert generate.main(cmd[3:]) == 0
+        else:  # python <eval recipe script> --config <file> ...
+            mp.setattr(sys, "argv", cmd[1:])
+            with pytest.raises(SystemExit) as e:
+                runpy.run_path(cmd[1], run_name="__main__")
+            assert e.value.code in (0, None), cmd
+    return stdout.getvalue()
+
+
+def test_demo_next_steps_evaluate_and_generate_for_every_family(demo_run):
+    family, workdir = demo_run["family"], demo_run["workdir"]
+    steps = demo.next_steps(workdir, use_tune=False, family=family)
+    assert [what.split(":")[0] for what, _ in steps] == [
+        "perplexity on the demo corpus",
+        "passkey retrieval",
+        "a question about a text file, any family",
+    ]
+    for what, cmd in steps:
+        assert f"  # {what}\n  {shlex.join(cmd)}\n" in demo_run["stdout"]
+    outputs = [_run_step(cmd) for _, cmd in steps]
+    assert json.loads((workdir / "eval" / "perplexity.json").read_text())["results"]
+    passkey = json.loads((workdir / "eval" / "passkey.json").read_text())
+    assert passkey["note"].startswith("a tiny random model is expected to fail retrieval (0%)")
+    assert f"note: {passkey['note']}" in outputs[1]
+    assert outputs[2].strip()  # an answer (of a random model)
 
 
 def test_hf_config_carries_the_family_and_the_trained_rope(demo_run):

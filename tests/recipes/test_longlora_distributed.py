@@ -84,9 +84,14 @@ def _train(assets: dict[str, Path], out: Path, nproc: int, **extra: object) -> d
     return _losses(out)
 
 
+def _log_files(out: Path) -> list[Path]:
+    """The run's log files, oldest first (named after run ids, so by time): later runs' steps win."""
+    return sorted((out / "logs").glob("*.txt"), key=lambda f: f.stat().st_mtime_ns)
+
+
 def _losses(out: Path) -> dict[int, float]:
     losses = {}
-    for f in sorted((out / "logs").glob("*.txt")):
+    for f in _log_files(out):
         for m in re.finditer(r"^Step (\d+) \| loss:(\S+)", f.read_text(), flags=re.M):
             losses[int(m.group(1))] = float(m.group(2))
     return losses
@@ -241,9 +246,23 @@ def test_peft_export_matches_recipe_model(runs, assets):
 # --------------------------------------------------------------------------------- bad inputs (fast)
 
 
-def test_group_size_must_divide_training_length(assets, tmp_path):
-    with pytest.raises(RecipeFailed, match="training length 200 is not divisible by the S2 group size 64"):
-        run_recipe(_cfg(assets, tmp_path / "o", **{"dataset.block_size": 200}))
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"dataset.block_size": 200}, "training length 200 is not divisible by the S2 group size 64; use a "
+         "length that is a multiple of 64 or change model.s2_group_size_ratio"),
+        ({"model.s2_group_size": 64},
+         "model.s2_group_size=64 and model.s2_group_size_ratio=0.25 are both set"),
+        ({"model.lora_rank": 0}, "model.lora_rank=0 must be a positive integer (LoRA rank, 8 in LongLoRA)"),
+    ],
+)  # fmt: skip
+def test_config_errors_come_before_output_dir_is_touched(assets, tmp_path, extra, message):
+    out = tmp_path / "o"
+    with pytest.raises(RecipeFailed) as e:
+        run_recipe(_cfg(assets, out, **extra))
+    assert e.value.code == 2 and str(e.value).startswith(message), e.value.stderr[-3000:]
+    assert "Traceback" not in e.value.stderr
+    assert not out.exists()
 
 
 def test_a_bug_in_a_model_builder_is_not_reported_as_a_config_error(assets, tmp_path, monkeypatch):
@@ -285,6 +304,7 @@ def test_dataset_without_a_full_block_is_refused(assets, tmp_path):
     cfg = _cfg(assets, tmp_path / "o", **{"dataset.data_files": short, "dataset.cache_dir": tmp_path / "c"})
     with pytest.raises(RecipeFailed, match="dataset: .*0 blocks of 256 tokens"):
         run_recipe(cfg)
+    assert not (tmp_path / "o" / "logs").exists()  # the metric logger comes after the data
 
 
 def test_nan_stops_run_and_keeps_last_good_checkpoint(assets, tmp_path):
@@ -403,6 +423,7 @@ def test_training_length_is_checked_against_a_builder_default_max_seq_len(assets
     cfg.model = OmegaConf.create({"_component_": "longlora_tune.models.longlora_llama2_7b"})
     with pytest.raises(RecipeFailed, match="training length 16384 exceeds model.max_seq_len=8192"):
         run_recipe(cfg)
+    assert not (tmp_path / "o").exists()
 
 
 def test_sampler_resumes_mid_epoch_for_any_world_size():
@@ -602,10 +623,24 @@ def test_damaged_checkpoint_is_one_line_once_and_rank_zero_failures_stop_every_r
 
 def _lrs(out: Path) -> dict[int, float]:
     lrs = {}
-    for f in sorted((out / "logs").glob("*.txt")):
+    for f in _log_files(out):
         for m in re.finditer(r"^Step (\d+) \| .*?lr:(\S+)", f.read_text(), flags=re.M):
             lrs[int(m.group(1))] = float(m.group(2))
     return lrs
+
+
+def test_log_file_is_named_after_the_run_and_holds_rounded_values(assets, tmp_path):
+    out = tmp_path / "o"
+    warm_up = {"lr_scheduler.num_warmup_steps": 5}
+    run_recipe(_cfg(assets, out, max_steps=2, save_every_n_steps=1, export_formats="[]", **warm_up))
+    run_id = json.loads((out / "checkpoints" / "step_000002" / "manifest.json").read_text())["run_id"]
+    assert [f.name for f in _log_files(out)] == [f"log_{run_id}.txt"]
+    first = _log_files(out)[0].read_text().splitlines()[0]
+    values = dict(item.split(":") for item in first.removeprefix("Step 1 | ").split())
+    assert list(values) == ["loss", "lr", "grad_norm", "tokens_per_second_per_gpu"], first
+    assert values["lr"] == "0.0006", first  # 3e-3 x 1/5 of the warm-up, not 0.0006000000000000001
+    digits = {k: len(v.replace(".", "").lstrip("0")) for k, v in values.items()}
+    assert digits["loss"] <= 10 and digits["grad_norm"] <= 6 and digits["tokens_per_second_per_gpu"] <= 7
 
 
 def test_resume_applies_a_changed_learning_rate_and_logs_it(assets, tmp_path, caplog):

@@ -137,6 +137,10 @@ def test_quantize_base_passes_config_checks(tmp_path):
 
     base = tiny.make_hf_checkpoint(tmp_path / "base", embed_dim=256, intermediate_dim=512)
     cfg = OmegaConf.load(CONFIG)
-    cfg.merge_with_dotlist([f"checkpoint_dir={base}", f"output_dir={tmp_path / 'out'}"])
+    corpus = tiny.make_text_corpus(tmp_path / "corpus.jsonl", n_docs=4)
+    cfg.merge_with_dotlist(
+        [f"checkpoint_dir={base}", f"output_dir={tmp_path / 'out'}", f"dataset.data_files={corpus}"]
+    )
     assert cfg.model.quantize_base is True
-    assert config_checks.validate_config(cfg, world_size=2) == 2  # global batch 4 = 2 ranks x 1 x 2
+    checked = config_checks.validate_config(cfg, world_size=2)
+    assert checked.gradient_accumulation_steps == 2  # global batch 4 = 2 ranks x 1 x 2

@@ -94,3 +94,31 @@ def test_missing_files_raise_config_errors(tmp_path: Path, tiny_ckpt: Path) -> N
     (tmp_path / "longlora.json").write_text(json.dumps({"model": {"_component_": "x"}}))
     with pytest.raises(LongLoRAConfigError, match="trainable.safetensors"):
         load_eval_model(tiny_ckpt, adapter_dir=tmp_path, max_seq_len=64)
+
+
+def test_eval_tokenizer_is_the_checkpoint_folders_unless_the_config_names_one(
+    tmp_path: Path, tiny_ckpt: Path
+):
+    from omegaconf import OmegaConf
+    from torchtune.models.llama2._tokenizer import Llama2Tokenizer
+
+    from longlora_tune import tiny
+    from longlora_tune.eval.model_loading import tokenizer_from_config
+    from longlora_tune.hf import HFTokenizer
+
+    text = "The cat sees the red ball today."
+    tok = tokenizer_from_config(OmegaConf.create({"checkpoint_dir": str(tiny_ckpt)}))
+    assert isinstance(tok, Llama2Tokenizer) and tok.prompt_template is None
+    # Only an adapter: its base folder's tokenizer.
+    (tmp_path / "adapter").mkdir()
+    meta = {"model": {"_component_": "x"}, "base_checkpoint_dir": str(tiny_ckpt)}
+    (tmp_path / "adapter" / "longlora.json").write_text(json.dumps(meta))
+    from_adapter = tokenizer_from_config(OmegaConf.create({"adapter_dir": str(tmp_path / "adapter")}))
+    assert from_adapter.encode(text) == tok.encode(text)
+    # A config may still name one.
+    tiny.make_hf_tokenizer(tmp_path / "hf_tok")
+    named = {"_component_": "longlora_tune.hf.HFTokenizer", "path": str(tmp_path / "hf_tok/tokenizer.json")}
+    cfg = OmegaConf.create({"checkpoint_dir": str(tiny_ckpt), "tokenizer": named})
+    assert isinstance(tokenizer_from_config(cfg), HFTokenizer)
+    with pytest.raises(LongLoRAConfigError, match="checkpoint_dir is not set"):
+        tokenizer_from_config(OmegaConf.create({}))

@@ -44,12 +44,12 @@ from longlora_tune.activation_checkpointing import apply_activation_checkpointin
 from longlora_tune.compile import compile_model_and_loss
 from longlora_tune.components import import_object
 from longlora_tune.config_checks import (
-    DEFAULT_REPO_HINT,
     EXPORT_FORMATS,
     batch_settings,
     check_dataset_size,
     check_training_length,
     data_parallel_size,
+    download_repo,
     training_length,
     validate_config_in_worker,
 )
@@ -146,8 +146,7 @@ class LongLoRARecipeDistributed:
         if self.metric_logger is not None:
             self.metric_logger.log_config(cfg)
 
-        repo_id = cfg.get("hf_repo_id", None) or DEFAULT_REPO_HINT
-        self.base = HFBaseModel.read(cfg.checkpoint_dir, repo_id=repo_id)
+        self.base = HFBaseModel.read(cfg.checkpoint_dir, repo_id=download_repo(cfg))
         model = self._build_model()
         self.tokenizer = config.instantiate(cfg.tokenizer)
         self.loss_fn = config.instantiate(cfg.loss)

@@ -156,6 +156,8 @@ def test_shipped_configs_pass_the_checks_that_need_no_files(tmp_path):
     for path in sorted(CONFIGS.glob("*.yaml")):
         cfg = OmegaConf.load(path)
         cfg.output_dir, cfg.checkpoint_dir = str(tmp_path / "o"), str(tmp_path / "no_base")
+        if OmegaConf.is_missing(cfg.dataset, "data_files"):
+            cfg.dataset.data_files = str(tmp_path / "corpus.jsonl")  # hf_checkpoint: no corpus is assumed
         with pytest.raises(LongLoRAConfigError, match=r"model config not found: .*no_base/config.json"):
             cc.validate_config(cfg, world_size=2 if path.stem.startswith("tiny") else 8)
 

@@ -190,3 +190,37 @@ def test_generate_answers_a_short_question(smollm2, tokenizer, tmp_path, transfo
     reference = transformers.AutoModelForCausalLM.from_pretrained(str(smollm2), dtype=torch.float32)
     greedy = reference.generate(ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1] :]
     assert answer == ref_tok.decode(greedy, skip_special_tokens=True).strip()
+
+
+def test_eval_recipes_run_on_the_export_with_the_folders_tokenizer(run, english_text, tmp_path, monkeypatch):
+    """The generic eval configs name no tokenizer: the checkpoint folder's (tokenizer.json) is used."""
+    import runpy
+
+    from longlora_tune import resources
+
+    text = tmp_path / "held_out.txt"
+    text.write_text(english_text)
+    common = [
+        f"checkpoint_dir={run / 'hf'}",
+        "device=cpu",
+        "dtype=fp32",
+        f"output_dir={tmp_path}",
+        "progress=false",
+    ]
+    for recipe, config, extra in [
+        ("longlora_eval_perplexity", "eval/hf_checkpoint_perplexity",
+         [f"dataset.path={text}", f"eval_lengths=[{TRAIN_LEN}]", "max_windows=2"]),
+        ("longlora_eval_passkey", "eval/hf_checkpoint_passkey", ["lengths=[300]", "num_trials=1"]),
+    ]:  # fmt: skip
+        script = resources.recipe_path(recipe)
+        argv = [str(script), "--config", str(resources.config_path(config)), *common, *extra]
+        monkeypatch.setattr(sys, "argv", argv)
+        with pytest.raises(SystemExit) as done:
+            runpy.run_path(str(script), run_name="__main__")
+        assert not done.value.code, recipe
+    ppl = json.loads((tmp_path / "perplexity.json").read_text())
+    row = ppl["results"][0]
+    print(f"\nSmolLM2 hf/ perplexity of LICENSE.txt at {TRAIN_LEN} tokens: {row['perplexity']:.2f}")
+    assert row["num_windows"] == 2 and 1.0 < row["perplexity"] < 100.0
+    passkey = json.loads((tmp_path / "passkey.json").read_text())
+    assert passkey["results"][0]["num_trials"] == 1

@@ -77,7 +77,7 @@ def test_missing_base_model_names_path_and_download_command(assets, tmp_path):
      ("llama3_8b_64k", "meta-llama/Meta-Llama-3-8B")],
 )  # fmt: skip
 def test_download_hint_names_the_familys_repo_or_none(tmp_path, config, repo):
-    """Llama 2's repository only for a Llama 2 builder: a Llama 3, Qwen or hf_checkpoint user never sees it."""
+    """Llama 2's repository only for a Llama 2 builder: Llama 3, Qwen and hf_checkpoint users never see it."""
     missing = tmp_path / "model"
     cfg = OmegaConf.load(CONFIGS / f"{config}.yaml")
     cfg.checkpoint_dir, cfg.output_dir, cfg.dataset.data_files = str(missing), str(tmp_path / "o"), "x.jsonl"

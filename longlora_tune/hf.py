@@ -571,9 +571,10 @@ class HFTokenizer(HuggingFaceBaseTokenizer):
         """
         return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
 
-    def _render(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+    def _compiled_chat_template(self) -> Any:
         # Hugging Face renders chat templates with these Jinja settings (trim_blocks, lstrip_blocks, a
-        # sandbox, raise_exception); jinja2 comes with torch.
+        # sandbox, raise_exception); jinja2 comes with torch. Compiled per call, not kept: the tokenizer
+        # stays picklable for the tokenizing worker processes.
         from jinja2.exceptions import TemplateError
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -582,12 +583,7 @@ class HFTokenizer(HuggingFaceBaseTokenizer):
 
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = raise_exception
-        special = {
-            "bos_token": self.tokenizer.id_to_token(self.bos_id),
-            "eos_token": self.tokenizer.id_to_token(self.eos_id),
-        }
-        template = env.from_string(self.chat_template)
-        return template.render(messages=messages, add_generation_prompt=add_generation_prompt, **special)
+        return env.from_string(self.chat_template)
 
     def tokenize_messages(
         self, messages: list[Message], *, add_end_tokens: bool = True
@@ -613,6 +609,15 @@ class HFTokenizer(HuggingFaceBaseTokenizer):
             raise ValueError(
                 "the checkpoint has no chat template (chat_template.jinja or tokenizer_config.json)"
             )
+        template = self._compiled_chat_template()
+        special = {
+            "bos_token": self.tokenizer.id_to_token(self.bos_id),
+            "eos_token": self.tokenizer.id_to_token(self.eos_id),
+        }
+
+        def render(turns: list[dict[str, str]], add_generation_prompt: bool) -> str:
+            return template.render(messages=turns, add_generation_prompt=add_generation_prompt, **special)
+
         turns = [{"role": m.role, "content": m.text_content} for m in messages]
         tokens: list[int] = []
         mask: list[bool] = []
@@ -621,11 +626,11 @@ class HFTokenizer(HuggingFaceBaseTokenizer):
             pieces = []
             if message.role == "assistant":
                 # The generation prompt is a piece of its own, so a prompt ends exactly at it.
-                pieces.append(self._render(turns[:i], add_generation_prompt=True))
+                pieces.append(render(turns[:i], add_generation_prompt=True))
             if not add_end_tokens and i == len(messages) - 1 and message.role == "assistant":
                 pieces.append((pieces[-1] if pieces else rendered) + turns[i]["content"])
             else:
-                pieces.append(self._render(turns[: i + 1], add_generation_prompt=False))
+                pieces.append(render(turns[: i + 1], add_generation_prompt=False))
             for text in pieces:
                 if not text.startswith(rendered):
                     raise ValueError(

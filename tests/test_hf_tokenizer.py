@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 
 import pytest
 from torchtune.data import Message
@@ -81,6 +82,8 @@ def test_tokenize_messages_is_the_chat_template_with_masks(folder):
     # What dataset.template=chat and generate build on it.
     chat = ChatFormat(tok)
     assert chat.prompt_ids("What does the cat see?") == prompt
+    # Still picklable after use (packed pretraining tokenizes in worker processes).
+    assert pickle.loads(pickle.dumps(tok)).tokenize_messages(_conversation("A red ball.")) == (tokens, mask)
 
 
 def test_chat_template_from_tokenizer_config_and_its_absence(folder):

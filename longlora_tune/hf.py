@@ -460,16 +460,6 @@ def chat_template(folder: str | Path) -> Optional[str]:
     return template if isinstance(template, str) and template else None
 
 
-def _read_json(path: Optional[str]) -> dict[str, Any]:
-    if path is None:
-        return {}
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise LongLoRAConfigError(f"cannot read {path}: {e}") from e
-    return data if isinstance(data, dict) else {}
-
-
 def _beside(path: Path, name: str, given: Optional[str]) -> Optional[str]:
     if given is not None:
         return str(given)
@@ -628,7 +618,7 @@ class HFTokenizer(HuggingFaceBaseTokenizer):
                 # The generation prompt is a piece of its own, so a prompt ends exactly at it.
                 pieces.append(render(turns[:i], add_generation_prompt=True))
             if not add_end_tokens and i == len(messages) - 1 and message.role == "assistant":
-                pieces.append((pieces[-1] if pieces else rendered) + turns[i]["content"])
+                pieces.append(pieces[-1] + turns[i]["content"])
             else:
                 pieces.append(render(turns[: i + 1], add_generation_prompt=False))
             for text in pieces:

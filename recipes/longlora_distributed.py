@@ -41,12 +41,12 @@ from tqdm import tqdm
 from longlora_tune._compat import import_object
 from longlora_tune.config import loading
 from longlora_tune.config.validation import (
-    DEFAULT_REPO_HINT,
     EXPORT_FORMATS,
     batch_settings,
     build_meta_model,
     check_dataset_size,
     data_parallel_size,
+    download_repo,
     training_length,
     validate_config_in_worker,
 )
@@ -149,8 +149,7 @@ class LongLoRARecipeDistributed:
         seed_rank(self.seed)
         resume_dir = self.checkpoints.resume_point(cfg.get("resume_from_checkpoint", False))
 
-        repo_id = cfg.get("hf_repo_id", None) or DEFAULT_REPO_HINT
-        self.base = HFBaseModel.read(cfg.checkpoint_dir, repo_id=repo_id)
+        self.base = HFBaseModel.read(cfg.checkpoint_dir, repo_id=download_repo(cfg))
         model = self._build_model()
         self.tokenizer = config.instantiate(cfg.tokenizer)
         self.loss_fn = config.instantiate(cfg.loss)

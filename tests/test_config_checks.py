@@ -79,6 +79,40 @@ def test_missing_base_model_names_path_and_download_command(assets, tmp_path):
     )
 
 
+@pytest.mark.parametrize(
+    "config, repo",
+    [("tiny_demo", "meta-llama/Llama-2-7b-hf"), ("tiny_demo_llama3", "<hf-repo-id>"),
+     ("tiny_demo_qwen2", "<hf-repo-id>"), ("hf_checkpoint", "<hf-repo-id>"),
+     ("llama3_8b_64k", "meta-llama/Meta-Llama-3-8B")],
+)  # fmt: skip
+def test_download_hint_names_the_familys_repo_or_none(tmp_path, config, repo):
+    """Llama 2's repository only for a Llama 2 builder: Llama 3, Qwen and hf_checkpoint users never see it."""
+    missing = tmp_path / "model"
+    cfg = OmegaConf.load(CONFIGS / f"{config}.yaml")
+    cfg.checkpoint_dir, cfg.output_dir, cfg.dataset.data_files = str(missing), str(tmp_path / "o"), "x.jsonl"
+    with pytest.raises(LongLoRAConfigError) as e:
+        cc.validate_config(cfg, world_size=2 if config.startswith("tiny") else 8)
+    assert str(e.value).endswith(f'tune download {repo} --output-dir {missing} --ignore-patterns "*.pth"')
+
+
+def test_hf_checkpoint_sections_are_completed_from_the_folder(assets, tmp_path):
+    cfg = OmegaConf.load(CONFIGS / "hf_checkpoint.yaml")
+    cfg.merge_with_dotlist(
+        [f"checkpoint_dir={assets['base']}", f"output_dir={tmp_path / 'o'}",
+         f"dataset.data_files={assets['corpus']}", "max_seq_len=256", "device=cpu", "global_batch_size=8"]
+    )  # fmt: skip
+    assert cc.validate_config(cfg, world_size=8).gradient_accumulation_steps == 1
+    # The tiny Llama 2 folder (tokenizer.model): its builder, shapes and tokenizer; the config's keys kept.
+    assert cfg.model._component_ == "longlora_tune.models.longlora_llama2"
+    assert (cfg.model.num_layers, cfg.model.embed_dim, cfg.model.max_seq_len) == (2, 64, 256)
+    assert dict(cfg.tokenizer) == {
+        "_component_": "torchtune.models.llama2.llama2_tokenizer",
+        "path": str(assets["base"] / "tokenizer.model"),
+        "max_seq_len": 256,
+    }
+    assert cc.training_length(cfg) == 256
+
+
 def test_output_dir_inside_checkpoint_dir_is_refused(assets):
     cfg = _cfg(assets, assets["base"] / "out")
     with pytest.raises(LongLoRAConfigError, match="is inside checkpoint_dir"):
@@ -165,6 +199,8 @@ def test_shipped_configs_pass_the_checks_that_need_no_files(tmp_path):
     for path in sorted(CONFIGS.glob("*.yaml")):
         cfg = OmegaConf.load(path)
         cfg.output_dir, cfg.checkpoint_dir = str(tmp_path / "o"), str(tmp_path / "no_base")
+        if OmegaConf.is_missing(cfg.dataset, "data_files"):
+            cfg.dataset.data_files = str(tmp_path / "corpus.jsonl")  # hf_checkpoint: no corpus is assumed
         with pytest.raises(LongLoRAConfigError, match=r"model config not found: .*no_base/config.json"):
             cc.validate_config(cfg, world_size=2 if path.stem.startswith("tiny") else 8)
 

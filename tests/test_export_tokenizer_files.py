@@ -14,6 +14,7 @@ WRITERS = {
     "llama3": lambda d: tiny.make_llama3_tokenizer(d / "original"),
     "mistral": lambda d: tiny.make_mistral_tokenizer(d),
     "qwen2": lambda d: tiny.make_qwen2_5_tokenizer(d),
+    "hf_llama": lambda d: tiny.make_hf_tokenizer(d),
 }
 
 
@@ -33,3 +34,17 @@ def test_copied_tokenizer_files_build_the_family_tokenizer(family, tmp_path):
     exported = build(**{arg: str(export / file) for arg, file in spec.tokenizer_files})
     text = "the cat sees a green apple today"
     assert exported.encode(text) == original.encode(text)
+
+
+def test_every_tokenizer_and_chat_template_file_of_the_base_travels(tmp_path):
+    """What a Hugging Face folder (SmolLM2's, transformers 5) has beside the weights, generation included."""
+    base, export = tmp_path / "base", tmp_path / "hf"
+    export.mkdir()
+    tiny.make_hf_tokenizer(base)
+    for name in ("special_tokens_map.json", "generation_config.json", "added_tokens.json"):
+        (base / name).write_text("{}")
+    copied = copy_tokenizer_files(base, export)
+    wanted = {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
+              "generation_config.json", "added_tokens.json"}  # fmt: skip
+    assert set(copied) == wanted
+    assert all((export / name).read_bytes() == (base / name).read_bytes() for name in wanted)

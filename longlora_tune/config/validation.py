@@ -29,6 +29,7 @@ from longlora_tune._compat import flex_attention_supported, import_object
 from longlora_tune.data import check_dataset_source
 from longlora_tune.errors import LongLoRAConfigError, config_error_once_per_node
 from longlora_tune.hf.base import HFBaseModel, download_command
+from longlora_tune.models.families import family_of_builder
 from longlora_tune.models.longlora import LongLoRAModelInfo, describe
 from longlora_tune.models.trainable import TRAINABLE_EXTRAS
 from longlora_tune.modules.context_parallel import check_context_parallel
@@ -36,8 +37,6 @@ from longlora_tune.modules.rope_scaling import check_rope_request, rope_for_trai
 from longlora_tune.training.distributed import resolve_dtype
 from longlora_tune.training.metric_logging import check_metric_logger
 
-#: Hugging Face repository used in download hints when the config names none.
-DEFAULT_REPO_HINT = "meta-llama/Llama-2-7b-hf"
 #: The export formats the recipe can write (``export_formats``).
 EXPORT_FORMATS = ("hf", "peft", "adapter")
 
@@ -50,18 +49,19 @@ EXPORT_FORMATS = ("hf", "peft", "adapter")
 #: silently ignored and the run would train with the config's value.
 RECIPE_KEYS: dict[str, str] = {
     # paths
-    "checkpoint_dir": "Hugging Face base model folder (config.json, *.safetensors, tokenizer.model)",
+    "checkpoint_dir": "Hugging Face base model folder (config.json, *.safetensors, tokenizer files)",
     "hf_repo_id": "Hugging Face repo id of the base model (download hints, PEFT base_model_name_or_path)",
     "output_dir": "folder for checkpoints/, hf/, peft/, adapter/, logs/ (not inside checkpoint_dir)",
     # components (built with config.instantiate; their keys are checked against the builder's signature)
-    "model": "model builder (_component_) and its arguments",
-    "tokenizer": "tokenizer builder (_component_) and its arguments",
+    "model": "model builder (_component_) and its arguments (no _component_: checkpoint_dir's builder)",
+    "tokenizer": "tokenizer builder (_component_) and its arguments (no _component_: checkpoint_dir's)",
     "dataset": "dataset builder (_component_) and its arguments",
     "optimizer": "optimizer class (_component_) and its arguments",
     "lr_scheduler": "learning-rate schedule (_component_) and its arguments, or null",
     "loss": "loss class (_component_) and its arguments",
     "metric_logger": "metric logger (_component_) and its arguments, or null (DiskLogger in output_dir/logs)",
     # model and data
+    "max_seq_len": "training length the sections interpolate as ${max_seq_len} (the hf_checkpoint config)",
     "trainable_extras": "trained besides LoRA: a subset of [embed, norm]",
     "rope_scaling": "RoPE extension {type: linear|yarn|llama3, factor: f, "
     "original_max_position_embeddings: n} (factor null = from the length); null = the family's default",
@@ -351,6 +351,7 @@ def check_values(cfg: DictConfig, world_size: int) -> None:
     if not _is_int(seed) or not 0 <= seed <= max_seed:
         raise LongLoRAConfigError(f"seed={seed!r} must be an integer in [0, {max_seed}]")
     _check_int(cfg, "num_workers", 0, nullable=False)
+    _check_int(cfg, "max_seq_len", 1, nullable=False)
     _check_number(cfg, "clip_grad_norm", positive=True, nullable=True, fix="null = no clipping")
     _check_int(cfg, "save_every_n_steps", 0, nullable=True, fix="0 or null = only at the end")
     _check_int(cfg, "keep_last_n", 1, nullable=True, fix="null = keep all")
@@ -547,6 +548,58 @@ def check_output_dir(output_dir: str | Path, checkpoint_dir: str | Path) -> None
             f"output_dir={output_dir} is inside checkpoint_dir={checkpoint_dir}; "
             "write outputs elsewhere so the base model is never overwritten"
         )
+
+
+def download_repo(cfg: DictConfig) -> Optional[str]:
+    """The Hugging Face repository a config's download hints name.
+
+    ``hf_repo_id``; else the repository of the family whose builder ``model._component_`` names, when the
+    family has one every config of it fits (:attr:`longlora_tune.models.families.ModelFamily.download_repo`:
+    Llama 2); else None, a placeholder in the hint (never another family's model).
+
+    Args:
+        cfg: the recipe config.
+
+    Returns:
+        The repository id, or None.
+    """
+    if cfg.get("hf_repo_id", None):
+        return str(cfg.hf_repo_id)
+    model = cfg.get("model", None)
+    component = model.get("_component_", None) if isinstance(model, DictConfig) else None
+    family = family_of_builder(component) if isinstance(component, str) else None
+    return family.download_repo if family is not None else None
+
+
+def complete_from_checkpoint(cfg: DictConfig) -> None:
+    """Fill in a ``model`` or ``tokenizer`` section that names no ``_component_`` from ``checkpoint_dir``.
+
+    What the ``hf_checkpoint`` config relies on: the model builder of the checkpoint's family with its
+    shapes (:meth:`~longlora_tune.hf.base.HFBaseModel.model_section`) and the tokenizer its files give
+    (:meth:`~longlora_tune.hf.base.HFBaseModel.tokenizer_config`); the section's own keys are kept. The config
+    is changed in place, so the run, its checkpoints and ``adapter/longlora.json`` record the builder and
+    tokenizer that were used.
+
+    Args:
+        cfg: the recipe config (interpolations resolvable).
+
+    Raises:
+        LongLoRAConfigError: when ``checkpoint_dir`` is not a readable, supported checkpoint (naming the
+            missing file and the download command).
+    """
+    incomplete = [
+        s
+        for s in ("model", "tokenizer")
+        if isinstance(cfg.get(s, None), DictConfig) and "_component_" not in cfg[s]
+    ]
+    if not incomplete:
+        return
+    base = HFBaseModel.read(cfg.checkpoint_dir, repo_id=download_repo(cfg))
+    sections = {s: OmegaConf.to_container(cfg[s], resolve=True) for s in incomplete}
+    if "model" in sections:
+        cfg.model = OmegaConf.create(base.model_section(sections["model"]))
+    if "tokenizer" in sections:
+        cfg.tokenizer = OmegaConf.create(base.tokenizer_config(**sections["tokenizer"]))
 
 
 def check_base_files(
@@ -906,11 +959,13 @@ def validate_config(cfg: DictConfig, world_size: int) -> CheckedConfig:
     """Every check the training recipe runs before it touches ``output_dir`` or loads weights.
 
     In this order: interpolations resolve; every top-level key is one the recipe reads
-    (:data:`RECIPE_KEYS`); the required keys are there; each ``_component_`` section's keys are arguments
-    of its builder; every value has its type and range (:func:`check_values`); then the settings that
-    depend on each other, the batch on ``world_size`` ranks, the base model's files, the device, the model
-    built on the meta device against the training length (:func:`build_meta_model`), the metric logger's
-    package and the dataset's local files.
+    (:data:`RECIPE_KEYS`); the required keys are there; a ``model`` or ``tokenizer`` section without
+    ``_component_`` is filled in from ``checkpoint_dir`` (:func:`complete_from_checkpoint`, which changes
+    ``cfg``); each ``_component_`` section's keys are arguments of its builder; every value has its type
+    and range (:func:`check_values`); then the settings that depend on each other, the batch on
+    ``world_size`` ranks, the base model's files, the device, the model built on the meta device against
+    the training length (:func:`build_meta_model`), the metric logger's package and the dataset's local
+    files.
 
     Args:
         cfg: the recipe config.
@@ -927,6 +982,7 @@ def validate_config(cfg: DictConfig, world_size: int) -> CheckedConfig:
     for key in ("output_dir", "checkpoint_dir", "model", "tokenizer", "dataset", "optimizer", "loss"):
         if cfg.get(key, None) is None:
             raise LongLoRAConfigError(f"config key {key!r} is missing")
+    complete_from_checkpoint(cfg)
     for section in COMPONENT_SECTIONS:
         check_component_section(cfg, section)
     check_values(cfg, world_size)
@@ -953,7 +1009,7 @@ def validate_config(cfg: DictConfig, world_size: int) -> CheckedConfig:
         raise LongLoRAConfigError(
             f"export_formats has unknown entries {sorted(unknown)}; use {list(EXPORT_FORMATS)}"
         )
-    repo = cfg.get("hf_repo_id", None) or DEFAULT_REPO_HINT
+    repo = download_repo(cfg)
     check_base_files(cfg.checkpoint_dir, cfg.tokenizer.get("path", None), repo)
     check_rope_scaling(cfg)
     device = cfg.get("device", None) or ("cuda" if torch.cuda.is_available() else "cpu")

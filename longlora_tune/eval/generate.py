@@ -6,16 +6,17 @@
         --question "Summarize the paper in five sentences." \\
         [--max-new-tokens 512 --temperature 0.6 --top-p 0.9 --template chat]
 
-Every supported family works (Llama 2, Llama 3, Mistral, Qwen2.5): the checkpoint's ``config.json`` picks
-the model and torchtune's tokenizer of its family, read from the files where the checkpoint keeps them
-(:meth:`longlora_tune.hf.base.HFBaseModel.tokenizer_config`). The prompt template defaults by family:
+Every supported family works (Llama 2, Llama 3, other Llama-architecture models, Mistral, Qwen2.5): the
+checkpoint's ``config.json`` and tokenizer files pick the model and the tokenizer (its family's torchtune
+tokenizer, or the folder's ``tokenizer.json``:
+:meth:`longlora_tune.hf.base.HFBaseModel.tokenizer_config`). The prompt template defaults by family:
 
 * Llama 2: ``llama2_chat``, LongLoRA's inference prompt ``[INST]{material}\\n{question}[/INST]`` (the same
   function renders LongAlpaca training prompts);
-* Llama 3, Mistral, Qwen2.5 chat models (a ``chat_template`` in ``tokenizer_config.json``): ``chat``, the
-  tokenizer's own chat format with ``{material}\\n{question}`` as the user turn, up to the assistant header
-  (what ``dataset.template: chat`` trains on, :class:`longlora_tune.data.chat_format.ChatFormat`); their
-  base models: ``none``.
+* the other families' chat models (a chat template in ``chat_template.jinja`` or
+  ``tokenizer_config.json``): ``chat``, the tokenizer's own chat format with ``{material}\\n{question}``
+  as the user turn, up to the assistant header (what ``dataset.template: chat`` trains on,
+  :class:`longlora_tune.data.chat_format.ChatFormat`); their base models: ``none``.
 
 ``alpaca`` and ``none`` (material, newline, question) are available too. Generation stops at the
 tokenizer's stop tokens (Llama 3's ``<|eot_id|>``, Qwen's ``<|im_end|>``). The model uses full attention, a KV
@@ -105,8 +106,9 @@ def default_template(family: str, checkpoint: str | Path) -> str:
     """The prompt template a model answers in, when ``--template`` is not given.
 
     Llama 2: LongLoRA's ``llama2_chat``. The other families: their tokenizer's chat format when the
-    checkpoint is a chat model (its ``tokenizer_config.json`` has a ``chat_template``: an instruct model,
-    or an export of one), else ``none`` (a base model never saw its family's chat header tokens).
+    checkpoint is a chat model (it ships a chat template, :func:`longlora_tune.hf.base.chat_template`: an
+    instruct model, or an export of one), else ``none`` (a base model never saw its family's chat header
+    tokens).
 
     Args:
         family: a :data:`longlora_tune.models.families.FAMILIES` name.
@@ -115,46 +117,11 @@ def default_template(family: str, checkpoint: str | Path) -> str:
     Returns:
         ``llama2_chat``, ``chat`` or ``none``.
     """
+    from longlora_tune.hf.base import chat_template
+
     if family == "llama2":
         return "llama2_chat"
-    path = Path(checkpoint) / "tokenizer_config.json"
-    try:
-        chat = path.is_file() and bool(json.loads(path.read_text()).get("chat_template"))
-    except (json.JSONDecodeError, AttributeError):
-        chat = False
-    return "chat" if chat else "none"
-
-
-def load_tokenizer(checkpoint: str | Path, tokenizer_path: str | None = None) -> tuple[Any, str]:
-    """The checkpoint family's torchtune tokenizer, from the files in the checkpoint folder.
-
-    Args:
-        checkpoint: the Hugging Face checkpoint folder (``config.json`` names the family).
-        tokenizer_path: replaces the tokenizer's main file (``path``: ``tokenizer.model``, Llama 3's
-            ``original/tokenizer.model``, Qwen's ``vocab.json``).
-
-    Returns:
-        ``(tokenizer, family name)``.
-
-    Raises:
-        LongLoRAConfigError: for a missing ``config.json`` or tokenizer file (naming it and ``--tokenizer``).
-    """
-    from omegaconf import OmegaConf
-    from torchtune import config as tt_config
-
-    from longlora_tune.hf.base import HFBaseModel
-
-    base = HFBaseModel.read(checkpoint)
-    section = base.tokenizer_config()
-    if tokenizer_path:
-        section["path"] = str(tokenizer_path)
-    for arg, file in section.items():
-        if arg != "_component_" and not Path(file).is_file():
-            hint = "pass --tokenizer /path/to/it" if arg == "path" else f"put it in {checkpoint}"
-            raise LongLoRAConfigError(f"tokenizer file not found: {file} ({base.family.name} {arg}); {hint}")
-    if base.family.name == "llama2":
-        section["prompt_template"] = None  # the prompt is rendered here, not by torchtune's template
-    return tt_config.instantiate(OmegaConf.create(section)), base.family.name
+    return "chat" if chat_template(checkpoint) else "none"
 
 
 def trained_context_length(
@@ -288,7 +255,7 @@ def _parser() -> argparse.ArgumentParser:
         "--tokenizer",
         default=None,
         help="the tokenizer's main file (default: the family's, in --checkpoint: tokenizer.model, "
-        "original/tokenizer.model for Llama 3, vocab.json for Qwen2.5)",
+        "original/tokenizer.model for Llama 3, vocab.json for Qwen2.5, tokenizer.json otherwise)",
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default: bf16 on CUDA, fp32 on CPU)")
@@ -312,7 +279,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         LongLoRAConfigError: for missing files or bad values (reported as one line, exit code 2).
     """
     from longlora_tune.eval.decoding import generate
-    from longlora_tune.eval.model_loading import load_eval_model
+    from longlora_tune.eval.model_loading import checkpoint_tokenizer, load_eval_model
     from longlora_tune.training.distributed import resolve_device, resolve_dtype
 
     args = _parser().parse_args(argv)
@@ -327,7 +294,9 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
             f"--temperature must be >= 0 and --top-p in (0, 1], got {args.temperature} and {args.top_p}"
         )
 
-    tokenizer, family = load_tokenizer(args.checkpoint, args.tokenizer)
+    tokenizer, family = checkpoint_tokenizer(
+        args.checkpoint, path=args.tokenizer, path_hint="pass --tokenizer"
+    )
     template = args.template or default_template(family, args.checkpoint)
     if template == "chat" and family == "llama2":
         raise LongLoRAConfigError(

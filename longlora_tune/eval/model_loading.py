@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 from torchtune import config as tt_config
 from torchtune import training
@@ -50,6 +51,7 @@ from longlora_tune.training.distributed import (
 )
 
 __all__ = [
+    "checkpoint_tokenizer",
     "close_eval_runtime",
     "eval_model_from_config",
     "eval_rope_factor",
@@ -424,23 +426,67 @@ def eval_model_from_config(
     )
 
 
+def checkpoint_tokenizer(
+    checkpoint: str | Path, *, path: str | None = None, path_hint: str = "set tokenizer.path"
+) -> tuple[Any, str]:
+    """The tokenizer a checkpoint folder ships, from its files (its family's, or its ``tokenizer.json``).
+
+    Args:
+        checkpoint: the Hugging Face checkpoint folder (``config.json`` and the files name the tokenizer,
+            :meth:`longlora_tune.hf.base.HFBaseModel.tokenizer_config`).
+        path: replaces the tokenizer's main file (``path``: ``tokenizer.model``, Llama 3's
+            ``original/tokenizer.model``, Qwen's ``vocab.json``, ``tokenizer.json``).
+        path_hint: how the caller's user replaces the main file, for the missing-file message.
+
+    Returns:
+        ``(tokenizer, family name)``.
+
+    Raises:
+        LongLoRAConfigError: for a missing ``config.json`` or tokenizer file (naming it and the fix).
+    """
+    base = HFBaseModel.read(checkpoint)
+    section = base.tokenizer_config()
+    if path:
+        section["path"] = str(path)
+    for arg, file in section.items():
+        if arg != "_component_" and not Path(file).is_file():
+            hint = f"{path_hint} /path/to/it" if arg == "path" else f"put it in {checkpoint}"
+            raise LongLoRAConfigError(f"tokenizer file not found: {file} ({base.family.name} {arg}); {hint}")
+    if base.family.name == "llama2":
+        section["prompt_template"] = None  # prompts are rendered by our templates, not torchtune's
+    return tt_config.instantiate(OmegaConf.create(section)), base.family.name
+
+
 def tokenizer_from_config(cfg: Any) -> Any:
-    """Instantiate ``cfg.tokenizer`` (a torchtune tokenizer component), checking its file first.
+    """The tokenizer an eval config names, or else the one its checkpoint folder ships.
+
+    ``tokenizer`` absent or null: :func:`checkpoint_tokenizer` of ``checkpoint_dir`` (the adapter's base
+    folder when only ``adapter_dir`` is set), as ``generate`` does. A ``tokenizer`` section with a
+    ``_component_`` is instantiated, its ``path`` checked first.
 
     Args:
         cfg: the recipe config.
 
     Returns:
-        The tokenizer, or None when the config has no ``tokenizer`` entry.
+        The tokenizer.
 
     Raises:
-        LongLoRAConfigError: if the tokenizer file does not exist.
+        LongLoRAConfigError: if the tokenizer file does not exist, or neither folder is set.
     """
-    if not cfg.get("tokenizer"):
-        return None
-    path = cfg.tokenizer.get("path")
+    section = cfg.get("tokenizer")
+    if not section:
+        checkpoint = cfg.get("checkpoint_dir")
+        if checkpoint is None and cfg.get("adapter_dir") is not None:
+            checkpoint = _read_adapter_meta(Path(cfg.adapter_dir)).get("base_checkpoint_dir")
+        if checkpoint is None:
+            raise LongLoRAConfigError(
+                "checkpoint_dir is not set; point it at a Hugging Face checkpoint folder (its tokenizer too)"
+            )
+        hint = "set tokenizer._component_ and tokenizer.path to"
+        return checkpoint_tokenizer(checkpoint, path_hint=hint)[0]
+    path = section.get("path")
     if path is not None and not Path(path).is_file():
         raise LongLoRAConfigError(
-            f"tokenizer.path={path!r} does not exist; point it at the model's tokenizer.model"
+            f"tokenizer.path={path!r} does not exist; point it at the model's tokenizer file"
         )
-    return tt_config.instantiate(cfg.tokenizer)
+    return tt_config.instantiate(section)

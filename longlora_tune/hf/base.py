@@ -1,16 +1,21 @@
-"""A Hugging Face base-model folder, read once.
+"""A Hugging Face base-model folder, read once, and its ``tokenizer.json`` as a torchtune model tokenizer.
 
 The training recipe, the exports and the evaluation loader all need the same facts about the base
-checkpoint (what ``tune download meta-llama/Llama-2-7b-hf`` writes): its ``config.json``, its model family
-(:mod:`longlora_tune.models.families`: Llama 2, Llama 3.x, Mistral, Qwen2), the builder arguments it implies,
-its context length and RoPE setting, its tokenizer, and its weights in torchtune names. :class:`HFBaseModel`
-reads the folder once and answers all of them, so a run parses ``config.json`` once and every consumer
-derives the builder arguments the same way.
+checkpoint (what ``tune download <repo>`` writes): its ``config.json``, its model family
+(:mod:`longlora_tune.models.families`: Llama 2, Llama 3.x, other Llama-architecture models, Mistral,
+Qwen2), the builder arguments it implies, its context length and RoPE setting, its tokenizer, and its
+weights in torchtune names. :class:`HFBaseModel` reads the folder once and answers all of them, so a run
+parses ``config.json`` once and every consumer derives the builder arguments the same way.
+
+:class:`HFTokenizer` is the tokenizer of a folder that has only a Hugging Face ``tokenizer.json``
+(SmolLM2, ...): torchtune's ``HuggingFaceBaseTokenizer`` with what torchtune's training and our recipes
+need from a model tokenizer besides ``encode``/``decode``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import json
 from collections.abc import Mapping
@@ -18,17 +23,26 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from torchtune.data import Message
+from torchtune.modules.transforms.tokenizers import HuggingFaceBaseTokenizer
 
 from longlora_tune._compat import import_object
 from longlora_tune.errors import LongLoRAConfigError
-from longlora_tune.models.families import ModelFamily, detect_family
+from longlora_tune.models.families import (
+    HF_TOKENIZER,
+    HF_TOKENIZER_FILES,
+    ModelFamily,
+    detect_family,
+    log_assumption,
+    tokenizer_files_in,
+)
 from longlora_tune.modules.position_interpolation import (
     position_interpolation_factor,
     rope_scaling_factor_from_hf_config,
 )
 from longlora_tune.modules.rope_scaling import RopeScaling
 
-__all__ = ["HFBaseModel", "download_command"]
+__all__ = ["HFBaseModel", "HFTokenizer", "chat_template", "download_command"]
 
 #: Keys every supported ``config.json`` has (a Llama-style decoder).
 _REQUIRED_KEYS = (
@@ -117,15 +131,17 @@ class HFBaseModel:
         _ = base.rope
         return base
 
-    @property
+    @functools.cached_property
     def family(self) -> ModelFamily:
-        """The model family (see :func:`longlora_tune.models.families.detect_family`).
+        """The model family (:func:`longlora_tune.models.families.detect_family`), from ``config.json`` and
+        the folder's tokenizer files.
 
         Raises:
             LongLoRAConfigError: for an unsupported ``model_type`` or feature.
         """
         try:
-            return detect_family(self.config)
+            files = tokenizer_files_in(self.path)
+            return detect_family(self.config, files, source=str(Path(self.path) / "config.json"))
         except LongLoRAConfigError as e:
             raise LongLoRAConfigError(f"{self.path}: {e}") from None
 
@@ -177,7 +193,11 @@ class HFBaseModel:
         return int(ids[0])
 
     def tokenizer_config(self, **extra: Any) -> dict[str, Any]:
-        """The ``tokenizer`` config section for this checkpoint: the family's torchtune tokenizer, its files.
+        """The ``tokenizer`` config section for this checkpoint, chosen from the files the folder has.
+
+        The family's torchtune tokenizer when its files are there; otherwise, when the folder has a
+        ``tokenizer.json``, :class:`HFTokenizer` over it (one line logs the choice); otherwise the family's
+        (whose missing file the caller reports).
 
         Args:
             **extra: further tokenizer arguments (``max_seq_len``, ...).
@@ -187,10 +207,34 @@ class HFBaseModel:
             folder has the family's special-tokens file.
         """
         family = self.family
-        files = {arg: str(self.path / name) for arg, name in family.tokenizer_files}
-        if family.special_tokens_file and (self.path / family.special_tokens_file).is_file():
-            files["special_tokens_path"] = str(self.path / family.special_tokens_file)
-        return {"_component_": family.tokenizer, **files, **extra}
+        component, names = family.tokenizer, family.tokenizer_files
+        missing = [name for _, name in names if not (self.path / name).is_file()]
+        if missing and (self.path / HF_TOKENIZER_FILES[0][1]).is_file():
+            component, names = HF_TOKENIZER, HF_TOKENIZER_FILES
+            log_assumption(
+                f"{self.path}: no {', '.join(missing)} for torchtune's {family.name} tokenizer; using the "
+                f"folder's {HF_TOKENIZER_FILES[0][1]} ({HF_TOKENIZER})"
+            )
+        files = {arg: str(self.path / name) for arg, name in names}
+        special = family.special_tokens_file
+        if component == family.tokenizer and special and (self.path / special).is_file():
+            files["special_tokens_path"] = str(self.path / special)
+        return {"_component_": component, **files, **extra}
+
+    def model_section(self, model: Mapping[str, Any]) -> dict[str, Any]:
+        """A ``model`` config section without ``_component_`` completed from this checkpoint.
+
+        What the ``hf_checkpoint`` config leaves out: the family's LongLoRA builder and the shapes of
+        :attr:`builder_kwargs` (the RoPE facts come with :meth:`training_overrides`, as for every config).
+
+        Args:
+            model: the config's section (LoRA, S² and length settings); its keys win.
+
+        Returns:
+            The section with ``_component_`` and the shape arguments.
+        """
+        shapes = {k: v for k, v in self.builder_kwargs.items() if k != "rope_base"}
+        return {"_component_": self.family.builder, **shapes, **model}
 
     def builder_rope_kwargs(self) -> dict[str, Any]:
         """The RoPE facts of the checkpoint as LongLoRA builder arguments (for all four families).
@@ -359,6 +403,9 @@ class HFBaseModel:
 
         Returns:
             The state dict (``tok_embeddings.weight``, ``layers.0.attn.q_proj.weight``, ...).
+
+        Raises:
+            LongLoRAConfigError: for an untied checkpoint without ``lm_head.weight``.
         """
         from safetensors.torch import load_file
         from torchtune.models.convert_weights import hf_to_tune
@@ -378,6 +425,211 @@ class HFBaseModel:
         tied = self.tie_word_embeddings
         if tied:
             hf_sd.pop("lm_head.weight", None)
+        elif "lm_head.weight" not in hf_sd:
+            raise LongLoRAConfigError(
+                f"{self.path}: the weights have no lm_head.weight but config.json does not set "
+                "tie_word_embeddings=true; a checkpoint whose head is its embedding must say so"
+            )
         if not self.family.qk_permuted:
             return qwen2_hf_to_tune(hf_sd, **shape, head_dim=self.head_dim, tie_word_embeddings=tied)
         return hf_to_tune(hf_sd, **shape, head_dim=self.head_dim)
+
+
+def chat_template(folder: str | Path) -> Optional[str]:
+    """The chat template a Hugging Face folder ships, if any.
+
+    transformers 5 writes it to ``chat_template.jinja``; older folders keep it in ``tokenizer_config.json``
+    (a string, or a list of named templates of which ``default`` is the chat one).
+
+    Args:
+        folder: the checkpoint folder.
+
+    Returns:
+        The Jinja source, or None.
+    """
+    folder = Path(folder)
+    jinja = folder / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text()
+    try:
+        template = json.loads((folder / "tokenizer_config.json").read_text()).get("chat_template")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return None
+    if isinstance(template, list):
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    return template if isinstance(template, str) and template else None
+
+
+def _beside(path: Path, name: str, given: Optional[str]) -> Optional[str]:
+    if given is not None:
+        return str(given)
+    sibling = path.parent / name
+    return str(sibling) if sibling.is_file() else None
+
+
+class HFTokenizer(HuggingFaceBaseTokenizer):
+    """A Hugging Face ``tokenizer.json`` as a torchtune model tokenizer (training, evaluation, generation).
+
+    torchtune 0.6.1's ``HuggingFaceBaseTokenizer`` only encodes and decodes. This adds what the recipes
+    read from a model tokenizer: ``max_seq_len``, ``pad_id``, ``vocab_size``, ``special_tokens``,
+    ``stop_tokens`` (``generation_config.json``'s EOS ids with the tokenizer's), and ``tokenize_messages``
+    rendered by the checkpoint's own chat template (for ``dataset.template: chat`` and ``generate``).
+    ``encode`` is exact: BOS and EOS exactly when asked, never the ones a ``tokenizer.json``
+    post-processor adds (Llama 3's adds BOS, which torchtune's class keeps even with ``add_bos=False``).
+
+    Args:
+        path: the ``tokenizer.json``.
+        tokenizer_config_path: ``tokenizer_config.json`` (BOS, EOS and pad tokens); None: the one beside
+            ``path``, if any.
+        generation_config_path: ``generation_config.json`` (BOS/EOS ids when the tokenizer config has none,
+            the stop tokens); None: the one beside ``path``, if any.
+        chat_template_path: a Jinja chat template file; None: the folder's (:func:`chat_template`).
+        max_seq_len: ``tokenize_messages`` truncates to it (None: no truncation), as torchtune's do.
+
+    Raises:
+        LongLoRAConfigError: for a missing ``tokenizer.json``, neither config file, or BOS/EOS tokens
+            neither names.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        tokenizer_config_path: Optional[str] = None,
+        generation_config_path: Optional[str] = None,
+        chat_template_path: Optional[str] = None,
+        max_seq_len: Optional[int] = None,
+    ) -> None:
+        file = Path(path)
+        if not file.is_file():
+            raise LongLoRAConfigError(f"tokenizer file not found: {file}")
+        tokenizer_config_path = _beside(file, "tokenizer_config.json", tokenizer_config_path)
+        generation_config_path = _beside(file, "generation_config.json", generation_config_path)
+        try:
+            super().__init__(
+                str(file),
+                tokenizer_config_json_path=tokenizer_config_path,
+                generation_config_path=generation_config_path,
+            )
+        except ValueError as e:
+            raise LongLoRAConfigError(
+                f"{file}: {e} (tokenizer_config.json: {tokenizer_config_path}, generation_config.json: "
+                f"{generation_config_path}); a Hugging Face tokenizer needs one of them to name BOS and EOS"
+            ) from None
+        self.max_seq_len = max_seq_len
+        self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
+        self.special_tokens = {
+            t.content: i for i, t in self.tokenizer.get_added_tokens_decoder().items() if t.special
+        }
+        generation = self.generation_config or {}
+        pad = (self.config or {}).get("pad_token")
+        pad = pad.get("content") if isinstance(pad, dict) else pad
+        pad_id = self.tokenizer.token_to_id(pad) if isinstance(pad, str) else None
+        # Padding positions are never attended nor scored (labels -100): any id does, 0 as torchtune's.
+        self.pad_id = pad_id if pad_id is not None else generation.get("pad_token_id") or 0
+        stops = generation.get("eos_token_id")
+        stops = [stops] if isinstance(stops, int) else list(stops or [])
+        self.stop_tokens = sorted({self.eos_id, *stops})
+        if chat_template_path is not None:
+            self.chat_template: Optional[str] = Path(chat_template_path).read_text()
+        else:
+            self.chat_template = chat_template(file.parent)
+
+    def encode(self, text: str, add_bos: bool = True, add_eos: bool = True) -> list[int]:
+        """Token ids of ``text``, with BOS and EOS exactly when asked.
+
+        Args:
+            text: the text.
+            add_bos: start with the BOS id.
+            add_eos: end with the EOS id.
+
+        Returns:
+            The ids.
+        """
+        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        return [self.bos_id] * add_bos + ids + [self.eos_id] * add_eos
+
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        """The text of ``token_ids``.
+
+        Args:
+            token_ids: the ids.
+            skip_special_tokens: leave special tokens out (Hugging Face's default).
+
+        Returns:
+            The text.
+        """
+        return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
+
+    def _compiled_chat_template(self) -> Any:
+        # Hugging Face renders chat templates with these Jinja settings (trim_blocks, lstrip_blocks, a
+        # sandbox, raise_exception); jinja2 comes with torch. Compiled per call, not kept: the tokenizer
+        # stays picklable for the tokenizing worker processes.
+        from jinja2.exceptions import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message: str) -> None:
+            raise TemplateError(message)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = raise_exception
+        return env.from_string(self.chat_template)
+
+    def tokenize_messages(
+        self, messages: list[Message], *, add_end_tokens: bool = True
+    ) -> tuple[list[int], list[bool]]:
+        """Tokens and loss mask of a conversation in the checkpoint's chat template.
+
+        Each message's tokens are what the template adds for it (an assistant turn's header, the
+        template's generation prompt, separately), masked as the message says. Without end tokens a last
+        assistant message is left open: the generation prompt and its text, nothing after.
+
+        Args:
+            messages: the conversation.
+            add_end_tokens: close the last turn as the template does.
+
+        Returns:
+            ``(tokens, mask)``; True in the mask = not trained on.
+
+        Raises:
+            ValueError: when the folder has no chat template, or the template renders a conversation
+                other than as its turns one after another.
+        """
+        if not self.chat_template:
+            raise ValueError(
+                "the checkpoint has no chat template (chat_template.jinja or tokenizer_config.json)"
+            )
+        template = self._compiled_chat_template()
+        special = {
+            "bos_token": self.tokenizer.id_to_token(self.bos_id),
+            "eos_token": self.tokenizer.id_to_token(self.eos_id),
+        }
+
+        def render(turns: list[dict[str, str]], add_generation_prompt: bool) -> str:
+            return template.render(messages=turns, add_generation_prompt=add_generation_prompt, **special)
+
+        turns = [{"role": m.role, "content": m.text_content} for m in messages]
+        tokens: list[int] = []
+        mask: list[bool] = []
+        rendered = ""
+        for i, message in enumerate(messages):
+            pieces = []
+            if message.role == "assistant":
+                # The generation prompt is a piece of its own, so a prompt ends exactly at it.
+                pieces.append(render(turns[:i], add_generation_prompt=True))
+            if not add_end_tokens and i == len(messages) - 1 and message.role == "assistant":
+                pieces.append(pieces[-1] + turns[i]["content"])
+            else:
+                pieces.append(render(turns[: i + 1], add_generation_prompt=False))
+            for text in pieces:
+                if not text.startswith(rendered):
+                    raise ValueError(
+                        "the chat template does not render the conversation as its turns one after another"
+                    )
+                ids = self.tokenizer.encode(text[len(rendered) :], add_special_tokens=False).ids
+                tokens.extend(ids)
+                mask.extend([message.masked] * len(ids))
+                rendered = text
+        if self.max_seq_len is not None:
+            tokens, mask = tokens[: self.max_seq_len], mask[: self.max_seq_len]
+        return tokens, mask

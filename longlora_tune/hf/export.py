@@ -4,7 +4,8 @@ Three formats, each written all-or-nothing with
 :func:`~longlora_tune._io.atomic_directory`:
 
 * ``hf/``: a merged Hugging Face checkpoint of the base's family (Llama, Mistral or Qwen2; LoRA folded into
-  the weights, trained embeddings and norms included) whose ``config.json`` carries the trained RoPE
+  the weights, trained embeddings and norms included; every tokenizer, chat-template and generation file of
+  the base beside them) whose ``config.json`` carries the trained RoPE
   method and factor (``rope_scaling = {"type": "linear", "factor": f}`` for LongLoRA's linear
   interpolation; ``yarn`` or ``llama3`` entries otherwise), so ``AutoModelForCausalLM.from_pretrained``
   reproduces the positions the model was trained with. A tied base stays tied
@@ -34,15 +35,23 @@ from longlora_tune.models.trainable import TRAINABLE_FILE, save_trainable_state
 from longlora_tune.modules.rope_scaling import RopeScaling
 
 #: Files copied from the base checkpoint next to the merged weights.
-TOKENIZER_FILES = (
-    # What each family's torchtune tokenizer reads (original/tokenizer.model for Llama 3, vocab.json and
-    # merges.txt for Qwen2.5), so an export serves as a base folder for eval and generation too.
-    *dict.fromkeys(file for family in FAMILIES.values() for _, file in family.tokenizer_files),
-    *dict.fromkeys(f.special_tokens_file for f in FAMILIES.values() if f.special_tokens_file),
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "generation_config.json",
+TOKENIZER_FILES = tuple(
+    dict.fromkeys(
+        (
+            # What each family's torchtune tokenizer reads (original/tokenizer.model for Llama 3, vocab.json
+            # and merges.txt for Qwen2.5, tokenizer.json for hf_llama), so an export serves as a base folder
+            # for eval and generation too.
+            *(file for family in FAMILIES.values() for _, file in family.tokenizer_files),
+            *(f.special_tokens_file for f in FAMILIES.values() if f.special_tokens_file),
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "special_tokens_map.json",
+            "added_tokens.json",
+            # transformers 5 writes the chat template beside tokenizer_config.json (SmolLM2), not inside it.
+            "chat_template.jinja",
+            "generation_config.json",
+        )
+    )
 )
 #: Shard size of the merged safetensors files (Hugging Face's usual 5 GB).
 MAX_SHARD_BYTES = 5 * 1024**3

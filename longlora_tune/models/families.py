@@ -1,25 +1,34 @@
-"""The model families LongLoRA trains, and how a Hugging Face ``config.json`` picks one.
+"""The model families LongLoRA trains, and how a Hugging Face checkpoint folder picks one.
 
 One table, read by the training recipe, the evaluation loader and the exports (through
 :class:`longlora_tune.hf.base.HFBaseModel`), so the three can never disagree about a checkpoint:
 
-============  ================  ==================  =================  ===========================
+============  ================  ==================  =================  ==================================
 family        config.json       LongLoRA builder    checkpointer type  tokenizer (files)
-============  ================  ==================  =================  ===========================
+============  ================  ==================  =================  ==================================
 ``llama2``    ``llama``         ``longlora_llama2``  ``LLAMA2``         ``llama2_tokenizer``
                                                                         (``tokenizer.model``)
 ``llama3``    ``llama``         ``longlora_llama3``  ``LLAMA3``         ``llama3_tokenizer``
                                                      (``LLAMA3_2`` tied) (``original/tokenizer.model``)
+``hf_llama``  ``llama``         ``longlora_llama3``  ``LLAMA3``         ``longlora_tune.hf.base.HFTokenizer``
+                                                     (``LLAMA3_2`` tied) (``tokenizer.json``)
 ``mistral``   ``mistral``       ``longlora_mistral`` ``MISTRAL``        ``mistral_tokenizer``
                                                                         (``tokenizer.model``)
 ``qwen2``     ``qwen2``         ``longlora_qwen2``   ``QWEN2``          ``qwen2_5_tokenizer``
                                                                         (``vocab.json``, ``merges.txt``)
-============  ================  ==================  =================  ===========================
+============  ================  ==================  =================  ==================================
 
-Llama 2 and Llama 3 share ``model_type: llama`` and the architecture; they differ in RoPE base,
-tokenizer and (3.1+) RoPE scaling. The rule: **Llama 3** when ``rope_theta >= 500000``, or the RoPE
-scaling is ``llama3``, or ``vocab_size >= 128000`` (Llama 3's 128256-token tiktoken vocabulary); **Llama 2**
-otherwise (theta 10000, 32000 tokens, the LongLoRA paper's models and our tiny test models).
+Three families share ``model_type: llama`` and the architecture. **Llama 3** is recognised from
+``config.json`` alone when it says so exactly: Meta's ``llama3`` RoPE scaling (3.1+) or Llama 3's
+128256-token tiktoken vocabulary. Otherwise the tokenizer files of the folder decide, in this order:
+``original/tokenizer.model`` (Meta's tiktoken file where a Hugging Face Llama 3 folder keeps it) is
+**Llama 3**; ``tokenizer.model`` (SentencePiece) is **Llama 2** (the LongLoRA paper's models, TinyLlama and
+other SentencePiece Llamas); only ``tokenizer.json`` is **hf_llama**, any other Llama-architecture model
+(SmolLM2, ...) with a Hugging Face tokenizer, any RoPE base and tied or untied embeddings, built like
+Llama 3 (torchtune's ``llama3_2`` components take ``tie_word_embeddings``; the RoPE base and scaling come
+from ``config.json``). When neither decides (a folder without tokenizer files, or a config read without
+its folder), the old rule is the fallback, logged once as an assumption: Llama 3 when
+``rope_theta >= 500000`` or ``vocab_size >= 128000``, Llama 2 otherwise.
 
 Pure Python (no torch import at module level), so the planner and config checks can read it cheaply.
 """
@@ -27,12 +36,33 @@ Pure Python (no torch import at module level), so the planner and config checks 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+import functools
+import logging
+from collections.abc import Collection, Mapping
+from pathlib import Path
 from typing import Any, Optional
 
 from longlora_tune.errors import LongLoRAConfigError
 
-__all__ = ["FAMILIES", "ModelFamily", "detect_family", "family_of_builder", "trusted_builder"]
+__all__ = [
+    "FAMILIES",
+    "HF_TOKENIZER",
+    "HF_TOKENIZER_FILES",
+    "ModelFamily",
+    "detect_family",
+    "family_of_builder",
+    "log_assumption",
+    "tokenizer_files_in",
+    "trusted_builder",
+]
+
+log = logging.getLogger(__name__)
+
+#: torchtune's ``HuggingFaceBaseTokenizer`` as a model tokenizer (``tokenizer.json``, with the
+#: ``tokenizer_config.json``, ``generation_config.json`` and chat template beside it): the ``hf_llama``
+#: family's tokenizer, and any family's when its own files are missing but ``tokenizer.json`` is there.
+HF_TOKENIZER = "longlora_tune.hf.base.HFTokenizer"
+HF_TOKENIZER_FILES: tuple[tuple[str, str], ...] = (("path", "tokenizer.json"),)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +70,7 @@ class ModelFamily:
     """What LongLoRA needs to know about one model family.
 
     Attributes:
-        name: ``llama2``, ``llama3``, ``mistral`` or ``qwen2``.
+        name: ``llama2``, ``llama3``, ``hf_llama``, ``mistral`` or ``qwen2``.
         hf_model_type: ``config.json`` ``model_type``.
         builder: Dotted path of the LongLoRA component builder (takes every shape).
         base_builder: Dotted path of torchtune's plain (non-LoRA) component builder, for merged checkpoints.
@@ -60,7 +90,9 @@ class ModelFamily:
         qk_permuted: torchtune's Hugging Face conversion permutes q/k rows into interleaved RoPE pairs (all
             but Qwen2, whose RoPE rotates head halves as Hugging Face does).
         qkv_bias: q/k/v projections have biases.
-        ties: The builder takes ``tie_word_embeddings``.
+        ties: The builder takes ``tie_word_embeddings`` (a tied checkpoint of another family is refused).
+        download_repo: The Hugging Face repository named in download hints when a config names none
+            (None: a placeholder; only Llama 2 has one model every config of the family fits).
     """
 
     name: str
@@ -77,6 +109,7 @@ class ModelFamily:
     qk_permuted: bool = True
     qkv_bias: bool = False
     ties: bool = False
+    download_repo: Optional[str] = None
 
     def checkpointer_type(self, tie_word_embeddings: bool) -> str:
         """torchtune's checkpointer ``model_type`` for a checkpoint (``LLAMA3_2`` for tied Llama 3).
@@ -103,6 +136,7 @@ FAMILIES: dict[str, ModelFamily] = {
         tied_checkpointer_model_type=None,
         tokenizer="torchtune.models.llama2.llama2_tokenizer",
         tokenizer_files=(("path", "tokenizer.model"),),
+        download_repo="meta-llama/Llama-2-7b-hf",
     ),
     "llama3": ModelFamily(
         name="llama3",
@@ -115,6 +149,19 @@ FAMILIES: dict[str, ModelFamily] = {
         tokenizer="torchtune.models.llama3.llama3_tokenizer",
         tokenizer_files=(("path", "original/tokenizer.model"),),
         special_tokens_file="original/special_tokens.json",
+        ties=True,
+    ),
+    # Any other Llama-architecture checkpoint (SmolLM2, ...): Llama 3's builders, which take any RoPE base
+    # and tie_word_embeddings, and the folder's own Hugging Face tokenizer.
+    "hf_llama": ModelFamily(
+        name="hf_llama",
+        hf_model_type="llama",
+        builder="longlora_tune.models.longlora_llama3",
+        base_builder="torchtune.models.llama3_2.llama3_2",
+        checkpointer_model_type="LLAMA3",
+        tied_checkpointer_model_type="LLAMA3_2",
+        tokenizer=HF_TOKENIZER,
+        tokenizer_files=HF_TOKENIZER_FILES,
         ties=True,
     ),
     "mistral": ModelFamily(
@@ -145,27 +192,90 @@ FAMILIES: dict[str, ModelFamily] = {
     ),
 }
 
-_SUPPORTED = "llama (Llama 2, Llama 3/3.1/3.2/3.3), mistral (Mistral 7B v0.2+), qwen2 (Qwen2/Qwen2.5)"
+_SUPPORTED = (
+    "llama (Llama 2, Llama 3/3.1/3.2/3.3, other Llama-architecture models with a tokenizer.json), "
+    "mistral (Mistral 7B v0.2+), qwen2 (Qwen2/Qwen2.5)"
+)
+#: The ``model_type: llama`` families in the order their tokenizer file decides (the first one present).
+_LLAMA_BY_TOKENIZER_FILE = ("llama3", "llama2", "hf_llama")
 
 
-def _is_llama3(config: Mapping[str, Any]) -> bool:
-    theta = config.get("rope_theta") or (config.get("rope_parameters") or {}).get("rope_theta") or 0
+def _main_tokenizer_file(name: str) -> str:
+    return FAMILIES[name].tokenizer_files[0][1]
+
+
+def tokenizer_files_in(folder: str | Path) -> list[str]:
+    """The tokenizer files of a checkpoint folder that tell the ``model_type: llama`` families apart.
+
+    Args:
+        folder: the checkpoint folder.
+
+    Returns:
+        Those of ``original/tokenizer.model``, ``tokenizer.model`` and ``tokenizer.json`` that exist.
+    """
+    names = [_main_tokenizer_file(name) for name in _LLAMA_BY_TOKENIZER_FILE]
+    return [name for name in names if (Path(folder) / name).is_file()]
+
+
+def _config_says_llama3(config: Mapping[str, Any]) -> bool:
+    """``config.json`` states Llama 3 exactly: the ``llama3`` RoPE type or the 128256-token vocabulary."""
     scalings = [config.get("rope_scaling") or {}, config.get("rope_parameters") or {}]
     llama3_rope = any(
         s.get("rope_type", s.get("type")) == "llama3" for s in scalings if isinstance(s, Mapping)
     )
-    return float(theta) >= 500_000 or llama3_rope or int(config.get("vocab_size", 0)) >= 128_000
+    return llama3_rope or int(config.get("vocab_size", 0)) == 128_256
 
 
-def detect_family(config: Mapping[str, Any]) -> ModelFamily:
-    """The family of a Hugging Face ``config.json`` (see the module docstring for the Llama 2/3 rule).
+def _guess_llama3(config: Mapping[str, Any]) -> bool:
+    """The fallback when nothing exact decides: Llama 3's RoPE base or a Llama 3-sized vocabulary."""
+    theta = config.get("rope_theta") or (config.get("rope_parameters") or {}).get("rope_theta") or 0
+    return float(theta) >= 500_000 or int(config.get("vocab_size", 0)) >= 128_000
+
+
+@functools.cache
+def log_assumption(message: str) -> None:
+    """Log an assumption about a checkpoint once per process (its folder is read by the checks, the recipe
+    and the exports alike).
+
+    Args:
+        message: the one line.
+    """
+    log.warning(message)
+
+
+def _llama_family(config: Mapping[str, Any], files: Optional[Collection[str]], source: str) -> ModelFamily:
+    """Which ``model_type: llama`` family a config (and its folder's tokenizer files) is."""
+    if _config_says_llama3(config):
+        return FAMILIES["llama3"]
+    present = set(files or ())
+    for name in _LLAMA_BY_TOKENIZER_FILE:
+        if _main_tokenizer_file(name) in present:
+            return FAMILIES[name]
+    name = "llama3" if _guess_llama3(config) else "llama2"
+    why = "rope_theta >= 500000 or vocab_size >= 128000" if name == "llama3" else "rope_theta < 500000"
+    where = "no tokenizer file decides" if files is not None else "its folder was not read"
+    log_assumption(
+        f"{source}: model_type llama names no Llama generation and {where} (original/tokenizer.model: "
+        f"Llama 3, tokenizer.model: Llama 2, tokenizer.json: hf_llama); assuming {FAMILIES[name].name} "
+        f"({why})"
+    )
+    return FAMILIES[name]
+
+
+def detect_family(
+    config: Mapping[str, Any], files: Optional[Collection[str]] = None, *, source: str = "config.json"
+) -> ModelFamily:
+    """The family of a Hugging Face ``config.json`` (see the module docstring for the ``llama`` rule).
 
     A config without ``model_type`` is read as ``llama`` (early Llama 2 conversions omit it). Checks
-    what LongLoRA's models cannot reproduce: sliding-window attention, biases outside Qwen2's q/k/v, and
-    a ``head_dim`` other than ``hidden_size / num_attention_heads``.
+    what LongLoRA's models cannot reproduce: sliding-window attention, biases outside Qwen2's q/k/v, a
+    ``head_dim`` other than ``hidden_size / num_attention_heads``, and tied embeddings in a family whose
+    builder never ties.
 
     Args:
         config: the parsed ``config.json``.
+        files: the folder's tokenizer files (:func:`tokenizer_files_in`); None when the folder is unknown.
+        source: what the config is, for the one-line log of an assumption (the ``config.json`` path).
 
     Returns:
         The family.
@@ -175,7 +285,7 @@ def detect_family(config: Mapping[str, Any]) -> ModelFamily:
     """
     model_type = config.get("model_type", "llama")
     if model_type == "llama":
-        family = FAMILIES["llama3" if _is_llama3(config) else "llama2"]
+        family = _llama_family(config, files, source)
     else:
         family = next((f for f in FAMILIES.values() if f.hf_model_type == model_type), None)
         if family is None:
@@ -194,6 +304,11 @@ def detect_family(config: Mapping[str, Any]) -> ModelFamily:
             raise LongLoRAConfigError(
                 f"config.json has {key}=true; torchtune's {family.name} has no such biases"
             )
+    if config.get("tie_word_embeddings") and not family.ties:
+        raise LongLoRAConfigError(
+            f"config.json has tie_word_embeddings=true but torchtune's {family.name} builder has a separate "
+            "LM head; a tied checkpoint of this family cannot be loaded"
+        )
     head_dim = config.get("head_dim")
     heads, hidden = config.get("num_attention_heads"), config.get("hidden_size")
     if head_dim and heads and hidden and int(head_dim) * int(heads) != int(hidden):
@@ -206,6 +321,8 @@ def detect_family(config: Mapping[str, Any]) -> ModelFamily:
 
 def family_of_builder(component: str) -> Optional[ModelFamily]:
     """The family whose LongLoRA builders a ``model._component_`` names (component or sized builder).
+
+    ``hf_llama`` builds with Llama 3's builders: their components map to ``llama3``, the same architecture.
 
     Args:
         component: e.g. ``longlora_tune.models.longlora_qwen2_5_7b``.

@@ -9,6 +9,10 @@ Extending Llama 3.1+ keeps its ``llama3`` method with a larger factor (8 -> 16 f
 extension transformers and vLLM can read back from ``config.json``; YaRN or linear scaling over it would
 be a second method and are refused. Llama 3 (unscaled) is extended with linear interpolation by default,
 as LongLoRA did for Llama 2.
+
+Other Llama-architecture checkpoints (the ``hf_llama`` family of :mod:`longlora_tune.models.families`, e.g.
+SmolLM2: RoPE base 1e5, tied embeddings) are built with :func:`longlora_llama3` too: every fact that differs
+is a builder argument their ``config.json`` states.
 """
 
 from __future__ import annotations

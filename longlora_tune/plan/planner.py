@@ -1322,9 +1322,9 @@ def _config_path(name: str) -> Path:
 def load_config_settings(name: str) -> dict[str, Any]:
     """Planner arguments read from a shipped config name or a YAML file.
 
-    Reads ``model`` (a sized builder such as ``longlora_llama3_1_8b`` with ``max_seq_len``, or a family's
+    Reads ``model`` (a sized builder such as ``longlora_llama3_1_8b`` with ``max_seq_len``, a family's
     component builder -- ``longlora_llama2``, ``longlora_llama3``, ``longlora_mistral``, ``longlora_qwen2`` --
-    with explicit sizes), the
+    with explicit sizes, or no ``_component_``: the builder and sizes of ``checkpoint_dir``), the
     training length as the recipe reads it (``dataset.block_size``, ``dataset.max_seq_len`` or
     ``tokenizer.max_seq_len``; ``model.max_seq_len`` when none is set), ``batch_size``,
     ``global_batch_size``, ``dtype``, ``fp32_trainable_params``, ``trainable_extras``,
@@ -1347,6 +1347,17 @@ def load_config_settings(name: str) -> dict[str, Any]:
     raw = OmegaConf.load(_config_path(name))
     cfg = OmegaConf.to_container(raw, resolve=True)
     model = cfg.get("model") or {}
+    if "_component_" not in model:
+        # The hf_checkpoint config: the builder and shapes are the checkpoint folder's.
+        folder = Path(str(cfg.get("checkpoint_dir")))
+        if not (folder / "config.json").is_file():
+            raise ValueError(
+                f"Config {name!r}: model has no _component_, so its builder comes from checkpoint_dir, and "
+                f"{folder / 'config.json'} does not exist; set checkpoint_dir in a copy of the config"
+            )
+        from longlora_tune.hf.base import HFBaseModel
+
+        model = HFBaseModel.read(folder).model_section(model)
     component = model.get("_component_", "")
     if "max_seq_len" not in model:
         raise ValueError(

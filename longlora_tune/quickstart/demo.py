@@ -343,10 +343,10 @@ def _base_family(base: Path) -> Optional[str]:
     import json
 
     from longlora_tune.errors import LongLoRAConfigError
-    from longlora_tune.models.families import detect_family
+    from longlora_tune.models.families import detect_family, tokenizer_files_in
 
     try:
-        return detect_family(json.loads((base / "config.json").read_text())).name
+        return detect_family(json.loads((base / "config.json").read_text()), tokenizer_files_in(base)).name
     except (OSError, ValueError, LongLoRAConfigError):
         return None
 

@@ -7,9 +7,11 @@ real artefacts use (a SentencePiece ``tokenizer.model``, a Hugging Face Llama ``
 code that reads real checkpoints and datasets.
 
 Chat-format tokenizers of other families, in their released formats: :func:`make_llama3_tokenizer`
-(tiktoken BPE), :func:`make_qwen2_5_tokenizer` (``vocab.json`` + ``merges.txt``) and
-:func:`make_mistral_tokenizer` (SentencePiece). :func:`make_hf_tokenizer_json` writes a Hugging Face
-``tokenizer.json`` byte-level BPE (SmolLM2's layout) for torchtune's ``HuggingFaceBaseTokenizer``.
+(tiktoken BPE), :func:`make_qwen2_5_tokenizer` (``vocab.json`` + ``merges.txt``),
+:func:`make_mistral_tokenizer` (SentencePiece) and :func:`make_hf_tokenizer` (a Hugging Face
+``tokenizer.json`` with its ``tokenizer_config.json`` and ChatML ``chat_template.jinja``, as SmolLM2 ships).
+:func:`make_hf_tokenizer_json` writes a byte-level BPE ``tokenizer.json`` whose digits are split one by one
+(SmolLM2's pre-tokenizer), for the passkey tests of a space token before a number.
 """
 
 from __future__ import annotations
@@ -338,6 +340,64 @@ def make_hf_tokenizer_json(out_dir: str | Path, *, vocab_size: int = 512, seed: 
     tokenizer.save(str(path))
     config = {"bos_token": special[1], "eos_token": special[2], "tokenizer_class": "GPT2Tokenizer"}
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
+    return path
+
+
+#: GPT-2's pre-tokenizer pattern, what a Hugging Face ``ByteLevel(use_regex=True)`` pre-tokenizer splits on.
+_GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+#: The special tokens of :func:`make_hf_tokenizer`, after the BPE (SmolLM2's names).
+HF_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+#: ChatML with SmolLM2's default system turn, as its ``chat_template.jinja`` reads.
+_CHATML = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant.<|im_end|>\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def make_hf_tokenizer(out_dir: str | Path, *, vocab_size: int = 512, seed: int = 0) -> Path:
+    """Train a tiny byte-level BPE and write it as a Hugging Face folder's tokenizer files (SmolLM2's).
+
+    ``tokenizer.json`` (GPT-2 byte-level BPE, ids 0-255 the single bytes, then ``vocab_size - 256``
+    merges, then :data:`HF_SPECIAL_TOKENS`), ``tokenizer_config.json`` (BOS ``<|im_start|>``, EOS and pad
+    ``<|im_end|>``, as SmolLM2-Instruct) and ``chat_template.jinja`` (ChatML): what a checkpoint of the
+    ``hf_llama`` family has and :class:`longlora_tune.hf.base.HFTokenizer` reads.
+
+    Args:
+        out_dir: folder to write into (created if missing).
+        vocab_size: number of BPE tokens (bytes and merges), 257 to about 1000; the tokenizer has 3 more.
+        seed: seed of the training corpus.
+
+    Returns:
+        Path of the written ``tokenizer.json``.
+
+    Raises:
+        ValueError: if ``vocab_size`` is out of range.
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from torchtune.models.qwen2._tokenizer import bytes_to_unicode
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    vocab, merges = _train_byte_bpe(_bpe_corpus(seed), _GPT2_PATTERN, vocab_size)
+    to_unicode = bytes_to_unicode()
+
+    def text(tok: bytes) -> str:
+        return "".join(to_unicode[b] for b in tok)
+
+    bpe = models.BPE(
+        vocab={text(t): i for i, t in enumerate(vocab)}, merges=[(text(a), text(b)) for a, b in merges]
+    )
+    tokenizer = Tokenizer(bpe)
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in HF_SPECIAL_TOKENS])
+    path = out / "tokenizer.json"
+    tokenizer.save(str(path))
+    config = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|im_end|>"}
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    (out / "chat_template.jinja").write_text(_CHATML)
     return path
 
 

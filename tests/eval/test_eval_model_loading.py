@@ -127,3 +127,30 @@ def test_adapter_folder_is_data_not_code(tmp_path: Path, tiny_ckpt: Path, model:
     with pytest.raises(LongLoRAConfigError, match=refused):
         load_eval_model(tiny_ckpt, adapter_dir=adapter, max_seq_len=64)
     assert not (adapter / "ran").exists()
+def test_eval_tokenizer_is_the_checkpoint_folders_unless_the_config_names_one(
+    tmp_path: Path, tiny_ckpt: Path
+):
+    from omegaconf import OmegaConf
+    from torchtune.models.llama2._tokenizer import Llama2Tokenizer
+
+    from longlora_tune.eval.model_loading import tokenizer_from_config
+    from longlora_tune.hf.base import HFTokenizer
+    from longlora_tune.quickstart import tiny
+
+    text = "The cat sees the red ball today."
+    tok = tokenizer_from_config(OmegaConf.create({"checkpoint_dir": str(tiny_ckpt)}))
+    assert isinstance(tok, Llama2Tokenizer) and tok.prompt_template is None
+    # Only an adapter: its base folder's tokenizer.
+    (tmp_path / "adapter").mkdir()
+    meta = {"model": {"_component_": _OURS}, "base_checkpoint_dir": str(tiny_ckpt)}
+    (tmp_path / "adapter" / "longlora.json").write_text(json.dumps(meta))
+    from_adapter = tokenizer_from_config(OmegaConf.create({"adapter_dir": str(tmp_path / "adapter")}))
+    assert from_adapter.encode(text) == tok.encode(text)
+    # A config may still name one.
+    tiny.make_hf_tokenizer(tmp_path / "hf_tok")
+    path = str(tmp_path / "hf_tok/tokenizer.json")
+    named = {"_component_": "longlora_tune.hf.base.HFTokenizer", "path": path}
+    cfg = OmegaConf.create({"checkpoint_dir": str(tiny_ckpt), "tokenizer": named})
+    assert isinstance(tokenizer_from_config(cfg), HFTokenizer)
+    with pytest.raises(LongLoRAConfigError, match="checkpoint_dir is not set"):
+        tokenizer_from_config(OmegaConf.create({}))

@@ -515,6 +515,14 @@ def test_shipped_config_instantiates_without_weights(path, tmp_path):
 
     text = path.read_text()
     cfg = OmegaConf.load(path)
+    generic = "_component_" not in cfg.model
+    if generic:
+        # hf_checkpoint: builder, shapes and tokenizer come from the folder (here a tiny Llama 2 one).
+        cfg.checkpoint_dir = str(tiny.make_hf_checkpoint(tmp_path / "generic_base"))
+        cfg.dataset.data_files = str(tmp_path / "corpus.jsonl")
+        config_checks.complete_from_checkpoint(cfg)
+        assert cfg.model._component_ == "longlora_tune.models.longlora_llama2"
+        assert cfg.tokenizer.path == f"{cfg.checkpoint_dir}/tokenizer.model"
     assert f"--config {path.stem}" in text  # the header's tune run command names this config
     for line in text.splitlines():
         value = line.split("#", 1)[0]
@@ -564,6 +572,9 @@ def test_shipped_config_instantiates_without_weights(path, tmp_path):
     assert cfg.dtype == "bf16" and cfg.enable_activation_checkpointing is True
     assert cfg.model.s2_group_size_ratio == 0.25 and list(cfg.trainable_extras) == ["embed", "norm"]
     assert cfg.model.get("use_full_attn", False) == path.stem.endswith("_full_attn")
+    if generic:
+        assert cfg.hf_repo_id is None  # any checkpoint: no download to suggest
+        return
     assert f"tune download {cfg.hf_repo_id} " in text
     # Meta's and Mistral's repos also ship the original consolidated weights, which the recipe never reads;
     # Qwen's hold only the Hugging Face files.

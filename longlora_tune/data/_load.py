@@ -100,6 +100,7 @@ def load_records(
     data_files: DataFiles = None,
     split: str = "train",
     revision: Optional[str] = None,
+    **options: Any,
 ) -> Any:
     """Load one split of a dataset with ``datasets.load_dataset``.
 
@@ -109,6 +110,8 @@ def load_records(
         data_files: path, list of paths or ``{split: paths}``; local or ``hf://`` paths.
         split: split to load.
         revision: hub revision (branch, tag or commit; e.g. ``refs/convert/parquet``).
+        **options: the builder's reading options (e.g. the ``csv`` builder's pandas ``converters``); not
+            passed to the :data:`HUB_PRESETS`, whose builder and files are fixed.
 
     Returns:
         A ``datasets.Dataset``.
@@ -121,11 +124,11 @@ def load_records(
     if source in PACKAGED_BUILDERS:
         if data_files is None:
             raise ValueError(f"source={source!r} needs data_files (a path, a list of paths or a glob)")
-        return datasets.load_dataset(source, data_files=data_files, split=split)
+        return datasets.load_dataset(source, data_files=data_files, split=split, **options)
     preset = HUB_PRESETS.get(source)
     if preset is not None and data_files is None and revision is None:
         features = datasets.Features({k: datasets.Value(v) for k, v in preset.features.items()}) or None
         return datasets.load_dataset(
             preset.builder, data_files=preset.data_files, split=split, features=features
         )
-    return datasets.load_dataset(source, data_files=data_files, split=split, revision=revision)
+    return datasets.load_dataset(source, data_files=data_files, split=split, revision=revision, **options)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import glob
+import io
 import json
 import os
 from collections.abc import Iterator, Mapping
@@ -166,6 +167,17 @@ def _looks_like_path(source: str) -> bool:
     return source.startswith(("/", "./", "../", "~")) or Path(source).suffix.lower() in _EXTENSION_BUILDERS
 
 
+def _unknown_source(source: str) -> LongLoRAConfigError:
+    # "jsonl" or "JSON" is a file extension or a misspelt builder: name the builder meant.
+    guess = _EXTENSION_BUILDERS.get("." + source.lower().lstrip("."))
+    hint = f" (did you mean {guess}?)" if guess else ""
+    builders = f"{', '.join(PACKAGED_BUILDERS[:-1])} or {PACKAGED_BUILDERS[-1]}"
+    return LongLoRAConfigError(
+        f"dataset.source={source} is not a dataset source{hint}; use {builders} with dataset.data_files, "
+        "a local dataset folder, or a hub id owner/name"
+    )
+
+
 def _expand_pattern(pattern: str, base: Optional[Path]) -> list[Path]:
     where = Path(pattern) if base is None or os.path.isabs(pattern) else base / pattern
     if glob.has_magic(str(where)):
@@ -207,8 +219,10 @@ def local_data_files(
         entries of a list are left out.
 
     Raises:
-        LongLoRAConfigError: a missing file, a glob matching nothing, a folder where files are needed,
-            a packaged builder without ``data_files``, a missing split, or a file given as ``source``.
+        LongLoRAConfigError: a ``source`` that is none of a packaged builder, a local folder or a hub id
+            ``owner/name`` (naming the accepted ones), a missing file, a glob matching nothing, a folder where
+            files are needed, a packaged builder without ``data_files``, a missing split, or a file given as
+            ``source``.
     """
     data_files = _plain(data_files)
     base: Optional[Path] = None
@@ -238,6 +252,9 @@ def local_data_files(
             f"dataset.source={source} does not exist; give a hub id, a local folder, or "
             "dataset.source=json (text, parquet, ...) with dataset.data_files=<path>"
         )
+    elif "/" not in source:
+        # Hub ids are owner/name; a bare word is a builder name datasets does not have ("jsonl", "tsv").
+        raise _unknown_source(source)
     else:
         return None  # a hub id: not checkable offline
     if isinstance(data_files, Mapping):
@@ -475,12 +492,58 @@ def _records(
         lines = text.splitlines()
         return ((f"{path}:{i}", {"text": line}) for i, line in enumerate(lines, start=1)), None
     if fmt == "csv":
-        rows = list(csv.reader(text.splitlines()))
-        if not complete and len(rows) > 2:
-            rows = rows[:-1]  # the cut may fall inside a quoted multi-line field
-        header, body = (rows[0], rows[1:]) if rows else ([], [])
-        return ((f"{path}:{i}", dict(zip(header, row))) for i, row in enumerate(body, start=2)), header
+        return _csv_records(path, text, complete)
     raise ValueError(f"unknown format {fmt!r}")
+
+
+def _csv_records(path: Path, text: str, complete: bool) -> tuple[Iterator[tuple[str, Any]], list[str]]:
+    """Records of a CSV file's text as ``read_records`` loads them, each located by the line it starts on.
+
+    Cells are strings (``read_records`` reads the text columns as strings) and an empty or missing cell is
+    null (pandas' NA). A row with more cells than the header is an error: pandas fails on it, or, on the
+    first row, silently makes the first column an index.
+    """
+    # newline="": a quoted field may hold line breaks; line_num then counts every line a row spans.
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header = next(reader, [])
+
+    def rows() -> Iterator[tuple[int, list[str]]]:
+        start = reader.line_num + 1
+        try:
+            for row in reader:
+                yield start, row
+                start = reader.line_num + 1
+        except csv.Error as e:
+            if complete:  # otherwise the sample's cut fell inside a quoted field
+                raise LongLoRAConfigError(
+                    f"{path}:{start}: invalid CSV ({e}); {_FORMAT_HINTS['csv']}"
+                ) from None
+
+    def record(start: int, row: list[str]) -> tuple[str, dict[str, Optional[str]]]:
+        if len(row) > len(header):
+            raise LongLoRAConfigError(
+                f"{path}:{start}: {len(row)} fields, but the header has {len(header)}; quote fields that "
+                'hold the delimiter ("a, b")'
+            )
+        return f"{path}:{start}", {
+            name: (row[i] if i < len(row) and row[i] else None) for i, name in enumerate(header)
+        }
+
+    def records() -> Iterator[tuple[str, Any]]:
+        last: Optional[tuple[int, list[str]]] = None
+        read = 0
+        for start, row in rows():
+            if not row:
+                continue  # pandas skips blank lines
+            if last is not None:
+                yield record(*last)
+                read += 1
+            last = start, row
+        # A sample's last row may be cut short; keep it when it is the only one.
+        if last is not None and (complete or read == 0):
+            yield record(*last)
+
+    return records(), header
 
 
 def _check_file(path: Path, fmt: str, fields: Optional[RecordFields], max_bytes: Optional[int]) -> int:
@@ -492,10 +555,6 @@ def _check_file(path: Path, fmt: str, fields: Optional[RecordFields], max_bytes:
         missing = [n for n in fields.required + fields.somewhere if n not in names]
         if missing:
             raise LongLoRAConfigError(f"{path}: no column {missing[0]!r} (columns: {names}); {fields.hint}")
-        if fmt == "csv":
-            fields = (
-                None  # pandas, not the csv module, gives the values their types: only the header is checked
-            )
     count = 0
     seen: set[str] = set()
     first: list[str] = []
@@ -549,9 +608,10 @@ def builder_fields(dataset_cfg: Mapping[str, Any]) -> tuple[Optional[str], Optio
 def check_dataset_source(dataset_cfg: Mapping[str, Any], *, sample_bytes: int = SAMPLE_BYTES) -> None:
     """Check a ``dataset`` config's local files before any model, tokenizer or dataset is built.
 
-    Checks that every local data file exists (``data_files`` may be a path, a glob, a list of them or
-    ``{split: paths}``), that the start of each is valid in the ``source`` format (UTF-8, one JSON object a
-    line or one JSON list, a Parquet/Arrow table, a CSV header), that its records have the fields the builder
+    Checks that ``source`` is a packaged builder, a local folder or a hub id ``owner/name``, that every local
+    data file exists (``data_files`` may be a path, a glob, a list of them or ``{split: paths}``), that the
+    start of each is valid in the ``source`` format (UTF-8, one JSON object a line or one JSON list, a
+    Parquet/Arrow table, CSV rows no wider than their header), that its records have the fields the builder
     named by ``_component_`` reads (``longalpaca_dataset``: string ``instruction`` and ``output``;
     ``packed_blocks_dataset``: the string ``column``), and that the files hold at least one record. Hub
     datasets and ``hf://`` paths are skipped (not checkable offline). Whether the data fills one training
@@ -622,7 +682,10 @@ def read_records(
     """:func:`longlora_tune.data._load.load_records`, failing in one line instead of a ``datasets`` traceback.
 
     Local files are checked to exist first; when ``datasets`` cannot read them, the whole files are checked
-    (:func:`diagnose_local_files`) to name the file, line and fix.
+    (:func:`diagnose_local_files`) to name the file, line and fix. The text ``fields`` of CSV files are read
+    as strings: pandas would make a column of numbers numeric, but a document of digits is still text.
+    Every string is checked to be UTF-8 once loaded, because pyarrow's JSON reader does not check it and
+    a bad byte would otherwise fail only when that record is read, mid-tokenization.
 
     Args:
         source: ``dataset.source``.
@@ -644,8 +707,14 @@ def read_records(
 
     data_files = _plain(data_files)
     local = local_data_files(source, data_files, split)
+    options: dict[str, Any] = {}
+    if local is not None and local[0] == "csv" and fields is not None:
+        # NA cells stay null: pandas detects them before it applies a converter.
+        options["converters"] = dict.fromkeys(fields.required + fields.optional + fields.somewhere, str)
     try:
-        return load_records(source, data_files=data_files, split=split, revision=revision)
+        records = load_records(source, data_files=data_files, split=split, revision=revision, **options)
+        records.data.validate(full=True)
+        return records
     except LongLoRAConfigError:
         raise
     except (

@@ -296,3 +296,105 @@ def test_large_sample_reads_only_the_start_and_handles_cut_values(tmp_path):
     assert _one_line(excinfo).startswith(
         f"{tmp_path}/list.json:6 (list item 1): record has no 'output' field"
     )
+
+
+# ----------------------------------------------------------------------------- sources, CSV, large files
+
+
+def _build(component, tokenizer, tmp_path, **kw):
+    if component == PRETRAIN:
+        return packed_blocks_dataset(tokenizer, block_size=4, cache_dir=tmp_path / "cache", **kw)
+    return longalpaca_dataset(tokenizer, max_seq_len=64, **kw)
+
+
+@pytest.mark.parametrize(
+    "source, hint", [("jsonl", " (did you mean json?)"), ("tsv", ""), ("JSON", " (did you mean json?)")]
+)
+def test_unknown_source_names_the_accepted_ones(tokenizer, tmp_path, monkeypatch, source, hint):
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    corpus = make_text_corpus(tmp_path / "c.jsonl", n_docs=2)
+    expected = (
+        f"dataset.source={source} is not a dataset source{hint}; use json, text, parquet, csv or arrow with "
+        "dataset.data_files, a local dataset folder, or a hub id owner/name"
+    )
+    for component in (PRETRAIN, SFT):
+        with pytest.raises(LongLoRAConfigError) as excinfo:
+            check_dataset_source(_cfg(component, source=source, data_files=str(corpus)))
+        assert _one_line(excinfo) == expected
+        with pytest.raises(LongLoRAConfigError) as excinfo:
+            _build(component, tokenizer, tmp_path, source=source, data_files=str(corpus))
+        assert _one_line(excinfo) == expected
+
+
+def _csv(path, rows):
+    import csv
+
+    with path.open("w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    return path
+
+
+def test_csv_text_column_is_text_whatever_it_looks_like(tokenizer, tmp_path, monkeypatch):
+    # pandas would read these as numbers; documents are text, and empty cells are no documents.
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    docs = ["2024", "1999", "", "3.50", "007", "12"]
+    path = _csv(tmp_path / "d.csv", [["id", "body"]] + [[i, d] for i, d in enumerate(docs)])
+    check_dataset_source(_cfg(source="csv", data_files=str(path), column="body"))
+    ds = packed_blocks_dataset(
+        tokenizer,
+        source="csv",
+        data_files=str(path),
+        column="body",
+        block_size=4,
+        add_bos=False,
+        cache_dir=tmp_path / "cache",
+    )
+    stream = [t for d in docs if d for t in tokenizer.encode(d, add_bos=False, add_eos=True)]
+    assert [ds[i]["tokens"] for i in range(len(ds))] == [
+        stream[i : i + 4] for i in range(0, len(stream) - 3, 4)
+    ]
+
+
+def test_csv_records_are_checked_with_their_lines(tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    # An unquoted comma: one field too many, on line 4 (the quoted field on lines 2-3 is one record).
+    commas = tmp_path / "commas.csv"
+    commas.write_text('id,text\n1,"The cat sees\nthe red ball."\n2,A dog, a cat and a bird.\n')
+    with pytest.raises(LongLoRAConfigError) as excinfo:
+        check_dataset_source(_cfg(source="csv", data_files=str(commas)))
+    expected = f"{commas}:4: 3 fields, but the header has 2; quote fields that hold the delimiter"
+    assert _one_line(excinfo).startswith(expected)
+    with pytest.raises(LongLoRAConfigError) as excinfo:
+        _build(PRETRAIN, tokenizer, tmp_path, source="csv", data_files=str(commas))
+    assert _one_line(excinfo).startswith(expected)
+
+    sft = _csv(tmp_path / "sft.csv", [["instruction", "output"], ["q", "a"], ["q", ""]])
+    with pytest.raises(LongLoRAConfigError) as excinfo:
+        check_dataset_source(_cfg(SFT, source="csv", data_files=str(sft)))
+    assert _one_line(excinfo).startswith(f"{sft}:3: field 'output' is null, not a string")
+
+
+@pytest.mark.parametrize(
+    "bad, expected",
+    [
+        (b'{"text": oops}\n', "invalid JSON (Expecting value at column 10)"),
+        (
+            json.dumps({"text": "caf\u00e9", "instruction": "q", "output": "a"}, ensure_ascii=False).encode(
+                "latin-1"
+            )
+            + b"\n",
+            "not UTF-8 text (byte 0xe9",
+        ),
+    ],
+    ids=["malformed", "latin-1"],
+)
+@pytest.mark.parametrize("component", [PRETRAIN, SFT])
+def test_builders_name_the_line_of_a_bad_record_deep_in_a_large_file(
+    tokenizer, tmp_path, monkeypatch, bad, expected, component
+):
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    good = json.dumps({"text": "The cat sees the red ball.", "instruction": "q", "output": "a"}) + "\n"
+    path = _write(tmp_path / "large.jsonl", good.encode() * 4999 + bad + good.encode() * 10, "wb")
+    with pytest.raises(LongLoRAConfigError) as excinfo:
+        _build(component, tokenizer, tmp_path, source="json", data_files=str(path))
+    assert _one_line(excinfo).startswith(f"{path}:5000: {expected}")

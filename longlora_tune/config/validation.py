@@ -30,6 +30,7 @@ from longlora_tune.errors import CONFIG_ERROR_EXIT_CODE, LongLoRAConfigError
 from longlora_tune.hf.base import HFBaseModel, download_command
 from longlora_tune.models.trainable import TRAINABLE_EXTRAS
 from longlora_tune.modules.rope_scaling import check_rope_request, rope_for_training
+from longlora_tune.training.sequence_tiling import check_tile_tokens
 
 #: Hugging Face repository used in download hints when the config names none.
 DEFAULT_REPO_HINT = "meta-llama/Llama-2-7b-hf"
@@ -85,6 +86,7 @@ RECIPE_KEYS: dict[str, str] = {
     "enable_activation_checkpointing": "recompute each decoder layer in backward",
     "activation_checkpointing_layers": "all, or recompute only the first N decoder layers (plan suggests N)",
     "enable_activation_offloading": "offload checkpointed activations to CPU (CUDA only)",
+    "sequence_tile_tokens": "run each layer's MLP over tiles of this many tokens (null = off; plan suggests)",
     "fsdp_reshard_after_forward": "FSDP2: free gathered weights after forward",
     "compile": "torch.compile each decoder layer and the loss (longlora_tune.training.compile)",
     # logging
@@ -329,6 +331,7 @@ def check_values(cfg: DictConfig, world_size: int) -> None:
         if key in cfg and not isinstance(cfg.get(key), bool):
             raise LongLoRAConfigError(f"{key}={cfg.get(key)!r} must be true or false")
     _check_checkpoint_layers(cfg)
+    check_tile_tokens(cfg.get("sequence_tile_tokens", None))
     for key in ("output_dir", "checkpoint_dir"):
         if not isinstance(cfg.get(key, ""), str):
             raise LongLoRAConfigError(f"{key}={cfg.get(key)!r} must be a folder path")

@@ -133,8 +133,11 @@ class _TiledPositionWise(torch.autograd.Function):
         if is_recomputing():
             # A checkpointed layer's rerun only rebuilds x: it stops once x is saved and drops this output.
             return out
+        # Tiles of a detached x: under no_grad a view of x would still say requires_grad, and module hooks
+        # that follow gradients (torch.utils.module_tracker, FlopCounterMode's) would look for a graph.
+        rows = x.detach()
         for start in range(0, x.shape[0], tile_tokens):
-            out[start : start + tile_tokens] = block(x[start : start + tile_tokens])
+            out[start : start + tile_tokens] = block(rows[start : start + tile_tokens])
         return out
 
     @staticmethod
@@ -146,10 +149,13 @@ class _TiledPositionWise(torch.autograd.Function):
         params = [p for p, needed in zip(ctx.block.trainable_tensors(), wanted) if needed]
         sums: list[Optional[torch.Tensor]] = [None] * len(params)
         grad_x = torch.empty_like(x) if want_x else None
+        # Each tile is a view of one detached leaf, not a leaf itself: gradient hooks on a module's input
+        # (torch.utils.module_tracker's, under FlopCounterMode) cannot watch a leaf inside autograd.grad.
+        source = x.detach().requires_grad_(want_x)
         for start in range(0, x.shape[0], ctx.tile_tokens):
             rows = slice(start, start + ctx.tile_tokens)
-            tile = x[rows].detach().requires_grad_(want_x)
             with torch.enable_grad():
+                tile = source[rows]
                 y = ctx.block(tile)
             inputs = ([tile] if want_x else []) + params
             grads = torch.autograd.grad(y, inputs, grad_out[rows], allow_unused=True)

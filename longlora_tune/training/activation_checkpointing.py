@@ -14,7 +14,8 @@ peaks lower than ``N = num_layers`` in the layer-backward phase
 (:func:`longlora_tune.plan.planner.activation_bytes`).
 
 The wrapping is torchtune's (``training.set_activation_checkpointing``: torch's non-reentrant
-``checkpoint_wrapper``), applied to the chosen ``TransformerSelfAttentionLayer`` modules only. Order in a
+``checkpoint_wrapper``, given the recompute context of :func:`is_recomputing`), applied to the chosen
+``TransformerSelfAttentionLayer`` modules only. Order in a
 recipe, as for all layers: trainable parameters, ``compile`` (layers compiled in place, the wrapper then
 wraps the compiled layer), activation checkpointing, fp32 master copies, FSDP2 (``fully_shard`` finds the
 layers inside their wrappers by torchtune's shard conditions), then the weights (QLoRA's NF4 weights

@@ -1,7 +1,7 @@
 """Sequence tiling: each decoder layer's MLP block runs over tiles of T tokens (``sequence_tile_tokens``).
 
-Everything in a decoder layer except attention is position-wise: the MLP block (``mlp_norm``, ``mlp``,
-``mlp_scale`` and the residual add) gives each token's output from that token's hidden state alone. Its
+Everything in a decoder layer except attention is position-wise: the MLP block (``mlp_norm``, ``mlp`` and
+``mlp_scale``, before the residual add) gives each token's output from that token's hidden state alone. Its
 SwiGLU intermediates are ``intermediate_dim`` wide (14,336 for Llama 3.1 8B, 3.5x the hidden size), so at
 long context the recompute and backward of one layer are dominated by three or four ``tokens x 14336``
 tensors (Llama 3.1 8B at 256k: 21 GiB saved by the rebuilt MLP plus 14 GiB of its gradients).
@@ -18,9 +18,10 @@ the untiled block's up to float rounding (the matmuls see fewer rows).
 **Parameter gradients.** The block's trainable parameters (the norm's scale in LongLoRA; LoRA on the MLP
 when a config asks for it) are inputs of the autograd function, so their gradients leave its backward
 through the ordinary autograd graph (into ``.grad``, or into FSDP2's gathered parameters, which it then
-reduce-scatters). Each tile's gradient is summed at float32 or better and cast to the parameter's dtype
+reduce-scatters). The tiles' gradients are summed at float32 or better and cast to the parameter's dtype
 once: a running bf16 sum would stall once it is 256 times a tile's term (a bf16 norm scale over 4096
-one-token tiles would lose most of its gradient), while this sum is as exact as the untiled reduction.
+one-token tiles would lose most of its gradient), while this sum stays within one bf16 rounding of the
+exact gradient, as the untiled reduction does.
 Frozen weights (bf16, or QLoRA's NF4 tensors with their own autograd function) are only read by the module
 calls and get no gradient, as untiled.
 
@@ -49,9 +50,10 @@ calls and get no gradient, as untiled.
 * Dropout inside the block is refused (:func:`apply_sequence_tiling`): the tiles' recompute would draw
   new masks. LongLoRA has none there (no LoRA on the MLP, and LoRA dropout 0 by default).
 
-The layers keep their type, submodules and parameter names (state dicts, checkpoints and exports are
-unchanged): the transform re-classes each ``TransformerSelfAttentionLayer`` in place to a subclass whose
-forward tiles the MLP half, as FSDP2's ``fully_shard`` itself re-classes the modules it shards.
+The layers keep their submodules and parameter names (state dicts, checkpoints and exports are unchanged):
+the transform re-classes each ``TransformerSelfAttentionLayer`` in place to :class:`SequenceTiledLayer`, a
+subclass whose forward tiles the MLP half, as FSDP2's ``fully_shard`` itself re-classes the modules it
+shards.
 """
 
 from __future__ import annotations

@@ -81,12 +81,13 @@ def _cases(args: argparse.Namespace) -> list[Case]:
     for seq_len in args.seq_lens:
         for variant in variants:
             ours = variant != PEER_VARIANT
-            for backend, loss, lora, ac_layers in (
-                (b, loss, lora, ac_layers)
+            for backend, loss, lora, ac_layers, tile in (
+                (b, loss, lora, ac_layers, tile)
                 for b in (backends if variant == "longlora" else ["sdpa"])
                 for loss in (args.losses if ours else ["chunked"])
                 for lora in (args.lora_impls if ours else ["torchtune"])
                 for ac_layers in (args.checkpoint_layers if ours else [None])
+                for tile in (args.sequence_tile_tokens if ours else [None])
             ):
                 cases.append(
                     Case(
@@ -102,6 +103,7 @@ def _cases(args: argparse.Namespace) -> list[Case]:
                         threads=args.threads,
                         activation_checkpointing=args.activation_checkpointing,
                         checkpoint_layers=ac_layers,
+                        sequence_tile_tokens=tile,
                         loss_chunks=args.loss_chunks,
                         peak_tflops=args.peak_tflops,
                         profile=args.profile,
@@ -152,6 +154,8 @@ def _label(result: dict[str, Any]) -> str:
         label += f"+{result['lora_impl']}-lora"
     if result.get("checkpoint_layers") is not None and result["activation_checkpointing"]:
         label += f"+ac{result['checkpoint_layers']}"
+    if result.get("sequence_tile_tokens") is not None:
+        label += f"+tile{result['sequence_tile_tokens']}"
     return label + ("+compile" if result.get("compile") else "")
 
 
@@ -409,6 +413,18 @@ def _checkpoint_layers(value: str) -> int | None:
     return count
 
 
+def _tile_tokens(value: str) -> int | None:
+    if value == "off":
+        return None
+    try:
+        tokens = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is neither 'off' nor an integer") from None
+    if tokens < 1:
+        raise argparse.ArgumentTypeError(f"{tokens} is not a positive number of tokens; use 'off' for none")
+    return tokens
+
+
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks", description=__doc__.splitlines()[0]
@@ -441,6 +457,15 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         help="our activation checkpointing: recompute only the first N decoder layers (the recipe's "
         "activation_checkpointing_layers), 'all' (default); each value runs as its own case, the peer "
         "recomputes every layer",
+    )
+    parser.add_argument(
+        "--sequence-tile-tokens",
+        nargs="+",
+        type=_tile_tokens,
+        default=[None],
+        metavar="T",
+        help="our MLP blocks over tiles of T tokens (the recipe's sequence_tile_tokens), 'off' (default); "
+        "each value runs as its own case, the peer is untiled",
     )
     parser.add_argument(
         "--lora-impls",

@@ -3,10 +3,11 @@
 A *case* is one (variant, S² backend, sequence length) on one device. It builds the model with
 :func:`longlora_tune.models.longlora_llama2`, sets the trainable set with
 :func:`longlora_tune.models.trainable.set_trainable_params`, turns on torchtune's activation checkpointing
-and times full training steps: forward, ``CEWithChunkedOutputLoss``, backward and an AdamW step over the
-trainable parameters. One warm-up step runs first; the timed steps follow. :func:`run_case` measures in
-the current process; the CLI runs every case in a fresh process (see :mod:`benchmarks.__main__`) so that
-memory peaks of one case do not leak into the next.
+(and, when asked, the recipe's sequence tiling of the MLP blocks) and times full training steps: forward,
+``CEWithChunkedOutputLoss``, backward and an AdamW step over the trainable parameters. One warm-up step
+runs first; the timed steps follow. :func:`run_case` measures in the current process; the CLI runs every
+case in a fresh process (see :mod:`benchmarks.__main__`) so that memory peaks of one case do not leak into
+the next.
 
 Time: wall-clock per step (``step_s``) and the process's CPU time per step (``cpu_step_s``). On a CPU shared
 with other processes the wall time of a one-thread run includes the time it waited for a core; its CPU time
@@ -44,6 +45,7 @@ from longlora_tune.plan.planner import step_flops
 from longlora_tune.training.activation_checkpointing import apply_activation_checkpointing
 from longlora_tune.training.compile import compile_model_and_loss
 from longlora_tune.training.distributed import resolve_device, resolve_dtype
+from longlora_tune.training.sequence_tiling import apply_sequence_tiling
 
 __all__ = [
     "BENCH_SHAPES",
@@ -126,6 +128,8 @@ class Case:
         activation_checkpointing: torchtune's per-layer activation checkpointing.
         checkpoint_layers: With ``activation_checkpointing``, checkpoint only the first N decoder layers (the
             recipe's ``activation_checkpointing_layers``); None checkpoints all of them.
+        sequence_tile_tokens: Run every layer's MLP block over tiles of this many tokens, as the recipe's
+            ``sequence_tile_tokens`` (:mod:`longlora_tune.training.sequence_tiling`); None: untiled.
         loss_chunks: Token chunks of the loss.
         loss_impl: ``chunked``: torchtune's ``CEWithChunkedOutputLoss`` on the model's chunked logits;
             ``fused``: :class:`longlora_tune.modules.linear_ce.ChunkedLinearCrossEntropyLoss` (projection and
@@ -151,6 +155,7 @@ class Case:
     threads: int = 1
     activation_checkpointing: bool = True
     checkpoint_layers: int | None = None
+    sequence_tile_tokens: int | None = None
     loss_chunks: int = 8
     peak_tflops: float | None = None
     compile: bool = False
@@ -182,6 +187,8 @@ class Case:
             raise ValueError(f"layers must be >= 1, got {self.layers}")
         if self.checkpoint_layers is not None and self.checkpoint_layers < 0:
             raise ValueError(f"checkpoint_layers must be >= 0 or None (all), got {self.checkpoint_layers}")
+        if self.sequence_tile_tokens is not None and self.sequence_tile_tokens < 1:
+            raise ValueError(f"sequence_tile_tokens must be >= 1 or None, got {self.sequence_tile_tokens}")
         if self.seq_len % 8:
             raise ValueError(
                 f"seq_len must be a multiple of 8 (the S2 group seq_len/4 must be even), got {self.seq_len}"
@@ -302,11 +309,12 @@ def run_case(case: Case) -> dict[str, Any]:
             loss_fn = compile_model_and_loss(model, loss_fn, device=device, verbose=False)
         except LongLoRAConfigError as e:
             raise ValueError(str(e)) from e
-    if case.activation_checkpointing:
-        try:
+    try:
+        if case.activation_checkpointing:
             apply_activation_checkpointing(model, case.checkpoint_layers)
-        except LongLoRAConfigError as e:
-            raise ValueError(str(e)) from e
+        apply_sequence_tiling(model, case.sequence_tile_tokens)
+    except LongLoRAConfigError as e:
+        raise ValueError(str(e)) from e
     model.train()
     if case.loss_impl == "fused":
         loss_fn.set_model_output(model)
@@ -488,6 +496,7 @@ def add_flops(
         group_size=group,
         activation_checkpointing=case.activation_checkpointing,
         checkpoint_layers=case.checkpoint_layers,
+        sequence_tile_tokens=case.sequence_tile_tokens,
     )
     result.update(
         model_flops=flops.model, executed_flops=flops.total, model_tflops_per_s=flops.model / median / 1e12

@@ -84,6 +84,7 @@ from longlora_tune.training.distributed import (
     shard_model,
 )
 from longlora_tune.training.metric_logging import build_metric_logger, rounded_metrics
+from longlora_tune.training.sequence_tiling import apply_sequence_tiling
 from longlora_tune.training.weights import starting_state
 
 log = utils.get_logger("INFO")
@@ -215,6 +216,9 @@ class LongLoRARecipeDistributed:
             # why.
             wrapped = apply_activation_checkpointing(model, cfg.get("activation_checkpointing_layers", "all"))
             utils.log_rank_zero(log, f"Activation checkpointing: {wrapped} decoder layer(s)")
+        tile = cfg.get("sequence_tile_tokens", None)  # see longlora_tune.training.sequence_tiling
+        if apply_sequence_tiling(model, tile):
+            utils.log_rank_zero(log, f"Sequence tiling: each MLP block in tiles of {tile} tokens")
         mp_policy = None
         if self.dtype != torch.float32 and cfg.get("fp32_trainable_params", True):
             # bf16 cannot hold LoRA+'s small updates: at lr 2e-5 a norm scale near 1.0 (bf16 step 2^-7)

@@ -908,3 +908,19 @@ def test_bad_checkpoint_layer_counts_are_one_line(assets, tmp_path, extra, messa
 def test_checkpoint_layer_counts_are_accepted(assets, tmp_path, extra):
     # The bound by the model's layers is checked when the layers are wrapped (the model is not built here).
     assert _steps(_cfg(assets, tmp_path / "o", **extra), world_size=1) == 4
+
+
+# ----------------------------------------------------------------------------------- sequence_tile_tokens
+
+
+@pytest.mark.parametrize("value", ["0", "-8", "1.5", "true", "8k"])
+def test_bad_sequence_tile_sizes_are_one_line(assets, tmp_path, value):
+    error = _error(_cfg(assets, tmp_path / "o", sequence_tile_tokens=value))
+    assert error.startswith("sequence_tile_tokens=") and "\n" not in error
+    assert "must be a positive integer or null (null = off)" in error
+    assert "the last one shorter when it does not divide batch_size x seq_len" in error
+
+
+@pytest.mark.parametrize("value", ["null", "1", "64", "100"])  # 100 divides neither the length nor the batch
+def test_sequence_tile_sizes_are_accepted(assets, tmp_path, value):
+    assert _steps(_cfg(assets, tmp_path / "o", sequence_tile_tokens=value), world_size=1) == 4

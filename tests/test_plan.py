@@ -1154,3 +1154,130 @@ def test_linear_ce_loss_phase_is_what_the_op_allocates(dtype, tied):
     )
     planned = act.loss_phase - hidden.numel() * hidden.element_size()  # the input is not the op's
     assert abs(tracker.peak - planned) <= 0.02 * planned, (tracker.peak, planned)
+
+
+# ----------------------------------------------------------------------------------- sequence tiling
+
+
+def _tiled(shape: ModelShape, seq_len: int, *, dtype: torch.dtype, tile: int, checkpoint_layers: int):
+    """The recipe's arrangement: the MLP blocks tiled, the first N layers checkpointed by our wrapper."""
+    from longlora_tune.training.activation_checkpointing import apply_activation_checkpointing
+    from longlora_tune.training.sequence_tiling import apply_sequence_tiling
+
+    model = _build(shape, seq_len, dtype=dtype, s2=True, checkpoint=False)
+    apply_sequence_tiling(model, tile)
+    apply_activation_checkpointing(model, checkpoint_layers)
+    return model
+
+
+@pytest.mark.parametrize("tile", [128, 100])  # divides 2 x 384 tokens, does not
+@pytest.mark.parametrize("checkpoint_layers", [0, 1])
+def test_tiled_activation_estimate_matches_autograd(tile, checkpoint_layers):
+    # A tiled MLP block keeps only its input: the second norm's float32 tensors and the three SwiGLU tensors
+    # are no longer saved by the layers that keep their activations.
+    shape, seq_len, batch = SHAPES[1]
+    model = _tiled(shape, seq_len, dtype=torch.bfloat16, tile=tile, checkpoint_layers=checkpoint_layers)
+    measured = _saved_bytes(model, shape, seq_len, batch, 4)
+    kwargs = dict(dtype="bf16", checkpoint_layers=checkpoint_layers, loss_chunks=4)
+    estimate = activation_bytes(shape, seq_len, batch, sequence_tile_tokens=tile, **kwargs)
+    assert abs(estimate.saved - measured) <= 0.05 * measured, (estimate.saved, measured)
+    untiled = activation_bytes(shape, seq_len, batch, **kwargs)
+    t, e = batch * seq_len, 2
+    mlp_block = 2 * 4 * t * shape.embed_dim + 4 * t + 3 * e * t * shape.intermediate_dim
+    assert untiled.per_layer_saved - estimate.per_layer_saved == mlp_block - e * t * shape.embed_dim
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+@pytest.mark.parametrize("tile", [128, 100])
+def test_tile_backward_is_what_the_ops_allocate(dtype, tile):
+    # The tiled MLP block's backward alone (its input and the incoming gradient made before): the input
+    # gradient it fills, plus one tile's rebuilt norm and SwiGLU tensors and their gradients at a time
+    # (the last tile of 100 is shorter: the peak is a full tile's).
+    from longlora_tune.plan.planner import tile_backward_bytes
+    from longlora_tune.training.sequence_tiling import tiled_position_wise
+
+    shape, seq_len, batch = SHAPES[1]
+    layer = _build(shape, seq_len, dtype=_DTYPES[dtype], s2=True, checkpoint=False).layers[0]
+    generator = torch.Generator().manual_seed(0)
+    h = torch.randn(batch, seq_len, shape.embed_dim, generator=generator).to(_DTYPES[dtype]).requires_grad_()
+    out = tiled_position_wise((layer.mlp_norm, layer.mlp, layer.mlp_scale), h, tile)
+    grad = torch.randn(out.shape, generator=generator).to(out.dtype)
+    with _LiveBytes() as tracker:
+        out.backward(grad)
+    planned = h.numel() * h.element_size() + tile_backward_bytes(shape, tile, dtype)
+    assert abs(tracker.peak - planned) <= 0.05 * planned, (tracker.peak, planned)
+    untiled = activation_bytes(shape, seq_len, batch, dtype=dtype, activation_checkpointing=False)
+    tiled = activation_bytes(
+        shape, seq_len, batch, dtype=dtype, activation_checkpointing=False, sequence_tile_tokens=tile
+    )
+    # Only the MLP-wide gradients of the layer-backward phase became the tile's bytes.
+    mlp_grads = 2 * h.element_size() * batch * seq_len * shape.intermediate_dim
+    assert untiled.recompute_transient - tiled.recompute_transient == mlp_grads - (
+        tile_backward_bytes(shape, tile, dtype)
+    )
+
+
+@pytest.mark.parametrize("checkpoint_layers", [0, 1, 3])
+def test_tiled_flops_match_flop_counter(checkpoint_layers):
+    # Every layer reruns its MLP tile by tile in backward; a checkpointed layer's recompute skips the MLP.
+    shape, seq_len, batch = SHAPES[1]
+    model = _tiled(shape, seq_len, dtype=torch.float32, tile=100, checkpoint_layers=checkpoint_layers)
+    counter = FlopCounterMode(display=False)
+    with sdpa_kernel(SDPBackend.MATH), counter:
+        _loss(model, shape, seq_len, batch, 2).backward()
+    kwargs = dict(group_size=seq_len // 4, checkpoint_layers=checkpoint_layers, attention="dense")
+    kwargs["activation_checkpointing"] = checkpoint_layers > 0
+    expected = step_flops(shape, seq_len, batch, sequence_tile_tokens=100, **kwargs)
+    assert counter.get_total_flops() == pytest.approx(expected.total, rel=1e-9)
+    # Against untiled: one MLP forward more per layer kept whole, one down projection per checkpointed one.
+    untiled = step_flops(shape, seq_len, batch, **kwargs)
+    t, d, i = batch * seq_len, shape.embed_dim, shape.intermediate_dim
+    extra = (shape.num_layers - checkpoint_layers) * 2 * t * 3 * d * i + checkpoint_layers * 2 * t * i * d
+    assert expected.total - untiled.total == pytest.approx(extra, rel=1e-12)
+
+
+def test_tiling_takes_the_mlp_out_of_the_layer_phase_at_length():
+    from longlora_tune.plan.planner import _LAYER_PHASE, tile_backward_bytes
+
+    kwargs = dict(gpus=1, gpu_memory_gib=80, quantize_base=True, linear_ce=True, activation_offloading=True)
+    untiled = plan("llama3_1_8b", 262_144, **kwargs)
+    tiled = plan("llama3_1_8b", 262_144, sequence_tile_tokens=8192, **kwargs)
+    shape, t = tiled.shape, 262_144
+    d, i = shape.embed_dim, shape.intermediate_dim
+    # Every layer is checkpointed: the rebuilt layer's MLP block (second norm + 3 SwiGLU tensors) becomes its
+    # input, and the MLP-wide gradients one tile's bytes.
+    rebuilt = (2 * 4 * t * d + 4 * t + 3 * 2 * t * i) - 2 * t * d
+    grads = 2 * 2 * t * i - tile_backward_bytes(shape, 8192)
+    assert untiled.memory[_LAYER_PHASE] - tiled.memory[_LAYER_PHASE] == rebuilt + grads
+    assert untiled.memory["activations saved"] == tiled.memory["activations saved"]
+    assert not untiled.fits and tiled.fits and tiled.sequence_tile_tokens == 8192
+    assert tiled.max_seq_len_fitting > 1.8 * untiled.max_seq_len_fitting
+    assert any(s.startswith("sequence_tile_tokens=8192 (") for s in untiled.suggestions)
+    assert not any(
+        "sequence_tile_tokens" in s for s in plan("7b", 262_144, sequence_tile_tokens=4096).suggestions
+    )
+    with pytest.raises(ValueError, match=r"sequence_tile_tokens=0 must be a positive integer or null"):
+        plan("7b", 8192, sequence_tile_tokens=0)
+
+
+def test_tiling_is_read_from_the_config_and_the_cli(tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        "model:\n  _component_: longlora_tune.models.longlora_llama3_1_8b\n  max_seq_len: 262144\n"
+        "sequence_tile_tokens: 4096\n"
+    )
+    assert load_config_settings(str(config))["sequence_tile_tokens"] == 4096
+    args = ["--config", str(config), "--gpus", "8"]
+    main([*args, "--json"])
+    assert json.loads(capsys.readouterr().out)["sequence_tile_tokens"] == 4096
+    main(args)
+    assert "MLP in tiles of 4096 tokens" in capsys.readouterr().out
+    main([*args, "--sequence-tile-tokens", "off", "--json"])
+    assert json.loads(capsys.readouterr().out)["sequence_tile_tokens"] is None
+    main([*args, "--sequence-tile-tokens", "1000", "--json"])
+    assert json.loads(capsys.readouterr().out)["sequence_tile_tokens"] == 1000
+    for bad in ("0", "8k"):
+        assert main([*args, "--sequence-tile-tokens", bad]) == 2
+        err = capsys.readouterr().err
+        assert f"sequence_tile_tokens={bad if bad == '0' else repr(bad)} must be a positive integer" in err
+        assert err.count("\n") == 1

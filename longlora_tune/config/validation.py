@@ -36,6 +36,7 @@ from longlora_tune.modules.context_parallel import check_context_parallel
 from longlora_tune.modules.rope_scaling import check_rope_request, rope_for_training
 from longlora_tune.training.distributed import resolve_dtype
 from longlora_tune.training.metric_logging import check_metric_logger
+from longlora_tune.training.sequence_tiling import check_tile_tokens
 
 #: The export formats the recipe can write (``export_formats``).
 EXPORT_FORMATS = ("hf", "peft", "adapter")
@@ -90,6 +91,7 @@ RECIPE_KEYS: dict[str, str] = {
     "enable_activation_checkpointing": "recompute each decoder layer in backward",
     "activation_checkpointing_layers": "all, or recompute only the first N decoder layers (plan suggests N)",
     "enable_activation_offloading": "offload checkpointed activations to CPU (CUDA only)",
+    "sequence_tile_tokens": "run each layer's MLP over tiles of this many tokens (null = off; plan suggests)",
     "fsdp_reshard_after_forward": "FSDP2: free gathered weights after forward",
     "compile": "torch.compile each decoder layer and the loss (longlora_tune.training.compile)",
     # logging
@@ -334,6 +336,7 @@ def check_values(cfg: DictConfig, world_size: int) -> None:
         if key in cfg and not isinstance(cfg.get(key), bool):
             raise LongLoRAConfigError(f"{key}={cfg.get(key)!r} must be true or false")
     _check_checkpoint_layers(cfg)
+    check_tile_tokens(cfg.get("sequence_tile_tokens", None))
     for key in ("output_dir", "checkpoint_dir"):
         if not isinstance(cfg.get(key, ""), str):
             raise LongLoRAConfigError(f"{key}={cfg.get(key)!r} must be a folder path")

@@ -63,6 +63,7 @@ __all__ = [
     "plan",
     "s2_segment_lengths",
     "step_flops",
+    "tile_backward_bytes",
 ]
 
 GIB = 1024**3
@@ -77,6 +78,8 @@ _FRAGMENTATION = 0.05
 _LOSS_PHASE = "loss phase: fp32 log-probs + logits (*)"
 _LINEAR_CE_PHASE = "loss phase: one chunk's logits + hidden-state gradient (*)"
 _LAYER_PHASE = "layer backward phase: recompute + grads (*)"
+#: The tile size the planner suggests: one tile's SwiGLU tensors are then about 1.3 GiB at Llama 3's width.
+SUGGESTED_TILE_TOKENS = 8192
 
 
 def s2_segment_lengths(
@@ -225,6 +228,7 @@ def step_flops(
     lora_rank: int = 8,
     lora_modules: Sequence[str] = ("q_proj", "k_proj", "v_proj", "output_proj"),
     trainable_extras: Sequence[str] = ("embed", "norm"),
+    sequence_tile_tokens: int | None = None,
 ) -> FlopEstimate:
     """FLOPs of one LongLoRA training step.
 
@@ -247,6 +251,9 @@ def step_flops(
         lora_rank: LoRA rank.
         lora_modules: Attention projections with LoRA.
         trainable_extras: The recipe's ``trainable_extras`` (a tied head is trained with ``embed``).
+        sequence_tile_tokens: The recipe's ``sequence_tile_tokens`` (None = off): every layer's MLP runs
+            its forward again, tile by tile, in backward; a checkpointed layer's recompute then skips the
+            MLP (``longlora_tune.training.sequence_tiling``).
 
     Returns:
         The :class:`FlopEstimate`.
@@ -274,7 +281,13 @@ def step_flops(
     # projection, the layer's last matmul, feeds nothing that backward needs, so it is not rerun.
     down_proj = 2 * tokens * i * d
     recomputed = checkpointed_layers(layers, activation_checkpointing, checkpoint_layers)
-    recompute = recomputed * (frozen_layer - down_proj + lora_layer + attn_layer)
+    if sequence_tile_tokens is None:
+        recompute = recomputed * (frozen_layer - down_proj + lora_layer + attn_layer)
+    else:
+        # Tiled: each layer's backward reruns its MLP's three matmuls tile by tile, and a checkpointed
+        # layer's recompute returns before the MLP (all it needs back is the MLP block's input).
+        mlp = 2 * tokens * 3 * d * i
+        recompute = recomputed * (frozen_layer - mlp + lora_layer + attn_layer) + layers * mlp
     return FlopEstimate(forward_matmul, forward_attention, backward, recompute, attention)
 
 
@@ -290,7 +303,8 @@ class ActivationEstimate:
             entropy), or the hidden-state gradient computed in forward (``ChunkedLinearCrossEntropyLoss``).
         recompute_transient: Bytes beyond ``layers_saved`` at the peak of the layers' backward: the
             gradients of one layer, plus its rebuilt activations when every layer is checkpointed (with
-            the first N < all checkpointed, the kept layers free theirs before any recompute starts).
+            the first N < all checkpointed, the kept layers free theirs before any recompute starts); with
+            sequence tiling, one tile's rebuilt MLP block and its gradients instead of the whole MLP's.
         logits_transient: Extra bytes while the loss runs (low-precision logits and one float32 chunk, or
             one chunk's logits and their gradient with ``ChunkedLinearCrossEntropyLoss``).
     """
@@ -322,6 +336,29 @@ class ActivationEstimate:
         return self.layers_saved + self.head_saved + max(self.loss_phase, self.recompute_transient)
 
 
+def tile_backward_bytes(shape: ModelShape, tile_tokens: int, dtype: str = "bf16") -> int:
+    """Peak bytes one tile of a tiled MLP block allocates while backward recomputes and back-propagates it.
+
+    The tile's RMSNorm rebuilt in float32 (a float32 copy of the input unless the dtype is float32, the
+    normalised tensor and the inverse RMS), the block's output for the tile, the three SwiGLU tensors that
+    backward needs (gate projection, its SiLU, up projection) and the three ``intermediate_dim`` gradients
+    that exist together (of the down projection's input and of the two factors of the product). Measured
+    against the ops' allocations in ``tests/test_plan.py``.
+
+    Args:
+        shape: Model sizes.
+        tile_tokens: Tokens in the tile.
+        dtype: Compute dtype.
+
+    Returns:
+        The bytes.
+    """
+    e = _DTYPE_BYTES[dtype]
+    d, i, t = shape.embed_dim, shape.intermediate_dim, tile_tokens
+    norm = (_FP32 if e != _FP32 else 0) * t * d + _FP32 * t * d + _FP32 * t
+    return norm + e * t * d + 6 * e * t * i
+
+
 def activation_bytes(
     shape: ModelShape,
     seq_len: int,
@@ -337,6 +374,7 @@ def activation_bytes(
     family: str | None = None,
     trainable_extras: Sequence[str] = ("embed", "norm"),
     linear_ce: bool = False,
+    sequence_tile_tokens: int | None = None,
 ) -> ActivationEstimate:
     """Activation bytes of a LongLoRA training step (LoRA on attention, trainable embeddings/norms).
 
@@ -364,6 +402,12 @@ def activation_bytes(
     chunk's float32 logits with their compute-dtype copy exist (plus the float32 weight-gradient
     accumulators when tied).
 
+    With ``sequence_tile_tokens`` T (:mod:`longlora_tune.training.sequence_tiling`) a layer's MLP block
+    (the second norm and the SwiGLU MLP) keeps only its input, and its backward holds one tile of
+    ``min(T, batch x seq_len)`` tokens at a time (:func:`tile_backward_bytes`) instead of the whole MLP's
+    rebuilt intermediates and gradients, so that part of the layer-backward phase no longer grows with the
+    length.
+
     Args:
         shape: Model sizes.
         seq_len: Tokens per sequence.
@@ -379,6 +423,8 @@ def activation_bytes(
         family: The model's family (:func:`model_family`; None infers it from the shape).
         trainable_extras: The recipe's ``trainable_extras`` (a tied head is trained with ``embed``).
         linear_ce: The loss is ``ChunkedLinearCrossEntropyLoss`` instead of ``CEWithChunkedOutputLoss``.
+        sequence_tile_tokens: Tokens per tile of the MLP blocks (the recipe's ``sequence_tile_tokens``);
+            None = not tiled.
 
     Returns:
         The :class:`ActivationEstimate`.
@@ -402,7 +448,9 @@ def activation_bytes(
     attention = 4 * e * hidden + _FP32 * t * shape.num_heads + (e * hidden if s2 else 0)
     mlp = 3 * e * t * i
     rope = 0 if _rotates_pairs(shape, family) else 4 * e * seq_len * shape.head_dim
-    per_layer = 2 * norm + lora + attention + mlp + rope
+    # Tiled, the MLP block (its norm and the MLP) keeps only its input, the hidden state.
+    mlp_block = norm + mlp if sequence_tile_tokens is None else e * hidden
+    per_layer = norm + lora + attention + mlp_block + rope
     layers_saved = n_ckpt * e * hidden + (shape.num_layers - n_ckpt) * per_layer
     tied = _tied_head_trained(shape, trainable_extras)
     # The fused loss computes the tied head's weight gradient in forward: it keeps no head input.
@@ -412,7 +460,13 @@ def activation_bytes(
     # checkpointed layer's own activations are rebuilt first. Backward runs from the last layer to the first,
     # so with the first N < all layers checkpointed the kept layers have freed at least one layer's
     # activations before the first recompute: the rebuilt layer only adds to the peak when all are.
-    grads = 5 * e * hidden + 2 * e * t * i
+    # Tiled, one tile's rebuilt MLP block and its gradients replace the MLP-wide gradients.
+    mlp_grads = (
+        2 * e * t * i
+        if sequence_tile_tokens is None
+        else tile_backward_bytes(shape, min(sequence_tile_tokens, t), dtype)
+    )
+    grads = 5 * e * hidden + mlp_grads
     recompute_transient = grads + (per_layer if n_ckpt == shape.num_layers else 0)
     if linear_ce:
         # One chunk's fp32 logits with their compute-dtype copy (the matmul's output, or the gradient cast
@@ -619,6 +673,7 @@ class Plan:
             fraction of that step: ``fraction_of_step_saved_vs_all``); None when no N fits.
         linear_ce: The loss is ``ChunkedLinearCrossEntropyLoss`` (else torchtune's
             ``CEWithChunkedOutputLoss``).
+        sequence_tile_tokens: Tokens per tile of the MLP blocks (None: not tiled).
     """
 
     model: str
@@ -658,6 +713,7 @@ class Plan:
     checkpoint_layers_peak_bytes: list[int] = field(default_factory=list)
     checkpoint_suggestion: dict[str, Any] | None = None
     linear_ce: bool = False
+    sequence_tile_tokens: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dictionary (FLOP estimates expanded with their derived totals)."""
@@ -692,6 +748,9 @@ class Plan:
             return "on"
         return "off" if n == 0 else f"on for the first {n} of {layers} layers"
 
+    def _tiling_note(self) -> str:
+        return f", MLP in tiles of {self.sequence_tile_tokens} tokens" if self.sequence_tile_tokens else ""
+
     def _checkpointing_suggestion(self) -> list[str]:
         layers = self.shape.num_layers
         if self.checkpoint_suggestion is None:
@@ -719,6 +778,7 @@ class Plan:
             f"dtype {self.dtype}{self._trainable_dtype_note()}, "
             f"activation checkpointing {self._checkpointing_note()}"
             f"{', activation offloading' if self.activation_offloading else ''}"
+            f"{self._tiling_note()}"
             f"{', fsdp_cpu_offload' if self.cpu_offload else ''}, "
             f"FSDP {'on' if self.fsdp else 'off'}, "
             f"{self._context_parallel_note()}"
@@ -846,6 +906,7 @@ def _memory(
     family: str | None = None,
     trainable_extras: Sequence[str] = ("embed", "norm"),
     linear_ce: bool = False,
+    sequence_tile_tokens: int | None = None,
 ) -> tuple[dict[str, int], int]:
     e = _DTYPE_BYTES[dtype]
     shard = gpus if fsdp else 1
@@ -872,6 +933,7 @@ def _memory(
         family=family,
         trainable_extras=trainable_extras,
         linear_ce=linear_ce,
+        sequence_tile_tokens=sequence_tile_tokens,
     )
     # FSDP2 all-gathers one layer (in the compute dtype) while prefetching the next, and holds one layer's
     # unsharded gradients before the reduce-scatter.
@@ -962,6 +1024,7 @@ def plan(
     context_parallel_degree: int = 1,
     family: str | None = None,
     linear_ce: bool = False,
+    sequence_tile_tokens: int | None = None,
     suggest: bool = True,
 ) -> Plan:
     """Plan one LongLoRA training step per GPU.
@@ -1010,6 +1073,8 @@ def plan(
         :class:`longlora_tune.modules.linear_ce.ChunkedLinearCrossEntropyLoss`
             (no float32 log-probabilities kept for backward) instead of torchtune's
             ``CEWithChunkedOutputLoss``.
+        sequence_tile_tokens: The recipe's ``sequence_tile_tokens``: every layer's MLP block runs over
+            tiles of this many tokens (``longlora_tune.training.sequence_tiling``); None = off.
         suggest: Compute suggestions and the longest fitting length.
 
     Returns:
@@ -1019,9 +1084,11 @@ def plan(
         ValueError: On an unknown model, dtype or a bad number, and with the recipe's or the model
             builder's message on settings they refuse (an S² group size that is not an even integer, a
             training length that is not a multiple of it, a ``global_batch_size`` that does not divide,
-            a context-parallel degree the recipe refuses, a ``checkpoint_layers`` outside the model).
+            a context-parallel degree the recipe refuses, a ``checkpoint_layers`` outside the model, a
+            ``sequence_tile_tokens`` that is not a positive int).
     """
     from longlora_tune.config import validation as config_checks
+    from longlora_tune.training.sequence_tiling import check_tile_tokens
 
     if isinstance(model, str):
         if model not in MODEL_SHAPES:
@@ -1050,6 +1117,7 @@ def plan(
             raise ValueError(f"{label} must be a positive int, got {value!r}")
     if not gpu_memory_gib > 0:
         raise ValueError(f"gpu_memory_gib must be > 0, got {gpu_memory_gib}")
+    check_tile_tokens(sequence_tile_tokens)
     max_seq_len = seq_len if max_seq_len is None else max_seq_len
     explicit_g = group_size is not None
     # The builder resolves the group size even for full attention, so a setting it refuses fails here too.
@@ -1105,6 +1173,7 @@ def plan(
             family=family,
             trainable_extras=trainable_extras,
             linear_ce=linear_ce,
+            sequence_tile_tokens=sequence_tile_tokens,
         )
         settings.update(overrides)
         if group_size is not None and length != seq_len and group_size_ratio is not None and not explicit_g:
@@ -1123,6 +1192,7 @@ def plan(
         lora_rank=lora_rank,
         lora_modules=lora_modules,
         trainable_extras=trainable_extras,
+        sequence_tile_tokens=sequence_tile_tokens,
     )
     result = Plan(
         model=name,
@@ -1141,6 +1211,7 @@ def plan(
         group_size=group_size,
         loss_chunks=loss_chunks,
         linear_ce=bool(linear_ce),
+        sequence_tile_tokens=sequence_tile_tokens,
         lora_rank=lora_rank,
         trainable_extras=tuple(trainable_extras),
         global_batch_size=global_batch_size,
@@ -1228,6 +1299,13 @@ def plan(
         )
     if not quantize_base:
         candidates.append(("model.quantize_base=true (QLoRA: NF4 base weights)", {"quantize_base": True}))
+    if sequence_tile_tokens is None:
+        candidates.append(
+            (
+                f"sequence_tile_tokens={SUGGESTED_TILE_TOKENS} (each MLP block over tiles of tokens)",
+                {"sequence_tile_tokens": SUGGESTED_TILE_TOKENS},
+            )
+        )
     # No fsdp_cpu_offload suggestion: the recipe has no such setting (cpu_offload stays a what-if).
     combined: dict[str, Any] = {}
     for text, override in candidates:
@@ -1328,8 +1406,9 @@ def load_config_settings(name: str) -> dict[str, Any]:
     training length as the recipe reads it (``dataset.block_size``, ``dataset.max_seq_len`` or
     ``tokenizer.max_seq_len``; ``model.max_seq_len`` when none is set), ``batch_size``,
     ``global_batch_size``, ``dtype``, ``fp32_trainable_params``, ``trainable_extras``,
-    ``enable_activation_checkpointing``, ``activation_checkpointing_layers``, the ``loss`` (its
-    ``num_output_chunks``, and whether it is ``ChunkedLinearCrossEntropyLoss``) and the S² group settings.
+    ``enable_activation_checkpointing``, ``activation_checkpointing_layers``, ``sequence_tile_tokens``, the
+    ``loss`` (its ``num_output_chunks``, and whether it is ``ChunkedLinearCrossEntropyLoss``) and the S²
+    group settings.
 
     Args:
         name: Config name in ``configs/`` (without ``.yaml``) or a path.
@@ -1398,6 +1477,8 @@ def load_config_settings(name: str) -> dict[str, Any]:
     layers = cfg.get("activation_checkpointing_layers", "all")
     if layers != "all":
         settings["checkpoint_layers"] = _checkpoint_layers_arg(layers)
+    if cfg.get("sequence_tile_tokens") is not None:
+        settings["sequence_tile_tokens"] = cfg["sequence_tile_tokens"]
     if model.get("quantize_base"):
         settings["quantize_base"] = True
     if "enable_activation_offloading" in cfg:
@@ -1468,6 +1549,17 @@ def _checkpoint_layers_arg(value: Any) -> int | None:
     return count
 
 
+def _tile_tokens_arg(value: str) -> int | str | None:
+    """``--sequence-tile-tokens``: ``off`` is None, a whole number an int; anything else is left for
+    :func:`plan` to refuse with the recipe's message."""
+    if value == "off":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        return value
+
+
 def _llama2_intermediate(embed_dim: int) -> int:
     # Llama 2's SwiGLU width rule: 2/3 of 4*d rounded up to a multiple of 256 (11008 for 4096).
     hidden = int(8 * embed_dim / 3)
@@ -1536,6 +1628,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--loss-chunks", type=int, help="chunks of the loss (default: config or 8)")
     parser.add_argument(
+        "--sequence-tile-tokens",
+        metavar="N|off",
+        help="run each layer's MLP block over tiles of N tokens (the recipe's sequence_tile_tokens; default: "
+        "config or off)",
+    )
+    parser.add_argument(
         "--linear-ce",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -1583,6 +1681,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ):
             if value is not None:
                 settings[key] = value
+        if args.sequence_tile_tokens is not None:
+            settings["sequence_tile_tokens"] = _tile_tokens_arg(args.sequence_tile_tokens)
         if args.full_attn:
             settings["s2"] = False
         result = plan(gpus=args.gpus, gpu_memory_gib=args.gpu_memory, fsdp=args.fsdp, **settings)

@@ -3,5 +3,5 @@
 Each module has one job: ``checkpointing`` (step folders: format, manifest, lineage, pruning, the
 output-folder lock), ``resume`` (what a resume may change), ``weights`` (the state a run starts from),
 ``distributed`` (device, dtype, process groups, FSDP2, seeded LoRA init), ``activation_checkpointing``,
-``compile``, ``qlora``, ``schedulers`` and ``metric_logging``.
+``sequence_tiling``, ``compile``, ``qlora``, ``schedulers`` and ``metric_logging``.
 """

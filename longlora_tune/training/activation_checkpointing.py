@@ -14,17 +14,27 @@ peaks lower than ``N = num_layers`` in the layer-backward phase
 (:func:`longlora_tune.plan.planner.activation_bytes`).
 
 The wrapping is torchtune's (``training.set_activation_checkpointing``: torch's non-reentrant
-``checkpoint_wrapper``), applied to the chosen ``TransformerSelfAttentionLayer`` modules only. Order in a
+``checkpoint_wrapper``, given the recompute context of :func:`is_recomputing`), applied to the chosen
+``TransformerSelfAttentionLayer`` modules only. Order in a
 recipe, as for all layers: trainable parameters, ``compile`` (layers compiled in place, the wrapper then
 wraps the compiled layer), activation checkpointing, fp32 master copies, FSDP2 (``fully_shard`` finds the
 layers inside their wrappers by torchtune's shard conditions), then the weights (QLoRA's NF4 weights
 included). Context parallelism needs nothing more: every rank checkpoints the same layers, so the halo
 exchange that a recomputed layer repeats in backward is repeated on all ranks.
+
+**What a recompute may skip.** A recompute reruns the layer only to rebuild the tensors its backward needs;
+its outputs are discarded, and non-reentrant checkpointing stops it right after the last saved tensor is
+rebuilt. :func:`is_recomputing` says when such a rerun is under way, so a computation that saves its input
+before its own work and is the layer's last saving op (the tiled MLP block of
+``longlora_tune.training.sequence_tiling``) can return an unfilled output instead of repeating that work.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
+from collections.abc import Iterator
 from typing import Union
 
 from torch import nn
@@ -36,6 +46,7 @@ __all__ = [
     "apply_activation_checkpointing",
     "checkpoint_layer_count",
     "decoder_layers",
+    "is_recomputing",
 ]
 
 #: The ``activation_checkpointing_layers`` value that checkpoints every decoder layer (the default).
@@ -44,6 +55,32 @@ ALL_LAYERS = "all"
 LayerSetting = Union[int, str, None]
 
 _KEY = "activation_checkpointing_layers"
+
+# Set in the thread that reruns a checkpointed layer, for the duration of the rerun.
+_RECOMPUTING = contextvars.ContextVar("longlora_recomputing", default=False)
+
+
+def is_recomputing() -> bool:
+    """Whether a layer wrapped by :func:`apply_activation_checkpointing` is being recomputed right now.
+
+    Returns:
+        True inside the backward-time rerun of a checkpointed layer, whose outputs are discarded.
+    """
+    return _RECOMPUTING.get()
+
+
+@contextlib.contextmanager
+def _recomputation() -> Iterator[None]:
+    token = _RECOMPUTING.set(True)
+    try:
+        yield
+    finally:
+        _RECOMPUTING.reset(token)
+
+
+def _checkpoint_contexts() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+    # torch.utils.checkpoint's context_fn: nothing around the forward, the flag around the recompute.
+    return contextlib.nullcontext(), _recomputation()
 
 
 def checkpoint_layer_count(setting: LayerSetting, num_layers: int) -> int:
@@ -103,6 +140,7 @@ def apply_activation_checkpointing(model: nn.Module, layers: LayerSetting = ALL_
         LongLoRAConfigError: On a bad ``layers`` value (see :func:`checkpoint_layer_count`) or a model without
             torchtune decoder layers when some are asked for.
     """
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
     from torch.distributed.fsdp.wrap import lambda_auto_wrap_policy
     from torchtune import training
 
@@ -119,5 +157,7 @@ def apply_activation_checkpointing(model: nn.Module, layers: LayerSetting = ALL_
     # Identity, not type: only the chosen layer objects are wrapped.
     chosen = {id(m) for m in found[:count]}
     policy = functools.partial(lambda_auto_wrap_policy, lambda_fn=lambda module: id(module) in chosen)
-    training.set_activation_checkpointing(model, auto_wrap_policy=policy)
+    # torchtune's default wrapper (non-reentrant) with the recompute flag of is_recomputing.
+    wrapper = functools.partial(checkpoint_wrapper, context_fn=_checkpoint_contexts)
+    training.set_activation_checkpointing(model, auto_wrap_policy=policy, checkpoint_wrapper_fn=wrapper)
     return count

@@ -244,3 +244,27 @@ def test_checkpoint_layers_equal_to_the_layer_count_is_all_and_each_setting_runs
     # tiny has 2 layers: 2 is 'all'.
     args = _parse(["--shape", "tiny", "--device", "cpu", "--checkpoint-layers", "2", "0", "all", "0"])
     assert args.checkpoint_layers == [None, 0]
+
+
+def test_sequence_tile_cases_train_alike_and_count_the_tiles_rerun(capsys):
+    # tiny at 32 tokens: untiled, and tiles of 24 (a shorter last tile). Tiling reruns the MLPs in backward.
+    results = bench_main(
+        ["--shape", "tiny", "--seq-lens", "32", "--repeats", "2", "--device", "cpu", "--in-process"]
+        + ["--variants", "longlora", "--loss-chunks", "2", "--sequence-tile-tokens", "off", "24"]
+    )
+    assert [r["sequence_tile_tokens"] for r in results] == [None, 24]
+    assert all("error" not in r for r in results)
+    assert results[1]["loss"] == pytest.approx(results[0]["loss"], rel=1e-6)
+    assert results[1]["executed_flops"] > results[0]["executed_flops"]
+    assert results[1]["model_flops"] == results[0]["model_flops"]
+    assert "| 32 | longlora[sdpa]+tile24 | " in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("value", "message"), [("0", "0 is not a positive number of tokens"), ("x", "'x' is")]
+)
+def test_sequence_tile_bad_values_are_one_line_errors(value, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench_main(["--shape", "tiny", "--device", "cpu", "--sequence-tile-tokens", value])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err

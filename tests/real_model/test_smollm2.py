@@ -6,8 +6,7 @@ inside ``rope_parameters``), tied embeddings, a byte-level BPE ``tokenizer.json`
 transformers, two steps of the generic ``hf_checkpoint`` config through ``tune run``, its exports in
 transformers and PEFT, and ``generate``. The text is Python's own ``LICENSE.txt`` (``english_text``).
 
-Training uses full attention (``model.use_full_attn=true``): S² splits the query heads in two halves and
-9 is odd; odd head counts in S² are another change.
+Training runs S² on its 9 query heads (4 unshifted, 5 shifted: :mod:`longlora_tune.modules.s2_heads`).
 """
 
 from __future__ import annotations
@@ -95,8 +94,6 @@ def run(smollm2_short: Path, english_text: str, tmp_path_factory) -> Path:
         f"max_seq_len={TRAIN_LEN}",
         f"output_dir={out}",
         f"dataset.cache_dir={work / 'cache'}",
-        # 9 query heads: S2 needs an even count (another change), so full attention here.
-        "model.use_full_attn=true",
         # One CPU core: fp32, one sequence per step, no recomputation, one tokenizing process.
         "device=cpu",
         "dtype=fp32",
@@ -224,3 +221,23 @@ def test_eval_recipes_run_on_the_export_with_the_folders_tokenizer(run, english_
     assert row["num_windows"] == 2 and 1.0 < row["perplexity"] < 100.0
     passkey = json.loads((tmp_path / "passkey.json").read_text())
     assert passkey["results"][0]["num_trials"] == 1
+
+
+def test_passkey_on_the_base_at_its_own_context_retrieves_the_key(smollm2, tmp_path, monkeypatch):
+    """Scored on what the model means (the answer after the prompt: a space token, then the digits)."""
+    import runpy
+
+    from longlora_tune import resources
+
+    script = resources.recipe_path("longlora_eval_passkey")
+    argv = [str(script), "--config", str(resources.config_path("eval/hf_checkpoint_passkey")),
+            f"checkpoint_dir={smollm2}", "device=cpu", "dtype=fp32", f"output_dir={tmp_path}",
+            "progress=false", "lengths=[400]", "num_trials=3"]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as done:
+        runpy.run_path(str(script), run_name="__main__")
+    assert not done.value.code
+    row = json.loads((tmp_path / "passkey.json").read_text())["results"][0]
+    passed = f"{row['num_passed']}/{row['num_trials']}"
+    print(f"\nSmolLM2 passkey at ~{row['mean_prompt_tokens']} tokens: {passed}")
+    assert row["num_passed"] == 3

@@ -9,7 +9,7 @@ from longlora_tune.data.longalpaca import (
     longalpaca_dataset,
     longalpaca_prompt,
 )
-from longlora_tune.data.pretrain import PackedBlocksDataset, packed_blocks_dataset
+from longlora_tune.data.pretrain import PackedBlocksDataset, dataset_fingerprint, packed_blocks_dataset
 from longlora_tune.data.sources import check_dataset_source
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "PackedBlocksDataset",
     "chat_user_text",
     "check_dataset_source",
+    "dataset_fingerprint",
     "longalpaca_dataset",
     "longalpaca_prompt",
     "packed_blocks_dataset",

@@ -9,10 +9,8 @@ read straight from their data files through ``hf://`` paths with the ``json`` bu
 
 from __future__ import annotations
 
-import glob
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Optional, Union
 
 PACKAGED_BUILDERS = ("json", "text", "parquet", "csv", "arrow")
@@ -53,45 +51,6 @@ HUB_PRESETS: dict[str, HubPreset] = {
 def is_local_source(source: str) -> bool:
     """Whether ``source`` names a packaged builder (local files) or an existing local folder."""
     return source in PACKAGED_BUILDERS or os.path.exists(source)
-
-
-def _local_files(pattern: str) -> list[str]:
-    if os.path.isdir(pattern):
-        return sorted(str(p) for p in Path(pattern).rglob("*") if p.is_file())
-    return sorted(glob.glob(pattern, recursive=True)) or [pattern]
-
-
-def describe_data_files(source: str, data_files: DataFiles) -> Any:
-    """A JSON-serialisable description of the inputs that changes whenever a local input file changes.
-
-    Local files are described by absolute path, size and modification time; remote paths (``hf://``,
-    ``https://``) and hub ids by their strings only, so a hub dataset's cache entry is tied to its name
-    (pin ``revision`` to tie it to a commit).
-
-    Args:
-        source: builder name, local folder or hub id.
-        data_files: what is passed to ``datasets.load_dataset``.
-
-    Returns:
-        Nested lists/dicts of strings and integers.
-    """
-
-    def describe(pattern: str) -> Any:
-        if "://" in pattern or not (source in PACKAGED_BUILDERS or os.path.exists(pattern)):
-            return pattern
-        out = []
-        for path in _local_files(pattern):
-            st = os.stat(path)  # a missing local file fails here, naming it, before any work
-            out.append([os.path.abspath(path), st.st_size, st.st_mtime_ns])
-        return out
-
-    if isinstance(data_files, dict):
-        return {k: describe_data_files(source, v) for k, v in sorted(data_files.items())}
-    if isinstance(data_files, (list, tuple)):
-        return [describe(str(p)) for p in data_files]
-    if data_files is None:
-        return describe(source) if os.path.exists(source) else None
-    return describe(str(data_files))
 
 
 def load_records(

@@ -23,7 +23,7 @@ import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from longlora_tune.data._load import LONGALPACA_12K, PACKAGED_BUILDERS, REDPAJAMA_SAMPLE, DataFiles
 from longlora_tune.errors import LongLoRAConfigError
@@ -152,8 +152,15 @@ def field_problem(record: Mapping[str, Any], fields: RecordFields) -> Optional[s
 # ----------------------------------------------------------------------------------------- resolving files
 
 
-def _plain(value: Any) -> Any:
-    """OmegaConf containers as plain lists/dicts (configs pass ``ListConfig`` data_files)."""
+def plain_config(value: Any) -> Any:
+    """OmegaConf containers as plain lists/dicts (configs pass ``ListConfig`` data_files).
+
+    Args:
+        value: anything; a ``DictConfig``/``ListConfig`` is converted (interpolations resolved).
+
+    Returns:
+        ``value`` itself, or its plain-container copy.
+    """
     try:
         from omegaconf import DictConfig, ListConfig, OmegaConf
     except ImportError:  # pragma: no cover - omegaconf comes with torchtune
@@ -204,10 +211,42 @@ def _expand_pattern(pattern: str, base: Optional[Path]) -> list[Path]:
     return [where]
 
 
-def local_data_files(
-    source: str, data_files: DataFiles, split: str = "train"
-) -> Optional[tuple[str, list[Path]]]:
-    """The local files a builder will read, and their format; None for hub datasets and remote paths.
+@dataclass(frozen=True)
+class SplitInputs:
+    """The local files (and remote paths) one split of a dataset is read from.
+
+    Attributes:
+        fmt: the packaged builder that reads them, or None when ``datasets`` picks it (a folder without
+            ``data_files``) or the files' extension names no builder.
+        entries: one per ``data_files`` entry, in order: the local files it names (a glob's matches,
+            sorted), or a remote path (``hf://``, ``https://``) as written.
+        folder: the local dataset folder the entries are relative to, or None.
+        picked_by_datasets: a folder without ``data_files``: ``entries`` is its one list of visible files,
+            from which ``datasets`` picks the split's files by their names.
+    """
+
+    fmt: Optional[str]
+    entries: list[Union[str, list[Path]]]
+    folder: Optional[Path] = None
+    picked_by_datasets: bool = False
+
+    @property
+    def local_files(self) -> list[Path]:
+        """Every local file of the split, in order."""
+        return [path for entry in self.entries if not isinstance(entry, str) for path in entry]
+
+
+def _visible_files(folder: Path) -> list[Path]:
+    # datasets skips hidden files and folders (.git, .cache, ...) when it looks for data files.
+    return sorted(
+        p
+        for p in folder.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
+
+
+def split_inputs(source: str, data_files: DataFiles, split: str = "train") -> Optional[SplitInputs]:
+    """Resolve a dataset's ``source`` and ``data_files`` to what one split is read from.
 
     Args:
         source: ``dataset.source``: a packaged builder (``json``, ``text``, ...), a local folder or a hub id.
@@ -215,17 +254,16 @@ def local_data_files(
         split: ``dataset.split``.
 
     Returns:
-        ``(format, files)``, or None when there is nothing local to check. Remote (``hf://``, ``https://``)
-        entries of a list are left out.
+        A :class:`SplitInputs`, or None for a hub id (nothing local to resolve).
 
     Raises:
         LongLoRAConfigError: a ``source`` that is none of a packaged builder, a local folder or a hub id
             ``owner/name`` (naming the accepted ones), a missing file, a glob matching nothing, a folder where
-            files are needed, a packaged builder without ``data_files``, a missing split, or a file given as
-            ``source``.
+            files are needed, an empty folder, a packaged builder without ``data_files``, a missing split, or
+            a file given as ``source``.
     """
-    data_files = _plain(data_files)
-    base: Optional[Path] = None
+    data_files = plain_config(data_files)
+    folder: Optional[Path] = None
     if source in PACKAGED_BUILDERS:
         fmt: Optional[str] = source
         if data_files is None:
@@ -233,14 +271,14 @@ def local_data_files(
                 f"dataset.source={source} needs dataset.data_files (a path, a list of paths or a glob)"
             )
     elif os.path.isdir(source):
+        fmt, folder = None, Path(source)
         if data_files is None:
-            # datasets picks the files and their builder itself; only check there is something to pick.
-            if not any(p.is_file() and not p.name.startswith(".") for p in Path(source).rglob("*")):
+            files = _visible_files(folder)
+            if not files:
                 raise LongLoRAConfigError(
                     f"dataset.source={source} is an empty folder; put the data files in it"
                 )
-            return None
-        fmt, base = None, Path(source)
+            return SplitInputs(None, [files], folder, picked_by_datasets=True)
     elif os.path.isfile(source):
         builder = _EXTENSION_BUILDERS.get(Path(source).suffix.lower(), "json")
         raise LongLoRAConfigError(
@@ -256,7 +294,7 @@ def local_data_files(
         # Hub ids are owner/name; a bare word is a builder name datasets does not have ("jsonl", "tsv").
         raise _unknown_source(source)
     else:
-        return None  # a hub id: not checkable offline
+        return None  # a hub id
     if isinstance(data_files, Mapping):
         if split not in data_files:
             raise LongLoRAConfigError(
@@ -267,17 +305,49 @@ def local_data_files(
     patterns = [str(p) for p in data_files] if isinstance(data_files, (list, tuple)) else [str(data_files)]
     if not patterns:
         raise LongLoRAConfigError("dataset.data_files is an empty list; name at least one file")
-    files: list[Path] = []
-    for pattern in patterns:
-        if "://" not in pattern:
-            files.extend(_expand_pattern(pattern, base))
-    if not files:
+    entries: list[Union[str, list[Path]]] = [
+        pattern if "://" in pattern else _expand_pattern(pattern, folder) for pattern in patterns
+    ]
+    inputs = SplitInputs(fmt, entries, folder)
+    if fmt is None and inputs.local_files:
+        inputs = SplitInputs(_EXTENSION_BUILDERS.get(inputs.local_files[0].suffix.lower()), entries, folder)
+    return inputs
+
+
+def local_data_files(
+    source: str, data_files: DataFiles, split: str = "train"
+) -> Optional[tuple[str, list[Path]]]:
+    """The local files a builder will read, and their format; None when there is nothing local to check.
+
+    Args:
+        source: ``dataset.source``: a packaged builder (``json``, ``text``, ...), a local folder or a hub id.
+        data_files: ``dataset.data_files``: a path, a glob, a list of them, or ``{split: paths}``.
+        split: ``dataset.split``.
+
+    Returns:
+        ``(format, files)``, or None for a hub id, remote paths only, a folder whose files ``datasets``
+        picks, or files whose extension names no builder. Remote (``hf://``, ``https://``) entries of a list
+        are left out.
+
+    Raises:
+        LongLoRAConfigError: as :func:`split_inputs`.
+    """
+    inputs = split_inputs(source, data_files, split)
+    if inputs is None or inputs.picked_by_datasets or inputs.fmt is None or not inputs.local_files:
         return None
-    if fmt is None:
-        fmt = _EXTENSION_BUILDERS.get(files[0].suffix.lower())
-        if fmt is None:
-            return None
-    return fmt, files
+    return inputs.fmt, inputs.local_files
+
+
+def describe_files(files: list[Path]) -> str:
+    """Name a list of files in a message: the first, and how many more.
+
+    Args:
+        files: at least one file.
+
+    Returns:
+        ``"/data/a.jsonl"`` or ``"/data/a.jsonl (and 3 more files)"``.
+    """
+    return str(files[0]) if len(files) == 1 else f"{files[0]} (and {len(files) - 1} more files)"
 
 
 # ---------------------------------------------------------------------------------------- reading records
@@ -581,10 +651,9 @@ def _check_files(
 ) -> None:
     total = sum(_check_file(path, fmt, fields, max_bytes) for path in files)
     if total == 0:
-        which = str(files[0]) if len(files) == 1 else f"{files[0]} (and {len(files) - 1} more files)"
         raise LongLoRAConfigError(
-            f"{which} holds no records; add at least one ({_FORMAT_HINTS.get(fmt, 'records')}) or point "
-            "dataset.data_files at the data"
+            f"{describe_files(files)} holds no records; add at least one "
+            f"({_FORMAT_HINTS.get(fmt, 'records')}) or point dataset.data_files at the data"
         )
 
 
@@ -678,6 +747,7 @@ def read_records(
     split: str = "train",
     revision: Optional[str] = None,
     fields: Optional[RecordFields] = None,
+    fresh: bool = False,
 ) -> Any:
     """:func:`longlora_tune.data._load.load_records`, failing in one line instead of a ``datasets`` traceback.
 
@@ -693,6 +763,9 @@ def read_records(
         split: ``dataset.split``.
         revision: hub revision.
         fields: the builder's record fields, used to locate a bad record when the read fails.
+        fresh: read local files again instead of ``datasets``' cache of them, which is keyed by their path,
+            size and modification time and so serves the old records after an edit that keeps both
+            (``cp -p``, ``rsync -t``). For a caller that has keyed its own cache on the files' content.
 
     Returns:
         A ``datasets.Dataset``.
@@ -705,9 +778,12 @@ def read_records(
 
     from longlora_tune.data._load import load_records
 
-    data_files = _plain(data_files)
+    data_files = plain_config(data_files)
+    inputs = split_inputs(source, data_files, split)
     local = local_data_files(source, data_files, split)
     options: dict[str, Any] = {}
+    if fresh and inputs is not None and not any(isinstance(entry, str) for entry in inputs.entries):
+        options["download_mode"] = "force_redownload"  # local files only: nothing is downloaded
     if local is not None and local[0] == "csv" and fields is not None:
         # NA cells stay null: pandas detects them before it applies a converter.
         options["converters"] = dict.fromkeys(fields.required + fields.optional + fields.somewhere, str)

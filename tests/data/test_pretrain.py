@@ -1,12 +1,19 @@
 """Continued-pretraining blocks: exact content against a direct computation, cache behaviour, errors."""
 
+import hashlib
 import json
+import logging
+import os
 import pickle
+import shutil
+import threading
 
 import datasets
+import numpy as np
 import pytest
 from torchtune.models.llama2 import llama2_tokenizer
 
+from longlora_tune._io import atomic_write_bytes
 from longlora_tune.data import _load, packed_blocks_dataset
 from longlora_tune.errors import LongLoRAConfigError
 from longlora_tune.quickstart.tiny import make_documents, make_text_corpus, make_tokenizer
@@ -248,3 +255,218 @@ def test_dataset_overrides_give_the_document_end_only_where_the_builder_takes_it
     assert base.dataset_overrides({**packed, "eos_id": 5}, tokenizer) == {}  # the config's choice stands
     sft = {"_component_": "longlora_tune.data.longalpaca_dataset"}
     assert base.dataset_overrides(sft, tokenizer) == {}
+
+
+# ------------------------------------------------------------------------------------ cache integrity
+
+
+def _blocks(ds):
+    return [ds[i]["tokens"] for i in range(len(ds))]
+
+
+def _count_encodes(monkeypatch, tokenizer):
+    calls = []
+    encode = tokenizer.encode
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return encode(*args, **kwargs)
+
+    monkeypatch.setattr(tokenizer, "encode", counting)
+    return calls
+
+
+def _cache_warnings(caplog):
+    return [r for r in caplog.records if r.name == "longlora_tune.data.pretrain" and r.levelname == "WARNING"]
+
+
+def test_same_size_same_mtime_edit_is_retokenized(tokenizer, tmp_path):
+    # cp -p / rsync -t keep size and mtime: the cache key must be the bytes, not the file's stat.
+    corpus = make_text_corpus(tmp_path / "c.jsonl", n_docs=10, seed=4)
+    kwargs = dict(source="json", data_files=str(corpus), block_size=16, cache_dir=tmp_path / "cache")
+    before = _blocks(packed_blocks_dataset(tokenizer, **kwargs))
+    stat = corpus.stat()
+    text = corpus.read_text()
+    edited = text.replace("cat", "dog")
+    assert edited != text and len(edited) == len(text)
+    corpus.write_text(edited)
+    os.utime(corpus, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert (corpus.stat().st_size, corpus.stat().st_mtime_ns) == (stat.st_size, stat.st_mtime_ns)
+    after = packed_blocks_dataset(tokenizer, **kwargs)
+    stream = _reference_stream(tokenizer, _read_docs(corpus))
+    assert _blocks(after) == [[tokenizer.bos_id] + stream[i * 15 : (i + 1) * 15] for i in range(len(after))]
+    assert _blocks(after) != before
+
+
+def test_moved_data_file_reuses_the_cache(tokenizer, tmp_path, monkeypatch):
+    corpus = make_text_corpus(tmp_path / "a" / "c.jsonl", n_docs=10, seed=4)
+    first = packed_blocks_dataset(
+        tokenizer, source="json", data_files=str(corpus), block_size=16, cache_dir=tmp_path / "cache"
+    )
+    moved = tmp_path / "b" / "renamed.jsonl"
+    moved.parent.mkdir()
+    shutil.copyfile(corpus, moved)
+    _forbid_encode(monkeypatch, tokenizer)
+    again = packed_blocks_dataset(
+        tokenizer, source="json", data_files=str(moved), block_size=16, cache_dir=tmp_path / "cache"
+    )
+    assert again.stream_path == first.stream_path and _blocks(again) == _blocks(first)
+
+
+def test_sidecar_records_the_entry(tokenizer, tmp_path):
+    corpus = make_text_corpus(tmp_path / "c.jsonl", n_docs=10, seed=9)
+    ds = packed_blocks_dataset(
+        tokenizer, source="json", data_files=str(corpus), block_size=16, cache_dir=tmp_path / "cache"
+    )
+    meta = json.loads(ds.stream_path.with_suffix(".json").read_text())
+    data = ds.stream_path.read_bytes()
+    stream = _reference_stream(tokenizer, _read_docs(corpus))
+    assert meta["dtype"] == "uint16" and meta["num_tokens"] == len(stream) == len(data) // 2
+    assert meta["sha256"] == hashlib.sha256(data).hexdigest()
+    assert meta["tokenizer"]["class"] == type(tokenizer).__name__
+    assert meta["tokenizer"]["vocab_size"] == tokenizer.vocab_size == 512
+    assert len(meta["tokenizer"]["sha256"]) == 64
+    assert meta["data_files"] == [[hashlib.sha256(corpus.read_bytes()).hexdigest()]]
+
+
+def _truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * 0.6) // 2 * 2])
+    return f"holds {int(len(data) * 0.6) // 2} tokens, but its sidecar records {len(data) // 2}"
+
+
+def _overwrite(path):
+    # A fifth of the file replaced with valid ids: only the checksum can tell.
+    tokens = np.fromfile(path, dtype=np.uint16)
+    n = len(tokens) // 5
+    replacement = tokens[n : 2 * n].copy()
+    assert (replacement != tokens[:n]).any()
+    tokens[:n] = replacement
+    tokens.tofile(path)
+    return "does not match the sha256 its sidecar records"
+
+
+def _odd_size(path):
+    with path.open("ab") as f:
+        f.write(b"\x01")
+    return f"is {path.stat().st_size} bytes, not a whole number of 2-byte uint16 tokens"
+
+
+def _beyond_vocab(path):
+    tokens = np.fromfile(path, dtype=np.uint16)
+    tokens[7] = 60000
+    tokens.tofile(path)
+    return "holds token id 60000, beyond the tokenizer's 512-token vocabulary"
+
+
+def _no_sidecar(path):
+    path.with_suffix(".json").unlink()
+    return f"has no sidecar {path.with_suffix('.json')}"
+
+
+def _bad_sidecar(path):
+    path.with_suffix(".json").write_text('{"num_tokens": ')
+    return f"its sidecar {path.with_suffix('.json')} is not a JSON object"
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [_truncate, _overwrite, _odd_size, _beyond_vocab, _no_sidecar, _bad_sidecar],
+    ids=lambda f: f.__name__,
+)
+def test_damaged_cache_entry_is_rebuilt_with_one_warning(tokenizer, tmp_path, monkeypatch, caplog, damage):
+    corpus = make_text_corpus(tmp_path / "c.jsonl", n_docs=40, seed=10)
+    kwargs = dict(source="json", data_files=str(corpus), block_size=16, cache_dir=tmp_path / "cache")
+    good = packed_blocks_dataset(tokenizer, **kwargs)
+    expected = _blocks(good)
+    problem = damage(good.stream_path)
+
+    calls = _count_encodes(monkeypatch, tokenizer)
+    with caplog.at_level(logging.INFO, logger="longlora_tune.data.pretrain"):
+        rebuilt = packed_blocks_dataset(tokenizer, **kwargs)
+    warnings = _cache_warnings(caplog)
+    assert len(warnings) == 1, [w.getMessage() for w in warnings]
+    message = warnings[0].getMessage()
+    assert "\n" not in message and str(good.stream_path) in message and problem in message, message
+    assert calls and rebuilt.stream_path == good.stream_path and _blocks(rebuilt) == expected
+
+    # The rebuilt entry is whole again: used silently, without the tokenizer.
+    caplog.clear()
+    _forbid_encode(monkeypatch, tokenizer)
+    with caplog.at_level(logging.INFO, logger="longlora_tune.data.pretrain"):
+        assert _blocks(packed_blocks_dataset(tokenizer, **kwargs)) == expected
+    assert not _cache_warnings(caplog)
+
+
+def test_other_ranks_never_use_a_damaged_entry(tokenizer, tmp_path, monkeypatch, caplog):
+    # Ranks other than local rank 0 wait, silently, until rank 0 has rebuilt the entry.
+    from longlora_tune.data import pretrain
+
+    corpus = make_text_corpus(tmp_path / "c.jsonl", n_docs=40, seed=11)
+    kwargs = dict(source="json", data_files=str(corpus), block_size=16, cache_dir=tmp_path / "cache")
+    good = packed_blocks_dataset(tokenizer, **kwargs)
+    expected, whole = _blocks(good), good.stream_path.read_bytes()
+    _truncate(good.stream_path)
+    monkeypatch.setattr(pretrain, "_is_builder_rank", lambda: False)
+    _forbid_encode(monkeypatch, tokenizer)
+    repair = threading.Timer(0.5, lambda: atomic_write_bytes(good.stream_path, whole))
+    repair.start()
+    try:
+        with caplog.at_level(logging.INFO, logger="longlora_tune.data.pretrain"):
+            waited = packed_blocks_dataset(tokenizer, **kwargs)
+    finally:
+        repair.join()
+    assert _blocks(waited) == expected and not _cache_warnings(caplog)
+
+
+def test_ids_beyond_the_vocabulary_at_build_time_are_one_line(tokenizer, tmp_path, monkeypatch):
+    corpus = make_text_corpus(tmp_path / "c.jsonl", n_docs=5, seed=12)
+    encode = tokenizer.encode
+
+    def too_large(text, **kwargs):
+        return encode(text, **kwargs) + ([tokenizer.vocab_size + 3] if "cat" in text else [])
+
+    monkeypatch.setattr(tokenizer, "encode", too_large)
+    with pytest.raises(LongLoRAConfigError) as err:
+        packed_blocks_dataset(
+            tokenizer, source="json", data_files=str(corpus), block_size=16, cache_dir=tmp_path / "cache"
+        )
+    message = str(err.value)
+    assert "\n" not in message and str(corpus) in message, message
+    assert f"token id {tokenizer.vocab_size + 3}" in message and "Llama2Tokenizer" in message, message
+    assert not list((tmp_path / "cache").glob("*.bin"))
+
+
+def test_dataset_fingerprint_covers_content_tokenizer_and_packing(tokenizer, tmp_path):
+    from torchtune.models.mistral import mistral_tokenizer
+
+    from longlora_tune.data import dataset_fingerprint
+    from longlora_tune.quickstart.tiny import make_mistral_tokenizer
+
+    corpus = make_text_corpus(tmp_path / "a" / "c.jsonl", n_docs=10, seed=13)
+    base = dict(source="json", data_files=str(corpus), block_size=16)
+    ds = packed_blocks_dataset(tokenizer, **base, cache_dir=tmp_path / "cache")
+    fp = dataset_fingerprint(tokenizer, **base)
+    assert ds.fingerprint == fp == dataset_fingerprint(tokenizer, **base) and len(fp) == 64
+
+    moved = tmp_path / "b" / "moved.jsonl"
+    moved.parent.mkdir()
+    shutil.copyfile(corpus, moved)
+    assert dataset_fingerprint(tokenizer, **dict(base, data_files=[str(moved)])) == fp  # content, not path
+    assert dataset_fingerprint(tokenizer, **base, eos_id=tokenizer.eos_id) == fp  # the default, spelled out
+
+    changed = {
+        dataset_fingerprint(tokenizer, **dict(base, block_size=32)),
+        dataset_fingerprint(tokenizer, **base, add_bos=False),
+        dataset_fingerprint(tokenizer, **base, eos_id=5),
+        dataset_fingerprint(tokenizer, **base, max_documents=3),
+        dataset_fingerprint(tokenizer, **base, column="body"),
+        dataset_fingerprint(
+            mistral_tokenizer(str(make_mistral_tokenizer(tmp_path / "mistral")), prompt_template=None), **base
+        ),
+    }
+    stat = corpus.stat()
+    corpus.write_text(corpus.read_text().replace("cat", "dog"))  # same size, same mtime
+    os.utime(corpus, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    changed.add(dataset_fingerprint(tokenizer, **base))
+    assert fp not in changed and len(changed) == 7

@@ -8,37 +8,3 @@ meta device import it, inside the function that needs it.
   suggestions, the CLI;
 * :mod:`~longlora_tune.plan.communication`: bytes per layer of each context-parallel design.
 """
-
-from longlora_tune.plan.planner import (
-    MODEL_SHAPES,
-    ActivationEstimate,
-    FlopEstimate,
-    ModelShape,
-    Plan,
-    activation_bytes,
-    checkpointed_layers,
-    load_config_settings,
-    main,
-    model_family,
-    parameter_counts,
-    plan,
-    s2_segment_lengths,
-    step_flops,
-)
-
-__all__ = [
-    "MODEL_SHAPES",
-    "ActivationEstimate",
-    "FlopEstimate",
-    "ModelShape",
-    "Plan",
-    "activation_bytes",
-    "checkpointed_layers",
-    "load_config_settings",
-    "main",
-    "model_family",
-    "parameter_counts",
-    "plan",
-    "s2_segment_lengths",
-    "step_flops",
-]

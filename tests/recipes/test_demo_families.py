@@ -296,4 +296,5 @@ def test_pretraining_documents_end_with_the_base_models_eos(demo_run):
         im_end = tt_config.instantiate(cfg.tokenizer).eos_id
         assert im_end != config["eos_token_id"] and not (stream == im_end).any()
     else:
-        assert "eos_id" not in meta  # the tokenizer's EOS is the model's: the cache key is unchanged
+        # The tokenizer's EOS is the model's: the sidecar records None (the tokenizer's own), one stream.
+        assert meta["eos_id"] is None

@@ -11,43 +11,26 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from omegaconf import OmegaConf
-from recipe_runner import CONFIGS, RecipeFailed, run_recipe
+from lever_runs import QLORA, TINY, assert_same_losses, make_lever_assets, run_steps
+from recipe_runner import RecipeFailed
 from test_longlora_distributed import _env, _losses, _overrides, _recipe_cmd
 
-from longlora_tune.quickstart import tiny
-
 REPO = Path(__file__).resolve().parents[2]
-TINY = CONFIGS / "tiny_demo.yaml"
-QLORA = CONFIGS / "tiny_qlora.yaml"
 STEPS = 2
-EXTRA = {"max_steps": STEPS, "export_formats": "[]"}
+EXTRA = {"max_steps": STEPS, "export_formats": "[]"}  # for the torchrun runs
 
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("tiling")
-    base = tiny.make_hf_checkpoint(root / "base")
-    # QLoRA's NF4 needs weights in whole 64 x 256 blocks (as tests/recipes/test_qlora.py).
-    qbase = tiny.make_hf_checkpoint(root / "qbase", embed_dim=256, intermediate_dim=512)
-    corpus = tiny.make_text_corpus(root / "corpus.jsonl", n_docs=24)
-    return {"root": root, "base": base, "qbase": qbase, "corpus": corpus, "cache": root / "cache"}
+    return make_lever_assets(tmp_path_factory.mktemp("tiling"))
 
 
 def _run(assets: dict[str, Path], out: Path, config: Path = TINY, **extra: object) -> dict[int, float]:
-    cfg = OmegaConf.load(config)
-    values = {**EXTRA, **extra}
-    if config == QLORA:
-        values["checkpoint_dir"] = assets["qbase"]
-    cfg.merge_with_dotlist(_overrides(assets, out, **values))
-    run_recipe(cfg)
-    return _losses(out)
+    return run_steps(assets, out, steps=STEPS, config=config, **extra)
 
 
 def _assert_same(got: dict[int, float], want: dict[int, float], rel: float) -> None:
-    assert sorted(got) == list(range(1, STEPS + 1)), got
-    for step, loss in want.items():
-        assert got[step] == pytest.approx(loss, rel=rel, abs=0), (step, got[step], loss)
+    assert_same_losses(got, want, steps=STEPS, rel=rel)
 
 
 @pytest.fixture(scope="module")

@@ -68,9 +68,10 @@ from longlora_tune.modules.context_parallel import (
 )
 from longlora_tune.modules.loss import summed_token_loss
 from longlora_tune.modules.s2_attention import describe_backend
-from longlora_tune.training import checkpointing, qlora
+from longlora_tune.training import qlora
 from longlora_tune.training.activation_checkpointing import apply_activation_checkpointing
 from longlora_tune.training.checkpoint_manager import CheckpointManager, TrainingPosition, gather_full_state
+from longlora_tune.training.checkpointing import housekeeping
 from longlora_tune.training.compile import compile_model_and_loss
 from longlora_tune.training.distributed import (
     close_process_group,
@@ -559,7 +560,7 @@ def run(cfg: DictConfig) -> dict[str, Path]:
     validate_config_in_worker(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     created = init_process_group(resolve_device(cfg.get("device", None)), solo_group=True)
     # One run per output_dir: two runs pruning and resuming the same checkpoints lose data.
-    lock = checkpointing.OutputDirLock(cfg.output_dir)
+    lock = housekeeping.OutputDirLock(cfg.output_dir)
     recipe = None
     with signals_as_interrupts() as watch:
         try:

@@ -3,8 +3,9 @@
 The recipe holds the loop; this class holds the checkpoint side of it: which checkpoint a run resumes
 from (and the lineage its own checkpoints record), restoring the optimizer, schedule, data position and
 RNG streams from one, and gathering the sharded state into a new one that rank 0 writes atomically
-(:func:`longlora_tune.training.checkpointing.write_checkpoint`) before pruning this run's older ones. Every
-rank calls every method: gathering and broadcasting are collectives, the file work runs on rank 0 only.
+(:func:`longlora_tune.training.checkpointing.lineage.write_checkpoint`) before pruning this run's older
+ones. Every rank calls every method: gathering and broadcasting are collectives, the file work runs on
+rank 0 only.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ from torch.distributed.checkpoint.state_dict import (
 from torchtune import utils
 
 from longlora_tune.errors import LongLoRAConfigError
-from longlora_tune.training import checkpointing
+from longlora_tune.training.checkpointing import format as ckpt_format
+from longlora_tune.training.checkpointing import housekeeping, lineage
+from longlora_tune.training.checkpointing import rng as ckpt_rng
 from longlora_tune.training.distributed import rank_and_world_size, run_on_rank_zero
 from longlora_tune.training.resume import apply_optimizer_settings, compare_with_checkpoint
 
@@ -78,7 +81,7 @@ class CheckpointManager:
         #: The newest intact checkpoint of this run: the one resumed from, then each one saved.
         self.last: Optional[Path] = None
         # Rank 0: what this run's checkpoints record about the run.
-        self._lineage: Optional[checkpointing.Lineage] = None
+        self._lineage: Optional[lineage.Lineage] = None
 
     def resume_point(self, resume: Union[bool, str, Path, None]) -> Optional[Path]:
         """The verified checkpoint to resume from, or None; starts this run's checkpoint lineage.
@@ -97,10 +100,10 @@ class CheckpointManager:
 
         def find() -> Optional[Path]:
             # Interrupted saves and deletions leave hidden folders (GBs each at 7B); we hold the lock.
-            checkpointing.clean_leftovers(self.checkpoints_dir)
+            housekeeping.clean_leftovers(self.checkpoints_dir)
             if resume in (False, None):
                 # An earlier run's checkpoints would be what a later resume_from_checkpoint=true picks up.
-                stale = checkpointing.latest_checkpoint(self.checkpoints_dir)
+                stale = lineage.latest_checkpoint(self.checkpoints_dir)
                 if stale is not None:
                     raise LongLoRAConfigError(
                         f"{self.checkpoints_dir} holds checkpoints of an earlier run (newest: {stale.name}); "
@@ -109,7 +112,7 @@ class CheckpointManager:
                 found = None
             elif resume is True:
                 # The newest intact checkpoint of the latest run (damaged ones are skipped with a warning).
-                found = checkpointing.find_resumable_checkpoint(self.checkpoints_dir)
+                found = lineage.find_resumable_checkpoint(self.checkpoints_dir)
                 if found is None:
                     raise LongLoRAConfigError(
                         f"resume_from_checkpoint=true but {self.checkpoints_dir} holds no checkpoint; "
@@ -117,13 +120,13 @@ class CheckpointManager:
                     )
             else:
                 found = Path(str(resume)).expanduser()
-                checkpointing.verify_checkpoint(found)
+                ckpt_format.verify_checkpoint(found)
             if found is not None:
                 # Settings that define the run must match the checkpoint's; the others take effect.
-                saved = checkpointing.read_saved_config(found)
+                saved = ckpt_format.read_saved_config(found)
                 for change in compare_with_checkpoint(self.cfg, saved, str(found)):
                     log.info(f"Resume changes {change}")
-            self._lineage = checkpointing.start_lineage(found)
+            self._lineage = lineage.start_lineage(found)
             return found
 
         return run_on_rank_zero(find)
@@ -141,7 +144,7 @@ class CheckpointManager:
         Returns:
             Its folder, or None when there is none.
         """
-        return checkpointing.find_resumable_checkpoint(self.checkpoints_dir)
+        return lineage.find_resumable_checkpoint(self.checkpoints_dir)
 
     def load(
         self,
@@ -172,20 +175,20 @@ class CheckpointManager:
         Raises:
             LongLoRAConfigError: if the checkpoint was trained with another global batch size.
         """
-        state = run_on_rank_zero(lambda: checkpointing.read_recipe_state(ckpt))
+        state = run_on_rank_zero(lambda: ckpt_format.read_recipe_state(ckpt))
         if int(state["global_batch_size"]) != self.global_batch_size:
             raise LongLoRAConfigError(
                 f"{ckpt} was trained with global_batch_size={state['global_batch_size']}, the config says "
                 f"{self.global_batch_size}; resume with the same global batch"
             )
-        opt_sd = run_on_rank_zero(lambda: checkpointing.read_optimizer_state(ckpt), share_result=False) or {}
+        opt_sd = run_on_rank_zero(lambda: ckpt_format.read_optimizer_state(ckpt), share_result=False) or {}
         options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
         set_optimizer_state_dict(model, optimizer, opt_sd, options=options)
         if lr_scheduler is not None and state.get("lr_scheduler") is not None:
             lr_scheduler.load_state_dict(state["lr_scheduler"])
         apply_optimizer_settings(optimizer, lr_scheduler, optimizer_cfg)
         rng = state["rng"]
-        checkpointing.set_rng_state(rng[self.rank] if len(rng) == self.world_size else rng[0], self.device)
+        ckpt_rng.set_rng_state(rng[self.rank] if len(rng) == self.world_size else rng[0], self.device)
         self.last = ckpt
         return TrainingPosition(int(state["global_step"]), int(state["epoch"]), int(state["epoch_position"]))
 
@@ -217,8 +220,8 @@ class CheckpointManager:
             model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
         )
         rng_all: list[Any] = [None] * self.world_size
-        dist.all_gather_object(rng_all, checkpointing.rng_state(self.device))
-        final = self.checkpoints_dir / checkpointing.step_dir_name(position.global_step)
+        dist.all_gather_object(rng_all, ckpt_rng.rng_state(self.device))
+        final = self.checkpoints_dir / ckpt_format.step_dir_name(position.global_step)
         state = {
             "global_step": position.global_step,
             "epoch": position.epoch,
@@ -230,7 +233,7 @@ class CheckpointManager:
         }
 
         def write() -> None:
-            checkpointing.write_checkpoint(
+            lineage.write_checkpoint(
                 final,
                 trainable=trainable,
                 optimizer_state=opt_sd,
@@ -240,7 +243,7 @@ class CheckpointManager:
             )
             # Only this run's older checkpoints go; the one it resumed from and other runs' stay.
             resumed = self._lineage.resumed_from_path
-            checkpointing.prune_checkpoints(
+            housekeeping.prune_checkpoints(
                 self.checkpoints_dir,
                 self.keep_last_n,
                 run_id=self._lineage.run_id,

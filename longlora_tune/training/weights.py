@@ -15,7 +15,7 @@ import torch
 
 from longlora_tune.hf.base import HFBaseModel
 from longlora_tune.models.trainable import check_state_fits
-from longlora_tune.training import checkpointing
+from longlora_tune.training.checkpointing import format as ckpt_format
 from longlora_tune.training.distributed import init_lora_weights
 
 __all__ = ["starting_state"]
@@ -49,7 +49,7 @@ def starting_state(
     )
     state.update(init_lora_weights(set(specs) - set(state), shapes, seed=seed))
     if resume_dir is not None:
-        trained = checkpointing.read_checkpoint_trainable(resume_dir)
+        trained = ckpt_format.read_checkpoint_trainable(resume_dir)
         check_state_fits(
             trained, shapes, source=str(resume_dir), fix="resume with the config it was trained with"
         )

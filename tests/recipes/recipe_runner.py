@@ -79,13 +79,13 @@ def model_from_adapter(adapter_dir: Path, base_dir: Path) -> torch.nn.Module:
     import json
 
     from longlora_tune.models import trainable
-    from longlora_tune.training import checkpointing
+    from longlora_tune.training.checkpointing import format as ckpt_format
 
     meta = json.loads((adapter_dir / "longlora.json").read_text())
     model = config.instantiate(OmegaConf.create(meta["model"]))
     missing, unexpected = model.load_state_dict(HFBaseModel.read(base_dir).load_state_dict(), strict=False)
     assert not unexpected
-    loaded = trainable.load_trainable_state(model, adapter_dir / checkpointing.TRAINABLE_FILE)
+    loaded = trainable.load_trainable_state(model, adapter_dir / ckpt_format.TRAINABLE_FILE)
     assert set(missing) <= set(loaded)
     return model.eval()
 

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from test_longlora_distributed import _env, _losses, _recipe_cmd
 
 from longlora_tune.quickstart import tiny
-from longlora_tune.training import checkpointing
+from longlora_tune.training.checkpointing import format as ckpt_format
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = CONFIGS / "tiny_demo.yaml"
@@ -46,8 +46,8 @@ def _assert_same_losses(got: dict[int, float], want: dict[int, float], steps: li
 
 
 def _max_relative_difference(a_dir: Path, b_dir: Path) -> float:
-    a = load_file(a_dir / checkpointing.TRAINABLE_FILE)
-    b = load_file(b_dir / checkpointing.TRAINABLE_FILE)
+    a = load_file(a_dir / ckpt_format.TRAINABLE_FILE)
+    b = load_file(b_dir / ckpt_format.TRAINABLE_FILE)
     assert sorted(a) == sorted(b) and a
     # Relative to each tensor's scale: lora_b starts at zero, so an element-wise ratio would be noise.
     return max(float((a[k] - b[k]).abs().max() / a[k].abs().max().clamp_min(1e-12)) for k in a)

@@ -40,7 +40,8 @@ from longlora_tune.hf.base import HFBaseModel
 from longlora_tune.models.families import family_of_builder
 from longlora_tune.models.trainable import trainable_param_names
 from longlora_tune.quickstart import tiny
-from longlora_tune.training import checkpointing
+from longlora_tune.training.checkpointing import format as ckpt_format
+from longlora_tune.training.checkpointing import housekeeping, lineage
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = CONFIGS / "tiny_demo.yaml"
@@ -179,7 +180,7 @@ def test_single_process_matches_two_processes(runs):
 @pytest.mark.slow
 def test_checkpoints_hold_full_trainable_state(runs, assets):
     out = runs["out"]
-    ckpts = checkpointing.list_checkpoints(out / "checkpoints")
+    ckpts = lineage.list_checkpoints(out / "checkpoints")
     assert [p.name for p in ckpts] == [f"step_{STEPS:06d}"]  # keep_last_n=1 pruned step 3
     ckpt = ckpts[0]
     assert {p.name for p in ckpt.iterdir()} == {
@@ -189,7 +190,7 @@ def test_checkpoints_hold_full_trainable_state(runs, assets):
         "config.yaml",
         "manifest.json",
     }
-    assert checkpointing.verify_checkpoint(ckpt)["step"] == STEPS
+    assert ckpt_format.verify_checkpoint(ckpt)["step"] == STEPS
     state = torch.load(ckpt / "recipe_state.pt", weights_only=True)
     assert state["global_step"] == STEPS and state["world_size"] == 2 and len(state["rng"]) == 2
     assert (state["epoch"], state["epoch_position"]) == (1, 4)  # 5 steps per epoch
@@ -317,7 +318,7 @@ def test_nan_stops_run_and_keeps_last_good_checkpoint(assets, tmp_path):
     assert e.value.code == 3
     err = [line for line in e.value.stderr.splitlines() if line.startswith("longlora_tune: error:")]
     assert len(err) == 1 and "stopped without saving this state (last good checkpoint: " in err[0], err
-    ckpts = checkpointing.list_checkpoints(out / "checkpoints")
+    ckpts = lineage.list_checkpoints(out / "checkpoints")
     assert 1 <= len(ckpts) < STEPS
     assert str(ckpts[-1]) in err[0]
     for ckpt in ckpts:
@@ -348,7 +349,7 @@ def test_bf16_keeps_fp32_master_copies_of_trainable_params(assets, tmp_path):
     extra = {"dtype": "bf16", "optimizer.lr": 1e-5, "max_steps": 2, "export_formats": "[adapter,hf]"}
     run_recipe(_cfg(assets, tmp_path / "o", **extra))
     outputs = {name: tmp_path / "o" / name for name in ("adapter", "hf")}
-    trained = load_file(str(outputs["adapter"] / checkpointing.TRAINABLE_FILE))
+    trained = load_file(str(outputs["adapter"] / ckpt_format.TRAINABLE_FILE))
     base = HFBaseModel.read(assets["base"]).load_state_dict()
     assert {t.dtype for t in trained.values()} == {torch.float32}
     for key in ("norm.scale", "layers.1.mlp_norm.scale", "tok_embeddings.weight"):
@@ -372,7 +373,7 @@ def test_fresh_run_refuses_an_earlier_runs_checkpoints(assets, tmp_path):
     # and a later resume_from_checkpoint=true continues the old run.
     out = tmp_path / "o"
     run_recipe(_cfg(assets, out, max_steps=2, save_every_n_steps=1, export_formats="[]"))
-    assert [p.name for p in checkpointing.list_checkpoints(out / "checkpoints")] == ["step_000002"]
+    assert [p.name for p in lineage.list_checkpoints(out / "checkpoints")] == ["step_000002"]
     with pytest.raises(RecipeFailed, match=r"checkpoints of an earlier run \(newest: step_000002\)"):
         run_recipe(_cfg(assets, out, max_steps=1, save_every_n_steps=1, export_formats="[]"))
 
@@ -613,7 +614,7 @@ def test_damaged_checkpoint_is_one_line_once_and_rank_zero_failures_stop_every_r
     on rank 0 (a corrupt base weight file) also ends all ranks instead of a hang."""
     corrupt = tmp_path / "step_000003"
     shutil.copytree(assets["root"] / "step3_copy", corrupt)
-    (corrupt / checkpointing.TRAINABLE_FILE).write_bytes(b"not a safetensors file")
+    (corrupt / ckpt_format.TRAINABLE_FILE).write_bytes(b"not a safetensors file")
     cmd = _recipe_cmd(TINY, _overrides(assets, tmp_path / "out", resume_from_checkpoint=corrupt), nproc=2)
     proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=240)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("longlora_tune: error:")]
@@ -746,13 +747,13 @@ def test_roll_back_then_kill_resumes_the_new_branch_and_keeps_every_checkpoint(a
     b = subprocess.Popen(_recipe_cmd(TINY, run_b, nproc=2), cwd=REPO, env=_env(), start_new_session=True,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     deadline = time.monotonic() + 300
-    while not (ckpts / "step_000013" / checkpointing.MANIFEST_FILE).is_file():
+    while not (ckpts / "step_000013" / ckpt_format.MANIFEST_FILE).is_file():
         assert b.poll() is None and time.monotonic() < deadline, "run B ended before saving step 13"
         time.sleep(0.02)
     _kill_tree(b.pid)  # kill -9 of the launcher AND its workers (torchrun gives them their own sessions)
     b.wait()
 
-    newest = checkpointing.find_resumable_checkpoint(ckpts)
+    newest = lineage.find_resumable_checkpoint(ckpts)
     step_b = int(newest.name.removeprefix("step_"))
     assert 13 <= step_b < 15, newest  # B's newest (a step may have completed before the kill landed)
     # A's run is intact; B kept its own newest two and the checkpoint it resumed from.
@@ -770,7 +771,7 @@ def test_roll_back_then_kill_resumes_the_new_branch_and_keeps_every_checkpoint(a
     assert any(p.name.startswith("step_000015.abandoned-") for p in ckpts.iterdir())
     assert (ckpts / "step_000020").is_dir() and (ckpts / "step_000010").is_dir()
     assert not any(p.name.startswith(".") for p in ckpts.iterdir())  # leftovers of the kill cleaned
-    assert checkpointing.find_resumable_checkpoint(ckpts) == ckpts / "step_000016"
+    assert lineage.find_resumable_checkpoint(ckpts) == ckpts / "step_000016"
 
 
 def test_missing_tiny_base_points_at_the_demo_command(tmp_path):
@@ -785,7 +786,7 @@ def test_missing_tiny_base_points_at_the_demo_command(tmp_path):
 
 def test_a_second_run_on_the_same_output_dir_is_refused(assets, tmp_path):
     out = tmp_path / "o"
-    with checkpointing.OutputDirLock(out):  # another run holding the folder
+    with housekeeping.OutputDirLock(out):  # another run holding the folder
         with pytest.raises(RecipeFailed, match=f"output_dir {out} is in use by pid {os.getpid()} on host"):
             run_recipe(_cfg(assets, out, max_steps=1))
     assert not (out / "checkpoints").exists()
@@ -825,7 +826,7 @@ def test_ctrl_c_under_tune_run_stops_every_rank_with_one_line_and_resume_gives_t
     proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), start_new_session=True, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
     deadline = time.monotonic() + 300
-    while not (ckpts / "step_000002" / checkpointing.MANIFEST_FILE).is_file():
+    while not (ckpts / "step_000002" / ckpt_format.MANIFEST_FILE).is_file():
         assert proc.poll() is None and time.monotonic() < deadline, "the run ended before saving step 2"
         time.sleep(0.02)
     os.killpg(proc.pid, signum)
@@ -835,7 +836,7 @@ def test_ctrl_c_under_tune_run_stops_every_rank_with_one_line_and_resume_gives_t
     lines = [x for x in stderr.splitlines() if "resume_from_checkpoint=true" in x]
     assert len(lines) == 1, stderr[-3000:]
     assert lines[0].startswith(f"longlora_tune: stopped by {signal.Signals(signum).name}; at step ")
-    newest = checkpointing.find_resumable_checkpoint(ckpts)
+    newest = lineage.find_resumable_checkpoint(ckpts)
     assert f"checkpoint {newest} is intact" in lines[0]
 
     before = set((out / "logs").glob("*.txt"))

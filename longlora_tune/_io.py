@@ -34,6 +34,7 @@ __all__ = [
     "fsync_dir",
     "fsync_file",
     "is_disk_full",
+    "tensor_bytes",
 ]
 
 _DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
@@ -76,6 +77,26 @@ def is_disk_full(exc: BaseException) -> bool:
             return True
         todo.extend(c for c in (e.__cause__, e.__context__) if c is not None)
     return False
+
+
+def tensor_bytes(obj: Any) -> int:
+    """Bytes of the tensors in a (nested) state: dicts, lists and tuples of tensors and other values.
+
+    Duck-typed (``numel`` and ``element_size``), so this module stays free of torch.
+
+    Args:
+        obj: a state dict, optimizer state, or a tensor.
+
+    Returns:
+        The sum of ``numel() * element_size()`` over every tensor in it.
+    """
+    if hasattr(obj, "numel") and hasattr(obj, "element_size"):
+        return int(obj.numel()) * int(obj.element_size())
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
 
 
 def current_umask() -> int:
@@ -233,6 +254,7 @@ def atomic_directory(
     *,
     previous: str | Path | None | _NotGiven = _NOT_GIVEN,
     keep_replaced: Optional[Path] = None,
+    needed_bytes: Optional[int] = None,
 ) -> Iterator[Path]:
     """Write a folder all-or-nothing.
 
@@ -245,6 +267,7 @@ def atomic_directory(
         previous: for checkpoints, the intact earlier checkpoint (None: there is none) that a disk-full
             error names; leave it out for other folders (exports).
         keep_replaced: move an existing ``final_path`` here (must not exist) instead of deleting it.
+        needed_bytes: about how much the folder holds once written, for a disk-full message.
 
     Yields:
         The temporary folder to write into.
@@ -287,6 +310,6 @@ def atomic_directory(
                 with contextlib.suppress(ValueError):
                     where = final / Path(e.path).relative_to(tmp)
             if isinstance(previous, _NotGiven):
-                raise CheckpointWriteError(where, checkpoint=False) from e
-            raise CheckpointWriteError(where, previous=previous) from e
+                raise CheckpointWriteError(where, checkpoint=False, needed_bytes=needed_bytes) from e
+            raise CheckpointWriteError(where, previous=previous, needed_bytes=needed_bytes) from e
         raise

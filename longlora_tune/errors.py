@@ -60,6 +60,23 @@ class CheckpointDamagedError(LongLoRAConfigError):
         super().__init__(f"{head}; {fix}")
 
 
+def human_bytes(n: int) -> str:
+    """Format a byte count for a message (``512 B``, ``3.5 GiB``).
+
+    Args:
+        n: bytes.
+
+    Returns:
+        The count with a binary unit.
+    """
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
 class CheckpointWriteError(RuntimeError):
     """The disk filled up while a checkpoint (or another output) was written; nothing earlier was changed.
 
@@ -68,6 +85,14 @@ class CheckpointWriteError(RuntimeError):
     Attributes:
         path: what was being written.
         previous: the intact earlier checkpoint (None: there is none), when ``checkpoint`` is true.
+        needed_bytes: about how many bytes the whole output needs (None: not known).
+
+    Args:
+        path: what was being written.
+        previous: see Attributes.
+        checkpoint: whether a checkpoint (rather than an export or another file) was being written.
+        needed_bytes: see Attributes.
+        fix: what to do, for outputs other than checkpoints (default: free disk space).
     """
 
     def __init__(
@@ -76,12 +101,19 @@ class CheckpointWriteError(RuntimeError):
         *,
         previous: Optional[str | os.PathLike[str]] = None,
         checkpoint: bool = True,
+        needed_bytes: Optional[int] = None,
+        fix: Optional[str] = None,
     ) -> None:
         self.path = path
         self.previous = previous
+        self.needed_bytes = needed_bytes
         head = f"no space left on device while writing {path}"
+        if needed_bytes:
+            head += f" (the whole output needs about {human_bytes(needed_bytes)})"
         if not checkpoint:
-            tail = "the partial output was removed and what was there before is unchanged; free disk space"
+            tail = "the partial output was removed and what was there before is unchanged; " + (
+                fix or "free disk space"
+            )
         elif previous is None:
             tail = "there is no previous checkpoint; free disk space and start again"
         else:

@@ -52,6 +52,7 @@ from longlora_tune.config.validation import (
 )
 from longlora_tune.data.loader import DEFAULT_COLLATE, build_dataloader, pad_multiple
 from longlora_tune.errors import (
+    CheckpointWriteError,
     Interrupted,
     LongLoRAConfigError,
     RaisedOnRankZero,
@@ -71,7 +72,6 @@ from longlora_tune.modules.s2_attention import describe_backend
 from longlora_tune.training import qlora
 from longlora_tune.training.activation_checkpointing import apply_activation_checkpointing
 from longlora_tune.training.checkpoint_manager import CheckpointManager, TrainingPosition, gather_full_state
-from longlora_tune.training.checkpointing import housekeeping
 from longlora_tune.training.compile import compile_model_and_loss
 from longlora_tune.training.distributed import (
     close_process_group,
@@ -157,7 +157,10 @@ class LongLoRARecipeDistributed:
         self.loss_fn = config.instantiate(cfg.loss)
         self.ignore_index = int(getattr(self.loss_fn, "ignore_index", -100))
         self._setup_data()
-        # Only now: the model and data checks above leave no logs/ behind when they fail.
+        # Only now: the model and data checks above leave no output_dir (or logs/) behind when they fail.
+        self.checkpoints.claim_output_dir(
+            resume_dir, dataset_fingerprint=self.dataset_fingerprint, exports=self.export_formats
+        )
         if self.is_rank_zero:
             self.metric_logger = build_metric_logger(
                 cfg.get("metric_logger", None), self.output_dir / "logs", self.checkpoints.run_id
@@ -298,6 +301,8 @@ class LongLoRARecipeDistributed:
             self.max_steps = int(cfg.epochs) * self.steps_per_epoch
         # SFT datasets count samples trimmed or dropped to fit; a PackedDataset keeps its samples in ``ds``.
         samples = getattr(dataset, "ds", dataset)
+        # Content of the data files and the tokenizer (pretraining blocks), checked on resume.
+        self.dataset_fingerprint = getattr(samples, "fingerprint", None)
         if hasattr(samples, "num_trimmed") or hasattr(samples, "num_skipped"):
             utils.log_rank_zero(
                 log,
@@ -496,9 +501,8 @@ class LongLoRARecipeDistributed:
         Returns:
             Format name -> folder (filled on every rank for convenience; rank 0 writes).
         """
-        out: dict[str, Path] = {}
         if not self.export_formats:
-            return out
+            return {}
         trainable = gather_full_state(self.model, self.trainable_names)
         full = {}
         if "hf" in self.export_formats and self.quantized:
@@ -519,13 +523,16 @@ class LongLoRARecipeDistributed:
             global_step=self.position.global_step,
             rope=self.model_info.rope,
         )
-        if self.is_rank_zero:
+
+        def write() -> dict[str, Path]:
+            written: dict[str, Path] = {}
+            # Each folder is written all-or-nothing: a crash or a full disk leaves no half-written export.
             if "hf" in self.export_formats:
-                out["hf"] = export.save_merged_hf_checkpoint(
+                written["hf"] = export.save_merged_hf_checkpoint(
                     full, self.output_dir / "hf", base=self.base, model_info=self.model_info, dtype=self.dtype
                 )
             if "peft" in self.export_formats:
-                out["peft"] = export.save_peft(
+                written["peft"] = export.save_peft(
                     trainable,
                     self.output_dir / "peft",
                     base=self.base,
@@ -534,14 +541,28 @@ class LongLoRARecipeDistributed:
                     quantized_base=self.quantized,
                 )
             if "adapter" in self.export_formats:
-                out["adapter"] = export.save_adapter(trainable, self.output_dir / "adapter", info)
+                written["adapter"] = export.save_adapter(trainable, self.output_dir / "adapter", info)
+            return written
+
+        try:
+            # A full disk on rank 0 stops every rank (rather than leaving them at the barrier).
+            out = run_on_rank_zero(write)
+        except CheckpointWriteError as e:
+            raise CheckpointWriteError(
+                e.path,
+                checkpoint=False,
+                needed_bytes=e.needed_bytes,
+                fix=f"free disk space, then run the same command with resume_from_checkpoint=true: it "
+                f"exports again from {self.checkpoints.last} without training",
+            ) from e
         dist.barrier()
         return out
 
     def cleanup(self) -> None:
-        """Close the metric logger."""
+        """Close the metric logger and give ``output_dir`` back."""
         if self.metric_logger is not None:
             self.metric_logger.close()
+        self.checkpoints.release()
 
 
 def run(cfg: DictConfig) -> dict[str, Path]:
@@ -559,12 +580,10 @@ def run(cfg: DictConfig) -> dict[str, Path]:
     """
     validate_config_in_worker(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     created = init_process_group(resolve_device(cfg.get("device", None)), solo_group=True)
-    # One run per output_dir: two runs pruning and resuming the same checkpoints lose data.
-    lock = housekeeping.OutputDirLock(cfg.output_dir)
     recipe = None
     with signals_as_interrupts() as watch:
         try:
-            run_on_rank_zero(lock.acquire, share_result=False)
+            # One run per output_dir: the checkpoint manager takes its lock (see claim_output_dir).
             recipe = LongLoRARecipeDistributed(cfg)
             recipe.setup()
             recipe.train()
@@ -586,7 +605,6 @@ def run(cfg: DictConfig) -> dict[str, Path]:
         finally:
             if recipe is not None:
                 recipe.cleanup()
-            lock.release()
             close_process_group(created)
 
 

@@ -58,19 +58,26 @@ class RecordFields:
         required: fields that must be a string in every record.
         optional: fields that may be missing or null, and are strings otherwise.
         somewhere: fields that at least one record must have (for a column the builder reads by name).
+        nonempty: required fields whose text must not be empty or only whitespace.
         hint: the fix, appended to every field error (what the builder expects).
     """
 
     required: tuple[str, ...] = ()
     optional: tuple[str, ...] = ()
     somewhere: tuple[str, ...] = ()
+    nonempty: tuple[str, ...] = ()
     hint: str = "fix or remove that record"
 
 
+# An empty answer is refused, not skipped: its only target is the end-of-sequence token, so the record
+# teaches "answer nothing", and a dataset with many of them is almost always a column mix-up that a
+# one-line count in the log would hide.
 LONGALPACA_FIELDS = RecordFields(
     required=("instruction", "output"),
     optional=("input",),
-    hint="every LongAlpaca record needs string 'instruction' and 'output' fields ('input' is optional)",
+    nonempty=("output",),
+    hint="every LongAlpaca record needs string 'instruction' and non-empty 'output' fields ('input' is "
+    "optional): write its answer or remove the record",
 )
 
 
@@ -142,6 +149,9 @@ def field_problem(record: Mapping[str, Any], fields: RecordFields) -> Optional[s
             value = record[name]
             shown = "" if value is None else f" ({_short(value)})"
             return f"field {name!r} is {_kind(value)}{shown}, not a string"
+    for name in fields.nonempty:
+        if not record[name].strip():
+            return f"field {name!r} is empty ({_short(record[name])}): nothing to train on"
     for name in fields.optional:
         value = record.get(name)
         if value is not None and not isinstance(value, str):
@@ -405,9 +415,17 @@ def _cut_here(text: str, pos: int, complete: bool, message: str) -> bool:
     return not complete and (pos >= len(text.rstrip()) or message.startswith("Unterminated string"))
 
 
-def _json_error(path: Path, text: str, e: json.JSONDecodeError, complete: bool) -> LongLoRAConfigError:
+def _json_error(
+    path: Path, text: str, e: json.JSONDecodeError, complete: bool, start_line: Optional[int] = None
+) -> LongLoRAConfigError:
     if _cut_here(text, e.pos, complete, e.msg):
         raise _Truncated
+    if start_line is not None and start_line != e.lineno:
+        # A record broken on its own line (an unclosed string) fails only on a later one: name its start.
+        return LongLoRAConfigError(
+            f"{path}:{start_line}: invalid JSON in the record starting on this line ({e.msg} at line "
+            f"{e.lineno}, column {e.colno}); {_JSON_SHAPE}"
+        )
     return LongLoRAConfigError(
         f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno}); {_JSON_SHAPE}"
     )
@@ -431,7 +449,7 @@ def _json_objects(path: Path, text: str, complete: bool) -> Iterator[tuple[str, 
         try:
             value, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as e:
-            raise _json_error(path, text, e, complete) from None
+            raise _json_error(path, text, e, complete, lines.at(pos)) from None
         where = f"{path}:{lines.at(pos)}"
         if not isinstance(value, dict):
             raise LongLoRAConfigError(

@@ -27,7 +27,7 @@ from typing import Any, Optional
 
 import torch
 
-from longlora_tune._io import atomic_directory, atomic_path
+from longlora_tune._io import atomic_directory, atomic_path, tensor_bytes
 from longlora_tune.hf.base import HFBaseModel
 from longlora_tune.models.families import FAMILIES
 from longlora_tune.models.longlora import LongLoRAModelInfo
@@ -220,7 +220,7 @@ def save_merged_hf_checkpoint(
         hf_sd = {k: v.to(dtype) for k, v in hf_sd.items()}
     saved_dtype = dtype or next(iter(hf_sd.values())).dtype
     out = Path(out_dir)
-    with atomic_directory(out) as tmp:
+    with atomic_directory(out, needed_bytes=tensor_bytes(hf_sd)) as tmp:
         _save_sharded_safetensors(hf_sd, tmp, max_shard_bytes)
         config = merged_hf_config(
             base.config, model_info.rope_scaling_factor, saved_dtype, rope=model_info.rope
@@ -265,7 +265,7 @@ def save_peft(
     if rope is not None and rope.rope_type in ("yarn", "llama3"):
         rope_config = rope.to_hf_config(base.config)
     out = Path(out_dir)
-    with atomic_directory(out) as tmp:
+    with atomic_directory(out, needed_bytes=tensor_bytes(dict(trainable_state_dict))) as tmp:
         save_peft_adapter(
             trainable_state_dict,
             tmp,
@@ -335,7 +335,7 @@ def save_adapter(
         meta["model"]["rope_scaling"] = rope_request(info.rope)
         meta["rope_scaling"] = info.rope.rope_entry() or rope_scaling_entry(1.0)
     out = Path(out_dir)
-    with atomic_directory(out) as tmp:
+    with atomic_directory(out, needed_bytes=tensor_bytes(trainable_state_dict)) as tmp:
         save_trainable_state(trainable_state_dict, tmp / TRAINABLE_FILE)
         (tmp / "longlora.json").write_text(json.dumps(meta, indent=2))
     return out

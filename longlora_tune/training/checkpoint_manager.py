@@ -10,6 +10,8 @@ rank 0 only.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -29,7 +31,11 @@ from longlora_tune.training.checkpointing import format as ckpt_format
 from longlora_tune.training.checkpointing import housekeeping, lineage
 from longlora_tune.training.checkpointing import rng as ckpt_rng
 from longlora_tune.training.distributed import rank_and_world_size, run_on_rank_zero
-from longlora_tune.training.resume import apply_optimizer_settings, compare_with_checkpoint
+from longlora_tune.training.resume import (
+    apply_optimizer_settings,
+    compare_dataset_fingerprint,
+    compare_with_checkpoint,
+)
 
 __all__ = ["CheckpointManager", "TrainingPosition"]
 
@@ -55,6 +61,10 @@ class TrainingPosition:
 class CheckpointManager:
     """Resume, load and save the step folders of one run in ``<output_dir>/checkpoints``.
 
+    It also holds the ``output_dir`` lock (:class:`~longlora_tune.training.checkpointing.housekeeping.
+    OutputDirLock`) from :meth:`resume_point` (when ``output_dir`` exists already) or :meth:`claim_output_dir`
+    to :meth:`release`.
+
     Args:
         checkpoints_dir: the run's checkpoint folder.
         cfg: the run's config (saved with every checkpoint and compared on resume).
@@ -73,6 +83,9 @@ class CheckpointManager:
         keep_last_n: Optional[int] = None,
     ) -> None:
         self.checkpoints_dir = Path(checkpoints_dir)
+        self.output_dir = self.checkpoints_dir.parent
+        # Rank 0: one run per output_dir (two runs pruning and resuming the same checkpoints lose data).
+        self._lock = housekeeping.OutputDirLock(self.output_dir)
         self.cfg = cfg
         self.device = device
         self.global_batch_size = global_batch_size
@@ -99,6 +112,10 @@ class CheckpointManager:
         """
 
         def find() -> Optional[Path]:
+            if self.output_dir.exists():
+                # Another run may be using its checkpoints. A missing output_dir is created only by
+                # claim_output_dir, after every check of the config and the data.
+                self._lock.acquire()
             # Interrupted saves and deletions leave hidden folders (GBs each at 7B); we hold the lock.
             housekeeping.clean_leftovers(self.checkpoints_dir)
             if resume in (False, None):
@@ -130,6 +147,53 @@ class CheckpointManager:
             return found
 
         return run_on_rank_zero(find)
+
+    def claim_output_dir(
+        self,
+        resumed: Optional[Path],
+        *,
+        dataset_fingerprint: Optional[str],
+        exports: Iterable[str] = (),
+    ) -> None:
+        """Take ``output_dir`` for this run, once every check of the config and the data has passed.
+
+        Creates ``output_dir`` (with its lock) if :meth:`resume_point` found none, so a run that fails its
+        checks leaves nothing behind; removes what interrupted exports left there; refuses to resume on
+        data or a tokenizer other than the checkpoint's; and records the fingerprint in this run's
+        checkpoints.
+
+        Args:
+            resumed: the checkpoint from :meth:`resume_point`, or None.
+            dataset_fingerprint: the built dataset's ``fingerprint`` (content of the data files and the
+                tokenizer; None when the dataset has none).
+            exports: the export folder names of this run (``hf``, ``peft``, ``adapter``).
+
+        Raises:
+            LongLoRAConfigError: if another run holds ``output_dir``, wrote checkpoints there while this
+                one was starting, or the data differ from the resumed checkpoint's.
+        """
+
+        def claim() -> None:
+            created_now = not self._lock.held
+            self._lock.acquire()
+            stale = lineage.latest_checkpoint(self.checkpoints_dir) if created_now else None
+            if stale is not None:
+                raise LongLoRAConfigError(
+                    f"{self.checkpoints_dir} got checkpoints of another run while this one was starting "
+                    f"(newest: {stale.name}); use another output_dir"
+                )
+            housekeeping.clean_export_leftovers(self.output_dir, exports)
+            if resumed is not None:
+                compare_dataset_fingerprint(
+                    ckpt_format.read_manifest(resumed), dataset_fingerprint, str(resumed)
+                )
+            self._lineage = dataclasses.replace(self._lineage, dataset_fingerprint=dataset_fingerprint)
+
+        run_on_rank_zero(claim, share_result=False)
+
+    def release(self) -> None:
+        """Give ``output_dir`` back (rank 0; a no-op when it was never taken)."""
+        self._lock.release()
 
     @property
     def run_id(self) -> str:

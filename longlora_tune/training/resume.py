@@ -6,6 +6,8 @@ A checkpoint stores the config it was written with. On resume the current config
   rank/targets, the trainable set, the dataset and its block size, the global batch, the data order) must be
   equal: otherwise the resumed run silently becomes another experiment, so a difference is a one-line error
   naming both values;
+* the **training data and tokenizer** themselves (their content, not only the config naming them) must
+  be those the checkpoint was trained on: its manifest records the dataset's fingerprint;
 * settings that **steer the rest of the run** (learning rate and schedule, other optimizer hyperparameters,
   clipping, ``max_steps``/``epochs``, logging and checkpoint cadence, exports, memory settings) may change
   (lowering the learning rate after a divergence is the usual reason) and take effect; each change is logged.
@@ -22,8 +24,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from longlora_tune.errors import LongLoRAConfigError
+from longlora_tune.training.checkpointing.format import DATASET_FINGERPRINT_KEY, MANIFEST_FILE
 
-__all__ = ["RUN_DEFINING", "apply_optimizer_settings", "compare_with_checkpoint"]
+__all__ = [
+    "RUN_DEFINING",
+    "apply_optimizer_settings",
+    "compare_dataset_fingerprint",
+    "compare_with_checkpoint",
+]
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +96,40 @@ def compare_with_checkpoint(
             )
         changed.append(f"{key}: {old!r} -> {new!r}")
     return changed
+
+
+def compare_dataset_fingerprint(
+    manifest: Optional[Mapping[str, Any]], current: Optional[str], checkpoint: str
+) -> None:
+    """Refuse to resume on training data or a tokenizer other than the checkpoint's.
+
+    The same config can name changed data (documents dropped or edited in place, another tokenizer file at
+    the same path): the resumed run would continue at a data position of other data, silently. The
+    fingerprint (:func:`longlora_tune.data.dataset_fingerprint`: content hash of the data files and the
+    tokenizer, block size, ...) is compared instead of the config.
+
+    Args:
+        manifest: the checkpoint's manifest (None: a checkpoint written before manifests existed).
+        current: this run's dataset fingerprint (None: the dataset has none, nothing to compare).
+        checkpoint: the checkpoint folder, for messages.
+
+    Raises:
+        LongLoRAConfigError: when both fingerprints are known and differ.
+    """
+    if manifest is None or DATASET_FINGERPRINT_KEY not in manifest:
+        log.warning(
+            f"{checkpoint} was written before checkpoints recorded the dataset's fingerprint, so the "
+            "training data and tokenizer are not compared with the ones it was trained on"
+        )
+        return
+    saved = manifest[DATASET_FINGERPRINT_KEY]
+    if saved is None or current is None or saved == current:
+        return
+    raise LongLoRAConfigError(
+        f"the training data or tokenizer differ from those {checkpoint} was trained on "
+        f"({DATASET_FINGERPRINT_KEY} {saved[:12]}... in its {MANIFEST_FILE}, {current[:12]}... now); restore "
+        "the data files and tokenizer of that run to resume it, or start a new run in another output_dir"
+    )
 
 
 def apply_optimizer_settings(

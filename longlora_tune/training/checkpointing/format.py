@@ -40,6 +40,9 @@ MANIFEST_FILE = "manifest.json"
 #: Files a checkpoint must have to be resumed from.
 REQUIRED_FILES = (TRAINABLE_FILE, OPTIMIZER_FILE, RECIPE_STATE_FILE)
 MANIFEST_FORMAT = "longlora_tune.checkpoint"
+#: Manifest key of the training data's fingerprint (``dataset.fingerprint``; None: the dataset has none).
+#: Manifests written before it existed lack the key.
+DATASET_FINGERPRINT_KEY = "dataset_fingerprint"
 MANIFEST_VERSION = 1
 #: Checkpoint folders are ``step_000100`` etc., so lexical and numeric order agree.
 STEP_DIR_RE = re.compile(r"^step_(\d+)$")
@@ -143,6 +146,8 @@ def _manifest_problem(m: Any) -> Optional[str]:
     foreign = next((n for n in files if not _is_plain_file_name(n)), None)
     if foreign is not None:
         return f"lists {foreign!r}, which is not a file name inside the checkpoint folder"
+    if not isinstance(m.get(DATASET_FINGERPRINT_KEY), (str, type(None))):
+        return f"has an invalid {DATASET_FINGERPRINT_KEY} entry"
     ref = m.get("resumed_from")
     if ref is not None:
         try:
@@ -204,6 +209,7 @@ def write_checkpoint_files(
     run_id: str,
     resumed_from: Optional[CheckpointRef],
     write_seq: int,
+    dataset_fingerprint: Optional[str] = None,
 ) -> dict[str, Any]:
     """Write a checkpoint's files into ``folder`` (the temporary folder of an atomic save), manifest last.
 
@@ -217,6 +223,7 @@ def write_checkpoint_files(
         run_id: the run writing it.
         resumed_from: the checkpoint that run started from (None for a fresh run).
         write_seq: its write sequence number in the checkpoints folder.
+        dataset_fingerprint: the content hash of the training data and tokenizer (None: not known).
 
     Returns:
         The manifest written.
@@ -228,6 +235,7 @@ def write_checkpoint_files(
         "run_id": run_id,
         "resumed_from": resumed_from.to_json() if resumed_from else None,
         "write_seq": write_seq,
+        DATASET_FINGERPRINT_KEY: dataset_fingerprint,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     save_trainable_state(trainable, folder / TRAINABLE_FILE)

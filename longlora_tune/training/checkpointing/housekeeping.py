@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
 
-from longlora_tune.errors import LongLoRAConfigError
+from longlora_tune.errors import LongLoRAConfigError, human_bytes
 from longlora_tune.training.checkpointing.lineage import lineage_chain, scan_checkpoints
 
 log = logging.getLogger(__name__)
@@ -99,15 +99,6 @@ def _tree_size(path: Path) -> int:
     return total
 
 
-def _human_bytes(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"  # pragma: no cover
-
-
 def clean_leftovers(checkpoints_dir: str | Path) -> list[Path]:
     """Remove what interrupted saves and prunes left behind.
 
@@ -122,13 +113,37 @@ def clean_leftovers(checkpoints_dir: str | Path) -> list[Path]:
     Returns:
         The removed paths.
     """
-    root = Path(checkpoints_dir)
+    return _clean(Path(checkpoints_dir), _HIDDEN_SAVE_RE, deleting=True)
+
+
+def clean_export_leftovers(output_dir: str | Path, names: Iterable[str]) -> list[Path]:
+    """Remove what interrupted exports left in ``output_dir``, as :func:`clean_leftovers` does for saves.
+
+    An export killed while it was written (SIGKILL, power loss) leaves its hidden temporary folder
+    (``.hf.tmp-*``), never a half-written ``hf/``; one killed between the two renames that replace an
+    earlier export leaves that export as ``.hf.old-*``, which is renamed back. Call it only while holding
+    :class:`OutputDirLock`.
+
+    Args:
+        output_dir: the run's output folder.
+        names: the export folder names (``hf``, ``peft``, ``adapter``).
+
+    Returns:
+        The removed paths.
+    """
+    alternatives = "|".join(re.escape(n) for n in names)
+    if not alternatives:
+        return []
+    return _clean(Path(output_dir), re.compile(rf"^\.(?P<name>{alternatives})\.(?P<kind>tmp|old)-.+$"))
+
+
+def _clean(root: Path, hidden: re.Pattern[str], *, deleting: bool = False) -> list[Path]:
     if not root.is_dir():
         return []
     removed = []
     for p in sorted(root.iterdir()):
-        m = _HIDDEN_SAVE_RE.match(p.name)
-        if not m and not _DELETING_RE.match(p.name):
+        m = hidden.match(p.name)
+        if not m and not (deleting and _DELETING_RE.match(p.name)):
             continue
         if m and m.group("kind") == "old" and not (root / m.group("name")).exists():
             os.replace(p, root / m.group("name"))
@@ -139,7 +154,7 @@ def clean_leftovers(checkpoints_dir: str | Path) -> list[Path]:
             shutil.rmtree(p, ignore_errors=True)
         else:
             p.unlink(missing_ok=True)
-        log.info(f"removed {p} left by an interrupted save ({_human_bytes(size)})")
+        log.info(f"removed {p} left by an interrupted save ({human_bytes(size)})")
         removed.append(p)
     return removed
 

@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 import torch
 
-from longlora_tune._io import atomic_directory
+from longlora_tune._io import atomic_directory, tensor_bytes
 from longlora_tune.errors import CheckpointDamagedError, LongLoRAConfigError
 from longlora_tune.training.checkpointing.format import (
     ASIDE_DIR_RE,
@@ -41,11 +41,13 @@ class Lineage:
         run_id: a fresh uuid (hex) for this run.
         resumed_from: the checkpoint this run started from (None for a fresh run).
         resumed_from_path: where that checkpoint was when the run started (not saved in manifests).
+        dataset_fingerprint: the training data's fingerprint, set once the dataset is built (None: unknown).
     """
 
     run_id: str
     resumed_from: Optional[CheckpointRef] = None
     resumed_from_path: Optional[Path] = None
+    dataset_fingerprint: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -257,8 +259,9 @@ def write_checkpoint(
     """Write one resumable checkpoint folder, all-or-nothing, with its manifest written last.
 
     The folder holds ``trainable.safetensors``, ``optimizer.pt``, ``recipe_state.pt``, ``config.yaml`` and
-    ``manifest.json`` (step, run id, resumed-from checkpoint, write sequence number, and each file's size
-    and sha256). The write sequence number is one more than the highest one in the checkpoints folder.
+    ``manifest.json`` (step, run id, resumed-from checkpoint, write sequence number, the dataset
+    fingerprint and each file's size and sha256). The write sequence number is one more than the highest
+    one in the checkpoints folder.
 
     If ``final_dir`` already exists it is replaced only when this run wrote it. A checkpoint of another run
     at the same step (a run resumed from step 10 reaching step 15 of the run it branched from) is moved
@@ -302,7 +305,8 @@ def write_checkpoint(
             on_lineage = any(i.path == existing.path for i in chain)
             aside = _aside_path(final, existing, on_lineage)
             why = "this run descends from it" if on_lineage else "a later run resumed from an earlier step"
-    with atomic_directory(final, previous=previous, keep_replaced=aside) as tmp:
+    needed = tensor_bytes(trainable) + tensor_bytes(optimizer_state)
+    with atomic_directory(final, previous=previous, keep_replaced=aside, needed_bytes=needed) as tmp:
         write_checkpoint_files(
             tmp,
             trainable=trainable,
@@ -313,6 +317,7 @@ def write_checkpoint(
             run_id=lineage.run_id,
             resumed_from=lineage.resumed_from,
             write_seq=1 + max((i.write_seq for i in infos), default=0),
+            dataset_fingerprint=lineage.dataset_fingerprint,
         )
     if aside is not None:
         log.warning(

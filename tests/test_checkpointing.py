@@ -530,8 +530,10 @@ def test_disk_full_during_a_save_names_the_intact_previous_checkpoint(tmp_path, 
     monkeypatch.setattr(torch, "save", full_disk)
     with pytest.raises(CheckpointWriteError) as e:
         _save(root, 20, run)
+    # The tensors to write: the trainable 2x3 float32 (24 B), the optimizer's step (4 B) and exp_avg (24 B).
     assert str(e.value) == (
-        f"no space left on device while writing {root / 'step_000020' / 'optimizer.pt'}; "
+        f"no space left on device while writing {root / 'step_000020' / 'optimizer.pt'} "
+        "(the whole output needs about 52 B); "
         f"the previous checkpoint {first} is intact; free disk space, then resume with "
         f"resume_from_checkpoint={first}"
     )
@@ -550,7 +552,8 @@ def test_torch_save_disk_full_error_and_no_previous_checkpoint(tmp_path, monkeyp
     monkeypatch.setattr(torch, "save", torch_style_failure)
     root = tmp_path / "checkpoints"
     with pytest.raises(
-        CheckpointWriteError, match=r"step_000001/optimizer.pt; there is no previous checkpoint"
+        CheckpointWriteError,
+        match=r"step_000001/optimizer.pt \(the whole output needs about 52 B\); there is no previous",
     ):
         _save(root, 1, ckpt_lineage.start_lineage())
     assert list(root.iterdir()) == []

@@ -29,6 +29,7 @@ Over-long samples
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from typing import Any, Optional
 
@@ -136,6 +137,9 @@ class LongAlpacaDataset(Dataset):
     Attributes:
         num_trimmed: samples whose instruction was shortened to fit.
         num_skipped: samples dropped because they did not fit.
+        fingerprint: SHA-256 of every sample's tokens and trained span, i.e. of what training sees: it
+            changes with the records, the tokenizer, the template and the truncation, and a resume compares
+            it with the checkpoint's (:func:`longlora_tune.training.resume.compare_dataset_fingerprint`).
 
     Raises:
         LongLoRAConfigError: for invalid arguments or no sample left.
@@ -192,6 +196,7 @@ class LongAlpacaDataset(Dataset):
             self._prompt_lens.append(len(prompt_ids))
             self._untrained_ends.append(untrained_end)
         del self._tokenizer, self._chat
+        self.fingerprint = self._samples_digest()
         if not self._tokens:
             raise LongLoRAConfigError(
                 f"no LongAlpaca sample fits max_seq_len={max_seq_len} ({self.num_skipped} skipped): "
@@ -246,6 +251,14 @@ class LongAlpacaDataset(Dataset):
                 return prompt_ids
             drop += excess
         return None
+
+    def _samples_digest(self) -> str:
+        h = hashlib.sha256()
+        for tokens, n_prompt, n_end in zip(self._tokens, self._prompt_lens, self._untrained_ends):
+            # Lengths first, so two samples cannot run together into the same byte string.
+            h.update(np.asarray([len(tokens), n_prompt, n_end], dtype=np.int64).tobytes())
+            h.update(tokens.tobytes())
+        return h.hexdigest()
 
     def __len__(self) -> int:
         return len(self._tokens)

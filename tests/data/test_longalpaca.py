@@ -195,3 +195,32 @@ def test_bad_arguments(tokenizer, records_file, tmp_path):
         LongLoRAConfigError, match=r"^record 1: field 'output' is a number \(3.5\), not a string"
     ):
         LongAlpacaDataset(tokenizer, records, template="llama2_chat", max_seq_len=64, truncation="left")
+
+
+def test_fingerprint_follows_what_training_sees(tokenizer, tmp_path):
+    """The resume check's SFT fingerprint: equal for the same samples (moved file), different for an edited
+    answer, another template or a truncation that changes the samples."""
+
+    def fingerprint(records, name="a.json", **kwargs):
+        path = tmp_path / name
+        path.write_text(json.dumps(records))
+        kwargs.setdefault("max_seq_len", 512)
+        return longalpaca_dataset(tokenizer, source="json", data_files=str(path), **kwargs).fingerprint
+
+    base = fingerprint(RECORDS)
+    assert len(base) == 64
+    assert fingerprint(RECORDS, name="moved.json") == base
+    edited = [dict(RECORDS[0], output="The dog sees the red ball."), *RECORDS[1:]]
+    assert fingerprint(edited) != base
+    assert fingerprint(RECORDS, template="alpaca") != base
+    shortest = min(
+        len(s["tokens"])
+        for s in longalpaca_dataset(
+            tokenizer, source="json", data_files=str(tmp_path / "a.json"), max_seq_len=512
+        )
+    )
+    assert fingerprint(RECORDS, max_seq_len=shortest, truncation="left") != base
+    packed = longalpaca_dataset(
+        tokenizer, source="json", data_files=str(tmp_path / "a.json"), max_seq_len=512, packed=True
+    )
+    assert packed.ds.fingerprint == base

@@ -25,19 +25,13 @@ from torchtune.modules import TransformerSelfAttentionLayer
 from torchtune.modules.loss import CEWithChunkedOutputLoss
 
 from longlora_tune.models import longlora_llama2
-from longlora_tune.models.shapes import FamilyShape
+from longlora_tune.models.shapes import FamilyShape, ModelShape
 from longlora_tune.models.trainable import set_trainable_params
-from longlora_tune.plan.planner import (
-    ModelShape,
-    activation_bytes,
-    load_config_settings,
-    main,
-    model_family,
-    parameter_counts,
-    plan,
-    s2_segment_lengths,
-    step_flops,
-)
+from longlora_tune.plan import load_config_settings, main, plan
+from longlora_tune.plan.activations import activation_bytes, tile_backward_bytes
+from longlora_tune.plan.facts import model_family
+from longlora_tune.plan.flops import s2_segment_lengths, step_flops
+from longlora_tune.plan.memory import LAYER_PHASE, nf4_bytes, parameter_counts
 
 _DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -485,7 +479,6 @@ def test_nf4_bytes_match_torchao_and_a_hand_count():
     import torch
     from torchao.dtypes.nf4tensor import to_nf4
 
-    from longlora_tune.plan.planner import nf4_bytes
 
     for rows, cols, dtype, name in ((256, 512, torch.bfloat16, "bf16"), (128, 256, torch.float32, "fp32")):
         nf4 = to_nf4(torch.randn(rows, cols, dtype=dtype))
@@ -500,7 +493,6 @@ def test_nf4_bytes_match_torchao_and_a_hand_count():
 
 
 def test_qlora_frozen_weights_and_verdicts():
-    from longlora_tune.plan.planner import nf4_bytes, plan
 
     p = plan("7b", 32768, gpus=1, gpu_memory_gib=48, quantize_base=True)
     d, i, layers = 4096, 11008, 32
@@ -520,7 +512,6 @@ def test_qlora_frozen_weights_and_verdicts():
 
 
 def test_config_quantize_base_reaches_the_plan():
-    from longlora_tune.plan.planner import load_config_settings
 
     assert load_config_settings("llama2_7b_longalpaca_32k_qlora")["quantize_base"] is True
     assert "quantize_base" not in load_config_settings("llama2_7b_longalpaca_32k")
@@ -937,7 +928,6 @@ def test_odd_head_count_plans_with_the_shifted_heads_at_the_seam():
     # SmolLM2-135M's 9 query heads: 4 unshifted, 5 shifted. A slice start at a multiple of G has the 5
     # shifted heads straddling it, so the halo and the seam are sized for 5 heads.
     from longlora_tune.plan.communication import halo_bytes_per_layer
-    from longlora_tune.plan.planner import _LAYER_PHASE
 
     smol = ModelShape(49_152, 30, 9, 3, 576, 1536)
     split = plan(smol, 16_384, gpus=2, context_parallel_degree=2)  # G = 4096, slices of 8192
@@ -946,7 +936,7 @@ def test_odd_head_count_plans_with_the_shifted_heads_at_the_seam():
     alone = plan(smol, 8192, gpus=2, group_size=4096)
     # Halo k+v, the seam's k+v (G keys) and its output, bf16, for 5 heads of dim 64.
     seam = 2 * 5 * 64 * (2 * 2048 + 2 * 4096 + 2048)
-    assert split.memory[_LAYER_PHASE] - alone.memory[_LAYER_PHASE] == seam
+    assert split.memory[LAYER_PHASE] - alone.memory[LAYER_PHASE] == seam
 
 
 def test_context_parallel_traffic_counts_only_recomputed_layers_twice():
@@ -1193,7 +1183,6 @@ def test_tile_backward_is_what_the_ops_allocate(dtype, tile):
     # The tiled MLP block's backward alone (its input and the incoming gradient made before): the input
     # gradient it fills, plus one tile's rebuilt norm and SwiGLU tensors and their gradients at a time
     # (the last tile of 100 is shorter: the peak is a full tile's).
-    from longlora_tune.plan.planner import tile_backward_bytes
     from longlora_tune.training.sequence_tiling import tiled_position_wise
 
     shape, seq_len, batch = SHAPES[1]
@@ -1237,7 +1226,6 @@ def test_tiled_flops_match_flop_counter(checkpoint_layers):
 
 
 def test_tiling_takes_the_mlp_out_of_the_layer_phase_at_length():
-    from longlora_tune.plan.planner import _LAYER_PHASE, tile_backward_bytes
 
     kwargs = dict(gpus=1, gpu_memory_gib=80, quantize_base=True, linear_ce=True, activation_offloading=True)
     untiled = plan("llama3_1_8b", 262_144, **kwargs)
@@ -1248,7 +1236,7 @@ def test_tiling_takes_the_mlp_out_of_the_layer_phase_at_length():
     # input, and the MLP-wide gradients one tile's bytes.
     rebuilt = (2 * 4 * t * d + 4 * t + 3 * 2 * t * i) - 2 * t * d
     grads = 2 * 2 * t * i - tile_backward_bytes(shape, 8192)
-    assert untiled.memory[_LAYER_PHASE] - tiled.memory[_LAYER_PHASE] == rebuilt + grads
+    assert untiled.memory[LAYER_PHASE] - tiled.memory[LAYER_PHASE] == rebuilt + grads
     assert untiled.memory["activations saved"] == tiled.memory["activations saved"]
     assert not untiled.fits and tiled.fits and tiled.sequence_tile_tokens == 8192
     assert tiled.max_seq_len_fitting > 1.8 * untiled.max_seq_len_fitting

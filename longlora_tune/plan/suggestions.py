@@ -1,0 +1,169 @@
+"""The verdict's other half: what fits, the longest length, and which settings to suggest.
+
+Every answer is a what-if priced by the same :class:`~longlora_tune.plan.scenario.Scenario` as the plan
+itself: the peak for each number of checkpointed layers, the longest length that fits, and the levers
+(settings of the recipe) that make a run fit, alone and together.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from longlora_tune.plan.facts import GIB
+from longlora_tune.plan.scenario import Scenario
+
+__all__ = [
+    "SUGGESTED_TILE_TOKENS",
+    "checkpoint_suggestion",
+    "checkpointing_peaks",
+    "lever_suggestions",
+    "longest_fitting",
+]
+
+#: The tile size the planner suggests: one tile's SwiGLU tensors are then about 1.3 GiB at Llama 3's width.
+SUGGESTED_TILE_TOKENS = 8192
+
+
+def checkpointing_peaks(scenario: Scenario) -> list[int]:
+    """The peak per GPU with the first N layers checkpointed, for N = 0 .. ``num_layers`` (index N).
+
+    Args:
+        scenario: The planned settings.
+
+    Returns:
+        Peak bytes per N, everything else as planned.
+    """
+    return [
+        scenario.peak(scenario.seq_len, checkpoint_layers=n)[1] for n in range(scenario.shape.num_layers + 1)
+    ]
+
+
+def checkpoint_suggestion(scenario: Scenario, peaks: list[int]) -> dict[str, Any] | None:
+    """Memory-budgeted activation checkpointing: the smallest N whose peak fits and what it saves.
+
+    Args:
+        scenario: The planned settings.
+        peaks: :func:`checkpointing_peaks` of the scenario.
+
+    Returns:
+        ``layers`` (N), its ``peak_bytes``, and the FLOPs it saves per step against checkpointing every
+        layer (``flops_saved_vs_all`` and ``fraction_of_step_saved_vs_all``); None when no N fits.
+    """
+    fitting = [n for n, p in enumerate(peaks) if p <= scenario.capacity]
+    if not fitting:
+        return None
+    k = fitting[0]
+    every = scenario.flops(activation_checkpointing=True, checkpoint_layers=None)
+    some = scenario.flops(activation_checkpointing=k > 0, checkpoint_layers=k)
+    saved = every.total - some.total
+    return {
+        "layers": k,
+        "peak_bytes": peaks[k],
+        "flops_saved_vs_all": saved,
+        "fraction_of_step_saved_vs_all": saved / every.total,
+    }
+
+
+def longest_fitting(scenario: Scenario, **overrides: Any) -> int:
+    """The longest length that fits with ``overrides``: whole 1024-token slices per context-parallel rank.
+
+    Searched up to 64 times the planned length (activation memory grows monotonically with the length).
+
+    Args:
+        scenario: The planned settings.
+        **overrides: Settings to change (``memory_per_gpu`` keywords).
+
+    Returns:
+        The length in tokens, 0 when none fits.
+    """
+    unit = 1024 * overrides.get("context_parallel_degree", scenario.context_parallel_degree)
+    lo, hi = 0, max(scenario.seq_len, 1024) * 64 // unit
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if scenario.fits(mid * unit, **overrides):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo * unit
+
+
+def _candidates(scenario: Scenario) -> list[tuple[str, dict[str, Any]]]:
+    """The levers not yet pulled: (the setting to type, the what-if overrides)."""
+    from longlora_tune.config import validation as config_checks
+
+    s, layers = scenario, scenario.shape.num_layers
+    candidates: list[tuple[str, dict[str, Any]]] = []
+    if s.checkpoint_layers < layers:
+        text = (
+            "enable_activation_checkpointing=True"
+            if not s.checkpoint_layers
+            else "activation_checkpointing_layers=all"
+        )
+        candidates.append((text, {"checkpoint_layers": layers}))
+    if not s.fsdp and s.gpus > 1:
+        candidates.append(("shard with FSDP (torchtune distributed recipe)", {"fsdp": True}))
+    if s.batch_size > 1:
+        # The recipe derives the accumulation from global_batch_size; say what it becomes.
+        global_batch_size = s.global_batch_size
+        accumulation = (
+            f"gradient accumulation {config_checks.gradient_accumulation_steps(global_batch_size, 1, s.gpus)}"
+            f" (global_batch_size {global_batch_size} unchanged)"
+            if global_batch_size is not None
+            else f"{s.batch_size}x the gradient accumulation steps"
+        )
+        candidates.append((f"batch_size=1 with {accumulation}", {"batch_size": 1}))
+    if s.dtype == "fp32":
+        candidates.append(("dtype=bf16", {"dtype": "bf16"}))
+    if not s.activation_offloading:
+        candidates.append(
+            ("enable_activation_offloading=True (host RAM, PCIe traffic)", {"activation_offloading": True})
+        )
+    if not s.quantize_base:
+        candidates.append(("model.quantize_base=true (QLoRA: NF4 base weights)", {"quantize_base": True}))
+    if s.sequence_tile_tokens is None:
+        candidates.append(
+            (
+                f"sequence_tile_tokens={SUGGESTED_TILE_TOKENS} (each MLP block over tiles of tokens)",
+                {"sequence_tile_tokens": SUGGESTED_TILE_TOKENS},
+            )
+        )
+    # No fsdp_cpu_offload suggestion: the recipe has no such setting (cpu_offload stays a what-if).
+    return candidates
+
+
+def lever_suggestions(scenario: Scenario) -> list[str]:
+    """One line per lever that a run that does not fit could pull, then all together and context parallel.
+
+    Args:
+        scenario: The planned settings (whose peak does not fit).
+
+    Returns:
+        The suggestion lines.
+    """
+    s = scenario
+    candidates = _candidates(s)
+    lines: list[str] = []
+    combined: dict[str, Any] = {}
+    for text, override in candidates:
+        combined.update(override)
+        lines.append(f"{text}: {'fits' if s.fits(s.seq_len, **override) else 'not enough alone'}")
+    if combined and len(candidates) > 1:
+        _, peak_all = s.peak(s.seq_len, **combined)
+        lines.append(
+            f"all of the above together: peak {peak_all / GIB:.1f} GiB "
+            f"({'fits' if peak_all <= s.capacity else 'still too big'})"
+        )
+    reach = longest_fitting(s, **combined)
+    lines.append(
+        f"longest length that fits{' with the changes above' if combined else ''}: "
+        + (f"{reach} tokens" if reach else "none")
+    )
+    if s.s2:
+        # Context parallelism divides the activations instead (the smallest degree that fits alone).
+        for more in range(s.context_parallel_degree + 1, s.gpus + 1):
+            if s.gpus % more or s.seq_len % more or (s.seq_len // more) % (s.group_size // 2):
+                continue
+            if s.fits(s.seq_len, context_parallel_degree=more):
+                lines.append(f"context_parallel_degree={more}: fits")
+                break
+    return lines

@@ -7,6 +7,8 @@ itself: the peak for each number of checkpointed layers, the longest length that
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from longlora_tune.plan.facts import GIB
@@ -167,3 +169,138 @@ def lever_suggestions(scenario: Scenario) -> list[str]:
                 lines.append(f"context_parallel_degree={more}: fits")
                 break
     return lines
+
+
+# ----------------------------------------------------------------------------------------------------
+# The cheapest set of levers that fits
+# ----------------------------------------------------------------------------------------------------
+
+#: The levers :func:`cheapest_levers` may pull, by their :func:`~longlora_tune.plan.memory.memory_per_gpu`
+#: keyword.
+LEVERS = (
+    "checkpoint_layers",
+    "loss_chunks",
+    "sequence_tile_tokens",
+    "activation_offloading",
+    "linear_ce",
+    "quantize_base",
+)
+
+
+def loss_chunks_for(scenario: Scenario, length: int | None = None, **overrides: Any) -> int:
+    """The fewest loss chunks that give the lowest peak: the loss phase is then no larger than the layer
+    phase, or, when it cannot be, as small as chunks of at least 1024 tokens make it.
+
+    More chunks cost no FLOPs (the same products in smaller pieces); chunks of fewer than 1024 tokens
+    would only add launches. Powers of two are tried, from 1.
+
+    Args:
+        scenario: The planned settings.
+        length: Training length of the what-if (default the planned one).
+        **overrides: Other settings of the what-if.
+
+    Returns:
+        The chunk count (``loss.num_output_chunks``).
+    """
+    length = scenario.seq_len if length is None else length
+    tokens = scenario.batch_size * -(
+        -length // overrides.get("context_parallel_degree", scenario.context_parallel_degree)
+    )
+    best, best_peak, chunks = 1, None, 1
+    while True:
+        peak = scenario.peak(length, **{**overrides, "loss_chunks": chunks})[1]
+        if best_peak is None or peak < best_peak:
+            best, best_peak = chunks, peak
+        if chunks * 2 * 1024 > tokens:
+            return best
+        chunks *= 2
+
+
+@dataclass(frozen=True)
+class LeverChoice:
+    """One set of levers and what it costs.
+
+    Attributes:
+        overrides: The :func:`~longlora_tune.plan.memory.memory_per_gpu` keywords it changes.
+        peak_bytes: Peak per GPU with them.
+        fits: Whether that peak fits the GPU.
+        flops: FLOPs of the step with them (recompute included).
+    """
+
+    overrides: dict[str, Any]
+    peak_bytes: int
+    fits: bool
+    flops: float
+
+
+def cheapest_levers(scenario: Scenario, levers: Sequence[str] = LEVERS) -> LeverChoice:
+    """The levers among ``levers`` that fit the GPU at the least cost, else the set with the lowest peak.
+
+    Cost, compared in this order: QLoRA added (it changes what is trained), activation offloading added
+    (host memory and PCIe traffic, CUDA only), the step's FLOPs (recompute of the checkpointed layers and
+    the tiled MLP's rerun), the fused loss added, then fewer loss chunks. Loss chunks are sized by
+    :func:`loss_chunks_for` for every combination; tiling is tried at :data:`SUGGESTED_TILE_TOKENS` (or the
+    planned tile) and off; every number of checkpointed layers is tried.
+
+    Args:
+        scenario: The planned settings.
+        levers: The :data:`LEVERS` that may change; the others keep their planned values.
+
+    Returns:
+        The :class:`LeverChoice`.
+
+    Raises:
+        ValueError: For a name that is not in :data:`LEVERS`.
+    """
+    unknown = sorted(set(levers) - set(LEVERS))
+    if unknown:
+        raise ValueError(f"unknown levers {unknown}; choose from {list(LEVERS)}")
+    s = scenario
+
+    def options(key: str, free: Sequence[Any]) -> list[Any]:
+        planned = s.memory_settings[key]
+        return list(dict.fromkeys([planned, *free])) if key in levers else [planned]
+
+    layers = range(s.shape.num_layers + 1) if "checkpoint_layers" in levers else [s.checkpoint_layers]
+    planned_tile = s.sequence_tile_tokens
+    tiles = options("sequence_tile_tokens", [None, planned_tile or SUGGESTED_TILE_TOKENS])
+    best: tuple[tuple[Any, ...], LeverChoice] | None = None
+    for qlora in options("quantize_base", [False, True]):
+        for offload in options("activation_offloading", [False, True]):
+            for fused in options("linear_ce", [False, True]):
+                for tile in tiles:
+                    for n in layers:
+                        overrides: dict[str, Any] = {
+                            "checkpoint_layers": n,
+                            "sequence_tile_tokens": tile,
+                            "activation_offloading": offload,
+                            "linear_ce": fused,
+                            "quantize_base": qlora,
+                        }
+                        if "loss_chunks" in levers:
+                            overrides["loss_chunks"] = loss_chunks_for(s, **overrides)
+                        peak = s.peak(s.seq_len, **overrides)[1]
+                        fits = peak <= s.capacity
+                        flops = s.flops(
+                            activation_checkpointing=n > 0, checkpoint_layers=n, sequence_tile_tokens=tile
+                        ).total
+                        added = [
+                            overrides[k] != s.memory_settings[k]
+                            for k in ("quantize_base", "activation_offloading")
+                        ]
+                        key = (
+                            (
+                                0,
+                                *added,
+                                flops,
+                                fused != s.linear_ce,
+                                overrides.get("loss_chunks", s.loss_chunks),
+                            )
+                            if fits
+                            else (1, peak)
+                        )
+                        if best is None or key < best[0]:
+                            changed = {k: v for k, v in overrides.items() if v != s.memory_settings[k]}
+                            best = (key, LeverChoice(changed, peak, fits, flops))
+    assert best is not None
+    return best[1]

@@ -218,3 +218,93 @@ def activation_bytes(
     return ActivationEstimate(
         per_layer, layers_saved, head_saved, loss_saved, recompute_transient, logits_transient
     )
+
+
+def offloaded_tensor_bytes(
+    shape: ModelShape,
+    seq_len: int,
+    batch_size: int = 1,
+    *,
+    dtype: str = "bf16",
+    checkpoint_layers: int,
+    lora_rank: int = 8,
+    lora_modules: Sequence[str] = ("q_proj", "k_proj", "v_proj", "output_proj"),
+    family: str | None = None,
+    sequence_tile_tokens: int | None = None,
+) -> list[int]:
+    """Bytes of each tensor torchtune's ``OffloadActivations`` copies to host memory in one forward.
+
+    As the recipe uses it (``training.get_act_offloading_ctx_manager`` around the model's forward, the LM
+    head ``model.output`` excluded): every tensor an op saves for backward inside the forward, once per
+    save (the context does not share a storage saved twice), when it has at least 1024 bytes and is not a
+    ``Parameter`` object itself -- so views of the frozen weights and of the RoPE cache are copied too.
+    The loss runs outside the context (``CEWithChunkedOutputLoss``) or keeps its gradients on its autograd
+    context rather than saving them (``ChunkedLinearCrossEntropyLoss``), so neither is offloaded.
+
+    Per forward: the token ids (embedding); a checkpointed layer's input; a layer that keeps its
+    activations: each RMSNorm's float32 input (saved twice) and normalised tensor with two inverse RMS
+    saves, per LoRA projection its input and its B input, the frozen projections' and LoRA matrices'
+    weights, RoPE's cos/sin views for q and k (four each), the attention's q, k, v, output and float32
+    log-sum-exp, the output projection's input and the three SwiGLU tensors (a tiled MLP block saves its
+    input only); the final norm as a layer's norm. Checked against the pack calls in ``tests/test_plan.py``.
+
+    Args:
+        shape: Model sizes.
+        seq_len: Tokens per sequence.
+        batch_size: Sequences per micro-batch.
+        dtype: Compute dtype.
+        checkpoint_layers: The first N decoder layers checkpointed.
+        lora_rank: LoRA rank.
+        lora_modules: Attention projections with LoRA.
+        family: The model's family (:func:`~longlora_tune.plan.facts.model_family`).
+        sequence_tile_tokens: Tokens per MLP tile (None: not tiled).
+
+    Returns:
+        One entry per copied tensor, in bytes.
+    """
+    e = DTYPE_BYTES[dtype]
+    t = batch_size * seq_len
+    d, kv, i, r = shape.embed_dim, shape.kv_dim, shape.intermediate_dim, lora_rank
+    hidden = e * t * d
+
+    def norm() -> list[int]:
+        return [FP32_BYTES * t * d] * 3 + [FP32_BYTES * t] * 2
+
+    projections = {"q_proj": (d, d), "k_proj": (d, kv), "v_proj": (d, kv), "output_proj": (d, d)}
+    kept = norm()
+    for name, (fan_in, fan_out) in projections.items():
+        kept.append(e * fan_in * fan_out)  # the frozen weight, for the input gradient
+        if name in lora_modules:
+            # LoRA A's input is the normed hidden state (for q/k/v) or the attention output (counted below).
+            kept += [e * r * fan_in, e * fan_out * r, e * t * r] + ([hidden] if name != "output_proj" else [])
+    kept.append(hidden)  # the output projection's input (the attention output re-assembled)
+    # RoPE's cos/sin as float32 views of the cache, four for q and four for k; Qwen2 keeps its cast copies.
+    kept += (
+        [FP32_BYTES * seq_len * shape.head_dim // 2] * 8
+        if rotates_pairs(shape, family)
+        else [e * seq_len * shape.head_dim] * 4
+    )
+    kept += [hidden] * 4 + [FP32_BYTES * t * shape.num_heads]
+    if sequence_tile_tokens is None:
+        kept += norm() + [e * t * i] * 3 + [e * d * i] * 3
+    else:
+        kept.append(hidden)
+    n_kept = shape.num_layers - checkpoint_layers
+    tensors = [INT64_BYTES * t] + [hidden] * checkpoint_layers + kept * n_kept + norm()
+    return [b for b in tensors if b >= 1024]
+
+
+def pinned_bytes(tensor_bytes: Sequence[int]) -> int:
+    """Host memory the tensors take in torch's pinned (page-locked) caching allocator.
+
+    The allocator rounds every block up to a power of two (``CachingHostAllocator``, the default
+    ``pinned_max_round_threshold``) and keeps freed blocks for the next step, so the host needs the
+    rounded sum.
+
+    Args:
+        tensor_bytes: Bytes of each tensor.
+
+    Returns:
+        The rounded total.
+    """
+    return sum(1 << (b - 1).bit_length() for b in tensor_bytes)

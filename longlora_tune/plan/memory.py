@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from typing import NamedTuple
 
 from longlora_tune.models.shapes import _SIZE_FIELDS, ModelShape
 from longlora_tune.modules.s2_heads import shifted_heads
-from longlora_tune.plan.activations import activation_bytes
+from longlora_tune.plan.activations import activation_bytes, offloaded_tensor_bytes, pinned_bytes
 from longlora_tune.plan.facts import DTYPE_BYTES, FP32_BYTES, GIB, model_family
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "LOSS_PHASE",
     "NF4_BLOCK_SIZE",
     "NF4_SCALER_BLOCK_SIZE",
+    "StepMemory",
     "memory_per_gpu",
     "nf4_bytes",
     "parameter_counts",
@@ -147,6 +149,20 @@ def _nf4_layer_matrices(shape: ModelShape) -> list[int]:
     return [d * d, d * kv, d * kv, d * d, d * i, i * d, d * i]
 
 
+class StepMemory(NamedTuple):
+    """Memory of one training step per GPU.
+
+    Attributes:
+        memory: Bytes by component (the two phases marked ``(*)``: only the larger one counts).
+        peak: Peak bytes, context and fragmentation overhead included.
+        host: Pinned host bytes activation offloading takes per GPU (0 without offloading).
+    """
+
+    memory: dict[str, int]
+    peak: int
+    host: int
+
+
 def memory_per_gpu(
     shape: ModelShape,
     seq_len: int,
@@ -172,8 +188,8 @@ def memory_per_gpu(
     trainable_extras: Sequence[str] = ("embed", "norm"),
     linear_ce: bool = False,
     sequence_tile_tokens: int | None = None,
-) -> tuple[dict[str, int], int]:
-    """Per-GPU bytes of one training step by component, and the peak.
+) -> StepMemory:
+    """Per-GPU bytes of one training step by component, the peak, and the host memory offloading takes.
 
     Args:
         shape: Model sizes.
@@ -202,8 +218,7 @@ def memory_per_gpu(
         sequence_tile_tokens: Tokens per tile of the MLP blocks (None: not tiled).
 
     Returns:
-        ``(memory, peak)``: bytes by component (the two phases marked ``(*)``, only the larger of which
-        counts) and the peak bytes including context and fragmentation overhead.
+        The :class:`StepMemory`.
     """
     e = DTYPE_BYTES[dtype]
     shard = gpus if fsdp else 1
@@ -275,7 +290,22 @@ def memory_per_gpu(
     live = sum(memory.values()) - min(act.loss_phase, memory[LAYER_PHASE])
     overhead = _CONTEXT_BYTES + int(_FRAGMENTATION * live)
     memory["overhead (context, fragmentation)"] = overhead
-    return memory, live + overhead
+    host = 0
+    if activation_offloading:
+        host = pinned_bytes(
+            offloaded_tensor_bytes(
+                shape,
+                -(-seq_len // context_parallel_degree),
+                batch_size,
+                dtype=dtype,
+                checkpoint_layers=checkpoint_layers,
+                lora_rank=lora_rank,
+                lora_modules=lora_modules,
+                family=family,
+                sequence_tile_tokens=sequence_tile_tokens,
+            )
+        )
+    return StepMemory(memory, live + overhead, host)
 
 
 def _seam_bytes(shape: ModelShape, batch_size: int, e: int, degree: int, group_size: int | None) -> int:

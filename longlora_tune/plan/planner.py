@@ -167,7 +167,7 @@ def plan(
 def _priced(scenario: Scenario) -> Plan:
     """The plan of the scenario as configured: memory, peak, FLOPs and context-parallel traffic."""
     s = scenario
-    memory, peak = s.peak(s.seq_len)
+    memory, peak, host = s.peak(s.seq_len)
     communication = _communication(
         s.shape,
         s.batch_size,
@@ -206,6 +206,7 @@ def _priced(scenario: Scenario) -> Plan:
         total_params=s.total,
         memory=memory,
         peak_bytes=peak,
+        host_memory_bytes=host,
         fits=peak <= s.capacity,
         flops=s.flops(),
         flops_full_attention=s.flops(full_attention=True),

@@ -46,6 +46,9 @@ class Plan:
         memory: Per-GPU bytes by component (frozen weights, trainable parameters, gradients, AdamW state,
             FSDP buffers, saved activations, the loss phase and the layer-backward phase, overhead).
         peak_bytes: Estimated peak per GPU: every component, but only the larger of the two phases.
+        host_memory_bytes: Pinned host memory per GPU that activation offloading takes (0 without it):
+            every offloaded tensor in the pinned allocator's power-of-two blocks
+            (:func:`~longlora_tune.plan.activations.offloaded_tensor_bytes`).
         fits: ``peak_bytes <= gpu_memory_gib``.
         flops: FLOPs of the step as configured (causal counting).
         flops_full_attention: The same step with full attention.
@@ -107,6 +110,7 @@ class Plan:
     checkpoint_suggestion: dict[str, Any] | None = None
     linear_ce: bool = False
     sequence_tile_tokens: int | None = None
+    host_memory_bytes: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dictionary (FLOP estimates expanded with their derived totals)."""
@@ -120,6 +124,7 @@ class Plan:
                 attention_share_forward=est.attention_share_forward,
             )
         out["peak_gib"] = self.peak_bytes / GIB
+        out["host_memory_gib"] = self.host_memory_bytes / GIB
         return out
 
     def _trainable_dtype_note(self) -> str:
@@ -189,8 +194,14 @@ class Plan:
             "|---|---:|",
         ]
         lines += [f"| {name} | {value / GIB:.2f} |" for name, value in self.memory.items()]
+        host = self.host_memory_bytes / GIB
         lines += [
             f"| **peak** | **{self.peak_bytes / GIB:.2f}** |",
+            *(
+                [f"| host memory, pinned (offloaded activations) | {host:.2f} |"]
+                if self.activation_offloading
+                else []
+            ),
             "",
             "(*) the two phases do not overlap; only the larger adds to the peak.",
             "",

@@ -23,7 +23,7 @@ from longlora_tune.plan.facts import (
     resolve_group_size,
 )
 from longlora_tune.plan.flops import FlopEstimate, step_flops
-from longlora_tune.plan.memory import memory_per_gpu, parameter_counts
+from longlora_tune.plan.memory import StepMemory, memory_per_gpu, parameter_counts
 
 __all__ = ["Scenario", "resolve"]
 
@@ -73,15 +73,15 @@ class Scenario:
             return settings[key]
         raise AttributeError(key)
 
-    def peak(self, length: int, **overrides: Any) -> tuple[dict[str, int], int]:
-        """Per-GPU memory by component and the peak at ``length`` with ``overrides`` applied.
+    def peak(self, length: int, **overrides: Any) -> StepMemory:
+        """Per-GPU memory by component, the peak and the host memory at ``length`` with ``overrides``.
 
         Args:
             length: Training length of the what-if.
             **overrides: :func:`~longlora_tune.plan.memory.memory_per_gpu` keywords to change.
 
         Returns:
-            ``(memory, peak_bytes)``.
+            The :class:`~longlora_tune.plan.memory.StepMemory` (``memory, peak, host``).
         """
         settings = {**self.memory_settings, **overrides}
         if (

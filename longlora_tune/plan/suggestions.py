@@ -20,8 +20,10 @@ __all__ = [
     "checkpointing_peaks",
     "lever_suggestions",
     "longest_fitting",
+    "setting_texts",
 ]
 
+_FUSED_LOSS = "longlora_tune.modules.linear_ce.ChunkedLinearCrossEntropyLoss"
 #: The tile size the planner suggests: one tile's SwiGLU tensors are then about 1.3 GiB at Llama 3's width.
 SUGGESTED_TILE_TOKENS = 8192
 
@@ -120,6 +122,11 @@ def _candidates(scenario: Scenario) -> list[tuple[str, dict[str, Any]]]:
         candidates.append(
             ("enable_activation_offloading=True (host RAM, PCIe traffic)", {"activation_offloading": True})
         )
+    if not s.linear_ce:
+        candidates.append((f"loss._component_={_FUSED_LOSS} (no fp32 log-probs kept)", {"linear_ce": True}))
+    chunks = loss_chunks_for(s)
+    if chunks > s.loss_chunks:
+        candidates.append((f"loss.num_output_chunks={chunks} (smaller loss chunks)", {"loss_chunks": chunks}))
     if not s.quantize_base:
         candidates.append(("model.quantize_base=true (QLoRA: NF4 base weights)", {"quantize_base": True}))
     if s.sequence_tile_tokens is None:
@@ -134,7 +141,12 @@ def _candidates(scenario: Scenario) -> list[tuple[str, dict[str, Any]]]:
 
 
 def lever_suggestions(scenario: Scenario) -> list[str]:
-    """One line per lever that a run that does not fit could pull, then all together and context parallel.
+    """The verdict's advice for a run that does not fit, each lever with the setting to type.
+
+    One line per lever not yet pulled, in order of the FLOPs it adds per step (recompute, the tiled MLP's
+    rerun; the others add none), saying whether it fits alone; then the cheapest set of levers that fits
+    (:func:`cheapest_levers`), all of them together, the longest length with all of them, and the
+    smallest context-parallel degree that fits alone.
 
     Args:
         scenario: The planned settings (whose peak does not fit).
@@ -143,14 +155,34 @@ def lever_suggestions(scenario: Scenario) -> list[str]:
         The suggestion lines.
     """
     s = scenario
-    candidates = _candidates(s)
-    lines: list[str] = []
+    planned_flops = s.flops().total
+    ranked = []
+    for text, override in _candidates(s):
+        flop_keys = {k: override[k] for k in ("checkpoint_layers", "sequence_tile_tokens") if k in override}
+        if "checkpoint_layers" in flop_keys:
+            flop_keys["activation_checkpointing"] = override["checkpoint_layers"] > 0
+        added = s.flops(**flop_keys).total - planned_flops
+        step = s.peak(s.seq_len, **override)
+        notes = [f"+{added / 1e12:.1f} TFLOPs per step"] if added > 0 else []
+        if override.get("activation_offloading"):
+            notes.append(f"{step.host / GIB:.1f} GiB pinned host memory per GPU")
+        line = f"{text}: {'fits' if step.peak <= s.capacity else 'not enough alone'}"
+        ranked.append((added, line + (f" ({', '.join(notes)})" if notes else ""), override))
+    ranked.sort(key=lambda item: item[0])  # stable: equal costs keep the order of _candidates
+    lines = [line for _, line, _ in ranked]
     combined: dict[str, Any] = {}
-    for text, override in candidates:
+    for _, _, override in ranked:
         combined.update(override)
-        lines.append(f"{text}: {'fits' if s.fits(s.seq_len, **override) else 'not enough alone'}")
-    if combined and len(candidates) > 1:
-        _, peak_all = s.peak(s.seq_len, **combined)
+    cheapest = cheapest_levers(s)
+    if cheapest.fits:
+        host = s.peak(s.seq_len, **cheapest.overrides).host
+        lines.append(
+            f"cheapest that fits: {', '.join(setting_texts(s, cheapest.overrides))} (peak "
+            f"{cheapest.peak_bytes / GIB:.1f} GiB, {(cheapest.flops - planned_flops) / 1e12:+.1f} TFLOPs per "
+            f"step" + (f", {host / GIB:.1f} GiB pinned host memory per GPU" if host else "") + ")"
+        )
+    if combined and len(ranked) > 1:
+        peak_all = s.peak(s.seq_len, **combined).peak
         lines.append(
             f"all of the above together: peak {peak_all / GIB:.1f} GiB "
             f"({'fits' if peak_all <= s.capacity else 'still too big'})"
@@ -169,6 +201,37 @@ def lever_suggestions(scenario: Scenario) -> list[str]:
                 lines.append(f"context_parallel_degree={more}: fits")
                 break
     return lines
+
+
+def setting_texts(scenario: Scenario, overrides: dict[str, Any]) -> list[str]:
+    """The recipe config settings to type for planner overrides (``key=value``, as ``tune run`` takes them).
+
+    Args:
+        scenario: The planned settings.
+        overrides: :data:`LEVERS` keywords and their new values.
+
+    Returns:
+        One ``key=value`` per override.
+    """
+    texts = []
+    for key, value in overrides.items():
+        if key == "checkpoint_layers":
+            if value > 0 and not scenario.checkpoint_layers:
+                texts.append("enable_activation_checkpointing=true")
+            layers = "all" if value == scenario.shape.num_layers else value
+            texts.append(f"activation_checkpointing_layers={layers}")
+        elif key == "loss_chunks":
+            texts.append(f"loss.num_output_chunks={value}")
+        elif key == "sequence_tile_tokens":
+            texts.append(f"sequence_tile_tokens={'null' if value is None else value}")
+        elif key == "activation_offloading":
+            texts.append(f"enable_activation_offloading={str(value).lower()}")
+        elif key == "linear_ce":
+            loss = _FUSED_LOSS if value else "torchtune.modules.loss.CEWithChunkedOutputLoss"
+            texts.append(f"loss._component_={loss}")
+        elif key == "quantize_base":
+            texts.append(f"model.quantize_base={str(value).lower()}")
+    return texts
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -237,10 +300,11 @@ def cheapest_levers(scenario: Scenario, levers: Sequence[str] = LEVERS) -> Lever
     """The levers among ``levers`` that fit the GPU at the least cost, else the set with the lowest peak.
 
     Cost, compared in this order: QLoRA added (it changes what is trained), activation offloading added
-    (host memory and PCIe traffic, CUDA only), the step's FLOPs (recompute of the checkpointed layers and
-    the tiled MLP's rerun), the fused loss added, then fewer loss chunks. Loss chunks are sized by
-    :func:`loss_chunks_for` for every combination; tiling is tried at :data:`SUGGESTED_TILE_TOKENS` (or the
-    planned tile) and off; every number of checkpointed layers is tried.
+    (host memory and PCIe traffic, CUDA only; tried with every layer checkpointed), the step's FLOPs
+    (recompute of the checkpointed layers and the tiled MLP's rerun), the fused loss added, then fewer
+    loss chunks. Loss chunks are sized by :func:`loss_chunks_for` for every combination; tiling is tried
+    at :data:`SUGGESTED_TILE_TOKENS` (or the planned tile) and off; every number of checkpointed layers is
+    tried.
 
     Args:
         scenario: The planned settings.
@@ -269,7 +333,10 @@ def cheapest_levers(scenario: Scenario, levers: Sequence[str] = LEVERS) -> Lever
         for offload in options("activation_offloading", [False, True]):
             for fused in options("linear_ce", [False, True]):
                 for tile in tiles:
-                    for n in layers:
+                    # Offloading pays off with every layer checkpointed: only their inputs cross PCIe
+                    # and sit in host memory (torchtune's advice); offloading whole layers would pin
+                    # host memory of the order of the activations themselves.
+                    for n in [s.shape.num_layers] if offload and not s.activation_offloading else layers:
                         overrides: dict[str, Any] = {
                             "checkpoint_layers": n,
                             "sequence_tile_tokens": tile,

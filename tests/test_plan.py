@@ -239,6 +239,10 @@ def test_config_settings_from_yaml(tmp_path):
         load_config_settings("no_such_config")
 
 
+#: Shipped configs whose header says the planner does not fit them yet, and their GPU count.
+_STRETCH_CONFIGS = {"llama3_1_8b_512k_1gpu": 1, "llama3_1_8b_4m": 8}
+
+
 def test_every_shipped_config_is_planned_and_fits_8x80():
     from longlora_tune import resources
 
@@ -251,9 +255,10 @@ def test_every_shipped_config_is_planned_and_fits_8x80():
                 load_config_settings(str(path))
             continue
         # The tiny configs' global batch of 4 is meant for 1-2 processes; the recipe refuses it on 8.
-        gpus = 2 if path.stem.startswith("tiny") else 8
+        gpus = _STRETCH_CONFIGS.get(path.stem, 2 if path.stem.startswith("tiny") else 8)
         result = plan(**load_config_settings(str(path)), gpus=gpus, gpu_memory_gib=80.0, suggest=False)
-        assert result.fits, (path.name, result.peak_bytes / 2**30)
+        # The stretch goals of #24 say in their header that they do not fit yet (the layer-backward phase).
+        assert result.fits != (path.stem in _STRETCH_CONFIGS), (path.name, result.peak_bytes / 2**30)
         assert result.fp32_trainable_params and result.gradient_accumulation_steps is not None, path.name
 
 

@@ -65,7 +65,7 @@ from benchmarks.train_step import (
 )
 from longlora_tune._io import atomic_write_json
 from longlora_tune.modules.s2_attention import flash_attn_available
-from longlora_tune.plan.planner import step_flops
+from longlora_tune.plan.flops import step_flops
 from longlora_tune.training.activation_checkpointing import ALL_LAYERS
 
 _WORKER_FLAG = "--worker-case"

@@ -41,7 +41,7 @@ from longlora_tune.modules.linear_ce import ChunkedLinearCrossEntropyLoss
 from longlora_tune.modules.lora_fused import enable_fused_lora
 from longlora_tune.modules.loss import summed_token_loss
 from longlora_tune.modules.s2_attention import flash_attn_available
-from longlora_tune.plan.planner import step_flops
+from longlora_tune.plan.flops import step_flops
 from longlora_tune.training.activation_checkpointing import apply_activation_checkpointing
 from longlora_tune.training.compile import compile_model_and_loss
 from longlora_tune.training.distributed import resolve_device, resolve_dtype

@@ -25,20 +25,19 @@ from torchtune.modules import TransformerSelfAttentionLayer
 from torchtune.modules.loss import CEWithChunkedOutputLoss
 
 from longlora_tune.models import longlora_llama2
-from longlora_tune.models.shapes import FamilyShape
+from longlora_tune.models.shapes import FamilyShape, ModelShape
 from longlora_tune.models.trainable import set_trainable_params
-from longlora_tune.plan.planner import (
-    ModelShape,
-    activation_bytes,
-    load_config_settings,
-    main,
-    model_family,
-    parameter_counts,
-    plan,
-    s2_segment_lengths,
-    step_flops,
-)
+from longlora_tune.plan import load_config_settings, main, plan
+from longlora_tune.plan.activations import activation_bytes, tile_backward_bytes
+from longlora_tune.plan.facts import model_family
+from longlora_tune.plan.flops import s2_segment_lengths, step_flops
+from longlora_tune.plan.memory import LAYER_PHASE, nf4_bytes, parameter_counts
 
+_PLAN_DEFAULTS = {
+    k: v.default
+    for k, v in __import__("inspect").signature(plan).parameters.items()
+    if v.default is not __import__("inspect").Parameter.empty and k != "suggest"
+}
 _DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 # (shape, seq_len, batch): MHA, GQA with a sequence that is not a multiple of G, and a single odd layer.
@@ -240,6 +239,10 @@ def test_config_settings_from_yaml(tmp_path):
         load_config_settings("no_such_config")
 
 
+#: Shipped configs whose header says the planner does not fit them yet, and their GPU count.
+_STRETCH_CONFIGS = {"llama3_1_8b_512k_1gpu": 1, "llama3_1_8b_4m": 8}
+
+
 def test_every_shipped_config_is_planned_and_fits_8x80():
     from longlora_tune import resources
 
@@ -252,9 +255,10 @@ def test_every_shipped_config_is_planned_and_fits_8x80():
                 load_config_settings(str(path))
             continue
         # The tiny configs' global batch of 4 is meant for 1-2 processes; the recipe refuses it on 8.
-        gpus = 2 if path.stem.startswith("tiny") else 8
+        gpus = _STRETCH_CONFIGS.get(path.stem, 2 if path.stem.startswith("tiny") else 8)
         result = plan(**load_config_settings(str(path)), gpus=gpus, gpu_memory_gib=80.0, suggest=False)
-        assert result.fits, (path.name, result.peak_bytes / 2**30)
+        # The stretch goals of #24 say in their header that they do not fit yet (the layer-backward phase).
+        assert result.fits != (path.stem in _STRETCH_CONFIGS), (path.name, result.peak_bytes / 2**30)
         assert result.fp32_trainable_params and result.gradient_accumulation_steps is not None, path.name
 
 
@@ -485,8 +489,6 @@ def test_nf4_bytes_match_torchao_and_a_hand_count():
     import torch
     from torchao.dtypes.nf4tensor import to_nf4
 
-    from longlora_tune.plan.planner import nf4_bytes
-
     for rows, cols, dtype, name in ((256, 512, torch.bfloat16, "bf16"), (128, 256, torch.float32, "fp32")):
         nf4 = to_nf4(torch.randn(rows, cols, dtype=dtype))
         names, _ = nf4.__tensor_flatten__()
@@ -500,7 +502,6 @@ def test_nf4_bytes_match_torchao_and_a_hand_count():
 
 
 def test_qlora_frozen_weights_and_verdicts():
-    from longlora_tune.plan.planner import nf4_bytes, plan
 
     p = plan("7b", 32768, gpus=1, gpu_memory_gib=48, quantize_base=True)
     d, i, layers = 4096, 11008, 32
@@ -520,7 +521,6 @@ def test_qlora_frozen_weights_and_verdicts():
 
 
 def test_config_quantize_base_reaches_the_plan():
-    from longlora_tune.plan.planner import load_config_settings
 
     assert load_config_settings("llama2_7b_longalpaca_32k_qlora")["quantize_base"] is True
     assert "quantize_base" not in load_config_settings("llama2_7b_longalpaca_32k")
@@ -930,14 +930,15 @@ def test_checkpointing_suggestions_at_both_ends():
     assert "no number of checkpointed layers fits" in big.table()
     # Only some layers checkpointed and too big: the planner says that all of them would fit.
     some = plan("7b", 32_768, gpus=8, gpu_memory_gib=80, checkpoint_layers=4)
-    assert not some.fits and "activation_checkpointing_layers=all: fits" in some.suggestions
+    assert not some.fits and any(
+        s.startswith("activation_checkpointing_layers=all: fits (+") for s in some.suggestions
+    )
 
 
 def test_odd_head_count_plans_with_the_shifted_heads_at_the_seam():
     # SmolLM2-135M's 9 query heads: 4 unshifted, 5 shifted. A slice start at a multiple of G has the 5
     # shifted heads straddling it, so the halo and the seam are sized for 5 heads.
     from longlora_tune.plan.communication import halo_bytes_per_layer
-    from longlora_tune.plan.planner import _LAYER_PHASE
 
     smol = ModelShape(49_152, 30, 9, 3, 576, 1536)
     split = plan(smol, 16_384, gpus=2, context_parallel_degree=2)  # G = 4096, slices of 8192
@@ -946,7 +947,7 @@ def test_odd_head_count_plans_with_the_shifted_heads_at_the_seam():
     alone = plan(smol, 8192, gpus=2, group_size=4096)
     # Halo k+v, the seam's k+v (G keys) and its output, bf16, for 5 heads of dim 64.
     seam = 2 * 5 * 64 * (2 * 2048 + 2 * 4096 + 2048)
-    assert split.memory[_LAYER_PHASE] - alone.memory[_LAYER_PHASE] == seam
+    assert split.memory[LAYER_PHASE] - alone.memory[LAYER_PHASE] == seam
 
 
 def test_context_parallel_traffic_counts_only_recomputed_layers_twice():
@@ -1193,7 +1194,6 @@ def test_tile_backward_is_what_the_ops_allocate(dtype, tile):
     # The tiled MLP block's backward alone (its input and the incoming gradient made before): the input
     # gradient it fills, plus one tile's rebuilt norm and SwiGLU tensors and their gradients at a time
     # (the last tile of 100 is shorter: the peak is a full tile's).
-    from longlora_tune.plan.planner import tile_backward_bytes
     from longlora_tune.training.sequence_tiling import tiled_position_wise
 
     shape, seq_len, batch = SHAPES[1]
@@ -1237,7 +1237,6 @@ def test_tiled_flops_match_flop_counter(checkpoint_layers):
 
 
 def test_tiling_takes_the_mlp_out_of_the_layer_phase_at_length():
-    from longlora_tune.plan.planner import _LAYER_PHASE, tile_backward_bytes
 
     kwargs = dict(gpus=1, gpu_memory_gib=80, quantize_base=True, linear_ce=True, activation_offloading=True)
     untiled = plan("llama3_1_8b", 262_144, **kwargs)
@@ -1248,7 +1247,7 @@ def test_tiling_takes_the_mlp_out_of_the_layer_phase_at_length():
     # input, and the MLP-wide gradients one tile's bytes.
     rebuilt = (2 * 4 * t * d + 4 * t + 3 * 2 * t * i) - 2 * t * d
     grads = 2 * 2 * t * i - tile_backward_bytes(shape, 8192)
-    assert untiled.memory[_LAYER_PHASE] - tiled.memory[_LAYER_PHASE] == rebuilt + grads
+    assert untiled.memory[LAYER_PHASE] - tiled.memory[LAYER_PHASE] == rebuilt + grads
     assert untiled.memory["activations saved"] == tiled.memory["activations saved"]
     assert not untiled.fits and tiled.fits and tiled.sequence_tile_tokens == 8192
     assert tiled.max_seq_len_fitting > 1.8 * untiled.max_seq_len_fitting
@@ -1281,3 +1280,144 @@ def test_tiling_is_read_from_the_config_and_the_cli(tmp_path, capsys):
         err = capsys.readouterr().err
         assert f"sequence_tile_tokens={bad if bad == '0' else repr(bad)} must be a positive integer" in err
         assert err.count("\n") == 1
+
+
+# ------------------------------------------------------------------------------- activation offloading
+
+
+def _offloaded_by_torchtune_rule(
+    model, shape: ModelShape, seq_len: int, batch: int, chunks: int
+) -> list[int]:
+    """The bytes OffloadActivations would copy: its pack rule (>= 1024 bytes, not a Parameter object) on
+    every save inside the model's forward, with the LM head excluded as get_act_offloading_ctx_manager does.
+    (Its CUDA streams cannot run here; the rule is the same pack hook.)"""
+    copied: list[int] = []
+    head = [False]
+    model.output.register_forward_pre_hook(lambda *args: head.__setitem__(0, True))
+    model.output.register_forward_hook(lambda *args: head.__setitem__(0, False))
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        nbytes = tensor.element_size() * tensor.nelement()
+        if not head[0] and nbytes >= 1024 and not isinstance(tensor, torch.nn.Parameter):
+            copied.append(nbytes)
+        return tensor
+
+    generator = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, shape.vocab_size, (batch, seq_len), generator=generator)
+    model.set_num_output_chunks(chunks)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(tokens)
+    return copied
+
+
+@pytest.mark.parametrize("checkpoint_layers", [0, 1, 3])
+@pytest.mark.parametrize("tile", [None, 128])
+def test_offloaded_bytes_are_what_torchtune_offloading_copies(checkpoint_layers, tile):
+    from longlora_tune.plan.activations import offloaded_tensor_bytes, pinned_bytes
+    from longlora_tune.training.activation_checkpointing import apply_activation_checkpointing
+    from longlora_tune.training.sequence_tiling import apply_sequence_tiling
+
+    shape, seq_len, batch = SHAPES[1]
+    model = _build(shape, seq_len, dtype=torch.bfloat16, s2=True, checkpoint=False)
+    apply_sequence_tiling(model, tile)
+    apply_activation_checkpointing(model, checkpoint_layers)
+    measured = _offloaded_by_torchtune_rule(model, shape, seq_len, batch, 4)
+    planned = offloaded_tensor_bytes(
+        shape, seq_len, batch, checkpoint_layers=checkpoint_layers, sequence_tile_tokens=tile
+    )
+    assert abs(sum(planned) - sum(measured)) <= 0.05 * sum(measured), (sum(planned), sum(measured))
+    assert abs(pinned_bytes(planned) - pinned_bytes(measured)) <= 0.05 * pinned_bytes(measured)
+    # The pinned allocator's power-of-two blocks: 3 x 384 x 1000 bytes take 3 x 512 KiB.
+    assert pinned_bytes([384_000] * 3) == 3 * 2**19
+
+
+# ------------------------------------------------------------------- levers sized to the budget
+
+
+def test_loss_chunks_are_the_fewest_that_take_the_loss_phase_off_the_peak():
+    from longlora_tune.plan.memory import LINEAR_CE_PHASE
+    from longlora_tune.plan.scenario import resolve
+    from longlora_tune.plan.suggestions import loss_chunks_for
+
+    kwargs = dict(gpus=1, gpu_memory_gib=80, quantize_base=True, linear_ce=True, sequence_tile_tokens=8192)
+    base = plan("llama3_1_8b", 262_144, suggest=False, **kwargs)
+    args = {f: getattr(base, f) for f in ("batch_size", "dtype", "fsdp", "s2", "lora_rank")}
+    scenario = resolve(
+        "llama3_1_8b", 262_144, **{**_PLAN_DEFAULTS, **kwargs, **args, "activation_offloading": False}
+    )
+    chunks = loss_chunks_for(scenario)
+    phases = {
+        n: plan("llama3_1_8b", 262_144, suggest=False, loss_chunks=n, **kwargs).memory
+        for n in (chunks // 2, chunks)
+    }
+    assert phases[chunks][LINEAR_CE_PHASE] <= phases[chunks][LAYER_PHASE]
+    assert phases[chunks // 2][LINEAR_CE_PHASE] > phases[chunks // 2][LAYER_PHASE]
+
+
+def test_suggestions_find_the_fused_loss_and_offloading_for_llama3_8b_64k_on_4x24(capsys):
+    # The reported bug: "still too big" although the fused loss plus offloading fits.
+    assert main(["--config", "llama3_8b_64k", "--gpus", "4", "--gpu-memory", "24"]) == 1
+    out = capsys.readouterr().out
+    cheapest = next(line for line in out.splitlines() if line.startswith("- cheapest that fits: "))
+    assert "enable_activation_offloading=true" in cheapest
+    assert "loss._component_=longlora_tune.modules.linear_ce.ChunkedLinearCrossEntropyLoss" in cheapest
+    assert "all of the above together: peak" in out and "(fits)" in out
+    # The cheapest set, applied, fits; levers are listed in order of the FLOPs they add.
+    settings = load_config_settings("llama3_8b_64k")
+    settings.update(activation_offloading=True, linear_ce=True, loss_chunks=4)
+    fixed = plan(**settings, gpus=4, gpu_memory_gib=24)
+    assert fixed.fits and fixed.host_memory_bytes > 0
+    settings = load_config_settings("llama3_8b_64k")
+    added = [
+        0.0 if "TFLOPs" not in s else float(s.split("(+")[1].split(" TFLOPs")[0])
+        for s in plan(**settings, gpus=4, gpu_memory_gib=24).suggestions
+        if s.endswith(("alone", "fits", ")"))
+        and not s.startswith(("cheapest", "all of", "longest", "context_parallel"))
+    ]
+    assert added == sorted(added)
+
+
+def test_choose_settings_is_the_cheapest_set_that_fits_by_brute_force():
+    from longlora_tune.plan import choose_settings
+
+    kwargs = dict(gpus=8, dtype="bf16")
+    chosen = choose_settings("7b", 102_400, budget_gib=60, **kwargs)
+    assert chosen.plan.fits and chosen.plan.peak_bytes <= 60 * 2**30
+    assert set(chosen.settings) == {
+        "activation_checkpointing_layers",
+        "loss.num_output_chunks",
+        "sequence_tile_tokens",
+        "enable_activation_offloading",
+        "enable_activation_checkpointing",
+    }
+    assert len(chosen.reasons) == 5
+    # Independent reference: every (N, tile) without offloading at the chosen chunk count, through plan().
+    chunks = chosen.settings["loss.num_output_chunks"]
+    best = min(
+        (p.flops.total, n, tile)
+        for tile in (None, 8192)
+        for n in range(33)
+        for p in [
+            plan(
+                "7b",
+                102_400,
+                gpu_memory_gib=60,
+                checkpoint_layers=n,
+                activation_checkpointing=n > 0,
+                sequence_tile_tokens=tile,
+                loss_chunks=chunks,
+                suggest=False,
+                **kwargs,
+            )
+        ]
+        if p.fits
+    )
+    layers = chosen.settings["activation_checkpointing_layers"]
+    assert (layers if layers != "all" else 32, chosen.settings["sequence_tile_tokens"]) == best[1:]
+    assert chosen.plan.flops.total == best[0] and not chosen.settings["enable_activation_offloading"]
+    # Levers not free keep their values.
+    fixed = choose_settings("7b", 102_400, budget_gib=60, free=["loss.num_output_chunks"], **kwargs)
+    assert set(fixed.settings) == {"loss.num_output_chunks", "enable_activation_checkpointing"}
+    assert fixed.plan.checkpoint_layers == 32
+    with pytest.raises(ValueError, match="budget_gib, not gpu_memory_gib"):
+        choose_settings("7b", 8192, budget_gib=60, gpu_memory_gib=80)

@@ -11,6 +11,7 @@ from longlora_tune.modules.s2_heads import straddling_heads
 
 __all__ = ["halo_bytes_per_layer", "ring_bytes_per_layer", "ulysses_bytes_per_layer"]
 
+
 def halo_bytes_per_layer(
     *,
     batch_size: int,

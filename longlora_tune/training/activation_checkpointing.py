@@ -11,7 +11,7 @@ first checkpointed layer is recomputed: the recompute never overlaps the kept ac
 the last N (or N spread out) would recompute a layer while the earlier layers' activations are still
 held, adding a whole layer's activations to the peak. With the first N, any ``0 < N < num_layers`` even
 peaks lower than ``N = num_layers`` in the layer-backward phase
-(:func:`longlora_tune.plan.planner.activation_bytes`).
+(:func:`longlora_tune.plan.activations.activation_bytes`).
 
 The wrapping is torchtune's (``training.set_activation_checkpointing``: torch's non-reentrant
 ``checkpoint_wrapper``, given the recompute context of :func:`is_recomputing`), applied to the chosen

@@ -33,7 +33,7 @@ calls and get no gradient, as untiled.
   input and returns an unfilled output (the rerun stops there and discards it); the tiled backward then
   recomputes each tile. The MLP's forward thus runs twice per step, as without tiling, and its down
   projection, which an untiled recompute skips, once more. Without checkpointing, tiling adds one MLP
-  forward per layer. The planner counts both (:func:`longlora_tune.plan.planner.step_flops`). Layers
+  forward per layer. The planner counts both (:func:`longlora_tune.plan.flops.step_flops`). Layers
   checkpointed by other means (torchtune's ``set_activation_checkpointing`` directly) are correct too,
   but rerun the tiles in their recompute.
 * FSDP2: ``fully_shard`` on the decoder layer gathers the block's parameters before the layer's forward

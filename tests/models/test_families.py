@@ -564,7 +564,8 @@ def test_builders_refuse_conflicting_factor_and_stacking():
 )  # fmt: skip
 def test_planner_counts_tied_heads_and_biases(name, published):
     from longlora_tune.models.shapes import MODEL_SHAPES
-    from longlora_tune.plan.planner import parameter_counts, plan
+    from longlora_tune.plan import plan
+    from longlora_tune.plan.memory import parameter_counts
 
     shape = MODEL_SHAPES[name]
     _, total = parameter_counts(shape)

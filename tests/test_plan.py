@@ -29,7 +29,7 @@ from longlora_tune.models.shapes import FamilyShape, ModelShape
 from longlora_tune.models.trainable import set_trainable_params
 from longlora_tune.plan import load_config_settings, main, plan
 from longlora_tune.plan.activations import activation_bytes, tile_backward_bytes
-from longlora_tune.plan.facts import model_family
+from longlora_tune.plan.facts import GIB, model_family
 from longlora_tune.plan.flops import s2_segment_lengths, step_flops
 from longlora_tune.plan.memory import LAYER_PHASE, nf4_bytes, parameter_counts
 
@@ -1421,3 +1421,23 @@ def test_choose_settings_is_the_cheapest_set_that_fits_by_brute_force():
     assert fixed.plan.checkpoint_layers == 32
     with pytest.raises(ValueError, match="budget_gib, not gpu_memory_gib"):
         choose_settings("7b", 8192, budget_gib=60, gpu_memory_gib=80)
+
+
+@pytest.mark.parametrize("model,gpus,quantize", [("7b", 1, True), ("llama3_1_8b", 8, False)])
+def test_longest_table_length_fits_and_one_more_slice_does_not(model, gpus, quantize):
+    """``python -m longlora_tune.plan.longest``: its length fits by plan() with every lever on, and the next
+    1024-token slice per rank does not, whatever the loss chunk count."""
+    from longlora_tune.plan.longest import ALL_LEVERS, longest_length
+
+    fit = longest_length(model, gpus=gpus, gpu_memory_gib=80.0, quantize_base=quantize)
+    common = dict(
+        gpus=gpus, gpu_memory_gib=80.0, context_parallel_degree=gpus, quantize_base=quantize, **ALL_LEVERS
+    )
+    at = plan(model, fit.seq_len, loss_chunks=fit.loss_chunks, suggest=False, **common)
+    assert at.fits and abs(at.peak_bytes / GIB - fit.peak_gib) < 0.06
+    assert at.host_memory_bytes / GIB == pytest.approx(fit.host_gib, abs=0.06)
+    beyond = fit.seq_len + 1024 * gpus
+    assert not any(
+        plan(model, beyond, loss_chunks=c, suggest=False, **common).fits
+        for c in (1, 2, 4, 8, 16, 32, 64, 128)
+    )

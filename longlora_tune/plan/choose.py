@@ -8,16 +8,14 @@ recipe config values of four levers (``activation_checkpointing_layers``, ``loss
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
 from longlora_tune.models.shapes import ModelShape
 from longlora_tune.plan.facts import GIB
-from longlora_tune.plan.planner import plan
+from longlora_tune.plan.planner import plan, planned_scenario
 from longlora_tune.plan.result import Plan
-from longlora_tune.plan.scenario import resolve
 from longlora_tune.plan.suggestions import cheapest_levers
 
 __all__ = ["AUTO_KEYS", "ChosenSettings", "choose_settings"]
@@ -89,12 +87,7 @@ def choose_settings(
     unknown = sorted(set(free) - set(AUTO_KEYS))
     if unknown:
         raise ValueError(f"choose_settings: unknown keys {unknown} in free; choose from {list(AUTO_KEYS)}")
-    # plan()'s signature is the one home of the defaults.
-    bound = inspect.signature(plan).bind(model, seq_len, gpu_memory_gib=budget_gib, **plan_kwargs)
-    bound.apply_defaults()
-    arguments = dict(bound.arguments)
-    arguments.pop("suggest")
-    scenario = resolve(**arguments)
+    scenario, arguments = planned_scenario(model, seq_len, gpu_memory_gib=budget_gib, **plan_kwargs)
     choice = cheapest_levers(scenario, [AUTO_KEYS[k] for k in free])
     chosen = {**{AUTO_KEYS[k]: scenario.memory_settings[AUTO_KEYS[k]] for k in free}, **choice.overrides}
     n = chosen.get("checkpoint_layers", scenario.checkpoint_layers)

@@ -11,7 +11,9 @@ and adds the verdict's what-ifs (:mod:`~longlora_tune.plan.suggestions`).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
+from typing import Any
 
 from longlora_tune.models.shapes import ModelShape
 from longlora_tune.plan.communication import (
@@ -29,7 +31,7 @@ from longlora_tune.plan.suggestions import (
     longest_fitting,
 )
 
-__all__ = ["plan"]
+__all__ = ["plan", "planned_scenario"]
 
 
 def plan(
@@ -255,3 +257,30 @@ def _communication(
     again, once = per_layer(True), per_layer(False)
     kept = shape.num_layers - recomputed_layers
     return {k: recomputed_layers * again[k] + kept * once[k] for k in again}
+
+
+def planned_scenario(
+    model: str | ModelShape, seq_len: int, **plan_kwargs: Any
+) -> tuple[Scenario, dict[str, Any]]:
+    """The validated scenario :func:`plan` would price, for callers that ask it their own what-ifs.
+
+    Args:
+        model: As :func:`plan`.
+        seq_len: As :func:`plan`.
+        **plan_kwargs: :func:`plan`'s other keywords (not ``suggest``); the rest take :func:`plan`'s defaults.
+
+    Returns:
+        The :class:`~longlora_tune.plan.scenario.Scenario` and the complete keywords (``plan(**keywords)``
+        plans it).
+
+    Raises:
+        ValueError: As :func:`plan`, or when ``suggest`` is passed.
+    """
+    if "suggest" in plan_kwargs:
+        raise ValueError("planned_scenario takes no suggest")
+    # plan()'s signature is the one home of the defaults.
+    bound = inspect.signature(plan).bind(model, seq_len, **plan_kwargs)
+    bound.apply_defaults()
+    arguments = dict(bound.arguments)
+    arguments.pop("suggest")
+    return resolve(**arguments), arguments

@@ -68,23 +68,30 @@ def checkpoint_suggestion(scenario: Scenario, peaks: list[int]) -> dict[str, Any
     }
 
 
-def longest_fitting(scenario: Scenario, **overrides: Any) -> int:
+def longest_fitting(scenario: Scenario, *, size_loss_chunks: bool = False, **overrides: Any) -> int:
     """The longest length that fits with ``overrides``: whole 1024-token slices per context-parallel rank.
 
     Searched up to 64 times the planned length (activation memory grows monotonically with the length).
 
     Args:
         scenario: The planned settings.
+        size_loss_chunks: Size the loss chunks for each length tried (:func:`loss_chunks_for`) instead of
+            keeping the planned count.
         **overrides: Settings to change (``memory_per_gpu`` keywords).
 
     Returns:
         The length in tokens, 0 when none fits.
     """
     unit = 1024 * overrides.get("context_parallel_degree", scenario.context_parallel_degree)
+
+    def fits(length: int) -> bool:
+        chunks = {"loss_chunks": loss_chunks_for(scenario, length, **overrides)} if size_loss_chunks else {}
+        return scenario.fits(length, **overrides, **chunks)
+
     lo, hi = 0, max(scenario.seq_len, 1024) * 64 // unit
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if scenario.fits(mid * unit, **overrides):
+        if fits(mid * unit):
             lo = mid
         else:
             hi = mid - 1

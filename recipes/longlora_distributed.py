@@ -39,6 +39,7 @@ from torchtune import config, training, utils
 from tqdm import tqdm
 
 from longlora_tune._compat import import_object
+from longlora_tune.auto_choice import resolve_auto_settings
 from longlora_tune.config import loading
 from longlora_tune.config.validation import (
     EXPORT_FORMATS,
@@ -54,6 +55,7 @@ from longlora_tune.data.loader import DEFAULT_COLLATE, build_dataloader, pad_mul
 from longlora_tune.errors import (
     Interrupted,
     LongLoRAConfigError,
+    config_error_once_per_node,
     RaisedOnRankZero,
     TrainingDivergedError,
     report_errors,
@@ -556,13 +558,18 @@ def run(cfg: DictConfig) -> dict[str, Path]:
         LongLoRAConfigError: on a bad config or missing files (before any heavy work where possible).
         TrainingDivergedError: when the loss, gradients or weights stop being finite.
     """
-    validate_config_in_worker(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    checked = validate_config_in_worker(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     created = init_process_group(resolve_device(cfg.get("device", None)), solo_group=True)
     # One run per output_dir: two runs pruning and resuming the same checkpoints lose data.
     lock = checkpointing.OutputDirLock(cfg.output_dir)
     recipe = None
     with signals_as_interrupts() as watch:
         try:
+            # `auto` memory levers: chosen for this run's budget (the same on every rank), written into cfg,
+            # before output_dir is touched.
+            device = resolve_device(cfg.get("device", None))
+            for line in config_error_once_per_node(lambda: resolve_auto_settings(cfg, checked, device)):
+                utils.log_rank_zero(log, line)
             run_on_rank_zero(lock.acquire, share_result=False)
             recipe = LongLoRARecipeDistributed(cfg)
             recipe.setup()

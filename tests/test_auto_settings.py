@@ -230,6 +230,10 @@ def test_auto_settings_pass_the_checks_and_carry_the_model_shape(assets, tmp_pat
     assert checked.shape == model_shape(cc.build_meta_model(cfg, _base(assets), torch.float32).model)
     kwargs = plan_arguments(cfg, checked)
     assert (kwargs["seq_len"], kwargs["gpus"], kwargs["group_size"], kwargs["linear_ce"]) == (256, 1, 64, True)
+    assert checked.summary().endswith(
+        "40 steps; chosen at start-up for the memory budget: activation_checkpointing_layers, "
+        "loss.num_output_chunks, sequence_tile_tokens, enable_activation_offloading"
+    )
     # Without an auto lever the shape is not needed.
     assert cc.validate_config(_cfg(assets, tmp_path / "o"), world_size=1).shape is None
 

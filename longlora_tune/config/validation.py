@@ -922,6 +922,7 @@ class CheckedConfig(NamedTuple):
         shape: the built model's sizes (:func:`~longlora_tune.models.longlora.model_shape`) when a memory
             lever is ``auto`` (the planner needs them), else None.
         device: ``cpu`` or ``cuda``, the device the run trains on.
+        auto: the memory levers set to ``auto`` (chosen at start-up, ``longlora_tune.auto_choice``).
     """
 
     world_size: int
@@ -935,6 +936,7 @@ class CheckedConfig(NamedTuple):
     model: LongLoRAModelInfo
     shape: Optional[ModelShape] = None
     device: str = "cpu"
+    auto: tuple[str, ...] = ()
 
     def summary(self) -> str:
         """One line: training length, S² group, RoPE, LoRA, ranks and batch, run length.
@@ -956,6 +958,7 @@ class CheckedConfig(NamedTuple):
             f"({data} data x {self.context_parallel_degree} context parallel): global batch "
             f"{self.global_batch_size} = {self.batch_size} per rank x {data} x "
             f"{self.gradient_accumulation_steps} accumulation steps, {run}"
+            + (f"; chosen at start-up for the memory budget: {', '.join(self.auto)}" if self.auto else "")
         )
 
 
@@ -1043,7 +1046,8 @@ def validate_config(cfg: DictConfig, world_size: int) -> CheckedConfig:
     dtype = resolve_dtype(cfg.get("dtype", "bf16"), torch.device(device))
     built = build_meta_model(cfg, HFBaseModel.read(cfg.checkpoint_dir, repo_id=repo), dtype)
     # The planner's view of the model, read from the built modules, for the auto settings.
-    shape = model_shape(built.model) if auto_keys(cfg) else None
+    auto = tuple(auto_keys(cfg))
+    shape = model_shape(built.model) if auto else None
     check_metric_logger(cfg.get("metric_logger", None))
     check_dataset_source(cfg.dataset)
     return CheckedConfig(
@@ -1058,6 +1062,7 @@ def validate_config(cfg: DictConfig, world_size: int) -> CheckedConfig:
         model=built.info,
         shape=shape,
         device=device,
+        auto=auto,
     )
 
 

@@ -55,9 +55,9 @@ from longlora_tune.data.loader import DEFAULT_COLLATE, build_dataloader, pad_mul
 from longlora_tune.errors import (
     Interrupted,
     LongLoRAConfigError,
-    config_error_once_per_node,
     RaisedOnRankZero,
     TrainingDivergedError,
+    config_error_once_per_node,
     report_errors,
     signals_as_interrupts,
 )

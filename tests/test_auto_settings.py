@@ -85,7 +85,12 @@ def _exhaustive_best(kwargs: dict, budget: float, offloading: bool) -> tuple[boo
     for chunks, tile, offload in product(CHUNK_CANDIDATES, TILE_CANDIDATES, (False, True)):
         if offload and not offloading:
             continue
-        run = {**kwargs, "loss_chunks": chunks, "sequence_tile_tokens": tile, "activation_offloading": offload}
+        run = {
+            **kwargs,
+            "loss_chunks": chunks,
+            "sequence_tile_tokens": tile,
+            "activation_offloading": offload,
+        }
         # The planner's peak for every count N of checkpointed layers (offloading: every layer only).
         peaks = plan(**run, gpu_memory_gib=budget).checkpoint_layers_peak_bytes
         counts = [shape.num_layers] if offload else range(shape.num_layers + 1)
@@ -151,7 +156,9 @@ def test_offloading_is_never_chosen_where_it_cannot_run():
 
 def test_given_values_stay_and_only_auto_keys_are_chosen():
     kwargs = _run(checkpoint_layers=32)
-    choice = choose_settings(kwargs, budget_gib=80.0, auto=["sequence_tile_tokens"], offloading_available=True)
+    choice = choose_settings(
+        kwargs, budget_gib=80.0, auto=["sequence_tile_tokens"], offloading_available=True
+    )
     assert list(choice.settings) == ["sequence_tile_tokens"]
     assert choice.plan.checkpoint_layers == 32 and choice.plan.loss_chunks == 8
 
@@ -212,7 +219,10 @@ AUTO_CFG = {
             {"enable_activation_offloading": "maybe"},
             "enable_activation_offloading='maybe' must be true or false, or auto",
         ),
-        ({"sequence_tile_tokens": "big"}, "sequence_tile_tokens='big' must be a positive integer, auto or null"),
+        (
+            {"sequence_tile_tokens": "big"},
+            "sequence_tile_tokens='big' must be a positive integer, auto or null",
+        ),
     ],
 )
 def test_bad_auto_settings_are_one_line_errors(assets, tmp_path, extra, message):
@@ -229,7 +239,12 @@ def test_auto_settings_pass_the_checks_and_carry_the_model_shape(assets, tmp_pat
     assert (checked.shape.num_layers, checked.shape.embed_dim, checked.shape.intermediate_dim) == (2, 64, 128)
     assert checked.shape == model_shape(cc.build_meta_model(cfg, _base(assets), torch.float32).model)
     kwargs = plan_arguments(cfg, checked)
-    assert (kwargs["seq_len"], kwargs["gpus"], kwargs["group_size"], kwargs["linear_ce"]) == (256, 1, 64, True)
+    assert (kwargs["seq_len"], kwargs["gpus"], kwargs["group_size"], kwargs["linear_ce"]) == (
+        256,
+        1,
+        64,
+        True,
+    )
     assert checked.summary().endswith(
         "40 steps; chosen at start-up for the memory budget: activation_checkpointing_layers, "
         "loss.num_output_chunks, sequence_tile_tokens, enable_activation_offloading"
@@ -264,6 +279,8 @@ def test_a_budget_nothing_fits_is_one_line_with_the_verdict(assets, tmp_path):
     with pytest.raises(LongLoRAConfigError) as err:
         resolve_auto_settings(cfg, checked, torch.device("cpu"))
     message = str(err.value)
-    assert message.startswith("auto settings: nothing fits the 1.0 GiB budget (memory_budget_gib); planner peak ")
+    assert message.startswith(
+        "auto settings: nothing fits the 1.0 GiB budget (memory_budget_gib); planner peak "
+    )
     assert "even with activation_checkpointing_layers=all, loss.num_output_chunks=128" in message
     assert "; try " in message and "\n" not in message

@@ -885,7 +885,10 @@ def test_family_eval_configs_match_their_training_config(name):
             {"activation_checkpointing_layers": "half"},
             "activation_checkpointing_layers='half' must be all, auto or",
         ),
-        ({"activation_checkpointing_layers": 1.5}, "activation_checkpointing_layers=1.5 must be all, auto or"),
+        (
+            {"activation_checkpointing_layers": 1.5},
+            "activation_checkpointing_layers=1.5 must be all, auto or",
+        ),
         (
             {"activation_checkpointing_layers": 1, "enable_activation_checkpointing": "false"},
             "activation_checkpointing_layers=1 needs enable_activation_checkpointing=true",

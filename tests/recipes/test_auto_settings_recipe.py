@@ -1,4 +1,4 @@
-"""``auto`` memory levers in the longlora_distributed recipe (tiny random Llama 2, CPU, ``memory_budget_gib``).
+"""``auto`` memory levers in the longlora_distributed recipe (tiny Llama 2, CPU, ``memory_budget_gib``).
 
 A run with ``auto`` logs one line per choice, trains, and gives the losses of the same run with the chosen
 values written in the config; a budget between the planner's peaks for N = 1 and N = 0 checkpointed layers

@@ -35,7 +35,7 @@ shows the compile time. The peer always runs eagerly: it is the stack a user ass
 ``activation_checkpointing_layers``); each value is its own case, labelled ``+acN``. The peer's gradient
 checkpointing always covers every layer.
 
-**Ours runs a shipped config's defaults** unless a lever is named: the fused loss
+**Ours runs the fast settings** unless a lever is named: the fused loss
 (``ChunkedLinearCrossEntropyLoss``) and ``auto`` for ``--checkpoint-layers`` and ``--sequence-tile-tokens``,
 chosen before the cases start by the recipe's own choice (:func:`longlora_tune.auto_choice.choose_settings`)
 for ``--memory-budget-gib`` (default: the GPU's free memory, on CPU the host's available memory). The chosen
@@ -533,7 +533,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         choices=list(LOSSES),
         default=["fused"],
         help="our loss: torchtune's chunked CE on chunked logits, and/or the fused chunked projection + CE "
-        "(longlora_tune.modules.linear_ce; the shipped configs' and the default); each runs as its own case",
+        "(longlora_tune.modules.linear_ce; the default); each runs as its own case",
     )
     parser.add_argument(
         "--peak-tflops",

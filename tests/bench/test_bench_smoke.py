@@ -299,7 +299,7 @@ def test_sequence_tile_bad_values_are_one_line_errors(value, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_ours_defaults_to_the_shipped_configs_fused_loss_and_auto_levers(capsys):
+def test_ours_defaults_to_the_fused_loss_and_auto_levers(capsys):
     from benchmarks.__main__ import _cases, _parse
     from longlora_tune.plan.planner import GIB, plan
 

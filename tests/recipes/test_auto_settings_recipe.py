@@ -7,19 +7,21 @@ chooses N = 1; a budget nothing fits stops before ``output_dir`` exists.
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
 from lever_runs import TINY, assert_same_losses, make_lever_assets, run_steps
 from omegaconf import OmegaConf
 from recipe_runner import RecipeFailed
-from test_longlora_distributed import _overrides
+from test_longlora_distributed import _env, _losses, _overrides, _recipe_cmd
 
 from longlora_tune.auto_choice import plan_arguments
 from longlora_tune.config.validation import validate_config
 from longlora_tune.plan.planner import GIB, plan
 from longlora_tune.training.auto_settings import LINEAR_CE_LOSS
 
+REPO = Path(__file__).resolve().parents[2]
 STEPS = 2
 AUTO = {
     "activation_checkpointing_layers": "auto",
@@ -96,3 +98,22 @@ def test_auto_on_cpu_without_a_budget_is_refused_up_front(assets, tmp_path):
         run_steps(assets, out, steps=1, **AUTO)
     assert err.value.message.startswith("activation_checkpointing_layers=auto on cpu needs memory_budget_gib")
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_two_ranks_choose_alike_and_log_once(assets, tmp_path):
+    # 2 FSDP2 ranks: each resolves the levers after the process group exists; rank 0 logs the choice once.
+    out = tmp_path / "two"
+    overrides = _overrides(assets, out, max_steps=STEPS, export_formats="[]", memory_budget_gib=64, **AUTO)
+    proc = subprocess.run(
+        _recipe_cmd(TINY, overrides, nproc=2),
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    logs = proc.stdout + proc.stderr
+    assert logs.count("auto: activation_checkpointing_layers=0 (planner peak ") == 1
+    assert sorted(_losses(out)) == list(range(1, STEPS + 1))

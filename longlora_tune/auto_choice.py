@@ -32,6 +32,7 @@ from longlora_tune.models.trainable import TRAINABLE_EXTRAS
 from longlora_tune.plan.planner import GIB, SUGGESTED_TILE_TOKENS, Plan, plan
 from longlora_tune.training.activation_checkpointing import parse_checkpoint_layers
 from longlora_tune.training.auto_settings import (
+    AUTO,
     LINEAR_CE_LOSS,
     MemoryBudget,
     apply_settings,
@@ -77,11 +78,12 @@ def plan_arguments(cfg: DictConfig, checked: CheckedConfig) -> dict[str, Any]:
     Raises:
         LongLoRAConfigError: When the config sets no training length or the model's sizes are unknown.
     """
-    if checked.shape is None or checked.training_length is None:
-        raise LongLoRAConfigError(
-            "auto settings need the training length and a torchtune decoder's sizes; give the levers values"
-        )
     info = checked.model
+    if checked.shape is None or checked.training_length is None or info.lora_rank is None:
+        raise LongLoRAConfigError(
+            "auto settings need the training length and a torchtune LoRA decoder's sizes; "
+            "give the levers values"
+        )
     loss = str(cfg.loss.get("_component_", ""))
     linear_ce = loss == LINEAR_CE_LOSS
     chunked = linear_ce or loss.endswith("CEWithChunkedOutputLoss")
@@ -100,7 +102,7 @@ def plan_arguments(cfg: DictConfig, checked: CheckedConfig) -> dict[str, Any]:
         activation_checkpointing=bool(cfg.get("enable_activation_checkpointing", True)),
         s2=info.group_size is not None,
         group_size=info.group_size,
-        lora_rank=info.lora_rank or 8,
+        lora_rank=info.lora_rank,
         # The planner counts LoRA on the attention projections (LongLoRA's); LoRA on the MLP is not modelled.
         lora_modules=tuple(m for m in info.lora_targets if m in _ATTENTION_PROJECTIONS),
         trainable_extras=tuple(cfg.get("trainable_extras", TRAINABLE_EXTRAS)),
@@ -109,12 +111,12 @@ def plan_arguments(cfg: DictConfig, checked: CheckedConfig) -> dict[str, Any]:
         suggest=False,
     )
     chunks = cfg.loss.get("num_output_chunks", 8)
-    kwargs["loss_chunks"] = (chunks if chunks != "auto" else CHUNK_CANDIDATES[0]) if chunked else 1
+    kwargs["loss_chunks"] = (chunks if chunks != AUTO else CHUNK_CANDIDATES[0]) if chunked else 1
     layers = parse_checkpoint_layers(cfg.get("activation_checkpointing_layers", "all"))
-    if layers != "auto":
+    if layers != AUTO:
         kwargs["checkpoint_layers"] = layers
     tile = cfg.get("sequence_tile_tokens", None)
-    kwargs["sequence_tile_tokens"] = None if tile == "auto" else tile
+    kwargs["sequence_tile_tokens"] = None if tile == AUTO else tile
     offload = cfg.get("enable_activation_offloading", False)
     kwargs["activation_offloading"] = offload is True
     return kwargs

@@ -32,8 +32,15 @@ as ``compile: true`` does), and adds the eager/compiled step-time ratios; ``warm
 shows the compile time. The peer always runs eagerly: it is the stack a user assembles.
 
 ``--checkpoint-layers N [N ...]`` recomputes only the first N decoder layers of ours (the recipe's
-``activation_checkpointing_layers``; ``all`` is the default); each value is its own case, labelled
-``+acN``. The peer's gradient checkpointing always covers every layer.
+``activation_checkpointing_layers``); each value is its own case, labelled ``+acN``. The peer's gradient
+checkpointing always covers every layer.
+
+**Ours runs the fast settings** unless a lever is named: the fused loss
+(``ChunkedLinearCrossEntropyLoss``) and ``auto`` for ``--checkpoint-layers`` and ``--sequence-tile-tokens``,
+chosen before the cases start by the recipe's own choice
+(:func:`longlora_tune.auto_choice.choose_auto_settings`)
+for ``--memory-budget-gib`` (default: the GPU's free memory, on CPU the host's available memory). The chosen
+values label the case (``+acN``, ``+tileT``).
 """
 
 from __future__ import annotations
@@ -64,9 +71,13 @@ from benchmarks.train_step import (
     worker_env,
 )
 from longlora_tune._io import atomic_write_json
+from longlora_tune.auto_choice import choose_auto_settings
+from longlora_tune.errors import LongLoRAConfigError
 from longlora_tune.modules.s2_attention import flash_attn_available
 from longlora_tune.plan.flops import step_flops
-from longlora_tune.training.activation_checkpointing import ALL_LAYERS
+from longlora_tune.training.activation_checkpointing import parse_checkpoint_layers
+from longlora_tune.training.auto_settings import AUTO
+from longlora_tune.training.sequence_tiling import check_tile_tokens
 
 _WORKER_FLAG = "--worker-case"
 _CP_FLAG = "--context-parallel"
@@ -89,6 +100,8 @@ def _cases(args: argparse.Namespace) -> list[Case]:
                 for ac_layers in (args.checkpoint_layers if ours else [None])
                 for tile in (args.sequence_tile_tokens if ours else [None])
             ):
+                if AUTO in (ac_layers, tile):
+                    ac_layers, tile = _auto_levers(args, seq_len, variant, loss, ac_layers, tile)
                 cases.append(
                     Case(
                         shape=args.shape,
@@ -119,6 +132,49 @@ def _cases(args: argparse.Namespace) -> list[Case]:
             for compiled in ((False, True) if case.variant != PEER_VARIANT else (False,))
         ]
     return cases
+
+
+def _available_gib(device: str) -> float:
+    """The default ``--memory-budget-gib``: the GPU's free memory, or the host's available memory."""
+    if device == "cuda":
+        return torch.cuda.mem_get_info()[0] / 1024**3
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 1024**3
+
+
+def _auto_levers(
+    args: argparse.Namespace, seq_len: int, variant: str, loss: str, ac_layers: Any, tile: Any
+) -> tuple[int | None, int | None]:
+    """Our ``auto`` checkpointed-layer count and tile size for one case, as the recipe would choose them."""
+    levers = (("activation_checkpointing_layers", ac_layers), ("sequence_tile_tokens", tile))
+    auto = [key for key, value in levers if value == AUTO]
+    kwargs = dict(
+        model=resolve_shape(args.shape, args.layers),
+        seq_len=seq_len,
+        gpus=1,
+        batch_size=args.batch_size,
+        dtype=args.dtype,
+        activation_checkpointing=args.activation_checkpointing,
+        s2=variant == "longlora",
+        trainable_extras=() if variant == "lora" else ("embed", "norm"),
+        loss_chunks=args.loss_chunks,
+        linear_ce=loss == "fused",
+        sequence_tile_tokens=None if tile == AUTO else tile,
+        activation_offloading=False,
+        suggest=False,
+    )
+    if ac_layers != AUTO:
+        kwargs["checkpoint_layers"] = ac_layers
+    choice = choose_auto_settings(
+        kwargs, budget_gib=args.memory_budget_gib, auto=auto, offloading_available=False
+    )
+    if not choice.plan.fits:
+        raise ValueError(
+            f"auto levers: nothing fits --memory-budget-gib {args.memory_budget_gib:.1f} at {seq_len} tokens"
+        )
+    layers = choice.settings.get("activation_checkpointing_layers", ac_layers)
+    # N = every layer is the default case ('all'), labelled without +acN.
+    layers = None if layers in ("all", choice.plan.shape.num_layers) else layers
+    return layers, choice.settings.get("sequence_tile_tokens", tile)
 
 
 def _run_in_subprocess(case: Case, timeout: float | None) -> dict[str, Any]:
@@ -401,34 +457,24 @@ def markdown(results: list[dict[str, Any]], ratios: list[dict[str, Any]]) -> str
     return "\n".join(lines)
 
 
-def _checkpoint_layers(value: str) -> int | None:
-    if value == ALL_LAYERS:
-        return None
+def _checkpoint_layers(value: str) -> int | str | None:
     try:
-        count = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is neither 'all' nor an integer") from None
-    if count < 0:
-        raise argparse.ArgumentTypeError(f"{count} is negative; use 0 (no layer recomputed) or more")
-    return count
+        return parse_checkpoint_layers(value)
+    except LongLoRAConfigError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
-def _tile_tokens(value: str) -> int | None:
+def _tile_tokens(value: str) -> int | str | None:
     if value == "off":
         return None
     try:
-        tokens = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is neither 'off' nor an integer") from None
-    if tokens < 1:
-        raise argparse.ArgumentTypeError(f"{tokens} is not a positive number of tokens; use 'off' for none")
-    return tokens
+        return check_tile_tokens(int(value) if value.strip().isdigit() else value, allow_auto=True)
+    except LongLoRAConfigError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks", description=__doc__.splitlines()[0]
-    )
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
     add_step_arguments(
         parser,
         unit="case",
@@ -452,20 +498,27 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         "--checkpoint-layers",
         nargs="+",
         type=_checkpoint_layers,
-        default=[None],
+        default=[AUTO],
         metavar="N",
         help="our activation checkpointing: recompute only the first N decoder layers (the recipe's "
-        "activation_checkpointing_layers), 'all' (default); each value runs as its own case, the peer "
-        "recomputes every layer",
+        "activation_checkpointing_layers), 'all', or 'auto' (default: the fewest that fit "
+        "--memory-budget-gib); each value runs as its own case, the peer recomputes every layer",
     )
     parser.add_argument(
         "--sequence-tile-tokens",
         nargs="+",
         type=_tile_tokens,
-        default=[None],
+        default=[AUTO],
         metavar="T",
-        help="our MLP blocks over tiles of T tokens (the recipe's sequence_tile_tokens), 'off' (default); "
-        "each value runs as its own case, the peer is untiled",
+        help="our MLP blocks over tiles of T tokens (the recipe's sequence_tile_tokens), 'off', or 'auto' "
+        "(default: chosen for --memory-budget-gib); each value runs as its own case, the peer is untiled",
+    )
+    parser.add_argument(
+        "--memory-budget-gib",
+        type=float,
+        default=None,
+        help="memory the auto levers are chosen for (the recipe's memory_budget_gib; default: the GPU's "
+        "free memory, on CPU the host's available memory)",
     )
     parser.add_argument(
         "--lora-impls",
@@ -479,9 +532,9 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         "--losses",
         nargs="+",
         choices=list(LOSSES),
-        default=["chunked"],
+        default=["fused"],
         help="our loss: torchtune's chunked CE on chunked logits, and/or the fused chunked projection + CE "
-        "(longlora_tune.modules.linear_ce); each runs as its own case",
+        "(longlora_tune.modules.linear_ce; the default); each runs as its own case",
     )
     parser.add_argument(
         "--peak-tflops",
@@ -521,13 +574,16 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     resolve_step_arguments(parser, args)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but torch.cuda.is_available() is False; use --device cpu")
-    if args.checkpoint_layers != [None]:
-        if not args.activation_checkpointing:
+    if args.memory_budget_gib is None:
+        args.memory_budget_gib = _available_gib(args.device)
+    counts = [n for n in args.checkpoint_layers if isinstance(n, int)]
+    if counts:
+        if not args.activation_checkpointing and any(counts):
             parser.error(
                 "--checkpoint-layers needs activation checkpointing; drop --no-activation-checkpointing"
             )
         num_layers = resolve_shape(args.shape, args.layers).num_layers
-        too_many = [n for n in args.checkpoint_layers if n is not None and n > num_layers]
+        too_many = [n for n in counts if n > num_layers]
         if too_many:
             parser.error(
                 f"--checkpoint-layers {too_many[0]} is more than the {args.shape} shape's "

@@ -39,6 +39,7 @@ from torchtune import config, training, utils
 from tqdm import tqdm
 
 from longlora_tune._compat import import_object
+from longlora_tune.auto_choice import resolve_auto_settings
 from longlora_tune.config import loading
 from longlora_tune.config.validation import (
     EXPORT_FORMATS,
@@ -57,6 +58,7 @@ from longlora_tune.errors import (
     LongLoRAConfigError,
     RaisedOnRankZero,
     TrainingDivergedError,
+    config_error_once_per_node,
     report_errors,
     signals_as_interrupts,
 )
@@ -578,12 +580,17 @@ def run(cfg: DictConfig) -> dict[str, Path]:
         LongLoRAConfigError: on a bad config or missing files (before any heavy work where possible).
         TrainingDivergedError: when the loss, gradients or weights stop being finite.
     """
-    validate_config_in_worker(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    checked = validate_config_in_worker(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     created = init_process_group(resolve_device(cfg.get("device", None)), solo_group=True)
     recipe = None
     with signals_as_interrupts() as watch:
         try:
-            # One run per output_dir: the checkpoint manager takes its lock (see claim_output_dir).
+            # `auto` memory levers: chosen for this run's budget (the same on every rank), written into cfg,
+            # before output_dir is touched. One run per output_dir: the checkpoint manager takes its lock
+            # (see claim_output_dir).
+            device = resolve_device(cfg.get("device", None))
+            for line in config_error_once_per_node(lambda: resolve_auto_settings(cfg, checked, device)):
+                utils.log_rank_zero(log, line)
             recipe = LongLoRARecipeDistributed(cfg)
             recipe.setup()
             recipe.train()

@@ -5,7 +5,8 @@
 #                                    [--metric auto|median_ratio|best_ratio|cpu_median_ratio] [--tolerance 0.10]
 #                                    [--note TEXT]
 #   (no option)     rerun the 7B-proxy comparison (python -m benchmarks --shape 7b-proxy
-#                   --seq-lens 8192 --variants longlora --peer, interleaved rounds, one thread) and compare
+#                   --seq-lens 8192 --variants longlora --peer with the recorded case's settings: torchtune's
+#                   chunked loss, every layer recomputed, untiled; interleaved rounds, one thread) and compare
 #                   ours/peer with scripts/bench_baseline.json: exits 1 with one REGRESSION line when the
 #                   ratio dropped by more than the tolerance (10%), 2 when the run failed or cannot be
 #                   compared (other settings than recorded), 0 otherwise
@@ -49,7 +50,8 @@ if [[ -z "$result" ]]; then
   result="$workdir/bench.json"
   # The bench's tables go to stderr with its progress, so that stdout's last line is the verdict.
   if ! OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 "$PY" -m benchmarks --shape 7b-proxy --seq-lens 8192 \
-      --variants longlora --peer --threads 1 --rounds "$rounds" --repeats "$repeats" --out "$result" >&2; then
+      --variants longlora --peer --threads 1 --rounds "$rounds" --repeats "$repeats" --out "$result" \
+      --losses chunked --checkpoint-layers all --sequence-tile-tokens off >&2; then
     if [[ ! -s "$result" ]]; then
       echo "bench regression: CANNOT COMPARE: the benchmark run failed before writing a result (see above)"
       exit 2

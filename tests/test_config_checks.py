@@ -99,7 +99,8 @@ def test_hf_checkpoint_sections_are_completed_from_the_folder(assets, tmp_path):
     cfg = OmegaConf.load(CONFIGS / "hf_checkpoint.yaml")
     cfg.merge_with_dotlist(
         [f"checkpoint_dir={assets['base']}", f"output_dir={tmp_path / 'o'}",
-         f"dataset.data_files={assets['corpus']}", "max_seq_len=256", "device=cpu", "global_batch_size=8"]
+         f"dataset.data_files={assets['corpus']}", "max_seq_len=256", "device=cpu", "global_batch_size=8",
+         "memory_budget_gib=8"]
     )  # fmt: skip
     assert cc.validate_config(cfg, world_size=8).gradient_accumulation_steps == 1
     # The tiny Llama 2 folder (tokenizer.model): its builder, shapes and tokenizer; the config's keys kept.
@@ -878,13 +879,16 @@ def test_family_eval_configs_match_their_training_config(name):
     [
         (
             {"activation_checkpointing_layers": -1},
-            "activation_checkpointing_layers=-1 must be all or an integer",
+            "activation_checkpointing_layers=-1 must be all, auto or an integer >= 0",
         ),
         (
             {"activation_checkpointing_layers": "half"},
-            "activation_checkpointing_layers='half' must be all or",
+            "activation_checkpointing_layers='half' must be all, auto or",
         ),
-        ({"activation_checkpointing_layers": 1.5}, "activation_checkpointing_layers=1.5 must be all or"),
+        (
+            {"activation_checkpointing_layers": 1.5},
+            "activation_checkpointing_layers=1.5 must be all, auto or",
+        ),
         (
             {"activation_checkpointing_layers": 1, "enable_activation_checkpointing": "false"},
             "activation_checkpointing_layers=1 needs enable_activation_checkpointing=true",
@@ -917,7 +921,7 @@ def test_checkpoint_layer_counts_are_accepted(assets, tmp_path, extra):
 def test_bad_sequence_tile_sizes_are_one_line(assets, tmp_path, value):
     error = _error(_cfg(assets, tmp_path / "o", sequence_tile_tokens=value))
     assert error.startswith("sequence_tile_tokens=") and "\n" not in error
-    assert "must be a positive integer or null (null = off)" in error
+    assert "must be a positive integer, auto or null (null = off)" in error
     assert "the last one shorter when it does not divide batch_size x seq_len" in error
 
 

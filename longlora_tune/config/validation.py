@@ -30,10 +30,13 @@ from longlora_tune.data import check_dataset_source
 from longlora_tune.errors import LongLoRAConfigError, config_error_once_per_node
 from longlora_tune.hf.base import HFBaseModel, download_command
 from longlora_tune.models.families import family_of_builder
-from longlora_tune.models.longlora import LongLoRAModelInfo, describe
+from longlora_tune.models.longlora import LongLoRAModelInfo, describe, model_shape
+from longlora_tune.models.shapes import ModelShape
 from longlora_tune.models.trainable import TRAINABLE_EXTRAS
 from longlora_tune.modules.context_parallel import check_context_parallel
 from longlora_tune.modules.rope_scaling import check_rope_request, rope_for_training
+from longlora_tune.training.activation_checkpointing import parse_checkpoint_layers
+from longlora_tune.training.auto_settings import AUTO, auto_keys, check_auto_settings
 from longlora_tune.training.distributed import resolve_dtype
 from longlora_tune.training.metric_logging import check_metric_logger
 from longlora_tune.training.sequence_tiling import check_tile_tokens
@@ -89,9 +92,12 @@ RECIPE_KEYS: dict[str, str] = {
     "dtype": "bf16 or fp32",
     "fp32_trainable_params": "keep fp32 master copies of the trainable tensors when dtype=bf16",
     "enable_activation_checkpointing": "recompute each decoder layer in backward",
-    "activation_checkpointing_layers": "all, or recompute only the first N decoder layers (plan suggests N)",
-    "enable_activation_offloading": "offload checkpointed activations to CPU (CUDA only)",
-    "sequence_tile_tokens": "run each layer's MLP over tiles of this many tokens (null = off; plan suggests)",
+    "activation_checkpointing_layers": "all, auto (from the memory budget) or recompute only the first N "
+    "decoder layers",
+    "enable_activation_offloading": "offload saved activations to CPU (CUDA only): true, false or auto",
+    "sequence_tile_tokens": "run each layer's MLP over tiles of this many tokens (null = off; auto)",
+    "memory_budget_gib": "GiB per device the auto settings are chosen for (null = the GPU's free memory; "
+    "required on CPU)",
     "fsdp_reshard_after_forward": "FSDP2: free gathered weights after forward",
     "compile": "torch.compile each decoder layer and the loss (longlora_tune.training.compile)",
     # logging
@@ -139,6 +145,8 @@ _BOOL_KEYS = (
     "compile",
     "log_peak_memory_stats",
 )
+#: Keys of :data:`_BOOL_KEYS` that also take ``auto`` (chosen at start-up, ``training.auto_settings``).
+_AUTO_BOOL_KEYS = ("enable_activation_offloading",)
 
 
 def _initials(name: str) -> str:
@@ -304,17 +312,12 @@ def _check_dotted_path(node: DictConfig, key: str) -> None:
 
 
 def _check_checkpoint_layers(cfg: DictConfig) -> None:
-    """``activation_checkpointing_layers`` is ``all`` or an int >= 0, and not a count with checkpointing off.
+    """``activation_checkpointing_layers`` parses, and is not a count with checkpointing off.
 
     The bound by the model's layer count is checked when the layers are wrapped
     (``longlora_tune.training.activation_checkpointing.checkpoint_layer_count``), once the model is built.
     """
-    value = cfg.get("activation_checkpointing_layers", "all")
-    if value != "all" and (not _is_int(value) or value < 0):
-        raise LongLoRAConfigError(
-            f"activation_checkpointing_layers={value!r} must be all or an integer >= 0 "
-            "(the first N decoder layers are recomputed)"
-        )
+    value = parse_checkpoint_layers(cfg.get("activation_checkpointing_layers", "all"))
     if _is_int(value) and value > 0 and cfg.get("enable_activation_checkpointing", True) is False:
         raise LongLoRAConfigError(
             f"activation_checkpointing_layers={value} needs enable_activation_checkpointing=true "
@@ -334,9 +337,12 @@ def check_values(cfg: DictConfig, world_size: int) -> None:
     """
     for key in _BOOL_KEYS:
         if key in cfg and not isinstance(cfg.get(key), bool):
-            raise LongLoRAConfigError(f"{key}={cfg.get(key)!r} must be true or false")
+            if key in _AUTO_BOOL_KEYS and cfg.get(key) == AUTO:
+                continue
+            auto = ", or auto" if key in _AUTO_BOOL_KEYS else ""
+            raise LongLoRAConfigError(f"{key}={cfg.get(key)!r} must be true or false{auto}")
     _check_checkpoint_layers(cfg)
-    check_tile_tokens(cfg.get("sequence_tile_tokens", None))
+    check_tile_tokens(cfg.get("sequence_tile_tokens", None), allow_auto=True)
     for key in ("output_dir", "checkpoint_dir"):
         if not isinstance(cfg.get(key, ""), str):
             raise LongLoRAConfigError(f"{key}={cfg.get(key)!r} must be a folder path")
@@ -391,7 +397,8 @@ def check_values(cfg: DictConfig, world_size: int) -> None:
         if key in cfg.dataset and not isinstance(cfg.dataset.get(key), bool):
             raise LongLoRAConfigError(f"dataset.{key}={cfg.dataset.get(key)!r} must be true or false")
     _check_int(cfg.dataset, "num_proc", 1, prefix="dataset.", nullable=True)
-    _check_int(cfg.loss, "num_output_chunks", 1, prefix="loss.", nullable=False)
+    if cfg.loss.get("num_output_chunks", None) != AUTO:
+        _check_int(cfg.loss, "num_output_chunks", 1, prefix="loss.", nullable=False, fix="or auto")
     # LoRA: rank 0 would only fail when the weights load (a shape mismatch deep in FSDP2), a dropout
     # outside [0, 1) in torch's Dropout with the builder's argument name.
     _check_int(cfg.model, "lora_rank", 1, prefix="model.", nullable=False, fix="LoRA rank, 8 in LongLoRA")
@@ -912,6 +919,10 @@ class CheckedConfig(NamedTuple):
         epochs: passes over the data, or None when the run is set in ``max_steps``.
         training_length: tokens per training sequence (None: the config sets none).
         model: the built model's S² group, RoPE setting and LoRA settings.
+        shape: the built model's sizes (:func:`~longlora_tune.models.longlora.model_shape`) when a memory
+            lever is ``auto`` (the planner needs them), else None.
+        device: ``cpu`` or ``cuda``, the device the run trains on.
+        auto: the memory levers set to ``auto`` (chosen at start-up, ``longlora_tune.auto_choice``).
     """
 
     world_size: int
@@ -923,6 +934,9 @@ class CheckedConfig(NamedTuple):
     epochs: Optional[int]
     training_length: Optional[int]
     model: LongLoRAModelInfo
+    shape: Optional[ModelShape] = None
+    device: str = "cpu"
+    auto: tuple[str, ...] = ()
 
     def summary(self) -> str:
         """One line: training length, S² group, RoPE, LoRA, ranks and batch, run length.
@@ -944,6 +958,7 @@ class CheckedConfig(NamedTuple):
             f"({data} data x {self.context_parallel_degree} context parallel): global batch "
             f"{self.global_batch_size} = {self.batch_size} per rank x {data} x "
             f"{self.gradient_accumulation_steps} accumulation steps, {run}"
+            + (f"; chosen at start-up for the memory budget: {', '.join(self.auto)}" if self.auto else "")
         )
 
 
@@ -1018,17 +1033,21 @@ def validate_config(cfg: DictConfig, world_size: int) -> CheckedConfig:
     device = cfg.get("device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise LongLoRAConfigError("device=cuda but no CUDA device is available; set device=cpu for CPU")
-    if cfg.get("enable_activation_offloading", False) and device != "cuda":
+    if cfg.get("enable_activation_offloading", False) is True and device != "cuda":
         raise LongLoRAConfigError(
-            "enable_activation_offloading=true needs device=cuda; set it to false on CPU"
+            "enable_activation_offloading=true needs device=cuda; set it to false (or auto) on CPU"
         )
+    check_auto_settings(cfg, device)
     if device == "cpu" and cfg.model.get("s2_backend", "auto") == "flex":
         # torch refuses FlexAttention's backward on CPU; fail here rather than at the first step.
         raise LongLoRAConfigError(
             "model.s2_backend=flex cannot train on CPU (no FlexAttention backward there); use sdpa or auto"
         )
     dtype = resolve_dtype(cfg.get("dtype", "bf16"), torch.device(device))
-    info = build_meta_model(cfg, HFBaseModel.read(cfg.checkpoint_dir, repo_id=repo), dtype).info
+    built = build_meta_model(cfg, HFBaseModel.read(cfg.checkpoint_dir, repo_id=repo), dtype)
+    # The planner's view of the model, read from the built modules, for the auto settings.
+    auto = tuple(auto_keys(cfg))
+    shape = model_shape(built.model) if auto else None
     check_metric_logger(cfg.get("metric_logger", None))
     check_dataset_source(cfg.dataset)
     return CheckedConfig(
@@ -1040,7 +1059,10 @@ def validate_config(cfg: DictConfig, world_size: int) -> CheckedConfig:
         max_steps=max_steps,
         epochs=epochs,
         training_length=training_length(cfg),
-        model=info,
+        model=built.info,
+        shape=shape,
+        device=device,
+        auto=auto,
     )
 
 

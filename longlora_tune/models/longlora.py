@@ -15,15 +15,16 @@ import torch
 from torch import nn
 from torchtune.models.llama3_1 import Llama3ScaledRoPE
 from torchtune.models.qwen2 import Qwen2RotaryPositionalEmbeddings
-from torchtune.modules import MultiHeadAttention, RotaryPositionalEmbeddings
+from torchtune.modules import MultiHeadAttention, RotaryPositionalEmbeddings, TiedLinear
 
 from longlora_tune._compat import attention_call, set_attention_call
 from longlora_tune.errors import LongLoRAConfigError
+from longlora_tune.models.shapes import FamilyShape, ModelShape
 from longlora_tune.modules.position_interpolation import LinearScaledRotaryPositionalEmbeddings
 from longlora_tune.modules.rope_scaling import SCALED_ROPE_MODULES, RopeScaling
 from longlora_tune.modules.s2_attention import S2Attention, S2AttentionConfig
 
-__all__ = ["LongLoRAModelInfo", "apply_longlora", "describe"]
+__all__ = ["LongLoRAModelInfo", "apply_longlora", "describe", "model_shape"]
 
 
 def apply_longlora(
@@ -203,3 +204,42 @@ def describe(model: nn.Module) -> LongLoRAModelInfo:
         max_seq_len=int(max_seq_len) if max_seq_len is not None else None,
         rope=None if None in settings else _one(settings, "RoPE settings"),  # type: ignore[arg-type]
     )
+
+
+def model_shape(model: nn.Module) -> ModelShape:
+    """The sizes of a built torchtune decoder (meta-device parameters are fine), as the planner takes them.
+
+    Read from the modules, never from the config that built them: vocabulary and hidden size from the token
+    embedding, heads from the attention modules, the SwiGLU width from the first layer's ``w1``, the head
+    tied to the embedding (torchtune's ``TiedLinear``) and q/k/v biases.
+
+    Args:
+        model: A torchtune ``TransformerDecoder`` (LoRA, QLoRA and LongLoRA transforms included).
+
+    Returns:
+        The shape: a :class:`~longlora_tune.models.shapes.FamilyShape` when the head is tied or q/k/v have
+        biases (its RoPE and norm fields stay at their defaults: memory and FLOPs do not depend on them).
+
+    Raises:
+        ValueError: If ``model`` has no decoder layers with ``MultiHeadAttention`` and an MLP ``w1``.
+    """
+    layers = list(getattr(model, "layers", ()))
+    attn = getattr(layers[0], "attn", None) if layers else None
+    w1 = getattr(getattr(layers[0], "mlp", None), "w1", None) if layers else None
+    if not isinstance(attn, MultiHeadAttention) or w1 is None:
+        raise ValueError(f"{type(model).__name__} is not a torchtune decoder with attention and MLP layers")
+    q_proj = attn.q_proj
+    # LoRALinear keeps its bias flag; a plain Linear has a bias tensor or None.
+    bias = getattr(q_proj, "use_bias", getattr(q_proj, "bias", None) is not None)
+    sizes = (
+        int(model.tok_embeddings.num_embeddings),
+        len(layers),
+        int(attn.num_heads),
+        int(attn.num_kv_heads),
+        int(attn.embed_dim),
+        int(w1.out_features),
+    )
+    tied = isinstance(model.output, TiedLinear)
+    if not (tied or bias):
+        return ModelShape(*sizes)
+    return FamilyShape(*sizes, tie_word_embeddings=tied, qkv_bias=bool(bias))

@@ -29,6 +29,7 @@ __all__ = [
     "memory_per_gpu",
     "nf4_bytes",
     "parameter_counts",
+    "quantizable",
 ]
 
 #: CUDA context, cuBLAS and NCCL workspaces: resident on the GPU but outside the caching allocator.
@@ -140,6 +141,19 @@ def nf4_bytes(numel: int, dtype: str = "bf16") -> int:
         raise ValueError(f"NF4 needs a positive multiple of {group} weights, got {numel}")
     e = DTYPE_BYTES[dtype]
     return numel // 2 + numel // NF4_BLOCK_SIZE + (numel // group) * e + 17 * e
+
+
+def quantizable(shape: ModelShape) -> bool:
+    """Whether torchao can hold the model's layer matrices in NF4 (whole scale groups), i.e. QLoRA applies.
+
+    Args:
+        shape: Model sizes.
+
+    Returns:
+        True when every NF4 matrix of a layer is a positive multiple of the scale group.
+    """
+    group = NF4_BLOCK_SIZE * NF4_SCALER_BLOCK_SIZE
+    return all(n > 0 and n % group == 0 for n in _nf4_layer_matrices(shape))
 
 
 def _nf4_layer_matrices(shape: ModelShape) -> list[int]:

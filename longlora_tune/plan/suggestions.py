@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from longlora_tune.plan.facts import GIB
+from longlora_tune.plan.memory import quantizable
 from longlora_tune.plan.scenario import Scenario
 
 __all__ = [
@@ -134,7 +135,7 @@ def _candidates(scenario: Scenario) -> list[tuple[str, dict[str, Any]]]:
     chunks = loss_chunks_for(s)
     if chunks > s.loss_chunks:
         candidates.append((f"loss.num_output_chunks={chunks} (smaller loss chunks)", {"loss_chunks": chunks}))
-    if not s.quantize_base:
+    if not s.quantize_base and quantizable(s.shape):
         candidates.append(("model.quantize_base=true (QLoRA: NF4 base weights)", {"quantize_base": True}))
     if s.sequence_tile_tokens is None:
         candidates.append(
@@ -336,7 +337,7 @@ def cheapest_levers(scenario: Scenario, levers: Sequence[str] = LEVERS) -> Lever
     planned_tile = s.sequence_tile_tokens
     tiles = options("sequence_tile_tokens", [None, planned_tile or SUGGESTED_TILE_TOKENS])
     best: tuple[tuple[Any, ...], LeverChoice] | None = None
-    for qlora in options("quantize_base", [False, True]):
+    for qlora in options("quantize_base", [False, True] if quantizable(s.shape) else [False]):
         for offload in options("activation_offloading", [False, True]):
             for fused in options("linear_ce", [False, True]):
                 for tile in tiles:

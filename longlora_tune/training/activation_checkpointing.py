@@ -35,11 +35,12 @@ import contextlib
 import contextvars
 import functools
 from collections.abc import Iterator
-from typing import Union
+from typing import Any, Union
 
 from torch import nn
 
 from longlora_tune.errors import LongLoRAConfigError
+from longlora_tune.training.auto_settings import AUTO
 
 __all__ = [
     "ALL_LAYERS",
@@ -47,6 +48,7 @@ __all__ = [
     "checkpoint_layer_count",
     "decoder_layers",
     "is_recomputing",
+    "parse_checkpoint_layers",
 ]
 
 #: The ``activation_checkpointing_layers`` value that checkpoints every decoder layer (the default).
@@ -83,31 +85,60 @@ def _checkpoint_contexts() -> tuple[contextlib.AbstractContextManager, contextli
     return contextlib.nullcontext(), _recomputation()
 
 
+def parse_checkpoint_layers(value: Any, *, allow_auto: bool = True) -> Union[int, str, None]:
+    """The one parser of an ``activation_checkpointing_layers`` value (config, recipe, benchmark, CLIs).
+
+    Args:
+        value: ``"all"`` or None (every layer), ``"auto"`` (chosen at start-up from the memory budget,
+            :mod:`longlora_tune.training.auto_settings`), or a count N >= 0 as an int or a string of digits
+            (a command-line argument).
+        allow_auto: Whether ``"auto"`` is accepted; where a resolved count is needed (wrapping the layers)
+            it is not.
+
+    Returns:
+        None for every layer, ``"auto"``, or the count N.
+
+    Raises:
+        LongLoRAConfigError: One line naming the key and the accepted values.
+    """
+    if value is None or value == ALL_LAYERS:
+        return None
+    if value == AUTO and allow_auto:
+        return AUTO
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        accepted = "all, auto or an integer >= 0" if allow_auto else "all or an integer >= 0"
+        unresolved = " (auto is resolved at start-up, before the layers are wrapped)" if value == AUTO else ""
+        raise LongLoRAConfigError(
+            f"{_KEY}={value!r} must be {accepted} (the first N decoder layers are recomputed){unresolved}"
+        )
+    return value
+
+
 def checkpoint_layer_count(setting: LayerSetting, num_layers: int) -> int:
     """The number of decoder layers to checkpoint for an ``activation_checkpointing_layers`` value.
 
     Args:
-        setting: ``"all"`` or None (every layer), or an int in ``[0, num_layers]``.
+        setting: ``"all"`` or None (every layer), or an int in ``[0, num_layers]`` (``"auto"`` resolved).
         num_layers: Decoder layers of the model.
 
     Returns:
         The count N (the first N layers are checkpointed).
 
     Raises:
-        LongLoRAConfigError: If ``setting`` is neither ``"all"`` nor an int in ``[0, num_layers]``.
+        LongLoRAConfigError: If ``setting`` is not accepted by :func:`parse_checkpoint_layers` (``"auto"``
+            included) or is more than ``num_layers``.
     """
-    if setting is None or setting == ALL_LAYERS:
+    count = parse_checkpoint_layers(setting, allow_auto=False)
+    if count is None:
         return num_layers
-    if isinstance(setting, bool) or not isinstance(setting, int) or setting < 0:
+    if count > num_layers:
         raise LongLoRAConfigError(
-            f"{_KEY}={setting!r} must be 'all' or an integer >= 0 (the first N decoder layers are recomputed)"
-        )
-    if setting > num_layers:
-        raise LongLoRAConfigError(
-            f"{_KEY}={setting} is more than the model's {num_layers} decoder layers; "
+            f"{_KEY}={count} is more than the model's {num_layers} decoder layers; "
             f"use at most {num_layers} or 'all'"
         )
-    return setting
+    return count
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -146,7 +177,7 @@ def apply_activation_checkpointing(model: nn.Module, layers: LayerSetting = ALL_
 
     found = decoder_layers(model)
     if not found and layers != 0:
-        checkpoint_layer_count(layers, 1)  # a bad value is reported as such first
+        parse_checkpoint_layers(layers, allow_auto=False)  # a bad value is reported as such first
         raise LongLoRAConfigError(
             f"activation checkpointing: {type(model).__name__} has no torchtune "
             "TransformerSelfAttentionLayer; set enable_activation_checkpointing=false"

@@ -59,7 +59,7 @@ shards.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 from torch import nn
@@ -67,6 +67,7 @@ from torchtune.modules import TransformerSelfAttentionLayer
 
 from longlora_tune.errors import LongLoRAConfigError
 from longlora_tune.training.activation_checkpointing import decoder_layers, is_recomputing
+from longlora_tune.training.auto_settings import AUTO
 
 __all__ = [
     "SequenceTiledLayer",
@@ -78,23 +79,28 @@ __all__ = [
 _KEY = "sequence_tile_tokens"
 
 
-def check_tile_tokens(value: Any) -> Optional[int]:
-    """The one rule for a ``sequence_tile_tokens`` value: null (off) or a positive int.
+def check_tile_tokens(value: Any, *, allow_auto: bool = False) -> Union[int, str, None]:
+    """The one rule for a ``sequence_tile_tokens`` value: null (off), a positive int, or ``auto``.
 
     Args:
         value: The config value.
+        allow_auto: Whether ``auto`` (chosen at start-up, :mod:`longlora_tune.training.auto_settings`) is
+            accepted; where a tile size is needed it is not.
 
     Returns:
-        The tile size T, or None when tiling is off.
+        The tile size T, None when tiling is off, or ``"auto"``.
 
     Raises:
-        LongLoRAConfigError: If ``value`` is neither null nor a positive int (one line naming the key).
+        LongLoRAConfigError: If ``value`` is none of those (one line naming the key).
     """
     if value is None:
         return None
+    if value == AUTO and allow_auto:
+        return AUTO
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        accepted = "a positive integer, auto or null" if allow_auto else "a positive integer or null"
         raise LongLoRAConfigError(
-            f"{_KEY}={value!r} must be a positive integer or null (null = off); the MLP then runs over "
+            f"{_KEY}={value!r} must be {accepted} (null = off); the MLP then runs over "
             "tiles of that many tokens, the last one shorter when it does not divide batch_size x seq_len"
         )
     return value

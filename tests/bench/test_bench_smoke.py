@@ -18,6 +18,9 @@ from benchmarks.train_step import Case, detect_peak_tflops, resolve_shape, run_c
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "gpu_check.sh"
+#: Every lever of ours given (torchtune's chunked loss, every layer recomputed, untiled): the cases whose
+#: labels and numbers these tests compare do not depend on the auto choice.
+FIXED = ["--losses", "chunked", "--checkpoint-layers", "all", "--sequence-tile-tokens", "off"]
 
 
 def test_run_case_one_step_each_variant():
@@ -55,6 +58,7 @@ def test_cli_in_process_writes_table_and_json(tmp_path, capsys):
             "2",
             "--out",
             str(out),
+            *FIXED,
         ]
     )
     table = capsys.readouterr().out
@@ -123,7 +127,11 @@ def test_gpu_check_dry_run(tmp_path):
     bench = json.loads((tmp_path / "bench_64.json").read_text())
     assert {r["variant"] for r in bench["results"]} == {"longlora", "full_attn", "lora", "peer"}
     # Ours with every layer recomputed and with none, each against the peer.
-    assert [q["ours"] for q in bench["peer"]] == ["longlora[sdpa]", "longlora[sdpa]+ac0"]
+    # (The fused loss is ours by default.)
+    assert [q["ours"] for q in bench["peer"]] == [
+        "longlora[sdpa]+fused-loss",
+        "longlora[sdpa]+fused-loss+ac0",
+    ]
     assert "flash-attn" in (tmp_path / "gpu_check.log").read_text()
     assert "PASS sdpa" in logs["backend_check.log"]
 
@@ -132,7 +140,7 @@ def test_cli_compile_measures_eager_and_compiled(monkeypatch, capsys):
     # aot_eager: dynamo + AOTAutograd without inductor's C++ codegen, so the smoke test stays fast.
     monkeypatch.setenv("TORCH_COMPILE_BACKEND", "aot_eager")
     argv = ["--shape", "tiny", "--seq-lens", "32", "--repeats", "1", "--device", "cpu", "--in-process"]
-    results = bench_main([*argv, "--loss-chunks", "2", "--variants", "longlora", "--compile"])
+    results = bench_main([*argv, "--loss-chunks", "2", "--variants", "longlora", "--compile", *FIXED])
     table = capsys.readouterr().out
     assert [r["compile"] for r in results] == [False, True]
     eager, compiled = results
@@ -145,7 +153,7 @@ def test_cli_compile_measures_eager_and_compiled(monkeypatch, capsys):
 def test_cli_profile_prints_top_operators_of_ours_and_the_peer(capsys):
     results = bench_main(
         ["--shape", "tiny", "--seq-lens", "32", "--repeats", "1", "--device", "cpu", "--in-process"]
-        + ["--variants", "longlora", "--peer", "--loss-chunks", "2", "--profile", "5"]
+        + ["--variants", "longlora", "--peer", "--loss-chunks", "2", "--profile", "5", *FIXED]
     )
     table = capsys.readouterr().out
     assert [r["variant"] for r in results] == ["longlora", "peer"]
@@ -181,7 +189,7 @@ def test_fused_loss_case_trains_like_the_chunked_loss():
 def test_fused_lora_case_trains_like_torchtune_lora(capsys):
     results = bench_main(
         ["--shape", "tiny", "--seq-lens", "32", "--repeats", "2", "--device", "cpu", "--in-process"]
-        + ["--variants", "longlora", "--loss-chunks", "2", "--lora-impls", "torchtune", "fused"]
+        + ["--variants", "longlora", "--loss-chunks", "2", "--lora-impls", "torchtune", "fused", *FIXED]
     )
     assert [r["lora_impl"] for r in results] == ["torchtune", "fused"]
     assert results[1]["loss"] == pytest.approx(results[0]["loss"], rel=1e-5)
@@ -192,7 +200,8 @@ def test_checkpoint_layers_cases_train_alike_and_the_peer_recomputes_every_layer
     # tiny has 2 layers: all, the first 1, none. Recomputation changes the schedule, never the numbers.
     results = bench_main(
         ["--shape", "tiny", "--seq-lens", "32", "--repeats", "2", "--device", "cpu", "--in-process"]
-        + ["--variants", "longlora", "--peer", "--loss-chunks", "2", "--checkpoint-layers", "all", "1", "0"]
+        + ["--variants", "longlora", "--peer", "--loss-chunks", "2", "--losses", "chunked"]
+        + ["--sequence-tile-tokens", "off", "--checkpoint-layers", "all", "1", "0"]
     )
     table = capsys.readouterr().out
     assert [(r["variant"], r["checkpoint_layers"]) for r in results] == [
@@ -213,8 +222,14 @@ def test_checkpoint_layers_cases_train_alike_and_the_peer_recomputes_every_layer
     ("extra", "message"),
     [
         (["--checkpoint-layers", "3"], "--checkpoint-layers 3 is more than the tiny shape's 2 layers"),
-        (["--checkpoint-layers", "-1"], "-1 is negative"),
-        (["--checkpoint-layers", "some"], "'some' is neither 'all' nor an integer"),
+        (
+            ["--checkpoint-layers", "-1"],
+            "activation_checkpointing_layers='-1' must be all, auto or an integer >= 0",
+        ),
+        (
+            ["--checkpoint-layers", "some"],
+            "activation_checkpointing_layers='some' must be all, auto or an integer",
+        ),
         (["--checkpoint-layers", "1", "--no-activation-checkpointing"], "needs activation checkpointing"),
     ],
 )
@@ -250,7 +265,17 @@ def test_sequence_tile_cases_train_alike_and_count_the_tiles_rerun(capsys):
     # tiny at 32 tokens: untiled, and tiles of 24 (a shorter last tile). Tiling reruns the MLPs in backward.
     results = bench_main(
         ["--shape", "tiny", "--seq-lens", "32", "--repeats", "2", "--device", "cpu", "--in-process"]
-        + ["--variants", "longlora", "--loss-chunks", "2", "--sequence-tile-tokens", "off", "24"]
+        + [
+            "--variants",
+            "longlora",
+            "--loss-chunks",
+            "2",
+            "--losses",
+            "chunked",
+            "--checkpoint-layers",
+            "all",
+        ]
+        + ["--sequence-tile-tokens", "off", "24"]
     )
     assert [r["sequence_tile_tokens"] for r in results] == [None, 24]
     assert all("error" not in r for r in results)
@@ -261,10 +286,45 @@ def test_sequence_tile_cases_train_alike_and_count_the_tiles_rerun(capsys):
 
 
 @pytest.mark.parametrize(
-    ("value", "message"), [("0", "0 is not a positive number of tokens"), ("x", "'x' is")]
+    ("value", "message"),
+    [
+        ("0", "sequence_tile_tokens=0 must be a positive integer, auto or null"),
+        ("x", "sequence_tile_tokens='x' must be a positive integer, auto or null"),
+    ],
 )
 def test_sequence_tile_bad_values_are_one_line_errors(value, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         bench_main(["--shape", "tiny", "--device", "cpu", "--sequence-tile-tokens", value])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_ours_defaults_to_the_fused_loss_and_auto_levers(capsys):
+    from benchmarks.__main__ import _cases, _parse
+    from longlora_tune.plan import plan
+    from longlora_tune.plan.facts import GIB
+
+    def ours(*extra: str):
+        argv = ["--shape", "tiny", "--seq-lens", "32", "--device", "cpu", "--variants", "longlora", *extra]
+        (case,) = _cases(_parse(argv))
+        return case.loss_impl, case.checkpoint_layers, case.sequence_tile_tokens
+
+    # Plenty of memory: nothing recomputed, untiled, the fused loss.
+    assert ours("--memory-budget-gib", "64") == ("fused", 0, None)
+    # Between the planner's peaks without and with the first layer checkpointed: that layer is recomputed.
+    peaks = plan(
+        resolve_shape("tiny"), 32, gpus=1, dtype="fp32", linear_ce=True, suggest=False
+    ).checkpoint_layers_peak_bytes
+    budget = (peaks[0] + peaks[1]) / 2 / GIB
+    assert ours("--memory-budget-gib", str(budget)) == ("fused", 1, None)
+    # A lever named on the command line is kept.
+    assert ours("--memory-budget-gib", "64", "--checkpoint-layers", "all", "--losses", "chunked") == (
+        "chunked",
+        None,
+        None,
+    )
+    # Nothing fits: one line, exit code 2.
+    with pytest.raises(SystemExit) as exit_info:
+        bench_main(["--shape", "tiny", "--seq-lens", "32", "--device", "cpu", "--memory-budget-gib", "0.5"])
+    assert exit_info.value.code == 2
+    assert "auto levers: nothing fits --memory-budget-gib 0.5 at 32 tokens" in capsys.readouterr().err

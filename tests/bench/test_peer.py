@@ -56,7 +56,10 @@ def test_peer_case_trains_lora_embeddings_and_norms():
 def test_cli_peer_writes_the_comparison(tmp_path, capsys):
     out = tmp_path / "bench.json"
     argv = ["--shape", "tiny", "--seq-lens", "32", "--repeats", "1", "--device", "cpu", "--in-process"]
-    results = bench_main([*argv, "--variants", "longlora", "--peer", "--loss-chunks", "2", "--out", str(out)])
+    fixed = ["--losses", "chunked", "--checkpoint-layers", "all", "--sequence-tile-tokens", "off"]
+    results = bench_main(
+        [*argv, "--variants", "longlora", "--peer", "--loss-chunks", "2", "--out", str(out), *fixed]
+    )
     assert [r["variant"] for r in results] == ["longlora", "peer"]
     table = capsys.readouterr().out
     assert "| 32 | longlora[sdpa] |" in table and "ours/peer best" in table

@@ -81,5 +81,5 @@ def test_tiled_steps_with_context_parallelism(assets, untiled, tmp_path):
 def test_a_bad_tile_size_is_one_line(assets, tmp_path):
     with pytest.raises(RecipeFailed) as err:
         _run(assets, tmp_path / "o", sequence_tile_tokens=0)
-    assert err.value.message.startswith("sequence_tile_tokens=0 must be a positive integer or null")
+    assert err.value.message.startswith("sequence_tile_tokens=0 must be a positive integer, auto or null")
     assert err.value.code == 2

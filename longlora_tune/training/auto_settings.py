@@ -1,0 +1,168 @@
+"""``auto`` memory levers: which keys take it, the memory budget they are chosen for, writing the choice back.
+
+Four recipe keys may be ``auto``:
+
+* ``activation_checkpointing_layers`` (the first N decoder layers recomputed),
+* ``loss.num_output_chunks`` (with :class:`~longlora_tune.modules.linear_ce.ChunkedLinearCrossEntropyLoss`,
+  whose chunk count sets how many logits exist at once),
+* ``sequence_tile_tokens`` (the MLP blocks over tiles of T tokens, or off),
+* ``enable_activation_offloading`` (torchtune's offloading of saved activations; CUDA only, so never
+  chosen on CPU).
+
+The recipe replaces them at start-up, before ``output_dir`` is touched, by the fastest settings the planner
+says fit the budget (:func:`longlora_tune.auto_choice.resolve_auto_settings`), so the config it logs and
+checkpoints holds numbers. This module holds what needs no planner: the keys, the up-front checks
+(:func:`check_auto_settings`, part of ``validate_config``), the budget (:func:`memory_budget`) and writing a
+choice into the config (:func:`apply_settings`). The budget is ``memory_budget_gib`` when set; otherwise, on
+CUDA, the least free memory (``torch.cuda.mem_get_info``) over the ranks, so that every rank makes the same
+choice; CPU runs must set ``memory_budget_gib``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+from omegaconf import DictConfig, OmegaConf
+
+from longlora_tune.errors import LongLoRAConfigError
+
+__all__ = [
+    "AUTO",
+    "AUTO_KEYS",
+    "BUDGET_KEY",
+    "LINEAR_CE_LOSS",
+    "MemoryBudget",
+    "apply_settings",
+    "auto_keys",
+    "check_auto_settings",
+    "memory_budget",
+]
+
+#: The value of a memory lever chosen at start-up.
+AUTO = "auto"
+
+#: The recipe keys (dotted) that may be ``auto``, in the order their choices are logged.
+AUTO_KEYS = (
+    "activation_checkpointing_layers",
+    "loss.num_output_chunks",
+    "sequence_tile_tokens",
+    "enable_activation_offloading",
+)
+
+#: The top-level key that gives the budget in GiB (required on CPU when a lever is ``auto``).
+BUDGET_KEY = "memory_budget_gib"
+
+#: The loss whose chunk count changes the memory (torchtune's chunked loss keeps every chunk's
+#: log-probabilities, so more chunks save nothing).
+LINEAR_CE_LOSS = "longlora_tune.modules.linear_ce.ChunkedLinearCrossEntropyLoss"
+
+_GIB = 1024**3
+
+
+def auto_keys(cfg: DictConfig) -> list[str]:
+    """The keys of :data:`AUTO_KEYS` whose value in ``cfg`` is ``auto``.
+
+    Args:
+        cfg: The recipe config.
+
+    Returns:
+        Those keys, in :data:`AUTO_KEYS` order.
+    """
+    return [key for key in AUTO_KEYS if OmegaConf.select(cfg, key, default=None) == AUTO]
+
+
+def check_auto_settings(cfg: DictConfig, device_type: str) -> None:
+    """The up-front checks of the ``auto`` levers and of ``memory_budget_gib``.
+
+    Args:
+        cfg: The recipe config.
+        device_type: ``"cpu"`` or ``"cuda"``, the device the run trains on.
+
+    Raises:
+        LongLoRAConfigError: On a budget that is not a positive number, ``loss.num_output_chunks=auto`` with
+            another loss than :data:`LINEAR_CE_LOSS`, or an ``auto`` lever on CPU without a budget.
+    """
+    budget = cfg.get(BUDGET_KEY, None)
+    if budget is not None and (
+        isinstance(budget, bool)
+        or not isinstance(budget, (int, float))
+        or not math.isfinite(budget)
+        or budget <= 0
+    ):
+        raise LongLoRAConfigError(
+            f"{BUDGET_KEY}={budget!r} must be a positive number of GiB or null (null = the GPU's free memory)"
+        )
+    keys = auto_keys(cfg)
+    if "loss.num_output_chunks" in keys and cfg.loss.get("_component_", None) != LINEAR_CE_LOSS:
+        raise LongLoRAConfigError(
+            f"loss.num_output_chunks=auto needs loss._component_={LINEAR_CE_LOSS} (with "
+            f"{cfg.loss.get('_component_', None)} more chunks save no memory); give a number, e.g. 8"
+        )
+    if keys and device_type != "cuda" and budget is None:
+        raise LongLoRAConfigError(
+            f"{keys[0]}=auto on {device_type} needs {BUDGET_KEY} (the GiB the run may use; on CUDA it is "
+            f"the GPU's free memory); set {BUDGET_KEY}=N or give {keys[0]} a value"
+        )
+
+
+class MemoryBudget(NamedTuple):
+    """The memory the ``auto`` levers are chosen for.
+
+    Attributes:
+        gib: The budget per device in GiB.
+        source: Where it comes from, for the log line (``memory_budget_gib``, or the GPU's free memory).
+    """
+
+    gib: float
+    source: str
+
+
+def memory_budget(cfg: DictConfig, device: Any) -> MemoryBudget:
+    """The budget of this run: ``memory_budget_gib``, else the least free CUDA memory over the ranks.
+
+    Call it on every rank once the process group exists (on CUDA the ranks agree on the least free memory,
+    so they all choose the same settings).
+
+    Args:
+        cfg: The recipe config (checked by :func:`check_auto_settings`).
+        device: The ``torch.device`` this rank trains on.
+
+    Returns:
+        The budget.
+
+    Raises:
+        LongLoRAConfigError: Without ``memory_budget_gib`` on a device other than CUDA.
+    """
+    budget = cfg.get(BUDGET_KEY, None)
+    if budget is not None:
+        return MemoryBudget(float(budget), BUDGET_KEY)
+    if device.type != "cuda":
+        raise LongLoRAConfigError(f"auto settings on {device.type} need {BUDGET_KEY}; set {BUDGET_KEY}=N")
+    import torch
+    import torch.distributed as dist
+
+    free, _ = torch.cuda.mem_get_info(device)
+    least = torch.tensor(float(free), device=device, dtype=torch.float64)
+    ranks = 1
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(least, op=dist.ReduceOp.MIN)
+        ranks = dist.get_world_size()
+    where = "free GPU memory" + (f", least of {ranks} ranks" if ranks > 1 else "")
+    return MemoryBudget(float(least.item()) / _GIB, where)
+
+
+def apply_settings(cfg: DictConfig, settings: dict[str, Any]) -> None:
+    """Write chosen values into the config, in place (so the logged and checkpointed config holds them).
+
+    Args:
+        cfg: The recipe config.
+        settings: Dotted recipe keys (:data:`AUTO_KEYS`) -> values.
+
+    Raises:
+        KeyError: For a key outside :data:`AUTO_KEYS`.
+    """
+    for key, value in settings.items():
+        if key not in AUTO_KEYS:
+            raise KeyError(f"{key} is not an auto setting; use one of {AUTO_KEYS}")
+        OmegaConf.update(cfg, key, value, merge=False)

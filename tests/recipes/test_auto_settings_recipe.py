@@ -1,0 +1,120 @@
+"""``auto`` memory levers in the longlora_distributed recipe (tiny Llama 2, CPU, ``memory_budget_gib``).
+
+A run with ``auto`` logs one line per choice, trains, and gives the losses of the same run with the chosen
+values written in the config; a budget between the planner's peaks for N = 1 and N = 0 checkpointed layers
+chooses N = 1; a budget nothing fits stops before ``output_dir`` exists.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+from lever_runs import TINY, assert_same_losses, make_lever_assets, run_steps
+from omegaconf import OmegaConf
+from recipe_runner import RecipeFailed
+from test_longlora_distributed import _env, _losses, _overrides, _recipe_cmd
+
+from longlora_tune.auto_choice import plan_arguments
+from longlora_tune.config.validation import validate_config
+from longlora_tune.plan import plan
+from longlora_tune.plan.facts import GIB
+from longlora_tune.training.auto_settings import LINEAR_CE_LOSS
+
+REPO = Path(__file__).resolve().parents[2]
+STEPS = 2
+AUTO = {
+    "activation_checkpointing_layers": "auto",
+    "sequence_tile_tokens": "auto",
+    "enable_activation_offloading": "auto",
+    "loss._component_": LINEAR_CE_LOSS,
+    "loss.num_output_chunks": "auto",
+    "device": "cpu",
+}
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> dict[str, Path]:
+    return make_lever_assets(tmp_path_factory.mktemp("auto"))
+
+
+def _peaks(assets: dict[str, Path], out: Path) -> list[float]:
+    """The planner's peak (GiB) of this run for N = 0, 1, 2 checkpointed layers, untiled, 8 loss chunks."""
+    cfg = OmegaConf.load(TINY)
+    cfg.merge_with_dotlist(_overrides(assets, out, memory_budget_gib=64, **AUTO))
+    kwargs = plan_arguments(cfg, validate_config(cfg, world_size=1))
+    return [b / GIB for b in plan(**kwargs, gpu_memory_gib=64).checkpoint_layers_peak_bytes]
+
+
+def test_auto_levers_train_with_the_losses_of_the_chosen_values(assets, tmp_path, caplog):
+    peaks = _peaks(assets, tmp_path / "plan")
+    # With the first layers checkpointed the peak is lower than with none (and than with all).
+    assert peaks[1] < peaks[0] and peaks[1] < peaks[2]
+    budget = (peaks[0] + max(peaks[1], peaks[2])) / 2  # N = 0 does not fit, N = 1 does
+    caplog.set_level("INFO")
+    auto = run_steps(assets, tmp_path / "auto", steps=STEPS, memory_budget_gib=budget, **AUTO)
+    assert "auto: activation_checkpointing_layers=1 (planner peak " in caplog.text
+    assert "auto: loss.num_output_chunks=8 (" in caplog.text
+    assert "auto: sequence_tile_tokens=null (" in caplog.text
+    assert "auto: enable_activation_offloading=false (" in caplog.text
+    assert "Activation checkpointing: 1 decoder layer(s)" in caplog.text
+    explicit = run_steps(
+        assets,
+        tmp_path / "explicit",
+        steps=STEPS,
+        **{
+            **AUTO,
+            "activation_checkpointing_layers": 1,
+            "sequence_tile_tokens": "null",
+            "enable_activation_offloading": "false",
+            "loss.num_output_chunks": 8,
+        },
+    )
+    assert_same_losses(auto, explicit, steps=STEPS, rel=1e-12)
+    # The run's saved config holds the chosen numbers, not "auto".
+    saved = OmegaConf.load(next((tmp_path / "auto" / "checkpoints").glob("*/config.yaml")))
+    assert saved.activation_checkpointing_layers == 1 and saved.loss.num_output_chunks == 8
+
+
+def test_a_larger_budget_recomputes_nothing(assets, tmp_path, caplog):
+    caplog.set_level("INFO")
+    run_steps(assets, tmp_path / "o", steps=1, memory_budget_gib=64, **AUTO)
+    assert "auto: activation_checkpointing_layers=0 (planner peak " in caplog.text
+    assert "Activation checkpointing: 0 decoder layer(s)" in caplog.text
+
+
+def test_a_budget_nothing_fits_stops_before_output_dir(assets, tmp_path):
+    out = tmp_path / "o"
+    with pytest.raises(RecipeFailed) as err:
+        run_steps(assets, out, steps=1, memory_budget_gib=1.0, **AUTO)
+    assert err.value.code == 2
+    assert err.value.message.startswith("auto settings: nothing fits the 1.0 GiB budget (memory_budget_gib)")
+    assert not out.exists()
+
+
+def test_auto_on_cpu_without_a_budget_is_refused_up_front(assets, tmp_path):
+    out = tmp_path / "o"
+    with pytest.raises(RecipeFailed) as err:
+        run_steps(assets, out, steps=1, **AUTO)
+    assert err.value.message.startswith("activation_checkpointing_layers=auto on cpu needs memory_budget_gib")
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_two_ranks_choose_alike_and_log_once(assets, tmp_path):
+    # 2 FSDP2 ranks: each resolves the levers after the process group exists; rank 0 logs the choice once.
+    out = tmp_path / "two"
+    overrides = _overrides(assets, out, max_steps=STEPS, export_formats="[]", memory_budget_gib=64, **AUTO)
+    proc = subprocess.run(
+        _recipe_cmd(TINY, overrides, nproc=2),
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    logs = proc.stdout + proc.stderr
+    assert logs.count("auto: activation_checkpointing_layers=0 (planner peak ") == 1
+    assert sorted(_losses(out)) == list(range(1, STEPS + 1))

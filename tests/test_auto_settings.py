@@ -1,0 +1,254 @@
+"""``auto`` memory levers: the one parser of ``activation_checkpointing_layers``, the up-front checks, and the
+choice against an exhaustive search over the planner.
+
+The recipe runs with ``auto`` are in ``tests/recipes/test_auto_settings_recipe.py``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from benchmarks.__main__ import _parse
+from longlora_tune import resources
+from longlora_tune.auto_choice import (
+    choose_auto_settings,
+    plan_arguments,
+    resolve_auto_settings,
+)
+from longlora_tune.config import validation as cc
+from longlora_tune.errors import LongLoRAConfigError
+from longlora_tune.models.longlora import model_shape
+from longlora_tune.plan import choose_settings
+from longlora_tune.quickstart import tiny
+from longlora_tune.training.activation_checkpointing import parse_checkpoint_layers
+from longlora_tune.training.auto_settings import AUTO_KEYS, LINEAR_CE_LOSS
+
+TINY = resources.configs_dir() / "tiny_demo.yaml"
+ALL_AUTO = list(AUTO_KEYS)
+
+
+# ------------------------------------------------------------------------------------------- the parser
+
+
+@pytest.mark.parametrize(
+    ("value", "parsed"), [("all", None), (None, None), ("auto", "auto"), (0, 0), (12, 12), ("7", 7)]
+)
+def test_checkpoint_layers_parse(value, parsed):
+    assert parse_checkpoint_layers(value) == parsed
+
+
+@pytest.mark.parametrize("value", [-1, 1.5, True, "half", "-2", ""])
+def test_bad_checkpoint_layers_have_one_wording(value, capsys):
+    with pytest.raises(LongLoRAConfigError) as err:
+        parse_checkpoint_layers(value)
+    message = str(err.value)
+    assert message == (
+        f"activation_checkpointing_layers={value!r} must be all, auto or an integer >= 0 "
+        "(the first N decoder layers are recomputed)"
+    )
+    # The benchmark's --checkpoint-layers reports the same line.
+    with pytest.raises(SystemExit):
+        _parse(["--checkpoint-layers", str(value)])
+    assert "must be all, auto or an integer >= 0" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------- the choice: the planner's
+
+
+def _run(**overrides):
+    kwargs = dict(
+        model="7b",
+        seq_len=102_400,
+        gpus=8,
+        linear_ce=True,
+        loss_chunks=8,
+        sequence_tile_tokens=None,
+        activation_offloading=False,
+        activation_checkpointing=True,
+        suggest=False,
+    )
+    return {**kwargs, **overrides}
+
+
+@pytest.mark.parametrize("budget", [300.0, 80.0, 40.0])
+def test_the_choice_is_the_planners(budget):
+    """The recipe asks plan.choose_settings (checked there against an exhaustive search), nothing else."""
+    kwargs = _run()
+    choice = choose_auto_settings(kwargs, budget_gib=budget, auto=ALL_AUTO, offloading_available=True)
+    planner = choose_settings(
+        "7b",
+        102_400,
+        budget_gib=budget,
+        **{k: v for k, v in kwargs.items() if k not in ("model", "seq_len", "suggest")},
+    )
+    assert choice.plan.fits and choice.settings == {k: planner.settings[k] for k in ALL_AUTO}
+    assert list(choice.settings) == ALL_AUTO
+
+
+def test_budgets_give_different_sensible_choices():
+    kwargs = _run()
+    chosen = {
+        b: choose_auto_settings(kwargs, budget_gib=b, auto=ALL_AUTO, offloading_available=True)
+        for b in (300.0, 80.0, 40.0, 20.0)
+    }
+    # Llama 2 7B at 100k on 8 GPUs: plenty keeps almost every layer's activations; 80 GiB recomputes most of
+    # them; 40 GiB needs offloading with every layer checkpointed; 20 GiB fits nothing.
+    assert chosen[300.0].settings["activation_checkpointing_layers"] <= 2
+    assert not chosen[300.0].settings["enable_activation_offloading"]
+    assert 24 <= chosen[80.0].settings["activation_checkpointing_layers"] < 32
+    assert not chosen[80.0].settings["enable_activation_offloading"]
+    assert chosen[40.0].settings["enable_activation_offloading"]
+    assert chosen[40.0].settings["activation_checkpointing_layers"] == "all"
+    assert not chosen[20.0].plan.fits
+    flops = [chosen[b].plan.flops.total for b in (300.0, 80.0)]
+    assert flops[0] < flops[1]  # more memory, less recompute
+
+
+def test_offloading_is_never_chosen_where_it_cannot_run():
+    kwargs = _run()
+    choice = choose_auto_settings(kwargs, budget_gib=40.0, auto=ALL_AUTO, offloading_available=False)
+    assert choice.settings["enable_activation_offloading"] is False and not choice.plan.activation_offloading
+    assert choice.reasons[-1] == "enable_activation_offloading: false (not available on this device)"
+    off = choose_auto_settings(
+        _run(activation_checkpointing=False), budget_gib=300.0, auto=ALL_AUTO, offloading_available=True
+    )
+    assert off.settings["activation_checkpointing_layers"] == 0
+    assert off.settings["enable_activation_offloading"] is False
+
+
+def test_given_values_stay_and_only_auto_keys_are_chosen():
+    kwargs = _run(checkpoint_layers=32)
+    choice = choose_auto_settings(
+        kwargs, budget_gib=80.0, auto=["sequence_tile_tokens"], offloading_available=True
+    )
+    assert list(choice.settings) == ["sequence_tile_tokens"]
+    assert choice.plan.checkpoint_layers == 32 and choice.plan.loss_chunks == 8
+
+
+# ---------------------------------------------------------------------------- the up-front checks (config)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("auto")
+    base = tiny.make_hf_checkpoint(root / "base")
+    corpus = tiny.make_text_corpus(root / "corpus.jsonl", n_docs=4)
+    return {"base": base, "corpus": corpus, "cache": root / "cache"}
+
+
+def _cfg(assets, out: Path, **extra):
+    values = {
+        "checkpoint_dir": assets["base"],
+        "output_dir": out,
+        "dataset.data_files": assets["corpus"],
+        "dataset.cache_dir": assets["cache"],
+        "device": "cpu",
+        **extra,
+    }
+    cfg = OmegaConf.load(TINY)
+    cfg.merge_with_dotlist([f"{k}={v}" for k, v in values.items()])
+    return cfg
+
+
+AUTO_CFG = {
+    "activation_checkpointing_layers": "auto",
+    "sequence_tile_tokens": "auto",
+    "enable_activation_offloading": "auto",
+    "loss._component_": LINEAR_CE_LOSS,
+    "loss.num_output_chunks": "auto",
+}
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (
+            {"activation_checkpointing_layers": "auto"},
+            "activation_checkpointing_layers=auto on cpu needs memory_budget_gib (the GiB the run may use; "
+            "on CUDA it is the GPU's free memory); set memory_budget_gib=N or give "
+            "activation_checkpointing_layers a value",
+        ),
+        (
+            {"memory_budget_gib": 0},
+            "memory_budget_gib=0 must be a positive number of GiB or null (null = the GPU's free memory)",
+        ),
+        ({"memory_budget_gib": "lots"}, "memory_budget_gib='lots' must be a positive number of GiB"),
+        (
+            {"loss.num_output_chunks": "auto", "memory_budget_gib": 8},
+            f"loss.num_output_chunks=auto needs loss._component_={LINEAR_CE_LOSS}",
+        ),
+        (
+            {"enable_activation_offloading": "maybe"},
+            "enable_activation_offloading='maybe' must be true or false, or auto",
+        ),
+        (
+            {"sequence_tile_tokens": "big"},
+            "sequence_tile_tokens='big' must be a positive integer, auto or null",
+        ),
+    ],
+)
+def test_bad_auto_settings_are_one_line_errors(assets, tmp_path, extra, message):
+    with pytest.raises(LongLoRAConfigError) as err:
+        cc.validate_config(_cfg(assets, tmp_path / "o", **extra), world_size=1)
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+    assert not (tmp_path / "o").exists()
+
+
+def test_auto_settings_pass_the_checks_and_carry_the_model_shape(assets, tmp_path):
+    cfg = _cfg(assets, tmp_path / "o", memory_budget_gib=8, **AUTO_CFG)
+    checked = cc.validate_config(cfg, world_size=1)
+    # The shape the planner gets is the built model's (tiny_demo's sizes).
+    assert (checked.shape.num_layers, checked.shape.embed_dim, checked.shape.intermediate_dim) == (2, 64, 128)
+    assert checked.shape == model_shape(cc.build_meta_model(cfg, _base(assets), torch.float32).model)
+    kwargs = plan_arguments(cfg, checked)
+    assert (kwargs["seq_len"], kwargs["gpus"], kwargs["group_size"], kwargs["linear_ce"]) == (
+        256,
+        1,
+        64,
+        True,
+    )
+    assert checked.summary().endswith(
+        "40 steps; chosen at start-up for the memory budget: activation_checkpointing_layers, "
+        "loss.num_output_chunks, sequence_tile_tokens, enable_activation_offloading"
+    )
+    # Without an auto lever the shape is not needed.
+    assert cc.validate_config(_cfg(assets, tmp_path / "o"), world_size=1).shape is None
+
+
+def _base(assets):
+    from longlora_tune.hf.base import HFBaseModel
+
+    return HFBaseModel.read(assets["base"])
+
+
+def test_resolving_writes_numbers_into_the_config_and_logs_one_line_per_key(assets, tmp_path):
+    cfg = _cfg(assets, tmp_path / "o", memory_budget_gib=64, **AUTO_CFG)
+    checked = cc.validate_config(cfg, world_size=1)
+    lines = resolve_auto_settings(cfg, checked, torch.device("cpu"))
+    assert lines[0].startswith("auto: custom at 256 tokens: peak ")
+    assert lines[0].endswith("(budget: memory_budget_gib)")
+    assert [line.split(":")[1].strip() for line in lines[1:]] == list(AUTO_KEYS)
+    assert lines[1].startswith("auto: activation_checkpointing_layers: 0 (0 of 2 layers recomputed")
+    assert lines[-1] == "auto: enable_activation_offloading: false (not available on this device)"
+    assert cfg.activation_checkpointing_layers == 0 and cfg.sequence_tile_tokens is None
+    # One chunk: at 256 tokens more would not lower the peak (the planner's rule: the fewest that give it).
+    assert cfg.loss.num_output_chunks == 1 and cfg.enable_activation_offloading is False
+    # The resolved config passes the checks as a config with those values given.
+    cc.validate_config(cfg, world_size=1)
+
+
+def test_a_budget_nothing_fits_is_one_line_with_the_verdict(assets, tmp_path):
+    cfg = _cfg(assets, tmp_path / "o", memory_budget_gib=1.0, **AUTO_CFG)
+    checked = cc.validate_config(cfg, world_size=1)
+    with pytest.raises(LongLoRAConfigError) as err:
+        resolve_auto_settings(cfg, checked, torch.device("cpu"))
+    message = str(err.value)
+    assert message.startswith(
+        "auto settings: nothing fits the 1.0 GiB budget (memory_budget_gib); planner peak "
+    )
+    assert "even with activation_checkpointing_layers=" in message and "loss.num_output_chunks=" in message
+    assert "; try " in message and "\n" not in message

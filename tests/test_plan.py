@@ -1106,13 +1106,19 @@ def test_fsdp_root_is_gathered_through_forward_and_backward_as_planned(single_ra
 
 
 class _LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
-    """Bytes of the tensors that ops under this mode allocate while they are alive, and their peak."""
+    """Bytes of the storages that ops under this mode allocate while they are alive, and their peak.
+
+    Followed per storage, not per tensor: a tensor can die while a view or a detached alias keeps its
+    storage (activation checkpointing keeps the recomputed tensors as detached aliases).
+    """
 
     def __init__(self) -> None:
         super().__init__()
         self.live = self.peak = 0
+        self._alive: set[int] = set()
 
-    def _free(self, nbytes: int) -> None:
+    def _free(self, ptr: int, nbytes: int) -> None:
+        self._alive.discard(ptr)
         self.live -= nbytes
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -1125,12 +1131,16 @@ class _LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
             if isinstance(a, torch.Tensor)
         }
         for t in torch.utils._pytree.tree_leaves(out):
+            if not isinstance(t, torch.Tensor):
+                continue
+            storage = t.untyped_storage()
+            ptr = storage.data_ptr()
             # New storage only: not an input written in place or through out=, not a view of one.
-            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
-                nbytes = t.untyped_storage().nbytes()
-                self.live += nbytes
+            if ptr not in inputs and ptr not in self._alive and storage.nbytes():
+                self._alive.add(ptr)
+                self.live += storage.nbytes()
                 self.peak = max(self.peak, self.live)
-                weakref.finalize(t, self._free, nbytes)
+                weakref.finalize(storage, self._free, ptr, storage.nbytes())
         return out
 
 

@@ -258,15 +258,18 @@ def test_bad_tile_sizes_are_one_line_errors(value):
     assert check_tile_tokens(None) is None and check_tile_tokens(8192) == 8192
 
 
-def test_dropout_in_the_mlp_and_models_without_layers_are_refused():
-    model = _model(apply_lora_to_mlp=True, lora_dropout=0.1)
-    with pytest.raises(
-        LongLoRAConfigError, match=r"cannot repeat its dropout \(p=0.1\); set model.lora_dropout"
-    ):
-        apply_sequence_tiling(model, 24)
-    assert all(type(layer) is TransformerSelfAttentionLayer for layer in model.layers)  # nothing half-done
-    # LoRA dropout on attention only is outside the tiled block.
-    assert apply_sequence_tiling(_model(lora_dropout=0.1), 24) == 2
+def test_dropout_in_a_tiled_block_and_models_without_layers_are_refused():
+    # LoRA dropout on the MLP or on q/k/v: both are recomputed tile by tile in backward.
+    for kwargs in (dict(apply_lora_to_mlp=True, lora_dropout=0.1), dict(lora_dropout=0.1)):
+        model = _model(**kwargs)
+        with pytest.raises(
+            LongLoRAConfigError, match=r"cannot repeat their dropout \(p=0.1\); set model.lora_dropout=0.0"
+        ):
+            apply_sequence_tiling(model, 24)
+        assert all(type(layer) is TransformerSelfAttentionLayer for layer in model.layers)  # nothing half-done
+        assert type(model.norm) is RMSNorm
+    # Dropout on the output projection alone is outside the tiled blocks.
+    assert apply_sequence_tiling(_model(lora_dropout=0.1, lora_attn_modules=["output_proj"]), 24) == 2
     with pytest.raises(
         LongLoRAConfigError, match="Sequential has no torchtune TransformerSelfAttentionLayer"
     ):

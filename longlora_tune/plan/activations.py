@@ -264,8 +264,9 @@ def offloaded_tensor_bytes(
     activations: each RMSNorm's float32 input (saved twice) and normalised tensor with two inverse RMS
     saves, per LoRA projection its input and its B input, the frozen projections' and LoRA matrices'
     weights, RoPE's cos/sin views for q and k (four each), the attention's q, k, v, output and float32
-    log-sum-exp, the output projection's input and the three SwiGLU tensors (a tiled MLP block saves its
-    input only); the final norm as a layer's norm. Checked against the pack calls in ``tests/test_plan.py``.
+    log-sum-exp, the output projection's input and the three SwiGLU tensors; the final norm as a layer's
+    norm. Tiled, the attention prefix (first norm, q/k/v, RoPE), the MLP block and the final norm each
+    save their input only. Checked against the pack calls in ``tests/test_plan.py``.
 
     Args:
         shape: Model sizes.
@@ -290,26 +291,29 @@ def offloaded_tensor_bytes(
         return [FP32_BYTES * t * d] * 3 + [FP32_BYTES * t] * 2
 
     projections = {"q_proj": (d, d), "k_proj": (d, kv), "v_proj": (d, kv), "output_proj": (d, d)}
-    kept = norm()
+    tiled = sequence_tile_tokens is not None
+    # Tiled, the attention prefix (first norm, q/k/v, RoPE) saves the layer input only.
+    kept = [hidden] if tiled else norm()
     for name, (fan_in, fan_out) in projections.items():
+        if tiled and name in _PREFIX_PROJECTIONS:
+            continue
         kept.append(e * fan_in * fan_out)  # the frozen weight, for the input gradient
         if name in lora_modules:
             # LoRA A's input is the normed hidden state (for q/k/v) or the attention output (counted below).
             kept += [e * r * fan_in, e * fan_out * r, e * t * r] + ([hidden] if name != "output_proj" else [])
     kept.append(hidden)  # the output projection's input (the attention output re-assembled)
     # RoPE's cos/sin as float32 views of the cache, four for q and four for k; Qwen2 keeps its cast copies.
-    kept += (
-        [FP32_BYTES * seq_len * shape.head_dim // 2] * 8
-        if rotates_pairs(shape, family)
-        else [e * seq_len * shape.head_dim] * 4
-    )
+    if not tiled:
+        kept += (
+            [FP32_BYTES * seq_len * shape.head_dim // 2] * 8
+            if rotates_pairs(shape, family)
+            else [e * seq_len * shape.head_dim] * 4
+        )
     kept += [hidden] * 4 + [FP32_BYTES * t * shape.num_heads]
-    if sequence_tile_tokens is None:
-        kept += norm() + [e * t * i] * 3 + [e * d * i] * 3
-    else:
-        kept.append(hidden)
+    kept += [hidden] if tiled else norm() + [e * t * i] * 3 + [e * d * i] * 3
     n_kept = shape.num_layers - checkpoint_layers
-    tensors = [INT64_BYTES * t] + [hidden] * checkpoint_layers + kept * n_kept + norm()
+    final_norm = [hidden] if tiled else norm()
+    tensors = [INT64_BYTES * t] + [hidden] * checkpoint_layers + kept * n_kept + final_norm
     return [b for b in tensors if b >= 1024]
 
 

@@ -1,19 +1,25 @@
-"""Sequence tiling: each decoder layer's MLP block runs over tiles of T tokens (``sequence_tile_tokens``).
+"""Sequence tiling: each decoder layer's position-wise work and the final norm run over tiles of T tokens.
 
-Everything in a decoder layer except attention is position-wise: the MLP block (``mlp_norm``, ``mlp`` and
-``mlp_scale``, before the residual add) gives each token's output from that token's hidden state alone. Its
-SwiGLU intermediates are ``intermediate_dim`` wide (14,336 for Llama 3.1 8B, 3.5x the hidden size), so at
-long context the recompute and backward of one layer are dominated by three or four ``tokens x 14336``
-tensors (Llama 3.1 8B at 256k: 21 GiB saved by the rebuilt MLP plus 14 GiB of its gradients).
-:func:`apply_sequence_tiling` makes the block run over tiles of T tokens with a custom autograd function
-(:class:`_TiledPositionWise`): the forward computes tile by tile without keeping any intermediate (it saves
-only the block's input), and the backward recomputes one tile's forward, back-propagates it and moves to
-the next, so only one tile's intermediates exist at a time and that phase scales with T instead of N.
+Everything in a decoder layer except attention is position-wise: the attention half's prefix (``sa_norm``,
+the q/k/v projections with their LoRA, RoPE) and the MLP block (``mlp_norm``, ``mlp`` and ``mlp_scale``,
+before the residual add) give each token's output from that token's hidden state alone (RoPE from its
+position). At long context their rebuilt tensors dominate a layer's recompute and backward (Llama 3.1 8B at
+512k: the first norm's float32 tensors 16 GiB, the SwiGLU intermediates, ``intermediate_dim`` = 3.5x the
+hidden size, even more). :func:`apply_sequence_tiling` makes both run over tiles of T tokens with one
+custom autograd function (:class:`_Tiled`): the forward computes tile by tile without keeping any
+intermediate (it saves only the block's input), and the backward recomputes one tile's forward,
+back-propagates it and moves to the next, so only one tile's intermediates exist at a time. The prefix
+produces full q, k, v for S² attention, which is not position-wise and runs whole (with its
+context-parallel form), as does the output projection: its input is the attention output, which attention
+keeps for its own backward anyway, so tiling it would save only its rank-wide LoRA input. The decoder's
+final norm is tiled the same way (it then keeps its bf16 input instead of float32 tensors over all tokens).
 
-**Tiles.** The ``batch x seq_len`` tokens are tiled in order, as one flat row of tokens (contiguous views of
-the input, no copies); a tile may span two sequences of the batch, which a position-wise block cannot tell
-apart. When T does not divide ``batch x seq_len`` the last tile is shorter. Outputs and input gradients equal
-the untiled block's up to float rounding (the matmuls see fewer rows).
+**Tiles.** For the MLP block and the final norm the ``batch x seq_len`` tokens are tiled in order, as one
+flat row of tokens (contiguous views of the input, no copies); a tile may span two sequences of the batch,
+which a position-wise block cannot tell apart. The attention prefix tiles each sequence on its own (RoPE
+takes the tile's positions: ``input_pos``' entries for packed batches and context-parallel slices). When T
+does not divide the tokens the last tile is shorter. Outputs and input gradients equal the untiled block's
+up to float rounding (the matmuls see fewer rows).
 
 **Parameter gradients.** The block's trainable parameters (the norm's scale in LongLoRA; LoRA on the MLP
 when a config asks for it) are inputs of the autograd function, so their gradients leave its backward
@@ -44,11 +50,13 @@ calls and get no gradient, as untiled.
   position-wise, so tiling the slice needs nothing from other ranks (the halo exchange is attention's).
 * Activation offloading: the saved input goes through the offloading hooks like any saved tensor; the
   tiles' recompute happens in backward, outside them.
-* ``torch.compile`` (``compile: true``): the tiled block is excluded from the layer's graph
-  (``torch.compiler.disable``: dynamo cannot trace a backward that calls ``torch.autograd.grad``); the
-  attention half stays compiled and the MLP runs eagerly, one graph break per layer.
-* Dropout inside the block is refused (:func:`apply_sequence_tiling`): the tiles' recompute would draw
-  new masks. LongLoRA has none there (no LoRA on the MLP, and LoRA dropout 0 by default).
+* ``torch.compile`` (``compile: true``): the tiled blocks are excluded from the layer's graph
+  (``torch.compiler.disable``: dynamo cannot trace a backward that calls ``torch.autograd.grad``); attention
+  and the output projection stay compiled, the prefix and the MLP run eagerly, two graph breaks per layer.
+* Dropout inside a tiled block is refused (:func:`apply_sequence_tiling`): the tiles' recompute would draw
+  new masks. LongLoRA has none there (LoRA dropout 0 by default). A checkpointed layer's recompute runs
+  the prefix (attention needs q, k, v back) but not the MLP block (see above); without checkpointing,
+  tiling adds one q/k/v and one MLP forward per layer.
 
 The layers keep their submodules and parameter names (state dicts, checkpoints and exports are unchanged):
 the transform re-classes each ``TransformerSelfAttentionLayer`` in place to :class:`SequenceTiledLayer`, a

@@ -16,11 +16,12 @@ from torchtune.modules import RMSNorm, TransformerSelfAttentionLayer
 from torchtune.modules.loss import CEWithChunkedOutputLoss
 
 from longlora_tune.errors import LongLoRAConfigError
-from longlora_tune.models import longlora_llama2
+from longlora_tune.models import longlora_llama2, longlora_qwen2
 from longlora_tune.models.trainable import set_trainable_params, unwrapped_name
 from longlora_tune.training.activation_checkpointing import apply_activation_checkpointing, decoder_layers
 from longlora_tune.training.sequence_tiling import (
     SequenceTiledLayer,
+    SequenceTiledNorm,
     apply_sequence_tiling,
     check_tile_tokens,
     tiled_position_wise,
@@ -37,9 +38,10 @@ def _model(dtype: torch.dtype = torch.float64, **kwargs: object) -> torch.nn.Mod
     sizes = dict(
         vocab_size=VOCAB, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=32, intermediate_dim=64
     )
+    builder = longlora_qwen2 if kwargs.pop("family", None) == "qwen2" else longlora_llama2
     torch.manual_seed(0)
     with training.set_default_dtype(dtype):
-        model = longlora_llama2(**{**sizes, **kwargs}, max_seq_len=SEQ, s2_backend="sdpa")
+        model = builder(**{**sizes, **kwargs}, max_seq_len=SEQ, s2_backend="sdpa")
     set_trainable_params(model)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -96,7 +98,40 @@ def test_tiled_model_equals_untiled(reference, tile):
     model = _model()
     assert apply_sequence_tiling(model, tile) == 2
     assert all(type(layer) is SequenceTiledLayer for layer in model.layers)
+    assert type(model.norm) is SequenceTiledNorm  # the final norm too
     _assert_same(_step(model), reference)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(num_heads=5, num_kv_heads=1, embed_dim=40), dict(family="qwen2")],
+    ids=["odd_heads_gqa", "qwen2_biases"],
+)
+def test_tiled_model_equals_untiled_odd_heads_and_qwen2(kwargs):
+    # S² splits 5 heads 2 + 3; Qwen2 has q/k/v biases and rotates head halves.
+    want = _step(_model(**kwargs))
+    model = _model(**kwargs)
+    apply_sequence_tiling(model, 24)
+    _assert_same(_step(model), want)
+
+
+def test_tiled_attention_prefix_rotates_by_the_given_positions():
+    # Packed batches and context-parallel slices pass input_pos: each tile must take its own positions.
+    layer = _model().layers[0]
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(BATCH, SEQ, 32, dtype=torch.float64, generator=gen)
+    positions = torch.stack([torch.randperm(SEQ, generator=gen) for _ in range(BATCH)])
+    results = []
+    for tiled in (False, True):
+        candidate = copy.deepcopy(layer)
+        if tiled:
+            apply_sequence_tiling(candidate, 24)
+        inputs = x.clone().requires_grad_()
+        out = candidate(inputs, input_pos=positions)
+        out.backward(torch.ones_like(out))
+        results.append((out.detach(), inputs.grad, candidate.attn.q_proj.lora_a.weight.grad))
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("tile", [24, 1000])
@@ -217,7 +252,7 @@ def test_under_fsdp2(reference, single_rank_group, checkpointing):
             apply_sequence_tiling(model, 24)
 
 
-def test_compiled_layers_break_once_around_the_tiles(reference, monkeypatch):
+def test_compiled_layers_break_around_the_tiled_blocks(reference, monkeypatch):
     # aot_eager: what inductor compiles, without C++ builds (as tests/test_compile.py).
     from longlora_tune.training.compile import compile_model_and_loss
 
@@ -227,8 +262,10 @@ def test_compiled_layers_break_once_around_the_tiles(reference, monkeypatch):
     apply_sequence_tiling(layer, 24)
     x = torch.randn(BATCH, SEQ, 32, dtype=torch.float64)
     explanation = torch._dynamo.explain(layer)(x)
-    assert explanation.graph_break_count == 1
-    assert "torch.compiler.disable" in str(explanation.break_reasons[0].reason)
+    # Around the two tiled blocks (the attention prefix, the MLP): attention and the output projection
+    # stay compiled.
+    assert explanation.graph_break_count == 2
+    assert all("torch.compiler.disable" in str(r.reason) for r in explanation.break_reasons)
     model = _model()
     compile_model_and_loss(model, CEWithChunkedOutputLoss(), device=torch.device("cpu"), verbose=False)
     apply_sequence_tiling(model, 24)
@@ -258,15 +295,18 @@ def test_bad_tile_sizes_are_one_line_errors(value):
     assert check_tile_tokens(None) is None and check_tile_tokens(8192) == 8192
 
 
-def test_dropout_in_the_mlp_and_models_without_layers_are_refused():
-    model = _model(apply_lora_to_mlp=True, lora_dropout=0.1)
-    with pytest.raises(
-        LongLoRAConfigError, match=r"cannot repeat its dropout \(p=0.1\); set model.lora_dropout"
-    ):
-        apply_sequence_tiling(model, 24)
-    assert all(type(layer) is TransformerSelfAttentionLayer for layer in model.layers)  # nothing half-done
-    # LoRA dropout on attention only is outside the tiled block.
-    assert apply_sequence_tiling(_model(lora_dropout=0.1), 24) == 2
+def test_dropout_in_a_tiled_block_and_models_without_layers_are_refused():
+    # LoRA dropout on the MLP or on q/k/v: both are recomputed tile by tile in backward.
+    for kwargs in (dict(apply_lora_to_mlp=True, lora_dropout=0.1), dict(lora_dropout=0.1)):
+        model = _model(**kwargs)
+        with pytest.raises(
+            LongLoRAConfigError, match=r"cannot repeat their dropout \(p=0.1\); set model.lora_dropout=0.0"
+        ):
+            apply_sequence_tiling(model, 24)
+        assert all(type(layer) is TransformerSelfAttentionLayer for layer in model.layers)  # none half-done
+        assert type(model.norm) is RMSNorm
+    # Dropout on the output projection alone is outside the tiled blocks.
+    assert apply_sequence_tiling(_model(lora_dropout=0.1, lora_attn_modules=["output_proj"]), 24) == 2
     with pytest.raises(
         LongLoRAConfigError, match="Sequential has no torchtune TransformerSelfAttentionLayer"
     ):

@@ -26,6 +26,9 @@ from longlora_tune.plan.facts import (
 
 __all__ = ["ActivationEstimate", "activation_bytes", "tile_backward_bytes"]
 
+#: The projections inside a tiled layer's attention prefix (recomputed tile by tile in backward).
+_PREFIX_PROJECTIONS = ("q_proj", "k_proj", "v_proj")
+
 
 @dataclass(frozen=True)
 class ActivationEstimate:
@@ -40,7 +43,8 @@ class ActivationEstimate:
         recompute_transient: Bytes beyond ``layers_saved`` at the peak of the layers' backward: the
             gradients of one layer, plus its rebuilt activations when every layer is checkpointed (with
             the first N < all checkpointed, the kept layers free theirs before any recompute starts); with
-            sequence tiling, one tile's rebuilt MLP block and its gradients instead of the whole MLP's.
+            sequence tiling, one tile's rebuilt MLP block and its gradients instead of the whole MLP's, and
+            with every layer checkpointed the measured peak of a tiled layer's recompute and backward.
         logits_transient: Extra bytes while the loss runs (low-precision logits and one float32 chunk, or
             one chunk's logits and their gradient with ``ChunkedLinearCrossEntropyLoss``).
     """
@@ -138,11 +142,12 @@ def activation_bytes(
     chunk's float32 logits with their compute-dtype copy exist (plus the float32 weight-gradient
     accumulators when tied).
 
-    With ``sequence_tile_tokens`` T (:mod:`longlora_tune.training.sequence_tiling`) a layer's MLP block
-    (the second norm and the SwiGLU MLP) keeps only its input, and its backward holds one tile of
-    ``min(T, batch x seq_len)`` tokens at a time (:func:`tile_backward_bytes`) instead of the whole MLP's
-    rebuilt intermediates and gradients, so that part of the layer-backward phase no longer grows with the
-    length.
+    With ``sequence_tile_tokens`` T (:mod:`longlora_tune.training.sequence_tiling`) a layer's attention
+    prefix (first norm, q/k/v with their LoRA, RoPE) keeps only the layer input, its MLP block (the second
+    norm and the SwiGLU MLP) only its input, and the final norm only its input; the MLP's backward holds one
+    tile of ``min(T, batch x seq_len)`` tokens at a time (:func:`tile_backward_bytes`). With every layer
+    checkpointed the layer-backward phase is then the larger of two measured moments (see the code): the
+    end of the rebuilt layer's recompute at its output projection, and the MLP tiles' backward.
 
     Args:
         shape: Model sizes.
@@ -184,26 +189,40 @@ def activation_bytes(
     attention = 4 * e * hidden + FP32_BYTES * t * shape.num_heads + (e * hidden if s2 else 0)
     mlp = 3 * e * t * i
     rope = 0 if rotates_pairs(shape, family) else 4 * e * seq_len * shape.head_dim
-    # Tiled, the MLP block (its norm and the MLP) keeps only its input, the hidden state.
-    mlp_block = norm + mlp if sequence_tile_tokens is None else e * hidden
-    per_layer = norm + lora + attention + mlp_block + rope
+    tiled = sequence_tile_tokens is not None
+    if tiled:
+        # The attention prefix (first norm, q/k/v with LoRA, RoPE) keeps only the layer input and the MLP
+        # block only its input; what stays is attention's own (and the output projection's LoRA B input).
+        outside = [m for m in lora_modules if m not in _PREFIX_PROJECTIONS]
+        attention_kept = attention + len(outside) * e * t * lora_rank
+        per_layer = e * hidden + attention_kept + e * hidden
+    else:
+        per_layer = 2 * norm + lora + attention + mlp + rope
     layers_saved = n_ckpt * e * hidden + (shape.num_layers - n_ckpt) * per_layer
     tied = tied_head_trained(shape, trainable_extras)
+    # Tiled, the final norm keeps its input instead of its float32 tensors.
+    final_norm = e * hidden if tiled else norm
     # The fused loss computes the tied head's weight gradient in forward: it keeps no head input.
-    head_saved = norm + 2 * INT64_BYTES * t + (e * hidden if tied and not linear_ce else 0)
+    head_saved = final_norm + 2 * INT64_BYTES * t + (e * hidden if tied and not linear_ce else 0)
     loss_saved = e * hidden + (e * v * d if tied else 0) if linear_ce else FP32_BYTES * t * v
     # Backward of one layer: gradients of its input and output, dq/dk/dv and two MLP-wide gradients; a
     # checkpointed layer's own activations are rebuilt first. Backward runs from the last layer to the first,
     # so with the first N < all layers checkpointed the kept layers have freed at least one layer's
     # activations before the first recompute: the rebuilt layer only adds to the peak when all are.
     # Tiled, one tile's rebuilt MLP block and its gradients replace the MLP-wide gradients.
-    mlp_grads = (
-        2 * e * t * i
-        if sequence_tile_tokens is None
-        else tile_backward_bytes(shape, min(sequence_tile_tokens, t), dtype)
-    )
-    grads = 5 * e * hidden + mlp_grads
-    recompute_transient = grads + (per_layer if n_ckpt == shape.num_layers else 0)
+    tile = tile_backward_bytes(shape, min(sequence_tile_tokens, t), dtype) if tiled else 0
+    grads = 5 * e * hidden + (tile if tiled else 2 * e * t * i)
+    if n_ckpt < shape.num_layers:
+        recompute_transient = grads
+    elif tiled:
+        # Measured (tests/test_plan.py): a tiled layer's rebuilt tensors are attention's (its input is the
+        # checkpoint's), and its peak is the larger of two moments, with the incoming gradient alive: the
+        # end of the recompute, where the output projection holds its input, its frozen and LoRA outputs
+        # and their scaled sum; and the MLP tiles' backward, with the MLP block's input, the gradient it
+        # fills and one tile.
+        recompute_transient = e * hidden + attention_kept + max(4 * e * hidden, 2 * e * hidden + tile)
+    else:
+        recompute_transient = grads + per_layer
     if linear_ce:
         # One chunk's fp32 logits with their compute-dtype copy (the matmul's output, or the gradient cast
         # for the backward matmuls; none in fp32); the final norm's output, the op's input, is alive
@@ -245,8 +264,9 @@ def offloaded_tensor_bytes(
     activations: each RMSNorm's float32 input (saved twice) and normalised tensor with two inverse RMS
     saves, per LoRA projection its input and its B input, the frozen projections' and LoRA matrices'
     weights, RoPE's cos/sin views for q and k (four each), the attention's q, k, v, output and float32
-    log-sum-exp, the output projection's input and the three SwiGLU tensors (a tiled MLP block saves its
-    input only); the final norm as a layer's norm. Checked against the pack calls in ``tests/test_plan.py``.
+    log-sum-exp, the output projection's input and the three SwiGLU tensors; the final norm as a layer's
+    norm. Tiled, the attention prefix (first norm, q/k/v, RoPE), the MLP block and the final norm each
+    save their input only. Checked against the pack calls in ``tests/test_plan.py``.
 
     Args:
         shape: Model sizes.
@@ -271,26 +291,29 @@ def offloaded_tensor_bytes(
         return [FP32_BYTES * t * d] * 3 + [FP32_BYTES * t] * 2
 
     projections = {"q_proj": (d, d), "k_proj": (d, kv), "v_proj": (d, kv), "output_proj": (d, d)}
-    kept = norm()
+    tiled = sequence_tile_tokens is not None
+    # Tiled, the attention prefix (first norm, q/k/v, RoPE) saves the layer input only.
+    kept = [hidden] if tiled else norm()
     for name, (fan_in, fan_out) in projections.items():
+        if tiled and name in _PREFIX_PROJECTIONS:
+            continue
         kept.append(e * fan_in * fan_out)  # the frozen weight, for the input gradient
         if name in lora_modules:
             # LoRA A's input is the normed hidden state (for q/k/v) or the attention output (counted below).
             kept += [e * r * fan_in, e * fan_out * r, e * t * r] + ([hidden] if name != "output_proj" else [])
     kept.append(hidden)  # the output projection's input (the attention output re-assembled)
     # RoPE's cos/sin as float32 views of the cache, four for q and four for k; Qwen2 keeps its cast copies.
-    kept += (
-        [FP32_BYTES * seq_len * shape.head_dim // 2] * 8
-        if rotates_pairs(shape, family)
-        else [e * seq_len * shape.head_dim] * 4
-    )
+    if not tiled:
+        kept += (
+            [FP32_BYTES * seq_len * shape.head_dim // 2] * 8
+            if rotates_pairs(shape, family)
+            else [e * seq_len * shape.head_dim] * 4
+        )
     kept += [hidden] * 4 + [FP32_BYTES * t * shape.num_heads]
-    if sequence_tile_tokens is None:
-        kept += norm() + [e * t * i] * 3 + [e * d * i] * 3
-    else:
-        kept.append(hidden)
+    kept += [hidden] if tiled else norm() + [e * t * i] * 3 + [e * d * i] * 3
     n_kept = shape.num_layers - checkpoint_layers
-    tensors = [INT64_BYTES * t] + [hidden] * checkpoint_layers + kept * n_kept + norm()
+    final_norm = [hidden] if tiled else norm()
+    tensors = [INT64_BYTES * t] + [hidden] * checkpoint_layers + kept * n_kept + final_norm
     return [b for b in tensors if b >= 1024]
 
 

@@ -142,9 +142,9 @@ def step_flops(
         lora_rank: LoRA rank.
         lora_modules: Attention projections with LoRA.
         trainable_extras: The recipe's ``trainable_extras`` (a tied head is trained with ``embed``).
-        sequence_tile_tokens: The recipe's ``sequence_tile_tokens`` (None = off): every layer's MLP runs
-            its forward again, tile by tile, in backward; a checkpointed layer's recompute then skips the
-            MLP (``longlora_tune.training.sequence_tiling``).
+        sequence_tile_tokens: The recipe's ``sequence_tile_tokens`` (None = off): every layer's MLP and
+            q/k/v projections run their forward again, tile by tile, in backward; a checkpointed layer's
+            recompute then skips the MLP (``longlora_tune.training.sequence_tiling``).
 
     Returns:
         The :class:`FlopEstimate`.
@@ -175,8 +175,11 @@ def step_flops(
     if sequence_tile_tokens is None:
         recompute = recomputed * (frozen_layer - down_proj + lora_layer + attn_layer)
     else:
-        # Tiled: each layer's backward reruns its MLP's three matmuls tile by tile, and a checkpointed
-        # layer's recompute returns before the MLP (all it needs back is the MLP block's input).
+        # Tiled: each layer's backward reruns its MLP's three matmuls and its q/k/v projections (with their
+        # LoRA) tile by tile, and a checkpointed layer's recompute returns before the MLP (all it needs
+        # back is the MLP block's input).
         mlp = 2 * tokens * 3 * d * i
-        recompute = recomputed * (frozen_layer - mlp + lora_layer + attn_layer) + layers * mlp
+        prefix_lora = [m for m in lora_modules if m in ("q_proj", "k_proj", "v_proj")]
+        prefix = 2 * tokens * (d * d + 2 * d * kv + shape.lora_params(lora_rank, prefix_lora) / layers)
+        recompute = recomputed * (frozen_layer - mlp + lora_layer + attn_layer) + layers * (mlp + prefix)
     return FlopEstimate(forward_matmul, forward_attention, backward, recompute, attention)

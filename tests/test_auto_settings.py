@@ -93,19 +93,20 @@ def test_budgets_give_different_sensible_choices():
     kwargs = _run()
     chosen = {
         b: choose_auto_settings(kwargs, budget_gib=b, auto=ALL_AUTO, offloading_available=True)
-        for b in (300.0, 80.0, 40.0, 20.0)
+        for b in (300.0, 80.0, 40.0, 20.0, 10.0)
     }
-    # Llama 2 7B at 100k on 8 GPUs: plenty keeps almost every layer's activations; 80 GiB recomputes most of
-    # them; 40 GiB needs offloading with every layer checkpointed; 20 GiB fits nothing.
-    assert chosen[300.0].settings["activation_checkpointing_layers"] <= 2
-    assert not chosen[300.0].settings["enable_activation_offloading"]
-    assert 24 <= chosen[80.0].settings["activation_checkpointing_layers"] < 32
-    assert not chosen[80.0].settings["enable_activation_offloading"]
+    # Llama 2 7B at 100k on 8 GPUs: more memory, fewer recomputed layers; 40 GiB needs offloading with every
+    # layer checkpointed, 20 GiB also the tiles; 10 GiB fits nothing.
+    roomy, tight = (chosen[b].settings["activation_checkpointing_layers"] for b in (300.0, 80.0))
+    assert 0 < roomy < tight < 32
+    assert not any(chosen[b].settings["enable_activation_offloading"] for b in (300.0, 80.0))
     assert chosen[40.0].settings["enable_activation_offloading"]
     assert chosen[40.0].settings["activation_checkpointing_layers"] == "all"
-    assert not chosen[20.0].plan.fits
-    flops = [chosen[b].plan.flops.total for b in (300.0, 80.0)]
-    assert flops[0] < flops[1]  # more memory, less recompute
+    assert chosen[40.0].settings["sequence_tile_tokens"] is None
+    assert chosen[20.0].settings["sequence_tile_tokens"] is not None and chosen[20.0].plan.fits
+    assert not chosen[10.0].plan.fits
+    flops = [chosen[b].plan.flops.total for b in (300.0, 80.0, 40.0, 20.0)]
+    assert flops == sorted(flops)  # less memory, more recompute
 
 
 def test_offloading_is_never_chosen_where_it_cannot_run():

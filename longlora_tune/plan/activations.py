@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from longlora_tune.models.shapes import ModelShape
+from longlora_tune.modules.s2_heads import shifted_heads
 from longlora_tune.plan.facts import (
     DTYPE_BYTES,
     FP32_BYTES,
@@ -23,6 +24,7 @@ from longlora_tune.plan.facts import (
     rotates_pairs,
     tied_head_trained,
 )
+from longlora_tune.plan.flops import s2_segment_lengths
 
 __all__ = ["ActivationEstimate", "activation_bytes", "tile_backward_bytes"]
 
@@ -239,6 +241,19 @@ def activation_bytes(
     )
 
 
+def _attention_pieces(seq_len: int, group_size: int | None, num_heads: int) -> list[float]:
+    """The fractions of attention's saved tensors one S² call per segment length keeps (``[1.0]`` dense)."""
+    if group_size is None or group_size >= seq_len:
+        return [1.0]
+    shifted = shifted_heads(num_heads)
+    heads = (shifted.start, shifted.stop - shifted.start)
+    tokens: dict[int, int] = {}
+    for n_heads, segments in zip(heads, s2_segment_lengths(seq_len, group_size)):
+        for length in segments:
+            tokens[length] = tokens.get(length, 0) + length * n_heads
+    return [n / (seq_len * num_heads) for _, n in sorted(tokens.items(), reverse=True)]
+
+
 def offloaded_tensor_bytes(
     shape: ModelShape,
     seq_len: int,
@@ -250,6 +265,7 @@ def offloaded_tensor_bytes(
     lora_modules: Sequence[str] = ("q_proj", "k_proj", "v_proj", "output_proj"),
     family: str | None = None,
     sequence_tile_tokens: int | None = None,
+    group_size: int | None = None,
 ) -> list[int]:
     """Bytes of each tensor torchtune's ``OffloadActivations`` copies to host memory in one forward.
 
@@ -278,6 +294,10 @@ def offloaded_tensor_bytes(
         lora_modules: Attention projections with LoRA.
         family: The model's family (:func:`~longlora_tune.plan.facts.model_family`).
         sequence_tile_tokens: Tokens per MLP tile (None: not tiled).
+        group_size: S² group size (None: full attention). S² attends all segments of one length in one call
+            (the full groups of both head sets, then the shifted heads' half groups), so attention's saved
+            tensors come in one piece per segment length: 7/8 and 1/8 of the whole at ``G = N/4``. The
+            pieces matter for the pinned allocator's power-of-two blocks, not for the total.
 
     Returns:
         One entry per copied tensor, in bytes.
@@ -309,7 +329,10 @@ def offloaded_tensor_bytes(
             if rotates_pairs(shape, family)
             else [e * seq_len * shape.head_dim] * 4
         )
-    kept += [hidden] * 4 + [FP32_BYTES * t * shape.num_heads]
+    pieces = _attention_pieces(seq_len, group_size, shape.num_heads)
+    kept += [int(hidden * f) for f in pieces] * 4 + [
+        int(FP32_BYTES * t * shape.num_heads * f) for f in pieces
+    ]
     kept += [hidden] if tiled else norm() + [e * t * i] * 3 + [e * d * i] * 3
     n_kept = shape.num_layers - checkpoint_layers
     final_norm = [hidden] if tiled else norm()

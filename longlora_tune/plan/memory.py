@@ -317,6 +317,8 @@ def memory_per_gpu(
                 lora_modules=lora_modules,
                 family=family,
                 sequence_tile_tokens=sequence_tile_tokens,
+                # A context-parallel slice attends its groups around the seam differently: one piece.
+                group_size=group_size if context_parallel_degree == 1 else None,
             )
         )
     return StepMemory(memory, live + overhead, host)

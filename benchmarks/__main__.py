@@ -75,8 +75,7 @@ from longlora_tune.auto_choice import choose_auto_settings
 from longlora_tune.errors import LongLoRAConfigError
 from longlora_tune.modules.s2_attention import flash_attn_available
 from longlora_tune.plan.flops import step_flops
-from longlora_tune.training.activation_checkpointing import parse_checkpoint_layers
-from longlora_tune.training.auto_settings import AUTO
+from longlora_tune.training.auto_settings import AUTO, parse_checkpoint_layers
 from longlora_tune.training.sequence_tiling import check_tile_tokens
 
 _WORKER_FLAG = "--worker-case"

@@ -238,9 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m benchmarks.regression", description=__doc__.splitlines()[0]
     )
     parser.add_argument("action", choices=["check", "record"])
-    parser.add_argument(
-        "result", type=Path, help="JSON written by python -m benchmarks --peer --out"
-    )
+    parser.add_argument("result", type=Path, help="JSON written by python -m benchmarks --peer --out")
     parser.add_argument("--baseline", type=Path, default=DEFAULT_BASELINE)
     parser.add_argument(
         "--metric",

@@ -25,7 +25,6 @@ from longlora_tune.models.families import family_of_builder
 from longlora_tune.models.trainable import TRAINABLE_EXTRAS
 from longlora_tune.plan import ChosenSettings, choose_settings
 from longlora_tune.plan.facts import GIB
-from longlora_tune.training.activation_checkpointing import parse_checkpoint_layers
 from longlora_tune.training.auto_settings import (
     AUTO,
     LINEAR_CE_LOSS,
@@ -33,6 +32,7 @@ from longlora_tune.training.auto_settings import (
     apply_settings,
     auto_keys,
     memory_budget,
+    parse_checkpoint_layers,
 )
 
 __all__ = ["choose_auto_settings", "plan_arguments", "resolve_auto_settings"]

@@ -24,8 +24,7 @@ from longlora_tune.errors import LongLoRAConfigError
 from longlora_tune.models.longlora import model_shape
 from longlora_tune.plan import choose_settings
 from longlora_tune.quickstart import tiny
-from longlora_tune.training.activation_checkpointing import parse_checkpoint_layers
-from longlora_tune.training.auto_settings import AUTO_KEYS, LINEAR_CE_LOSS
+from longlora_tune.training.auto_settings import AUTO_KEYS, LINEAR_CE_LOSS, parse_checkpoint_layers
 
 TINY = resources.configs_dir() / "tiny_demo.yaml"
 ALL_AUTO = list(AUTO_KEYS)

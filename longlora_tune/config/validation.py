@@ -35,8 +35,7 @@ from longlora_tune.models.shapes import ModelShape
 from longlora_tune.models.trainable import TRAINABLE_EXTRAS
 from longlora_tune.modules.context_parallel import check_context_parallel
 from longlora_tune.modules.rope_scaling import check_rope_request, rope_for_training
-from longlora_tune.training.activation_checkpointing import parse_checkpoint_layers
-from longlora_tune.training.auto_settings import AUTO, auto_keys, check_auto_settings
+from longlora_tune.training.auto_settings import AUTO, auto_keys, check_auto_settings, parse_checkpoint_layers
 from longlora_tune.training.distributed import resolve_dtype
 from longlora_tune.training.metric_logging import check_metric_logger
 from longlora_tune.training.sequence_tiling import check_tile_tokens

@@ -10,7 +10,8 @@ from pathlib import Path
 
 from longlora_tune._io import atomic_write_json
 from longlora_tune.models.shapes import MODEL_SHAPES
-from longlora_tune.plan.config_settings import checkpoint_layers_arg, load_config_settings
+from longlora_tune.plan.choose import AUTO_KEYS, choose_settings
+from longlora_tune.plan.config_settings import config_auto_keys, load_config_settings
 from longlora_tune.plan.facts import DTYPE_BYTES
 from longlora_tune.plan.planner import plan
 
@@ -26,6 +27,13 @@ def _tile_tokens_arg(value: str) -> int | str | None:
         return int(value)
     except ValueError:
         return value
+
+
+def _checkpoint_layers_arg(value: str | None) -> int | None:
+    """``--checkpoint-layers``: ``all`` (None) or a count, through the recipe's parser."""
+    from longlora_tune.training.auto_settings import parse_checkpoint_layers
+
+    return None if value is None else parse_checkpoint_layers(value, allow_auto=False)
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -133,7 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ("dtype", args.dtype),
             ("fp32_trainable_params", args.fp32_trainable_params),
             ("activation_checkpointing", args.activation_checkpointing),
-            ("checkpoint_layers", checkpoint_layers_arg(args.checkpoint_layers)),
+            ("checkpoint_layers", _checkpoint_layers_arg(args.checkpoint_layers)),
             ("loss_chunks", args.loss_chunks),
             ("linear_ce", args.linear_ce),
             ("activation_offloading", args.activation_offloading),
@@ -147,7 +155,26 @@ def main(argv: Sequence[str] | None = None) -> int:
             settings["sequence_tile_tokens"] = _tile_tokens_arg(args.sequence_tile_tokens)
         if args.full_attn:
             settings["s2"] = False
-        result = plan(gpus=args.gpus, gpu_memory_gib=args.gpu_memory, fsdp=args.fsdp, **settings)
+        common = dict(gpus=args.gpus, fsdp=args.fsdp)
+        # The config's `auto` levers that the command line does not set: chosen as the recipe chooses them.
+        given = set(settings) | ({"checkpoint_layers"} if args.checkpoint_layers is not None else set())
+        auto = [
+            k for k in (config_auto_keys(args.config) if args.config else []) if AUTO_KEYS[k] not in given
+        ]
+        if auto:
+            rest = {k: v for k, v in settings.items() if k not in ("model", "seq_len")}
+            chosen = choose_settings(
+                settings["model"],
+                settings["seq_len"],
+                budget_gib=args.gpu_memory,
+                free=auto,
+                **common,
+                **rest,
+            )
+            print("\n".join(f"auto: {line}" for line in chosen.reasons) + "\n")
+            result = chosen.plan
+        else:
+            result = plan(gpu_memory_gib=args.gpu_memory, **common, **settings)
     except ValueError as err:
         print(f"longlora_tune.plan: error: {err}", file=sys.stderr)
         return 2

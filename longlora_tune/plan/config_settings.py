@@ -14,7 +14,7 @@ from typing import Any
 from longlora_tune.models.shapes import _SIZE_FIELDS, MODEL_SHAPES, FamilyShape, ModelShape
 from longlora_tune.plan.facts import DTYPE_BYTES
 
-__all__ = ["checkpoint_layers_arg", "load_config_settings"]
+__all__ = ["config_auto_keys", "load_config_settings"]
 
 # Llama 2's published shapes are named by size alone; every other sized builder longlora_<key> has
 # MODEL_SHAPES[<key>].
@@ -60,6 +60,7 @@ def load_config_settings(name: str) -> dict[str, Any]:
     from omegaconf import OmegaConf  # torchtune's config library; only the CLI needs it
 
     from longlora_tune.config import validation as config_checks
+    from longlora_tune.training.auto_settings import ALL_LAYERS, AUTO, parse_checkpoint_layers
 
     raw = OmegaConf.load(_config_path(name))
     cfg = OmegaConf.to_container(raw, resolve=True)
@@ -112,14 +113,15 @@ def load_config_settings(name: str) -> dict[str, Any]:
         settings["fp32_trainable_params"] = bool(cfg["fp32_trainable_params"])
     if "enable_activation_checkpointing" in cfg:
         settings["activation_checkpointing"] = bool(cfg["enable_activation_checkpointing"])
-    layers = cfg.get("activation_checkpointing_layers", "all")
-    if layers != "all":
-        settings["checkpoint_layers"] = checkpoint_layers_arg(layers)
-    if cfg.get("sequence_tile_tokens") is not None:
+    # `auto` levers keep the planner's defaults here; config_auto_keys names them for choose_settings.
+    layers = parse_checkpoint_layers(cfg.get("activation_checkpointing_layers", ALL_LAYERS))
+    if layers not in (None, AUTO):
+        settings["checkpoint_layers"] = layers
+    if cfg.get("sequence_tile_tokens") not in (None, AUTO):
         settings["sequence_tile_tokens"] = cfg["sequence_tile_tokens"]
     if model.get("quantize_base"):
         settings["quantize_base"] = True
-    if "enable_activation_offloading" in cfg:
+    if cfg.get("enable_activation_offloading", AUTO) != AUTO:
         settings["activation_offloading"] = bool(cfg["enable_activation_offloading"])
     if cfg.get("context_parallel_degree") is not None:
         settings["context_parallel_degree"] = int(cfg["context_parallel_degree"])
@@ -127,7 +129,9 @@ def load_config_settings(name: str) -> dict[str, Any]:
     loss = cfg.get("loss") or {}
     loss_component = str(loss.get("_component_", ""))
     if "ChunkedOutput" in loss_component or "ChunkedLinearCrossEntropy" in loss_component:
-        settings["loss_chunks"] = int(loss.get("num_output_chunks", 8))
+        chunks = loss.get("num_output_chunks", 8)
+        if chunks != AUTO:
+            settings["loss_chunks"] = int(chunks)
         settings["linear_ce"] = "ChunkedLinearCrossEntropy" in loss_component
     elif loss:
         settings["loss_chunks"] = 1
@@ -174,30 +178,27 @@ def _llama3_intermediate(embed_dim: int) -> int:
     return 256 * ((4 * int(2 * embed_dim / 3) + 255) // 256)
 
 
-def checkpoint_layers_arg(value: Any) -> int | None:
-    """``activation_checkpointing_layers`` / ``--checkpoint-layers``: ``all`` (None) or an int >= 0.
-
-    Args:
-        value: The config's value or the command line's string.
-
-    Returns:
-        None for all layers, else the count.
-
-    Raises:
-        ValueError: For anything else, naming the value.
-    """
-    if value is None or value == "all":
-        return None
-    try:
-        count = int(value)
-    except (TypeError, ValueError):
-        count = -1
-    if isinstance(value, bool) or count < 0 or str(count) != str(value).strip():
-        raise ValueError(f"activation_checkpointing_layers={value!r} must be all or an integer >= 0")
-    return count
-
-
 def _llama2_intermediate(embed_dim: int) -> int:
     # Llama 2's SwiGLU width rule: 2/3 of 4*d rounded up to a multiple of 256 (11008 for 4096).
     hidden = int(8 * embed_dim / 3)
     return 256 * ((hidden + 255) // 256)
+
+
+def config_auto_keys(name: str) -> list[str]:
+    """The memory levers a config leaves to the recipe's start-up choice (``auto``).
+
+    Args:
+        name: Config name in ``configs/`` (without ``.yaml``) or a path.
+
+    Returns:
+        Their recipe keys (:data:`longlora_tune.training.auto_settings.AUTO_KEYS` order), for
+        :func:`longlora_tune.plan.choose_settings` ``free``.
+
+    Raises:
+        ValueError: If the config is missing.
+    """
+    from omegaconf import OmegaConf
+
+    from longlora_tune.training.auto_settings import auto_keys
+
+    return auto_keys(OmegaConf.load(_config_path(name)))

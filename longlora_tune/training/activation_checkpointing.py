@@ -35,24 +35,19 @@ import contextlib
 import contextvars
 import functools
 from collections.abc import Iterator
-from typing import Any, Union
+from typing import Union
 
 from torch import nn
 
 from longlora_tune.errors import LongLoRAConfigError
-from longlora_tune.training.auto_settings import AUTO
+from longlora_tune.training.auto_settings import ALL_LAYERS, parse_checkpoint_layers
 
 __all__ = [
-    "ALL_LAYERS",
     "apply_activation_checkpointing",
     "checkpoint_layer_count",
     "decoder_layers",
     "is_recomputing",
-    "parse_checkpoint_layers",
 ]
-
-#: The ``activation_checkpointing_layers`` value that checkpoints every decoder layer (the default).
-ALL_LAYERS = "all"
 
 LayerSetting = Union[int, str, None]
 
@@ -83,37 +78,6 @@ def _recomputation() -> Iterator[None]:
 def _checkpoint_contexts() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
     # torch.utils.checkpoint's context_fn: nothing around the forward, the flag around the recompute.
     return contextlib.nullcontext(), _recomputation()
-
-
-def parse_checkpoint_layers(value: Any, *, allow_auto: bool = True) -> Union[int, str, None]:
-    """The one parser of an ``activation_checkpointing_layers`` value (config, recipe, benchmark, CLIs).
-
-    Args:
-        value: ``"all"`` or None (every layer), ``"auto"`` (chosen at start-up from the memory budget,
-            :mod:`longlora_tune.training.auto_settings`), or a count N >= 0 as an int or a string of digits
-            (a command-line argument).
-        allow_auto: Whether ``"auto"`` is accepted; where a resolved count is needed (wrapping the layers)
-            it is not.
-
-    Returns:
-        None for every layer, ``"auto"``, or the count N.
-
-    Raises:
-        LongLoRAConfigError: One line naming the key and the accepted values.
-    """
-    if value is None or value == ALL_LAYERS:
-        return None
-    if value == AUTO and allow_auto:
-        return AUTO
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        accepted = "all, auto or an integer >= 0" if allow_auto else "all or an integer >= 0"
-        unresolved = " (auto is resolved at start-up, before the layers are wrapped)" if value == AUTO else ""
-        raise LongLoRAConfigError(
-            f"{_KEY}={value!r} must be {accepted} (the first N decoder layers are recomputed){unresolved}"
-        )
-    return value
 
 
 def checkpoint_layer_count(setting: LayerSetting, num_layers: int) -> int:

@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from longlora_tune.errors import LongLoRAConfigError
 
 __all__ = [
+    "ALL_LAYERS",
     "AUTO",
     "AUTO_KEYS",
     "BUDGET_KEY",
@@ -37,6 +38,7 @@ __all__ = [
     "auto_keys",
     "check_auto_settings",
     "memory_budget",
+    "parse_checkpoint_layers",
 ]
 
 #: The value of a memory lever chosen at start-up.
@@ -58,6 +60,10 @@ BUDGET_KEY = "memory_budget_gib"
 LINEAR_CE_LOSS = "longlora_tune.modules.linear_ce.ChunkedLinearCrossEntropyLoss"
 
 _GIB = 1024**3
+
+#: The ``activation_checkpointing_layers`` value that checkpoints every decoder layer (the default).
+ALL_LAYERS = "all"
+_LAYERS_KEY = "activation_checkpointing_layers"
 
 
 def auto_keys(cfg: DictConfig) -> list[str]:
@@ -166,3 +172,35 @@ def apply_settings(cfg: DictConfig, settings: dict[str, Any]) -> None:
         if key not in AUTO_KEYS:
             raise KeyError(f"{key} is not an auto setting; use one of {AUTO_KEYS}")
         OmegaConf.update(cfg, key, value, merge=False)
+
+
+def parse_checkpoint_layers(value: Any, *, allow_auto: bool = True) -> int | str | None:
+    """The one parser of an ``activation_checkpointing_layers`` value (config, recipe, benchmark, CLIs).
+
+    Args:
+        value: ``"all"`` or None (every layer), ``"auto"`` (chosen at start-up from the memory budget,
+            :mod:`longlora_tune.training.auto_settings`), or a count N >= 0 as an int or a string of digits
+            (a command-line argument).
+        allow_auto: Whether ``"auto"`` is accepted; where a resolved count is needed (wrapping the layers)
+            it is not.
+
+    Returns:
+        None for every layer, ``"auto"``, or the count N.
+
+    Raises:
+        LongLoRAConfigError: One line naming the key and the accepted values.
+    """
+    if value is None or value == ALL_LAYERS:
+        return None
+    if value == AUTO and allow_auto:
+        return AUTO
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        accepted = "all, auto or an integer >= 0" if allow_auto else "all or an integer >= 0"
+        unresolved = " (auto is resolved at start-up, before the layers are wrapped)" if value == AUTO else ""
+        raise LongLoRAConfigError(
+            f"{_LAYERS_KEY}={value!r} must be {accepted} (the first N decoder layers are recomputed)"
+            + unresolved
+        )
+    return value

@@ -290,9 +290,7 @@ def tiled_attention_inputs(
     """
     attn, (batch, seq_len) = layer.attn, x.shape[:2]
     block = _AttentionInputs(layer, input_pos)
-    tiles = [
-        (slice(i, i + 1), rows) for i in range(batch) for (rows,) in _row_tiles(seq_len, tile_tokens)
-    ]
+    tiles = [(slice(i, i + 1), rows) for i in range(batch) for (rows,) in _row_tiles(seq_len, tile_tokens)]
     kv = attn.num_kv_heads * attn.head_dim
     q, k, v = _Tiled.apply(
         block, tiles, (attn.num_heads * attn.head_dim, kv, kv), False, x, *block.trainable_tensors()

@@ -27,8 +27,9 @@ from torchtune.modules.loss import CEWithChunkedOutputLoss
 from longlora_tune.models import longlora_llama2
 from longlora_tune.models.shapes import FamilyShape, ModelShape
 from longlora_tune.models.trainable import set_trainable_params
-from longlora_tune.plan import load_config_settings, main, plan
+from longlora_tune.plan import choose_settings, load_config_settings, main, plan
 from longlora_tune.plan.activations import activation_bytes, tile_backward_bytes
+from longlora_tune.plan.config_settings import config_auto_keys
 from longlora_tune.plan.facts import GIB, model_family
 from longlora_tune.plan.flops import s2_segment_lengths, step_flops
 from longlora_tune.plan.memory import LAYER_PHASE, nf4_bytes, parameter_counts
@@ -256,7 +257,13 @@ def test_every_shipped_config_is_planned_and_fits_8x80():
             continue
         # The tiny configs' global batch of 4 is meant for 1-2 processes; the recipe refuses it on 8.
         gpus = _STRETCH_CONFIGS.get(path.stem, 2 if path.stem.startswith("tiny") else 8)
-        result = plan(**load_config_settings(str(path)), gpus=gpus, gpu_memory_gib=80.0, suggest=False)
+        settings = load_config_settings(str(path))
+        auto = config_auto_keys(str(path))
+        result = (
+            choose_settings(**settings, gpus=gpus, budget_gib=80.0, free=auto).plan
+            if auto
+            else plan(**settings, gpus=gpus, gpu_memory_gib=80.0, suggest=False)
+        )
         # The two long-context configs of #24 are planned on their own GPU counts (1, and 8 with CP 8).
         assert result.fits, (path.name, result.peak_bytes / 2**30)
         assert result.fp32_trainable_params and result.gradient_accumulation_steps is not None, path.name
@@ -962,7 +969,10 @@ def test_context_parallel_traffic_counts_only_recomputed_layers_twice():
 
 
 def test_cli_and_config_read_the_number_of_checkpointed_layers(tmp_path, capsys):
-    args = ["--config", "llama2_7b_100k", "--gpus", "8", "--gpu-memory", "80"]
+    # The config's auto levers, fixed on the command line (llama2_7b_100k's values before they became auto).
+    fixed = ["--checkpoint-layers", "all", "--loss-chunks", "16", "--sequence-tile-tokens", "off"]
+    fixed += ["--no-activation-offloading"]
+    args = ["--config", "llama2_7b_100k", "--gpus", "8", "--gpu-memory", "80", "--no-linear-ce", *fixed]
     assert main([*args, "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["checkpoint_layers"] == 32 and len(out["checkpoint_layers_peak_bytes"]) == 33
@@ -1066,7 +1076,7 @@ def test_linear_ce_is_read_from_the_config_and_the_cli(tmp_path, capsys):
     assert fused.checkpoint_suggestion["layers"] < plain.checkpoint_suggestion["layers"]
     assert main(["--config", str(cfg), "--no-linear-ce"]) == 0
     assert "loss CEWithChunkedOutputLoss in 16 chunks" in capsys.readouterr().out
-    assert main(["--config", "llama2_7b_100k", "--linear-ce"]) == 0
+    assert main(["--config", str(cfg), "--linear-ce"]) == 0
     assert "loss ChunkedLinearCrossEntropyLoss in 16 chunks" in capsys.readouterr().out
 
 
@@ -1401,27 +1411,28 @@ def test_loss_chunks_are_the_fewest_that_take_the_loss_phase_off_the_peak():
 
 
 def test_suggestions_find_the_fused_loss_and_offloading_for_llama3_8b_64k_on_4x24(capsys):
-    # The reported bug: "still too big" although the fused loss plus offloading fits.
-    assert main(["--config", "llama3_8b_64k", "--gpus", "4", "--gpu-memory", "24"]) == 1
+    # The reported bug: "still too big" although the fused loss plus offloading fits (llama3_8b_64k's
+    # settings before its levers became auto: torchtune's chunked loss, every layer checkpointed).
+    args = ["--model", "llama3_8b", "--seq-len", "65536", "--gpus", "4", "--gpu-memory", "24"]
+    assert main(args) == 1
     out = capsys.readouterr().out
     cheapest = next(line for line in out.splitlines() if line.startswith("- cheapest that fits: "))
-    # Without host memory when something fits without it (the chooser's rule): the fused loss and tiles.
-    assert "enable_activation_offloading" not in cheapest
+    assert "enable_activation_offloading=true" in cheapest
     assert "loss._component_=longlora_tune.modules.linear_ce.ChunkedLinearCrossEntropyLoss" in cheapest
     assert "all of the above together: peak" in out and "(fits)" in out
-    # The cheapest set, applied, fits; levers are listed in order of the FLOPs they add.
-    settings = load_config_settings("llama3_8b_64k")
-    settings.update(activation_offloading=True, linear_ce=True, loss_chunks=4)
-    fixed = plan(**settings, gpus=4, gpu_memory_gib=24)
-    assert fixed.fits and fixed.host_memory_bytes > 0
-    settings = load_config_settings("llama3_8b_64k")
+    # Levers are listed in order of the FLOPs they add.
     added = [
         0.0 if "TFLOPs" not in s else float(s.split("(+")[1].split(" TFLOPs")[0])
-        for s in plan(**settings, gpus=4, gpu_memory_gib=24).suggestions
+        for s in plan("llama3_8b", 65536, gpus=4, gpu_memory_gib=24).suggestions
         if s.endswith(("alone", "fits", ")"))
         and not s.startswith(("cheapest", "all of", "longest", "context_parallel"))
     ]
     assert added == sorted(added)
+    # The shipped config leaves these levers to auto: the planner chooses them as the recipe would.
+    assert main(["--config", "llama3_8b_64k", "--gpus", "4", "--gpu-memory", "24"]) == 0
+    assert (
+        "The config's auto levers, chosen as the recipe chooses them at start-up:" in capsys.readouterr().out
+    )
 
 
 def test_choose_settings_is_the_cheapest_set_that_fits_by_brute_force():

@@ -171,19 +171,22 @@ def main(argv: Sequence[str] | None = None) -> int:
                 **common,
                 **rest,
             )
-            print("\n".join(f"auto: {line}" for line in chosen.reasons) + "\n")
-            result = chosen.plan
+            result, reasons = chosen.plan, chosen.reasons
         else:
-            result = plan(gpu_memory_gib=args.gpu_memory, **common, **settings)
+            result, reasons = plan(gpu_memory_gib=args.gpu_memory, **common, **settings), []
     except ValueError as err:
         print(f"longlora_tune.plan: error: {err}", file=sys.stderr)
         return 2
     if args.config:
         result.model = Path(args.config).stem
+    report = {**result.to_dict(), "auto": reasons}
     if args.json == "-":
-        print(json.dumps(result.to_dict(), indent=2, default=str))
+        print(json.dumps(report, indent=2, default=str))
     else:
         print(result.table())
+        if reasons:
+            print("The config's auto levers, chosen as the recipe chooses them at start-up:")
+            print("\n".join(f"- {line}" for line in reasons))
         if args.json:
-            atomic_write_json(args.json, result.to_dict(), default=str)
+            atomic_write_json(args.json, report, default=str)
     return 0 if result.fits else 1

@@ -203,19 +203,12 @@ def save_merged_hf_checkpoint(
     Returns:
         The export folder.
     """
-    from torchtune.models.convert_weights import tune_to_hf
-    from torchtune.models.qwen2 import qwen2_tune_to_hf
     from torchtune.modules.peft import get_merged_lora_ckpt
 
-    kw = base.builder_kwargs
     merged = get_merged_lora_ckpt(full_state_dict, rank=model_info.lora_rank, alpha=model_info.lora_alpha)
     if base.tie_word_embeddings:
         merged.pop("output.weight", None)  # the head is the embedding; transformers re-ties it
-    shape = dict(num_heads=kw["num_heads"], num_kv_heads=kw["num_kv_heads"], dim=kw["embed_dim"])
-    if base.family.qk_permuted:
-        hf_sd = tune_to_hf(merged, **shape, head_dim=base.head_dim)
-    else:
-        hf_sd = qwen2_tune_to_hf(merged, **shape, head_dim=base.head_dim, tie_word_embeddings=True)
+    hf_sd = base.to_hf_state_dict(merged)
     if dtype is not None:
         hf_sd = {k: v.to(dtype) for k, v in hf_sd.items()}
     saved_dtype = dtype or next(iter(hf_sd.values())).dtype

@@ -19,8 +19,11 @@ from torchtune.modules import MultiHeadAttention, RotaryPositionalEmbeddings
 
 from longlora_tune._compat import attention_call, set_attention_call
 from longlora_tune.errors import LongLoRAConfigError
-from longlora_tune.modules.position_interpolation import LinearScaledRotaryPositionalEmbeddings
-from longlora_tune.modules.rope_scaling import SCALED_ROPE_MODULES, RopeScaling
+from longlora_tune.modules.rope_scaling import (
+    SCALED_ROPE_MODULES,
+    LinearScaledRotaryPositionalEmbeddings,
+    RopeScaling,
+)
 from longlora_tune.modules.s2_attention import S2Attention, S2AttentionConfig
 
 __all__ = ["LongLoRAModelInfo", "apply_longlora", "describe"]

@@ -1,10 +1,11 @@
-"""Linear position interpolation (PI) for rotary position embeddings.
+"""Linear position interpolation (PI) for rotary position embeddings: the factor rules.
 
 LongLoRA extends a model's context by dividing every position by a factor before the rotary embedding,
 so that a ``factor * L_orig`` token sequence occupies the position range the model was trained on. The
 factor is an integer ``ceil(L / L_orig)`` (8192 -> 2, 32768 -> 8, 100000 -> 25 for ``L_orig`` = 4096),
 the same ``{"type": "linear", "factor": f}`` entry Hugging Face's ``rope_scaling`` uses, so a model trained
-here and exported with that entry reproduces our positions exactly.
+here and exported with that entry reproduces our positions exactly. The module that rotates by it is
+:class:`longlora_tune.modules.rope_scaling.LinearScaledRotaryPositionalEmbeddings`. Torch-free.
 """
 
 from __future__ import annotations
@@ -13,13 +14,9 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-import torch
-from torchtune.modules import RotaryPositionalEmbeddings
-
 from longlora_tune.errors import LongLoRAConfigError
 
 __all__ = [
-    "LinearScaledRotaryPositionalEmbeddings",
     "check_rope_factor",
     "position_interpolation_factor",
     "rope_scaling_factor_from_hf_config",
@@ -131,53 +128,3 @@ def rope_scaling_factor_from_hf_config(config: Mapping[str, Any]) -> float:
             f"config.json rope_scaling and rope_parameters disagree ({factors}); make them equal"
         )
     return factors[0] if factors else 1.0
-
-
-class LinearScaledRotaryPositionalEmbeddings(RotaryPositionalEmbeddings):
-    """torchtune RoPE with every position divided by ``scaling_factor`` (linear position interpolation).
-
-    Token ``m`` is rotated by ``m * (theta_i / scaling_factor)``, computed exactly as transformers'
-    ``"linear"`` ``rope_scaling`` does (frequencies divided, in float32). The cache still holds
-    ``max_seq_len`` positions: set ``max_seq_len`` to the extended (training) length. The factor is a
-    plain attribute set before the parent constructor runs, so a model built on the meta device and later
-    re-initialised with ``rope_init()`` (as torchtune's distributed recipes do after sharding) rebuilds
-    the same scaled cache.
-
-    Args:
-        dim: Per-head embedding dimension.
-        max_seq_len: Number of positions cached (the extended context length).
-        base: RoPE base (theta).
-        scaling_factor: Linear interpolation factor, >= 1 (1 gives plain RoPE).
-
-    Raises:
-        ValueError: If ``scaling_factor`` is not a finite number >= 1.
-    """
-
-    rope_type = "linear"
-
-    def __init__(
-        self, dim: int, max_seq_len: int = 4096, base: int = 10_000, scaling_factor: float = 1.0
-    ) -> None:
-        factor = check_rope_factor(scaling_factor, "scaling_factor")
-        # The parent's __init__ calls rope_init() -> build_rope_cache(), which needs the factor already.
-        object.__setattr__(self, "scaling_factor", factor)
-        super().__init__(dim=dim, max_seq_len=max_seq_len, base=base)
-
-    def build_rope_cache(self, max_seq_len: int = 4096) -> None:
-        """Build the cos/sin cache for positions ``0 .. max_seq_len - 1`` divided by the factor.
-
-        Args:
-            max_seq_len: Number of positions to cache.
-        """
-        positions = torch.arange(max_seq_len, dtype=self.theta.dtype, device=self.theta.device)
-        # (m / f) * theta and m * (theta / f) differ by float32 rounding, which at positions in the tens of
-        # thousands moves angles by > 1e-4; transformers (what exports are read by) divides the frequencies.
-        angles = torch.outer(positions, self.theta / self.scaling_factor).float()
-        cache = torch.stack([torch.cos(angles), torch.sin(angles)], dim=-1)
-        self.register_buffer("cache", cache, persistent=False)
-
-    def extra_repr(self) -> str:
-        return (
-            f"dim={self.dim}, max_seq_len={self.max_seq_len}, base={self.base}, "
-            f"scaling_factor={self.scaling_factor}"
-        )

@@ -33,16 +33,13 @@ import torch
 from torchtune.modules import RotaryPositionalEmbeddings
 
 from longlora_tune.errors import LongLoRAConfigError
-from longlora_tune.modules.position_interpolation import (
-    LinearScaledRotaryPositionalEmbeddings,
-    check_rope_factor,
-    position_interpolation_factor,
-)
+from longlora_tune.modules.position_interpolation import check_rope_factor, position_interpolation_factor
 
 __all__ = [
     "ROPE_REQUEST_KEYS",
     "ROPE_TYPES",
     "SCALED_ROPE_MODULES",
+    "LinearScaledRotaryPositionalEmbeddings",
     "Llama3ScaledRotaryPositionalEmbeddings",
     "RopeScaling",
     "YaRNScaledRotaryPositionalEmbeddings",
@@ -162,19 +159,56 @@ class _FrequencyScaledRoPE(RotaryPositionalEmbeddings):
         return ((x * cos) + (rotated * sin)).type_as(x)
 
 
-class _LinearFrequencyScaledRoPE(_FrequencyScaledRoPE):
-    """Linear interpolation for half-rotation (Qwen2) checkpoints; pairs use the public linear module."""
+class LinearScaledRotaryPositionalEmbeddings(_FrequencyScaledRoPE):
+    """torchtune RoPE with every position divided by ``scaling_factor`` (linear position interpolation).
+
+    LongLoRA extends a model's context by dividing every position by a factor before the rotary embedding,
+    so that a ``factor * L_orig`` token sequence occupies the position range the model was trained on
+    (:func:`~longlora_tune.modules.position_interpolation.position_interpolation_factor`). Token ``m`` is
+    rotated by ``m * (theta_i / scaling_factor)``, computed exactly as transformers' ``"linear"``
+    ``rope_scaling`` does: the frequencies divided, in float32 (``(m / f) * theta`` and
+    ``m * (theta / f)`` differ by float32 rounding, which at positions in the tens of thousands moves angles
+    by > 1e-4). The one linear module, for interleaved pairs (Llama, Mistral) and head halves (Qwen2).
+
+    The cache holds ``max_seq_len`` positions: set it to the extended (training) length. The factor is a
+    plain attribute set before the parent constructor runs, so a model built on the meta device and later
+    re-initialised with ``rope_init()`` (as torchtune's distributed recipes do after sharding) rebuilds
+    the same scaled cache. ``theta`` holds the scaled frequencies.
+
+    Args:
+        dim: Per-head embedding dimension.
+        max_seq_len: Number of positions cached (the extended context length).
+        base: RoPE base (theta).
+        scaling_factor: Linear interpolation factor, >= 1 (1 gives plain RoPE, bit-equal to torchtune's).
+        half_rotation: Rotate head halves (Qwen2 checkpoints) instead of interleaved pairs.
+
+    Raises:
+        LongLoRAConfigError: If ``scaling_factor`` is not a finite number >= 1.
+    """
 
     rope_type = "linear"
 
     def __init__(
-        self, dim: int, max_seq_len: int, base: float, *, factor: float, half_rotation: bool
+        self,
+        dim: int,
+        max_seq_len: int = 4096,
+        base: float = 10_000,
+        scaling_factor: float = 1.0,
+        *,
+        half_rotation: bool = False,
     ) -> None:
-        self._set(half_rotation, scaling_factor=check_rope_factor(factor, "factor"))
+        self._set(half_rotation, scaling_factor=check_rope_factor(scaling_factor, "scaling_factor"))
         super().__init__(dim=dim, max_seq_len=max_seq_len, base=base)
 
     def _scaled_theta(self, wavelengths: torch.Tensor) -> tuple[torch.Tensor, float]:
+        # torchtune's theta (1 / wavelength), then divided by the factor: the same float32 operations.
         return 1.0 / wavelengths / self.scaling_factor, 1.0
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, max_seq_len={self.max_seq_len}, base={self.base}, "
+            f"scaling_factor={self.scaling_factor}, half_rotation={self.half_rotation}"
+        )
 
 
 class YaRNScaledRotaryPositionalEmbeddings(_FrequencyScaledRoPE):
@@ -328,7 +362,7 @@ class Llama3ScaledRotaryPositionalEmbeddings(_FrequencyScaledRoPE):
 
 
 #: Every RoPE module LongLoRA installs (each has ``scaling_factor`` and ``rope_type``).
-SCALED_ROPE_MODULES = (LinearScaledRotaryPositionalEmbeddings, _FrequencyScaledRoPE)
+SCALED_ROPE_MODULES = (_FrequencyScaledRoPE,)
 
 
 def _positive_int(value: Any, name: str) -> int:
@@ -611,11 +645,9 @@ class RopeScaling:
         self, dim: int, max_seq_len: int, base: float, half_rotation: bool
     ) -> RotaryPositionalEmbeddings:
         if self.rope_type in ("default", "linear"):
-            if half_rotation:
-                return _LinearFrequencyScaledRoPE(
-                    dim, max_seq_len, base, factor=self.factor, half_rotation=True
-                )
-            return LinearScaledRotaryPositionalEmbeddings(dim, max_seq_len, base, scaling_factor=self.factor)
+            return LinearScaledRotaryPositionalEmbeddings(
+                dim, max_seq_len, base, scaling_factor=self.factor, half_rotation=half_rotation
+            )
         original = self.original_max_position_embeddings
         if self.rope_type == "yarn":
             return YaRNScaledRotaryPositionalEmbeddings(

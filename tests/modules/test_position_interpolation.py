@@ -7,10 +7,10 @@ import torch
 from torchtune.modules import RotaryPositionalEmbeddings
 
 from longlora_tune.modules.position_interpolation import (
-    LinearScaledRotaryPositionalEmbeddings,
     position_interpolation_factor,
     rope_scaling_factor_from_hf_config,
 )
+from longlora_tune.modules.rope_scaling import LinearScaledRotaryPositionalEmbeddings
 
 
 @pytest.mark.parametrize(

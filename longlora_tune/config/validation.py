@@ -33,7 +33,7 @@ from longlora_tune.models.families import family_of_builder
 from longlora_tune.models.longlora import LongLoRAModelInfo, describe
 from longlora_tune.models.trainable import TRAINABLE_EXTRAS
 from longlora_tune.modules.context_parallel import check_context_parallel
-from longlora_tune.modules.rope_scaling import check_rope_request, rope_for_training
+from longlora_tune.modules.rope_config import check_rope_request, rope_for_training
 from longlora_tune.training.distributed import resolve_dtype
 from longlora_tune.training.metric_logging import check_metric_logger
 from longlora_tune.training.sequence_tiling import check_tile_tokens

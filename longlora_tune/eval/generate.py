@@ -44,7 +44,7 @@ from typing import Any, TextIO
 import torch
 
 from longlora_tune.errors import LongLoRAConfigError, report_errors
-from longlora_tune.modules.rope_scaling import RopeScaling
+from longlora_tune.modules.rope_config import RopeScaling
 
 #: Prompt templates: text templates rendered by :func:`build_prompt`, and ``chat`` (the tokenizer's own).
 TEMPLATES = ("chat", "llama2_chat", "alpaca", "none")

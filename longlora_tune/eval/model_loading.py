@@ -40,7 +40,7 @@ from longlora_tune.models import apply_longlora
 from longlora_tune.models.families import trusted_builder
 from longlora_tune.models.trainable import TRAINABLE_FILE, load_trainable_state
 from longlora_tune.modules.position_interpolation import check_rope_factor, position_interpolation_factor
-from longlora_tune.modules.rope_scaling import RopeScaling, rope_for_training
+from longlora_tune.modules.rope_config import RopeScaling, rope_for_training
 from longlora_tune.training.distributed import (
     close_process_group,
     init_process_group,

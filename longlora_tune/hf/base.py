@@ -36,11 +36,8 @@ from longlora_tune.models.families import (
     log_assumption,
     tokenizer_files_in,
 )
-from longlora_tune.modules.position_interpolation import (
-    position_interpolation_factor,
-    rope_scaling_factor_from_hf_config,
-)
-from longlora_tune.modules.rope_scaling import RopeScaling
+from longlora_tune.modules.position_interpolation import position_interpolation_factor
+from longlora_tune.modules.rope_config import RopeScaling
 
 __all__ = ["HFBaseModel", "HFTokenizer", "chat_template", "download_command"]
 
@@ -351,8 +348,6 @@ class HFBaseModel:
             families whose builders take it (Llama 3, Qwen2).
         """
         c = self.config
-        # transformers 5 writes the RoPE base only inside rope_parameters.
-        rope_base = c.get("rope_theta") or (c.get("rope_parameters") or {}).get("rope_theta") or 10_000.0
         kwargs = {
             "vocab_size": int(c["vocab_size"]),
             "num_layers": int(c["num_hidden_layers"]),
@@ -361,7 +356,8 @@ class HFBaseModel:
             "embed_dim": int(c["hidden_size"]),
             "intermediate_dim": int(c["intermediate_size"]),
             "norm_eps": float(c.get("rms_norm_eps", 1e-5)),
-            "rope_base": float(rope_base),
+            # transformers 5 writes the RoPE base only inside rope_parameters: read by the one RoPE parser.
+            "rope_base": self.rope.rope_theta,
         }
         if self.family.ties:
             kwargs["tie_word_embeddings"] = self.tie_word_embeddings
@@ -385,10 +381,13 @@ class HFBaseModel:
         Raises:
             LongLoRAConfigError: for RoPE scaling other than linear.
         """
-        try:
-            return rope_scaling_factor_from_hf_config(self.config)
-        except ValueError as exc:
-            raise LongLoRAConfigError(f"{self.path}/config.json: {exc}") from None
+        rope = self.rope
+        if rope.rope_type not in ("default", "linear"):
+            raise LongLoRAConfigError(
+                f"{self.path}/config.json has RoPE scaling type {rope.rope_type!r}; LongLoRA's linear "
+                "interpolation continues only from unscaled or linear RoPE scaling"
+            )
+        return rope.factor
 
     def load_state_dict(self, dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
         """Load the weights in torchtune parameter names.

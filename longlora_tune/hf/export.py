@@ -32,7 +32,7 @@ from longlora_tune.hf.base import HFBaseModel
 from longlora_tune.models.families import FAMILIES
 from longlora_tune.models.longlora import LongLoRAModelInfo
 from longlora_tune.models.trainable import TRAINABLE_FILE, save_trainable_state
-from longlora_tune.modules.rope_scaling import RopeScaling
+from longlora_tune.modules.rope_config import RopeScaling
 
 #: Files copied from the base checkpoint next to the merged weights.
 TOKENIZER_FILES = tuple(
@@ -102,7 +102,7 @@ def merged_hf_config(
         rope_scaling_factor: the factor the model was trained with (linear; ignored when ``rope`` is given).
         dtype: dtype of the saved weights.
         rope: the full RoPE setting the model was trained with (yarn/llama3/linear); its
-            :meth:`~longlora_tune.modules.rope_scaling.RopeScaling.to_hf_config` keys are written.
+            :meth:`~longlora_tune.modules.rope_config.RopeScaling.to_hf_config` keys are written.
 
     Returns:
         The new config dict (for linear, ``max_position_embeddings`` is kept: the factor alone extends the

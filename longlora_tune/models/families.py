@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from longlora_tune.errors import LongLoRAConfigError
+from longlora_tune.modules.rope_config import hf_rope_entries, hf_rope_theta, hf_rope_type
 
 __all__ = [
     "DEFAULT_FAMILY",
@@ -199,10 +200,10 @@ class ModelFamily:
 
 def _says_llama3(config: Mapping[str, Any]) -> bool:
     """``config.json`` states Llama 3 exactly: the ``llama3`` RoPE type or the 128256-token vocabulary."""
-    scalings = [config.get("rope_scaling") or {}, config.get("rope_parameters") or {}]
-    llama3_rope = any(
-        s.get("rope_type", s.get("type")) == "llama3" for s in scalings if isinstance(s, Mapping)
-    )
+    try:
+        llama3_rope = any(hf_rope_type(entry) == "llama3" for _, entry in hf_rope_entries(config))
+    except LongLoRAConfigError:
+        llama3_rope = False  # refused with its reason when the folder's RoPE is read
     return llama3_rope or int(config.get("vocab_size", 0)) == 128_256
 
 
@@ -390,8 +391,7 @@ def tokenizer_files_in(folder: str | Path) -> list[str]:
 
 def _guess_llama3(config: Mapping[str, Any]) -> bool:
     """The fallback when nothing exact decides: Llama 3's RoPE base or a Llama 3-sized vocabulary."""
-    theta = config.get("rope_theta") or (config.get("rope_parameters") or {}).get("rope_theta") or 0
-    return float(theta) >= 500_000 or int(config.get("vocab_size", 0)) >= 128_000
+    return float(hf_rope_theta(config)) >= 500_000 or int(config.get("vocab_size", 0)) >= 128_000
 
 
 @functools.cache

@@ -11,21 +11,33 @@ here and exported with that entry reproduces our positions exactly. The module t
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from typing import Any
 
 from longlora_tune.errors import LongLoRAConfigError
 
 __all__ = [
+    "check_positive_int",
     "check_rope_factor",
     "position_interpolation_factor",
-    "rope_scaling_factor_from_hf_config",
 ]
 
 
-def _check_positive_int(value: Any, name: str) -> None:
+def check_positive_int(value: Any, name: str) -> int:
+    """Validate a length or count setting: a positive int (not a bool).
+
+    Args:
+        value: the value to check.
+        name: the setting's name, used in the error message.
+
+    Returns:
+        The value.
+
+    Raises:
+        LongLoRAConfigError: if ``value`` is not a positive int.
+    """
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise LongLoRAConfigError(f"{name} must be a positive int, got {value!r}")
+    return value
 
 
 def check_rope_factor(value: Any, name: str) -> float:
@@ -81,50 +93,7 @@ def position_interpolation_factor(
     Raises:
         ValueError: If a length is not a positive int or ``existing_factor`` is not a number >= 1.
     """
-    _check_positive_int(target_len, "target_len")
-    _check_positive_int(original_len, "original_len")
+    check_positive_int(target_len, "target_len")
+    check_positive_int(original_len, "original_len")
     existing = check_rope_factor(existing_factor, "existing_factor")
     return float(max(existing, math.ceil(target_len / original_len)))
-
-
-def rope_scaling_factor_from_hf_config(config: Mapping[str, Any]) -> float:
-    """Existing linear RoPE factor of a Hugging Face Llama ``config.json`` dict.
-
-    Reads ``rope_scaling`` (transformers 4 spelling) or ``rope_parameters`` (transformers 5 spelling);
-    both use ``{"type" or "rope_type": "linear", "factor": f}``. No entry, ``null`` or type ``"default"``
-    means no scaling.
-
-    Args:
-        config: The parsed ``config.json``.
-
-    Returns:
-        The linear factor, 1.0 when the checkpoint has no RoPE scaling.
-
-    Raises:
-        ValueError: For a non-linear scaling type (dynamic, yarn, llama3, ...), which plain linear
-            interpolation cannot continue from, or a malformed entry.
-    """
-    if not isinstance(config, Mapping):
-        raise ValueError(f"config must be a dict parsed from config.json, got {type(config).__name__}")
-    entries = [(key, config[key]) for key in ("rope_scaling", "rope_parameters") if config.get(key)]
-    factors = []
-    for key, entry in entries:
-        if not isinstance(entry, Mapping):
-            raise ValueError(f"config.json {key} must be a dict or null, got {entry!r}")
-        rope_type = entry.get("rope_type", entry.get("type"))
-        if rope_type in (None, "default") and "factor" not in entry:
-            factors.append(1.0)
-            continue
-        if rope_type != "linear":
-            raise ValueError(
-                f"config.json {key} has RoPE scaling type {rope_type!r}; LongLoRA continues only from "
-                "unscaled or linear ('type': 'linear') RoPE scaling"
-            )
-        if "factor" not in entry:
-            raise ValueError(f"config.json {key} is linear but has no 'factor': {dict(entry)!r}")
-        factors.append(check_rope_factor(entry["factor"], f"config.json {key}.factor"))
-    if len(set(factors)) > 1:
-        raise ValueError(
-            f"config.json rope_scaling and rope_parameters disagree ({factors}); make them equal"
-        )
-    return factors[0] if factors else 1.0

@@ -349,12 +349,15 @@ def _rope_summary(hf_dir: Path) -> str:
     """``rope_scaling <type> <factor>`` as the exported ``config.json`` states it."""
     import json
 
+    from longlora_tune.modules.rope_config import RopeScaling
+
     try:
-        entry = json.loads((hf_dir / "config.json").read_text()).get("rope_scaling") or {}
+        rope = RopeScaling.from_hf_config(json.loads((hf_dir / "config.json").read_text()))
     except (OSError, ValueError):
         return "no readable rope_scaling"
-    kind = entry.get("rope_type", entry.get("type"))
-    return f"rope_scaling {kind} {entry.get('factor')}" if kind else "no rope_scaling"
+    if rope.rope_type == "default":
+        return "no rope_scaling"
+    return f"rope_scaling {rope.rope_type} {rope.factor}"
 
 
 if __name__ == "__main__":

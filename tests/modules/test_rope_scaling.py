@@ -9,10 +9,10 @@ import torch
 from torchtune.models.llama3_1 import Llama3ScaledRoPE
 
 from longlora_tune.errors import LongLoRAConfigError
+from longlora_tune.modules.rope_config import RopeScaling
 from longlora_tune.modules.rope_scaling import (
     LinearScaledRotaryPositionalEmbeddings,
     Llama3ScaledRotaryPositionalEmbeddings,
-    RopeScaling,
     YaRNScaledRotaryPositionalEmbeddings,
     yarn_attention_factor,
 )

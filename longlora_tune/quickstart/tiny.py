@@ -9,9 +9,9 @@ code that reads real checkpoints and datasets.
 Chat-format tokenizers of other families, in their released formats: :func:`make_llama3_tokenizer`
 (tiktoken BPE), :func:`make_qwen2_5_tokenizer` (``vocab.json`` + ``merges.txt``),
 :func:`make_mistral_tokenizer` (SentencePiece) and :func:`make_hf_tokenizer` (a Hugging Face
-``tokenizer.json`` with its ``tokenizer_config.json`` and ChatML ``chat_template.jinja``, as SmolLM2 ships).
-:func:`make_hf_tokenizer_json` writes a byte-level BPE ``tokenizer.json`` whose digits are split one by one
-(SmolLM2's pre-tokenizer), for the passkey tests of a space token before a number.
+``tokenizer.json`` with its ``tokenizer_config.json`` and ChatML ``chat_template.jinja``, as SmolLM2 ships;
+``split_digits=True`` splits digits one by one as SmolLM2's pre-tokenizer does, for the passkey tests of a
+space token before a number).
 """
 
 from __future__ import annotations
@@ -300,55 +300,10 @@ def make_qwen2_5_tokenizer(out_dir: str | Path, *, vocab_size: int = 512, seed: 
     return vocab_path, merges_path
 
 
-def make_hf_tokenizer_json(out_dir: str | Path, *, vocab_size: int = 512, seed: int = 0) -> Path:
-    """Train a tiny byte-level BPE ``tokenizer.json`` laid out as SmolLM2's, for ``HuggingFaceBaseTokenizer``.
-
-    Trained with the ``tokenizers`` library: ``<|endoftext|>`` = 0, ``<|im_start|>`` = 1 (BOS) and
-    ``<|im_end|>`` = 2 (EOS) as special tokens, then the 256 byte characters and merges; digits are split
-    one by one before the byte-level pre-tokenizer, so a space before a number is a token of its own
-    (``Ġ``), as in SmolLM2. ``tokenizer_config.json`` beside it names BOS and EOS.
-
-    Args:
-        out_dir: folder to write ``tokenizer.json`` and ``tokenizer_config.json`` into (created if
-            missing).
-        vocab_size: vocabulary size including the three special tokens, 259 to about 1000.
-        seed: seed of the training corpus.
-
-    Returns:
-        Path of the written ``tokenizer.json`` (pass it, and ``tokenizer_config_json_path`` =
-        ``<folder>/tokenizer_config.json``, to ``HuggingFaceBaseTokenizer``).
-
-    Raises:
-        ValueError: if ``vocab_size`` is too small for the special and byte tokens.
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    if vocab_size < len(special) + 256:
-        raise ValueError(f"vocab_size={vocab_size} is too small: a byte-level BPE has 256 byte tokens")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
-    )
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=special,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(_bpe_corpus(seed), trainer)
-    path = out / "tokenizer.json"
-    tokenizer.save(str(path))
-    config = {"bos_token": special[1], "eos_token": special[2], "tokenizer_class": "GPT2Tokenizer"}
-    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
-    return path
-
-
 #: GPT-2's pre-tokenizer pattern, what a Hugging Face ``ByteLevel(use_regex=True)`` pre-tokenizer splits on.
 _GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+#: The same after SmolLM2's ``Digits(individual_digits=True)`` split: every digit alone, no space before it.
+_GPT2_DIGITS_PATTERN = _GPT2_PATTERN.replace(r" ?\p{N}+", r"\p{N}")
 #: The special tokens of :func:`make_hf_tokenizer`, after the BPE (SmolLM2's names).
 HF_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 #: ChatML with SmolLM2's default system turn, as its ``chat_template.jinja`` reads.
@@ -360,18 +315,24 @@ _CHATML = (
 )
 
 
-def make_hf_tokenizer(out_dir: str | Path, *, vocab_size: int = 512, seed: int = 0) -> Path:
+def make_hf_tokenizer(
+    out_dir: str | Path, *, vocab_size: int = 512, seed: int = 0, split_digits: bool = False
+) -> Path:
     """Train a tiny byte-level BPE and write it as a Hugging Face folder's tokenizer files (SmolLM2's).
 
     ``tokenizer.json`` (GPT-2 byte-level BPE, ids 0-255 the single bytes, then ``vocab_size - 256``
     merges, then :data:`HF_SPECIAL_TOKENS`), ``tokenizer_config.json`` (BOS ``<|im_start|>``, EOS and pad
     ``<|im_end|>``, as SmolLM2-Instruct) and ``chat_template.jinja`` (ChatML): what a checkpoint of the
-    ``hf_llama`` family has and :class:`longlora_tune.hf.base.HFTokenizer` reads.
+    ``hf_llama`` family has and :class:`longlora_tune.hf.base.HFTokenizer` reads (torchtune's
+    ``HuggingFaceBaseTokenizer`` too, given ``tokenizer_config.json``).
 
     Args:
         out_dir: folder to write into (created if missing).
         vocab_size: number of BPE tokens (bytes and merges), 257 to about 1000; the tokenizer has 3 more.
         seed: seed of the training corpus.
+        split_digits: split digits one by one before the byte-level pre-tokenizer, as SmolLM2's
+            ``tokenizer.json`` does, so a space before a number is a token of its own (``Ġ``): for the
+            passkey tests of that space.
 
     Returns:
         Path of the written ``tokenizer.json``.
@@ -384,7 +345,8 @@ def make_hf_tokenizer(out_dir: str | Path, *, vocab_size: int = 512, seed: int =
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    vocab, merges = _train_byte_bpe(_bpe_corpus(seed), _GPT2_PATTERN, vocab_size)
+    pattern = _GPT2_DIGITS_PATTERN if split_digits else _GPT2_PATTERN
+    vocab, merges = _train_byte_bpe(_bpe_corpus(seed), pattern, vocab_size)
     to_unicode = bytes_to_unicode()
 
     def text(tok: bytes) -> str:
@@ -394,7 +356,12 @@ def make_hf_tokenizer(out_dir: str | Path, *, vocab_size: int = 512, seed: int =
         vocab={text(t): i for i, t in enumerate(vocab)}, merges=[(text(a), text(b)) for a, b in merges]
     )
     tokenizer = Tokenizer(bpe)
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if split_digits:
+        digits = pre_tokenizers.Digits(individual_digits=True)
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence([digits, byte_level])
+    else:
+        tokenizer.pre_tokenizer = byte_level
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in HF_SPECIAL_TOKENS])
     path = out / "tokenizer.json"

@@ -653,6 +653,8 @@ def check_rope_scaling(cfg: DictConfig) -> None:
     Raises:
         LongLoRAConfigError: one line naming the problem and the fix.
     """
+    from longlora_tune.hf.base import HFBaseModel
+
     raw = cfg.get("rope_scaling", None)
     if raw is None:
         return

@@ -33,8 +33,19 @@ from longlora_tune.eval.model_loading import (
     tokenizer_from_config,
 )
 from longlora_tune.eval.passkey import PasskeyResult, build_prompts, evaluate_passkey, expected_answer
-from longlora_tune.eval.reporting import write_results
+from longlora_tune.eval.reporting import ReportLayout, report_sweep
 from longlora_tune.eval.sweep import Sweep
+
+_LAYOUT = ReportLayout(
+    stem="passkey",
+    x_key="mean_prompt_tokens",
+    y_key="accuracy",
+    xlabel="prompt length (tokens)",
+    ylabel="passkey accuracy",
+    title="Passkey retrieval",
+    columns=("target_length", "mean_prompt_tokens", "num_trials", "num_passed", "accuracy"),
+    y_limits=(-0.05, 1.05),
+)
 
 
 def _lengths(cfg: DictConfig) -> list[int]:
@@ -122,36 +133,20 @@ class PasskeyRecipe:
                     world_size=self.world_size,
                     progress=bool(self.cfg.get("progress", True)),
                 )
-        rows = [r.to_dict() for r in sweep.results]
-        files = None
-        if self.rank == 0:
-            meta = {
-                "recipe": "longlora_eval_passkey",
-                "model": self.model_info,
-                "length_unit": self.length_unit,
-                "num_trials": self.num_trials,
-                "world_size": self.world_size,
-                "seconds": round(time.perf_counter() - start, 3),
-                # What to make of the numbers (the tiny configs: a random model cannot retrieve the key).
-                "note": self.cfg.get("note", None),
-            }
-            files = write_results(
-                self.cfg.output_dir,
-                self.cfg.get("output_name", "passkey"),
-                rows=rows,
-                meta=meta,
-                x_key="mean_prompt_tokens",
-                y_key="accuracy",
-                xlabel="prompt length (tokens)",
-                ylabel="passkey accuracy",
-                title=f"Passkey retrieval (RoPE factor {self.model_info['rope_scaling_factor']:g})",
-                y_limits=(-0.05, 1.05),
-                columns=["target_length", "mean_prompt_tokens", "num_trials", "num_passed", "accuracy"],
-                echo=True,
-                incomplete=sweep.incomplete,
-            )
-        sweep.raise_if_stopped(files, self.cfg.output_dir)
-        return rows
+        return report_sweep(
+            self.cfg,
+            sweep,
+            _LAYOUT,
+            recipe="longlora_eval_passkey",
+            model_info=self.model_info,
+            rank=self.rank,
+            world_size=self.world_size,
+            start=start,
+            length_unit=self.length_unit,
+            num_trials=self.num_trials,
+            # What to make of the numbers (the tiny configs: a random model cannot retrieve the key).
+            note=self.cfg.get("note", None),
+        )
 
     def cleanup(self) -> None:
         """Leave the process group."""

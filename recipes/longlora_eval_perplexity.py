@@ -40,8 +40,18 @@ from longlora_tune.eval.perplexity import (
     load_token_stream,
     skip_reason,
 )
-from longlora_tune.eval.reporting import write_results
+from longlora_tune.eval.reporting import ReportLayout, report_sweep
 from longlora_tune.eval.sweep import Sweep
+
+_LAYOUT = ReportLayout(
+    stem="perplexity",
+    x_key="eval_length",
+    y_key="perplexity",
+    xlabel="evaluation context length (tokens)",
+    ylabel="perplexity",
+    title="Perplexity",
+    columns=("eval_length", "num_windows", "perplexity", "token_perplexity", "loss"),
+)
 
 
 def _eval_lengths(cfg: DictConfig) -> list[int]:
@@ -130,35 +140,20 @@ class PerplexityRecipe:
                 progress=bool(self.cfg.get("progress", True)),
                 on_result=finished.append,
             )
-        rows = [r.to_dict() for r in sweep.results]
-        files = None
-        if self.rank == 0:
-            meta = {
-                "recipe": "longlora_eval_perplexity",
-                "model": self.model_info,
-                "dataset": OmegaConf.to_container(self.cfg.dataset, resolve=True),
-                "num_stream_tokens": int(self.stream.shape[0]),
-                "stride": self.stride,
-                "max_windows": self.max_windows,
-                "world_size": self.world_size,
-                "seconds": round(time.perf_counter() - start, 3),
-            }
-            files = write_results(
-                self.cfg.output_dir,
-                self.cfg.get("output_name", "perplexity"),
-                rows=rows,
-                meta=meta,
-                x_key="eval_length",
-                y_key="perplexity",
-                xlabel="evaluation context length (tokens)",
-                ylabel="perplexity",
-                title=f"Perplexity (RoPE factor {self.model_info['rope_scaling_factor']:g})",
-                columns=["eval_length", "num_windows", "perplexity", "token_perplexity", "loss"],
-                echo=True,
-                incomplete=sweep.incomplete,
-            )
-        sweep.raise_if_stopped(files, self.cfg.output_dir)
-        return rows
+        return report_sweep(
+            self.cfg,
+            sweep,
+            _LAYOUT,
+            recipe="longlora_eval_perplexity",
+            model_info=self.model_info,
+            rank=self.rank,
+            world_size=self.world_size,
+            start=start,
+            dataset=OmegaConf.to_container(self.cfg.dataset, resolve=True),
+            num_stream_tokens=int(self.stream.shape[0]),
+            stride=self.stride,
+            max_windows=self.max_windows,
+        )
 
     def cleanup(self) -> None:
         """Leave the process group."""

@@ -82,9 +82,17 @@ def test_a_lower_layer_importing_a_higher_one_fails_the_check(tmp_path: Path) ->
 
 
 @pytest.mark.parametrize(
-    "module", ["longlora_tune.plan", "longlora_tune.models.families", "longlora_tune.models.shapes"]
+    "module",
+    [
+        "longlora_tune.plan",
+        "longlora_tune.models.families",
+        "longlora_tune.models.shapes",
+        "longlora_tune.modules.rope_config",
+        # The config checks and their CLI: torch only once a check builds a model or reads a checkpoint.
+        "longlora_tune.config.validation, longlora_tune.config.check",
+    ],
 )
-def test_planner_and_family_record_import_without_torch(module: str) -> None:
+def test_planner_family_record_and_config_import_without_torch(module: str) -> None:
     code = f"import sys, {module}; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"

@@ -816,7 +816,7 @@ def test_family_configs_resolve_their_rope_over_the_published_checkpoint(name, p
     """Each family config's rope_scaling over its base's published config.json: one method, the factor."""
     from longlora_tune.models.families import family_of_builder
     from longlora_tune.models.shapes import MODEL_SHAPES
-    from longlora_tune.modules.rope_scaling import RopeScaling, rope_for_training
+    from longlora_tune.modules.rope_config import RopeScaling, rope_for_training
 
     cfg = OmegaConf.load(CONFIGS / f"{name}.yaml")
     shape = MODEL_SHAPES[published]

@@ -11,7 +11,7 @@ from torchtune.models.qwen2_5 import qwen2_5_tokenizer
 from torchtune.modules.transforms.tokenizers import HuggingFaceBaseTokenizer
 
 from longlora_tune.quickstart.tiny import (
-    make_hf_tokenizer_json,
+    make_hf_tokenizer,
     make_llama3_tokenizer,
     make_mistral_tokenizer,
     make_qwen2_5_tokenizer,
@@ -94,17 +94,28 @@ def test_mistral_tokenizer_round_trips_with_whitespace_kept(tmp_path):
 
 
 def test_hf_tokenizer_json_round_trips_with_a_space_token_before_digits(tmp_path):
-    path = make_hf_tokenizer_json(tmp_path, vocab_size=450)
+    path = make_hf_tokenizer(tmp_path, vocab_size=447, split_digits=True)
     config = tmp_path / "tokenizer_config.json"
     tok = HuggingFaceBaseTokenizer(str(path), tokenizer_config_json_path=str(config))
-    assert (tok.bos_id, tok.eos_id, tok.tokenizer.get_vocab_size()) == (1, 2, 450)
+    # The 447 BPE tokens, then <|endoftext|>, <|im_start|> (BOS) and <|im_end|> (EOS).
+    assert (tok.bos_id, tok.eos_id, tok.tokenizer.get_vocab_size()) == (448, 449, 450)
     ids = tok.encode(TEXT, add_bos=True, add_eos=True)
-    assert (ids[0], ids[-1]) == (1, 2) and tok.decode(ids) == TEXT
+    assert (ids[0], ids[-1]) == (448, 449) and tok.decode(ids) == TEXT
     assert len(tok.encode(KNOWN, add_bos=False, add_eos=False)) < len(KNOWN) // 3
     # SmolLM2's layout: the space before a number is its own token, then one token per digit.
     pieces = [tok.tokenizer.id_to_token(i) for i in tok.encode("is 305", add_bos=False, add_eos=False)]
     assert pieces == ["is", "Ġ", "3", "0", "5"]
-    assert make_hf_tokenizer_json(tmp_path / "again", vocab_size=450).read_bytes() == path.read_bytes()
+    again = make_hf_tokenizer(tmp_path / "again", vocab_size=447, split_digits=True)
+    assert again.read_bytes() == path.read_bytes()
+    split = [tok.tokenizer.id_to_token(i) for i in tok.encode("is 12345", add_bos=False, add_eos=False)]
+    assert split == ["is", "Ġ", "1", "2", "3", "4", "5"]
+    # Without the option a number keeps its space, as GPT-2's pre-tokenizer has it (the corpus's " 12345").
+    plain = make_hf_tokenizer(tmp_path / "plain", vocab_size=447)
+    plain_config = str(plain.parent / "tokenizer_config.json")
+    plain_tok = HuggingFaceBaseTokenizer(str(plain), tokenizer_config_json_path=plain_config)
+    ids = plain_tok.encode("is 12345", add_bos=False, add_eos=False)
+    assert [plain_tok.tokenizer.id_to_token(i) for i in ids] == ["is", "Ġ12345"]
+    assert plain_tok.decode(plain_tok.encode(TEXT)) == TEXT
 
 
 @pytest.mark.parametrize("writer", [make_llama3_tokenizer, make_qwen2_5_tokenizer])

@@ -7,6 +7,9 @@ factor. So they can run before any heavy work and before ``output_dir`` is touch
 run, once more in the ``tune run`` launcher before torchrun starts the workers
 (:mod:`longlora_tune.config.preflight`), and on their own (``python -m longlora_tune.config.check``).
 Every problem is one :class:`~longlora_tune.errors.LongLoRAConfigError` line naming the value and the fix.
+
+Torch-free at import (the key schema and the planner's readers need no torch): the checks that build a model,
+read a checkpoint or a dataset import what they use when they run.
 """
 
 from __future__ import annotations
@@ -17,28 +20,23 @@ import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NamedTuple, NoReturn, Optional
+from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn, Optional
 
-import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from torchtune import config, training
 
-# Only check_base_files reads the base model's folder, through this module attribute.
 from longlora_tune._compat import flex_attention_supported, import_object
-from longlora_tune.data import check_dataset_source
 from longlora_tune.errors import LongLoRAConfigError, config_error_once_per_node
-from longlora_tune.hf.base import HFBaseModel, download_command
 from longlora_tune.models.families import family_of_builder
-from longlora_tune.models.longlora import LongLoRAModelInfo, describe, model_shape
-from longlora_tune.models.shapes import ModelShape
-from longlora_tune.models.trainable import TRAINABLE_EXTRAS
-from longlora_tune.modules.context_parallel import check_context_parallel
-from longlora_tune.modules.rope_scaling import check_rope_request, rope_for_training
+from longlora_tune.modules.rope_config import check_rope_request, rope_for_training
 from longlora_tune.training.auto_settings import AUTO, auto_keys, check_auto_settings, parse_checkpoint_layers
-from longlora_tune.training.distributed import resolve_dtype
-from longlora_tune.training.metric_logging import check_metric_logger
-from longlora_tune.training.sequence_tiling import check_tile_tokens
+
+if TYPE_CHECKING:
+    import torch
+
+    from longlora_tune.hf.base import HFBaseModel
+    from longlora_tune.models.longlora import LongLoRAModelInfo
+    from longlora_tune.models.shapes import ModelShape
 
 #: The export formats the recipe can write (``export_formats``).
 EXPORT_FORMATS = ("hf", "peft", "adapter")
@@ -340,6 +338,9 @@ def check_values(cfg: DictConfig, world_size: int) -> None:
                 continue
             auto = ", or auto" if key in _AUTO_BOOL_KEYS else ""
             raise LongLoRAConfigError(f"{key}={cfg.get(key)!r} must be true or false{auto}")
+    from longlora_tune.models.trainable import TRAINABLE_EXTRAS
+    from longlora_tune.training.sequence_tiling import check_tile_tokens
+
     _check_checkpoint_layers(cfg)
     check_tile_tokens(cfg.get("sequence_tile_tokens", None), allow_auto=True)
     for key in ("output_dir", "checkpoint_dir"):
@@ -596,6 +597,8 @@ def complete_from_checkpoint(cfg: DictConfig) -> None:
         LongLoRAConfigError: when ``checkpoint_dir`` is not a readable, supported checkpoint (naming the
             missing file and the download command).
     """
+    from longlora_tune.hf.base import HFBaseModel
+
     incomplete = [
         s
         for s in ("model", "tokenizer")
@@ -625,6 +628,7 @@ def check_base_files(
         LongLoRAConfigError: naming the missing path and the ``tune download`` command (for the tiny demo
             configs' folders: the demo command that creates them).
     """
+    from longlora_tune.hf.base import HFBaseModel, download_command
     from longlora_tune.quickstart.demo import assets_command
 
     demo_command = assets_command(checkpoint_dir)
@@ -655,6 +659,8 @@ def check_rope_scaling(cfg: DictConfig) -> None:
     Raises:
         LongLoRAConfigError: one line naming the problem and the fix.
     """
+    from longlora_tune.hf.base import HFBaseModel
+
     raw = cfg.get("rope_scaling", None)
     if raw is None:
         return
@@ -829,6 +835,12 @@ def build_meta_model(cfg: DictConfig, base: HFBaseModel, dtype: torch.dtype) -> 
         LongLoRAConfigError: for arguments the builder refuses (named as config keys) or a training length
             that does not fit the model.
     """
+    import torch
+    from torchtune import config, training
+
+    from longlora_tune.models.longlora import describe
+    from longlora_tune.modules.context_parallel import check_context_parallel
+
     group_key = check_s2_keys(cfg)
     try:
         with training.set_default_dtype(dtype), torch.device("meta"):
@@ -994,6 +1006,14 @@ def validate_config(cfg: DictConfig, world_size: int) -> CheckedConfig:
     Raises:
         LongLoRAConfigError: on the first problem found, as one line naming the value and the fix.
     """
+    import torch
+
+    from longlora_tune.data import check_dataset_source
+    from longlora_tune.hf.base import HFBaseModel
+    from longlora_tune.models.longlora import model_shape
+    from longlora_tune.training.distributed import resolve_dtype
+    from longlora_tune.training.metric_logging import check_metric_logger
+
     check_resolvable(cfg)
     check_keys(cfg)
     for key in ("output_dir", "checkpoint_dir", "model", "tokenizer", "dataset", "optimizer", "loss"):

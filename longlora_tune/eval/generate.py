@@ -44,7 +44,7 @@ from typing import Any, TextIO
 import torch
 
 from longlora_tune.errors import LongLoRAConfigError, report_errors
-from longlora_tune.modules.rope_scaling import RopeScaling
+from longlora_tune.modules.rope_config import RopeScaling
 
 #: Prompt templates: text templates rendered by :func:`build_prompt`, and ``chat`` (the tokenizer's own).
 TEMPLATES = ("chat", "llama2_chat", "alpaca", "none")
@@ -105,10 +105,11 @@ def prompt_ids(tokenizer: Any, material: str, question: str, template: str) -> l
 def default_template(family: str, checkpoint: str | Path) -> str:
     """The prompt template a model answers in, when ``--template`` is not given.
 
-    Llama 2: LongLoRA's ``llama2_chat``. The other families: their tokenizer's chat format when the
-    checkpoint is a chat model (it ships a chat template, :func:`longlora_tune.hf.base.chat_template`: an
-    instruct model, or an export of one), else ``none`` (a base model never saw its family's chat header
-    tokens).
+    A family whose tokenizer has no chat format: the prompt format of ours that stands in for it
+    (:attr:`longlora_tune.models.families.ModelFamily.own_template`; Llama 2: LongLoRA's ``llama2_chat``).
+    The other families: their tokenizer's chat format when the checkpoint is a chat model (it ships a
+    chat template, :func:`longlora_tune.hf.base.chat_template`: an instruct model, or an export of one),
+    else ``none`` (a base model never saw its family's chat header tokens).
 
     Args:
         family: a :data:`longlora_tune.models.families.FAMILIES` name.
@@ -118,9 +119,11 @@ def default_template(family: str, checkpoint: str | Path) -> str:
         ``llama2_chat``, ``chat`` or ``none``.
     """
     from longlora_tune.hf.base import chat_template
+    from longlora_tune.models.families import FAMILIES
 
-    if family == "llama2":
-        return "llama2_chat"
+    own = FAMILIES[family].own_template
+    if own is not None:
+        return own
     return "chat" if chat_template(checkpoint) else "none"
 
 
@@ -280,6 +283,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     """
     from longlora_tune.eval.decoding import generate
     from longlora_tune.eval.model_loading import checkpoint_tokenizer, load_eval_model
+    from longlora_tune.models.families import FAMILIES
     from longlora_tune.training.distributed import resolve_device, resolve_dtype
 
     args = _parser().parse_args(argv)
@@ -298,10 +302,11 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         args.checkpoint, path=args.tokenizer, path_hint="pass --tokenizer"
     )
     template = args.template or default_template(family, args.checkpoint)
-    if template == "chat" and family == "llama2":
+    record = FAMILIES[family]
+    if template == "chat" and record.own_template is not None:
         raise LongLoRAConfigError(
-            "--template chat: Llama 2's tokenizer has no chat format of its own; use --template llama2_chat "
-            "(LongLoRA's [INST] prompt)"
+            f"--template chat: {record.label}'s tokenizer has no chat format of its own; use --template "
+            f"{record.own_template} (LongLoRA's [INST] prompt)"
         )
     ids = prompt_ids(tokenizer, material_path.read_text(), args.question, template)
     device = resolve_device(args.device)

@@ -3,7 +3,7 @@
 Two layouts are supported:
 
 * a merged Hugging Face checkpoint (``<output_dir>/hf`` of our training recipe, or any supported HF
-  folder): the family's torchtune component (``llama2``, ``llama3_2``, ``mistral``, ``qwen2``; picked from
+  folder): the family's torchtune component (its record's ``base_builder``, the family picked from
   ``config.json`` by :mod:`longlora_tune.models.families`) with :func:`~longlora_tune.models.apply_longlora`
   (full attention) and the checkpoint's weights. The RoPE is the checkpoint's own method and factor
   (linear, yarn or llama3, exactly as its ``config.json`` states them);
@@ -21,7 +21,6 @@ disagreement between the two is a warning naming both.
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import json
 import logging
@@ -33,15 +32,15 @@ from omegaconf import OmegaConf
 from torch import nn
 from torchtune import config as tt_config
 from torchtune import training
-from torchtune.models.llama2 import llama2
 
+from longlora_tune._compat import import_object
 from longlora_tune.errors import LongLoRAConfigError
 from longlora_tune.hf.base import HFBaseModel
 from longlora_tune.models import apply_longlora
 from longlora_tune.models.families import trusted_builder
 from longlora_tune.models.trainable import TRAINABLE_FILE, load_trainable_state
 from longlora_tune.modules.position_interpolation import check_rope_factor, position_interpolation_factor
-from longlora_tune.modules.rope_scaling import RopeScaling, rope_for_training
+from longlora_tune.modules.rope_config import RopeScaling, rope_for_training
 from longlora_tune.training.distributed import (
     close_process_group,
     init_process_group,
@@ -119,8 +118,9 @@ def eval_rope_factor(
 
 
 def _uses_linear_path(base: HFBaseModel) -> bool:
-    """Llama 2 with linear or no RoPE scaling: the original loader, factor rule and modules, unchanged."""
-    return base.family.name == "llama2" and base.rope.rope_type in ("default", "linear")
+    """A family on LongLoRA's linear path (Llama 2) with linear or no RoPE scaling: the original loader,
+    factor rule and modules, unchanged."""
+    return base.family.linear_rope_path and base.rope.rope_type in ("default", "linear")
 
 
 def eval_rope(
@@ -278,21 +278,19 @@ def load_eval_model(
     weights = base.load_state_dict(dtype=dtype)
 
     rope = None
-    if meta is None and _uses_linear_path(base):
-        factor = eval_rope_factor(
-            base, training_length=training_length, rope_scaling_factor=rope_scaling_factor
-        )
-        with training.set_default_dtype(dtype), device:
-            model = llama2(**base.builder_kwargs, max_seq_len=max_seq_len)
-            apply_longlora(model, s2=None, rope_scaling_factor=factor)
-    elif meta is None:
-        rope = eval_rope(base, training_length=training_length, rope_scaling_factor=rope_scaling_factor)
-        factor = rope.factor
-        module, _, name = base.family.base_builder.rpartition(".")
-        builder = getattr(importlib.import_module(module), name)
+    if meta is None:
+        if _uses_linear_path(base):
+            factor = eval_rope_factor(
+                base, training_length=training_length, rope_scaling_factor=rope_scaling_factor
+            )
+            rope_setting: dict[str, Any] = {"rope_scaling_factor": factor}
+        else:
+            rope = eval_rope(base, training_length=training_length, rope_scaling_factor=rope_scaling_factor)
+            factor, rope_setting = rope.factor, {"rope": rope}
+        builder = import_object(base.family.base_builder, "the family's base builder")
         with training.set_default_dtype(dtype), device:
             model = builder(**base.builder_kwargs, max_seq_len=max_seq_len)
-            apply_longlora(model, s2=None, rope=rope)
+            apply_longlora(model, s2=None, **rope_setting)
     if meta is None:
         missing, unexpected = model.load_state_dict(weights, strict=False)
         if missing or unexpected:
@@ -452,8 +450,7 @@ def checkpoint_tokenizer(
         if arg != "_component_" and not Path(file).is_file():
             hint = f"{path_hint} /path/to/it" if arg == "path" else f"put it in {checkpoint}"
             raise LongLoRAConfigError(f"tokenizer file not found: {file} ({base.family.name} {arg}); {hint}")
-    if base.family.name == "llama2":
-        section["prompt_template"] = None  # prompts are rendered by our templates, not torchtune's
+    section.update(base.family.tokenizer_kwargs)  # Llama 2's prompt_template: null (our templates)
     return tt_config.instantiate(OmegaConf.create(section)), base.family.name
 
 

@@ -10,23 +10,31 @@ length: the JSON and CSV keep the reason in that column, the table marks the row
 the reason below it, the plot marks its x position on the axis. An interrupted run's results carry a note
 (``incomplete``: which signal stopped it, which lengths were not evaluated) in the JSON, under the table
 and in the plot's title. Plots use matplotlib's ``Agg`` backend: no display is needed.
+
+:func:`report_sweep` is the evaluation recipes' one report tail: the finished rows, the files and table on
+rank 0, and the end of an interrupted run.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import math
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from longlora_tune._io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from longlora_tune.eval.sweep import Sweep
 
 __all__ = [
     "SKIPPED_KEY",
+    "ReportLayout",
     "format_table",
     "plot_series",
+    "report_sweep",
     "series_figure",
     "write_csv",
     "write_json",
@@ -380,3 +388,92 @@ def write_results(
             print(f"note: {meta['note']}", flush=True)
         print("results: " + " ".join(str(p) for p in files.values()), flush=True)
     return files
+
+
+@dataclasses.dataclass(frozen=True)
+class ReportLayout:
+    """How an evaluation recipe's result files show its rows (:func:`write_results`' presentation).
+
+    Attributes:
+        stem: the file name when the config sets no ``output_name``.
+        x_key: row key of the plot's x values.
+        y_key: row key of the plot's y values.
+        xlabel: x axis label.
+        ylabel: y axis label.
+        title: plot title; `` (RoPE factor f)`` of the evaluated model follows it.
+        columns: row keys shown in the table.
+        y_limits: fixed y range of the plot.
+    """
+
+    stem: str
+    x_key: str
+    y_key: str
+    xlabel: str
+    ylabel: str
+    title: str
+    columns: Sequence[str]
+    y_limits: Optional[tuple[float, float]] = None
+
+
+def report_sweep(
+    cfg: Any,
+    sweep: Sweep[Any],
+    layout: ReportLayout,
+    *,
+    recipe: str,
+    model_info: Mapping[str, Any],
+    rank: int,
+    world_size: int,
+    start: float,
+    **settings: Any,
+) -> list[dict[str, Any]]:
+    """The evaluation recipes' tail: write the finished lengths, print the table, end an interrupted run.
+
+    Rank 0 writes ``<output_dir>/<output_name>.{json,csv,txt,png}`` (:func:`write_results`, marked
+    incomplete when a signal stopped the sweep) with the run's settings in the JSON; then a stopped sweep
+    ends the run (:meth:`~longlora_tune.eval.sweep.Sweep.raise_if_stopped`) on every rank.
+
+    Args:
+        cfg: the recipe config (``output_dir``, optional ``output_name``).
+        sweep: the evaluated lengths' results (each with ``to_dict()``).
+        layout: how the files show the rows.
+        recipe: the recipe's name, recorded in the JSON.
+        model_info: what the model loader reports (its ``rope_scaling_factor`` goes into the title).
+        rank: this process's rank.
+        world_size: the number of processes.
+        start: ``time.perf_counter()`` when the evaluation began.
+        **settings: the recipe's own settings for the JSON (a ``note`` is printed under the table too).
+
+    Returns:
+        The result rows (one dict per finished length).
+
+    Raises:
+        Interrupted: after writing the finished lengths, when SIGINT or SIGTERM stopped the sweep.
+    """
+    rows = [result.to_dict() for result in sweep.results]
+    files = None
+    if rank == 0:
+        meta = {
+            "recipe": recipe,
+            "model": dict(model_info),
+            **settings,
+            "world_size": world_size,
+            "seconds": round(time.perf_counter() - start, 3),
+        }
+        files = write_results(
+            cfg.output_dir,
+            cfg.get("output_name", layout.stem),
+            rows=rows,
+            meta=meta,
+            x_key=layout.x_key,
+            y_key=layout.y_key,
+            xlabel=layout.xlabel,
+            ylabel=layout.ylabel,
+            title=f"{layout.title} (RoPE factor {model_info['rope_scaling_factor']:g})",
+            y_limits=layout.y_limits,
+            columns=list(layout.columns),
+            echo=True,
+            incomplete=sweep.incomplete,
+        )
+    sweep.raise_if_stopped(files, cfg.output_dir)
+    return rows

@@ -36,11 +36,8 @@ from longlora_tune.models.families import (
     log_assumption,
     tokenizer_files_in,
 )
-from longlora_tune.modules.position_interpolation import (
-    position_interpolation_factor,
-    rope_scaling_factor_from_hf_config,
-)
-from longlora_tune.modules.rope_scaling import RopeScaling
+from longlora_tune.modules.position_interpolation import position_interpolation_factor
+from longlora_tune.modules.rope_config import RopeScaling
 
 __all__ = ["HFBaseModel", "HFTokenizer", "chat_template", "download_command"]
 
@@ -351,8 +348,6 @@ class HFBaseModel:
             families whose builders take it (Llama 3, Qwen2).
         """
         c = self.config
-        # transformers 5 writes the RoPE base only inside rope_parameters.
-        rope_base = c.get("rope_theta") or (c.get("rope_parameters") or {}).get("rope_theta") or 10_000.0
         kwargs = {
             "vocab_size": int(c["vocab_size"]),
             "num_layers": int(c["num_hidden_layers"]),
@@ -361,7 +356,8 @@ class HFBaseModel:
             "embed_dim": int(c["hidden_size"]),
             "intermediate_dim": int(c["intermediate_size"]),
             "norm_eps": float(c.get("rms_norm_eps", 1e-5)),
-            "rope_base": float(rope_base),
+            # transformers 5 writes the RoPE base only inside rope_parameters: read by the one RoPE parser.
+            "rope_base": self.rope.rope_theta,
         }
         if self.family.ties:
             kwargs["tie_word_embeddings"] = self.tie_word_embeddings
@@ -385,10 +381,13 @@ class HFBaseModel:
         Raises:
             LongLoRAConfigError: for RoPE scaling other than linear.
         """
-        try:
-            return rope_scaling_factor_from_hf_config(self.config)
-        except ValueError as exc:
-            raise LongLoRAConfigError(f"{self.path}/config.json: {exc}") from None
+        rope = self.rope
+        if rope.rope_type not in ("default", "linear"):
+            raise LongLoRAConfigError(
+                f"{self.path}/config.json has RoPE scaling type {rope.rope_type!r}; LongLoRA's linear "
+                "interpolation continues only from unscaled or linear RoPE scaling"
+            )
+        return rope.factor
 
     def load_state_dict(self, dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
         """Load the weights in torchtune parameter names.
@@ -408,8 +407,6 @@ class HFBaseModel:
             LongLoRAConfigError: for an untied checkpoint without ``lm_head.weight``.
         """
         from safetensors.torch import load_file
-        from torchtune.models.convert_weights import hf_to_tune
-        from torchtune.models.qwen2 import qwen2_hf_to_tune
 
         hf_sd: dict[str, torch.Tensor] = {}
         for f in self.weight_files:
@@ -420,19 +417,39 @@ class HFBaseModel:
             for k, v in part.items():
                 hf_sd[k] = v.to(dtype) if dtype is not None and v.is_floating_point() else v
             del part
-        kw = self.builder_kwargs
-        shape = dict(num_heads=kw["num_heads"], num_kv_heads=kw["num_kv_heads"], dim=kw["embed_dim"])
-        tied = self.tie_word_embeddings
-        if tied:
+        if self.tie_word_embeddings:
             hf_sd.pop("lm_head.weight", None)
         elif "lm_head.weight" not in hf_sd:
             raise LongLoRAConfigError(
                 f"{self.path}: the weights have no lm_head.weight but config.json does not set "
                 "tie_word_embeddings=true; a checkpoint whose head is its embedding must say so"
             )
-        if not self.family.qk_permuted:
-            return qwen2_hf_to_tune(hf_sd, **shape, head_dim=self.head_dim, tie_word_embeddings=tied)
-        return hf_to_tune(hf_sd, **shape, head_dim=self.head_dim)
+        return self._convert(self.family.hf_to_tune, hf_sd)
+
+    def to_hf_state_dict(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A torchtune state dict of this checkpoint's model in Hugging Face names (the family's conversion).
+
+        Args:
+            state_dict: the weights in torchtune names (a tied model's without ``output.weight``).
+
+        Returns:
+            The state dict in Hugging Face names (q/k rows permuted back where the family permutes them).
+        """
+        return self._convert(self.family.tune_to_hf, state_dict)
+
+    def _convert(self, conversion: str, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Run one of the family's torchtune weight conversions with this checkpoint's shapes."""
+        convert = import_object(conversion, "the family's weight conversion")
+        kw = self.builder_kwargs
+        args: dict[str, Any] = {
+            "num_heads": kw["num_heads"],
+            "num_kv_heads": kw["num_kv_heads"],
+            "dim": kw["embed_dim"],
+            "head_dim": self.head_dim,
+        }
+        if "tie_word_embeddings" in inspect.signature(convert).parameters:
+            args["tie_word_embeddings"] = self.tie_word_embeddings
+        return convert(state_dict, **args)
 
 
 def chat_template(folder: str | Path) -> Optional[str]:

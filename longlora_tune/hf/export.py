@@ -32,7 +32,7 @@ from longlora_tune.hf.base import HFBaseModel
 from longlora_tune.models.families import FAMILIES
 from longlora_tune.models.longlora import LongLoRAModelInfo
 from longlora_tune.models.trainable import TRAINABLE_FILE, save_trainable_state
-from longlora_tune.modules.rope_scaling import RopeScaling
+from longlora_tune.modules.rope_config import RopeScaling
 
 #: Files copied from the base checkpoint next to the merged weights.
 TOKENIZER_FILES = tuple(
@@ -102,7 +102,7 @@ def merged_hf_config(
         rope_scaling_factor: the factor the model was trained with (linear; ignored when ``rope`` is given).
         dtype: dtype of the saved weights.
         rope: the full RoPE setting the model was trained with (yarn/llama3/linear); its
-            :meth:`~longlora_tune.modules.rope_scaling.RopeScaling.to_hf_config` keys are written.
+            :meth:`~longlora_tune.modules.rope_config.RopeScaling.to_hf_config` keys are written.
 
     Returns:
         The new config dict (for linear, ``max_position_embeddings`` is kept: the factor alone extends the
@@ -203,19 +203,12 @@ def save_merged_hf_checkpoint(
     Returns:
         The export folder.
     """
-    from torchtune.models.convert_weights import tune_to_hf
-    from torchtune.models.qwen2 import qwen2_tune_to_hf
     from torchtune.modules.peft import get_merged_lora_ckpt
 
-    kw = base.builder_kwargs
     merged = get_merged_lora_ckpt(full_state_dict, rank=model_info.lora_rank, alpha=model_info.lora_alpha)
     if base.tie_word_embeddings:
         merged.pop("output.weight", None)  # the head is the embedding; transformers re-ties it
-    shape = dict(num_heads=kw["num_heads"], num_kv_heads=kw["num_kv_heads"], dim=kw["embed_dim"])
-    if base.family.qk_permuted:
-        hf_sd = tune_to_hf(merged, **shape, head_dim=base.head_dim)
-    else:
-        hf_sd = qwen2_tune_to_hf(merged, **shape, head_dim=base.head_dim, tie_word_embeddings=True)
+    hf_sd = base.to_hf_state_dict(merged)
     if dtype is not None:
         hf_sd = {k: v.to(dtype) for k, v in hf_sd.items()}
     saved_dtype = dtype or next(iter(hf_sd.values())).dtype

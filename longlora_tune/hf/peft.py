@@ -217,7 +217,7 @@ def save_peft_adapter(
         quantized_base: The adapter was trained against an NF4 base (QLoRA); the model card says so and
             what merging into the bf16 base costs.
         rope_config: The trained RoPE setting as ``config.json`` keys
-            (:meth:`~longlora_tune.modules.rope_scaling.RopeScaling.to_hf_config`: ``rope_theta``,
+            (:meth:`~longlora_tune.modules.rope_config.RopeScaling.to_hf_config`: ``rope_theta``,
             ``rope_scaling``, ``max_position_embeddings``) for yarn/llama3; None writes the linear factor.
 
     Raises:

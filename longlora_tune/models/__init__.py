@@ -12,32 +12,13 @@ import for the planner and the ``tune`` start-up hook.
 from __future__ import annotations
 
 from longlora_tune._lazy import lazy_exports
+from longlora_tune.models.families import FAMILIES
 
-#: Builder or transform -> the submodule that defines it.
-_EXPORTS = {
-    "apply_longlora": "longlora",
-    "longlora_llama2": "llama2",
-    "longlora_llama2_7b": "llama2",
-    "longlora_llama2_13b": "llama2",
-    "longlora_llama2_70b": "llama2",
-    "longlora_llama3": "llama3",
-    "longlora_llama3_1_8b": "llama3",
-    "longlora_llama3_1_70b": "llama3",
-    "longlora_llama3_2_1b": "llama3",
-    "longlora_llama3_2_3b": "llama3",
-    "longlora_llama3_3_70b": "llama3",
-    "longlora_llama3_8b": "llama3",
-    "longlora_mistral": "mistral",
-    "longlora_mistral_7b": "mistral",
-    "longlora_qwen2": "qwen2",
-    "longlora_qwen2_5_0_5b": "qwen2",
-    "longlora_qwen2_5_1_5b": "qwen2",
-    "longlora_qwen2_5_3b": "qwen2",
-    "longlora_qwen2_5_7b": "qwen2",
-    "longlora_qwen2_5_14b": "qwen2",
-    "longlora_qwen2_5_32b": "qwen2",
-    "longlora_qwen2_5_72b": "qwen2",
-}
+#: Builder or transform -> the submodule that defines it (the builders as the family record lists them).
+_EXPORTS = {"apply_longlora": "longlora"}
+for _family in FAMILIES.values():
+    for _name in (_family.builder.rsplit(".", 1)[-1], *_family.sized_builders):
+        _EXPORTS[_name] = _family.builder_module
 
 __all__ = sorted(_EXPORTS)
 

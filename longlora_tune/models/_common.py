@@ -10,7 +10,7 @@ from torchtune.modules import TransformerDecoder
 from longlora_tune.errors import LongLoRAConfigError
 from longlora_tune.models.longlora import apply_longlora
 from longlora_tune.models.shapes import _SIZE_FIELDS, MODEL_SHAPES
-from longlora_tune.modules.rope_scaling import RopeScaling, check_rope_request, rope_for_training
+from longlora_tune.modules.rope_config import RopeScaling, check_rope_request, rope_for_training
 from longlora_tune.modules.s2_attention import S2AttentionConfig
 
 LORA_ATTN_MODULES_DEFAULT = ("q_proj", "k_proj", "v_proj", "output_proj")
@@ -45,7 +45,7 @@ def resolve_rope(
 
     ``checkpoint_rope_scaling``, ``rope_base`` and ``original_max_seq_len`` restate the checkpoint's
     ``rope_scaling``, ``rope_theta`` and ``max_position_embeddings`` (the recipe passes them from the base
-    folder); ``rope_scaling`` is the request (:func:`~longlora_tune.modules.rope_scaling.check_rope_request`)
+    folder); ``rope_scaling`` is the request (:func:`~longlora_tune.modules.rope_config.check_rope_request`)
     and ``rope_scaling_factor`` a shorthand for its factor (the evaluation loader pins it).
 
     Raises:

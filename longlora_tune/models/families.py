@@ -30,6 +30,11 @@ from ``config.json``). When neither decides (a folder without tokenizer files, o
 its folder), the old rule is the fallback, logged once as an assumption: Llama 3 when
 ``rope_theta >= 500000`` or ``vocab_size >= 128000``, Llama 2 otherwise.
 
+The record is the only place that knows a family: everything else (the checkpoint reader, the weight
+conversion both ways, the exports, the evaluation loader, ``generate``, the tiny checkpoints and the demo)
+reads its :class:`ModelFamily`. A new Llama-architecture family is one :data:`FAMILIES` entry, its builder
+module and its published shapes (:mod:`longlora_tune.models.shapes`).
+
 Pure Python (no torch import at module level), so the planner and config checks can read it cheaply.
 """
 
@@ -38,17 +43,20 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any, Optional
 
 from longlora_tune.errors import LongLoRAConfigError
+from longlora_tune.modules.rope_config import hf_rope_entries, hf_rope_theta, hf_rope_type
 
 __all__ = [
+    "DEFAULT_FAMILY",
     "FAMILIES",
     "HF_TOKENIZER",
     "HF_TOKENIZER_FILES",
     "ModelFamily",
+    "TinyFacts",
     "detect_family",
     "family_of_builder",
     "log_assumption",
@@ -66,13 +74,49 @@ HF_TOKENIZER_FILES: tuple[tuple[str, str], ...] = (("path", "tokenizer.json"),)
 
 
 @dataclasses.dataclass(frozen=True)
+class TinyFacts:
+    """How :func:`longlora_tune.quickstart.tiny.make_hf_checkpoint` writes a tiny checkpoint of a family.
+
+    Attributes:
+        tokenizer_format: The tiny tokenizer's file format, one of
+            :data:`longlora_tune.quickstart.tiny.TOKENIZER_FORMATS` (``sentencepiece``,
+            ``sentencepiece_identity``, ``tiktoken``, ``gpt2_bpe``, ``tokenizer_json``); its files go where
+            :attr:`ModelFamily.tokenizer_files` says the family's tokenizer reads them.
+        num_kv_heads: Key/value heads (GQA when fewer than the tiny model's 4 query heads).
+        rope_theta: The family's RoPE base.
+        tie_word_embeddings: The LM head is the token embedding, as in the family's small models.
+        norm_eps: RMSNorm epsilon.
+        rope_scaling: ``max_position_embeddings -> config.json rope_scaling`` entry, for a family whose
+            released checkpoints are scaled already (Llama 3.1); None: unscaled.
+        release_keys: Edits a Llama-style ``config.json`` dict in place into the keys the family's
+            released configs have (Mistral's ``sliding_window: null``, ...); None: Llama's as they are.
+        demo: The quick-start demo trains it (with the ``tiny_demo_<family>`` and
+            ``tiny_longalpaca_<family>`` configs; the default family's are ``tiny_demo``/``tiny_longalpaca``).
+    """
+
+    tokenizer_format: str
+    num_kv_heads: int
+    rope_theta: float
+    tie_word_embeddings: bool = False
+    norm_eps: float = 1e-5
+    rope_scaling: Optional[Callable[[int], dict[str, Any]]] = None
+    release_keys: Optional[Callable[[dict[str, Any]], None]] = None
+    demo: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelFamily:
     """What LongLoRA needs to know about one model family.
 
     Attributes:
         name: ``llama2``, ``llama3``, ``hf_llama``, ``mistral`` or ``qwen2``.
         hf_model_type: ``config.json`` ``model_type``.
-        builder: Dotted path of the LongLoRA component builder (takes every shape).
+        builder: Dotted path of the LongLoRA component builder (takes every shape), as configs name it
+            (``longlora_tune.models.<builder>``, exported from :attr:`builder_module`).
+        builder_module: The :mod:`longlora_tune.models` submodule that defines the builders.
+        sized_builders: The sized builders (published shapes,
+            :data:`~longlora_tune.models.shapes.MODEL_SHAPES`) the module defines beside the component
+            builder; :mod:`longlora_tune.models` exports them all.
         base_builder: Dotted path of torchtune's plain (non-LoRA) component builder, for merged checkpoints.
         checkpointer_model_type: torchtune ``FullModelHFCheckpointer`` ``model_type`` (untied).
         tied_checkpointer_model_type: The same for checkpoints with ``tie_word_embeddings``, or None when
@@ -93,11 +137,31 @@ class ModelFamily:
         ties: The builder takes ``tie_word_embeddings`` (a tied checkpoint of another family is refused).
         download_repo: The Hugging Face repository named in download hints when a config names none
             (None: a placeholder; only Llama 2 has one model every config of the family fits).
+        label: What the family is called in messages and the demo (``Llama 2``, ``Qwen2.5-style``, ...).
+        hf_architecture: ``config.json`` ``architectures[0]``, the transformers class that loads an export.
+        hf_to_tune: Dotted path of torchtune's Hugging Face -> torchtune weight conversion
+            (``state_dict, num_heads, num_kv_heads, dim, head_dim`` and, where it takes it,
+            ``tie_word_embeddings``).
+        tune_to_hf: The conversion back, with the same arguments.
+        tokenizer_kwargs: Fixed arguments of :attr:`tokenizer` (Llama 2's ``prompt_template: null``: our
+            templates render its prompts).
+        own_template: A prompt format of our own that stands in for a chat format the family's tokenizer
+            lacks (Llama 2: LongLoRA's ``llama2_chat``, ``[INST]...[/INST]``); ``generate`` defaults to it
+            and refuses ``--template chat``. None: the tokenizer's chat format (``chat``).
+        linear_rope_path: Evaluation of an unscaled or linearly scaled checkpoint takes LongLoRA's linear
+            position-interpolation path (the paper's factor rule over :attr:`base_builder`) rather than
+            the general RoPE setting; Llama 2 only, the paper's models.
+        config_marks: ``config.json`` fields alone say the family exactly, among those of its
+            ``model_type`` (Llama 3: the ``llama3`` RoPE type or the 128256-token vocabulary); None: its
+            tokenizer files decide (see the module docstring).
+        tiny: How a tiny random checkpoint of the family is written, or None when it has none.
     """
 
     name: str
     hf_model_type: str
     builder: str
+    builder_module: str
+    sized_builders: tuple[str, ...]
     base_builder: str
     checkpointer_model_type: str
     tied_checkpointer_model_type: Optional[str]
@@ -110,6 +174,15 @@ class ModelFamily:
     qkv_bias: bool = False
     ties: bool = False
     download_repo: Optional[str] = None
+    label: str = ""
+    hf_architecture: str = "LlamaForCausalLM"
+    hf_to_tune: str = "torchtune.models.convert_weights.hf_to_tune"
+    tune_to_hf: str = "torchtune.models.convert_weights.tune_to_hf"
+    tokenizer_kwargs: tuple[tuple[str, Any], ...] = ()
+    own_template: Optional[str] = None
+    linear_rope_path: bool = False
+    config_marks: Optional[Callable[[Mapping[str, Any]], bool]] = None
+    tiny: Optional[TinyFacts] = None
 
     def checkpointer_type(self, tie_word_embeddings: bool) -> str:
         """torchtune's checkpointer ``model_type`` for a checkpoint (``LLAMA3_2`` for tied Llama 3).
@@ -125,23 +198,84 @@ class ModelFamily:
         return self.checkpointer_model_type
 
 
+def _says_llama3(config: Mapping[str, Any]) -> bool:
+    """``config.json`` states Llama 3 exactly: the ``llama3`` RoPE type or the 128256-token vocabulary."""
+    try:
+        llama3_rope = any(hf_rope_type(entry) == "llama3" for _, entry in hf_rope_entries(config))
+    except LongLoRAConfigError:
+        llama3_rope = False  # refused with its reason when the folder's RoPE is read
+    return llama3_rope or int(config.get("vocab_size", 0)) == 128_256
+
+
+def _llama3_1_rope(max_position_embeddings: int) -> dict[str, Any]:
+    """Meta's ``llama3`` scaling as Llama 3.1+ is released, for a tiny context: factor 4 over a quarter of
+    it (3.1 has factor 8 over 8192 in 131072; 4 keeps the tiny original context a multiple of the S2
+    group), so the demo extends an already-scaled model."""
+    return {
+        "factor": 4.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": max_position_embeddings // 4,
+        "rope_type": "llama3",
+    }
+
+
+def _without_bias_keys(config: dict[str, Any]) -> None:
+    # Neither Mistral's nor Qwen2's release has these (no bias switch; Qwen2's q/k/v always have one).
+    for key in ("attention_bias", "mlp_bias"):
+        config.pop(key)
+
+
+def _mistral_release_keys(config: dict[str, Any]) -> None:
+    _without_bias_keys(config)
+    config["sliding_window"] = None  # v0.2+: full attention over the whole context
+
+
+def _qwen2_release_keys(config: dict[str, Any]) -> None:
+    _without_bias_keys(config)
+    config.update(
+        sliding_window=config["max_position_embeddings"],
+        max_window_layers=config["num_hidden_layers"],
+        use_sliding_window=False,
+    )
+
+
+#: The family a config or command means when it names none (the LongLoRA paper's models).
+DEFAULT_FAMILY = "llama2"
+
 #: The supported families, by name.
 FAMILIES: dict[str, ModelFamily] = {
     "llama2": ModelFamily(
         name="llama2",
         hf_model_type="llama",
         builder="longlora_tune.models.longlora_llama2",
+        builder_module="llama2",
+        sized_builders=("longlora_llama2_7b", "longlora_llama2_13b", "longlora_llama2_70b"),
         base_builder="torchtune.models.llama2.llama2",
         checkpointer_model_type="LLAMA2",
         tied_checkpointer_model_type=None,
         tokenizer="torchtune.models.llama2.llama2_tokenizer",
         tokenizer_files=(("path", "tokenizer.model"),),
         download_repo="meta-llama/Llama-2-7b-hf",
+        label="Llama 2",
+        tokenizer_kwargs=(("prompt_template", None),),
+        own_template="llama2_chat",
+        linear_rope_path=True,
+        tiny=TinyFacts("sentencepiece", num_kv_heads=4, rope_theta=10_000.0, demo=True),
     ),
     "llama3": ModelFamily(
         name="llama3",
         hf_model_type="llama",
         builder="longlora_tune.models.longlora_llama3",
+        builder_module="llama3",
+        sized_builders=(
+            "longlora_llama3_8b",
+            "longlora_llama3_1_8b",
+            "longlora_llama3_1_70b",
+            "longlora_llama3_2_1b",
+            "longlora_llama3_2_3b",
+            "longlora_llama3_3_70b",
+        ),
         # llama3_2 is the one torchtune Llama 3 builder with tie_word_embeddings; its RoPE is replaced.
         base_builder="torchtune.models.llama3_2.llama3_2",
         checkpointer_model_type="LLAMA3",
@@ -150,6 +284,11 @@ FAMILIES: dict[str, ModelFamily] = {
         tokenizer_files=(("path", "original/tokenizer.model"),),
         special_tokens_file="original/special_tokens.json",
         ties=True,
+        config_marks=_says_llama3,
+        label="Llama 3.1-style",
+        tiny=TinyFacts(
+            "tiktoken", num_kv_heads=2, rope_theta=500_000.0, rope_scaling=_llama3_1_rope, demo=True
+        ),
     ),
     # Any other Llama-architecture checkpoint (SmolLM2, ...): Llama 3's builders, which take any RoPE base
     # and tie_word_embeddings, and the folder's own Hugging Face tokenizer.
@@ -157,27 +296,47 @@ FAMILIES: dict[str, ModelFamily] = {
         name="hf_llama",
         hf_model_type="llama",
         builder="longlora_tune.models.longlora_llama3",
+        builder_module="llama3",
+        sized_builders=(),
         base_builder="torchtune.models.llama3_2.llama3_2",
         checkpointer_model_type="LLAMA3",
         tied_checkpointer_model_type="LLAMA3_2",
         tokenizer=HF_TOKENIZER,
         tokenizer_files=HF_TOKENIZER_FILES,
         ties=True,
+        label="Llama-architecture (tokenizer.json)",
+        # SmolLM2-style: RoPE base 1e5, tied embeddings, a ChatML tokenizer.json.
+        tiny=TinyFacts("tokenizer_json", num_kv_heads=2, rope_theta=100_000.0, tie_word_embeddings=True),
     ),
     "mistral": ModelFamily(
         name="mistral",
         hf_model_type="mistral",
         builder="longlora_tune.models.longlora_mistral",
+        builder_module="mistral",
+        sized_builders=("longlora_mistral_7b",),
         base_builder="torchtune.models.mistral.mistral",
         checkpointer_model_type="MISTRAL",
         tied_checkpointer_model_type=None,
         tokenizer="torchtune.models.mistral.mistral_tokenizer",
         tokenizer_files=(("path", "tokenizer.model"),),
+        label="Mistral",
+        hf_architecture="MistralForCausalLM",
+        tiny=TinyFacts(
+            "sentencepiece_identity",
+            num_kv_heads=2,
+            rope_theta=1_000_000.0,
+            release_keys=_mistral_release_keys,
+            demo=True,
+        ),
     ),
     "qwen2": ModelFamily(
         name="qwen2",
         hf_model_type="qwen2",
         builder="longlora_tune.models.longlora_qwen2",
+        builder_module="qwen2",
+        sized_builders=tuple(
+            f"longlora_qwen2_5_{size}" for size in ("0_5b", "1_5b", "3b", "7b", "14b", "32b", "72b")
+        ),
         base_builder="torchtune.models.qwen2.qwen2",
         checkpointer_model_type="QWEN2",
         tied_checkpointer_model_type="QWEN2",  # torchtune's QWEN2 conversion reads tie_word_embeddings
@@ -189,6 +348,19 @@ FAMILIES: dict[str, ModelFamily] = {
         qk_permuted=False,
         qkv_bias=True,
         ties=True,
+        label="Qwen2.5-style",
+        hf_architecture="Qwen2ForCausalLM",
+        hf_to_tune="torchtune.models.qwen2.qwen2_hf_to_tune",
+        tune_to_hf="torchtune.models.qwen2.qwen2_tune_to_hf",
+        tiny=TinyFacts(
+            "gpt2_bpe",
+            num_kv_heads=2,
+            rope_theta=1_000_000.0,
+            tie_word_embeddings=True,
+            norm_eps=1e-6,
+            release_keys=_qwen2_release_keys,
+            demo=True,
+        ),
     ),
 }
 
@@ -196,12 +368,14 @@ _SUPPORTED = (
     "llama (Llama 2, Llama 3/3.1/3.2/3.3, other Llama-architecture models with a tokenizer.json), "
     "mistral (Mistral 7B v0.2+), qwen2 (Qwen2/Qwen2.5)"
 )
-#: The ``model_type: llama`` families in the order their tokenizer file decides (the first one present).
-_LLAMA_BY_TOKENIZER_FILE = ("llama3", "llama2", "hf_llama")
 
 
-def _main_tokenizer_file(name: str) -> str:
-    return FAMILIES[name].tokenizer_files[0][1]
+def _llama_by_tokenizer_file() -> list[ModelFamily]:
+    """The ``model_type: llama`` families in the order their main tokenizer file decides (the first one
+    present): a file in a subfolder (Llama 3's ``original/tokenizer.model``) before one at the root, and the
+    generic ``tokenizer.json`` last, as a Llama 2 or Llama 3 folder has one too."""
+    llamas = [f for f in FAMILIES.values() if f.hf_model_type == "llama"]
+    return sorted(llamas, key=lambda f: (f.tokenizer == HF_TOKENIZER, -f.tokenizer_files[0][1].count("/")))
 
 
 def tokenizer_files_in(folder: str | Path) -> list[str]:
@@ -213,23 +387,13 @@ def tokenizer_files_in(folder: str | Path) -> list[str]:
     Returns:
         Those of ``original/tokenizer.model``, ``tokenizer.model`` and ``tokenizer.json`` that exist.
     """
-    names = [_main_tokenizer_file(name) for name in _LLAMA_BY_TOKENIZER_FILE]
+    names = dict.fromkeys(f.tokenizer_files[0][1] for f in _llama_by_tokenizer_file())
     return [name for name in names if (Path(folder) / name).is_file()]
-
-
-def _config_says_llama3(config: Mapping[str, Any]) -> bool:
-    """``config.json`` states Llama 3 exactly: the ``llama3`` RoPE type or the 128256-token vocabulary."""
-    scalings = [config.get("rope_scaling") or {}, config.get("rope_parameters") or {}]
-    llama3_rope = any(
-        s.get("rope_type", s.get("type")) == "llama3" for s in scalings if isinstance(s, Mapping)
-    )
-    return llama3_rope or int(config.get("vocab_size", 0)) == 128_256
 
 
 def _guess_llama3(config: Mapping[str, Any]) -> bool:
     """The fallback when nothing exact decides: Llama 3's RoPE base or a Llama 3-sized vocabulary."""
-    theta = config.get("rope_theta") or (config.get("rope_parameters") or {}).get("rope_theta") or 0
-    return float(theta) >= 500_000 or int(config.get("vocab_size", 0)) >= 128_000
+    return float(hf_rope_theta(config)) >= 500_000 or int(config.get("vocab_size", 0)) >= 128_000
 
 
 @functools.cache
@@ -245,12 +409,14 @@ def log_assumption(message: str) -> None:
 
 def _llama_family(config: Mapping[str, Any], files: Optional[Collection[str]], source: str) -> ModelFamily:
     """Which ``model_type: llama`` family a config (and its folder's tokenizer files) is."""
-    if _config_says_llama3(config):
-        return FAMILIES["llama3"]
+    exact = [f for f in FAMILIES.values() if f.hf_model_type == "llama" and f.config_marks is not None]
+    for family in exact:
+        if family.config_marks(config):
+            return family
     present = set(files or ())
-    for name in _LLAMA_BY_TOKENIZER_FILE:
-        if _main_tokenizer_file(name) in present:
-            return FAMILIES[name]
+    for family in _llama_by_tokenizer_file():
+        if family.tokenizer_files[0][1] in present:
+            return family
     name = "llama3" if _guess_llama3(config) else "llama2"
     why = "rope_theta >= 500000 or vocab_size >= 128000" if name == "llama3" else "rope_theta < 500000"
     where = "no tokenizer file decides" if files is not None else "its folder was not read"

@@ -20,8 +20,8 @@ from torchtune.modules import MultiHeadAttention, RotaryPositionalEmbeddings, Ti
 from longlora_tune._compat import attention_call, set_attention_call
 from longlora_tune.errors import LongLoRAConfigError
 from longlora_tune.models.shapes import FamilyShape, ModelShape
-from longlora_tune.modules.position_interpolation import LinearScaledRotaryPositionalEmbeddings
-from longlora_tune.modules.rope_scaling import SCALED_ROPE_MODULES, RopeScaling
+from longlora_tune.modules.rope_config import RopeScaling
+from longlora_tune.modules.rope_scaling import SCALED_ROPE_MODULES, LinearScaledRotaryPositionalEmbeddings
 from longlora_tune.modules.s2_attention import S2Attention, S2AttentionConfig
 
 __all__ = ["LongLoRAModelInfo", "apply_longlora", "describe", "model_shape"]
@@ -154,7 +154,7 @@ class LongLoRAModelInfo:
         lora_targets: torchtune short names of the projections that carry LoRA (``q_proj``, ...).
         max_seq_len: the model's longest accepted sequence (None if the model does not say).
         rope: the full RoPE setting (method, factor, original context, theta) when the model's RoPE was
-            installed from a :class:`~longlora_tune.modules.rope_scaling.RopeScaling` (every family builder
+            installed from a :class:`~longlora_tune.modules.rope_config.RopeScaling` (every family builder
             except Llama 2's default linear path); None otherwise (``rope_scaling_factor`` says it all).
     """
 

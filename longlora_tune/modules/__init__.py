@@ -10,7 +10,7 @@ from longlora_tune._lazy import lazy_exports
 
 #: Public name -> the submodule that defines it.
 _EXPORTS = {
-    "LinearScaledRotaryPositionalEmbeddings": "position_interpolation",
+    "LinearScaledRotaryPositionalEmbeddings": "rope_scaling",
     "position_interpolation_factor": "position_interpolation",
     "S2Attention": "s2_attention",
     "S2AttentionConfig": "s2_attention",

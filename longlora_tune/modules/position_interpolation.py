@@ -1,34 +1,43 @@
-"""Linear position interpolation (PI) for rotary position embeddings.
+"""Linear position interpolation (PI) for rotary position embeddings: the factor rules.
 
 LongLoRA extends a model's context by dividing every position by a factor before the rotary embedding,
 so that a ``factor * L_orig`` token sequence occupies the position range the model was trained on. The
 factor is an integer ``ceil(L / L_orig)`` (8192 -> 2, 32768 -> 8, 100000 -> 25 for ``L_orig`` = 4096),
 the same ``{"type": "linear", "factor": f}`` entry Hugging Face's ``rope_scaling`` uses, so a model trained
-here and exported with that entry reproduces our positions exactly.
+here and exported with that entry reproduces our positions exactly. The module that rotates by it is
+:class:`longlora_tune.modules.rope_scaling.LinearScaledRotaryPositionalEmbeddings`. Torch-free.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from typing import Any
-
-import torch
-from torchtune.modules import RotaryPositionalEmbeddings
 
 from longlora_tune.errors import LongLoRAConfigError
 
 __all__ = [
-    "LinearScaledRotaryPositionalEmbeddings",
+    "check_positive_int",
     "check_rope_factor",
     "position_interpolation_factor",
-    "rope_scaling_factor_from_hf_config",
 ]
 
 
-def _check_positive_int(value: Any, name: str) -> None:
+def check_positive_int(value: Any, name: str) -> int:
+    """Validate a length or count setting: a positive int (not a bool).
+
+    Args:
+        value: the value to check.
+        name: the setting's name, used in the error message.
+
+    Returns:
+        The value.
+
+    Raises:
+        LongLoRAConfigError: if ``value`` is not a positive int.
+    """
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise LongLoRAConfigError(f"{name} must be a positive int, got {value!r}")
+    return value
 
 
 def check_rope_factor(value: Any, name: str) -> float:
@@ -84,100 +93,7 @@ def position_interpolation_factor(
     Raises:
         ValueError: If a length is not a positive int or ``existing_factor`` is not a number >= 1.
     """
-    _check_positive_int(target_len, "target_len")
-    _check_positive_int(original_len, "original_len")
+    check_positive_int(target_len, "target_len")
+    check_positive_int(original_len, "original_len")
     existing = check_rope_factor(existing_factor, "existing_factor")
     return float(max(existing, math.ceil(target_len / original_len)))
-
-
-def rope_scaling_factor_from_hf_config(config: Mapping[str, Any]) -> float:
-    """Existing linear RoPE factor of a Hugging Face Llama ``config.json`` dict.
-
-    Reads ``rope_scaling`` (transformers 4 spelling) or ``rope_parameters`` (transformers 5 spelling);
-    both use ``{"type" or "rope_type": "linear", "factor": f}``. No entry, ``null`` or type ``"default"``
-    means no scaling.
-
-    Args:
-        config: The parsed ``config.json``.
-
-    Returns:
-        The linear factor, 1.0 when the checkpoint has no RoPE scaling.
-
-    Raises:
-        ValueError: For a non-linear scaling type (dynamic, yarn, llama3, ...), which plain linear
-            interpolation cannot continue from, or a malformed entry.
-    """
-    if not isinstance(config, Mapping):
-        raise ValueError(f"config must be a dict parsed from config.json, got {type(config).__name__}")
-    entries = [(key, config[key]) for key in ("rope_scaling", "rope_parameters") if config.get(key)]
-    factors = []
-    for key, entry in entries:
-        if not isinstance(entry, Mapping):
-            raise ValueError(f"config.json {key} must be a dict or null, got {entry!r}")
-        rope_type = entry.get("rope_type", entry.get("type"))
-        if rope_type in (None, "default") and "factor" not in entry:
-            factors.append(1.0)
-            continue
-        if rope_type != "linear":
-            raise ValueError(
-                f"config.json {key} has RoPE scaling type {rope_type!r}; LongLoRA continues only from "
-                "unscaled or linear ('type': 'linear') RoPE scaling"
-            )
-        if "factor" not in entry:
-            raise ValueError(f"config.json {key} is linear but has no 'factor': {dict(entry)!r}")
-        factors.append(check_rope_factor(entry["factor"], f"config.json {key}.factor"))
-    if len(set(factors)) > 1:
-        raise ValueError(
-            f"config.json rope_scaling and rope_parameters disagree ({factors}); make them equal"
-        )
-    return factors[0] if factors else 1.0
-
-
-class LinearScaledRotaryPositionalEmbeddings(RotaryPositionalEmbeddings):
-    """torchtune RoPE with every position divided by ``scaling_factor`` (linear position interpolation).
-
-    Token ``m`` is rotated by ``m * (theta_i / scaling_factor)``, computed exactly as transformers'
-    ``"linear"`` ``rope_scaling`` does (frequencies divided, in float32). The cache still holds
-    ``max_seq_len`` positions: set ``max_seq_len`` to the extended (training) length. The factor is a
-    plain attribute set before the parent constructor runs, so a model built on the meta device and later
-    re-initialised with ``rope_init()`` (as torchtune's distributed recipes do after sharding) rebuilds
-    the same scaled cache.
-
-    Args:
-        dim: Per-head embedding dimension.
-        max_seq_len: Number of positions cached (the extended context length).
-        base: RoPE base (theta).
-        scaling_factor: Linear interpolation factor, >= 1 (1 gives plain RoPE).
-
-    Raises:
-        ValueError: If ``scaling_factor`` is not a finite number >= 1.
-    """
-
-    rope_type = "linear"
-
-    def __init__(
-        self, dim: int, max_seq_len: int = 4096, base: int = 10_000, scaling_factor: float = 1.0
-    ) -> None:
-        factor = check_rope_factor(scaling_factor, "scaling_factor")
-        # The parent's __init__ calls rope_init() -> build_rope_cache(), which needs the factor already.
-        object.__setattr__(self, "scaling_factor", factor)
-        super().__init__(dim=dim, max_seq_len=max_seq_len, base=base)
-
-    def build_rope_cache(self, max_seq_len: int = 4096) -> None:
-        """Build the cos/sin cache for positions ``0 .. max_seq_len - 1`` divided by the factor.
-
-        Args:
-            max_seq_len: Number of positions to cache.
-        """
-        positions = torch.arange(max_seq_len, dtype=self.theta.dtype, device=self.theta.device)
-        # (m / f) * theta and m * (theta / f) differ by float32 rounding, which at positions in the tens of
-        # thousands moves angles by > 1e-4; transformers (what exports are read by) divides the frequencies.
-        angles = torch.outer(positions, self.theta / self.scaling_factor).float()
-        cache = torch.stack([torch.cos(angles), torch.sin(angles)], dim=-1)
-        self.register_buffer("cache", cache, persistent=False)
-
-    def extra_repr(self) -> str:
-        return (
-            f"dim={self.dim}, max_seq_len={self.max_seq_len}, base={self.base}, "
-            f"scaling_factor={self.scaling_factor}"
-        )

@@ -50,6 +50,7 @@ from typing import Optional
 
 from longlora_tune import resources
 from longlora_tune._compat import registered_recipe_names
+from longlora_tune.models.families import DEFAULT_FAMILY, FAMILIES
 from longlora_tune.quickstart import tiny
 
 _RECIPE = "longlora_distributed"
@@ -60,41 +61,33 @@ class _Demo:
     config: str  # shipped config name
     data_file: str  # data file written into the work folder
     workdir: str  # default work folder: the config's own default paths live there
-    family: str = "llama2"  # tiny.make_hf_checkpoint family
+    family: str = DEFAULT_FAMILY  # tiny.make_hf_checkpoint family
     sft: bool = False
 
     @property
     def flags(self) -> str:
         """The demo's command-line flags that select this demo (empty for the default)."""
-        family = f" --family {self.family}" if self.family != "llama2" else ""
+        family = f" --family {self.family}" if self.family != DEFAULT_FAMILY else ""
         return family + (" --sft" if self.sft else "")
 
 
-_PRETRAIN = _Demo("tiny_demo", "corpus.jsonl", "longlora_demo")
-_SFT = _Demo("tiny_longalpaca", "longalpaca.json", "longalpaca_demo", sft=True)
+def _family_demo(family: str, sft: bool) -> _Demo:
+    """The demo of a family: ``tiny_demo``/``tiny_longalpaca`` for the default family, ``..._<family>``
+    (SFT in the family's own chat format, ``dataset.template=chat``) for the others."""
+    suffix = "" if family == DEFAULT_FAMILY else f"_{family}"
+    if sft:
+        config, workdir = f"tiny_longalpaca{suffix}", f"longalpaca_demo{suffix}"
+        return _Demo(config, "longalpaca.json", workdir, family, sft=True)
+    return _Demo(f"tiny_demo{suffix}", "corpus.jsonl", f"longlora_demo{suffix}", family)
+
+
+#: The families the demo trains (their record's tiny facts say so), in the record's order.
+_DEMO_FAMILIES = tuple(name for name, f in FAMILIES.items() if f.tiny is not None and f.tiny.demo)
 #: Every demo by (family, sft).
 _DEMOS: dict[tuple[str, bool], _Demo] = {
-    ("llama2", False): _PRETRAIN,
-    ("llama2", True): _SFT,
-    **{
-        (family, False): _Demo(f"tiny_demo_{family}", "corpus.jsonl", f"longlora_demo_{family}", family)
-        for family in ("llama3", "mistral", "qwen2")
-    },
-    # SFT in each family's own chat format (dataset.template=chat).
-    **{
-        (family, True): _Demo(
-            f"tiny_longalpaca_{family}", "longalpaca.json", f"longalpaca_demo_{family}", family, sft=True
-        )
-        for family in ("llama3", "mistral", "qwen2")
-    },
+    (family, sft): _family_demo(family, sft) for family in _DEMO_FAMILIES for sft in (False, True)
 }
-#: What the tiny model of each family is, and the transformers class that loads its hf/ export.
-_FAMILY_LABELS = {
-    "llama2": ("Llama 2", "LlamaForCausalLM"),
-    "llama3": ("Llama 3.1-style", "LlamaForCausalLM"),
-    "mistral": ("Mistral", "MistralForCausalLM"),
-    "qwen2": ("Qwen2.5-style", "Qwen2ForCausalLM"),
-}
+_PRETRAIN, _SFT = _DEMOS[(DEFAULT_FAMILY, False)], _DEMOS[(DEFAULT_FAMILY, True)]
 # Records for --sft: as the tiny_longalpaca.yaml header makes them (32 records fill 8 steps of 4).
 _SFT_RECORDS = 32
 # A short text for the generate hint, well inside the tiny models' 256 trained tokens.
@@ -131,7 +124,7 @@ def build_command(
     use_tune: bool,
     *,
     sft: bool = False,
-    family: str = "llama2",
+    family: str = DEFAULT_FAMILY,
 ) -> list[str]:
     """The training command for the demo assets in ``workdir``.
 
@@ -143,8 +136,9 @@ def build_command(
         use_tune: run through the ``tune`` CLI by recipe and config name; otherwise the recipe script
             with ``python`` (or torchrun) and the config file path.
         sft: the ``tiny_longalpaca`` fine-tuning demo instead of ``tiny_demo`` pretraining.
-        family: the tiny model's family: ``llama2`` (default), ``llama3``, ``mistral`` or ``qwen2``
-            (config ``tiny_demo_<family>``, or ``tiny_longalpaca_<family>`` with ``sft``).
+        family: the tiny model's family, one whose record's tiny facts have ``demo`` (``llama2``, the
+            default, ``llama3``, ``mistral``, ``qwen2``; config ``tiny_demo_<family>``, or
+            ``tiny_longalpaca_<family>`` with ``sft``).
 
     Returns:
         The argument list.
@@ -176,7 +170,7 @@ def _recipe_command(recipe: str, config: str, args: list[str], use_tune: bool, n
 
 
 def next_steps(
-    workdir: Path, *, use_tune: bool, sft: bool = False, family: str = "llama2"
+    workdir: Path, *, use_tune: bool, sft: bool = False, family: str = DEFAULT_FAMILY
 ) -> list[tuple[str, list[str]]]:
     """What to try on a finished demo's merged ``hf/`` export: evaluations, then generation.
 
@@ -200,7 +194,7 @@ def next_steps(
     demo = _demo(family, sft)
     hf = workdir / "out" / "hf"
     tokenizer = []
-    if family != "llama2":
+    if family != DEFAULT_FAMILY:  # the tiny eval configs name the default family's tokenizer
         tokenizer = [f"tokenizer.{k}={v}" for k, v in HFBaseModel.read(hf).tokenizer_config().items()]
     common = [f"checkpoint_dir={hf}", f"output_dir={workdir / 'eval'}", *tokenizer]
     steps = []
@@ -220,7 +214,7 @@ def next_steps(
 def _demo(family: str, sft: bool) -> _Demo:
     demo = _DEMOS.get((family, bool(sft)))
     if demo is None:
-        raise ValueError(f"family={family!r}: use one of {', '.join(_FAMILY_LABELS)}")
+        raise ValueError(f"family={family!r}: use one of {', '.join(_DEMO_FAMILIES)}")
     return demo
 
 
@@ -238,8 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--family",
-        choices=list(_FAMILY_LABELS),
-        default="llama2",
+        choices=list(_DEMO_FAMILIES),
+        default=DEFAULT_FAMILY,
         help="the tiny model's family, trained with the tiny_demo_<family> config (default: llama2, "
         "config tiny_demo)",
     )
@@ -288,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(out)
     start = time.perf_counter()
     what = "LongAlpaca-format file" if args.sft else "corpus"
-    label, hf_class = _FAMILY_LABELS[demo.family]
+    label, hf_class = FAMILIES[demo.family].label, FAMILIES[demo.family].hf_architecture
     print(f"[demo] writing a tiny {label} checkpoint and {what} to {workdir}", flush=True)
     if not (workdir / "base" / "model.safetensors").is_file():
         tiny.make_hf_checkpoint(workdir / "base", family=demo.family)
@@ -355,12 +349,15 @@ def _rope_summary(hf_dir: Path) -> str:
     """``rope_scaling <type> <factor>`` as the exported ``config.json`` states it."""
     import json
 
+    from longlora_tune.modules.rope_config import RopeScaling
+
     try:
-        entry = json.loads((hf_dir / "config.json").read_text()).get("rope_scaling") or {}
+        rope = RopeScaling.from_hf_config(json.loads((hf_dir / "config.json").read_text()))
     except (OSError, ValueError):
         return "no readable rope_scaling"
-    kind = entry.get("rope_type", entry.get("type"))
-    return f"rope_scaling {kind} {entry.get('factor')}" if kind else "no rope_scaling"
+    if rope.rope_type == "default":
+        return "no rope_scaling"
+    return f"rope_scaling {rope.rope_type} {rope.factor}"
 
 
 if __name__ == "__main__":

@@ -9,18 +9,22 @@ code that reads real checkpoints and datasets.
 Chat-format tokenizers of other families, in their released formats: :func:`make_llama3_tokenizer`
 (tiktoken BPE), :func:`make_qwen2_5_tokenizer` (``vocab.json`` + ``merges.txt``),
 :func:`make_mistral_tokenizer` (SentencePiece) and :func:`make_hf_tokenizer` (a Hugging Face
-``tokenizer.json`` with its ``tokenizer_config.json`` and ChatML ``chat_template.jinja``, as SmolLM2 ships).
-:func:`make_hf_tokenizer_json` writes a byte-level BPE ``tokenizer.json`` whose digits are split one by one
-(SmolLM2's pre-tokenizer), for the passkey tests of a space token before a number.
+``tokenizer.json`` with its ``tokenizer_config.json`` and ChatML ``chat_template.jinja``, as SmolLM2 ships;
+``split_digits=True`` splits digits one by one as SmolLM2's pre-tokenizer does, for the passkey tests of a
+space token before a number).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import random
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
+
+from longlora_tune.models.families import DEFAULT_FAMILY, FAMILIES, TinyFacts
 
 # A small closed vocabulary with some structure (subject-verb-object sentences), so a tiny model's loss
 # visibly falls within a few dozen steps.
@@ -296,55 +300,10 @@ def make_qwen2_5_tokenizer(out_dir: str | Path, *, vocab_size: int = 512, seed: 
     return vocab_path, merges_path
 
 
-def make_hf_tokenizer_json(out_dir: str | Path, *, vocab_size: int = 512, seed: int = 0) -> Path:
-    """Train a tiny byte-level BPE ``tokenizer.json`` laid out as SmolLM2's, for ``HuggingFaceBaseTokenizer``.
-
-    Trained with the ``tokenizers`` library: ``<|endoftext|>`` = 0, ``<|im_start|>`` = 1 (BOS) and
-    ``<|im_end|>`` = 2 (EOS) as special tokens, then the 256 byte characters and merges; digits are split
-    one by one before the byte-level pre-tokenizer, so a space before a number is a token of its own
-    (``Ġ``), as in SmolLM2. ``tokenizer_config.json`` beside it names BOS and EOS.
-
-    Args:
-        out_dir: folder to write ``tokenizer.json`` and ``tokenizer_config.json`` into (created if
-            missing).
-        vocab_size: vocabulary size including the three special tokens, 259 to about 1000.
-        seed: seed of the training corpus.
-
-    Returns:
-        Path of the written ``tokenizer.json`` (pass it, and ``tokenizer_config_json_path`` =
-        ``<folder>/tokenizer_config.json``, to ``HuggingFaceBaseTokenizer``).
-
-    Raises:
-        ValueError: if ``vocab_size`` is too small for the special and byte tokens.
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    if vocab_size < len(special) + 256:
-        raise ValueError(f"vocab_size={vocab_size} is too small: a byte-level BPE has 256 byte tokens")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
-    )
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=special,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(_bpe_corpus(seed), trainer)
-    path = out / "tokenizer.json"
-    tokenizer.save(str(path))
-    config = {"bos_token": special[1], "eos_token": special[2], "tokenizer_class": "GPT2Tokenizer"}
-    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
-    return path
-
-
 #: GPT-2's pre-tokenizer pattern, what a Hugging Face ``ByteLevel(use_regex=True)`` pre-tokenizer splits on.
 _GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+#: The same after SmolLM2's ``Digits(individual_digits=True)`` split: every digit alone, no space before it.
+_GPT2_DIGITS_PATTERN = _GPT2_PATTERN.replace(r" ?\p{N}+", r"\p{N}")
 #: The special tokens of :func:`make_hf_tokenizer`, after the BPE (SmolLM2's names).
 HF_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 #: ChatML with SmolLM2's default system turn, as its ``chat_template.jinja`` reads.
@@ -356,18 +315,24 @@ _CHATML = (
 )
 
 
-def make_hf_tokenizer(out_dir: str | Path, *, vocab_size: int = 512, seed: int = 0) -> Path:
+def make_hf_tokenizer(
+    out_dir: str | Path, *, vocab_size: int = 512, seed: int = 0, split_digits: bool = False
+) -> Path:
     """Train a tiny byte-level BPE and write it as a Hugging Face folder's tokenizer files (SmolLM2's).
 
     ``tokenizer.json`` (GPT-2 byte-level BPE, ids 0-255 the single bytes, then ``vocab_size - 256``
     merges, then :data:`HF_SPECIAL_TOKENS`), ``tokenizer_config.json`` (BOS ``<|im_start|>``, EOS and pad
     ``<|im_end|>``, as SmolLM2-Instruct) and ``chat_template.jinja`` (ChatML): what a checkpoint of the
-    ``hf_llama`` family has and :class:`longlora_tune.hf.base.HFTokenizer` reads.
+    ``hf_llama`` family has and :class:`longlora_tune.hf.base.HFTokenizer` reads (torchtune's
+    ``HuggingFaceBaseTokenizer`` too, given ``tokenizer_config.json``).
 
     Args:
         out_dir: folder to write into (created if missing).
         vocab_size: number of BPE tokens (bytes and merges), 257 to about 1000; the tokenizer has 3 more.
         seed: seed of the training corpus.
+        split_digits: split digits one by one before the byte-level pre-tokenizer, as SmolLM2's
+            ``tokenizer.json`` does, so a space before a number is a token of its own (``Ġ``): for the
+            passkey tests of that space.
 
     Returns:
         Path of the written ``tokenizer.json``.
@@ -380,7 +345,8 @@ def make_hf_tokenizer(out_dir: str | Path, *, vocab_size: int = 512, seed: int =
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    vocab, merges = _train_byte_bpe(_bpe_corpus(seed), _GPT2_PATTERN, vocab_size)
+    pattern = _GPT2_DIGITS_PATTERN if split_digits else _GPT2_PATTERN
+    vocab, merges = _train_byte_bpe(_bpe_corpus(seed), pattern, vocab_size)
     to_unicode = bytes_to_unicode()
 
     def text(tok: bytes) -> str:
@@ -390,7 +356,12 @@ def make_hf_tokenizer(out_dir: str | Path, *, vocab_size: int = 512, seed: int =
         vocab={text(t): i for i, t in enumerate(vocab)}, merges=[(text(a), text(b)) for a, b in merges]
     )
     tokenizer = Tokenizer(bpe)
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if split_digits:
+        digits = pre_tokenizers.Digits(individual_digits=True)
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence([digits, byte_level])
+    else:
+        tokenizer.pre_tokenizer = byte_level
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in HF_SPECIAL_TOKENS])
     path = out / "tokenizer.json"
@@ -457,56 +428,84 @@ def hf_llama_config(
     return config
 
 
-def _special_tokens(family: str) -> dict[str, int]:
-    """torchtune's special tokens of a byte-level BPE family (Llama 3, Qwen2.5), at their released ids."""
-    if family == "llama3":
-        from torchtune.models.llama3._tokenizer import LLAMA3_SPECIAL_TOKENS
+def _llama3_special_tokens() -> dict[str, int]:
+    from torchtune.models.llama3._tokenizer import LLAMA3_SPECIAL_TOKENS
 
-        return dict(LLAMA3_SPECIAL_TOKENS)
+    return dict(LLAMA3_SPECIAL_TOKENS)
+
+
+def _qwen2_5_special_tokens() -> dict[str, int]:
     from torchtune.models.qwen2_5._tokenizer import QWEN2_5_SPECIAL_TOKENS
 
     return dict(QWEN2_5_SPECIAL_TOKENS)
 
 
-def _special_id_span(family: str) -> int:
-    """How many ids the family's special tokens take after the BPE (0 for SentencePiece families)."""
-    if family not in ("llama3", "qwen2"):
-        return 0
-    ids = _special_tokens(family).values()
-    return max(ids) - min(ids) + 1
+def _hf_special_tokens() -> dict[str, int]:
+    return {token: i for i, token in enumerate(HF_SPECIAL_TOKENS)}
 
 
-#: Tiny shapes and RoPE per family where they differ from Llama 2's (the demo's model): GQA, each family's
-#: RoPE base, Qwen2's tied embeddings and RMSNorm epsilon, Llama 3.1's ``llama3`` RoPE scaling.
-_FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
-    "llama2": {"num_kv_heads": 4, "rope_theta": 10_000.0, "tie_word_embeddings": False, "norm_eps": 1e-5},
-    "llama3": {"num_kv_heads": 2, "rope_theta": 500_000.0, "tie_word_embeddings": False, "norm_eps": 1e-5},
-    "mistral": {"num_kv_heads": 2, "rope_theta": 1_000_000.0, "tie_word_embeddings": False, "norm_eps": 1e-5},
-    "qwen2": {"num_kv_heads": 2, "rope_theta": 1_000_000.0, "tie_word_embeddings": True, "norm_eps": 1e-6},
+@dataclasses.dataclass(frozen=True)
+class _TokenizerFormat:
+    """A tiny tokenizer file format (:attr:`longlora_tune.models.families.TinyFacts.tokenizer_format`).
+
+    ``write(folder, vocab_size, seed)`` writes the files; a byte-level format's special tokens (at the
+    released model's ids, which the tiny tokenizer moves to follow the BPE) and the tokens its base model
+    names BOS and EOS; a SentencePiece format has bos 1, eos 2 inside its vocabulary.
+    """
+
+    write: Callable[..., Any]
+    special_tokens: Optional[Callable[[], dict[str, int]]] = None
+    bos: Optional[str] = None
+    eos: Optional[str] = None
+
+
+#: The tiny tokenizer formats by name.
+TOKENIZER_FORMATS: dict[str, _TokenizerFormat] = {
+    "sentencepiece": _TokenizerFormat(make_tokenizer),
+    "sentencepiece_identity": _TokenizerFormat(make_mistral_tokenizer),
+    "tiktoken": _TokenizerFormat(
+        make_llama3_tokenizer, _llama3_special_tokens, "<|begin_of_text|>", "<|end_of_text|>"
+    ),
+    # Qwen2.5 base models name <|endoftext|> for both.
+    "gpt2_bpe": _TokenizerFormat(
+        make_qwen2_5_tokenizer, _qwen2_5_special_tokens, "<|endoftext|>", "<|endoftext|>"
+    ),
+    "tokenizer_json": _TokenizerFormat(make_hf_tokenizer, _hf_special_tokens, "<|im_start|>", "<|im_end|>"),
 }
+
 #: BPE (or SentencePiece) tokens of the tiny tokenizers; the byte-level families add their special ids.
 _TINY_BPE = 512
 
-#: Hugging Face ``config.json`` identity of each family.
-_HF_IDENTITY = {
-    "llama2": ("llama", "LlamaForCausalLM"),
-    "llama3": ("llama", "LlamaForCausalLM"),
-    "mistral": ("mistral", "MistralForCausalLM"),
-    "qwen2": ("qwen2", "Qwen2ForCausalLM"),
-}
-
-#: The families :func:`make_hf_checkpoint` writes.
-TINY_FAMILIES = tuple(_HF_IDENTITY)
+#: The families :func:`make_hf_checkpoint` writes (those whose record has tiny facts).
+TINY_FAMILIES = tuple(name for name, family in FAMILIES.items() if family.tiny is not None)
 
 
-def tiny_vocab_size(family: str = "llama2") -> int:
+def _tiny(family: str) -> tuple[TinyFacts, _TokenizerFormat]:
+    """The family's tiny facts and tokenizer format; ValueError for a family without them."""
+    record = FAMILIES.get(family)
+    if record is None or record.tiny is None:
+        tiny = [name for name, f in FAMILIES.items() if f.tiny is not None]
+        raise ValueError(f"family={family!r}: use one of {', '.join(tiny)}")
+    return record.tiny, TOKENIZER_FORMATS[record.tiny.tokenizer_format]
+
+
+def _special_id_span(fmt: _TokenizerFormat) -> int:
+    """How many ids the format's special tokens take after the BPE (0 for SentencePiece)."""
+    if fmt.special_tokens is None:
+        return 0
+    ids = fmt.special_tokens().values()
+    return max(ids) - min(ids) + 1
+
+
+def tiny_vocab_size(family: str = DEFAULT_FAMILY) -> int:
     """The default ``vocab_size`` of :func:`make_hf_checkpoint` for a family (what its tiny configs use).
 
-    512 SentencePiece tokens for Llama 2 and Mistral; for Llama 3 and Qwen2.5, 512 byte-level BPE tokens
-    followed by the family's special tokens moved down to follow them (257 ids for Llama 3, 22 for Qwen2.5).
+    512 SentencePiece tokens (Llama 2, Mistral), or 512 byte-level BPE tokens followed by the format's
+    special tokens moved down to follow them (257 ids for Llama 3's tiktoken, 22 for Qwen2.5's, 3 for a
+    ``tokenizer.json``).
 
     Args:
-        family: ``llama2``, ``llama3``, ``mistral`` or ``qwen2``.
+        family: a :data:`TINY_FAMILIES` name.
 
     Returns:
         The model's vocabulary size.
@@ -514,39 +513,28 @@ def tiny_vocab_size(family: str = "llama2") -> int:
     Raises:
         ValueError: for another family.
     """
-    _check_family(family)
-    return _TINY_BPE + _special_id_span(family)
-
-
-def _check_family(family: str) -> None:
-    if family not in _HF_IDENTITY:
-        raise ValueError(f"family={family!r}: use one of {', '.join(_HF_IDENTITY)}")
+    return _TINY_BPE + _special_id_span(_tiny(family)[1])
 
 
 def default_rope_scaling(family: str, max_position_embeddings: int) -> Optional[dict[str, Any]]:
     """The RoPE scaling entry a tiny checkpoint of ``family`` has by default.
 
-    Llama 3 is written as Llama 3.1+ is released: Meta's ``llama3`` scaling with factor 4 over a quarter
-    of ``max_position_embeddings`` (3.1 has factor 8 over 8192 in a 131072 context; 4 keeps the tiny
-    original context a multiple of the S2 group), so the demo extends an already-scaled model. The other
-    families are unscaled.
+    The family record's (:attr:`~longlora_tune.models.families.TinyFacts.rope_scaling`): Llama 3 is
+    written as Llama 3.1+ is released, Meta's ``llama3`` scaling with factor 4 over a quarter of
+    ``max_position_embeddings``, so the demo extends an already-scaled model. The others are unscaled.
 
     Args:
-        family: ``llama2``, ``llama3``, ``mistral`` or ``qwen2``.
+        family: a :data:`TINY_FAMILIES` name.
         max_position_embeddings: the checkpoint's context length.
 
     Returns:
         The ``config.json`` ``rope_scaling`` entry, or None.
+
+    Raises:
+        ValueError: for another family.
     """
-    if family != "llama3":
-        return None
-    return {
-        "factor": 4.0,
-        "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0,
-        "original_max_position_embeddings": max_position_embeddings // 4,
-        "rope_type": "llama3",
-    }
+    facts = _tiny(family)[0]
+    return None if facts.rope_scaling is None else facts.rope_scaling(max_position_embeddings)
 
 
 def hf_family_config(
@@ -568,13 +556,13 @@ def hf_family_config(
 ) -> dict[str, Any]:
     """Return a Hugging Face ``config.json`` dict of a family, with the keys its released configs have.
 
-    Llama 2 is :func:`hf_llama_config`'s. Llama 3 adds ``attention_bias``/``mlp_bias`` false and its
-    ``rope_scaling``; Mistral (v0.3 style) has ``sliding_window: null``; Qwen2.5 has
-    ``use_sliding_window: false`` (with ``sliding_window`` and ``max_window_layers`` as released) and
-    ``tie_word_embeddings``.
+    :func:`hf_llama_config`'s keys with the family's ``model_type`` and architecture, edited by its
+    record's :attr:`~longlora_tune.models.families.TinyFacts.release_keys` (Mistral (v0.3 style) has
+    ``sliding_window: null``; Qwen2.5 has ``use_sliding_window: false`` with ``sliding_window`` and
+    ``max_window_layers`` as released; neither has ``attention_bias``/``mlp_bias``).
 
     Args:
-        family: ``llama2``, ``llama3``, ``mistral`` or ``qwen2``.
+        family: a :data:`TINY_FAMILIES` name.
         vocab_size: vocabulary size.
         num_layers: decoder layers.
         num_heads: query heads.
@@ -595,8 +583,8 @@ def hf_family_config(
     Raises:
         ValueError: for another family.
     """
-    _check_family(family)
-    model_type, architecture = _HF_IDENTITY[family]
+    facts = _tiny(family)[0]
+    record = FAMILIES[family]
     config = hf_llama_config(
         vocab_size=vocab_size,
         num_layers=num_layers,
@@ -610,56 +598,58 @@ def hf_family_config(
         rope_scaling=rope_scaling,
     )
     config.update(
-        architectures=[architecture],
-        model_type=model_type,
+        architectures=[record.hf_architecture],
+        model_type=record.hf_model_type,
         tie_word_embeddings=tie_word_embeddings,
         bos_token_id=bos_token_id,
         eos_token_id=eos_token_id,
     )
-    if family in ("mistral", "qwen2"):
-        # Neither release has these keys (their attention has no bias switch, Qwen2's q/k/v always have one).
-        for key in ("attention_bias", "mlp_bias"):
-            config.pop(key)
-    if family == "mistral":
-        config["sliding_window"] = None  # v0.2+: full attention over the whole context
-    if family == "qwen2":
-        config.update(
-            sliding_window=max_position_embeddings, max_window_layers=num_layers, use_sliding_window=False
-        )
+    if facts.release_keys is not None:
+        facts.release_keys(config)
     return config
 
 
-def _token_ids(family: str, vocab_size: int) -> dict[str, int]:
+def _token_ids(fmt: _TokenizerFormat, vocab_size: int) -> dict[str, int]:
     """``bos_token_id``/``eos_token_id`` of the released base model's tokens, in the tiny tokenizer's ids."""
-    if family in ("llama2", "mistral"):
+    if fmt.special_tokens is None:
         return {"bos_token_id": 1, "eos_token_id": 2}
-    special = _special_tokens(family)
-    offset = vocab_size - _special_id_span(family) - min(special.values())
-    if family == "llama3":
-        bos, eos = special["<|begin_of_text|>"], special["<|end_of_text|>"]
-    else:
-        bos = eos = special["<|endoftext|>"]  # Qwen2.5 base models name <|endoftext|> for both
-    return {"bos_token_id": bos + offset, "eos_token_id": eos + offset}
+    special = fmt.special_tokens()
+    offset = vocab_size - _special_id_span(fmt) - min(special.values())
+    return {"bos_token_id": special[fmt.bos] + offset, "eos_token_id": special[fmt.eos] + offset}
 
 
-def _write_family_tokenizer(family: str, out: Path, *, vocab_size: int, seed: int) -> None:
-    """Write the family's tiny tokenizer where its torchtune tokenizer component reads it."""
-    bpe = vocab_size - _special_id_span(family)
-    if family == "llama2":
-        make_tokenizer(out, vocab_size=vocab_size, seed=seed)
-    elif family == "mistral":
-        make_mistral_tokenizer(out, vocab_size=vocab_size, seed=seed)
-    elif family == "llama3":
-        # Meta's tiktoken file lives in original/ of a Hugging Face Llama 3 folder.
-        make_llama3_tokenizer(out / "original", vocab_size=bpe, seed=seed)
-    else:
-        make_qwen2_5_tokenizer(out, vocab_size=bpe, seed=seed)
+def make_family_tokenizer(
+    family: str, out_dir: str | Path, *, vocab_size: Optional[int] = None, seed: int = 0
+) -> Path:
+    """Write a family's tiny tokenizer into a checkpoint folder, where its tokenizer component reads it.
+
+    The record's tokenizer format (:attr:`~longlora_tune.models.families.TinyFacts.tokenizer_format`), in
+    the folder of the family's main tokenizer file (Meta's tiktoken file in ``original/`` of a Hugging Face
+    Llama 3 folder).
+
+    Args:
+        family: a :data:`TINY_FAMILIES` name.
+        out_dir: the checkpoint folder (created if missing).
+        vocab_size: the model's vocabulary size, special tokens included (None: :func:`tiny_vocab_size`).
+        seed: seed of the training corpus.
+
+    Returns:
+        Path of the family's main tokenizer file.
+
+    Raises:
+        ValueError: for another family or a vocabulary too small for the format.
+    """
+    fmt = _tiny(family)[1]
+    vocab_size = tiny_vocab_size(family) if vocab_size is None else vocab_size
+    main = Path(out_dir) / FAMILIES[family].tokenizer_files[0][1]
+    fmt.write(main.parent, vocab_size=vocab_size - _special_id_span(fmt), seed=seed)
+    return main
 
 
 def make_hf_checkpoint(
     out_dir: str | Path,
     *,
-    family: str = "llama2",
+    family: str = DEFAULT_FAMILY,
     vocab_size: Optional[int] = None,
     num_layers: int = 2,
     num_heads: int = 4,
@@ -686,20 +676,24 @@ def make_hf_checkpoint(
 
     Args:
         out_dir: folder to write into (created if missing).
-        family: ``llama2`` (default), ``llama3`` (3.1 style, see :func:`default_rope_scaling`),
-            ``mistral`` or ``qwen2`` (Qwen2.5).
-        vocab_size: vocabulary size (None: :func:`tiny_vocab_size`); for Llama 3 and Qwen2.5 it includes
-            the special tokens, so the BPE has ``vocab_size`` minus 257 (Llama 3) or 22 (Qwen2.5) tokens.
+        family: a :data:`TINY_FAMILIES` name: ``llama2`` (default), ``llama3`` (3.1 style, see
+            :func:`default_rope_scaling`), ``hf_llama`` (SmolLM2 style: ``tokenizer.json``, tied),
+            ``mistral`` or ``qwen2`` (Qwen2.5); the family record's tiny facts give the defaults below.
+        vocab_size: vocabulary size (None: :func:`tiny_vocab_size`); for the byte-level formats it includes
+            the special tokens, so the BPE has ``vocab_size`` minus 257 (Llama 3), 22 (Qwen2.5) or 3
+            (``tokenizer.json``) tokens.
         num_layers: decoder layers.
         num_heads: query heads.
-        num_kv_heads: key/value heads (None: 4 for Llama 2, 2 (GQA) for the others).
+        num_kv_heads: key/value heads (None: the family's, 4 for Llama 2, 2 (GQA) for the others).
         embed_dim: hidden size.
         intermediate_dim: MLP hidden size.
         max_position_embeddings: the context length written to config.json.
         rope_scaling: the ``rope_scaling`` entry for config.json; None gives the family's default
             (:func:`default_rope_scaling`), ``{}`` none at all.
-        rope_theta: RoPE base (None: 10000 for Llama 2, 500000 for Llama 3, 1e6 for Mistral and Qwen2.5).
-        tie_word_embeddings: LM head = token embedding (None: true for Qwen2.5, as its 0.5B-3B models).
+        rope_theta: RoPE base (None: the family's: 10000 for Llama 2, 500000 for Llama 3, 1e5 for
+            ``hf_llama``, 1e6 for Mistral and Qwen2.5).
+        tie_word_embeddings: LM head = token embedding (None: the family's: true for Qwen2.5, as its
+            0.5B-3B models, and ``hf_llama``, as SmolLM2).
         seed: weight seed.
         with_tokenizer: also train and write the tokenizer files.
 
@@ -713,12 +707,11 @@ def make_hf_checkpoint(
     import torch
     from safetensors.torch import save_file
 
-    _check_family(family)
-    defaults = _FAMILY_DEFAULTS[family]
+    facts, fmt = _tiny(family)
     vocab_size = tiny_vocab_size(family) if vocab_size is None else vocab_size
-    num_kv_heads = defaults["num_kv_heads"] if num_kv_heads is None else num_kv_heads
-    rope_theta = defaults["rope_theta"] if rope_theta is None else rope_theta
-    tied = defaults["tie_word_embeddings"] if tie_word_embeddings is None else tie_word_embeddings
+    num_kv_heads = facts.num_kv_heads if num_kv_heads is None else num_kv_heads
+    rope_theta = facts.rope_theta if rope_theta is None else rope_theta
+    tied = facts.tie_word_embeddings if tie_word_embeddings is None else tie_word_embeddings
     if rope_scaling is None:
         rope_scaling = default_rope_scaling(family, max_position_embeddings)
     if embed_dim % num_heads or num_heads % num_kv_heads:
@@ -726,13 +719,13 @@ def make_hf_checkpoint(
             f"embed_dim={embed_dim} must be divisible by num_heads={num_heads}, "
             f"and num_heads by num_kv_heads={num_kv_heads}"
         )
-    if vocab_size - _special_id_span(family) < 257:
+    if vocab_size - _special_id_span(fmt) < 257:
         raise ValueError(f"vocab_size={vocab_size} is too small for a tiny {family} tokenizer")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     head_dim = embed_dim // num_heads
     gen = torch.Generator().manual_seed(seed)
-    biases = family == "qwen2"
+    biases = FAMILIES[family].qkv_bias
 
     def rand(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=gen) * 0.05
@@ -774,14 +767,14 @@ def make_hf_checkpoint(
         intermediate_dim=intermediate_dim,
         max_position_embeddings=max_position_embeddings,
         rope_theta=rope_theta,
-        norm_eps=defaults["norm_eps"],
+        norm_eps=facts.norm_eps,
         rope_scaling=rope_scaling or None,
         tie_word_embeddings=tied,
-        **_token_ids(family, vocab_size),
+        **_token_ids(fmt, vocab_size),
     )
     (out / "config.json").write_text(json.dumps(config, indent=2))
     if with_tokenizer:
-        _write_family_tokenizer(family, out, vocab_size=vocab_size, seed=seed)
+        make_family_tokenizer(family, out, vocab_size=vocab_size, seed=seed)
     return out
 
 

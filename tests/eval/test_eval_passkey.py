@@ -30,7 +30,7 @@ from longlora_tune.eval.passkey import (
 )
 from longlora_tune.eval.perplexity import evaluate_perplexity
 from longlora_tune.quickstart.tiny import (
-    make_hf_tokenizer_json,
+    make_hf_tokenizer,
     make_llama3_tokenizer,
     make_qwen2_5_tokenizer,
 )
@@ -203,7 +203,7 @@ def family_tokenizer(request: pytest.FixtureRequest, tmp_path_factory: pytest.Te
         special = str(out / "special_tokens.json")
         tok = qwen2_5_tokenizer(str(vocab), str(merges), special_tokens_path=special, prompt_template=None)
     else:
-        path = make_hf_tokenizer_json(out)
+        path = make_hf_tokenizer(out, split_digits=True)
         tok = HuggingFaceBaseTokenizer(
             str(path), tokenizer_config_json_path=str(out / "tokenizer_config.json")
         )

@@ -6,14 +6,18 @@ from __future__ import annotations
 import csv
 import json
 import math
+import signal
 from pathlib import Path
 from typing import Any
 
 import pytest
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from omegaconf import OmegaConf
 
-from longlora_tune.eval.reporting import format_table, write_results
+from longlora_tune.errors import Interrupted, signals_as_interrupts
+from longlora_tune.eval.reporting import ReportLayout, format_table, report_sweep, write_results
+from longlora_tune.eval.sweep import Sweep
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -217,3 +221,55 @@ def test_rows_with_nothing_evaluated_replace_no_file(tmp_path: Path, capsys: pyt
     assert _write(tmp_path, [], incomplete="stopped by SIGINT after 0 of 1 lengths; not evaluated: 48") == {}
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
     assert capsys.readouterr().out == ""
+
+
+class _Row:
+    def __init__(self, length: int, score: float) -> None:
+        self.length, self.score = length, score
+
+    def to_dict(self) -> dict:
+        return {"length": self.length, "score": self.score}
+
+
+_LAYOUT = ReportLayout(
+    stem="score", x_key="length", y_key="score", xlabel="tokens", ylabel="score", title="Score",
+    columns=("length", "score"),
+)  # fmt: skip
+
+
+def test_report_sweep_writes_the_rows_with_the_run_settings_and_prints_the_table(tmp_path, capsys):
+    sweep: Sweep[_Row] = Sweep([16, 32])
+    with sweep.until_interrupted() as finished:
+        finished += [_Row(16, 0.5), _Row(32, 0.25)]
+    cfg = OmegaConf.create({"output_dir": str(tmp_path)})
+    info = {"rope_scaling_factor": 2.0, "checkpoint_dir": "/ckpt"}
+    rows = report_sweep(
+        cfg, sweep, _LAYOUT, recipe="r", model_info=info, rank=0, world_size=1, start=0.0, stride=4, note="n"
+    )
+    assert rows == [{"length": 16, "score": 0.5}, {"length": 32, "score": 0.25}]
+    saved = json.loads((tmp_path / "score.json").read_text())
+    assert saved["results"] == rows and saved["incomplete"] is None
+    assert {k: saved[k] for k in ("recipe", "model", "stride", "note", "world_size")} == {
+        "recipe": "r", "model": info, "stride": 4, "note": "n", "world_size": 1,
+    }  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["score.csv", "score.json", "score.png", "score.txt"]
+    out = capsys.readouterr().out
+    assert (tmp_path / "score.txt").read_text() in out and "note: n" in out
+
+
+def test_report_sweep_of_a_stopped_sweep_writes_it_incomplete_then_ends_the_run(tmp_path):
+    sweep: Sweep[_Row] = Sweep([16, 32])
+    with signals_as_interrupts(), sweep.until_interrupted() as finished:
+        finished.append(_Row(16, 0.5))
+        signal.raise_signal(signal.SIGTERM)
+    cfg = OmegaConf.create({"output_dir": str(tmp_path / "rank0"), "output_name": "mine"})
+    kwargs = dict(recipe="r", model_info={"rope_scaling_factor": 1.0}, world_size=2, start=0.0)
+    with pytest.raises(Interrupted, match="partial results in .*mine.json, marked incomplete"):
+        report_sweep(cfg, sweep, _LAYOUT, rank=0, **kwargs)
+    saved = json.loads((tmp_path / "rank0" / "mine.json").read_text())
+    assert saved["incomplete"].startswith("stopped by SIGTERM after 1 of 2") and len(saved["results"]) == 1
+    # Another rank writes nothing and ends the same way.
+    cfg.output_dir = str(tmp_path / "rank1")
+    with pytest.raises(Interrupted, match="1 of 2 lengths finished$"):
+        report_sweep(cfg, sweep, _LAYOUT, rank=1, **kwargs)
+    assert not (tmp_path / "rank1").exists()

@@ -27,7 +27,7 @@ from longlora_tune.models import longlora_llama3, longlora_mistral, longlora_qwe
 from longlora_tune.models.families import FAMILIES, detect_family, family_of_builder
 from longlora_tune.models.longlora import describe
 from longlora_tune.models.trainable import set_trainable_params, trainable_state_dict
-from longlora_tune.modules.rope_scaling import RopeScaling, rope_for_training
+from longlora_tune.modules.rope_config import RopeScaling, rope_for_training
 
 transformers = pytest.importorskip("transformers")
 

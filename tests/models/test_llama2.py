@@ -13,10 +13,8 @@ from torchtune.modules.peft import LoRALinear
 from torchtune.training.checkpointing import FullModelHFCheckpointer
 
 from longlora_tune.models import longlora_llama2, longlora_llama2_7b, longlora_llama2_13b, longlora_llama2_70b
-from longlora_tune.modules.position_interpolation import (
-    position_interpolation_factor,
-    rope_scaling_factor_from_hf_config,
-)
+from longlora_tune.modules.position_interpolation import position_interpolation_factor
+from longlora_tune.modules.rope_config import RopeScaling
 
 transformers = pytest.importorskip("transformers")
 
@@ -51,7 +49,7 @@ def _hf_checkpoint(path, *, num_heads, num_kv_heads, seed=0):
 def _load_longlora(ckpt_dir, out_dir, **overrides):
     hf_config = json.loads((ckpt_dir / "config.json").read_text())
     factor = position_interpolation_factor(
-        SEQ, hf_config["max_position_embeddings"], rope_scaling_factor_from_hf_config(hf_config)
+        SEQ, hf_config["max_position_embeddings"], RopeScaling.from_hf_config(hf_config).factor
     )
     kwargs = dict(
         vocab_size=hf_config["vocab_size"],
@@ -86,7 +84,7 @@ def _load_longlora(ckpt_dir, out_dir, **overrides):
 def test_eval_logits_match_transformers_at_4x_context(tmp_path, num_heads, num_kv_heads):
     hf = _hf_checkpoint(tmp_path / "hf", num_heads=num_heads, num_kv_heads=num_kv_heads)
     saved = json.loads((tmp_path / "hf" / "config.json").read_text())
-    assert rope_scaling_factor_from_hf_config(saved) == 4.0
+    assert RopeScaling.from_hf_config(saved).factor == 4.0
     model = _load_longlora(tmp_path / "hf", tmp_path / "out").eval()
     assert model.layers[0].attn.pos_embeddings.scaling_factor == 4.0
     tokens = torch.randint(0, 96, (2, SEQ), generator=torch.Generator().manual_seed(1))

@@ -6,7 +6,7 @@ from torchtune.models.llama2 import llama2, lora_llama2
 from torchtune.modules import MultiHeadAttention, RotaryPositionalEmbeddings
 
 from longlora_tune.models import apply_longlora, longlora_llama2
-from longlora_tune.modules.position_interpolation import LinearScaledRotaryPositionalEmbeddings
+from longlora_tune.modules.rope_scaling import LinearScaledRotaryPositionalEmbeddings
 from longlora_tune.modules.s2_attention import S2Attention, S2AttentionConfig
 
 

@@ -6,11 +6,10 @@ import pytest
 import torch
 from torchtune.modules import RotaryPositionalEmbeddings
 
-from longlora_tune.modules.position_interpolation import (
-    LinearScaledRotaryPositionalEmbeddings,
-    position_interpolation_factor,
-    rope_scaling_factor_from_hf_config,
-)
+from longlora_tune.hf.base import HFBaseModel
+from longlora_tune.modules.position_interpolation import position_interpolation_factor
+from longlora_tune.modules.rope_config import RopeScaling
+from longlora_tune.modules.rope_scaling import LinearScaledRotaryPositionalEmbeddings
 
 
 @pytest.mark.parametrize(
@@ -68,30 +67,42 @@ def test_factor_rejects_bad_inputs(kwargs):
     ],
 )
 def test_factor_from_hf_config(config, factor):
-    assert rope_scaling_factor_from_hf_config(config) == factor
+    assert RopeScaling.from_hf_config(config).factor == factor
 
 
 @pytest.mark.parametrize(
     "config, message",
     [
         ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "dynamic"),
-        ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, "yarn"),
-        ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "llama3"),
-        ({"rope_scaling": {"type": "linear"}}, "no 'factor'"),
+        ({"rope_scaling": {"type": "linear"}}, "has no factor"),
         ({"rope_scaling": {"type": "linear", "factor": 0.5}}, ">= 1"),
-        ({"rope_scaling": "linear"}, "must be a dict"),
+        ({"rope_scaling": "linear"}, "must be an object or null"),
         (
             {
                 "rope_scaling": {"type": "linear", "factor": 2},
                 "rope_parameters": {"rope_type": "linear", "factor": 4},
             },
-            "disagree",
+            "describe different RoPE scalings",
         ),
     ],
 )
 def test_factor_from_hf_config_errors(config, message):
     with pytest.raises(ValueError, match=message):
-        rope_scaling_factor_from_hf_config(config)
+        RopeScaling.from_hf_config(config)
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6}},
+        {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1, "high_freq_factor": 4,
+                          "original_max_position_embeddings": 8192}},  # fmt: skip
+    ],
+)
+def test_linear_factor_of_a_checkpoint_refuses_other_methods(tmp_path, entry):
+    base = HFBaseModel(tmp_path, {"max_position_embeddings": 65_536, **entry}, ())
+    with pytest.raises(ValueError, match="continues only from unscaled or linear"):
+        _ = base.rope_scaling_factor
 
 
 def _rope_reference(x: torch.Tensor, positions: torch.Tensor, base: float, factor: float) -> torch.Tensor:

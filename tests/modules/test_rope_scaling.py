@@ -9,10 +9,10 @@ import torch
 from torchtune.models.llama3_1 import Llama3ScaledRoPE
 
 from longlora_tune.errors import LongLoRAConfigError
-from longlora_tune.modules.position_interpolation import LinearScaledRotaryPositionalEmbeddings
+from longlora_tune.modules.rope_config import RopeScaling
 from longlora_tune.modules.rope_scaling import (
+    LinearScaledRotaryPositionalEmbeddings,
     Llama3ScaledRotaryPositionalEmbeddings,
-    RopeScaling,
     YaRNScaledRotaryPositionalEmbeddings,
     yarn_attention_factor,
 )
@@ -244,9 +244,7 @@ def test_transformers_reads_our_config_json_and_computes_our_tables(rope, v5_bas
     # transformers' own rope-init function, then its rotary module, on our written config.
     inv_freq, attention = ROPE_INIT_FUNCTIONS[rope.rope_type](config)
     module = rope.build_module(head_dim, 4 * rope.original_max_position_embeddings)
-    # LinearScaledRotaryPositionalEmbeddings keeps torchtune's theta and divides it when building the cache.
-    theta = module.theta / module.scaling_factor if rope.rope_type == "linear" else module.theta
-    torch.testing.assert_close(theta, inv_freq, atol=0, rtol=0)
+    torch.testing.assert_close(module.theta, inv_freq, atol=0, rtol=0)
     assert getattr(module, "attention_factor", 1.0) == pytest.approx(attention)
     _assert_tables_equal(module, *_hf_tables(config, 4 * rope.original_max_position_embeddings))
 

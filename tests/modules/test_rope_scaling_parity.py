@@ -15,7 +15,7 @@ from torchtune.training.checkpointing import FullModelHFCheckpointer
 
 from longlora_tune.models import apply_longlora
 from longlora_tune.models.longlora import describe
-from longlora_tune.modules.rope_scaling import RopeScaling
+from longlora_tune.modules.rope_config import RopeScaling
 
 transformers = pytest.importorskip("transformers")
 

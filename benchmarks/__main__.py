@@ -75,7 +75,7 @@ from longlora_tune.auto_choice import choose_auto_settings
 from longlora_tune.errors import LongLoRAConfigError
 from longlora_tune.modules.s2_attention import flash_attn_available
 from longlora_tune.plan.flops import step_flops
-from longlora_tune.training.auto_settings import AUTO, parse_checkpoint_layers
+from longlora_tune.training.auto_settings import AUTO, host_available_gib, parse_checkpoint_layers
 from longlora_tune.training.sequence_tiling import check_tile_tokens
 
 _WORKER_FLAG = "--worker-case"
@@ -137,7 +137,7 @@ def _available_gib(device: str) -> float:
     """The default ``--memory-budget-gib``: the GPU's free memory, or the host's available memory."""
     if device == "cuda":
         return torch.cuda.mem_get_info()[0] / 1024**3
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 1024**3
+    return host_available_gib()
 
 
 def _auto_levers(

@@ -224,7 +224,8 @@ class LongLoRARecipeDistributed:
             utils.log_rank_zero(log, f"Activation checkpointing: {wrapped} decoder layer(s)")
         tile = cfg.get("sequence_tile_tokens", None)  # see longlora_tune.training.sequence_tiling
         if apply_sequence_tiling(model, tile):
-            utils.log_rank_zero(log, f"Sequence tiling: each MLP block in tiles of {tile} tokens")
+            tiled = "attention prefixes, MLP blocks and the final norm"
+            utils.log_rank_zero(log, f"Sequence tiling: {tiled} in tiles of {tile} tokens")
         mp_policy = None
         if self.dtype != torch.float32 and cfg.get("fp32_trainable_params", True):
             # bf16 cannot hold LoRA+'s small updates: at lr 2e-5 a norm scale near 1.0 (bf16 step 2^-7)

@@ -167,14 +167,10 @@ AUTO_CFG = {
     ("extra", "message"),
     [
         (
-            {"activation_checkpointing_layers": "auto"},
-            "activation_checkpointing_layers=auto on cpu needs memory_budget_gib (the GiB the run may use; "
-            "on CUDA it is the GPU's free memory); set memory_budget_gib=N or give "
-            "activation_checkpointing_layers a value",
-        ),
-        (
             {"memory_budget_gib": 0},
-            "memory_budget_gib=0 must be a positive number of GiB or null (null = the GPU's free memory)",
+            "memory_budget_gib=0 must be a positive number of GiB or null (null = the GPU's free memory, "
+            "on CPU "
+            "the host's available memory shared by its ranks)",
         ),
         ({"memory_budget_gib": "lots"}, "memory_budget_gib='lots' must be a positive number of GiB"),
         (

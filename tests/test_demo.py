@@ -81,8 +81,15 @@ def test_assets_command_names_the_demo_that_creates_a_tiny_base(tmp_path):
 @pytest.mark.slow
 def test_sft_demo_trains_and_exports(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "longlora_tune.quickstart.demo", "--sft", "--workdir", str(tmp_path),
-         "max_steps=2"],  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "longlora_tune.quickstart.demo",
+            "--sft",
+            "--workdir",
+            str(tmp_path),
+            "max_steps=2",
+        ],  # fmt: skip
         capture_output=True,
         text=True,
         timeout=300,

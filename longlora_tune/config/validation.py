@@ -1056,7 +1056,7 @@ def validate_config(cfg: DictConfig, world_size: int) -> CheckedConfig:
         raise LongLoRAConfigError(
             "enable_activation_offloading=true needs device=cuda; set it to false (or auto) on CPU"
         )
-    check_auto_settings(cfg, device)
+    check_auto_settings(cfg)
     if device == "cpu" and cfg.model.get("s2_backend", "auto") == "flex":
         # torch refuses FlexAttention's backward on CPU; fail here rather than at the first step.
         raise LongLoRAConfigError(

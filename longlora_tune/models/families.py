@@ -52,6 +52,8 @@ from longlora_tune.modules.rope_config import hf_rope_entries, hf_rope_theta, hf
 
 __all__ = [
     "DEFAULT_FAMILY",
+    "family_of_shape",
+    "sized_shape_name",
     "FAMILIES",
     "HF_TOKENIZER",
     "HF_TOKENIZER_FILES",
@@ -483,6 +485,40 @@ def detect_family(
             f"torchtune's {family.name} builder cannot express it"
         )
     return family
+
+
+def sized_shape_name(family: ModelFamily, builder: str) -> str:
+    """The :data:`~longlora_tune.models.shapes.MODEL_SHAPES` name of a family's sized builder.
+
+    ``longlora_<name>`` builds ``<name>`` (``longlora_qwen2_5_7b`` builds ``qwen2_5_7b``); Llama 2's shapes
+    are named by size alone (``longlora_llama2_7b`` builds ``7b``).
+
+    Args:
+        family: The family.
+        builder: One of its :attr:`ModelFamily.sized_builders`.
+
+    Returns:
+        The shape name.
+    """
+    from longlora_tune.models.shapes import MODEL_SHAPES
+
+    name = builder.removeprefix("longlora_")
+    return name if name in MODEL_SHAPES else name.removeprefix(f"{family.name}_")
+
+
+def family_of_shape(name: str) -> Optional[ModelFamily]:
+    """The family whose sized builder builds the published shape ``name`` (:func:`sized_shape_name`).
+
+    Args:
+        name: A :data:`~longlora_tune.models.shapes.MODEL_SHAPES` name.
+
+    Returns:
+        The family, or None when no sized builder builds it.
+    """
+    for family in FAMILIES.values():
+        if any(sized_shape_name(family, b) == name for b in family.sized_builders):
+            return family
+    return None
 
 
 def family_of_builder(component: str) -> Optional[ModelFamily]:

@@ -16,10 +16,6 @@ from longlora_tune.plan.facts import DTYPE_BYTES
 
 __all__ = ["config_auto_keys", "load_config_settings"]
 
-# Llama 2's published shapes are named by size alone; every other sized builder longlora_<key> has
-# MODEL_SHAPES[<key>].
-_LLAMA2_SIZED = {"llama2_7b": "7b", "llama2_13b": "13b", "llama2_70b": "70b"}
-
 
 def _config_path(name: str) -> Path:
     path = Path(name)
@@ -140,18 +136,17 @@ def load_config_settings(name: str) -> dict[str, Any]:
 
 def _config_model(name: str, component: str, model: dict[str, Any]) -> tuple[str | ModelShape, str]:
     """The planned model and its family from a config's ``model`` section."""
-    from longlora_tune.models.families import family_of_builder
+    from longlora_tune.models.families import FAMILIES, family_of_builder, sized_shape_name
 
     family = family_of_builder(component)
     if family is None:
         raise ValueError(
             f"Config {name!r}: model._component_ {component!r} is not a longlora_tune.models builder "
-            "(longlora_llama2, longlora_llama3, longlora_mistral, longlora_qwen2 or a sized one)"
+            f"({', '.join(sorted({f.builder.rsplit('.', 1)[-1] for f in FAMILIES.values()}))} or a sized one)"
         )
     builder = component.rsplit(".", 1)[-1]
     if builder != family.builder.rsplit(".", 1)[-1]:
-        key = builder.removeprefix("longlora_")
-        key = _LLAMA2_SIZED.get(key, key)
+        key = sized_shape_name(family, builder)
         if key not in MODEL_SHAPES:
             raise ValueError(f"Config {name!r}: no published shape for model._component_ {component!r}")
         return key, family.name

@@ -114,9 +114,6 @@ def resolve_group_size(max_seq_len: int, group_size: int | None, group_size_rati
 
 #: The planner's families (:data:`longlora_tune.models.families.FAMILIES`) and the first name of their
 #: published shapes in :data:`MODEL_SHAPES`; Llama 2's sizes are named ``7b``, ``13b``, ``70b``.
-_FAMILY_PREFIXES = (("llama3", "llama3"), ("mistral", "mistral"), ("qwen2", "qwen2"))
-
-
 def model_family(model: str | ModelShape, family: str | None = None) -> str:
     """The family whose builder makes ``model``: given, from its :data:`MODEL_SHAPES` name, or its shape.
 
@@ -135,16 +132,17 @@ def model_family(model: str | ModelShape, family: str | None = None) -> str:
         ValueError: For an unknown family, or one whose builders cannot make the shape (biases outside
             Qwen2, tied embeddings in Llama 2 or Mistral, Qwen2 without biases).
     """
-    from longlora_tune.models.families import FAMILIES
+    from longlora_tune.models.families import DEFAULT_FAMILY, FAMILIES, family_of_shape
 
     shape = MODEL_SHAPES.get(model) if isinstance(model, str) else model
     if family is None:
         if isinstance(model, str):
-            family = next((f for prefix, f in _FAMILY_PREFIXES if model.startswith(prefix)), "llama2")
+            named = family_of_shape(model)
+            family = named.name if named is not None else DEFAULT_FAMILY
         elif shape is not None and shape.qkv_bias:
             family = "qwen2"
         else:
-            family = "llama3" if shape is not None and shape.tie_word_embeddings else "llama2"
+            family = "llama3" if shape is not None and shape.tie_word_embeddings else DEFAULT_FAMILY
     if family not in FAMILIES:
         raise ValueError(f"Unknown family {family!r}; choose one of {sorted(FAMILIES)}")
     if isinstance(shape, ModelShape):

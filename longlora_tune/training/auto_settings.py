@@ -21,6 +21,7 @@ choice; CPU runs must set ``memory_budget_gib``.
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, NamedTuple
 
 from omegaconf import DictConfig, OmegaConf
@@ -37,6 +38,7 @@ __all__ = [
     "apply_settings",
     "auto_keys",
     "check_auto_settings",
+    "host_available_gib",
     "memory_budget",
     "parse_checkpoint_layers",
 ]
@@ -78,16 +80,15 @@ def auto_keys(cfg: DictConfig) -> list[str]:
     return [key for key in AUTO_KEYS if OmegaConf.select(cfg, key, default=None) == AUTO]
 
 
-def check_auto_settings(cfg: DictConfig, device_type: str) -> None:
+def check_auto_settings(cfg: DictConfig) -> None:
     """The up-front checks of the ``auto`` levers and of ``memory_budget_gib``.
 
     Args:
         cfg: The recipe config.
-        device_type: ``"cpu"`` or ``"cuda"``, the device the run trains on.
 
     Raises:
-        LongLoRAConfigError: On a budget that is not a positive number, ``loss.num_output_chunks=auto`` with
-            another loss than :data:`LINEAR_CE_LOSS`, or an ``auto`` lever on CPU without a budget.
+        LongLoRAConfigError: On a budget that is not a positive number, or ``loss.num_output_chunks=auto``
+            with another loss than :data:`LINEAR_CE_LOSS`.
     """
     budget = cfg.get(BUDGET_KEY, None)
     if budget is not None and (
@@ -97,18 +98,14 @@ def check_auto_settings(cfg: DictConfig, device_type: str) -> None:
         or budget <= 0
     ):
         raise LongLoRAConfigError(
-            f"{BUDGET_KEY}={budget!r} must be a positive number of GiB or null (null = the GPU's free memory)"
+            f"{BUDGET_KEY}={budget!r} must be a positive number of GiB or null (null = the GPU's free "
+            "memory, on CPU the host's available memory shared by its ranks)"
         )
     keys = auto_keys(cfg)
     if "loss.num_output_chunks" in keys and cfg.loss.get("_component_", None) != LINEAR_CE_LOSS:
         raise LongLoRAConfigError(
             f"loss.num_output_chunks=auto needs loss._component_={LINEAR_CE_LOSS} (with "
             f"{cfg.loss.get('_component_', None)} more chunks save no memory); give a number, e.g. 8"
-        )
-    if keys and device_type != "cuda" and budget is None:
-        raise LongLoRAConfigError(
-            f"{keys[0]}=auto on {device_type} needs {BUDGET_KEY} (the GiB the run may use; on CUDA it is "
-            f"the GPU's free memory); set {BUDGET_KEY}=N or give {keys[0]} a value"
         )
 
 
@@ -124,11 +121,21 @@ class MemoryBudget(NamedTuple):
     source: str
 
 
-def memory_budget(cfg: DictConfig, device: Any) -> MemoryBudget:
-    """The budget of this run: ``memory_budget_gib``, else the least free CUDA memory over the ranks.
+def host_available_gib() -> float:
+    """The host memory available to new allocations now (``SC_AVPHYS_PAGES``), in GiB.
 
-    Call it on every rank once the process group exists (on CUDA the ranks agree on the least free memory,
-    so they all choose the same settings).
+    Returns:
+        The available memory.
+    """
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / _GIB
+
+
+def memory_budget(cfg: DictConfig, device: Any) -> MemoryBudget:
+    """The budget of this run: ``memory_budget_gib``, else the least free memory over the ranks.
+
+    On CUDA that is the device's free memory; on CPU the host's available memory divided among the ranks
+    on the host (``LOCAL_WORLD_SIZE``). Call it on every rank once the process group exists: the ranks agree
+    on the least, so they all choose the same settings.
 
     Args:
         cfg: The recipe config (checked by :func:`check_auto_settings`).
@@ -136,26 +143,26 @@ def memory_budget(cfg: DictConfig, device: Any) -> MemoryBudget:
 
     Returns:
         The budget.
-
-    Raises:
-        LongLoRAConfigError: Without ``memory_budget_gib`` on a device other than CUDA.
     """
     budget = cfg.get(BUDGET_KEY, None)
     if budget is not None:
         return MemoryBudget(float(budget), BUDGET_KEY)
-    if device.type != "cuda":
-        raise LongLoRAConfigError(f"auto settings on {device.type} need {BUDGET_KEY}; set {BUDGET_KEY}=N")
     import torch
     import torch.distributed as dist
 
-    free, _ = torch.cuda.mem_get_info(device)
-    least = torch.tensor(float(free), device=device, dtype=torch.float64)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        free_gib, where = free / _GIB, "free GPU memory"
+    else:
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        free_gib = host_available_gib() / local_ranks
+        where = "available host memory" + (f" / {local_ranks} local ranks" if local_ranks > 1 else "")
+    least = torch.tensor(free_gib, device=device, dtype=torch.float64)
     ranks = 1
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(least, op=dist.ReduceOp.MIN)
         ranks = dist.get_world_size()
-    where = "free GPU memory" + (f", least of {ranks} ranks" if ranks > 1 else "")
-    return MemoryBudget(float(least.item()) / _GIB, where)
+    return MemoryBudget(float(least.item()), where + (f", least of {ranks} ranks" if ranks > 1 else ""))
 
 
 def apply_settings(cfg: DictConfig, settings: dict[str, Any]) -> None:

@@ -127,6 +127,8 @@ def test_adapter_folder_is_data_not_code(tmp_path: Path, tiny_ckpt: Path, model:
     with pytest.raises(LongLoRAConfigError, match=refused):
         load_eval_model(tiny_ckpt, adapter_dir=adapter, max_seq_len=64)
     assert not (adapter / "ran").exists()
+
+
 def test_eval_tokenizer_is_the_checkpoint_folders_unless_the_config_names_one(
     tmp_path: Path, tiny_ckpt: Path
 ):

@@ -95,8 +95,15 @@ def test_factor_from_hf_config_errors(config, message):
     "entry",
     [
         {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6}},
-        {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1, "high_freq_factor": 4,
-                          "original_max_position_embeddings": 8192}},  # fmt: skip
+        {
+            "rope_scaling": {
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1,
+                "high_freq_factor": 4,
+                "original_max_position_embeddings": 8192,
+            }
+        },  # fmt: skip
     ],
 )
 def test_linear_factor_of_a_checkpoint_refuses_other_methods(tmp_path, entry):

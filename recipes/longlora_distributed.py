@@ -32,9 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
-    set_model_state_dict,
 )
-from torch.distributed.fsdp import MixedPrecisionPolicy
 from torchtune import config, training, utils
 from tqdm import tqdm
 
@@ -64,7 +62,7 @@ from longlora_tune.errors import (
 )
 from longlora_tune.hf import export
 from longlora_tune.hf.base import HFBaseModel
-from longlora_tune.models.trainable import set_trainable_params, trainable_param_names, unwrapped_name
+from longlora_tune.models.trainable import set_trainable_params, trainable_param_names
 from longlora_tune.modules.context_parallel import (
     context_parallel_attention,
     split_batch_for_context_parallel,
@@ -77,6 +75,7 @@ from longlora_tune.training.checkpoint_manager import CheckpointManager, Trainin
 from longlora_tune.training.compile import compile_model_and_loss
 from longlora_tune.training.distributed import (
     close_process_group,
+    fp32_trainable_policy,
     init_process_group,
     parallel_layout,
     rank_and_world_size,
@@ -88,7 +87,7 @@ from longlora_tune.training.distributed import (
 )
 from longlora_tune.training.metric_logging import build_metric_logger, rounded_metrics
 from longlora_tune.training.sequence_tiling import apply_sequence_tiling
-from longlora_tune.training.weights import starting_state
+from longlora_tune.training.weights import load_starting_state
 
 log = utils.get_logger("INFO")
 
@@ -226,16 +225,7 @@ class LongLoRARecipeDistributed:
         if apply_sequence_tiling(model, tile):
             tiled = "attention prefixes, MLP blocks and the final norm"
             utils.log_rank_zero(log, f"Sequence tiling: {tiled} in tiles of {tile} tokens")
-        mp_policy = None
-        if self.dtype != torch.float32 and cfg.get("fp32_trainable_params", True):
-            # bf16 cannot hold LoRA+'s small updates: at lr 2e-5 a norm scale near 1.0 (bf16 step 2^-7)
-            # or an embedding entry near 0.02 never changes. The trainable tensors therefore stay fp32
-            # (master weights, fp32 AdamW state, fp32 gradient reduction) and FSDP2 casts them to the
-            # compute dtype when it gathers them; the frozen base weights stay in the compute dtype.
-            for p in model.parameters():
-                if p.requires_grad:
-                    p.data = p.data.to(torch.float32)
-            mp_policy = MixedPrecisionPolicy(param_dtype=self.dtype, reduce_dtype=torch.float32)
+        mp_policy = fp32_trainable_policy(model, self.dtype, bool(cfg.get("fp32_trainable_params", True)))
         self.quantized = qlora.has_nf4_params(model)
         if self.quantized:
             qlora.check_nf4_shardable(model, self.world_size)
@@ -247,30 +237,7 @@ class LongLoRARecipeDistributed:
         )
         model.to_empty(device=self.device)
 
-        # Rank 0 assembles the full state (the other ranks receive their shards by broadcast).
-        # Parameters, not model.state_dict(): torchtune's hooks would dequantize unsharded NF4 weights.
-        specs = {unwrapped_name(k): (tuple(v.shape), v.dtype) for k, v in model.named_parameters()}
-        full_sd = (
-            run_on_rank_zero(
-                lambda: starting_state(self.base, specs, seed=self.seed, resume_dir=resume_dir),
-                share_result=False,
-            )
-            or {}
-        )
-        if self.quantized:
-            qlora.load_full_state_dict(model, full_sd, self.device)
-        else:
-            set_model_state_dict(
-                model,
-                full_sd,
-                options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=True),
-            )
-        del full_sd
-        with self.device:
-            for m in model.modules():
-                if hasattr(m, "rope_init"):
-                    m.rope_init()
-        training.validate_no_params_on_meta_device(model)
+        load_starting_state(model, self.base, seed=self.seed, device=self.device, resume_dir=resume_dir)
         model.train()
         backend = describe_backend(cfg.model.get("s2_backend", "auto"), self.device, self.dtype)
         utils.log_rank_zero(

@@ -22,17 +22,14 @@ from omegaconf import DictConfig
 from longlora_tune.config.validation import CheckedConfig
 from longlora_tune.errors import LongLoRAConfigError
 from longlora_tune.models.families import family_of_builder
-from longlora_tune.models.trainable import TRAINABLE_EXTRAS
 from longlora_tune.plan import ChosenSettings, choose_settings
+from longlora_tune.plan.config_settings import run_settings
 from longlora_tune.plan.facts import GIB
 from longlora_tune.training.auto_settings import (
-    AUTO,
-    LINEAR_CE_LOSS,
     MemoryBudget,
     apply_settings,
     auto_keys,
     memory_budget,
-    parse_checkpoint_layers,
 )
 
 __all__ = ["choose_auto_settings", "plan_arguments", "resolve_auto_settings"]
@@ -59,11 +56,10 @@ def plan_arguments(cfg: DictConfig, checked: CheckedConfig) -> dict[str, Any]:
             "auto settings need the training length and a torchtune LoRA decoder's sizes; "
             "give the levers values"
         )
-    loss = str(cfg.loss.get("_component_", ""))
-    linear_ce = loss == LINEAR_CE_LOSS
-    chunked = linear_ce or loss.endswith("CEWithChunkedOutputLoss")
     family = family_of_builder(str(cfg.model.get("_component_", "")))
-    kwargs: dict[str, Any] = dict(
+    kwargs = run_settings(cfg)
+    # What the checks derived from the built model and the world size overrides what the keys say.
+    kwargs.update(
         model=checked.shape,
         family=family.name if family is not None else None,
         seq_len=checked.training_length,
@@ -72,28 +68,13 @@ def plan_arguments(cfg: DictConfig, checked: CheckedConfig) -> dict[str, Any]:
         batch_size=checked.batch_size,
         global_batch_size=checked.global_batch_size,
         context_parallel_degree=checked.context_parallel_degree,
-        dtype=str(cfg.get("dtype", "bf16")),
-        fp32_trainable_params=bool(cfg.get("fp32_trainable_params", True)),
-        activation_checkpointing=bool(cfg.get("enable_activation_checkpointing", True)),
         s2=info.group_size is not None,
         group_size=info.group_size,
         lora_rank=info.lora_rank,
         # The planner counts LoRA on the attention projections (LongLoRA's); LoRA on the MLP is not modelled.
         lora_modules=tuple(m for m in info.lora_targets if m in _ATTENTION_PROJECTIONS),
-        trainable_extras=tuple(cfg.get("trainable_extras", TRAINABLE_EXTRAS)),
-        quantize_base=bool(cfg.model.get("quantize_base", False)),
-        linear_ce=linear_ce,
         suggest=False,
     )
-    chunks = cfg.loss.get("num_output_chunks", 8)
-    kwargs["loss_chunks"] = (chunks if chunks != AUTO else 8) if chunked else 1
-    layers = parse_checkpoint_layers(cfg.get("activation_checkpointing_layers", "all"))
-    if layers != AUTO:
-        kwargs["checkpoint_layers"] = layers
-    tile = cfg.get("sequence_tile_tokens", None)
-    kwargs["sequence_tile_tokens"] = None if tile == AUTO else tile
-    offload = cfg.get("enable_activation_offloading", False)
-    kwargs["activation_offloading"] = offload is True
     return kwargs
 
 

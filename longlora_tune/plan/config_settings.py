@@ -8,13 +8,15 @@ imported when a config is read, not when the planner is.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from longlora_tune.models.shapes import _SIZE_FIELDS, MODEL_SHAPES, FamilyShape, ModelShape
 from longlora_tune.plan.facts import DTYPE_BYTES
+from longlora_tune.training.auto_settings import ALL_LAYERS, AUTO, parse_checkpoint_layers
 
-__all__ = ["config_auto_keys", "load_config_settings"]
+__all__ = ["config_auto_keys", "load_config_settings", "run_settings"]
 
 
 def _config_path(name: str) -> Path:
@@ -56,7 +58,6 @@ def load_config_settings(name: str) -> dict[str, Any]:
     from omegaconf import OmegaConf  # torchtune's config library; only the CLI needs it
 
     from longlora_tune.config import validation as config_checks
-    from longlora_tune.training.auto_settings import ALL_LAYERS, AUTO, parse_checkpoint_layers
 
     raw = OmegaConf.load(_config_path(name))
     cfg = OmegaConf.to_container(raw, resolve=True)
@@ -97,6 +98,29 @@ def load_config_settings(name: str) -> dict[str, Any]:
         settings["lora_rank"] = int(model["lora_rank"])
     if "lora_attn_modules" in model:
         settings["lora_modules"] = tuple(model["lora_attn_modules"])
+    settings.update(run_settings(cfg))
+    return settings
+
+
+def run_settings(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The planner arguments of a recipe config's run keys (everything but the model's sizes and length).
+
+    Reads ``trainable_extras``, ``batch_size``, ``global_batch_size``, ``dtype``, ``fp32_trainable_params``,
+    ``enable_activation_checkpointing``, ``activation_checkpointing_layers``, ``sequence_tile_tokens``,
+    ``model.quantize_base``, ``enable_activation_offloading``, ``context_parallel_degree`` and the ``loss``.
+    A key the config leaves out, or sets to ``auto``, is left out (the planner's default): one reader for
+    the planner's CLI (:func:`load_config_settings`) and the recipe's ``auto`` settings.
+
+    Args:
+        cfg: The config, as a plain mapping or an OmegaConf ``DictConfig``.
+
+    Returns:
+        Keyword arguments for :func:`~longlora_tune.plan.plan`.
+
+    Raises:
+        LongLoRAConfigError: For an ``activation_checkpointing_layers`` value the recipe refuses.
+    """
+    settings: dict[str, Any] = {}
     if "trainable_extras" in cfg:
         settings["trainable_extras"] = tuple(cfg["trainable_extras"] or ())
     if "batch_size" in cfg:
@@ -115,7 +139,7 @@ def load_config_settings(name: str) -> dict[str, Any]:
         settings["checkpoint_layers"] = layers
     if cfg.get("sequence_tile_tokens") not in (None, AUTO):
         settings["sequence_tile_tokens"] = cfg["sequence_tile_tokens"]
-    if model.get("quantize_base"):
+    if (cfg.get("model") or {}).get("quantize_base"):
         settings["quantize_base"] = True
     if cfg.get("enable_activation_offloading", AUTO) != AUTO:
         settings["activation_offloading"] = bool(cfg["enable_activation_offloading"])

@@ -16,6 +16,7 @@ from torchtune.modules import RMSNorm, TransformerSelfAttentionLayer
 from torchtune.modules.loss import CEWithChunkedOutputLoss
 
 from longlora_tune.errors import LongLoRAConfigError
+from longlora_tune.modules.lean_layers import LeanRMSNorm
 from longlora_tune.models import longlora_llama2, longlora_qwen2
 from longlora_tune.models.trainable import set_trainable_params, unwrapped_name
 from longlora_tune.training.activation_checkpointing import apply_activation_checkpointing, decoder_layers
@@ -189,12 +190,13 @@ def test_a_recompute_skips_the_tiles_and_the_backward_reruns_each_once():
     assert calls == [6, 6]
 
 
-def test_bf16_norm_gradients_are_summed_in_float32():
+@pytest.mark.parametrize("norm_class", [RMSNorm, LeanRMSNorm])
+def test_bf16_norm_gradients_are_summed_in_float32(norm_class):
     # A bf16 norm over 4096 one-token tiles of positive inputs: the scale's gradient is a sum of 4096
     # positive terms near 1. Summed in bf16 it would stall near 256 (a term is then below half a unit in the
     # last place); summed in float32 and rounded once it is as exact as the untiled gradient.
     x = (torch.rand(1, 4096, 8, generator=torch.Generator().manual_seed(5)) + 0.5).bfloat16()
-    norm = RMSNorm(8).bfloat16()
+    norm = norm_class(8).bfloat16()
     with torch.no_grad():
         norm.scale.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(6))
     grads = []
@@ -304,7 +306,7 @@ def test_dropout_in_a_tiled_block_and_models_without_layers_are_refused():
         ):
             apply_sequence_tiling(model, 24)
         assert all(type(layer) is TransformerSelfAttentionLayer for layer in model.layers)  # none half-done
-        assert type(model.norm) is RMSNorm
+        assert type(model.norm) is LeanRMSNorm
     # Dropout on the output projection alone is outside the tiled blocks.
     assert apply_sequence_tiling(_model(lora_dropout=0.1, lora_attn_modules=["output_proj"]), 24) == 2
     with pytest.raises(

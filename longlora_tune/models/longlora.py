@@ -1,9 +1,12 @@
 """The LongLoRA transform for any torchtune ``TransformerDecoder``.
 
-LongLoRA changes two things inside every attention layer and nothing else: the rotary embedding divides
-positions by the interpolation factor, and the attention call uses shifted sparse attention (S²) while
-training. Both are swapped in place on torchtune's ``MultiHeadAttention`` modules, so parameter names,
-LoRA layers, checkpoint conversion, FSDP sharding and activation checkpointing are untouched.
+LongLoRA changes two things inside every attention layer: the rotary embedding divides positions by the
+interpolation factor, and the attention call uses shifted sparse attention (S²) while training. Both are
+swapped in place on torchtune's ``MultiHeadAttention`` modules, so parameter names, LoRA layers,
+checkpoint conversion, FSDP sharding and activation checkpointing are untouched. The transform also makes
+the norms and SwiGLU MLPs keep fewer tensors for backward (:mod:`longlora_tune.modules.lean_layers`: same
+forward, same parameters), because LongLoRA trains every norm and keeps a layer's activations wherever
+memory allows.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from torchtune.modules import MultiHeadAttention, RotaryPositionalEmbeddings, Ti
 from longlora_tune._compat import attention_call, set_attention_call
 from longlora_tune.errors import LongLoRAConfigError
 from longlora_tune.models.shapes import FamilyShape, ModelShape
+from longlora_tune.modules.lean_layers import apply_lean_layers
 from longlora_tune.modules.rope_config import RopeScaling
 from longlora_tune.modules.rope_scaling import SCALED_ROPE_MODULES, LinearScaledRotaryPositionalEmbeddings
 from longlora_tune.modules.s2_attention import S2Attention, S2AttentionConfig
@@ -45,6 +49,9 @@ def apply_longlora(
     * ``_attention_call`` becomes an :class:`S2Attention` child module wrapping the original call, with
       ``G = s2.resolve_group_size(mha.max_seq_len)``. It uses S² only in training mode. With ``s2=None``
       (evaluation and generation: always full attention) the attention call is left as it is.
+
+    And torchtune's ``RMSNorm`` and SwiGLU ``FeedForward`` modules become their lean forms
+    (:func:`~longlora_tune.modules.lean_layers.apply_lean_layers`), which keep fewer tensors for backward.
 
     GQA: S² splits the *query* heads in two sets, ``[0, H//2)`` unshifted and ``[H//2, H)`` shifted
     (:func:`~longlora_tune.modules.s2_heads.shifted_heads`; any count, e.g. SmolLM2's 9 heads as 4 + 5).
@@ -139,6 +146,7 @@ def apply_longlora(
         mha.pos_embeddings = scaled[id(old)]
         if s2 is not None:
             set_attention_call(mha, S2Attention(group_sizes[name], s2, attention_call(mha)))
+    apply_lean_layers(model)
     return model
 
 

@@ -2,7 +2,8 @@
 
 The activation model is written for the code this project actually runs: torchtune's LoRA Llama 2
 (``TransformerSelfAttentionLayer``: RMSNorm computed in float32, LoRA on q/k/v/o with frozen base weights,
-SwiGLU MLP, trainable embeddings and norms) with our S² attention callable and torchtune's
+SwiGLU MLP, trainable embeddings and norms; the norms and the MLP product in the lean forms of
+:mod:`longlora_tune.modules.lean_layers`) with our S² attention callable and torchtune's
 ``CEWithChunkedOutputLoss`` (or our ``ChunkedLinearCrossEntropyLoss``). Every term is the storage that
 autograd keeps for backward, counted once per storage (tensors that share a storage are not double
 counted). ``tests/test_plan.py`` checks the model against the bytes that
@@ -81,11 +82,11 @@ class ActivationEstimate:
 def tile_backward_bytes(shape: ModelShape, tile_tokens: int, dtype: str = "bf16") -> int:
     """Peak bytes one tile of a tiled MLP block allocates while backward recomputes and back-propagates it.
 
-    The tile's RMSNorm rebuilt in float32 (a float32 copy of the input unless the dtype is float32, the
-    normalised tensor and the inverse RMS), the block's output for the tile, the three SwiGLU tensors that
-    backward needs (gate projection, its SiLU, up projection) and the three ``intermediate_dim`` gradients
-    that exist together (of the down projection's input and of the two factors of the product). Measured
-    against the ops' allocations in ``tests/test_plan.py``.
+    The peak is in the SwiGLU product's backward: the tile's rebuilt gate and up projections, the gradient
+    of the down projection's input and the gradients of the two factors (five ``intermediate_dim`` tensors
+    at once), one hidden-sized tensor of the tile and three float32 per-token values (the lean norm's
+    inverse RMS and its reductions, :mod:`longlora_tune.modules.lean_layers`). Measured against the ops'
+    allocations in ``tests/test_plan.py``.
 
     Args:
         shape: Model sizes.
@@ -97,8 +98,7 @@ def tile_backward_bytes(shape: ModelShape, tile_tokens: int, dtype: str = "bf16"
     """
     e = DTYPE_BYTES[dtype]
     d, i, t = shape.embed_dim, shape.intermediate_dim, tile_tokens
-    norm = (FP32_BYTES if e != FP32_BYTES else 0) * t * d + FP32_BYTES * t * d + FP32_BYTES * t
-    return norm + e * t * d + 6 * e * t * i
+    return e * t * d + 5 * e * t * i + 3 * FP32_BYTES * t
 
 
 def activation_bytes(
@@ -120,15 +120,16 @@ def activation_bytes(
 ) -> ActivationEstimate:
     """Activation bytes of a LongLoRA training step (LoRA on attention, trainable embeddings/norms).
 
-    Per layer, autograd keeps: for each of the two RMSNorms (computed in float32) the float32 input and
-    normalised tensor and the float32 inverse RMS; the normed hidden state that the LoRA A matrices read;
-    each LoRA B input (``rank`` wide); q, k, v (keys and values already expanded to all heads) and the
-    attention output plus a float32 log-sum-exp per head and token; with S² also the output re-assembled
-    from the groups (full attention's output is laid out so that the output projection reads it in
-    place); and three ``intermediate_dim`` tensors of the SwiGLU MLP. The frozen projections keep only their
-    weights. A checkpointed layer keeps just its input. The head keeps the final norm's float32
-    tensors, the int64 token ids and labels, and the loss keeps float32 log-probabilities for every token
-    (chunking the loss bounds only the float32 upcast, not what backward keeps).
+    Per layer, autograd keeps: for each of the two RMSNorms its input (in the compute dtype) and the float32
+    inverse RMS (:class:`~longlora_tune.modules.lean_layers.LeanRMSNorm`); the normed hidden state that the
+    LoRA A matrices read; each LoRA B input (``rank`` wide); q, k, v (keys and values already expanded to all
+    heads) and the attention output plus a float32 log-sum-exp per head and token; with S² also the output
+    re-assembled from the groups (full attention's output is laid out so that the output projection reads it
+    in place); and two ``intermediate_dim`` tensors of the SwiGLU MLP, the gate and up projections (the SiLU
+    is recomputed in backward). The frozen projections keep only their weights. A checkpointed layer keeps
+    just its input. The head keeps the final norm's two tensors, the int64 token ids and labels (no labels
+    with ``linear_ce``), and the loss keeps float32 log-probabilities for every token (chunking the loss
+    bounds only the float32 upcast, not what backward keeps).
 
     The families differ in two places (GQA needs nothing extra: keys and values are expanded to all heads
     before attention, as above). Qwen2's RoPE rotates head halves and keeps the cos and sin it casts to the
@@ -186,10 +187,10 @@ def activation_bytes(
     t = batch_size * seq_len
     d, i, v = shape.embed_dim, shape.intermediate_dim, shape.vocab_size
     hidden = t * d
-    norm = 2 * FP32_BYTES * hidden + FP32_BYTES * t
+    norm = e * hidden + FP32_BYTES * t
     lora = e * hidden + len(lora_modules) * e * t * lora_rank
     attention = 4 * e * hidden + FP32_BYTES * t * shape.num_heads + (e * hidden if s2 else 0)
-    mlp = 3 * e * t * i
+    mlp = 2 * e * t * i
     rope = 0 if rotates_pairs(shape, family) else 4 * e * seq_len * shape.head_dim
     tiled = sequence_tile_tokens is not None
     if tiled:
@@ -202,18 +203,34 @@ def activation_bytes(
         per_layer = 2 * norm + lora + attention + mlp + rope
     layers_saved = n_ckpt * e * hidden + (shape.num_layers - n_ckpt) * per_layer
     tied = tied_head_trained(shape, trainable_extras)
-    # Tiled, the final norm keeps its input instead of its float32 tensors.
+    # Tiled, the final norm keeps its input only (no inverse RMS over all tokens).
     final_norm = e * hidden if tiled else norm
-    # The fused loss computes the tied head's weight gradient in forward: it keeps no head input.
-    head_saved = final_norm + 2 * INT64_BYTES * t + (e * hidden if tied and not linear_ce else 0)
+    # The fused loss computes its gradients in forward: it keeps no labels and no tied head input.
+    ids = (1 if linear_ce else 2) * INT64_BYTES * t
+    head_saved = final_norm + ids + (e * hidden if tied and not linear_ce else 0)
     loss_saved = e * hidden + (e * v * d if tied else 0) if linear_ce else FP32_BYTES * t * v
-    # Backward of one layer: gradients of its input and output, dq/dk/dv and two MLP-wide gradients; a
-    # checkpointed layer's own activations are rebuilt first. Backward runs from the last layer to the first,
-    # so with the first N < all layers checkpointed the kept layers have freed at least one layer's
-    # activations before the first recompute: the rebuilt layer only adds to the peak when all are.
-    # Tiled, one tile's rebuilt MLP block and its gradients replace the MLP-wide gradients.
+    # Backward of one layer kept whole, measured (tests/test_plan.py): the larger of two moments. In the
+    # SwiGLU product's backward three MLP-wide gradients and one hidden-sized one are alive; in attention's
+    # backward, hidden-sized gradients of the layer's input and output, of the attention output in and out
+    # of the S² layout, dq/dk/dv and their re-laid-out copies (seven, eight without GQA), plus in a
+    # low-precision dtype the first norm's float32 copies of its input and gradient, and float32 values
+    # per token and head. A checkpointed layer's own activations are rebuilt first; its peak is then in
+    # the MLP's backward, or in attention's once the MLP and its norm have freed theirs. Backward runs from
+    # the last layer to the first, so with the first N < all layers checkpointed the kept layers have freed
+    # at least one layer's activations before the first recompute: the rebuilt layer only adds to the peak
+    # when all are. Tiled, one tile's rebuilt MLP block and its gradients replace the MLP-wide gradients.
+    mlp_phase = 3 * e * t * i
+    dense_kv = 1 if shape.num_kv_heads == shape.num_heads else 0
+    attention_phase = (
+        (7 + dense_kv) * e * hidden
+        + (2 * FP32_BYTES * hidden if e != FP32_BYTES else 0)
+        + FP32_BYTES * t * (shape.num_heads + 2)  # attention's per-head row sums, the norm's reductions
+    )
     tile = tile_backward_bytes(shape, min(sequence_tile_tokens, t), dtype) if tiled else 0
-    grads = 5 * e * hidden + (tile if tiled else 2 * e * t * i)
+    if tiled:
+        grads = 5 * e * hidden + tile
+    else:
+        grads = max(mlp_phase + e * hidden, attention_phase)
     if n_ckpt < shape.num_layers:
         recompute_transient = grads
     elif tiled:
@@ -224,7 +241,7 @@ def activation_bytes(
         # fills and one tile.
         recompute_transient = e * hidden + attention_kept + max(4 * e * hidden, 2 * e * hidden + tile)
     else:
-        recompute_transient = grads + per_layer
+        recompute_transient = per_layer + max(mlp_phase, attention_phase - mlp - norm)
     if linear_ce:
         # One chunk's fp32 logits with their compute-dtype copy (the matmul's output, or the gradient cast
         # for the backward matmuls; none in fp32); the final norm's output, the op's input, is alive
@@ -275,13 +292,12 @@ def offloaded_tensor_bytes(
     ``Parameter`` object itself -- so views of the frozen weights and of the RoPE cache are copied too.
     The loss runs outside the context (``CEWithChunkedOutputLoss``) or keeps its gradients on its autograd
     context rather than saving them (``ChunkedLinearCrossEntropyLoss``), so neither is offloaded.
-
-    Per forward: the token ids (embedding); a checkpointed layer's input; a layer that keeps its
-    activations: each RMSNorm's float32 input (saved twice) and normalised tensor with two inverse RMS
-    saves, per LoRA projection its input and its B input, the frozen projections' and LoRA matrices'
-    weights, RoPE's cos/sin views for q and k (four each), the attention's q, k, v, output and float32
-    log-sum-exp, the output projection's input and the three SwiGLU tensors; the final norm as a layer's
-    norm. Tiled, the attention prefix (first norm, q/k/v, RoPE), the MLP block and the final norm each
+     Per forward: the token ids (embedding); a checkpointed layer's input; a layer that keeps its activations:
+    each RMSNorm's input and inverse RMS, per LoRA projection its input and its B input, the frozen
+    projections' and LoRA matrices' weights, RoPE's cos/sin views for q and k (four each), the attention's q,
+    k, v, output and float32 log-sum-exp, the output projection's input and the SwiGLU gate and up
+    projections; the final norm as a layer's norm. Tiled, the attention prefix (first norm, q/k/v, RoPE), the
+    MLP block and the final norm each
     save their input only. Checked against the pack calls in ``tests/test_plan.py``.
 
     Args:
@@ -308,7 +324,7 @@ def offloaded_tensor_bytes(
     hidden = e * t * d
 
     def norm() -> list[int]:
-        return [FP32_BYTES * t * d] * 3 + [FP32_BYTES * t] * 2
+        return [hidden, FP32_BYTES * t]
 
     projections = {"q_proj": (d, d), "k_proj": (d, kv), "v_proj": (d, kv), "output_proj": (d, d)}
     tiled = sequence_tile_tokens is not None
@@ -333,7 +349,7 @@ def offloaded_tensor_bytes(
     kept += [int(hidden * f) for f in pieces] * 4 + [
         int(FP32_BYTES * t * shape.num_heads * f) for f in pieces
     ]
-    kept += [hidden] if tiled else norm() + [e * t * i] * 3 + [e * d * i] * 3
+    kept += [hidden] if tiled else norm() + [e * t * i] * 2 + [e * d * i] * 3
     n_kept = shape.num_layers - checkpoint_layers
     final_norm = [hidden] if tiled else norm()
     tensors = [INT64_BYTES * t] + [hidden] * checkpoint_layers + kept * n_kept + final_norm

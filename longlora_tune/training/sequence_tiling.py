@@ -75,6 +75,7 @@ from torchtune.modules import RMSNorm, TransformerDecoder, TransformerSelfAttent
 
 from longlora_tune._compat import attention_call
 from longlora_tune.errors import LongLoRAConfigError
+from longlora_tune.modules.lean_layers import LeanRMSNorm
 from longlora_tune.training.activation_checkpointing import decoder_layers, is_recomputing
 from longlora_tune.training.auto_settings import AUTO
 
@@ -134,10 +135,10 @@ class _Chain:
 
 
 class _FinalNorm(_Chain):
-    """The decoder's final RMSNorm as a tile block (its own forward is the tiled one: call RMSNorm's)."""
+    """The decoder's final RMSNorm as a tile block (its own forward is the tiled one: call the untiled)."""
 
     def __call__(self, x: torch.Tensor, where: tuple[slice, ...]) -> tuple[torch.Tensor]:
-        return (RMSNorm.forward(self.modules[0], x),)
+        return (LeanRMSNorm.forward(self.modules[0], x),)
 
 
 class _AttentionInputs(_Chain):
@@ -367,8 +368,8 @@ class SequenceTiledLayer(TransformerSelfAttentionLayer):
         return h + tiled_position_wise(_mlp_block(self), h, self.sequence_tile_tokens)
 
 
-class SequenceTiledNorm(RMSNorm):
-    """torchtune's RMSNorm over tiles of tokens (the decoder's final norm), keeping only its input.
+class SequenceTiledNorm(LeanRMSNorm):
+    """torchtune's RMSNorm (its lean form) over tiles of tokens (the decoder's final norm), keeping its input.
 
     Made by :func:`apply_sequence_tiling` from the decoder's ``norm`` in place (same ``scale``).
 
@@ -441,7 +442,7 @@ def apply_sequence_tiling(model: nn.Module, tile_tokens: Optional[int]) -> int:
         )
     norms = [m.norm for m in model.modules() if isinstance(m, TransformerDecoder)]
     for norm in norms:
-        if type(norm) not in (RMSNorm, SequenceTiledNorm):
+        if type(norm) not in (RMSNorm, LeanRMSNorm, SequenceTiledNorm):
             raise TypeError(f"apply_sequence_tiling tiles torchtune's RMSNorm, got {type(norm).__name__}")
     for layer in layers:
         if type(layer) not in (TransformerSelfAttentionLayer, SequenceTiledLayer):

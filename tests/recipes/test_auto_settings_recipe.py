@@ -49,8 +49,8 @@ def _peaks(assets: dict[str, Path], out: Path) -> list[float]:
 
 def test_auto_levers_train_with_the_losses_of_the_chosen_values(assets, tmp_path, caplog):
     peaks = _peaks(assets, tmp_path / "plan")
-    # With the first layers checkpointed the peak is lower than with none (and than with all).
-    assert peaks[1] < peaks[0] and peaks[1] < peaks[2]
+    # With the first layer or both checkpointed the peak is lower than with none.
+    assert max(peaks[1], peaks[2]) < peaks[0]
     budget = (peaks[0] + max(peaks[1], peaks[2])) / 2  # N = 0 untiled does not fit, N = 1 does
     caplog.set_level("INFO")
     auto = run_steps(assets, tmp_path / "auto", steps=STEPS, memory_budget_gib=budget, **AUTO)

@@ -16,9 +16,9 @@ from torchtune.modules import RMSNorm, TransformerSelfAttentionLayer
 from torchtune.modules.loss import CEWithChunkedOutputLoss
 
 from longlora_tune.errors import LongLoRAConfigError
-from longlora_tune.modules.lean_layers import LeanRMSNorm
 from longlora_tune.models import longlora_llama2, longlora_qwen2
 from longlora_tune.models.trainable import set_trainable_params, unwrapped_name
+from longlora_tune.modules.lean_layers import LeanRMSNorm
 from longlora_tune.training.activation_checkpointing import apply_activation_checkpointing, decoder_layers
 from longlora_tune.training.sequence_tiling import (
     SequenceTiledLayer,

@@ -292,13 +292,14 @@ def offloaded_tensor_bytes(
     ``Parameter`` object itself -- so views of the frozen weights and of the RoPE cache are copied too.
     The loss runs outside the context (``CEWithChunkedOutputLoss``) or keeps its gradients on its autograd
     context rather than saving them (``ChunkedLinearCrossEntropyLoss``), so neither is offloaded.
-     Per forward: the token ids (embedding); a checkpointed layer's input; a layer that keeps its activations:
+
+    Per forward: the token ids (embedding); a checkpointed layer's input; a layer that keeps its activations:
     each RMSNorm's input and inverse RMS, per LoRA projection its input and its B input, the frozen
     projections' and LoRA matrices' weights, RoPE's cos/sin views for q and k (four each), the attention's q,
     k, v, output and float32 log-sum-exp, the output projection's input and the SwiGLU gate and up
     projections; the final norm as a layer's norm. Tiled, the attention prefix (first norm, q/k/v, RoPE), the
-    MLP block and the final norm each
-    save their input only. Checked against the pack calls in ``tests/test_plan.py``.
+    MLP block and the final norm each save their input only. Checked against the pack calls in
+    ``tests/test_plan.py``.
 
     Args:
         shape: Model sizes.

@@ -10,21 +10,15 @@ from torch import nn
 from torchtune.modules import FeedForward, RMSNorm
 
 from longlora_tune.modules.lean_layers import LeanFeedForward, LeanRMSNorm, apply_lean_layers
+from tests.test_plan import _counting_saved_storages
 
 
-def _saved_bytes(fn, module: nn.Module):
-    # Activations only: the weights (or views of them) that the projections keep are not counted.
-    weights = {p.untyped_storage().data_ptr() for p in module.parameters()}
+def _saved_bytes(module: nn.Module, x: torch.Tensor) -> int:
+    # Activations only: the planner tests' counter leaves out the weights (and views of them).
     storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        if t.untyped_storage().data_ptr() not in weights:
-            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return out, sum(storages.values())
+    with _counting_saved_storages(module, storages):
+        module(x)
+    return sum(storages.values())
 
 
 def _norm_pair(dtype: torch.dtype, weight_dtype: torch.dtype, dim: int = 96):
@@ -84,8 +78,8 @@ def test_rms_norm_bf16_gradients_match_torchtune_within_rounding():
 def test_rms_norm_keeps_its_input_and_inverse_rms_only(dtype, saved_ratio):
     ref, lean, x = _norm_pair(dtype, torch.float32, dim=512)
     x = torch.randn(1, 256, 512, dtype=dtype, requires_grad=True)
-    _, ref_bytes = _saved_bytes(lambda: ref(x), ref)
-    _, lean_bytes = _saved_bytes(lambda: lean(x), lean)
+    ref_bytes = _saved_bytes(ref, x)
+    lean_bytes = _saved_bytes(lean, x)
     tokens = 256
     assert lean_bytes == x.numel() * x.element_size() + 4 * tokens
     assert ref_bytes == 2 * 4 * x.numel() + 4 * tokens
@@ -124,8 +118,8 @@ def test_swiglu_keeps_two_of_the_three_intermediate_tensors():
     for p in [*ref.parameters(), *lean.parameters()]:
         p.requires_grad_(False)  # frozen base weights, as LongLoRA trains them
     x = torch.randn(1, 128, 64, requires_grad=True)
-    _, ref_bytes = _saved_bytes(lambda: ref(x), ref)
-    _, lean_bytes = _saved_bytes(lambda: lean(x), lean)
+    ref_bytes = _saved_bytes(ref, x)
+    lean_bytes = _saved_bytes(lean, x)
     intermediate = 128 * 176 * 4
     assert ref_bytes - lean_bytes == intermediate
     assert lean_bytes == 2 * intermediate  # gate and up; the frozen projections keep no input

@@ -1,4 +1,5 @@
-"""The memory levers set to ``auto``, chosen at start-up by the planner for the run's real settings.
+"""The settings set to ``auto``, chosen at start-up: the memory levers by the planner for the run's real
+settings, ``compile`` by where compiling is known to work.
 
 The recipe calls :func:`resolve_auto_settings` on every rank after the config checks and before
 ``output_dir`` is touched. It describes the run to the planner as the checks derived it -- the built
@@ -8,6 +9,8 @@ size (:func:`plan_arguments`) -- and lets :func:`longlora_tune.plan.choose_setti
 activation offloading only when nothing fits without it (and then with every layer checkpointed). It writes
 the values into the config and returns one log line per choice. A run nothing fits is a one-line
 :class:`~longlora_tune.errors.LongLoRAConfigError` with the planner's verdict and the levers to try.
+``compile: auto`` is resolved last, because activation offloading (one of the planner's choices) rules it
+out (:func:`longlora_tune.training.compile.compile_choice`).
 
 This module sits above ``plan`` and ``config`` in the layers (``pyproject.toml``): the config checks cannot
 ask the planner, which imports them.
@@ -26,11 +29,13 @@ from longlora_tune.plan import ChosenSettings, choose_settings
 from longlora_tune.plan.config_settings import run_settings
 from longlora_tune.plan.facts import GIB
 from longlora_tune.training.auto_settings import (
+    AUTO,
     MemoryBudget,
     apply_settings,
     auto_keys,
     memory_budget,
 )
+from longlora_tune.training.compile import compile_choice, padded_lengths
 
 __all__ = ["choose_auto_settings", "plan_arguments", "resolve_auto_settings"]
 
@@ -140,7 +145,10 @@ def _no_fit_error(chosen: ChosenSettings, budget: MemoryBudget) -> str:
 
 
 def resolve_auto_settings(cfg: DictConfig, checked: CheckedConfig, device: Any) -> list[str]:
-    """Choose the ``auto`` levers of ``cfg`` for this run and write them into ``cfg`` (every rank).
+    """Choose the ``auto`` settings of ``cfg`` for this run and write them into ``cfg`` (every rank).
+
+    The memory levers come first (the planner's choice); then ``compile: auto``, which depends on whether
+    activation offloading was chosen (:func:`longlora_tune.training.compile.compile_choice`).
 
     Args:
         cfg: The recipe config, checked by ``validate_config`` (changed in place).
@@ -154,6 +162,22 @@ def resolve_auto_settings(cfg: DictConfig, checked: CheckedConfig, device: Any) 
     Raises:
         LongLoRAConfigError: When no candidate fits (the planner's verdict and the levers to try).
     """
+    lines = _resolve_memory_levers(cfg, checked, device)
+    if cfg.get("compile", False) == AUTO:
+        cfg.compile, why = compile_choice(
+            device,
+            context_parallel_degree=checked.context_parallel_degree,
+            activation_offloading=cfg.get("enable_activation_offloading", False) is True,
+            lengths=padded_lengths(
+                cfg.get("pad_to_multiple_of", None), checked.model.group_size, checked.training_length or 0
+            ),
+        )
+        lines.append(f"auto: compile: {_text(cfg.compile)} ({why})")
+    return lines
+
+
+def _resolve_memory_levers(cfg: DictConfig, checked: CheckedConfig, device: Any) -> list[str]:
+    """The planner's choice of the ``auto`` memory levers, written into ``cfg``; its log lines."""
     auto = auto_keys(cfg)
     if not auto:
         return []

@@ -72,7 +72,7 @@ from longlora_tune.modules.s2_attention import describe_backend
 from longlora_tune.training import qlora
 from longlora_tune.training.activation_checkpointing import apply_activation_checkpointing
 from longlora_tune.training.checkpoint_manager import CheckpointManager, TrainingPosition, gather_full_state
-from longlora_tune.training.compile import compile_model_and_loss
+from longlora_tune.training.compile import compile_model_and_loss, padded_lengths
 from longlora_tune.training.distributed import (
     close_process_group,
     fp32_trainable_policy,
@@ -206,13 +206,14 @@ class LongLoRARecipeDistributed:
         if cfg.get("compile", False):
             # torchtune's order: layers are compiled before activation checkpointing and FSDP2 wrap them.
             # S² specialises the graph on the sequence length: one compile per padded length.
-            multiple = pad_multiple(cfg.get("pad_to_multiple_of", None), self.model_info.group_size, 0)
-            train_len = training_length(cfg)
+            lengths = padded_lengths(
+                cfg.get("pad_to_multiple_of", None), self.model_info.group_size, training_length(cfg) or 0
+            )
             self.loss_fn = compile_model_and_loss(
                 model,
                 self.loss_fn,
                 device=self.device,
-                max_lengths=train_len // multiple if multiple and train_len else None,
+                max_lengths=lengths,
                 verbose=self.is_rank_zero,
             )
 

@@ -248,3 +248,63 @@ def test_a_budget_nothing_fits_is_one_line_with_the_verdict(assets, tmp_path):
     )
     assert "even with activation_checkpointing_layers=" in message and "loss.num_output_chunks=" in message
     assert "; try " in message and "\n" not in message
+
+
+# ------------------------------------------------------------------------------------------ compile: auto
+
+
+def test_compile_auto_compiles_only_where_that_is_known_to_work(monkeypatch):
+    from longlora_tune.training.compile import compile_choice, padded_lengths
+
+    cpu = torch.device("cpu")
+    monkeypatch.setenv("TORCH_COMPILE_BACKEND", "aot_eager")  # nothing to build: compilable anywhere
+    on, why = compile_choice(cpu, context_parallel_degree=1, activation_offloading=False)
+    assert on and why.startswith("aot_eager compiles on cpu")
+    on, why = compile_choice(cpu, context_parallel_degree=2, activation_offloading=False)
+    assert (on, why) == (False, "context_parallel_degree=2: the halo exchange is not traced")
+    on, why = compile_choice(cpu, context_parallel_degree=1, activation_offloading=True)
+    assert not on and why.startswith("activation offloading is on")
+    # S² pads to whole groups: 4 lengths at G = N/4 compile; 64-token multiples of 32k would be 512.
+    assert padded_lengths(None, 8192, 32768) == 4 and padded_lengths(64, 8192, 32768) == 512
+    assert padded_lengths(None, None, 8192) is None
+    assert compile_choice(cpu, context_parallel_degree=1, activation_offloading=False, lengths=4)[0]
+    on, why = compile_choice(cpu, context_parallel_degree=1, activation_offloading=False, lengths=512)
+    assert (on, why) == (
+        False,
+        "512 padded sequence lengths would each compile (more than 8); a larger pad_to_multiple_of "
+        "gives fewer",
+    )
+    monkeypatch.setenv("TORCH_COMPILE_BACKEND", "inductor")
+    import torch._inductor.cpp_builder as cpp_builder
+
+    def no_compiler() -> str:
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", no_compiler)
+    on, why = compile_choice(cpu, context_parallel_degree=1, activation_offloading=False)
+    assert not on and "needs a C++ compiler for inductor (no C++ compiler found)" in why
+
+
+def test_compile_auto_resolves_after_the_memory_levers(assets, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_COMPILE_BACKEND", "aot_eager")
+    cfg = _cfg(assets, tmp_path / "o", memory_budget_gib=64, compile="auto", **AUTO_CFG)
+    checked = cc.validate_config(cfg, world_size=1)
+    lines = resolve_auto_settings(cfg, checked, torch.device("cpu"))
+    assert cfg.compile is True
+    assert lines[-1] == (
+        "auto: compile: true (aot_eager compiles on cpu; the first step of each sequence length compiles)"
+    )
+    cc.validate_config(cfg, world_size=1)  # the resolved config passes the checks
+    # Alone (no memory lever auto) it is still resolved, in one line.
+    cfg = _cfg(assets, tmp_path / "o", compile="auto")
+    assert resolve_auto_settings(cfg, cc.validate_config(cfg, world_size=1), torch.device("cpu")) == [
+        "auto: compile: true (aot_eager compiles on cpu; the first step of each sequence length compiles)"
+    ]
+
+
+def test_compile_auto_passes_the_checks_with_context_parallelism(assets, tmp_path):
+    # compile=true is refused with context parallelism; auto is accepted (it resolves to false there).
+    cfg = _cfg(assets, tmp_path / "o", compile="auto", context_parallel_degree=2)
+    cc.data_parallel_size(cfg, 2)
+    with pytest.raises(LongLoRAConfigError, match="compile='maybe' must be true or false, or auto"):
+        cc.validate_config(_cfg(assets, tmp_path / "o", compile="maybe"), world_size=1)

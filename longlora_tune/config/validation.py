@@ -96,7 +96,8 @@ RECIPE_KEYS: dict[str, str] = {
     "memory_budget_gib": "GiB per device the auto settings are chosen for (null = the GPU's free memory; "
     "required on CPU)",
     "fsdp_reshard_after_forward": "FSDP2: free gathered weights after forward",
-    "compile": "torch.compile each decoder layer and the loss (longlora_tune.training.compile)",
+    "compile": "torch.compile each decoder layer and the loss: true, false or auto (true where it is known "
+    "to work; longlora_tune.training.compile)",
     # logging
     "log_every_n_steps": "log metrics every N steps",
     "log_peak_memory_stats": "log peak GPU memory per step",
@@ -143,7 +144,7 @@ _BOOL_KEYS = (
     "log_peak_memory_stats",
 )
 #: Keys of :data:`_BOOL_KEYS` that also take ``auto`` (chosen at start-up, ``training.auto_settings``).
-_AUTO_BOOL_KEYS = ("enable_activation_offloading",)
+_AUTO_BOOL_KEYS = ("enable_activation_offloading", "compile")
 
 
 def _initials(name: str) -> str:
@@ -458,8 +459,9 @@ def data_parallel_size(cfg: DictConfig, world_size: int) -> int:
             f"context_parallel_degree={degree} with model.use_full_attn=true is not supported (full "
             "attention would need ring attention); set context_parallel_degree=1 or use_full_attn=false"
         )
-    if degree > 1 and cfg.get("compile", False):
-        # The halo exchange (point-to-point messages inside an autograd.Function) is not traced.
+    if degree > 1 and cfg.get("compile", False) is True:
+        # The halo exchange (point-to-point messages inside an autograd.Function) is not traced; `auto`
+        # resolves to false there (training.compile.compile_choice).
         raise LongLoRAConfigError(
             f"context_parallel_degree={degree} with compile=true is not supported; set compile=false"
         )

@@ -793,13 +793,17 @@ def test_a_second_run_on_the_same_output_dir_is_refused(assets, tmp_path):
     assert not (out / "checkpoints").exists()
 
 
-def test_compile_true_gives_the_eager_losses(assets, tmp_path, monkeypatch):
+def test_compile_auto_compiles_and_gives_the_eager_losses(assets, tmp_path, monkeypatch, caplog):
     # aot_eager traces exactly what inductor compiles (dynamo + AOT autograd) without minutes of C++ builds;
-    # tests/test_compile.py runs inductor itself.
+    # tests/test_compile.py runs inductor itself. `auto` (the shipped configs') resolves to true here;
+    # compile=true runs in tests/recipes/test_activation_checkpointing_recipe.py.
     monkeypatch.setenv("TORCH_COMPILE_BACKEND", "aot_eager")
     extra = {"max_steps": 3, "export_formats": "[]"}
     run_recipe(_cfg(assets, tmp_path / "eager", **extra))
-    run_recipe(_cfg(assets, tmp_path / "compiled", compile="true", **extra))
+    caplog.set_level("INFO")
+    run_recipe(_cfg(assets, tmp_path / "compiled", compile="auto", **extra))
+    assert "auto: compile: true (aot_eager compiles on cpu;" in caplog.text
+    assert "torch.compile (aot_eager): 2 decoder layers and the loss" in caplog.text
     eager, compiled = _losses(tmp_path / "eager"), _losses(tmp_path / "compiled")
     assert sorted(compiled) == [1, 2, 3]
     for step, loss in eager.items():

@@ -27,20 +27,22 @@ against one process, with the halo bytes per layer measured.
 ``--profile N`` profiles one more step of every case (after the timed ones, with ``torch.profiler``) and
 prints its N most expensive operators by self time, for ours and the peer alike.
 
-``--compile`` runs every case of ours twice, eagerly and with ``torch.compile`` (decoder layers and loss,
-as ``compile: true`` does), and adds the eager/compiled step-time ratios; ``warmup_s`` (the first step)
-shows the compile time. The peer always runs eagerly: it is the stack a user assembles.
+Ours is compiled as the shipped configs' ``compile: auto`` decides (``torch.compile`` of the decoder layers
+and the loss wherever this machine can compile; :func:`longlora_tune.training.compile.compile_choice`);
+``--compile true`` / ``false`` fixes it, and a bare ``--compile`` (``both``) runs every case of ours twice,
+eagerly and compiled, and adds the eager/compiled step-time ratios. ``warmup_s`` (the first step) shows
+the compile time. The peer always runs eagerly: it is the stack a user assembles.
 
 ``--checkpoint-layers N [N ...]`` recomputes only the first N decoder layers of ours (the recipe's
 ``activation_checkpointing_layers``); each value is its own case, labelled ``+acN``. The peer's gradient
 checkpointing always covers every layer.
 
 **Ours runs the fast settings** unless a lever is named: the fused loss
-(``ChunkedLinearCrossEntropyLoss``) and ``auto`` for ``--checkpoint-layers`` and ``--sequence-tile-tokens``,
-chosen before the cases start by the recipe's own choice
-(:func:`longlora_tune.auto_choice.choose_auto_settings`)
-for ``--memory-budget-gib`` (default: the GPU's free memory, on CPU the host's available memory). The chosen
-values label the case (``+acN``, ``+tileT``).
+(``ChunkedLinearCrossEntropyLoss``), ``compile: auto``, and ``auto`` for ``--checkpoint-layers`` and
+``--sequence-tile-tokens``, chosen before the cases start by the recipe's own choice
+(:func:`longlora_tune.auto_choice.choose_auto_settings`) for ``--memory-budget-gib`` (default: the GPU's
+free memory, on CPU the host's available memory). The chosen values label the case (``+acN``, ``+tileT``,
+``+compile``).
 """
 
 from __future__ import annotations
@@ -76,6 +78,7 @@ from longlora_tune.errors import LongLoRAConfigError
 from longlora_tune.modules.s2_attention import flash_attn_available
 from longlora_tune.plan.flops import step_flops
 from longlora_tune.training.auto_settings import AUTO, host_available_gib, parse_checkpoint_layers
+from longlora_tune.training.compile import compile_choice
 from longlora_tune.training.sequence_tiling import check_tile_tokens
 
 _WORKER_FLAG = "--worker-case"
@@ -123,14 +126,23 @@ def _cases(args: argparse.Namespace) -> list[Case]:
                         lora_impl=lora,
                     )
                 )
-    if args.compile:
-        # The peer is what a user assembles without compiling; only our cases run both ways.
-        cases = [
-            replace(case, compile=compiled)
-            for case in cases
-            for compiled in ((False, True) if case.variant != PEER_VARIANT else (False,))
-        ]
-    return cases
+    # The peer is what a user assembles without compiling; only our cases follow --compile.
+    return [
+        replace(case, compile=compiled)
+        for case in cases
+        for compiled in (args.compile if case.variant != PEER_VARIANT else (False,))
+    ]
+
+
+def _compile_modes(mode: str, device: str) -> tuple[bool, ...]:
+    """Our cases' ``compile`` values for ``--compile MODE`` (``auto``: the shipped configs' choice)."""
+    if mode == "both":
+        return (False, True)
+    if mode == AUTO:
+        # The benchmark neither splits sequences nor offloads, and every case has one length.
+        on, _ = compile_choice(torch.device(device), context_parallel_degree=1, activation_offloading=False)
+        return (on,)
+    return (mode == "true",)
 
 
 def _available_gib(device: str) -> float:
@@ -550,8 +562,13 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=None, help="write results as JSON here")
     parser.add_argument(
         "--compile",
-        action="store_true",
-        help="run every case eagerly and with torch.compile (layers + loss) and compare the step times",
+        nargs="?",
+        const="both",
+        default=AUTO,
+        choices=(AUTO, "true", "false", "both"),
+        help="our torch.compile of layers + loss: auto (default; the shipped configs' compile: auto, true "
+        "where compiling works), true, false, or both (bare --compile: every case eagerly and compiled, "
+        "with the step-time ratios)",
     )
     parser.add_argument(
         _CP_FLAG,
@@ -575,6 +592,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--device cuda but torch.cuda.is_available() is False; use --device cpu")
     if args.memory_budget_gib is None:
         args.memory_budget_gib = _available_gib(args.device)
+    args.compile = _compile_modes(args.compile, args.device)
     counts = [n for n in args.checkpoint_layers if isinstance(n, int)]
     if counts:
         if not args.activation_checkpointing and any(counts):

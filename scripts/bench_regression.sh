@@ -51,7 +51,7 @@ if [[ -z "$result" ]]; then
   # The bench's tables go to stderr with its progress, so that stdout's last line is the verdict.
   if ! OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 "$PY" -m benchmarks --shape 7b-proxy --seq-lens 8192 \
       --variants longlora --peer --threads 1 --rounds "$rounds" --repeats "$repeats" --out "$result" \
-      --losses chunked --checkpoint-layers all --sequence-tile-tokens off >&2; then
+      --losses chunked --checkpoint-layers all --sequence-tile-tokens off --compile false >&2; then
     if [[ ! -s "$result" ]]; then
       echo "bench regression: CANNOT COMPARE: the benchmark run failed before writing a result (see above)"
       exit 2

@@ -18,9 +18,11 @@ from benchmarks.train_step import Case, detect_peak_tflops, resolve_shape, run_c
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "gpu_check.sh"
-#: Every lever of ours given (torchtune's chunked loss, every layer recomputed, untiled): the cases whose
-#: labels and numbers these tests compare do not depend on the auto choice.
+#: Every lever of ours given (torchtune's chunked loss, every layer recomputed, untiled, eager): the cases
+#: whose labels and numbers these tests compare do not depend on the auto choice (and ``--compile auto``
+#: would build inductor kernels on CPU).
 FIXED = ["--losses", "chunked", "--checkpoint-layers", "all", "--sequence-tile-tokens", "off"]
+FIXED += ["--compile", "false"]
 
 
 def test_run_case_one_step_each_variant():
@@ -140,7 +142,7 @@ def test_cli_compile_measures_eager_and_compiled(monkeypatch, capsys):
     # aot_eager: dynamo + AOTAutograd without inductor's C++ codegen, so the smoke test stays fast.
     monkeypatch.setenv("TORCH_COMPILE_BACKEND", "aot_eager")
     argv = ["--shape", "tiny", "--seq-lens", "32", "--repeats", "1", "--device", "cpu", "--in-process"]
-    results = bench_main([*argv, "--loss-chunks", "2", "--variants", "longlora", "--compile", *FIXED])
+    results = bench_main([*argv, "--loss-chunks", "2", "--variants", "longlora", *FIXED, "--compile"])
     table = capsys.readouterr().out
     assert [r["compile"] for r in results] == [False, True]
     eager, compiled = results
@@ -169,7 +171,7 @@ def test_cli_profile_prints_top_operators_of_ours_and_the_peer(capsys):
     # Profiling is off by default: no profile, no table.
     plain = bench_main(
         ["--shape", "tiny", "--seq-lens", "32", "--repeats", "1", "--device", "cpu", "--in-process"]
-        + ["--variants", "longlora", "--loss-chunks", "2"]
+        + ["--variants", "longlora", "--loss-chunks", "2", "--compile", "false"]
     )
     assert "op_profile" not in plain[0] and "one step" not in capsys.readouterr().out
 
@@ -201,7 +203,7 @@ def test_checkpoint_layers_cases_train_alike_and_the_peer_recomputes_every_layer
     results = bench_main(
         ["--shape", "tiny", "--seq-lens", "32", "--repeats", "2", "--device", "cpu", "--in-process"]
         + ["--variants", "longlora", "--peer", "--loss-chunks", "2", "--losses", "chunked"]
-        + ["--sequence-tile-tokens", "off", "--checkpoint-layers", "all", "1", "0"]
+        + ["--sequence-tile-tokens", "off", "--checkpoint-layers", "all", "1", "0", "--compile", "false"]
     )
     table = capsys.readouterr().out
     assert [(r["variant"], r["checkpoint_layers"]) for r in results] == [
@@ -275,7 +277,7 @@ def test_sequence_tile_cases_train_alike_and_count_the_tiles_rerun(capsys):
             "--checkpoint-layers",
             "all",
         ]
-        + ["--sequence-tile-tokens", "off", "24"]
+        + ["--sequence-tile-tokens", "off", "24", "--compile", "false"]
     )
     assert [r["sequence_tile_tokens"] for r in results] == [None, 24]
     assert all("error" not in r for r in results)
@@ -299,7 +301,7 @@ def test_sequence_tile_bad_values_are_one_line_errors(value, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_ours_defaults_to_the_fused_loss_and_auto_levers(capsys):
+def test_ours_defaults_to_the_fused_loss_and_auto_levers(capsys, monkeypatch):
     from benchmarks.__main__ import _cases, _parse
     from longlora_tune.plan import plan
     from longlora_tune.plan.facts import GIB
@@ -308,6 +310,22 @@ def test_ours_defaults_to_the_fused_loss_and_auto_levers(capsys):
         argv = ["--shape", "tiny", "--seq-lens", "32", "--device", "cpu", "--variants", "longlora", *extra]
         (case,) = _cases(_parse(argv))
         return case.loss_impl, case.checkpoint_layers, case.sequence_tile_tokens
+
+    def compiled(*extra: str) -> list[bool]:
+        argv = ["--shape", "tiny", "--device", "cpu", "--variants", "longlora", "--peer", *extra]
+        return [case.compile for case in _cases(_parse(argv))]
+
+    # compile: auto, as the shipped configs: compiled where this machine can compile; the peer never.
+    monkeypatch.setenv("TORCH_COMPILE_BACKEND", "aot_eager")
+    assert compiled() == [True, False] and compiled("--compile", "false") == [False, False]
+    monkeypatch.setenv("TORCH_COMPILE_BACKEND", "inductor")
+    import torch._inductor.cpp_builder as cpp_builder
+
+    def no_compiler() -> str:
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", no_compiler)
+    assert compiled() == [False, False] and compiled("--compile", "true") == [True, False]
 
     # Plenty of memory: nothing recomputed, untiled, the fused loss.
     assert ours("--memory-budget-gib", "64") == ("fused", 0, None)

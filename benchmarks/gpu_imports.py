@@ -12,7 +12,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
-__all__ = ["CHECK_MODULES", "CHECK_TEST_FILES", "main"]
+__all__ = ["CHECK_MODULES", "CHECK_FILES", "main"]
 
 #: Modules the GPU check imports: third-party ones named for their versions, then the project's entry points.
 CHECK_MODULES: tuple[str, ...] = (
@@ -25,17 +25,18 @@ CHECK_MODULES: tuple[str, ...] = (
     "transformers",
     "peft",
     "safetensors",
-    "pytest",
     "torchtune.training",
     "torchtune.models.llama2",
     "longlora_tune",
     "benchmarks.__main__",
     "benchmarks.backend_check",
     "benchmarks.peer",
+    "benchmarks.recipe_check",
 )
 
-#: Test files that the check runs with pytest (imported here as plain modules to resolve their imports).
-CHECK_TEST_FILES: tuple[str, ...] = ("tests/modules/test_s2_attention.py",)
+#: Files the check runs by path (the recipe, under ``tune run``), imported here as plain modules to resolve
+#: their imports.
+CHECK_FILES: tuple[str, ...] = ("recipes/longlora_distributed.py",)
 
 
 def _build_peft_lora_layer() -> None:
@@ -48,7 +49,7 @@ def _build_peft_lora_layer() -> None:
 
 
 def main() -> int:
-    """Import :data:`CHECK_MODULES` and :data:`CHECK_TEST_FILES`, one line per module, and build a PEFT layer.
+    """Import :data:`CHECK_MODULES` and :data:`CHECK_FILES`, one line per module, and build a PEFT layer.
 
     Returns:
         0 if everything imported and the PEFT layer was built, 1 otherwise.
@@ -64,7 +65,7 @@ def main() -> int:
         version = getattr(module, "__version__", "")
         print(f"ok   import {name} {version}".rstrip(), flush=True)
     repo = Path(__file__).resolve().parents[1]
-    for rel in CHECK_TEST_FILES:
+    for rel in CHECK_FILES:
         path = repo / rel
         try:
             spec = importlib.util.spec_from_file_location(path.stem, path)

@@ -118,7 +118,14 @@ def test_gpu_check_dry_run(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     # The lent machine sends back at most 8 files: the logs travel in one archive.
     files = {p.name for p in tmp_path.iterdir()}
-    assert files == {"summary.txt", "gpu_check.log", "logs.tar.gz", "backend_check.json", "bench_64.json"}
+    assert files == {
+        "summary.txt",
+        "gpu_check.log",
+        "logs.tar.gz",
+        "backend_check.json",
+        "bench_64.json",
+        "recipe_256.json",
+    }
     with tarfile.open(tmp_path / "logs.tar.gz") as archive:
         members = [m for m in archive.getmembers() if m.isfile()]
         logs = {Path(m.name).name: archive.extractfile(m).read().decode() for m in members}
@@ -136,6 +143,13 @@ def test_gpu_check_dry_run(tmp_path):
     ]
     assert "flash-attn" in (tmp_path / "gpu_check.log").read_text()
     assert "PASS sdpa" in logs["backend_check.log"]
+    # The recipe itself under `tune run`, its numbers read back from its own logs.
+    assert "recipe_256 0" in summary
+    recipe = json.loads((tmp_path / "recipe_256.json").read_text())
+    assert recipe["returncode"] == 0 and recipe["losses_finite"], recipe["stderr_tail"]
+    assert [s["step"] for s in recipe["steps"]] == [1, 2, 3] and recipe["tokens_per_s"] > 0
+    assert recipe["planner_peak_gib"] > 0 and recipe["planner_longest"] >= 256
+    assert recipe["auto_lines"][1].startswith("activation_checkpointing_layers: ")
 
 
 def test_cli_compile_measures_eager_and_compiled(monkeypatch, capsys):

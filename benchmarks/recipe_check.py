@@ -1,0 +1,239 @@
+"""The recipe itself on a real-shaped model: ``tune run longlora_distributed`` with the shipped defaults.
+
+Run ``python -m benchmarks.recipe_check --workdir /tmp/rc --seq-len 32768 --out recipe_32768.json`` (or
+``--seq-len longest``: the longest length the planner says fits this device, at most ``--max-seq-len``).
+It writes a random Hugging Face checkpoint of Llama 3.2 1B's sizes (16 layers, hidden 2048, 32 query and
+8 key/value heads, MLP 8192) with Llama 2's 32,000-token vocabulary, a corpus long enough for the steps,
+then trains ``--steps`` steps with ``configs/hf_checkpoint.yaml``: bf16, every ``auto`` setting chosen by
+the recipe at start-up, batch 1, no export. Reported from the recipe's own logs: the planner's peak (its
+``auto`` line), the measured peak per step (``torch.cuda.max_memory_allocated``, torchtune's
+``peak_memory_alloc``), tokens/s, MFU (model FLOPs of :func:`longlora_tune.plan.flops.step_flops` over the
+chip's dense bf16 peak) and whether every loss is finite. ``--small`` is the dry run: a tiny model on the
+CPU, so that every import and the log parsing are proven before a GPU is lent (scripts/gpu_check.sh).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from longlora_tune._io import atomic_write_json
+from longlora_tune.models.shapes import ModelShape
+from longlora_tune.plan.facts import GIB
+from longlora_tune.plan.flops import step_flops
+from longlora_tune.plan.longest import ALL_LEVERS
+from longlora_tune.plan.planner import planned_scenario
+from longlora_tune.plan.suggestions import longest_fitting
+
+__all__ = ["REAL_SHAPE", "SMALL_SHAPE", "main", "parse_run"]
+
+REPO = Path(__file__).resolve().parents[1]
+#: Llama 3.2 1B's decoder sizes with Llama 2's vocabulary (the tiny SentencePiece tokenizer uses 512 ids).
+REAL_SHAPE = ModelShape(
+    vocab_size=32_000, num_layers=16, num_heads=32, num_kv_heads=8, embed_dim=2048, intermediate_dim=8192
+)
+#: The dry run's model (CPU, seconds).
+SMALL_SHAPE = ModelShape(
+    vocab_size=512, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=64, intermediate_dim=128
+)
+#: The base checkpoint's context: the RoPE factor is ceil(seq_len / 4096), as for Llama 2.
+BASE_CONTEXT = 4096
+_TUNE = "import sys, _longlora_tune_hook; from torchtune._cli.tune import main; sys.exit(main())"
+_STEP = re.compile(r"^Step (\d+) \| (.*)$", re.M)
+_PLANNER = re.compile(r"auto: .* at (\d+) tokens: peak ([\d.]+) GiB")
+#: One of the recipe's choice lines: ``auto: <key>: <value> (<why>)`` or the planner's summary.
+_AUTO_LINE = re.compile(r"\bauto: ((?:[a-z_.]+: |.* at \d+ tokens: peak ).*)$")
+
+
+def _make_base(workdir: Path, shape: ModelShape) -> Path:
+    from longlora_tune.quickstart import tiny
+
+    base = workdir / "base"
+    if (base / "config.json").is_file():
+        return base
+    tiny.make_hf_checkpoint(
+        base,
+        vocab_size=shape.vocab_size,
+        num_layers=shape.num_layers,
+        num_heads=shape.num_heads,
+        num_kv_heads=shape.num_kv_heads,
+        embed_dim=shape.embed_dim,
+        intermediate_dim=shape.intermediate_dim,
+        max_position_embeddings=BASE_CONTEXT,
+        with_tokenizer=False,
+    )
+    tiny.make_tokenizer(base)  # 512 pieces: ids below any vocabulary the shapes have
+    return base
+
+
+def _make_corpus(workdir: Path, tokens: int) -> Path:
+    """A JSON-lines corpus of at least ``tokens`` tokens (counted as 4 characters a token, which the tiny
+    tokenizer's ~2.5 never exceeds)."""
+    from longlora_tune.quickstart import tiny
+
+    path = workdir / f"corpus_{tokens}.jsonl"
+    if not path.is_file():
+        sample = tiny.make_documents(64, seed=0)
+        chars_per_doc = sum(len(d) for d in sample) / len(sample)
+        tiny.make_text_corpus(path, n_docs=math.ceil(4 * tokens / chars_per_doc) + 1)
+    return path
+
+
+def longest_planned(shape: ModelShape, budget_gib: float, dtype: str) -> int:
+    """The longest length the planner fits on one device of ``budget_gib`` with every memory lever on.
+
+    Args:
+        shape: The model's sizes.
+        budget_gib: Memory of the device.
+        dtype: ``bf16`` or ``fp32``.
+
+    Returns:
+        The length in tokens (0: none).
+    """
+    # The search runs up to 64 times the planned length (as longlora_tune.plan.longest).
+    scenario, _ = planned_scenario(
+        shape, 262_144, gpus=1, gpu_memory_gib=budget_gib, dtype=dtype, **ALL_LEVERS
+    )
+    return longest_fitting(scenario, size_loss_chunks=True)
+
+
+def parse_run(log_text: str, stderr: str) -> dict[str, Any]:
+    """The numbers of one recipe run: per-step metrics from its DiskLogger file, the planner's peak.
+
+    Args:
+        log_text: The run's ``logs/log_*.txt``.
+        stderr: What the run printed (the ``auto:`` lines).
+
+    Returns:
+        ``steps`` (one dict per logged step), ``planner_peak_gib`` (None without an auto line) and
+        ``auto_lines``.
+    """
+    steps = []
+    for match in _STEP.finditer(log_text):
+        values = dict(item.split(":", 1) for item in match.group(2).split() if ":" in item)
+        steps.append({"step": int(match.group(1)), **{k: float(v) for k, v in values.items()}})
+    planner = _PLANNER.search(stderr)
+    return {
+        "steps": steps,
+        "planner_peak_gib": float(planner.group(2)) if planner else None,
+        "auto_lines": [m.group(1) for m in map(_AUTO_LINE.search, stderr.splitlines()) if m],
+    }
+
+
+def _summary(
+    run: dict[str, Any], shape: ModelShape, seq_len: int, peak_tflops: float | None
+) -> dict[str, Any]:
+    steps = run["steps"]
+    timed = steps[1:] or steps  # the first step compiles and warms the allocator
+    tokens_per_s = statistics.median(s["tokens_per_second_per_gpu"] for s in timed) if timed else None
+    measured = max((s["peak_memory_alloc"] for s in steps if "peak_memory_alloc" in s), default=None)
+    model = step_flops(shape, seq_len, 1, group_size=seq_len // 4, activation_checkpointing=True).model
+    planner = run["planner_peak_gib"]
+    return {
+        "tokens_per_s": tokens_per_s,
+        "mfu": model * tokens_per_s / seq_len / (peak_tflops * 1e12)
+        if tokens_per_s and peak_tflops
+        else None,
+        "measured_peak_gib": measured,
+        "planner_peak_gib": planner,
+        "planner_over_measured": planner / measured if planner and measured else None,
+        "losses_finite": bool(steps) and all(math.isfinite(s["loss"]) for s in steps),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Make the checkpoint and corpus, run the recipe, write and return the report.
+
+    Args:
+        argv: Command-line arguments (default ``sys.argv[1:]``).
+
+    Returns:
+        The report (also written to ``--out``).
+    """
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", type=Path, required=True, help="checkpoint, corpus and run outputs")
+    parser.add_argument("--seq-len", required=True, help="training length in tokens, or 'longest'")
+    parser.add_argument("--max-seq-len", type=int, default=262_144, help="cap of 'longest' (step time)")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--small", action="store_true", help="dry run: tiny model on the CPU")
+    parser.add_argument("--timeout", type=float, default=None, help="seconds for the recipe run")
+    parser.add_argument("--out", type=Path, default=None, help="write the report as JSON here")
+    args = parser.parse_args(argv)
+    import torch
+
+    cuda = not args.small and torch.cuda.is_available()
+    shape = SMALL_SHAPE if args.small else REAL_SHAPE
+    dtype = "bf16" if cuda else "fp32"
+    budget = torch.cuda.mem_get_info()[0] / GIB if cuda else 8.0
+    planned_longest = longest_planned(shape, budget, dtype)
+    if args.seq_len == "longest":
+        # Whole S² groups of the 4-group split; capped so that a step fits the check's time.
+        seq_len = min(planned_longest, args.max_seq_len) // 4096 * 4096 or planned_longest
+    else:
+        seq_len = int(args.seq_len)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    base = _make_base(args.workdir, shape)
+    corpus = _make_corpus(args.workdir, seq_len * (args.steps + 1))
+    out = args.workdir / f"run_{seq_len}"
+    overrides = {
+        "checkpoint_dir": base,
+        "output_dir": out,
+        "dataset.data_files": corpus,
+        "dataset.cache_dir": args.workdir / "cache",
+        "dataset.num_proc": 1 if args.small else 8,
+        "max_seq_len": seq_len,
+        "max_steps": args.steps,
+        "global_batch_size": 1,
+        "save_every_n_steps": 0,
+        "export_formats": "[]",
+        "device": "cuda" if cuda else "cpu",
+        "dtype": dtype,
+        **({} if cuda else {"memory_budget_gib": budget, "compile": "false"}),
+    }
+    cmd = [sys.executable, "-c", _TUNE, "run", "longlora_distributed", "--config", "hf_checkpoint"]
+    cmd += [f"{k}={v}" for k, v in overrides.items()]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    }
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=args.timeout)
+    logs = sorted((out / "logs").glob("log_*.txt"))
+    run = parse_run(logs[-1].read_text() if logs else "", proc.stderr)
+    peak_tflops = None
+    if cuda:
+        from benchmarks.train_step import detect_peak_tflops
+
+        peak_tflops = detect_peak_tflops(torch.cuda.get_device_name())
+    report = {
+        "shape": asdict(shape),
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "seq_len": seq_len,
+        "planner_longest": planned_longest,
+        "budget_gib": budget,
+        "returncode": proc.returncode,
+        "wall_s": time.perf_counter() - start,
+        **_summary(run, shape, seq_len, peak_tflops),
+        **run,
+        "stderr_tail": proc.stderr[-4000:],
+    }
+    if args.out:
+        atomic_write_json(args.out, report, default=str)
+    print(json.dumps({k: v for k, v in report.items() if k not in ("steps", "stderr_tail")}, indent=1))
+    return report
+
+
+if __name__ == "__main__":
+    result = main()
+    sys.exit(0 if result["returncode"] == 0 and result["losses_finite"] else 1)

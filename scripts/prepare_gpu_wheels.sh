@@ -5,13 +5,12 @@
 #
 # The lent machine (one H200, CPython 3.12, torch with CUDA, transformers, peft, safetensors, sentencepiece,
 # tiktoken, pyarrow, numpy; no internet) lacks torchtune, torchao, torchdata, omegaconf, datasets and what
-# datasets imports at import time (pandas, dill, multiprocess, xxhash) and the check's pytest step needs
-# pytest. It also pins peft==0.18.1 over the machine's own peft (0.21 seen there), which refuses to build
+# datasets imports at import time (pandas, dill, multiprocess, xxhash). It also pins peft==0.18.1 over the machine's own peft (0.21 seen there), which refuses to build
 # LoRA layers next to torchao < 0.16 (the torchao that torchtune 0.6.1 needs): the peer benchmark died on it
 # on the first lent H200. gpu_check.sh installs DEST/*.whl with `pip install --no-index --no-deps --target /tmp/site`.
 # Every wheel is pinned and --no-deps: a new requirement is added here by hand, and the dry run
 # (tests/test_gpu_check.py) imports everything the check imports from exactly these wheels plus the GPU
-# machine's packages, so a forgotten one fails here, not on the GPU. About 23 MB in all.
+# machine's packages, so a forgotten one fails here, not on the GPU. About 22 MB in all.
 # torchao's compiled kernels are built for one torch each; on another torch it skips loading them (its own
 # version check) and its Python API, all that torchtune imports, works. flash-attn has no binary wheel on
 # the registry and is not downloaded: the check measures sdpa and flex.
@@ -35,9 +34,6 @@ WHEELS=(
   pandas==3.1.1
   python-dateutil==4.0.0
   tzdata==2026.6
-  pytest==9.2.0
-  pluggy==1.7.0
-  iniconfig==2.3.1
   peft==0.18.1
 )
 # --- end wheels ---

@@ -35,7 +35,6 @@ import json
 import os
 import platform
 import re
-import subprocess
 import sys
 import sysconfig
 import time
@@ -45,10 +44,10 @@ from typing import Any
 
 import torch
 
+from benchmarks.tune_run import tune_run
 from longlora_tune._io import atomic_write_json
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-REPO = Path(__file__).resolve().parents[1]
 # The last quarter of the documentation topics is the evaluation text and never trained on.
 HELD_OUT_SHARE = 0.25
 TRAIN_TEXTS = {
@@ -164,21 +163,8 @@ def _tune(recipe: str, config: str, overrides: Sequence[str], log: Path) -> floa
     Raises:
         RuntimeError: when the run fails (with the end of its output and where the whole of it is).
     """
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-    }
-    cmd = [
-        sys.executable,
-        "-c",
-        "from torchtune._cli.tune import main; main()",
-        "run",
-        recipe,
-        "--config",
-        config,
-    ]
     start = time.perf_counter()
-    done = subprocess.run([*cmd, *overrides], env=env, capture_output=True, text=True, check=False)
+    done = tune_run(recipe, config, overrides)
     wall = time.perf_counter() - start
     log.write_text(done.stdout + done.stderr)
     if done.returncode != 0:

@@ -17,10 +17,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import re
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -28,6 +26,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from benchmarks.tune_run import tune_run
 from longlora_tune._io import atomic_write_json
 from longlora_tune.models.shapes import ModelShape
 from longlora_tune.plan.facts import GIB
@@ -38,7 +37,6 @@ from longlora_tune.plan.suggestions import longest_fitting
 
 __all__ = ["REAL_SHAPE", "SMALL_SHAPE", "main", "parse_run"]
 
-REPO = Path(__file__).resolve().parents[1]
 #: Llama 3.2 1B's decoder sizes with Llama 2's vocabulary (the tiny SentencePiece tokenizer uses 512 ids).
 REAL_SHAPE = ModelShape(
     vocab_size=32_000, num_layers=16, num_heads=32, num_kv_heads=8, embed_dim=2048, intermediate_dim=8192
@@ -49,7 +47,6 @@ SMALL_SHAPE = ModelShape(
 )
 #: The base checkpoint's context: the RoPE factor is ceil(seq_len / 4096), as for Llama 2.
 BASE_CONTEXT = 4096
-_TUNE = "import sys, _longlora_tune_hook; from torchtune._cli.tune import main; sys.exit(main())"
 _STEP = re.compile(r"^Step (\d+) \| (.*)$", re.M)
 _PLANNER = re.compile(r"auto: .* at (\d+) tokens: peak ([\d.]+) GiB")
 #: One of the recipe's choice lines: ``auto: <key>: <value> (<why>)`` or the planner's summary.
@@ -201,14 +198,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "dtype": dtype,
         **({} if cuda else {"memory_budget_gib": budget, "compile": "false"}),
     }
-    cmd = [sys.executable, "-c", _TUNE, "run", "longlora_distributed", "--config", "hf_checkpoint"]
-    cmd += [f"{k}={v}" for k, v in overrides.items()]
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-    }
     start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=args.timeout)
+    proc = tune_run(
+        "longlora_distributed",
+        "hf_checkpoint",
+        [f"{k}={v}" for k, v in overrides.items()],
+        timeout=args.timeout,
+    )
     logs = sorted((out / "logs").glob("log_*.txt"))
     run = parse_run(logs[-1].read_text() if logs else "", proc.stderr)
     peak_tflops = None

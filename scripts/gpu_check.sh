@@ -190,10 +190,10 @@ else
   run_step backend_check 100 "$PYTHON" -m benchmarks.backend_check --device cuda \
     --out "$OUT_DIR/backend_check.json"
   # The recipe itself (tune run, shipped defaults, every setting auto) on Llama 3.2 1B's sizes at 32k.
-  run_step recipe_32768 150 "$PYTHON" -m benchmarks.recipe_check --workdir "$RECIPE_DIR" --seq-len 32768 \
+  run_step recipe_32768 180 "$PYTHON" -m benchmarks.recipe_check --workdir "$RECIPE_DIR" --seq-len 32768 \
     --out "$OUT_DIR/recipe_32768.json"
   # Ours on defaults (compile: auto, auto levers) vs the transformers + PEFT peer, 7B width, 2 layers.
-  run_step bench_32768_peer 170 "$PYTHON" -m benchmarks --shape 7b --layers 2 --device cuda --repeats 3 \
+  run_step bench_32768_peer 150 "$PYTHON" -m benchmarks --shape 7b --layers 2 --device cuda --repeats 3 \
     --case-timeout 120 --seq-lens 32768 --variants longlora --backends sdpa --peer \
     --out "$OUT_DIR/bench_32768_peer.json"
   # The longest length the planner says fits, capped at 262144 tokens so that 3 steps fit the time left.

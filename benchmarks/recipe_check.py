@@ -59,17 +59,8 @@ def _make_base(workdir: Path, shape: ModelShape) -> Path:
     base = workdir / "base"
     if (base / "config.json").is_file():
         return base
-    tiny.make_hf_checkpoint(
-        base,
-        vocab_size=shape.vocab_size,
-        num_layers=shape.num_layers,
-        num_heads=shape.num_heads,
-        num_kv_heads=shape.num_kv_heads,
-        embed_dim=shape.embed_dim,
-        intermediate_dim=shape.intermediate_dim,
-        max_position_embeddings=BASE_CONTEXT,
-        with_tokenizer=False,
-    )
+    # A ModelShape's fields are the checkpoint maker's size arguments.
+    tiny.make_hf_checkpoint(base, **asdict(shape), max_position_embeddings=BASE_CONTEXT, with_tokenizer=False)
     tiny.make_tokenizer(base)  # 512 pieces: ids below any vocabulary the shapes have
     return base
 

@@ -1,7 +1,9 @@
 """The recipe itself on a real-shaped model: ``tune run longlora_distributed`` with the shipped defaults.
 
 Run ``python -m benchmarks.recipe_check --workdir /tmp/rc --seq-len 32768 --out recipe_32768.json`` (or
-``--seq-len longest``: the longest length the planner says fits this device, at most ``--max-seq-len``).
+``--seq-len longest``: the longest length the planner says fits this device with every memory lever on; when
+that is longer than ``--max-seq-len`` (a step there would not fit the check's time: S² work grows as N²/4),
+``--max-seq-len`` with the memory budget whose longest length it is, so that the run is still at the limit).
 It writes a random Hugging Face checkpoint of Llama 3.2 1B's sizes (16 layers, hidden 2048, 32 query and
 8 key/value heads, MLP 8192) with Llama 2's 32,000-token vocabulary, a corpus long enough for the steps,
 then trains ``--steps`` steps with ``configs/hf_checkpoint.yaml``: bf16, every ``auto`` setting chosen by
@@ -24,7 +26,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from benchmarks.tune_run import tune_run
 from longlora_tune._io import atomic_write_json
@@ -33,9 +35,9 @@ from longlora_tune.plan.facts import GIB
 from longlora_tune.plan.flops import step_flops
 from longlora_tune.plan.longest import ALL_LEVERS
 from longlora_tune.plan.planner import planned_scenario
-from longlora_tune.plan.suggestions import longest_fitting
+from longlora_tune.plan.suggestions import longest_fitting, loss_chunks_for
 
-__all__ = ["REAL_SHAPE", "SMALL_SHAPE", "main", "parse_run"]
+__all__ = ["REAL_SHAPE", "SMALL_SHAPE", "LongestSetting", "longest_setting", "main", "parse_run"]
 
 #: Llama 3.2 1B's decoder sizes with Llama 2's vocabulary (the tiny SentencePiece tokenizer uses 512 ids).
 REAL_SHAPE = ModelShape(
@@ -78,22 +80,46 @@ def _make_corpus(workdir: Path, tokens: int) -> Path:
     return path
 
 
-def longest_planned(shape: ModelShape, budget_gib: float, dtype: str) -> int:
-    """The longest length the planner fits on one device of ``budget_gib`` with every memory lever on.
+class LongestSetting(NamedTuple):
+    """What ``--seq-len longest`` runs.
+
+    Attributes:
+        planned_longest: The longest length the planner fits in the device's memory, every lever on.
+        seq_len: The length run: that one, or ``cap`` when it is longer.
+        budget_gib: The memory budget the run's ``auto`` settings are chosen for: the device's, or, when the
+            length was capped, the planner's peak at ``cap`` with every lever on (so that ``cap`` is the
+            longest length that budget fits, and the run exercises the same levers at the limit).
+    """
+
+    planned_longest: int
+    seq_len: int
+    budget_gib: float
+
+
+def longest_setting(
+    shape: ModelShape, budget_gib: float, *, dtype: str, cap: int, offloading: bool
+) -> LongestSetting:
+    """The longest length the planner fits on one device, capped, and the budget that makes it the limit.
 
     Args:
         shape: The model's sizes.
         budget_gib: Memory of the device.
         dtype: ``bf16`` or ``fp32``.
+        cap: The longest length the check has time to run (a multiple of 1024).
+        offloading: Whether activation offloading can run (CUDA).
 
     Returns:
-        The length in tokens (0: none).
+        The :class:`LongestSetting`.
     """
+    levers = {**ALL_LEVERS, "activation_offloading": offloading}
     # The search runs up to 64 times the planned length (as longlora_tune.plan.longest).
-    scenario, _ = planned_scenario(
-        shape, 262_144, gpus=1, gpu_memory_gib=budget_gib, dtype=dtype, **ALL_LEVERS
-    )
-    return longest_fitting(scenario, size_loss_chunks=True)
+    scenario, _ = planned_scenario(shape, 262_144, gpus=1, gpu_memory_gib=budget_gib, dtype=dtype, **levers)
+    longest = longest_fitting(scenario, size_loss_chunks=True)
+    if longest <= cap:
+        return LongestSetting(longest, longest, budget_gib)
+    step = scenario.peak(cap, loss_chunks=loss_chunks_for(scenario, cap))
+    # Rounded up to 0.1 GiB, so that the budget is never below the planned peak.
+    return LongestSetting(longest, cap, math.ceil(step.peak / GIB * 10) / 10)
 
 
 def parse_run(log_text: str, stderr: str) -> dict[str, Any]:
@@ -152,7 +178,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", type=Path, required=True, help="checkpoint, corpus and run outputs")
     parser.add_argument("--seq-len", required=True, help="training length in tokens, or 'longest'")
-    parser.add_argument("--max-seq-len", type=int, default=262_144, help="cap of 'longest' (step time)")
+    parser.add_argument(
+        "--max-seq-len",
+        type=int,
+        default=131_072,
+        help="cap of 'longest' (step time); a capped run gets the budget whose longest length it is",
+    )
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--small", action="store_true", help="dry run: tiny model on the CPU")
     parser.add_argument("--timeout", type=float, default=None, help="seconds for the recipe run")
@@ -164,10 +195,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     shape = SMALL_SHAPE if args.small else REAL_SHAPE
     dtype = "bf16" if cuda else "fp32"
     budget = torch.cuda.mem_get_info()[0] / GIB if cuda else 8.0
-    planned_longest = longest_planned(shape, budget, dtype)
+    longest = longest_setting(shape, budget, dtype=dtype, cap=args.max_seq_len, offloading=cuda)
+    capped = args.seq_len == "longest" and longest.seq_len < longest.planned_longest
     if args.seq_len == "longest":
-        # Whole S² groups of the 4-group split; capped so that a step fits the check's time.
-        seq_len = min(planned_longest, args.max_seq_len) // 4096 * 4096 or planned_longest
+        seq_len, budget = longest.seq_len, longest.budget_gib
     else:
         seq_len = int(args.seq_len)
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -187,7 +218,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "export_formats": "[]",
         "device": "cuda" if cuda else "cpu",
         "dtype": dtype,
-        **({} if cuda else {"memory_budget_gib": budget, "compile": "false"}),
+        # The device's free memory unless the length was capped; the CPU needs a budget.
+        **({"memory_budget_gib": budget} if capped or not cuda else {}),
+        **({} if cuda else {"compile": "false"}),
     }
     start = time.perf_counter()
     proc = tune_run(
@@ -207,7 +240,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "shape": asdict(shape),
         "device": torch.cuda.get_device_name() if cuda else "cpu",
         "seq_len": seq_len,
-        "planner_longest": planned_longest,
+        "planner_longest": longest.planned_longest,
         "budget_gib": budget,
         "returncode": proc.returncode,
         "wall_s": time.perf_counter() - start,

@@ -23,8 +23,10 @@
 #                           planner vs measured peak, tokens/s, MFU, losses finite (benchmarks.recipe_check)
 #   5. bench_32768_peer.*   ours on defaults (compile: auto, auto levers) vs the transformers + PEFT peer,
 #                           bf16, 7B width, 2 layers, 32768 tokens (JSON rewritten after every case)
-#   6. recipe_longest.*     step 4 at the longest length the planner says fits this GPU (capped at 262144)
-# The dry run replaces 3-6 by CPU stand-ins (backend check, a tiny bench, the recipe check at 256 tokens).
+#   6. recipe_longest.*     step 4 at the longest length the planner says fits this GPU, or, when that is
+#                           over 131072 tokens, at 131072 with the budget whose longest length it is
+# The dry run replaces 3-6 by CPU stand-ins (backend check, a tiny bench, the recipe check at 256 tokens and
+# at the longest length of a small budget).
 # OUT_DIR gets summary.txt (exit status of every step), gpu_check.log, the *.json results and logs.tar.gz
 # (every *.log and info.txt, repacked after each step): at most 8 files, what the lent machine sends back.
 # Run from anywhere; uses the python on PATH (activate the project's environment first) unless
@@ -185,6 +187,8 @@ if ((DRY_RUN)); then
     --device cpu --in-process --peer --checkpoint-layers all 0 --compile false --out "$OUT_DIR/bench_64.json"
   run_step recipe_256 120 "$PYTHON" -m benchmarks.recipe_check --small --workdir "$RECIPE_DIR" \
     --seq-len 256 --out "$OUT_DIR/recipe_256.json"
+  run_step recipe_longest 120 "$PYTHON" -m benchmarks.recipe_check --small --workdir "$RECIPE_DIR" \
+    --seq-len longest --max-seq-len 1024 --out "$OUT_DIR/recipe_longest.json"
 else
   # Correctness first: if S² is wrong on this GPU, its speed does not matter.
   run_step backend_check 100 "$PYTHON" -m benchmarks.backend_check --device cuda \
@@ -196,7 +200,8 @@ else
   run_step bench_32768_peer 150 "$PYTHON" -m benchmarks --shape 7b --layers 2 --device cuda --repeats 3 \
     --case-timeout 120 --seq-lens 32768 --variants longlora --backends sdpa --peer \
     --out "$OUT_DIR/bench_32768_peer.json"
-  # The longest length the planner says fits, capped at 262144 tokens so that 3 steps fit the time left.
+  # The longest length the planner says fits; capped at 131072 tokens (3 steps in the time left) with the
+  # memory budget whose longest length that is.
   run_step recipe_longest 180 "$PYTHON" -m benchmarks.recipe_check --workdir "$RECIPE_DIR" --seq-len longest \
     --out "$OUT_DIR/recipe_longest.json"
 fi

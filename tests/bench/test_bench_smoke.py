@@ -125,6 +125,7 @@ def test_gpu_check_dry_run(tmp_path):
         "backend_check.json",
         "bench_64.json",
         "recipe_256.json",
+        "recipe_longest.json",
     }
     with tarfile.open(tmp_path / "logs.tar.gz") as archive:
         members = [m for m in archive.getmembers() if m.isfile()]
@@ -150,6 +151,10 @@ def test_gpu_check_dry_run(tmp_path):
     assert [s["step"] for s in recipe["steps"]] == [1, 2, 3] and recipe["tokens_per_s"] > 0
     assert recipe["planner_peak_gib"] > 0 and recipe["planner_longest"] >= 256
     assert recipe["auto_lines"][1].startswith("activation_checkpointing_layers: ")
+    # Capped at 1024 tokens: run with the budget whose longest length that is.
+    longest = json.loads((tmp_path / "recipe_longest.json").read_text())
+    assert "recipe_longest 0" in summary and longest["losses_finite"], longest["stderr_tail"]
+    assert longest["seq_len"] == 1024 < longest["planner_longest"] and longest["budget_gib"] < 8
 
 
 def test_cli_compile_measures_eager_and_compiled(monkeypatch, capsys):

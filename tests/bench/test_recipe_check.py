@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from benchmarks.recipe_check import REAL_SHAPE, _summary, longest_planned, parse_run
+from benchmarks.recipe_check import REAL_SHAPE, _summary, longest_setting, parse_run
 from longlora_tune.plan.flops import step_flops
 
 # torchtune's DiskLogger: "Step N | name:value name:value ..." per logged step.
@@ -57,5 +57,14 @@ def test_summary_times_steps_after_the_first_and_compares_peaks():
     assert math.isnan(bad["steps"][2]["loss"])
 
 
-def test_longest_planned_grows_with_memory():
-    assert 0 < longest_planned(REAL_SHAPE, 40.0, "bf16") < longest_planned(REAL_SHAPE, 80.0, "bf16")
+def test_longest_is_the_planners_or_the_cap_with_the_budget_that_makes_it_the_limit():
+    small = longest_setting(REAL_SHAPE, 24.0, dtype="bf16", cap=10**7, offloading=True)
+    large = longest_setting(REAL_SHAPE, 80.0, dtype="bf16", cap=10**7, offloading=True)
+    assert 0 < small.planned_longest < large.planned_longest
+    assert (large.seq_len, large.budget_gib) == (large.planned_longest, 80.0)
+    capped = longest_setting(REAL_SHAPE, 80.0, dtype="bf16", cap=131_072, offloading=True)
+    assert capped.planned_longest == large.planned_longest and capped.seq_len == 131_072
+    # The cap is the longest length of the budget it gets (to the planner's 1024-token step).
+    again = longest_setting(REAL_SHAPE, capped.budget_gib, dtype="bf16", cap=10**7, offloading=True)
+    assert 131_072 <= again.planned_longest < 131_072 + 8 * 1024
+    assert capped.budget_gib < 80.0

@@ -127,6 +127,27 @@ def test_padded_batches_round_up_to_group_size(assets, tmp_path, extra, multiple
     assert set(next(iter(r["loader"]))) == {"tokens", "labels"}
 
 
+def test_compile_auto_compiles_each_padded_length_and_gives_the_eager_losses(
+    assets, tmp_path, monkeypatch, caplog
+):
+    # Padded to the group: at most 256 / 64 = 4 lengths, each compiled once (aot_eager: what inductor
+    # compiles, without C++ builds); the losses are eager's.
+    monkeypatch.setenv("TORCH_COMPILE_BACKEND", "aot_eager")
+    extra = {"max_steps": 4, "export_formats": "[]"}
+    run_recipe(_cfg(assets, tmp_path / "eager", **extra))
+    caplog.set_level("INFO")
+    run_recipe(_cfg(assets, tmp_path / "compiled", compile="auto", **extra))
+    assert "auto: compile: true (aot_eager compiles on cpu;" in caplog.text
+    eager, compiled = _losses(tmp_path / "eager"), _losses(tmp_path / "compiled")
+    assert sorted(compiled) == sorted(eager) == [1, 2, 3, 4]
+    for step, loss in eager.items():
+        assert compiled[step] == pytest.approx(loss, rel=1e-4), step
+    # 16-token multiples would be 16 lengths, each a compile: auto stays eager, and says why.
+    caplog.clear()
+    run_recipe(_cfg(assets, tmp_path / "many", compile="auto", pad_to_multiple_of=16, max_steps=1))
+    assert "auto: compile: false (16 padded sequence lengths would each compile (more than 8)" in caplog.text
+
+
 def test_pad_multiple_must_divide_training_length():
     with pytest.raises(
         LongLoRAConfigError, match="pad_to_multiple_of=96 does not divide the training length 256"

@@ -20,7 +20,14 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 from recipe_runner import CONFIGS, run_recipe, training_parts
-from test_longlora_distributed import _bind, _env, _expected_base_keys, _losses, _recipe_cmd
+from test_longlora_distributed import (
+    _bind,
+    _env,
+    _expected_base_keys,
+    _losses,
+    _recipe_cmd,
+    assert_compile_auto_gives_the_eager_losses,
+)
 from torchtune import config
 
 from longlora_tune._compat import import_object
@@ -130,18 +137,10 @@ def test_padded_batches_round_up_to_group_size(assets, tmp_path, extra, multiple
 def test_compile_auto_compiles_each_padded_length_and_gives_the_eager_losses(
     assets, tmp_path, monkeypatch, caplog
 ):
-    # Padded to the group: at most 256 / 64 = 4 lengths, each compiled once (aot_eager: what inductor
-    # compiles, without C++ builds); the losses are eager's.
-    monkeypatch.setenv("TORCH_COMPILE_BACKEND", "aot_eager")
-    extra = {"max_steps": 4, "export_formats": "[]"}
-    run_recipe(_cfg(assets, tmp_path / "eager", **extra))
-    caplog.set_level("INFO")
-    run_recipe(_cfg(assets, tmp_path / "compiled", compile="auto", **extra))
-    assert "auto: compile: true (aot_eager compiles on cpu;" in caplog.text
-    eager, compiled = _losses(tmp_path / "eager"), _losses(tmp_path / "compiled")
-    assert sorted(compiled) == sorted(eager) == [1, 2, 3, 4]
-    for step, loss in eager.items():
-        assert compiled[step] == pytest.approx(loss, rel=1e-4), step
+    # Padded to the group: at most 256 / 64 = 4 lengths, each compiled once; the losses are eager's.
+    assert_compile_auto_gives_the_eager_losses(
+        lambda out, **extra: _cfg(assets, out, **extra), tmp_path, monkeypatch, caplog, steps=4
+    )
     # 16-token multiples would be 16 lengths, each a compile: auto stays eager, and says why.
     caplog.clear()
     run_recipe(_cfg(assets, tmp_path / "many", compile="auto", pad_to_multiple_of=16, max_steps=1))

@@ -23,11 +23,12 @@ import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from recipe_runner import CONFIGS, RECIPE, RecipeFailed, model_from_adapter, run_recipe, run_recipe_argv
 from safetensors.torch import load_file
 from torchtune import config
@@ -793,21 +794,33 @@ def test_a_second_run_on_the_same_output_dir_is_refused(assets, tmp_path):
     assert not (out / "checkpoints").exists()
 
 
-def test_compile_auto_compiles_and_gives_the_eager_losses(assets, tmp_path, monkeypatch, caplog):
-    # aot_eager traces exactly what inductor compiles (dynamo + AOT autograd) without minutes of C++ builds;
-    # tests/test_compile.py runs inductor itself. `auto` (the shipped configs') resolves to true here;
-    # compile=true runs in tests/recipes/test_activation_checkpointing_recipe.py.
+def assert_compile_auto_gives_the_eager_losses(
+    make_cfg: Callable[..., DictConfig], tmp_path: Path, monkeypatch, caplog, steps: int
+) -> None:
+    """Train ``steps`` steps eagerly and with ``compile: auto``: auto compiles here, and the losses agree.
+
+    aot_eager traces exactly what inductor compiles (dynamo + AOT autograd) without minutes of C++ builds;
+    tests/test_compile.py runs inductor itself.
+    """
     monkeypatch.setenv("TORCH_COMPILE_BACKEND", "aot_eager")
-    extra = {"max_steps": 3, "export_formats": "[]"}
-    run_recipe(_cfg(assets, tmp_path / "eager", **extra))
+    extra = {"max_steps": steps, "export_formats": "[]"}
+    run_recipe(make_cfg(tmp_path / "eager", **extra))
     caplog.set_level("INFO")
-    run_recipe(_cfg(assets, tmp_path / "compiled", compile="auto", **extra))
+    run_recipe(make_cfg(tmp_path / "compiled", compile="auto", **extra))
     assert "auto: compile: true (aot_eager compiles on cpu;" in caplog.text
     assert "torch.compile (aot_eager): 2 decoder layers and the loss" in caplog.text
     eager, compiled = _losses(tmp_path / "eager"), _losses(tmp_path / "compiled")
-    assert sorted(compiled) == [1, 2, 3]
+    assert sorted(compiled) == sorted(eager) == list(range(1, steps + 1))
     for step, loss in eager.items():
         assert compiled[step] == pytest.approx(loss, rel=1e-4), step
+
+
+def test_compile_auto_compiles_and_gives_the_eager_losses(assets, tmp_path, monkeypatch, caplog):
+    # `auto` (the shipped configs') resolves to true here; compile=true runs in
+    # tests/recipes/test_activation_checkpointing_recipe.py.
+    assert_compile_auto_gives_the_eager_losses(
+        lambda out, **extra: _cfg(assets, out, **extra), tmp_path, monkeypatch, caplog, steps=3
+    )
 
 
 _TUNE = "import sys, _longlora_tune_hook; from torchtune._cli.tune import main; sys.exit(main())"

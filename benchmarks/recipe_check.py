@@ -20,7 +20,9 @@ import argparse
 import json
 import math
 import re
+import signal
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -166,6 +168,14 @@ def _summary(
     }
 
 
+class _Terminated(Exception):
+    """SIGTERM arrived while the recipe ran."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise _Terminated
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Make the checkpoint and corpus, run the recipe, write and return the report.
 
@@ -186,7 +196,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--small", action="store_true", help="dry run: tiny model on the CPU")
-    parser.add_argument("--timeout", type=float, default=None, help="seconds for the recipe run")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="seconds for the recipe run; past them it is killed and what it logged is reported",
+    )
     parser.add_argument("--out", type=Path, default=None, help="write the report as JSON here")
     args = parser.parse_args(argv)
     import torch
@@ -223,14 +238,27 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         **({} if cuda else {"compile": "false"}),
     }
     start = time.perf_counter()
-    proc = tune_run(
-        "longlora_distributed",
-        "hf_checkpoint",
-        [f"{k}={v}" for k, v in overrides.items()],
-        timeout=args.timeout,
-    )
+    # A SIGTERM (the GPU check's step limit) ends the run the same way: subprocess.run kills the child when
+    # an exception interrupts it, and the report still says what was logged.
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        proc = tune_run(
+            "longlora_distributed",
+            "hf_checkpoint",
+            [f"{k}={v}" for k, v in overrides.items()],
+            timeout=args.timeout,
+        )
+        returncode, stderr = proc.returncode, proc.stderr
+    except subprocess.TimeoutExpired as e:
+        # The run is killed (its GPU memory freed for the next step); the steps it logged are still reported.
+        partial = e.stderr or b""
+        returncode, stderr = "timeout", partial.decode() if isinstance(partial, bytes) else partial
+    except _Terminated:
+        returncode, stderr = "terminated", ""
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     logs = sorted((out / "logs").glob("log_*.txt"))
-    run = parse_run(logs[-1].read_text() if logs else "", proc.stderr)
+    run = parse_run(logs[-1].read_text() if logs else "", stderr)
     peak_tflops = None
     if cuda:
         from benchmarks.train_step import detect_peak_tflops
@@ -242,11 +270,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "seq_len": seq_len,
         "planner_longest": longest.planned_longest,
         "budget_gib": budget,
-        "returncode": proc.returncode,
+        "returncode": returncode,
         "wall_s": time.perf_counter() - start,
         **_summary(run, shape, seq_len, peak_tflops),
         **run,
-        "stderr_tail": proc.stderr[-4000:],
+        "stderr_tail": stderr[-4000:],
     }
     if args.out:
         atomic_write_json(args.out, report, default=str)

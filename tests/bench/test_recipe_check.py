@@ -3,6 +3,7 @@ check's dry run in tests/bench/test_bench_smoke.py)."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -68,3 +69,14 @@ def test_longest_is_the_planners_or_the_cap_with_the_budget_that_makes_it_the_li
     again = longest_setting(REAL_SHAPE, capped.budget_gib, dtype="bf16", cap=10**7, offloading=True)
     assert 131_072 <= again.planned_longest < 131_072 + 8 * 1024
     assert capped.budget_gib < 80.0
+
+
+def test_a_run_past_its_timeout_is_killed_and_still_reported(tmp_path):
+    # One second cannot cover the recipe's start-up: the child is killed and the report says so.
+    from benchmarks.recipe_check import main
+
+    out = tmp_path / "report.json"
+    report = main(["--small", "--workdir", str(tmp_path / "w"), "--seq-len", "256", "--timeout", "1",
+                   "--out", str(out)])  # fmt: skip
+    assert report["returncode"] == "timeout" and report["losses_finite"] is False
+    assert json.loads(out.read_text())["returncode"] == "timeout"

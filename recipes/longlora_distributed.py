@@ -581,6 +581,8 @@ def run(cfg: DictConfig) -> dict[str, Path]:
         finally:
             if recipe is not None:
                 recipe.cleanup()
+            # The model and its meshes go first, so closing the group frees its backend (see there).
+            recipe = None
             close_process_group(created)
 
 

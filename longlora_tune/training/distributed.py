@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -149,13 +150,55 @@ def init_process_group(device: torch.device, *, solo_group: bool) -> bool:
 
 
 def close_process_group(created: bool = True) -> None:
-    """Destroy the process group if this process created it.
+    """Destroy the process group if this process created it, and free its backends at once.
 
     Args:
         created: what :func:`init_process_group` returned.
     """
     if created and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+        _free_the_backends()
+
+
+def _free_the_backends() -> None:
+    """Free the destroyed group's backends now, while the interpreter is fully alive.
+
+    ``destroy_process_group`` only drops torch's own table of groups; a backend (and gloo's worker threads)
+    lives on while anything refers to it. torch.distributed's caches (DTensor's sharding propagation,
+    redistribution plans and transforms, mesh topologies) keep the device meshes of FSDP2's parameters, and
+    so their groups, after the model is gone; modules in reference cycles keep theirs until a collection.
+    Left to interpreter shutdown, tearing those threads down can abort a run that finished (SIGABRT,
+    "terminate called without an active exception"). Callers drop their model first.
+    ``tests/recipes/test_teardown.py`` fails if a torch version keeps the group alive another way.
+    """
+    import gc
+
+    _empty_torch_distributed_caches()
+    gc.collect()
+
+
+def _empty_torch_distributed_caches() -> None:
+    """Empty torch.distributed's caches (emptying a cache only costs a recomputation).
+
+    The non-functools ones are torch internals, looked up by name and skipped if gone. A function of its
+    own, so that nothing it looked at (``gc.get_objects()`` holds every object) outlives it.
+    """
+    import functools
+    import gc
+
+    if "torch.distributed.tensor" in sys.modules:  # otherwise no DTensor was ever made
+        from torch.distributed.tensor import _redistribute, debug
+
+        # DTensor's C++ fast-path sharding cache and the redistribution planners' table.
+        for clear in (
+            getattr(debug, "_clear_sharding_prop_cache", None),
+            getattr(_redistribute, "clear_redistribute_planner_cache", None),
+        ):
+            if clear is not None:
+                clear()
+    for obj in gc.get_objects():
+        if type(obj) is functools._lru_cache_wrapper and obj.__module__.startswith("torch.distributed."):
+            obj.cache_clear()
 
 
 def rank_and_world_size() -> tuple[int, int]:

@@ -71,7 +71,12 @@ from longlora_tune.modules.loss import summed_token_loss
 from longlora_tune.modules.s2_attention import describe_backend
 from longlora_tune.training import qlora
 from longlora_tune.training.activation_checkpointing import apply_activation_checkpointing
-from longlora_tune.training.checkpoint_manager import CheckpointManager, TrainingPosition, gather_full_state
+from longlora_tune.training.checkpoint_manager import (
+    NOTHING_SAVED,
+    CheckpointManager,
+    TrainingPosition,
+    gather_full_state,
+)
 from longlora_tune.training.compile import compile_model_and_loss, padded_lengths
 from longlora_tune.training.distributed import (
     close_process_group,
@@ -574,7 +579,10 @@ def run(cfg: DictConfig) -> dict[str, Path]:
             if not watch.explains(e):
                 raise
             # Every rank got the signal (or lost a peer that did); rank 0 says where the run stands.
-            stop = Interrupted(watch.signum or signal.SIGINT, resume_hint(recipe))
+            hint = (
+                NOTHING_SAVED if recipe is None else recipe.checkpoints.stop_hint(recipe.position.global_step)
+            )
+            stop = Interrupted(watch.signum or signal.SIGINT, hint)
             if rank_and_world_size()[0] == 0:
                 raise stop from None
             raise RaisedOnRankZero(stop.code, str(stop)) from None
@@ -584,20 +592,6 @@ def run(cfg: DictConfig) -> dict[str, Path]:
             # The model and its meshes go first, so closing the group frees its backend (see there).
             recipe = None
             close_process_group(created)
-
-
-def resume_hint(recipe: Optional[LongLoRARecipeDistributed]) -> str:
-    """What a stopped run has kept and how to go on, for its one line (rank 0)."""
-    step = f"at step {recipe.position.global_step}; " if recipe is not None else ""
-    # What resume_from_checkpoint=true will pick, read from disk: the signal may land between a save
-    # finishing and the recipe noting it.
-    newest = recipe.checkpoints.newest_intact() if recipe is not None else None
-    if newest is None:
-        return f"{step}no checkpoint was saved yet, so a new run starts over"
-    return (
-        f"{step}checkpoint {newest} is intact: run the same command with resume_from_checkpoint=true to "
-        "continue from it"
-    )
 
 
 @report_errors

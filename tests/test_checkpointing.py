@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from longlora_tune import _io
@@ -13,6 +14,7 @@ from longlora_tune.errors import CheckpointDamagedError, CheckpointWriteError, L
 from longlora_tune.hf import export
 from longlora_tune.models import trainable
 from longlora_tune.quickstart import tiny
+from longlora_tune.training.checkpoint_manager import NOTHING_SAVED, CheckpointManager
 from longlora_tune.training.checkpointing import format as ckpt_format
 from longlora_tune.training.checkpointing import housekeeping
 from longlora_tune.training.checkpointing import lineage as ckpt_lineage
@@ -653,3 +655,16 @@ def test_saved_config_is_read_as_data_without_resolving_interpolations(tmp_path,
     _rewrite_listed(ckpt, ckpt_format.CONFIG_FILE, "a: [unclosed\n")
     with pytest.raises(CheckpointDamagedError, match="config.yaml is not valid YAML"):
         ckpt_format.read_saved_config(ckpt)
+
+
+def test_a_run_stopped_before_its_first_checkpoint_is_told_a_new_run_starts_over(tmp_path):
+    # The stop line of a run that saved nothing (its output folder not even made yet); the line naming an
+    # intact checkpoint is checked by the recipe's Ctrl-C test.
+    manager = CheckpointManager(
+        tmp_path / "out" / "checkpoints",
+        cfg=OmegaConf.create({}),
+        device=torch.device("cpu"),
+        global_batch_size=1,
+    )
+    assert manager.stop_hint(2) == f"at step 2; {NOTHING_SAVED}"
+    assert not (tmp_path / "out").exists()

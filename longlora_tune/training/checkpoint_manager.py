@@ -37,7 +37,10 @@ from longlora_tune.training.resume import (
     compare_with_checkpoint,
 )
 
-__all__ = ["CheckpointManager", "TrainingPosition"]
+__all__ = ["NOTHING_SAVED", "CheckpointManager", "TrainingPosition"]
+
+# A stopped run's hint when it saved nothing (see CheckpointManager.stop_hint).
+NOTHING_SAVED = "no checkpoint was saved yet, so a new run starts over"
 
 # The recipe's console logger (torchtune's), so these lines appear where the recipe's own do.
 log = utils.get_logger("INFO")
@@ -202,13 +205,26 @@ class CheckpointManager:
             raise RuntimeError("run_id is known on rank 0 after resume_point()")
         return self._lineage.run_id
 
-    def newest_intact(self) -> Optional[Path]:
-        """The checkpoint ``resume_from_checkpoint=true`` would continue from now (read from disk).
+    def stop_hint(self, step: int) -> str:
+        """What a run stopped at ``step`` has kept and how to go on, for its one line (rank 0).
+
+        The checkpoint named is the one ``resume_from_checkpoint=true`` would pick, read from disk: the
+        signal may land between a save finishing and the recipe noting it.
+
+        Args:
+            step: the global step the run stopped at.
 
         Returns:
-            Its folder, or None when there is none.
+            e.g. ``"at step 3; checkpoint out/checkpoints/step_000003 is intact: run the same command with
+            resume_from_checkpoint=true to continue from it"``.
         """
-        return lineage.find_resumable_checkpoint(self.checkpoints_dir)
+        newest = lineage.find_resumable_checkpoint(self.checkpoints_dir)
+        if newest is None:
+            return f"at step {step}; {NOTHING_SAVED}"
+        return (
+            f"at step {step}; checkpoint {newest} is intact: run the same command with "
+            "resume_from_checkpoint=true to continue from it"
+        )
 
     def load(
         self,

@@ -14,10 +14,23 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
 
-__all__ = ["tune_run"]
+__all__ = ["tune_command", "tune_run"]
 
 REPO = Path(__file__).resolve().parents[1]
+# torchtune's ``tune`` entry point with our start-up hook imported (the installed .pth file does that).
 _TUNE_MAIN = "import sys, _longlora_tune_hook; from torchtune._cli.tune import main; sys.exit(main())"
+
+
+def tune_command(*args: str) -> list[str]:
+    """The command line of ``tune ARGS``, also where the package is not pip-installed (no .pth file).
+
+    Args:
+        args: ``tune``'s arguments, e.g. ``"run", "--nproc_per_node", "2", "longlora_distributed"``.
+
+    Returns:
+        The argv for ``subprocess``; the child needs the repository on ``PYTHONPATH``.
+    """
+    return [sys.executable, "-c", _TUNE_MAIN, *args]
 
 
 def tune_run(
@@ -38,7 +51,7 @@ def tune_run(
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
     }
-    cmd = [sys.executable, "-c", _TUNE_MAIN, "run", recipe, "--config", config, *overrides]
+    cmd = tune_command("run", recipe, "--config", config, *overrides)
     return subprocess.run(
         cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, check=False
     )

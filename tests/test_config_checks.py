@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+from benchmarks.tune_run import tune_command
 from longlora_tune import errors, resources
 from longlora_tune.config import validation as cc
 from longlora_tune.errors import LongLoRAConfigError
@@ -566,17 +567,11 @@ def _tune_env() -> dict[str, str]:
     return env
 
 
-#: The `tune` console script (torchtune's entry point) with the registry hook installed even when the package
-#: is not pip-installed (then the .pth file that normally imports the hook is absent).
-_TUNE = "import sys, _longlora_tune_hook; from torchtune._cli.tune import main; sys.exit(main())"
-
-
 @pytest.mark.slow
 def test_tune_run_distributed_reports_a_config_error_once(assets, tmp_path):
     import subprocess
-    import sys
 
-    cmd = [sys.executable, "-c", _TUNE, "run", "--nproc_per_node", "2", "longlora_distributed"]
+    cmd = tune_command("run", "--nproc_per_node", "2", "longlora_distributed")
     cmd += _launcher_args(assets, tmp_path / "o", "max_step=3")
     proc = subprocess.run(cmd, cwd=tmp_path, env=_tune_env(), capture_output=True, text=True, timeout=300)
     message = "longlora_tune: error: unknown config key 'max_step'; did you mean 'max_steps'?"
@@ -691,12 +686,11 @@ def test_recipe_config_reading_reports_on_local_rank_zero_only(tmp_path, monkeyp
 )
 def test_tune_run_reports_a_yaml_error_in_one_line(tmp_path, recipe, nproc):
     import subprocess
-    import sys
 
     bad = tmp_path / "bad.yaml"
     bad.write_text(_BAD_YAML.format(out=tmp_path / "o"))
     dist = ["--nproc_per_node", str(nproc)] if nproc > 1 else []
-    cmd = [sys.executable, "-c", _TUNE, "run", *dist, recipe, "--config", str(bad)]
+    cmd = tune_command("run", *dist, recipe, "--config", str(bad))
     proc = subprocess.run(cmd, cwd=tmp_path, env=_tune_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines() == [

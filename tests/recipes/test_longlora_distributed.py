@@ -34,6 +34,7 @@ from safetensors.torch import load_file
 from torchtune import config
 from torchtune.modules import TiedLinear
 
+from benchmarks.tune_run import tune_command
 from longlora_tune._compat import import_object
 from longlora_tune.config import validation as config_checks
 from longlora_tune.data.sampler import ResumableDistributedSampler
@@ -823,9 +824,6 @@ def test_compile_auto_compiles_and_gives_the_eager_losses(assets, tmp_path, monk
     )
 
 
-_TUNE = "import sys, _longlora_tune_hook; from torchtune._cli.tune import main; sys.exit(main())"
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_ctrl_c_under_tune_run_stops_every_rank_with_one_line_and_resume_gives_the_same_losses(
@@ -839,8 +837,9 @@ def test_ctrl_c_under_tune_run_stops_every_rank_with_one_line_and_resume_gives_t
     out = tmp_path / "o"
     ckpts = out / "checkpoints"
     overrides = _overrides(assets, out, save_every_n_steps=1, keep_last_n=2)
-    cmd = [sys.executable, "-c", _TUNE, "run", "--nproc_per_node", "2", "longlora_distributed",
-           "--config", str(TINY), *overrides]  # fmt: skip
+    cmd = tune_command(
+        "run", "--nproc_per_node", "2", "longlora_distributed", "--config", str(TINY), *overrides
+    )
     proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), start_new_session=True, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
     deadline = time.monotonic() + 300

@@ -197,7 +197,8 @@ def _empty_torch_distributed_caches() -> None:
             if clear is not None:
                 clear()
     for obj in gc.get_objects():
-        if type(obj) is functools._lru_cache_wrapper and obj.__module__.startswith("torch.distributed."):
+        # A function made by exec() can have __module__ None.
+        if type(obj) is functools._lru_cache_wrapper and str(obj.__module__).startswith("torch.distributed."):
             obj.cache_clear()
 
 

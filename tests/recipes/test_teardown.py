@@ -9,6 +9,7 @@ script as ``tune run`` does, then lists its own threads: none of the group's may
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -19,6 +20,7 @@ import pytest
 from recipe_runner import CONFIGS, RECIPE
 
 from longlora_tune.quickstart import tiny
+from longlora_tune.training.distributed import close_process_group, init_process_group, resolve_device
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -85,3 +87,14 @@ def test_no_gloo_thread_outlives_a_finished_run(tmp_path, nproc):
         seen = json.loads((tmp_path / f"threads_{rank}.json").read_text())
         assert WORK_LOOP in seen["with_a_group"], seen["with_a_group"]
         assert not GLOO_THREADS & set(seen["after_run"]), f"rank {rank}: {seen['after_run']}"
+
+
+def test_closing_the_group_leaves_other_caches_alone_even_one_made_by_exec():
+    # Only torch.distributed's caches are emptied; a function made by exec() has __module__ None.
+    namespace: dict = {}
+    exec("def double(x):\n    return 2 * x", namespace)
+    cached = functools.lru_cache(namespace["double"])
+    cached(3)
+    assert cached.__module__ is None
+    close_process_group(init_process_group(resolve_device("cpu"), solo_group=True))
+    assert cached.cache_info().currsize == 1

@@ -185,15 +185,18 @@ def _empty_torch_distributed_caches() -> None:
     """
     import functools
     import gc
+    import importlib
 
     if "torch.distributed.tensor" in sys.modules:  # otherwise no DTensor was ever made
-        from torch.distributed.tensor import _redistribute, debug
-
         # DTensor's C++ fast-path sharding cache and the redistribution planners' table.
-        for clear in (
-            getattr(debug, "_clear_sharding_prop_cache", None),
-            getattr(_redistribute, "clear_redistribute_planner_cache", None),
+        for module, name in (
+            ("torch.distributed.tensor.debug", "_clear_sharding_prop_cache"),
+            ("torch.distributed.tensor._redistribute", "clear_redistribute_planner_cache"),
         ):
+            try:
+                clear = getattr(importlib.import_module(module), name, None)
+            except ImportError:
+                continue
             if clear is not None:
                 clear()
     for obj in gc.get_objects():

@@ -60,8 +60,8 @@ with open(os.path.join(out, f"threads_{rank}.json"), "w") as f:
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="lists threads through /proc (Linux)")
-@pytest.mark.parametrize("nproc", [1, 2])
-def test_no_gloo_thread_outlives_a_finished_run(tmp_path, nproc):
+@pytest.mark.parametrize(("nproc", "cp_degree"), [(1, 1), (2, 1), (2, 2)], ids=["1rank", "2dp", "2cp"])
+def test_no_gloo_thread_outlives_a_finished_run(tmp_path, nproc, cp_degree):
     base = tiny.make_hf_checkpoint(tmp_path / "base")
     corpus = tiny.make_text_corpus(tmp_path / "corpus.jsonl", n_docs=24)
     script = tmp_path / "rank.py"
@@ -74,6 +74,7 @@ def test_no_gloo_thread_outlives_a_finished_run(tmp_path, nproc):
         "max_steps=2",
         "save_every_n_steps=2",
         "export_formats=[peft]",
+        f"context_parallel_degree={cp_degree}",  # 2: the context-parallel group as well
     ]
     launcher = [sys.executable]
     if nproc > 1:

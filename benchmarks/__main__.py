@@ -75,7 +75,7 @@ from benchmarks.train_step import (
 from longlora_tune._io import atomic_write_json
 from longlora_tune.auto_choice import choose_auto_settings
 from longlora_tune.errors import LongLoRAConfigError
-from longlora_tune.modules.s2_attention import flash_attn_available
+from longlora_tune.modules.s2_attention import S2AttentionConfig, flash_attn_available
 from longlora_tune.plan.flops import step_flops
 from longlora_tune.training.auto_settings import AUTO, host_available_gib, parse_checkpoint_layers
 from longlora_tune.training.compile import compile_choice
@@ -363,7 +363,7 @@ def _ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             shape,
             seq_len,
             results[0]["batch_size"],
-            group_size=seq_len // 4,
+            group_size=S2AttentionConfig().resolve_group_size(seq_len),
             activation_checkpointing=results[0]["activation_checkpointing"],
         ).total
         full = step_flops(

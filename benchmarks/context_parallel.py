@@ -78,6 +78,7 @@ from longlora_tune.modules.context_parallel import (
     split_batch_for_context_parallel,
 )
 from longlora_tune.modules.loss import summed_token_loss
+from longlora_tune.modules.s2_attention import S2AttentionConfig
 from longlora_tune.plan.communication import (
     halo_bytes_per_layer,
     ring_bytes_per_layer,
@@ -97,8 +98,8 @@ _IGNORE_INDEX = -100
 
 
 def _group_size(seq_len: int) -> int:
-    # The model's S² group: ratio 1/4 of max_seq_len = N (longlora_llama2's default, as in train_step).
-    return seq_len // 4
+    # The model's S² group at max_seq_len = N: the builders' default rule (as in train_step).
+    return S2AttentionConfig().resolve_group_size(seq_len)
 
 
 def run_rank(case: Case, degree: int) -> dict[str, Any]:

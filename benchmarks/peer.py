@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from benchmarks.train_step import Case, add_flops, measure_steps, resolve_shape
 from longlora_tune.errors import LongLoRAConfigError
+from longlora_tune.modules.s2_attention import S2AttentionConfig
 from longlora_tune.training.distributed import resolve_device, resolve_dtype
 
 __all__ = ["ATTN_IMPLEMENTATION", "run_peer_case", "s2_sdpa_attention", "s2_sdpa_reference"]
@@ -142,7 +143,7 @@ def run_peer_case(case: Case) -> dict[str, Any]:
         tie_word_embeddings=False,
         use_cache=False,
     )
-    config.s2_group_size = case.seq_len // 4  # the LongLoRA ratio 1/4, as in our model
+    config.s2_group_size = S2AttentionConfig().resolve_group_size(case.seq_len)  # our model's group
     config._attn_implementation = ATTN_IMPLEMENTATION
     torch.manual_seed(0)
     with device:
@@ -174,5 +175,5 @@ def run_peer_case(case: Case) -> dict[str, Any]:
 
     result = measure_steps(case, device, step, load_before=load_before)
     result["trainable"] = {"total": sum(p.numel() for p in trainable)}
-    add_flops(result, case, shape, case.seq_len // 4, device)
+    add_flops(result, case, shape, config.s2_group_size, device)
     return result

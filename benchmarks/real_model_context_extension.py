@@ -46,6 +46,7 @@ import torch
 
 from benchmarks.tune_run import tune_run
 from longlora_tune._io import atomic_write_json
+from longlora_tune.modules.s2_attention import S2AttentionConfig
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # The last quarter of the documentation topics is the evaluation text and never trained on.
@@ -300,10 +301,11 @@ def markdown(result: dict[str, Any]) -> str:
     windows = columns["trained"]["rows"][-1]["num_windows"]
     evals = ", ".join(f"{columns[k]['wall_s']:.0f}" for k in keys)
     losses = t["losses"]
+    group = S2AttentionConfig().resolve_group_size(2 * context)
     lines += [
         "",
         f"SmolLM2-135M-Instruct, `max_position_embeddings` {context}; trained at {2 * context} tokens "
-        f"(S² group {2 * context // 4}) on {result['training_text']}: {t['steps']} steps x 1 sequence = "
+        f"(S² group {group}) on {result['training_text']}: {t['steps']} steps x 1 sequence = "
         f"{t['tokens']} tokens, lr {t['lr']:g} (warm-up {t['warmup']}), "
         f"loss {losses[0]:.2f} -> {losses[-1]:.2f}, {t['wall_s']:.0f} s. Evaluated on "
         f"{result['held_out_text']}: {windows} windows per length, {evals} s. "

@@ -33,6 +33,7 @@ from typing import Any, NamedTuple
 from benchmarks.tune_run import tune_run
 from longlora_tune._io import atomic_write_json
 from longlora_tune.models.shapes import ModelShape
+from longlora_tune.modules.s2_attention import S2AttentionConfig
 from longlora_tune.plan.facts import GIB
 from longlora_tune.plan.flops import step_flops
 from longlora_tune.plan.longest import ALL_LEVERS
@@ -154,7 +155,8 @@ def _summary(
     timed = steps[1:] or steps  # the first step compiles and warms the allocator
     tokens_per_s = statistics.median(s["tokens_per_second_per_gpu"] for s in timed) if timed else None
     measured = max((s["peak_memory_alloc"] for s in steps if "peak_memory_alloc" in s), default=None)
-    model = step_flops(shape, seq_len, 1, group_size=seq_len // 4, activation_checkpointing=True).model
+    group_size = S2AttentionConfig().resolve_group_size(seq_len)  # the default ratio hf_checkpoint.yaml keeps
+    model = step_flops(shape, seq_len, 1, group_size=group_size, activation_checkpointing=True).model
     planner = run["planner_peak_gib"]
     return {
         "tokens_per_s": tokens_per_s,

@@ -40,7 +40,7 @@ from longlora_tune.models.trainable import TRAINABLE_EXTRAS, set_trainable_param
 from longlora_tune.modules.linear_ce import ChunkedLinearCrossEntropyLoss
 from longlora_tune.modules.lora_fused import enable_fused_lora
 from longlora_tune.modules.loss import summed_token_loss
-from longlora_tune.modules.s2_attention import flash_attn_available
+from longlora_tune.modules.s2_attention import S2AttentionConfig, flash_attn_available
 from longlora_tune.plan.flops import step_flops
 from longlora_tune.training.activation_checkpointing import apply_activation_checkpointing
 from longlora_tune.training.compile import compile_model_and_loss
@@ -341,7 +341,8 @@ def run_case(case: Case) -> dict[str, Any]:
 
     result = measure_steps(case, device, step, load_before=load_before)
     result["trainable"] = counts
-    add_flops(result, case, shape, case.seq_len // 4 if s2 else None, device)
+    group_size = S2AttentionConfig().resolve_group_size(case.seq_len) if s2 else None
+    add_flops(result, case, shape, group_size, device)
     return result
 
 

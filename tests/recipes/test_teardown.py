@@ -59,17 +59,26 @@ with open(os.path.join(out, f"threads_{rank}.json"), "w") as f:
 """
 
 
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("teardown")
+    script = root / "rank.py"
+    script.write_text(_RANK_SCRIPT)
+    return {
+        "base": tiny.make_hf_checkpoint(root / "base"),
+        "corpus": tiny.make_text_corpus(root / "corpus.jsonl", n_docs=24),
+        "cache": root / "cache",
+        "script": script,
+    }
+
+
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="lists threads through /proc (Linux)")
 @pytest.mark.parametrize(("nproc", "cp_degree"), [(1, 1), (2, 1), (2, 2)], ids=["1rank", "2dp", "2cp"])
-def test_no_gloo_thread_outlives_a_finished_run(tmp_path, nproc, cp_degree):
-    base = tiny.make_hf_checkpoint(tmp_path / "base")
-    corpus = tiny.make_text_corpus(tmp_path / "corpus.jsonl", n_docs=24)
-    script = tmp_path / "rank.py"
-    script.write_text(_RANK_SCRIPT)
+def test_no_gloo_thread_outlives_a_finished_run(assets, tmp_path, nproc, cp_degree):
     overrides = [
-        f"checkpoint_dir={base}",
-        f"dataset.data_files={corpus}",
-        f"dataset.cache_dir={tmp_path / 'cache'}",
+        f"checkpoint_dir={assets['base']}",
+        f"dataset.data_files={assets['corpus']}",
+        f"dataset.cache_dir={assets['cache']}",
         f"output_dir={tmp_path / 'out'}",
         "max_steps=2",
         "save_every_n_steps=2",
@@ -79,7 +88,14 @@ def test_no_gloo_thread_outlives_a_finished_run(tmp_path, nproc, cp_degree):
     launcher = [sys.executable]
     if nproc > 1:
         launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    cmd = [*launcher, str(script), str(tmp_path), str(RECIPE), "--config", str(CONFIGS / "tiny_demo.yaml")]
+    cmd = [
+        *launcher,
+        str(assets["script"]),
+        str(tmp_path),
+        str(RECIPE),
+        "--config",
+        str(CONFIGS / "tiny_demo.yaml"),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run([*cmd, *overrides], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
